@@ -1,0 +1,1 @@
+# The User model is registered by django.contrib.auth's own admin.

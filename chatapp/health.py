@@ -1,0 +1,38 @@
+"""Health probes for /healthz: each returns (ok, detail)."""
+from __future__ import annotations
+
+from django.core.cache import cache
+from django.db import connection
+
+
+def check_database() -> tuple[bool, str]:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return True, "ok"
+    except Exception as exc:  # any driver error means "down" to a probe
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def check_redis() -> tuple[bool, str]:
+    try:
+        client = cache._cache.get_client(write=True)
+        client.ping()
+        return True, "ok"
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def check_all() -> tuple[bool, dict]:
+    from inference import pools
+
+    db_ok, db_detail = check_database()
+    redis_ok, redis_detail = check_redis()
+    pool_report = pools.health()
+    ok = db_ok and redis_ok and all(p["status"] == "ok" for p in pool_report.values())
+    return ok, {
+        "status": "ok" if ok else "degraded",
+        "database": {"status": "ok" if db_ok else "down", "detail": db_detail},
+        "redis": {"status": "ok" if redis_ok else "down", "detail": redis_detail},
+        "model_pools": pool_report,
+    }

@@ -1,0 +1,144 @@
+"""`manage.py serve`: the one command that runs the whole product on one box.
+
+Order matters: embedded services first (everything else needs them), then
+migrations, the reaper (before any new reply can stream), models, the Celery
+worker, and Daphne last, in this process, so the engines live beside the
+SSE consumers that read their tokens. Shutdown runs in reverse.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from chatapp import embedded
+
+
+class Command(BaseCommand):
+    help = "Start embedded Postgres/Redis (if not configured), migrate, load models, run Daphne and a Celery worker."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--no-worker", action="store_true", help="do not start the Celery worker")
+
+    def handle(self, *args, host, port, no_worker, **options):
+        lock = self._lock_data_dir()
+        worker = None
+        try:
+            self._start_services()
+            call_command("migrate", interactive=False, verbosity=0)
+            self._reap()
+            if settings.LOAD_MODELS:
+                from inference import pools
+
+                pools.start_all(progress=lambda msg: self.stdout.write(msg))
+            if not no_worker:
+                worker = self._start_worker()
+            self._run_daphne(host, port)
+        finally:
+            self.stdout.write("shutting down ...")
+            self._stop_worker(worker)
+            from inference import pools
+
+            pools.shutdown_all()
+            from django.db import connections
+
+            connections.close_all()
+            self._stop_services()
+            lock.close()
+            self.stdout.write("stopped.")
+
+    # ------------------------------------------------------------ steps
+
+    def _lock_data_dir(self):
+        """One serve per DATA_DIR: a second one would share (and corrupt) the cluster."""
+        path = Path(settings.DATA_DIR) / "serve.lock"
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            other = handle.read().strip() or "?"
+            handle.close()
+            raise CommandError(
+                f"another `serve` (pid {other}) is already running on DATA_DIR={settings.DATA_DIR}; "
+                "stop it first or use another DATA_DIR"
+            )
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
+    def _start_services(self):
+        if settings.EMBEDDED_REDIS:
+            self.stdout.write("starting embedded Redis ...")
+            embedded.start_redis(settings.EMBEDDED_REDIS_DIR)
+        pgdata = settings.DATABASES["default"].get("EMBEDDED_PGDATA")
+        if pgdata:
+            self.stdout.write("starting embedded PostgreSQL ...")
+            embedded.postgres_server(Path(pgdata))
+
+    def _stop_services(self):
+        pgdata = settings.DATABASES["default"].get("EMBEDDED_PGDATA")
+        if pgdata:
+            embedded.stop_postgres(Path(pgdata))
+        if settings.EMBEDDED_REDIS:
+            embedded.stop_redis(settings.EMBEDDED_REDIS_DIR)
+
+    def _reap(self):
+        from conversations.services import reap_orphaned_replies
+
+        count = reap_orphaned_replies()
+        if count:
+            self.stdout.write(f"marked {count} orphaned streaming replies as interrupted")
+
+    def _start_worker(self):
+        schedule = Path(settings.DATA_DIR) / "celerybeat-schedule"
+        args = [sys.executable, "-m", "celery", "-A", "chatapp", "worker", "--beat",
+                "--concurrency", "1", "--loglevel", "WARNING", "--schedule", str(schedule)]
+        # Own session: Ctrl-C reaches serve, which then stops the worker in order.
+        return subprocess.Popen(args, start_new_session=True, cwd=settings.BASE_DIR)
+
+    def _stop_worker(self, worker, timeout_s: float = 15.0):
+        if worker is None or worker.poll() is not None:
+            return
+        # Celery's warm shutdown on SIGTERM: finish the current task, then exit.
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+    def _run_daphne(self, host: str, port: int):
+        from daphne.endpoints import build_endpoint_description_strings
+        from daphne.server import Server
+
+        from chatapp.asgi import application
+
+        address = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+        def ready():
+            self.stdout.write(self.style.SUCCESS(f"ready: {address}  (Ctrl-C to stop)"))
+            self.stdout.flush()
+
+        # Twisted's own handlers turn SIGINT/SIGTERM into a reactor stop, after
+        # which run() returns and the finally block above shuts the rest down.
+        Server(
+            application=application,
+            endpoints=build_endpoint_description_strings(host=host, port=port),
+            signal_handlers=True,
+            http_timeout=None,  # SSE replies are long-lived by design
+            application_close_timeout=10,
+            ready_callable=ready,
+        ).run()

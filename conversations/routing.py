@@ -1,0 +1,3 @@
+"""SSE routes (Channels consumers); mounted by chatapp.asgi."""
+
+http_urlpatterns: list = []

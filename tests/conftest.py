@@ -1,0 +1,66 @@
+import shutil
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from chatapp import embedded
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_services():
+    """Redis now; Postgres starts lazily on the first connection. Both are
+    stopped at the end: they would otherwise outlive the test run."""
+    if settings.EMBEDDED_REDIS:
+        embedded.start_redis(settings.EMBEDDED_REDIS_DIR)
+    yield
+    from django.db import connections
+
+    connections.close_all()
+    pgdata = settings.DATABASES["default"].get("EMBEDDED_PGDATA")
+    if pgdata:
+        embedded.stop_postgres(Path(pgdata))
+    if settings.EMBEDDED_REDIS:
+        embedded.stop_redis(settings.EMBEDDED_REDIS_DIR)
+    shutil.rmtree(settings.DATA_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache(request):
+    """Each test starts with an empty Redis cache (rate limits, quotas)."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", password="alice-pass-123")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", password="bob-pass-123")
+
+
+@pytest.fixture
+def alice_client(client, alice):
+    client.force_login(alice)
+    return client
+
+
+@pytest.fixture
+def bob_client(alice, bob):
+    from django.test import Client
+
+    c = Client()
+    c.force_login(bob)
+    return c
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct converted from the bundled GGUF (cached in MODELS_DIR)."""
+    from inference.bootstrap import resolve_model
+
+    return resolve_model("bundled:smollm2", settings.MODELS_DIR)

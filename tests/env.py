@@ -1,0 +1,17 @@
+"""Loaded with `-p tests.env`, before pytest-django imports the settings.
+
+Tests never touch a developer's data: every run gets a fresh DATA_DIR (its
+own embedded Postgres cluster and Redis), unless DATABASE_URL / REDIS_URL
+point at external servers. The converted SmolLM2 is shared across runs
+through MODELS_DIR, because converting it takes ~20 s.
+"""
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="chatapp-test-")
+os.environ.setdefault("MODELS_DIR", str(ROOT / "var" / "models"))
+os.environ.setdefault("LOAD_MODELS", "0")
+os.environ.setdefault("DEBUG", "0")

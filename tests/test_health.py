@@ -1,0 +1,29 @@
+import pytest
+
+pytestmark = pytest.mark.django_db
+
+
+def test_healthz_reports_database_redis_and_pools(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["database"]["status"] == "ok"
+    assert body["redis"]["status"] == "ok"
+    assert "small" in body["model_pools"]
+
+
+def test_healthz_is_503_when_redis_is_down(client, settings, tmp_path):
+    # Django's setting_changed handler rebuilds the cache handlers both ways.
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": f"unix://{tmp_path}/nothing-here.sock",
+        }
+    }
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["redis"]["status"] == "down"
+
+
+def test_healthz_rejects_post(client):
+    assert client.post("/healthz").status_code == 405

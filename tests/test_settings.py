@@ -1,0 +1,89 @@
+"""Configuration: env vars fail loudly, and production settings pass `check --deploy`."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PRODUCTION_ENV = {
+    "DEBUG": "0",
+    "HTTPS": "1",
+    "SECRET_KEY": "k3P9-x1VZq8rT0m2LwYbN7cF5sJ4hD6gU_aE-oRiQyXzW1vB8nM3kH5tP0lS2jC9",
+    "ALLOWED_HOSTS": "chat.example.com",
+    "SECURE_HSTS_PRELOAD": "1",
+}
+
+
+def manage(*args, **env):
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_check_deploy_is_clean_under_production_settings():
+    result = manage("check", "--deploy", "--fail-level", "WARNING", **PRODUCTION_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_check_deploy_flags_development_settings():
+    result = manage("check", "--deploy", "--fail-level", "WARNING", DEBUG="1")
+    assert result.returncode != 0
+    assert "DEBUG" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("DEBUG", "maybe", "DEBUG='maybe' is not a boolean"),
+        ("ENGINE_MAX_NUM_SEQS", "many", "ENGINE_MAX_NUM_SEQS='many' is not an integer"),
+        ("ENGINE_MAX_NUM_SEQS", "0", "ENGINE_MAX_NUM_SEQS=0 must be >= 1"),
+        ("ENGINE_DEVICE", "tpu", "ENGINE_DEVICE='tpu' must be one of"),
+        ("MODEL_POOLS_JSON", "{not json", "MODEL_POOLS_JSON is not valid JSON"),
+    ],
+)
+def test_bad_env_values_fail_loudly(name, value, message):
+    result = manage("check", **{name: value})
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_debug_is_off_by_default():
+    from django.conf import settings
+
+    assert settings.DEBUG is False
+
+
+def test_secret_key_is_generated_once_per_data_dir(tmp_path):
+    code = "from django.conf import settings; print(settings.SECRET_KEY)"
+    run = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", f"import django; django.setup(); {code}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "DATA_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "chatapp.settings"},
+    )
+    first, second = run(), run()
+    assert first.returncode == 0, first.stderr
+    assert len(first.stdout.strip()) >= 50
+    assert first.stdout == second.stdout
+    assert (tmp_path / "secret_key").stat().st_mode & 0o077 == 0
+
+
+def test_createsuperuser_noinput_works():
+    # Runs against the (non-test) database of this run's temporary DATA_DIR.
+    assert manage("migrate", "--noinput").returncode == 0
+    result = manage(
+        "createsuperuser", "--noinput",
+        DJANGO_SUPERUSER_USERNAME="ops", DJANGO_SUPERUSER_PASSWORD="ops-pass-1234",
+        DJANGO_SUPERUSER_EMAIL="ops@example.com",
+    )
+    assert result.returncode == 0, result.stderr
+    check = manage(
+        "shell", "-c",
+        "from django.contrib.auth.models import User; u = User.objects.get(username='ops'); "
+        "print(u.is_superuser, u.check_password('ops-pass-1234'))",
+    )
+    assert check.stdout.strip().splitlines()[-1] == "True True", check.stderr
