@@ -1,0 +1,117 @@
+"""The gateway's contract with its callers (chat pages, background tasks, the API).
+
+Callers build a ChatRequest and iterate `gateway.services.stream_chat(request)`:
+zero or more TokenEvents, then exactly one FinalEvent, or a GatewayError raised
+before the first token (quota, unknown model, overload). Failures after the
+first token end with a FinalEvent whose finish_reason is "error".
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+PRIORITY_INTERACTIVE = 0
+PRIORITY_BACKGROUND = 10  # titles, summaries: yield to user chats
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    user_id: int | None = None
+    model: str | None = None  # explicit choice wins; None lets the router pick
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    priority: int = PRIORITY_INTERACTIVE
+    source: str = "chat"  # "chat" | "api" | "task": recorded in the ledger
+
+    @property
+    def has_history(self) -> bool:
+        """Earlier assistant turns make a prompt unique to its conversation."""
+        return any(m["role"] == "assistant" for m in self.messages)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    usage: Usage
+    model: str
+    route: str = ""
+    cache_hit: str | None = None  # None | "exact" | "semantic"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    context_window: int
+
+
+class GatewayError(Exception):
+    """A request the gateway refuses before any token; carries an HTTP status."""
+
+    status = 503
+    code = "service_unavailable"
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, headers: dict | None = None, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.retry_after_s = retry_after_s
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    code = "model_not_found"
+    error_type = "invalid_request_error"
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "invalid_request"
+    error_type = "invalid_request_error"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    code = "rate_limit_exceeded"
+    error_type = "requests"
+
+
+class QuotaExceeded(GatewayError):
+    status = 429
+    code = "insufficient_quota"
+    error_type = "insufficient_quota"
+
+
+class Overloaded(GatewayError):
+    status = 429
+    code = "engine_overloaded"
+    error_type = "server_error"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    code = "service_unavailable"
+    error_type = "server_error"
