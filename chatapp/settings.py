@@ -293,3 +293,67 @@ LOGGING = {
         "pgserver": {"level": "WARNING"},  # logs every pg_ctl call at INFO
     },
 }
+
+# ---- gateway (routing, quotas, caches, remote backends, API) — owned by gateway/
+
+# Remote OpenAI-compatible backends, on top of the local pools (more can be
+# added in the admin): {"name": {"base_url": "http://host:8000/v1", "model":
+# "remote-model-id", "api_key": "...", "context_window": 8192}}.
+GATEWAY_BACKENDS = env_json("GATEWAY_BACKENDS_JSON", {})
+if not isinstance(GATEWAY_BACKENDS, dict) or not all(
+    isinstance(b, dict) and b.get("base_url") for b in GATEWAY_BACKENDS.values()
+):
+    raise ImproperlyConfigured("GATEWAY_BACKENDS_JSON must map names to objects with a 'base_url' key")
+# Fallback chains by model name, e.g. {"large": ["small", "remote"]}.
+GATEWAY_FALLBACKS = env_json("GATEWAY_FALLBACKS_JSON", {"large": ["small"]})
+if not isinstance(GATEWAY_FALLBACKS, dict) or not all(isinstance(v, list) for v in GATEWAY_FALLBACKS.values()):
+    raise ImproperlyConfigured("GATEWAY_FALLBACKS_JSON must map model names to lists of model names")
+# Routing when no model is named: prompts longer than this, or with code or
+# maths markers, go to the large pool (if there is one and the plan allows it).
+GATEWAY_ROUTE_LONG_PROMPT_TOKENS = env_int("GATEWAY_ROUTE_LONG_PROMPT_TOKENS", 1500, min_value=1)
+GATEWAY_REGISTRY_TTL_S = env_float("GATEWAY_REGISTRY_TTL_S", 5.0, min_value=0)
+# Default plan for users without one (0 = unlimited); admins edit plans in the admin.
+GATEWAY_DEFAULT_RPM = env_int("GATEWAY_DEFAULT_RPM", 60, min_value=0)
+GATEWAY_DEFAULT_TPM = env_int("GATEWAY_DEFAULT_TPM", 40000, min_value=0)
+GATEWAY_DEFAULT_TPD = env_int("GATEWAY_DEFAULT_TPD", 1000000, min_value=0)
+GATEWAY_DEFAULT_TPMONTH = env_int("GATEWAY_DEFAULT_TPMONTH", 10000000, min_value=0)
+# Remote backend timeouts and the circuit breaker.
+GATEWAY_CONNECT_TIMEOUT_S = env_float("GATEWAY_CONNECT_TIMEOUT_S", 5.0, min_value=0.01)
+GATEWAY_FIRST_TOKEN_TIMEOUT_S = env_float("GATEWAY_FIRST_TOKEN_TIMEOUT_S", 60.0, min_value=0.01)
+GATEWAY_IDLE_TIMEOUT_S = env_float("GATEWAY_IDLE_TIMEOUT_S", 30.0, min_value=0.01)
+GATEWAY_CIRCUIT_FAILURES = env_int("GATEWAY_CIRCUIT_FAILURES", 3, min_value=1)
+GATEWAY_CIRCUIT_COOLDOWN_S = env_float("GATEWAY_CIRCUIT_COOLDOWN_S", 30.0, min_value=0)
+# Caches. Scope "user" keeps entries per user; "deployment" shares them.
+GATEWAY_EXACT_CACHE = env_bool("GATEWAY_EXACT_CACHE", True)
+GATEWAY_SEMANTIC_CACHE = env_bool("GATEWAY_SEMANTIC_CACHE", True)
+GATEWAY_CACHE_SCOPE = env_choice("GATEWAY_CACHE_SCOPE", "user", {"user", "deployment"})
+GATEWAY_CACHE_TTL_S = env_int("GATEWAY_CACHE_TTL_S", 86400, min_value=1)
+GATEWAY_SEMANTIC_THRESHOLD = env_float("GATEWAY_SEMANTIC_THRESHOLD", 0.95, min_value=0)
+# Only short prompts go to the semantic cache: long ones rarely repeat in meaning.
+GATEWAY_SEMANTIC_MAX_CHARS = env_int("GATEWAY_SEMANTIC_MAX_CHARS", 2000, min_value=1)
+# Sampled replies (temperature > 0) differ on purpose; cache them only if asked.
+GATEWAY_CACHE_SAMPLED = env_bool("GATEWAY_CACHE_SAMPLED", False)
+# django-ratelimit on the HTTP API, on top of the token quotas.
+GATEWAY_API_RATE_PER_USER = env_str("GATEWAY_API_RATE_PER_USER", "600/m")
+GATEWAY_API_RATE_PER_IP = env_str("GATEWAY_API_RATE_PER_IP", "1200/m")
+GATEWAY_PAGE_RATE = env_str("GATEWAY_PAGE_RATE", "60/m")
+# Moderation (safety/): case-insensitive terms that block a prompt or a reply.
+SAFETY_BLOCKED_TERMS = [t.lower() for t in env_list("SAFETY_BLOCKED_TERMS", "")]
+# Embeddings (retrieval/): a sentence-transformers model dir; empty = bundled all-MiniLM-L6-v2.
+EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
+
+# -------------------------------------------------------- conversations
+
+# A reply whose stream has no subscriber for this long is aborted and marked
+# interrupted: nobody pays for tokens no one reads.
+STREAM_GRACE_S = env_float("STREAM_GRACE_S", 30.0, min_value=0.1)
+# SSE heartbeat comment interval; proxies drop connections silent for ~60 s.
+STREAM_HEARTBEAT_S = env_float("STREAM_HEARTBEAT_S", 10.0, min_value=0.05)
+# How often the partial reply text is written to the database while streaming.
+STREAM_MATERIALIZE_S = env_float("STREAM_MATERIALIZE_S", 1.0, min_value=0.05)
+# How long a reply's event log stays in Redis after it ends (for late reattach).
+STREAM_LOG_TTL_S = env_int("STREAM_LOG_TTL_S", 3600, min_value=10)
+CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16000, min_value=1)
+CHAT_REPLY_MAX_TOKENS = env_int("CHAT_REPLY_MAX_TOKENS", 512, min_value=1)
+CHAT_TEMPERATURE = env_float("CHAT_TEMPERATURE", 0.7, min_value=0.0)
+CHAT_PAGE_SIZE = env_int("CHAT_PAGE_SIZE", 30, min_value=1)

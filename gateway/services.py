@@ -1,105 +1,415 @@
 """The one entry point for every generation in the product.
 
-First version: straight to the local engine pool. The gateway issue adds
-routing, quotas, caching, fallback and remote backends behind the same
-functions (`stream_chat`, `abort`, `complete`, `model_info`, `count_prompt_tokens`).
+`stream_chat(request)` runs the policy the model cannot: moderation of the
+prompt, routing, the token quota (reserve before, reconcile after), the exact
+and semantic caches, the backend with its fallback chain and circuit breakers,
+moderation of the reply while it streams, and a ledger row. Events: TokenEvents
+then exactly one FinalEvent; a GatewayError is raised before the first token.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
 
+from gateway import backends, cache, quotas, registry, router
+from gateway.backends import BackendFailure, BackendFinal
+from gateway.models import Backend, UsageRecord
+from gateway.registry import BackendSpec, Limits
 from gateway.types import (
     BadRequest,
+    Blocked,
     ChatRequest,
     FinalEvent,
     ModelInfo,
     ModelNotFound,
     Overloaded,
     TokenEvent,
+    Unavailable,
     Usage,
 )
+from safety.services import OutputWindow, moderate_input
+
+log = logging.getLogger(__name__)
+
+ROLES = {"system", "user", "assistant", "tool"}
+UNLIMITED = Limits(plan="internal", tier="pro", requests_per_minute=0, tokens_per_minute=0,
+                   tokens_per_day=0, tokens_per_month=0)
+
+# request_id -> (backend spec, AbortSignal | None), for abort() from any thread.
+_inflight: dict[str, tuple[BackendSpec, backends.AbortSignal | None]] = {}
 
 
-def _pool_name(model: str | None) -> str:
-    name = model or settings.DEFAULT_POOL
-    if name not in settings.MODEL_POOLS:
-        raise ModelNotFound(f"The model '{name}' does not exist")
-    return name
+# ------------------------------------------------------------------ helpers
+
+def _validate(request: ChatRequest) -> None:
+    if not request.messages:
+        raise BadRequest("messages must not be empty")
+    for message in request.messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise BadRequest(f"each message needs a role among {sorted(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise BadRequest("each message needs text content")
+    if request.max_tokens < 1:
+        raise BadRequest("max_tokens must be at least 1")
+    if not 0 <= request.temperature <= 2:
+        raise BadRequest("temperature must be between 0 and 2")
+    if not 0 < request.top_p <= 1:
+        raise BadRequest("top_p must be in (0, 1]")
 
 
-def _engine(model: str | None):
-    from inference import pools
-
-    return pools.get(_pool_name(model))
-
-
-def model_info(model: str | None = None) -> ModelInfo:
-    engine = _engine(model)
-    return ModelInfo(name=_pool_name(model), context_window=engine.max_model_len)
+def _moderate_prompt(request: ChatRequest) -> None:
+    for message in request.messages:
+        if message["role"] in ("user", "system"):
+            verdict = moderate_input(message["content"])
+            if verdict.flagged:
+                raise Blocked(verdict.reason)
 
 
-def count_prompt_tokens(messages: list[dict], model: str | None = None) -> int:
-    """Tokens of the rendered chat prompt, with the model's own template."""
-    return len(_engine(model).apply_chat_template(messages))
+def _pieces(text: str) -> list[str]:
+    """A cached reply streams word by word, like a generated one."""
+    return re.findall(r"\s*\S+|\s+", text) or [text]
 
 
-def _sampling_params(request: ChatRequest):
-    from inference import SamplingParams
+async def _limits_for(request: ChatRequest) -> Limits:
+    return await registry.alimits(request.user_id) if request.user_id else UNLIMITED
 
+
+# -------------------------------------------------------------------- a run
+
+class _Run:
+    """The bookkeeping of one request: what the ledger row and reconciliation need."""
+
+    def __init__(self, request: ChatRequest, reservation):
+        self.request = request
+        self.reservation = reservation
+        self.started = time.monotonic()
+        self.ttft_ms: int | None = None
+        self.backend = ""
+        self.route = ""
+        self.prompt_tokens = 0
+        self.completion_tokens = 0  # counted while streaming, for a reply cut short
+        self.settled = False
+
+    def first_token(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = int((time.monotonic() - self.started) * 1000)
+
+    async def settle(self, *, status: str, usage: Usage, cache_hit: str = "", error: str = "") -> None:
+        """Reconcile the quota and write the ledger row, once, whatever happened."""
+        if self.settled:
+            return
+        self.settled = True
+        charged = 0 if cache_hit else usage.prompt_tokens + usage.completion_tokens
+        if self.reservation is not None:
+            await quotas.reconcile(self.reservation, charged_tokens=charged)
+        try:
+            await UsageRecord.objects.acreate(
+                user_id=self.request.user_id,
+                api_key_id=self.request.api_key_id,
+                request_id=self.request.request_id,
+                source=self.request.source,
+                model=self.request.model or "",
+                backend=self.backend,
+                route=self.route[:200],
+                status=status,
+                cache_hit=cache_hit,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                charged_tokens=charged,
+                reserved_tokens=self.reservation.tokens if self.reservation else 0,
+                ttft_ms=self.ttft_ms,
+                duration_ms=int((time.monotonic() - self.started) * 1000),
+                error=error or "",
+            )
+        except Exception:
+            # The reply matters more than its ledger row; never fail the user for it.
+            log.exception("could not write the usage ledger for %s", self.request.request_id)
+
+
+async def _open(spec: BackendSpec, request: ChatRequest, prompt_ids):
+    """Start a backend and wait for its first event (BackendFailure before it)."""
+    if spec.kind == Backend.KIND_LOCAL:
+        ids = prompt_ids if prompt_ids is not None else await backends.local_prompt_ids(spec, request.messages)
+        _inflight[request.request_id] = (spec, None)
+        stream = backends.local_stream(spec, request, ids)
+    else:
+        signal = backends.AbortSignal()
+        _inflight[request.request_id] = (spec, signal)
+        stream = backends.remote_stream(spec, request, signal)
     try:
-        return SamplingParams(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            stop=list(request.stop),
-        )
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        raise BackendFailure(f"backend '{spec.name}' ended without a reply") from None
+    except BackendFailure:
+        await stream.aclose()
+        raise
+    except Exception as exc:
+        if isinstance(exc, BadRequest):
+            raise
+        await stream.aclose()
+        raise BackendFailure(f"backend '{spec.name}' failed: {type(exc).__name__}: {exc}") from None
+    return stream, first
 
+
+# -------------------------------------------------------------- entry point
 
 async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
-    from inference import EngineSaturated, PromptTooLong
+    _validate(request)
+    _moderate_prompt(request)
+    specs = await registry.abackends()
+    limits = await _limits_for(request)
+    estimate = backends.estimate_tokens(request.messages)
+    name, reason = router.choose(request, specs, limits, estimate)
+    candidates = router.chain(name, specs, limits)
+    primary = specs[name]
 
-    pool = _pool_name(request.model)
-    engine = await asyncio.to_thread(_engine, pool)  # may load the model on first use
-    prompt = engine.apply_chat_template(request.messages)
-    params = _sampling_params(request)
+    prompt_ids = None
+    prompt_tokens = estimate
+    if primary.kind == Backend.KIND_LOCAL:
+        try:
+            prompt_ids = await backends.local_prompt_ids(primary, request.messages)
+            prompt_tokens = len(prompt_ids)
+        except BackendFailure:
+            pass  # the fallback chain will deal with it; reserve on the estimate
+    reservation = None
+    if request.user_id is not None:
+        reservation = await quotas.reserve(
+            user_id=request.user_id, limits=limits, tokens=prompt_tokens + request.max_tokens
+        )
+    run = _Run(request, reservation)
+    run.route = f"{reason}:{name}"
+    run.prompt_tokens = prompt_tokens
     try:
-        handle = engine.submit(prompt, params, request_id=request.request_id, priority=request.priority)
-    except EngineSaturated as exc:
-        raise Overloaded(f"The model '{pool}' is at capacity; try again shortly ({exc})", retry_after_s=1) from None
-    except PromptTooLong as exc:
-        raise BadRequest(str(exc)) from None
-    async for event in handle:
-        if event.finished:
-            usage = event.usage
-            yield FinalEvent(
-                finish_reason=event.finish_reason,
-                usage=Usage(
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    cached_tokens=usage.cached_tokens,
-                ),
-                model=pool,
-                route=f"local:{pool}",
-            )
+        async with aclosing(_serve(request, run, specs, candidates, reason, prompt_ids, prompt_tokens)) as events:
+            async for event in events:
+                yield event
+    except BaseException as exc:
+        # Refused before the first token (all backends down), or the consumer
+        # went away (generator closed, task cancelled): refund what was not
+        # used, keep the ledger row.
+        status = "abort" if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) else "error"
+        usage = Usage(prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens)
+        await run.settle(status=status, usage=usage, error=getattr(exc, "message", "") or str(exc))
+        raise
+    finally:
+        _inflight.pop(request.request_id, None)
+
+
+async def _serve(request, run: _Run, specs, candidates, reason, prompt_ids, prompt_tokens):
+    question = vector = None
+    use_cache = cache.cacheable(request)
+    if use_cache:
+        hit = None
+        if settings.GATEWAY_EXACT_CACHE:
+            hit = await cache.exact_get(request, candidates[0])
+        if hit is None and settings.GATEWAY_SEMANTIC_CACHE:
+            question = cache.semantic_question(request)
+            if question is not None:
+                hit, vector = await cache.semantic_get(request, candidates[0], question)
+        if hit is not None:
+            async for event in _replay(request, run, hit, candidates[0]):
+                yield event
             return
-        if event.text or event.token_ids:
-            yield TokenEvent(text=event.text, token_ids=tuple(event.token_ids))
+
+    hops: list[str] = []
+    saturated = False
+    last_error = ""
+    opened = None
+    for name in candidates:
+        spec = specs[name]
+        breaker = backends.circuit(name)
+        if not breaker.allow():
+            hops.append(f"{name}(circuit-open)")
+            continue
+        try:
+            opened = await _open(spec, request, prompt_ids if name == candidates[0] else None)
+        except BackendFailure as exc:
+            if exc.saturated:
+                saturated = True
+                breaker.success()  # busy is alive: saturation never opens a circuit
+            else:
+                breaker.failure()
+            hops.append(f"{name}({'saturated' if exc.saturated else 'failed'})")
+            last_error = str(exc)
+            log.warning("backend %s refused %s: %s", name, request.request_id, exc)
+            continue
+        run.backend = name
+        break
+    run.route = f"{reason}:" + " > ".join([*hops, run.backend or "none"])
+    if opened is None:
+        if saturated:
+            raise Overloaded(
+                "Every model that could answer is at capacity; try again in a few seconds.", retry_after_s=2,
+                headers={"Retry-After": "2"},
+            )
+        raise Unavailable(f"No model could answer: {last_error or 'all circuits are open'}")
+
+    stream, item = opened
+    spec = specs[run.backend]
+    window = OutputWindow()
+    parts: list[str] = []
+    tokens_seen = 0
+    final: BackendFinal | None = None
+    try:
+        while True:
+            if isinstance(item, BackendFinal):
+                final = item
+                break
+            run.first_token()
+            parts.append(item.text)
+            tokens_seen += max(1, len(item.token_ids))
+            run.completion_tokens = tokens_seen
+            shown = window.push(item.text)
+            if window.verdict.flagged:
+                abort(request.request_id)
+                final = BackendFinal(
+                    "content_filter", Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens_seen),
+                    error=window.verdict.reason,
+                )
+                break
+            if shown:
+                yield TokenEvent(text=shown, token_ids=() if window.active else item.token_ids)
+            try:
+                item = await stream.__anext__()
+            except StopAsyncIteration:
+                item = BackendFinal("error", Usage(prompt_tokens, tokens_seen), error="the backend ended early")
+            except BadRequest as exc:
+                item = BackendFinal("error", Usage(prompt_tokens, tokens_seen), error=exc.message)
+            except BackendFailure as exc:
+                item = BackendFinal("error", Usage(prompt_tokens, tokens_seen), error=str(exc))
+    except BaseException:
+        # Stop or disconnect while streaming: free the engine slot / remote stream now.
+        _abort_backend(spec, request.request_id)
+        raise
+    finally:
+        await stream.aclose()
+
+    breaker = backends.circuit(run.backend)
+    if final.finish_reason == "error":
+        breaker.failure()
+    else:
+        breaker.success()
+    tail = window.flush()
+    if tail:
+        yield TokenEvent(text=tail)
+    text = "".join(parts)
+    if (
+        use_cache
+        and final.finish_reason in ("stop", "length")
+        and not final.error
+    ):
+        await _store(request, run.backend, question, vector, text, final)
+    await run.settle(status=final.finish_reason, usage=final.usage, error=final.error or "")
+    yield FinalEvent(
+        finish_reason=final.finish_reason, usage=final.usage, model=run.backend, route=run.route, error=final.error
+    )
+
+
+async def _replay(request, run: _Run, hit: cache.CachedReply, model: str):
+    run.backend = model
+    run.route = f"{run.route} (cache:{hit.kind})"
+    for piece in _pieces(hit.text):
+        run.first_token()
+        yield TokenEvent(text=piece)
+    usage = Usage(
+        prompt_tokens=hit.prompt_tokens,
+        completion_tokens=hit.completion_tokens,
+        cached_tokens=hit.prompt_tokens + hit.completion_tokens,
+    )
+    await run.settle(status=hit.finish_reason, usage=usage, cache_hit=hit.kind)
+    yield FinalEvent(finish_reason=hit.finish_reason, usage=usage, model=model, route=run.route, cache_hit=hit.kind)
+
+
+async def _store(request, model, question, vector, text, final: BackendFinal) -> None:
+    fields = dict(
+        text=text, finish_reason=final.finish_reason,
+        prompt_tokens=final.usage.prompt_tokens, completion_tokens=final.usage.completion_tokens,
+    )
+    if settings.GATEWAY_EXACT_CACHE:
+        await cache.exact_put(request, model, **fields)
+    if settings.GATEWAY_SEMANTIC_CACHE:
+        question = question if question is not None else cache.semantic_question(request)
+        if question is None:
+            return
+        try:
+            if vector is None:
+                vector = await cache._embed(question)
+            await cache.semantic_put(request, model, question, vector, **fields)
+        except Exception:
+            log.exception("could not store a semantic cache entry")
+
+
+def _abort_backend(spec: BackendSpec, request_id: str) -> None:
+    entry = _inflight.get(request_id)
+    if entry is not None and entry[1] is not None:
+        entry[1].set()
+    if spec.kind == Backend.KIND_LOCAL:
+        backends.local_abort(spec, request_id)
 
 
 def abort(request_id: str) -> None:
-    """Abort a generation in this process's engines (no-op when unknown)."""
+    """Stop a generation running in this process (no-op when unknown); the
+    stream then ends with FinalEvent(finish_reason="abort")."""
+    entry = _inflight.get(request_id)
+    if entry is not None:
+        _abort_backend(entry[0], request_id)
+        return
     from inference import pools
 
     for name in settings.MODEL_POOLS:
         if pools.loaded(name):
             pools.get(name).abort(request_id)
+
+
+# ------------------------------------------------------------- model facts
+
+def _spec(model: str | None) -> BackendSpec:
+    specs = registry.backends()
+    name = model if model and model != router.AUTO else settings.DEFAULT_POOL
+    if name not in specs:
+        raise ModelNotFound(f"The model '{name}' does not exist")
+    return specs[name]
+
+
+def model_info(model: str | None = None) -> ModelInfo:
+    spec = _spec(model)
+    if spec.kind == Backend.KIND_LOCAL:
+        from inference import pools
+
+        return ModelInfo(name=spec.name, context_window=pools.get(spec.pool).max_model_len)
+    return ModelInfo(name=spec.name, context_window=spec.context_window)
+
+
+def count_prompt_tokens(messages: list[dict], model: str | None = None) -> int:
+    """Tokens of the rendered chat prompt, with the model's own template
+    (an estimate for remote models, whose tokenizer is not here)."""
+    spec = _spec(model)
+    if spec.kind == Backend.KIND_LOCAL:
+        from inference import pools
+
+        return len(pools.get(spec.pool).apply_chat_template(messages))
+    return backends.estimate_tokens(messages)
+
+
+def available_models(user_id: int | None = None) -> list[str]:
+    """The models a user may choose (the API's /v1/models, the model picker)."""
+    specs = registry.backends()
+    limits = registry.limits(user_id) if user_id else UNLIMITED
+    return [name for name, spec in specs.items() if spec.listed and limits.allows(name)]
+
+
+async def aavailable_models(user_id: int | None = None) -> list[str]:
+    specs = await registry.abackends()
+    limits = await _limits_for(ChatRequest(messages=[], user_id=user_id))
+    return [name for name, spec in specs.items() if spec.listed and limits.allows(name)]
 
 
 async def _collect(request: ChatRequest) -> tuple[str, FinalEvent]:

@@ -27,6 +27,7 @@ class ChatRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     priority: int = PRIORITY_INTERACTIVE
     source: str = "chat"  # "chat" | "api" | "task": recorded in the ledger
+    api_key_id: int | None = None  # the API key that made it, for the ledger
 
     @property
     def has_history(self) -> bool:
@@ -53,7 +54,7 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class FinalEvent:
-    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    finish_reason: str  # "stop" | "length" | "abort" | "error" | "content_filter" (reply moderated)
     usage: Usage
     model: str
     route: str = ""
@@ -115,3 +116,11 @@ class Unavailable(GatewayError):
     status = 503
     code = "service_unavailable"
     error_type = "server_error"
+
+
+class Blocked(GatewayError):
+    """The prompt failed moderation; nothing was generated or charged."""
+
+    status = 400
+    code = "content_policy_violation"
+    error_type = "invalid_request_error"

@@ -1,0 +1,315 @@
+"""Talking to what generates: local engine pools and remote OpenAI-compatible servers.
+
+Both produce the same stream: TokenEvents, then one BackendFinal. A failure
+before the first token raises BackendFailure, which the caller answers with the
+next backend of the fallback chain; after the first token, a failure ends the
+stream with BackendFinal(finish_reason="error") and the text so far is kept.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from django.conf import settings
+
+from gateway.registry import BackendSpec
+from gateway.types import BadRequest, ChatRequest, TokenEvent, Usage
+
+
+class BackendFailure(Exception):
+    """The backend could not start this request; try the next one."""
+
+    def __init__(self, message: str, *, saturated: bool = False):
+        super().__init__(message)
+        self.saturated = saturated
+
+
+@dataclass(frozen=True)
+class BackendFinal:
+    finish_reason: str
+    usage: Usage
+    error: str | None = None
+
+
+# ------------------------------------------------------------ circuit breaker
+
+class Circuit:
+    """Per backend, per process: opens after N failures in a row, then lets one
+    probe through after the cooldown (half-open); a success closes it."""
+
+    def __init__(self):
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.probing = False
+        self.lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self.lock:
+            if self.opened_at is None:
+                return True
+            if time.monotonic() - self.opened_at < settings.GATEWAY_CIRCUIT_COOLDOWN_S or self.probing:
+                return False
+            self.probing = True  # half-open: this request is the probe
+            return True
+
+    def success(self) -> None:
+        with self.lock:
+            self.failures, self.opened_at, self.probing = 0, None, False
+
+    def failure(self) -> None:
+        with self.lock:
+            self.failures += 1
+            if self.probing or self.failures >= settings.GATEWAY_CIRCUIT_FAILURES:
+                self.opened_at = time.monotonic()
+            self.probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.probing else "open"
+
+
+_circuits: dict[str, Circuit] = {}
+
+
+def circuit(name: str) -> Circuit:
+    return _circuits.setdefault(name, Circuit())
+
+
+def reset_circuits() -> None:
+    _circuits.clear()
+
+
+# ---------------------------------------------------------------- local pools
+
+def _sampling_params(request: ChatRequest):
+    from inference import SamplingParams
+
+    try:
+        return SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=list(request.stop),
+        )
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+async def local_engine(spec: BackendSpec):
+    from inference import pools
+
+    if pools.loaded(spec.pool):
+        return pools.get(spec.pool)
+    try:
+        return await asyncio.to_thread(pools.get, spec.pool)  # loads the model on first use
+    except Exception as exc:
+        raise BackendFailure(f"model pool '{spec.pool}' is unavailable: {exc}") from None
+
+
+async def local_prompt_ids(spec: BackendSpec, messages: list[dict]) -> list[int]:
+    engine = await local_engine(spec)
+    return engine.apply_chat_template(messages)
+
+
+async def local_stream(spec: BackendSpec, request: ChatRequest, prompt_ids) -> AsyncIterator:
+    from inference import EngineSaturated, PromptTooLong
+
+    engine = await local_engine(spec)
+    params = _sampling_params(request)
+    try:
+        handle = engine.submit(prompt_ids, params, request_id=request.request_id, priority=request.priority)
+    except EngineSaturated as exc:
+        raise BackendFailure(f"model pool '{spec.pool}' is at capacity ({exc})", saturated=True) from None
+    except PromptTooLong as exc:
+        raise BadRequest(str(exc)) from None
+    async for event in handle:
+        if event.finished:
+            usage = event.usage
+            yield BackendFinal(
+                finish_reason=event.finish_reason,
+                usage=Usage(
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cached_tokens=usage.cached_tokens,
+                ),
+                error=getattr(event, "error", None),
+            )
+            return
+        if event.text or event.token_ids:
+            yield TokenEvent(text=event.text, token_ids=tuple(event.token_ids))
+
+
+def local_abort(spec: BackendSpec, request_id: str) -> None:
+    from inference import pools
+
+    if pools.loaded(spec.pool):
+        pools.get(spec.pool).abort(request_id)
+
+
+# -------------------------------------------------------------- remote servers
+
+_http_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _http_client() -> httpx.AsyncClient:
+    """One connection pool per event loop (httpx clients are loop-bound)."""
+    loop = asyncio.get_running_loop()
+    client = _http_clients.get(loop)
+    if client is None:
+        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        _http_clients[loop] = client
+    return client
+
+
+def estimate_tokens(messages: list[dict]) -> int:
+    """A remote model's tokenizer is not at hand: ~4 characters a token, plus
+    the chat template's per-message overhead. Reconciliation fixes the count."""
+    chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else 0 for m in messages)
+    return chars // 4 + 4 * len(messages) + 2
+
+
+def _remote_body(spec: BackendSpec, request: ChatRequest) -> dict:
+    body = {
+        "model": spec.remote_model or spec.name,
+        "messages": request.messages,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.stop:
+        body["stop"] = list(request.stop)
+    return body
+
+
+class AbortSignal:
+    """Set from any thread (the Stop endpoint) to end a remote stream."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def set(self) -> None:
+        self.loop.call_soon_threadsafe(self.event.set)
+
+
+async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSignal) -> AsyncIterator:
+    url = spec.base_url.rstrip("/") + "/chat/completions"
+    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    timeout = httpx.Timeout(
+        connect=settings.GATEWAY_CONNECT_TIMEOUT_S,
+        read=settings.GATEWAY_FIRST_TOKEN_TIMEOUT_S,
+        write=settings.GATEWAY_CONNECT_TIMEOUT_S,
+        pool=settings.GATEWAY_CONNECT_TIMEOUT_S,
+    )
+    try:
+        response = await _http_client().send(
+            _http_client().build_request("POST", url, json=_remote_body(spec, request), headers=headers, timeout=timeout),
+            stream=True,
+        )
+    except httpx.HTTPError as exc:
+        raise BackendFailure(f"backend '{spec.name}' is unreachable: {type(exc).__name__} {exc}") from None
+    try:
+        if response.status_code != 200:
+            body = (await response.aread()).decode(errors="replace")[:500]
+            message = f"backend '{spec.name}' answered HTTP {response.status_code}: {body}"
+            if response.status_code == 400:
+                raise BadRequest(message)
+            raise BackendFailure(message, saturated=response.status_code == 429)
+        async for item in _remote_events(spec, request, response, abort):
+            yield item
+    finally:
+        await response.aclose()
+
+
+async def _remote_events(spec, request, response, abort: AbortSignal):
+    lines = response.aiter_lines()
+    aborted = asyncio.ensure_future(abort.event.wait())
+    text_parts = 0
+    finish_reason = None
+    usage = None
+    started = False
+    try:
+        while True:
+            wait_s = settings.GATEWAY_IDLE_TIMEOUT_S if started else settings.GATEWAY_FIRST_TOKEN_TIMEOUT_S
+            next_line = asyncio.ensure_future(lines.__anext__())
+            done, _ = await asyncio.wait({next_line, aborted}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            if aborted in done:
+                next_line.cancel()
+                yield BackendFinal("abort", _usage(request, usage, text_parts))
+                return
+            if not done:
+                next_line.cancel()
+                message = f"backend '{spec.name}' sent nothing for {wait_s:g} s"
+                if not started:
+                    raise BackendFailure(message)
+                yield BackendFinal("error", _usage(request, usage, text_parts), error=message)
+                return
+            try:
+                line = next_line.result()
+            except StopAsyncIteration:
+                break
+            except httpx.HTTPError as exc:
+                message = f"backend '{spec.name}' stream broke: {type(exc).__name__} {exc}"
+                if not started:
+                    raise BackendFailure(message) from None
+                yield BackendFinal("error", _usage(request, usage, text_parts), error=message)
+                return
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                chunk = json.loads(data)
+            except json.JSONDecodeError:
+                continue
+            if chunk.get("error"):
+                message = f"backend '{spec.name}' error: {chunk['error']}"
+                if not started:
+                    raise BackendFailure(message)
+                yield BackendFinal("error", _usage(request, usage, text_parts), error=message)
+                return
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    started = True
+                    text_parts += 1
+                    yield TokenEvent(text=content)
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+    finally:
+        aborted.cancel()
+    if finish_reason is None:
+        message = f"backend '{spec.name}' ended the stream without a finish reason"
+        if not started:
+            raise BackendFailure(message)
+        yield BackendFinal("error", _usage(request, usage, text_parts), error=message)
+        return
+    yield BackendFinal(finish_reason, _usage(request, usage, text_parts))
+
+
+def _usage(request: ChatRequest, usage: dict | None, chunks: int) -> Usage:
+    if usage:
+        details = usage.get("prompt_tokens_details") or {}
+        return Usage(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            cached_tokens=int(details.get("cached_tokens") or 0),
+        )
+    # Servers without stream usage: one chunk is about one token.
+    return Usage(prompt_tokens=estimate_tokens(request.messages), completion_tokens=chunks)

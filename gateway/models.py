@@ -1,0 +1,147 @@
+"""Gateway data: backends, plans, the usage ledger, API keys, semantic cache."""
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from pgvector.django import HnswIndex, VectorField
+
+EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
+
+
+class Backend(models.Model):
+    """A model the gateway can route to, edited in the admin.
+
+    Local pools (settings.MODEL_POOLS) and GATEWAY_BACKENDS_JSON exist without
+    a row; a row with the same name overrides them (or disables them).
+    """
+
+    KIND_LOCAL = "local"
+    KIND_OPENAI = "openai"
+    KINDS = [(KIND_LOCAL, "local engine pool"), (KIND_OPENAI, "remote OpenAI-compatible server")]
+
+    name = models.SlugField(max_length=64, unique=True, help_text="the model name users and the API ask for")
+    kind = models.CharField(max_length=16, choices=KINDS, default=KIND_OPENAI)
+    pool = models.CharField(max_length=64, blank=True, help_text="local: the engine pool name")
+    base_url = models.URLField(blank=True, help_text="remote: e.g. http://gpu-box:8000/v1")
+    remote_model = models.CharField(max_length=200, blank=True, help_text="remote: the model id it expects")
+    api_key = models.CharField(max_length=500, blank=True, help_text="remote: bearer key, if it needs one")
+    context_window = models.PositiveIntegerField(default=8192)
+    fallbacks = models.CharField(
+        max_length=500, blank=True, help_text="comma-separated model names tried in order when this one fails"
+    )
+    enabled = models.BooleanField(default=True)
+    listed = models.BooleanField(default=True, help_text="shown in /v1/models and the model picker")
+
+    def __str__(self):
+        return self.name
+
+
+class Plan(models.Model):
+    """Per-user limits. 0 means unlimited."""
+
+    TIER_STANDARD = "standard"
+    TIER_PRO = "pro"
+    TIERS = [(TIER_STANDARD, "standard (small model when routed)"), (TIER_PRO, "pro (may route to large)")]
+
+    name = models.CharField(max_length=64, unique=True)
+    tier = models.CharField(max_length=16, choices=TIERS, default=TIER_STANDARD)
+    requests_per_minute = models.PositiveIntegerField(default=60)
+    tokens_per_minute = models.PositiveIntegerField(default=40000)
+    tokens_per_day = models.PositiveIntegerField(default=1000000)
+    tokens_per_month = models.PositiveIntegerField(default=10000000)
+    allowed_models = models.CharField(
+        max_length=500, blank=True, help_text="comma-separated model names; empty allows every model"
+    )
+    is_default = models.BooleanField(default=False, help_text="the plan of users without one")
+
+    def __str__(self):
+        return self.name
+
+
+class PlanAssignment(models.Model):
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="plan_assignment")
+    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="assignments")
+
+    def __str__(self):
+        return f"{self.user} → {self.plan}"
+
+
+class ApiKey(models.Model):
+    """A bearer key; only its SHA-256 is stored (keys are 256-bit random, so a
+    fast hash is enough and keeps the per-request lookup cheap)."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, help_text="the first characters, to recognise a key")
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.name} ({self.prefix}…)"
+
+
+class UsageRecord(models.Model):
+    """The ledger: one row per request that reached the gateway's policy."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records"
+    )
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL)
+    request_id = models.CharField(max_length=64, db_index=True)
+    source = models.CharField(max_length=16)  # chat | api | task
+    model = models.CharField(max_length=64, help_text="what was asked for (empty: routed)")
+    backend = models.CharField(max_length=64, help_text="what served it")
+    route = models.CharField(max_length=200)
+    status = models.CharField(max_length=16)  # stop | length | abort | error | content_filter | rejected
+    cache_hit = models.CharField(max_length=16, blank=True)  # "" | exact | semantic
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    charged_tokens = models.PositiveIntegerField(default=0, help_text="what counted against the quota")
+    reserved_tokens = models.PositiveIntegerField(default=0)
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["user", "-created_at"], name="usage_user_newest")]
+
+
+class SemanticCacheEntry(models.Model):
+    """A reply reusable for prompts that mean the same, within one scope.
+
+    `scope` is "user:<id>" (default) or "deployment"; `key_hash` covers the
+    model, the system prompt and the sampling parameters, so only prompts
+    asked under identical conditions are compared by meaning.
+    """
+
+    scope = models.CharField(max_length=64)
+    key_hash = models.CharField(max_length=64)
+    prompt = models.TextField()
+    embedding = VectorField(dimensions=EMBEDDING_DIM)
+    response = models.TextField()
+    finish_reason = models.CharField(max_length=16)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    model = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["scope", "key_hash"], name="semcache_scope_key"),
+            HnswIndex(
+                name="semcache_embedding_hnsw",
+                fields=["embedding"],
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_cosine_ops"],
+            ),
+        ]

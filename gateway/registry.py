@@ -1,0 +1,180 @@
+"""What the gateway routes to and under which limits: backends and plans.
+
+Both are read on every request, so they are kept in process for
+GATEWAY_REGISTRY_TTL_S seconds (an admin edit reaches other processes within
+that time; `invalidate()` makes this process see it at once).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from gateway.models import Backend, Plan, PlanAssignment
+
+LARGE = "large"  # the pool name the router sends hard prompts to, when it exists
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    kind: str  # "local" | "openai"
+    pool: str = ""
+    base_url: str = ""
+    remote_model: str = ""
+    api_key: str = ""
+    context_window: int = 8192
+    fallbacks: tuple[str, ...] = ()
+    listed: bool = True
+
+
+@dataclass(frozen=True)
+class Limits:
+    plan: str
+    tier: str
+    requests_per_minute: int
+    tokens_per_minute: int
+    tokens_per_day: int
+    tokens_per_month: int
+    allowed_models: frozenset = field(default_factory=frozenset)  # empty: all
+
+    def allows(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+
+def _split(names: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in names.split(",") if n.strip())
+
+
+def _load_backends() -> dict[str, BackendSpec]:
+    specs: dict[str, BackendSpec] = {}
+    for name in settings.MODEL_POOLS:
+        specs[name] = BackendSpec(
+            name=name, kind=Backend.KIND_LOCAL, pool=name, fallbacks=tuple(settings.GATEWAY_FALLBACKS.get(name, ()))
+        )
+    for name, cfg in settings.GATEWAY_BACKENDS.items():
+        specs[name] = BackendSpec(
+            name=name,
+            kind=Backend.KIND_OPENAI,
+            base_url=cfg["base_url"],
+            remote_model=cfg.get("model", ""),
+            api_key=cfg.get("api_key", ""),
+            context_window=int(cfg.get("context_window", 8192)),
+            fallbacks=tuple(cfg.get("fallbacks", settings.GATEWAY_FALLBACKS.get(name, ()))),
+        )
+    for row in Backend.objects.all():
+        if not row.enabled:
+            specs.pop(row.name, None)
+            continue
+        specs[row.name] = BackendSpec(
+            name=row.name,
+            kind=row.kind,
+            pool=row.pool or row.name,
+            base_url=row.base_url,
+            remote_model=row.remote_model,
+            api_key=row.api_key,
+            context_window=row.context_window,
+            fallbacks=_split(row.fallbacks) or tuple(settings.GATEWAY_FALLBACKS.get(row.name, ())),
+            listed=row.listed,
+        )
+    return specs
+
+
+def _default_limits() -> Limits:
+    plan = Plan.objects.filter(is_default=True).first()
+    if plan is not None:
+        return _limits(plan)
+    return Limits(
+        plan="default",
+        tier=Plan.TIER_STANDARD,
+        requests_per_minute=settings.GATEWAY_DEFAULT_RPM,
+        tokens_per_minute=settings.GATEWAY_DEFAULT_TPM,
+        tokens_per_day=settings.GATEWAY_DEFAULT_TPD,
+        tokens_per_month=settings.GATEWAY_DEFAULT_TPMONTH,
+    )
+
+
+def _limits(plan: Plan) -> Limits:
+    return Limits(
+        plan=plan.name,
+        tier=plan.tier,
+        requests_per_minute=plan.requests_per_minute,
+        tokens_per_minute=plan.tokens_per_minute,
+        tokens_per_day=plan.tokens_per_day,
+        tokens_per_month=plan.tokens_per_month,
+        allowed_models=frozenset(_split(plan.allowed_models)),
+    )
+
+
+def _load_limits(user_id: int) -> Limits:
+    assignment = PlanAssignment.objects.select_related("plan").filter(user_id=user_id).first()
+    return _limits(assignment.plan) if assignment else _default_limits()
+
+
+_lock = threading.Lock()
+_cache: dict[object, tuple[float, object]] = {}
+# DB reads must not run on an event loop's thread; one worker thread serves the
+# rare refreshes that a sync caller inside a loop triggers.
+_db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-registry")
+
+
+def _cached(key, loader):
+    now = time.monotonic()
+    hit = _cache.get(key)
+    if hit is not None and now - hit[0] < settings.GATEWAY_REGISTRY_TTL_S:
+        return hit[1]
+    try:
+        asyncio.get_running_loop()
+        in_loop = True
+    except RuntimeError:
+        in_loop = False
+    value = _db_thread.submit(_load_and_close, loader).result() if in_loop else loader()
+    with _lock:
+        _cache[key] = (now, value)
+    return value
+
+
+def _load_and_close(loader):
+    # The worker thread outlives requests: close its connection so it holds
+    # no Postgres session between refreshes.
+    from django.db import connections
+
+    try:
+        return loader()
+    finally:
+        connections.close_all()
+
+
+async def _acached(key, loader):
+    hit = _cache.get(key)
+    if hit is not None and time.monotonic() - hit[0] < settings.GATEWAY_REGISTRY_TTL_S:
+        return hit[1]
+    value = await asyncio.get_running_loop().run_in_executor(_db_thread, _load_and_close, loader)
+    with _lock:
+        _cache[key] = (time.monotonic(), value)
+    return value
+
+
+def backends() -> dict[str, BackendSpec]:
+    return _cached("backends", _load_backends)
+
+
+async def abackends() -> dict[str, BackendSpec]:
+    return await _acached("backends", _load_backends)
+
+
+async def alimits(user_id: int) -> Limits:
+    return await _acached(("limits", user_id), lambda: _load_limits(user_id))
+
+
+def limits(user_id: int) -> Limits:
+    return _cached(("limits", user_id), lambda: _load_limits(user_id))
+
+
+def invalidate() -> None:
+    with _lock:
+        _cache.clear()
