@@ -1,3 +1,8 @@
-"""SSE routes (Channels consumers); mounted by chatapp.asgi."""
+"""SSE routes (Channels consumers); mounted by chatapp.asgi before Django."""
+from django.urls import path
 
-http_urlpatterns: list = []
+from conversations.consumers import ReplyStreamConsumer
+
+http_urlpatterns: list = [
+    path("c/reply/<uuid:reply_id>/stream", ReplyStreamConsumer.as_asgi(), name="reply_stream"),
+]

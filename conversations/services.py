@@ -1,10 +1,260 @@
-"""Writes for conversations and messages (filled in by the chat issue)."""
+"""Writes for conversations and messages.
+
+Verb grammar: `conversation_*` and `message_*` mutate; `reply_*` move an
+assistant reply through its lifecycle
+(pending → streaming → complete | stopped | interrupted | error | blocked).
+Validation errors are ValidationError with a message meant for the user.
+"""
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from conversations.models import ChatPreferences, Conversation, Message
+
+log = logging.getLogger(__name__)
+
+FALLBACK_TITLE_WORDS = 8
+
+
+def fallback_title(text: str) -> str:
+    words = " ".join(text.split()).split(" ")
+    title = " ".join(words[:FALLBACK_TITLE_WORDS])
+    if len(words) > FALLBACK_TITLE_WORDS:
+        title += "…"
+    return title[:200] or "New chat"
+
+
+def check_message_text(text) -> str:
+    text = (text or "").strip()
+    if not text:
+        raise ValidationError("Write a message first.")
+    limit = settings.CHAT_MAX_MESSAGE_CHARS
+    if len(text) > limit:
+        raise ValidationError(f"The message is {len(text):,} characters long; the limit is {limit:,}.")
+    return text
+
+
+def check_model(model: str) -> str:
+    model = (model or "").strip()
+    if model and model not in settings.MODEL_POOLS:
+        raise ValidationError(f"Unknown model '{model}'.")
+    return model
+
+
+def conversation_create(*, user, model: str = "", system_prompt: str = "") -> Conversation:
+    conversation = Conversation(user=user, model=check_model(model), system_prompt=system_prompt or "")
+    conversation.full_clean(exclude=["current_leaf", "summary_through"])
+    conversation.save()
+    return conversation
+
+
+def conversation_update(
+    *, conversation: Conversation, title: str | None = None, model: str | None = None,
+    system_prompt: str | None = None, archived: bool | None = None,
+) -> Conversation:
+    fields = ["updated_at"]
+    if title is not None:
+        title = " ".join(title.split())
+        if not title:
+            raise ValidationError("A title cannot be empty.")
+        conversation.title = title[:200]
+        conversation.title_source = Conversation.TitleSource.USER
+        fields += ["title", "title_source"]
+    if model is not None:
+        conversation.model = check_model(model)
+        fields.append("model")
+    if system_prompt is not None:
+        if len(system_prompt) > settings.CHAT_MAX_MESSAGE_CHARS:
+            raise ValidationError("The system prompt is too long.")
+        conversation.system_prompt = system_prompt
+        fields.append("system_prompt")
+    if archived is not None:
+        conversation.archived = archived
+        fields.append("archived")
+    conversation.save(update_fields=fields)
+    return conversation
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    # Abort anything still generating first, so no task writes into a deleted row.
+    from conversations import turns
+
+    for reply in conversation.messages.filter(status__in=["pending", "streaming"]):
+        turns.request_stop_sync(reply.id)
+    conversation.delete()
+
+
+def preferences_update(*, user, custom_instructions: str) -> ChatPreferences:
+    if len(custom_instructions) > settings.CHAT_MAX_MESSAGE_CHARS:
+        raise ValidationError("Custom instructions are too long.")
+    prefs, _ = ChatPreferences.objects.update_or_create(
+        user=user, defaults={"custom_instructions": custom_instructions}
+    )
+    return prefs
+
+
+def _placeholder(conversation: Conversation, parent: Message) -> Message:
+    return Message.objects.create(
+        conversation=conversation,
+        parent=parent,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.PENDING,
+        model=conversation.model or settings.DEFAULT_POOL,
+    )
+
+
+def _set_leaf(conversation: Conversation, leaf: Message) -> None:
+    conversation.current_leaf = leaf
+    conversation.save(update_fields=["current_leaf", "updated_at"])
+
+
+def _check_idle(conversation: Conversation) -> None:
+    if conversation.messages.filter(status__in=["pending", "streaming"]).exists():
+        raise ValidationError("Wait for the current reply to finish, or stop it.")
+
+
+@transaction.atomic
+def message_send(*, conversation: Conversation, text: str, parent: Message | None = None) -> Message:
+    """Save the user's message and an assistant placeholder together, so a crash
+    never loses what the user typed; returns the placeholder (the reply)."""
+    text = check_message_text(text)
+    conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    _check_idle(conversation)
+    if parent is None and conversation.current_leaf_id:
+        parent = conversation.current_leaf
+    user_message = Message.objects.create(
+        conversation=conversation, parent=parent, role=Message.Role.USER, content=text
+    )
+    reply = _placeholder(conversation, user_message)
+    if not conversation.title:
+        conversation.title = fallback_title(text)
+        conversation.title_source = Conversation.TitleSource.FALLBACK
+        conversation.save(update_fields=["title", "title_source"])
+    _set_leaf(conversation, reply)
+    return reply
+
+
+@transaction.atomic
+def message_edit(*, message: Message, text: str) -> Message:
+    """A sibling of the user message with the new text, and a new reply under it."""
+    if message.role != Message.Role.USER:
+        raise ValidationError("Only your own messages can be edited.")
+    text = check_message_text(text)
+    conversation = Conversation.objects.select_for_update().get(pk=message.conversation_id)
+    _check_idle(conversation)
+    edited = Message.objects.create(
+        conversation=conversation, parent=message.parent, role=Message.Role.USER, content=text
+    )
+    reply = _placeholder(conversation, edited)
+    _set_leaf(conversation, reply)
+    return reply
+
+
+@transaction.atomic
+def message_regenerate(*, message: Message) -> Message:
+    """A new assistant reply beside `message` (same parent)."""
+    if message.role != Message.Role.ASSISTANT or message.parent_id is None:
+        raise ValidationError("Only a reply can be regenerated.")
+    conversation = Conversation.objects.select_for_update().get(pk=message.conversation_id)
+    _check_idle(conversation)
+    reply = _placeholder(conversation, message.parent)
+    _set_leaf(conversation, reply)
+    return reply
+
+
+def branch_switch(*, message: Message) -> Message:
+    """Show the branch through `message`, down to its newest leaf."""
+    from conversations.selectors import newest_leaf
+
+    conversation = message.conversation
+    leaf = newest_leaf(list(conversation.messages.all()), message)
+    conversation.current_leaf = leaf
+    conversation.save(update_fields=["current_leaf"])  # switching is not activity: keep sidebar order
+    return leaf
+
+
+# ------------------------------------------------------------ reply lifecycle
+
+def reply_start(*, reply_id, request_id: str) -> bool:
+    """pending → streaming. False when the reply is gone or already finished
+    (deleted, or stopped before the task got to run)."""
+    return bool(
+        Message.objects.filter(id=reply_id, status=Message.Status.PENDING).update(
+            status=Message.Status.STREAMING, request_id=request_id, updated_at=timezone.now()
+        )
+    )
+
+
+def reply_materialize(*, reply_id, content: str, stream_seq: int) -> None:
+    """Partial text while streaming: only touches a reply that is still streaming."""
+    Message.objects.filter(id=reply_id, status=Message.Status.STREAMING).update(
+        content=content, stream_seq=stream_seq, updated_at=timezone.now()
+    )
+
+
+def reply_finish(
+    *, reply_id, status: str, content: str, stream_seq: int, error: str = "", model: str = "",
+    prompt_tokens: int = 0, completion_tokens: int = 0, cached_tokens: int = 0,
+) -> bool:
+    """Record the end of a reply exactly once: the first terminal status wins
+    (the task and the stop fallback may race). Returns whether this call won."""
+    assert status in Message.TERMINAL, status
+    now = timezone.now()
+    fields = dict(
+        status=status, content=content, stream_seq=stream_seq, error=error[:2000],
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens,
+        finished_at=now, updated_at=now,
+    )
+    if model:
+        fields["model"] = model
+    won = bool(
+        Message.objects.filter(id=reply_id, status__in=[Message.Status.PENDING, Message.Status.STREAMING]).update(
+            **fields
+        )
+    )
+    if won:
+        Conversation.objects.filter(messages__id=reply_id).update(updated_at=now)
+    return won
 
 
 def reap_orphaned_replies() -> int:
-    """Mark replies left `streaming` by a dead process as `interrupted`.
+    """Mark replies left `pending`/`streaming` by a dead process as `interrupted`.
 
-    Called by `serve` before it accepts requests. Returns how many replies
-    were marked; with no Message model yet there is nothing to reap.
+    Called by `serve` before it accepts requests: at that moment no task of
+    this deployment's single server is generating, so every unfinished reply
+    is an orphan. The partial text materialized so far is kept.
     """
-    return 0
+    now = timezone.now()
+    count = Message.objects.filter(
+        Q(status=Message.Status.STREAMING) | Q(status=Message.Status.PENDING), role=Message.Role.ASSISTANT
+    ).update(
+        status=Message.Status.INTERRUPTED,
+        error="The server restarted while this reply was being written.",
+        finished_at=now,
+        updated_at=now,
+    )
+    if count:
+        log.info("reaper: marked %d orphaned replies interrupted", count)
+    return count
+
+
+def summary_update(*, conversation_id, summary: str, through_id) -> None:
+    Conversation.objects.filter(id=conversation_id).update(summary=summary, summary_through_id=through_id)
+
+
+def title_update_auto(*, conversation_id, title: str) -> bool:
+    """An automatic title never replaces one the user chose."""
+    title = " ".join(title.split()).strip(" \"'`#*.")[:200]
+    if not title:
+        return False
+    return bool(
+        Conversation.objects.filter(id=conversation_id)
+        .exclude(title_source=Conversation.TitleSource.USER)
+        .update(title=title, title_source=Conversation.TitleSource.AUTO)
+    )

@@ -1,7 +1,253 @@
+"""Chat pages. Thin: parse, authorize (`access_*`), call one service, respond.
+
+Views that start a generation are async: the reply task must be created on
+the server's event loop, where it outlives the request that started it.
+"""
+from __future__ import annotations
+
+import json
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.http import Http404, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
+from django.utils.text import slugify
+from django.views.decorators.cache import cache_control
+from django.views.decorators.http import require_GET, require_POST
+
+from conversations import selectors, services, turns
+from conversations.rendering import pygments_css
+
+
+def _sidebar_page(user, page: int = 1, archived: bool = False):
+    paginator = Paginator(selectors.conversation_list(user=user, archived=archived), settings.CHAT_PAGE_SIZE)
+    return paginator.get_page(page)
+
+
+def _chat_context(request, conversation=None, error: str = "", draft: str = "") -> dict:
+    return {
+        "conversation": conversation,
+        "branch": selectors.branch_with_siblings(conversation=conversation) if conversation else [],
+        "sidebar": _sidebar_page(request.user),
+        "models": list(settings.MODEL_POOLS),
+        "default_model": settings.DEFAULT_POOL,
+        "max_chars": settings.CHAT_MAX_MESSAGE_CHARS,
+        "error": error,
+        "draft": draft,
+    }
+
+
+def _composer_error(message: str) -> HttpResponse:
+    """422 with the message, swapped by htmx into the composer's error slot."""
+    response = HttpResponse(message, status=422, content_type="text/plain; charset=utf-8")
+    response["HX-Retarget"] = "#composer-error"
+    response["HX-Reswap"] = "innerHTML"
+    return response
 
 
 @login_required
+@require_GET
 def home(request):
-    return render(request, "conversations/home.html")
+    return render(request, "conversations/chat.html", _chat_context(request))
+
+
+@login_required
+@require_GET
+def conversation_page(request, conversation_id):
+    conversation = selectors.access_conversation(user=request.user, conversation_id=conversation_id)
+    return render(request, "conversations/chat.html", _chat_context(request, conversation))
+
+
+@login_required
+@require_GET
+def sidebar(request):
+    archived = request.GET.get("archived") == "1"
+    page = _sidebar_page(request.user, int(request.GET.get("page") or 1) if (request.GET.get("page") or "1").isdigit() else 1, archived)
+    return render(request, "conversations/_sidebar_items.html", {"sidebar": page, "archived": archived})
+
+
+def _thread_response(request, conversation) -> HttpResponse:
+    return render(request, "conversations/_thread.html", {"conversation": conversation, "branch": selectors.branch_with_siblings(conversation=conversation)})
+
+
+# ------------------------------------------------------------ turns (async)
+
+def _create_and_send(user, text, model, system_prompt):
+    services.check_message_text(text)  # before creating an empty conversation
+    conversation = services.conversation_create(user=user, model=model, system_prompt=system_prompt)
+    return services.message_send(conversation=conversation, text=text)
+
+
+@login_required
+@require_POST
+async def conversation_new(request):
+    user = await request.auser()
+    try:
+        reply = await sync_to_async(_create_and_send)(
+            user, request.POST.get("text"), request.POST.get("model", ""), request.POST.get("system_prompt", "")
+        )
+    except ValidationError as exc:
+        if request.htmx:
+            return _composer_error(" ".join(exc.messages))
+        return await sync_to_async(lambda: render(request, "conversations/chat.html", _chat_context(request, error=" ".join(exc.messages), draft=request.POST.get("text", "")), status=422))()
+    turns.start_reply(reply.id)
+    url = f"/c/{reply.conversation_id}/"
+    if request.htmx:
+        response = HttpResponse(status=204)
+        response["HX-Location"] = json.dumps({"path": url, "target": "body"})
+        return response
+    return redirect(url)
+
+
+def _turn_fragment(request, reply):
+    conversation = reply.conversation
+    return render(request, "conversations/_thread.html", {"conversation": conversation, "branch": selectors.branch_with_siblings(conversation=conversation)})
+
+
+async def _start_and_render(request, fn, **kwargs):
+    try:
+        reply = await sync_to_async(fn)(**kwargs)
+    except ValidationError as exc:
+        return _composer_error(" ".join(exc.messages))
+    turns.start_reply(reply.id)
+    return await sync_to_async(_turn_fragment)(request, reply)
+
+
+@login_required
+@require_POST
+async def message_send(request, conversation_id):
+    user = await request.auser()
+    conversation = await sync_to_async(selectors.access_conversation)(user=user, conversation_id=conversation_id)
+    return await _start_and_render(request, services.message_send, conversation=conversation, text=request.POST.get("text"))
+
+
+@login_required
+@require_POST
+async def message_edit(request, message_id):
+    user = await request.auser()
+    message = await sync_to_async(selectors.access_message)(user=user, message_id=message_id)
+    return await _start_and_render(request, services.message_edit, message=message, text=request.POST.get("text"))
+
+
+@login_required
+@require_POST
+async def message_regenerate(request, message_id):
+    user = await request.auser()
+    message = await sync_to_async(selectors.access_message)(user=user, message_id=message_id)
+    return await _start_and_render(request, services.message_regenerate, message=message)
+
+
+@login_required
+@require_POST
+async def message_stop(request, message_id):
+    user = await request.auser()
+    message = await sync_to_async(selectors.access_message)(user=user, message_id=message_id)
+    status = await turns.stop_reply(message.id)
+    return JsonResponse({"status": status})
+
+
+# ------------------------------------------------------------ tree & conversation edits
+
+@login_required
+@require_POST
+def branch_switch(request, message_id):
+    message = selectors.access_message(user=request.user, message_id=message_id)
+    services.branch_switch(message=message)
+    return _thread_response(request, message.conversation)
+
+
+@login_required
+@require_POST
+def conversation_rename(request, conversation_id):
+    conversation = selectors.access_conversation(user=request.user, conversation_id=conversation_id)
+    try:
+        services.conversation_update(conversation=conversation, title=request.POST.get("title", ""))
+    except ValidationError as exc:
+        return HttpResponse(" ".join(exc.messages), status=422)
+    if request.htmx:
+        return render(request, "conversations/_title.html", {"conversation": conversation})
+    return redirect("conversation", conversation_id=conversation.id)
+
+
+@login_required
+@require_POST
+def conversation_settings(request, conversation_id):
+    conversation = selectors.access_conversation(user=request.user, conversation_id=conversation_id)
+    try:
+        services.conversation_update(
+            conversation=conversation, model=request.POST.get("model", ""),
+            system_prompt=request.POST.get("system_prompt", ""),
+        )
+    except ValidationError as exc:
+        return HttpResponse(" ".join(exc.messages), status=422)
+    return redirect("conversation", conversation_id=conversation.id)
+
+
+@login_required
+@require_POST
+def conversation_archive(request, conversation_id):
+    conversation = selectors.access_conversation(user=request.user, conversation_id=conversation_id)
+    services.conversation_update(conversation=conversation, archived=request.POST.get("archived") != "0")
+    return redirect("conversation", conversation_id=conversation.id)
+
+
+@login_required
+def conversation_delete(request, conversation_id):
+    conversation = selectors.access_conversation(user=request.user, conversation_id=conversation_id)
+    if request.method == "POST":
+        services.conversation_delete(conversation=conversation)
+        return redirect("home")
+    return render(request, "conversations/confirm_delete.html", {"conversation": conversation, "sidebar": _sidebar_page(request.user)})
+
+
+@login_required
+@require_GET
+def conversation_export(request, conversation_id, fmt):
+    if fmt not in ("md", "json"):
+        raise Http404("Unknown export format")
+    conversation = selectors.access_conversation(user=request.user, conversation_id=conversation_id)
+    name = slugify(conversation.title)[:50] or "chat"
+    if fmt == "json":
+        response = JsonResponse(selectors.export_json(conversation=conversation), json_dumps_params={"indent": 2, "ensure_ascii": False})
+    else:
+        response = HttpResponse(selectors.export_markdown(conversation=conversation), content_type="text/markdown; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{name}.{"json" if fmt == "json" else "md"}"'
+    return response
+
+
+@login_required
+@require_GET
+def archived(request):
+    return render(request, "conversations/archived.html", {"sidebar": _sidebar_page(request.user), "archived_page": _sidebar_page(request.user, int(request.GET.get("page", "1")) if request.GET.get("page", "1").isdigit() else 1, archived=True)})
+
+
+@login_required
+@require_GET
+def search(request):
+    query = request.GET.get("q", "")[:200]
+    hits = selectors.search(user=request.user, query=query)
+    return render(request, "conversations/search.html", {"query": query, "hits": hits, "sidebar": _sidebar_page(request.user)})
+
+
+@login_required
+def preferences(request):
+    saved = False
+    error = ""
+    if request.method == "POST":
+        try:
+            services.preferences_update(user=request.user, custom_instructions=request.POST.get("custom_instructions", ""))
+            saved = True
+        except ValidationError as exc:
+            error = " ".join(exc.messages)
+    prefs = selectors.preferences_get(user=request.user)
+    return render(request, "conversations/preferences.html", {"prefs": prefs, "saved": saved, "error": error, "sidebar": _sidebar_page(request.user)}, status=422 if error else 200)
+
+
+@require_GET
+@cache_control(max_age=86400, public=True)
+def code_css(request):
+    return HttpResponse(pygments_css(), content_type="text/css; charset=utf-8")

@@ -1,0 +1,148 @@
+"""The SSE stream of one reply: replay from Last-Event-ID, then the live tail.
+
+Served by Channels (not a Django view) so a long-lived response costs one
+coroutine, not a thread. The stream loop runs as its own task so that
+`http.disconnect` is handled while it waits (AsyncHttpConsumer would only see
+the disconnect after `handle` returns).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from channels.consumer import AsyncConsumer
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from django.conf import settings
+from django.http import Http404
+
+from conversations import streams
+from conversations.models import Message
+from conversations.rendering import render_markdown
+from conversations.selectors import access_message
+from conversations.streams import StreamEvent
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def _parse_last_event_id(scope) -> int:
+    headers = dict(scope.get("headers") or [])
+    raw = headers.get(b"last-event-id", b"").decode("latin-1").strip()
+    if not raw:
+        from urllib.parse import parse_qs
+
+        raw = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("last_event_id") or [""])[0]
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        return 0
+
+
+@database_sync_to_async
+def _load(user, reply_id):
+    message = access_message(user=user, message_id=reply_id)
+    if message.role != Message.Role.ASSISTANT:
+        raise Http404("No such reply")
+    return message
+
+
+@database_sync_to_async
+def _reload(reply_id):
+    return Message.objects.filter(id=reply_id).first()
+
+
+class ReplyStreamConsumer(AsyncConsumer):
+    task: asyncio.Task | None = None
+
+    async def http_request(self, message):
+        if message.get("more_body"):
+            return
+        self.reply_id = self.scope["url_route"]["kwargs"]["reply_id"]
+        self.connection_id = uuid.uuid4().hex
+        try:
+            self.reply = await _load(self.scope.get("user"), self.reply_id)
+        except Http404:
+            await self._plain(404, b"Not found")
+            return
+        self.task = asyncio.create_task(self._stream(_parse_last_event_id(self.scope)))
+
+    async def http_disconnect(self, message):
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass
+        raise StopConsumer()
+
+    async def _plain(self, status: int, body: bytes):
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _send(self, chunk: bytes, more: bool = True):
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def _stream(self, after: int):
+        reply_id = self.reply_id
+        await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        # Tell the browser how long to wait before reconnecting; first bytes
+        # also make proxies commit to streaming.
+        await self._send(b"retry: 1000\n\n")
+        try:
+            await streams.subscriber_touch(reply_id, self.connection_id)
+            if not await streams.log_exists(reply_id) and self.reply.is_terminal:
+                await self._send_stored(self.reply, after)
+                return
+            heartbeat_s = settings.STREAM_HEARTBEAT_S
+            last_beat = time.monotonic()
+            while True:
+                events = await streams.wait_after(reply_id, after, timeout_s=heartbeat_s)
+                for ev in events:
+                    await self._send(ev.encode())
+                    after = ev.seq
+                    if ev.terminal:
+                        await self._send(b"", more=False)
+                        return
+                if time.monotonic() - last_beat >= heartbeat_s:
+                    last_beat = time.monotonic()
+                    await self._send(b": heartbeat\n\n")
+                    await streams.subscriber_touch(reply_id, self.connection_id)
+                    if not events and await self._ended_without_log(after):
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("stream of %s", reply_id)
+            ev = StreamEvent(seq=after + 1, event="error", data={"status": "error", "error": "The stream failed; reload the page."})
+            await self._send(ev.encode(), more=False)
+        finally:
+            try:
+                await streams.subscriber_leave(reply_id, self.connection_id)
+            except Exception:
+                pass
+
+    async def _ended_without_log(self, after: int) -> bool:
+        """A reply that ended while its log expired or was never written (its
+        process died): send what the database holds and close."""
+        if await streams.log_exists(self.reply_id):
+            return False
+        reply = await _reload(self.reply_id)
+        if reply is None or not reply.is_terminal:
+            return False
+        await self._send_stored(reply, after)
+        return True
+
+    async def _send_stored(self, reply: Message, after: int):
+        seq = max(reply.stream_seq, after + 1)
+        data = {"status": reply.status, "html": render_markdown(reply.content), "error": reply.error, "replace": True}
+        event = "error" if reply.status in ("error", "blocked") else "done"
+        await self._send(StreamEvent(seq=seq, event=event, data=data).encode(), more=False)

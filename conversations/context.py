@@ -1,0 +1,113 @@
+"""The context builder: what the model sees on each turn.
+
+system prompt (custom instructions + the conversation's own) + the running
+summary of older turns + the newest messages of the current branch that fit
+the model's context window minus the reply budget, counted with the model's
+own tokenizer and chat template (`gateway.services.count_prompt_tokens`).
+When older messages fall out of the window a Celery task folds them into the
+summary, at low priority, for the next turn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from conversations.models import Conversation, Message
+
+SUMMARY_PREAMBLE = "Summary of the earlier part of this conversation:\n"
+
+
+@dataclass
+class Context:
+    messages: list[dict]  # what goes to the model
+    window: list[Message]  # the branch messages included verbatim
+    dropped: list[Message]  # older branch messages that did not fit
+    prompt_tokens: int
+    budget_tokens: int
+
+
+def system_text(conversation: Conversation) -> str:
+    from conversations.selectors import preferences_get
+
+    parts = [preferences_get(user=conversation.user).custom_instructions.strip(), conversation.system_prompt.strip()]
+    return "\n\n".join(p for p in parts if p)
+
+
+def _as_chat(m: Message) -> dict:
+    return {"role": m.role if m.role in ("user", "assistant", "system") else "user", "content": m.content}
+
+
+def build_context(*, conversation: Conversation, history: list[Message], reply_tokens: int) -> Context:
+    """`history` is the branch root → the newest user message (the reply excluded)."""
+    from gateway import services as gateway
+
+    model = conversation.model or None
+    budget = gateway.model_info(model).context_window - reply_tokens
+    history = [m for m in history if m.content or m.role == "user"]  # empty failed replies say nothing
+
+    head: list[dict] = []
+    system = system_text(conversation)
+    ids = {m.id for m in history}
+    candidates = history
+    if conversation.summary and conversation.summary_through_id in ids:
+        # The summary stands in for everything up to summary_through.
+        cut = next(i for i, m in enumerate(history) if m.id == conversation.summary_through_id)
+        candidates = history[cut + 1:]
+        system = (system + "\n\n" if system else "") + SUMMARY_PREAMBLE + conversation.summary
+    if system:
+        head.append({"role": "system", "content": system})
+
+    def count(k: int) -> int:
+        return gateway.count_prompt_tokens(head + [_as_chat(m) for m in candidates[len(candidates) - k:]], model)
+
+    # Binary search for the most newest messages that fit: token counts grow
+    # with every message added, so log2(n) renders instead of n.
+    lo, hi = 0, len(candidates)
+    if count(hi) > budget:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+    else:
+        lo = hi
+    # A window must start with a user turn (chat templates and models expect it).
+    while lo > 0 and candidates[len(candidates) - lo].role != "user":
+        lo -= 1
+    if lo == 0 and candidates:
+        raise ValidationError(
+            "This message is too long for the model's context window. Shorten it or start a new chat."
+        )
+    window = candidates[len(candidates) - lo:]
+    dropped = [m for m in candidates[: len(candidates) - lo]]
+    messages = head + [_as_chat(m) for m in window]
+    return Context(messages=messages, window=window, dropped=dropped, prompt_tokens=count(lo), budget_tokens=budget)
+
+
+def build_request(*, reply_id):
+    """The ChatRequest for a placeholder reply, or None when it is gone/finished.
+    Enqueues a summary update when older turns fell out of the window."""
+    from gateway.types import ChatRequest
+
+    from conversations import tasks
+    from conversations.selectors import ancestors
+
+    reply = Message.objects.select_related("conversation", "conversation__user").filter(id=reply_id).first()
+    if reply is None or reply.status != Message.Status.PENDING:
+        return None
+    conversation = reply.conversation
+    history = ancestors(reply)[:-1]
+    ctx = build_context(conversation=conversation, history=history, reply_tokens=settings.CHAT_REPLY_MAX_TOKENS)
+    if ctx.dropped:
+        tasks.enqueue_summary(conversation_id=conversation.id, through_id=ctx.dropped[-1].id)
+    return ChatRequest(
+        messages=ctx.messages,
+        user_id=conversation.user_id,
+        model=conversation.model or None,
+        max_tokens=settings.CHAT_REPLY_MAX_TOKENS,
+        temperature=settings.CHAT_TEMPERATURE,
+        source="chat",
+    )

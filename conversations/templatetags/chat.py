@@ -1,0 +1,30 @@
+from django import template
+from django.urls import NoReverseMatch, reverse
+from django.utils.html import escape
+from django.utils.safestring import mark_safe
+
+from conversations.rendering import render_markdown
+
+register = template.Library()
+
+
+@register.filter
+def markdown(text: str):
+    # render_markdown sanitizes its final HTML with nh3: safe to mark.
+    return mark_safe(render_markdown(text or ""))
+
+
+@register.filter
+def safe_snippet(text: str):
+    """SearchHeadline output with \\x02/\\x03 match markers: escape everything,
+    then turn only the markers into <mark>."""
+    return mark_safe(escape(text or "").replace("\x02", "<mark>").replace("\x03", "</mark>"))
+
+
+@register.simple_tag
+def url_or(name: str, fallback: str) -> str:
+    """A URL another app may or may not define yet."""
+    try:
+        return reverse(name)
+    except NoReverseMatch:
+        return fallback

@@ -1,0 +1,261 @@
+"""The turn: generating one assistant reply as a server-side asyncio task.
+
+The task is not tied to the HTTP request that started it: it iterates
+`gateway.services.stream_chat`, appends each event with a sequence number to
+the reply's Redis log (which SSE consumers in any process tail), folds the
+text into the database at most every STREAM_MATERIALIZE_S, and always ends
+with one terminal event and one terminal status.
+
+A watcher beside it listens for Stop (Redis pub/sub, so a Stop posted to any
+web process reaches the process that generates) and counts live subscribers:
+Stop or no reader for STREAM_GRACE_S aborts the engine sequence through
+`gateway.services.abort`, which frees it at the next decoding step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from asgiref.sync import async_to_sync, sync_to_async
+from django.conf import settings
+
+from conversations import services, streams
+from conversations.streams import StreamEvent
+
+log = logging.getLogger(__name__)
+
+# Strong references: the event loop keeps only weak ones to tasks.
+_running: dict[str, asyncio.Task] = {}
+
+
+def running_count() -> int:
+    return len(_running)
+
+
+class _Outcome:
+    """Why the generation ended early, set by the watcher."""
+
+    def __init__(self):
+        self.reason: str | None = None  # "stopped" | "interrupted"
+
+
+def start_reply(reply_id) -> asyncio.Task:
+    """Schedule the generation of `reply_id` on the running event loop."""
+    key = str(reply_id)
+    task = asyncio.get_running_loop().create_task(generate_reply(reply_id), name=f"reply-{key}")
+    _running[key] = task
+    task.add_done_callback(lambda t: _running.pop(key, None))
+    return task
+
+
+async def wait_idle(timeout_s: float = 30) -> None:
+    """Wait for every generation of this process (tests, shutdown)."""
+    tasks = list(_running.values())
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)
+
+
+async def _watch(reply_id, request_id: str, outcome: _Outcome, started_at: float) -> None:
+    from gateway import services as gateway
+
+    conn = streams.client()
+    pubsub = conn.pubsub()
+    await pubsub.subscribe(streams.control_channel(reply_id))
+    try:
+        last_reader = started_at
+        poll_s = min(0.5, settings.STREAM_GRACE_S / 4)
+        while True:
+            if await streams.stop_requested(reply_id):
+                outcome.reason = "stopped"
+            elif await streams.live_subscribers(reply_id):
+                last_reader = time.monotonic()
+            elif time.monotonic() - last_reader > settings.STREAM_GRACE_S:
+                outcome.reason = "interrupted"
+            if outcome.reason:
+                gateway.abort(request_id)
+                return
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
+            if message is not None and message.get("data") == b"stop":
+                outcome.reason = "stopped"
+                gateway.abort(request_id)
+                return
+    finally:
+        await pubsub.unsubscribe()
+        await pubsub.aclose()
+
+
+def _readable_error(exc) -> str:
+    from gateway.types import GatewayError
+
+    if isinstance(exc, GatewayError):
+        message = exc.message
+        if exc.retry_after_s:
+            message += f" Try again in {_human_seconds(exc.retry_after_s)}."
+        return message
+    return "The model failed while writing this reply. Try regenerating it."
+
+
+def _human_seconds(seconds: int) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} minutes"
+    return f"{round(minutes / 60)} hours"
+
+
+async def generate_reply(reply_id) -> str:
+    """Generate, log, materialize, finish. Returns the final status."""
+    from gateway import services as gateway
+    from gateway.types import FinalEvent, GatewayError
+
+    from conversations.context import build_request
+
+    seq = 0
+    parts: list[str] = []
+
+    async def emit(event: str, data: dict) -> StreamEvent:
+        nonlocal seq
+        seq += 1
+        ev = StreamEvent(seq=seq, event=event, data=data)
+        await streams.append(reply_id, ev)
+        return ev
+
+    try:
+        request = await sync_to_async(build_request)(reply_id=reply_id)
+    except Exception as exc:  # context could not be built: an error reply, never a hung one
+        log.exception("building the context of %s", reply_id)
+        await _finish(reply_id, emit, "error", "", seq_ref=lambda: seq, error=_context_error(exc))
+        return "error"
+    if request is None or not await sync_to_async(services.reply_start)(reply_id=reply_id, request_id=request.request_id):
+        return "gone"
+    await emit("status", {"status": "streaming"})
+
+    outcome = _Outcome()
+    watcher = asyncio.create_task(_watch(reply_id, request.request_id, outcome, time.monotonic()))
+    final = None
+    error = ""
+    last_flush = time.monotonic()
+    flushed_seq = 0
+    try:
+        async for event in gateway.stream_chat(request):
+            if isinstance(event, FinalEvent):
+                final = event
+                break
+            if not event.text:
+                continue
+            parts.append(event.text)
+            await emit("token", {"t": event.text})
+            if time.monotonic() - last_flush >= settings.STREAM_MATERIALIZE_S:
+                last_flush = time.monotonic()
+                flushed_seq = seq
+                await sync_to_async(services.reply_materialize)(reply_id=reply_id, content="".join(parts), stream_seq=seq)
+    except GatewayError as exc:
+        error = _readable_error(exc)
+    except Exception:
+        log.exception("generating %s", reply_id)
+        error = _readable_error(None)
+    finally:
+        watcher.cancel()
+        try:
+            await watcher
+        except (asyncio.CancelledError, Exception):
+            pass
+    del flushed_seq
+
+    if error:
+        status = "error"
+    elif outcome.reason:
+        status = outcome.reason
+    elif final is None:
+        status, error = "error", "The reply ended unexpectedly."
+    elif final.finish_reason == "error":
+        status, error = "error", final.error or "The model failed while writing this reply."
+    elif final.finish_reason == "abort":
+        status = "stopped"
+    else:
+        status = "complete"
+    usage = final.usage if final else None
+    await _finish(
+        reply_id, emit, status, "".join(parts), seq_ref=lambda: seq, error=error,
+        model=final.model if final else "", usage=usage, finish_reason=final.finish_reason if final else "",
+    )
+    return status
+
+
+def _context_error(exc) -> str:
+    from gateway.types import GatewayError
+    from django.core.exceptions import ValidationError
+
+    if isinstance(exc, (GatewayError,)):
+        return _readable_error(exc)
+    if isinstance(exc, ValidationError):
+        return " ".join(exc.messages)
+    return "The conversation could not be prepared for the model."
+
+
+async def _finish(reply_id, emit, status, content, *, seq_ref, error="", model="", usage=None, finish_reason=""):
+    from conversations.rendering import render_markdown
+
+    # The database first, then the terminal event: a client that reloads on
+    # `done` must find the final text and status already stored.
+    won = await sync_to_async(services.reply_finish)(
+        reply_id=reply_id, status=status, content=content, stream_seq=seq_ref() + 1, error=error, model=model,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        cached_tokens=usage.cached_tokens if usage else 0,
+    )
+    if not won:
+        return  # a Stop fallback already ended it and wrote the terminal event
+    data = {"status": status, "html": render_markdown(content), "error": error}
+    if usage:
+        data["usage"] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                         "cached_tokens": usage.cached_tokens}
+    if finish_reason:
+        data["finish_reason"] = finish_reason
+    await emit("error" if status in ("error", "blocked") else "done", data)
+    if status == "complete":
+        await sync_to_async(_after_complete)(reply_id)
+
+
+def _after_complete(reply_id) -> None:
+    from conversations import tasks
+
+    tasks.enqueue_after_reply(reply_id=reply_id)
+
+
+# ------------------------------------------------------------ stop
+
+async def stop_reply(reply_id, *, wait_s: float = 3.0) -> str:
+    """Ask the generating task (in whichever process) to stop, and wait until
+    the partial reply is saved, so a quick follow-up never races it. If no task
+    answers (its process died), end the reply here with what was materialized."""
+    from conversations.models import Message
+
+    await streams.request_stop(reply_id)
+    deadline = time.monotonic() + wait_s
+    get_status = sync_to_async(lambda: Message.objects.filter(id=reply_id).values_list("status", flat=True).first())
+    while time.monotonic() < deadline:
+        status = await get_status()
+        if status is None or status in Message.TERMINAL:
+            return status or "gone"
+        await asyncio.sleep(0.05)
+    reply = await sync_to_async(Message.objects.get)(id=reply_id)
+    seq = max(await streams.last_seq(reply_id), reply.stream_seq) + 1
+    won = await sync_to_async(services.reply_finish)(
+        reply_id=reply_id, status="stopped", content=reply.content, stream_seq=seq,
+        prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+    )
+    if won:
+        from conversations.rendering import render_markdown
+
+        await streams.append(reply_id, StreamEvent(seq=seq, event="done", data={
+            "status": "stopped", "html": render_markdown(reply.content), "error": "", "replace": True,
+        }))
+    return "stopped"
+
+
+def request_stop_sync(reply_id) -> None:
+    async_to_sync(streams.request_stop)(reply_id)
