@@ -182,3 +182,22 @@ def _human(seconds: int) -> str:
     if seconds < 172800:
         return f"{math.ceil(seconds / 3600)} h"
     return f"{math.ceil(seconds / 86400)} days"
+
+
+async def headers_for(user_id: int, limits: Limits) -> dict[str, str]:
+    """The x-ratelimit-* headers for a user right now (empty without Redis)."""
+    try:
+        used = await current_usage(user_id)
+    except REDIS_ERRORS:
+        return {}
+    return rate_headers(limits, used, windows(user_id).resets_s)
+
+
+def current_usage_sync(user_id: int) -> tuple[int, int, int, int]:
+    from gateway.redis_client import sync_client
+
+    w = windows(user_id)
+    try:
+        return tuple(int(v or 0) for v in sync_client().mget(w.keys))
+    except REDIS_ERRORS:
+        return (0, 0, 0, 0)

@@ -1,0 +1,291 @@
+"""The OpenAI-compatible API: /v1/chat/completions and /v1/models.
+
+Bearer API keys, errors in OpenAI's shape with the right status, and the same
+gateway path (quotas, caches, routing, moderation) as the chat pages. The
+official `openai` client works against it unchanged.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from django.conf import settings
+from django.http import JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from django_ratelimit.core import get_usage
+
+from gateway import quotas, registry, services
+from gateway.keys import aauthenticate
+from gateway.types import PRIORITY_INTERACTIVE, BadRequest, ChatRequest, FinalEvent, GatewayError, TokenEvent
+
+MAX_BODY_BYTES = 4 * 2**20
+
+
+def error_response(status: int, message: str, *, error_type: str, code: str | None, headers=None) -> JsonResponse:
+    response = JsonResponse(
+        {"error": {"message": message, "type": error_type, "param": None, "code": code}}, status=status
+    )
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+def gateway_error_response(exc: GatewayError) -> JsonResponse:
+    headers = dict(exc.headers)
+    if exc.retry_after_s is not None:
+        headers.setdefault("Retry-After", str(exc.retry_after_s))
+    return error_response(exc.status, exc.message, error_type=exc.error_type, code=exc.code, headers=headers)
+
+
+def _client_ip(request) -> str:
+    return request.META.get("REMOTE_ADDR", "")
+
+
+def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | None:
+    """django-ratelimit's counters, answered in the API's own 429 shape."""
+    usage = get_usage(request, group=group, key=key, rate=rate, increment=True)
+    if usage is None or not usage["should_limit"]:
+        return None
+    wait_s = max(1, int(usage["time_left"]))
+    return error_response(
+        429, f"Too many requests ({rate}); try again in {wait_s} s.", error_type="requests",
+        code="rate_limit_exceeded", headers={"Retry-After": str(wait_s)},
+    )
+
+
+async def _authorize(request):
+    """(api key, None) or (None, error response): IP limit, bearer key, user limit."""
+    limited = _throttled(request, group="api-ip", key="ip", rate=settings.GATEWAY_API_RATE_PER_IP)
+    if limited:
+        return None, limited
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    key = await aauthenticate(token)
+    if key is None:
+        message = "Incorrect API key provided." if token else "Missing bearer API key (Authorization: Bearer sk-...)."
+        return None, error_response(401, message, error_type="invalid_request_error", code="invalid_api_key")
+    limited = _throttled(
+        request, group="api-user", key=lambda group, req: str(key.user_id), rate=settings.GATEWAY_API_RATE_PER_USER
+    )
+    if limited:
+        return None, limited
+    return key, None
+
+
+# ------------------------------------------------------------------ parsing
+
+def _text_content(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    if content is None:
+        return ""
+    raise BadRequest("message content must be a string or a list of text parts")
+
+
+def _number(body, name, kind, default, *, low=None, high=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise BadRequest(f"'{name}' must be a{'n integer' if kind is int else ' number'}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise BadRequest(f"'{name}' must be between {low} and {high}")
+    return kind(value)
+
+
+def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
+    """(request, stream, include_usage) from an OpenAI chat-completions body."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required (a name from /v1/models, or 'auto')")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise BadRequest("'messages' must be a non-empty list")
+    messages = []
+    for message in raw_messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
+            raise BadRequest("each message needs a role: system, user or assistant")
+        role = "system" if message["role"] == "developer" else message["role"]
+        messages.append({"role": role, "content": _text_content(message.get("content"))})
+    if body.get("n", 1) != 1:
+        raise BadRequest("only n=1 is supported")
+    if body.get("tools") or body.get("functions"):
+        raise BadRequest("tools and function calling are not supported")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, 512, low=1, high=1_000_000)
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise BadRequest("'stop' must be a string or a list of up to 4 strings")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object")
+    request = ChatRequest(
+        messages=messages,
+        user_id=key.user_id,
+        model=model,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", float, 1.0, low=0, high=2),
+        top_p=_number(body, "top_p", float, 1.0, low=0, high=1),
+        seed=_number(body, "seed", int, None),
+        stop=tuple(stop),
+        priority=PRIORITY_INTERACTIVE,
+        source="api",
+        api_key_id=key.pk,
+    )
+    return request, stream, bool(options.get("include_usage"))
+
+
+# -------------------------------------------------------------------- views
+
+def _usage_json(final: FinalEvent) -> dict:
+    usage = final.usage
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": min(usage.cached_tokens, usage.prompt_tokens)},
+    }
+
+
+def _finish_reason(final: FinalEvent) -> str:
+    return "stop" if final.finish_reason == "abort" else final.finish_reason
+
+
+@csrf_exempt
+async def chat_completions(request):
+    if request.method != "POST":
+        return error_response(405, "Use POST.", error_type="invalid_request_error", code="method_not_allowed")
+    key, refused = await _authorize(request)
+    if refused:
+        return refused
+    if len(request.body) > MAX_BODY_BYTES:
+        return error_response(413, "The request body is too large.", error_type="invalid_request_error", code=None)
+    try:
+        body = json.loads(request.body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return error_response(400, "The body is not valid JSON.", error_type="invalid_request_error", code=None)
+    try:
+        chat, stream, include_usage = parse_chat_request(body, key)
+        events = services.stream_chat(chat)
+        first = await events.__anext__()
+    except GatewayError as exc:
+        return gateway_error_response(exc)
+    completion_id = f"chatcmpl-{chat.request_id}"
+    created = int(time.time())
+    limits = await registry.alimits(key.user_id)
+    if stream:
+        # Headers go out before the reply: they count this request's reservation.
+        headers = {"x-request-id": chat.request_id, **await quotas.headers_for(key.user_id, limits)}
+        response = StreamingHttpResponse(
+            _sse(events, first, completion_id, created, chat.model, include_usage),
+            content_type="text/event-stream",
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+    else:
+        parts, final = [], first
+        if isinstance(first, TokenEvent):
+            parts.append(first.text)
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    parts.append(event.text)
+                else:
+                    final = event
+        headers = {"x-request-id": chat.request_id, **await quotas.headers_for(key.user_id, limits)}
+        if final.finish_reason == "error":
+            return error_response(
+                502, f"The model failed while answering: {final.error}", error_type="server_error", code="backend_error",
+                headers=headers,
+            )
+        response = JsonResponse({
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": final.model,
+            "system_fingerprint": None,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                "logprobs": None,
+                "finish_reason": _finish_reason(final),
+            }],
+            "usage": _usage_json(final),
+        })
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+async def _sse(events, first, completion_id, created, model, include_usage):
+    def chunk(delta=None, finish_reason=None, usage_json=None, choices=True):
+        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "system_fingerprint": None,
+                   "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
+                   if choices else []}
+        if include_usage:
+            payload["usage"] = usage_json
+        return f"data: {json.dumps(payload)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    event = first
+    while True:
+        if isinstance(event, TokenEvent):
+            yield chunk({"content": event.text})
+        else:
+            model = event.model or model
+            if event.finish_reason == "error":
+                # OpenAI's own mid-stream failure shape: clients raise on it, so
+                # a cut-off reply never looks complete.
+                error = {"message": f"The model failed while answering: {event.error}", "type": "server_error",
+                         "param": None, "code": "backend_error"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+            else:
+                yield chunk(finish_reason=_finish_reason(event))
+                if include_usage:
+                    yield chunk(usage_json=_usage_json(event), choices=False)
+            yield "data: [DONE]\n\n"
+            return
+        event = await events.__anext__()
+
+
+@csrf_exempt
+async def models(request, model_id: str | None = None):
+    if request.method != "GET":
+        return error_response(405, "Use GET.", error_type="invalid_request_error", code="method_not_allowed")
+    key, refused = await _authorize(request)
+    if refused:
+        return refused
+    names = await services.aavailable_models(key.user_id)
+    if model_id is not None:
+        if model_id not in names:
+            return error_response(
+                404, f"The model '{model_id}' does not exist or you do not have access to it.",
+                error_type="invalid_request_error", code="model_not_found",
+            )
+        return JsonResponse(_model_json(model_id))
+    return JsonResponse({"object": "list", "data": [_model_json(name) for name in names]})
+
+
+def _model_json(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "chatapp"}
+
+
+@csrf_exempt
+def not_found(request, rest=""):
+    return error_response(
+        404, f"Unknown API route: {request.method} {request.path}", error_type="invalid_request_error", code="not_found"
+    )

@@ -1,0 +1,63 @@
+"""API keys: created on the settings page or by `manage.py create_api_key`.
+
+A key is shown once; only its SHA-256 is stored. `access_api_key` is the only
+permission-checked way to fetch a key: another user's key is a 404.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import timedelta
+
+from django.http import Http404
+from django.utils import timezone
+
+from gateway.models import ApiKey
+
+KEY_PREFIX = "sk-chat-"
+# last_used_at is a hint for the owner, not an audit log: write it at most once a minute.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def _hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def api_key_create(*, user, name: str) -> tuple[ApiKey, str]:
+    raw = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(user=user, name=(name or "").strip()[:100] or "key", prefix=raw[:12], key_hash=_hash(raw))
+    key.full_clean()
+    key.save()
+    return key, raw
+
+
+def access_api_key(*, user, key_id: int) -> ApiKey:
+    try:
+        return ApiKey.objects.get(pk=key_id, user=user)
+    except ApiKey.DoesNotExist:
+        raise Http404("No such API key") from None
+
+
+def api_key_revoke(*, user, key_id: int) -> ApiKey:
+    key = access_api_key(user=user, key_id=key_id)
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+    return key
+
+
+async def aauthenticate(raw: str) -> ApiKey | None:
+    """The live key (with its user) for a bearer token, or None."""
+    if not raw or not raw.startswith(KEY_PREFIX) or len(raw) > 200:
+        return None
+    key = await (
+        ApiKey.objects.select_related("user")
+        .filter(key_hash=_hash(raw), revoked_at__isnull=True, user__is_active=True)
+        .afirst()
+    )
+    if key is None:
+        return None
+    now = timezone.now()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=now)
+    return key

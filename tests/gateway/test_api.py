@@ -1,0 +1,165 @@
+"""The OpenAI-compatible API through Django's async test client (same process)."""
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.core.management import call_command
+from django.test import AsyncClient
+
+from gateway.keys import api_key_create
+from gateway.models import ApiKey, UsageRecord
+from tests.gateway.conftest import give_plan
+
+
+@pytest.fixture
+def alice_key(alice):
+    return api_key_create(user=alice, name="test")[1]
+
+
+def auth(key):
+    return {"headers": {"Authorization": f"Bearer {key}"}}
+
+
+async def post(key, body, client=None):
+    client = client or AsyncClient()
+    raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return await client.post("/v1/chat/completions", raw, content_type="application/json", **auth(key))
+
+
+def hello(**extra):
+    return {"model": "remote", "messages": [{"role": "user", "content": "hello there"}], **extra}
+
+
+async def test_it_answers_a_non_streamed_completion(remote, alice_key):
+    response = await post(alice_key, hello(max_tokens=20))
+    assert response.status_code == 200, response.content
+    data = response.json()
+    assert data["object"] == "chat.completion"
+    assert data["choices"][0]["message"] == {"role": "assistant", "content": "echo: hello there", "refusal": None}
+    assert data["choices"][0]["finish_reason"] == "stop"
+    assert data["usage"]["completion_tokens"] == 3
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + 3
+    assert response["x-ratelimit-limit-tokens"] and response["x-request-id"]
+    row = await UsageRecord.objects.aget(request_id=response["x-request-id"])
+    assert row.source == "api" and row.backend == "remote" and row.api_key_id is not None
+
+
+async def test_it_streams_sse_chunks_with_usage_and_done(remote, alice_key):
+    response = await post(alice_key, hello(stream=True, stream_options={"include_usage": True}))
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"
+    body = b"".join([chunk async for chunk in response.streaming_content]).decode()
+    events = [line[6:] for line in body.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "echo: hello there"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+async def test_a_missing_or_wrong_key_is_401(remote):
+    response = await AsyncClient().post("/v1/chat/completions", json.dumps(hello()), content_type="application/json")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    response = await post("sk-chat-not-a-real-key", hello())
+    assert response.status_code == 401
+
+
+async def test_a_revoked_key_is_401(remote, alice, alice_key):
+    await ApiKey.objects.filter(user=alice).aupdate(revoked_at="2026-01-01T00:00:00Z")
+    assert (await post(alice_key, hello())).status_code == 401
+
+
+async def test_an_unknown_model_is_404(remote, alice_key):
+    response = await post(alice_key, hello(model="gpt-17"))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("body", [
+    "{not json",
+    {"model": "remote"},
+    {"model": "remote", "messages": []},
+    {"model": "remote", "messages": [{"role": "wizard", "content": "x"}]},
+    {"model": "remote", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"},
+    {"model": "remote", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+    {"model": "remote", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+    {"messages": [{"role": "user", "content": "x"}]},
+])
+async def test_bad_requests_are_400_with_a_message(remote, alice_key, body):
+    response = await post(alice_key, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+async def test_an_exhausted_token_budget_is_429_with_retry_after_and_ratelimit_headers(remote, alice, alice_key):
+    await sync_to_async(give_plan)(alice, tokens_per_minute=100, requests_per_minute=0)
+    first = await post(alice_key, hello(max_tokens=60))
+    assert first.status_code == 200
+    used = first.json()["usage"]["total_tokens"]  # reserved ~66, refunded to what was used
+    assert first["x-ratelimit-remaining-tokens"] == str(100 - used)
+    response = await post(alice_key, hello(max_tokens=88))
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(response["Retry-After"]) <= 60
+    assert response["x-ratelimit-limit-tokens"] == "100"
+    assert response["x-ratelimit-remaining-tokens"] == str(100 - used)
+    assert response["x-ratelimit-reset-tokens"].endswith("s")
+
+
+async def test_a_spent_monthly_budget_is_insufficient_quota(remote, alice, alice_key):
+    await sync_to_async(give_plan)(alice, tokens_per_month=100, tokens_per_minute=0, tokens_per_day=0)
+    assert (await post(alice_key, hello(max_tokens=60))).status_code == 200
+    response = await post(alice_key, hello(max_tokens=90))
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "insufficient_quota"
+
+
+async def test_models_lists_what_the_plan_allows(remote, alice, alice_key):
+    response = await AsyncClient().get("/v1/models", **auth(alice_key))
+    ids = [m["id"] for m in response.json()["data"]]
+    assert "remote" in ids and "small" in ids
+    await sync_to_async(give_plan)(alice, allowed_models="remote")
+    response = await AsyncClient().get("/v1/models", **auth(alice_key))
+    assert [m["id"] for m in response.json()["data"]] == ["remote"]
+    assert (await AsyncClient().get("/v1/models/small", **auth(alice_key))).status_code == 404
+    assert (await post(alice_key, hello(model="small"))).status_code == 404
+    assert (await AsyncClient().get("/v1/models/remote", **auth(alice_key))).json()["id"] == "remote"
+
+
+async def test_unknown_api_routes_are_json_404(remote, alice_key):
+    response = await AsyncClient().get("/v1/embeddings", **auth(alice_key))
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+async def test_the_per_user_http_rate_limit_answers_429(remote, alice_key, settings):
+    settings.GATEWAY_API_RATE_PER_USER = "2/m"
+    client = AsyncClient()
+    assert (await client.get("/v1/models", **auth(alice_key))).status_code == 200
+    assert (await client.get("/v1/models", **auth(alice_key))).status_code == 200
+    response = await client.get("/v1/models", **auth(alice_key))
+    assert response.status_code == 429 and int(response["Retry-After"]) >= 1
+
+
+async def test_a_failure_after_the_first_token_is_an_error_not_a_truncation(transactional_db, fake_openai, settings,
+                                                                            alice_key):
+    from tests.gateway.conftest import add_remote
+
+    await sync_to_async(add_remote)(fake_openai, "flaky", remote_model="fake-break")
+    response = await post(alice_key, {**hello(), "model": "flaky"})
+    assert response.status_code == 502
+    response = await post(alice_key, {**hello(), "model": "flaky", "stream": True})
+    body = b"".join([c async for c in response.streaming_content]).decode()
+    assert '"error"' in body and body.rstrip().endswith("data: [DONE]")
+    assert '"finish_reason": "stop"' not in body
+
+
+def test_create_api_key_prints_a_working_key_once(db, alice, capsys):
+    call_command("create_api_key", "alice", "--name", "ops")
+    raw = capsys.readouterr().out.strip()
+    key = ApiKey.objects.get(user=alice)
+    assert raw.startswith("sk-chat-") and key.name == "ops"
+    assert raw not in key.key_hash and key.prefix == raw[:12]
