@@ -38,6 +38,16 @@ def conversation_list(*, user, archived: bool = False, query: str = ""):
     return qs
 
 
+def models_for(*, user=None) -> list[str]:
+    """The models this user may pick, as the gateway lists them."""
+    from gateway import services as gateway
+
+    lister = getattr(gateway, "available_models", None)
+    if lister is None:
+        return list(settings.MODEL_POOLS)
+    return lister(getattr(user, "id", None))
+
+
 def preferences_get(*, user) -> ChatPreferences:
     prefs = ChatPreferences.objects.filter(user=user).first()
     return prefs or ChatPreferences(user=user)

@@ -40,15 +40,17 @@ def check_message_text(text) -> str:
     return text
 
 
-def check_model(model: str) -> str:
+def check_model(model: str, *, user=None) -> str:
+    from conversations.selectors import models_for
+
     model = (model or "").strip()
-    if model and model not in settings.MODEL_POOLS:
+    if model and model not in models_for(user=user):
         raise ValidationError(f"Unknown model '{model}'.")
     return model
 
 
 def conversation_create(*, user, model: str = "", system_prompt: str = "") -> Conversation:
-    conversation = Conversation(user=user, model=check_model(model), system_prompt=system_prompt or "")
+    conversation = Conversation(user=user, model=check_model(model, user=user), system_prompt=system_prompt or "")
     conversation.full_clean(exclude=["current_leaf", "summary_through"])
     conversation.save()
     return conversation
@@ -67,7 +69,7 @@ def conversation_update(
         conversation.title_source = Conversation.TitleSource.USER
         fields += ["title", "title_source"]
     if model is not None:
-        conversation.model = check_model(model)
+        conversation.model = check_model(model, user=conversation.user)
         fields.append("model")
     if system_prompt is not None:
         if len(system_prompt) > settings.CHAT_MAX_MESSAGE_CHARS:

@@ -38,6 +38,7 @@ class _Outcome:
 
     def __init__(self):
         self.reason: str | None = None  # "stopped" | "interrupted"
+        self.ended = False  # the generation is over: the watcher must not decide any more
 
 
 def start_reply(reply_id) -> asyncio.Task:
@@ -65,18 +66,20 @@ async def _watch(reply_id, request_id: str, outcome: _Outcome, started_at: float
     try:
         last_reader = started_at
         poll_s = min(0.5, settings.STREAM_GRACE_S / 4)
-        while True:
+        while not outcome.ended:
             if await streams.stop_requested(reply_id):
                 outcome.reason = "stopped"
             elif await streams.live_subscribers(reply_id):
                 last_reader = time.monotonic()
             elif time.monotonic() - last_reader > settings.STREAM_GRACE_S:
                 outcome.reason = "interrupted"
+            if outcome.ended:
+                return
             if outcome.reason:
                 gateway.abort(request_id)
                 return
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
-            if message is not None and message.get("data") == b"stop":
+            if message is not None and message.get("data") == b"stop" and not outcome.ended:
                 outcome.reason = "stopped"
                 gateway.abort(request_id)
                 return
@@ -109,7 +112,7 @@ def _human_seconds(seconds: int) -> str:
 async def generate_reply(reply_id) -> str:
     """Generate, log, materialize, finish. Returns the final status."""
     from gateway import services as gateway
-    from gateway.types import FinalEvent, GatewayError
+    from gateway.types import Blocked, FinalEvent, GatewayError
 
     from conversations.context import build_request
 
@@ -137,6 +140,7 @@ async def generate_reply(reply_id) -> str:
     watcher = asyncio.create_task(_watch(reply_id, request.request_id, outcome, time.monotonic()))
     final = None
     error = ""
+    blocked = False
     last_flush = time.monotonic()
     flushed_seq = 0
     try:
@@ -152,12 +156,17 @@ async def generate_reply(reply_id) -> str:
                 last_flush = time.monotonic()
                 flushed_seq = seq
                 await sync_to_async(services.reply_materialize)(reply_id=reply_id, content="".join(parts), stream_seq=seq)
+    except Blocked as exc:
+        error, blocked = exc.message, True
     except GatewayError as exc:
         error = _readable_error(exc)
     except Exception:
         log.exception("generating %s", reply_id)
         error = _readable_error(None)
     finally:
+        # redis-py's pubsub may swallow a cancellation while it waits: the flag
+        # is what guarantees the watcher decides nothing after this point.
+        outcome.ended = True
         watcher.cancel()
         try:
             await watcher
@@ -165,7 +174,9 @@ async def generate_reply(reply_id) -> str:
             pass
     del flushed_seq
 
-    if error:
+    if blocked:
+        status = "blocked"
+    elif error:
         status = "error"
     elif outcome.reason:
         status = outcome.reason
@@ -175,6 +186,8 @@ async def generate_reply(reply_id) -> str:
         status, error = "error", final.error or "The model failed while writing this reply."
     elif final.finish_reason == "abort":
         status = "stopped"
+    elif final.finish_reason in ("blocked", "content_filter"):
+        status, error = "blocked", final.error or "The reply was stopped by the content policy."
     else:
         status = "complete"
     usage = final.usage if final else None
@@ -189,7 +202,7 @@ def _context_error(exc) -> str:
     from gateway.types import GatewayError
     from django.core.exceptions import ValidationError
 
-    if isinstance(exc, (GatewayError,)):
+    if isinstance(exc, GatewayError):
         return _readable_error(exc)
     if isinstance(exc, ValidationError):
         return " ".join(exc.messages)

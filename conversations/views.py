@@ -33,7 +33,7 @@ def _chat_context(request, conversation=None, error: str = "", draft: str = "") 
         "conversation": conversation,
         "branch": selectors.branch_with_siblings(conversation=conversation) if conversation else [],
         "sidebar": _sidebar_page(request.user),
-        "models": list(settings.MODEL_POOLS),
+        "models": selectors.models_for(user=request.user),
         "default_model": settings.DEFAULT_POOL,
         "max_chars": settings.CHAT_MAX_MESSAGE_CHARS,
         "error": error,

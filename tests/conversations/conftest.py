@@ -1,0 +1,158 @@
+"""Fixtures for the chat tests.
+
+`fake_gateway` replaces the gateway's functions (the edge of this app) with a
+scripted generator that honours abort like the engine does; the generation
+tests that need the real engine use the `chat_engine` fixture instead.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from channels.routing import URLRouter
+from channels.testing import ApplicationCommunicator
+
+from gateway.types import FinalEvent, ModelInfo, TokenEvent, Usage
+
+
+class FakeGateway:
+    def __init__(self):
+        self.script = ["Hello", ", ", "world", "!"]
+        self.delay_s = 0.0
+        self.error_before = None  # a GatewayError raised before the first token
+        self.fail_after = None  # finish_reason "error" after this many tokens
+        self.context_window = 2048
+        self.aborted: set[str] = set()
+        self.requests = []
+        self.completions: list[str] = []
+        self.started = asyncio.Event() if False else None
+
+    async def stream_chat(self, request):
+        self.requests.append(request)
+        if self.error_before is not None:
+            raise self.error_before
+        sent = 0
+        for piece in self.script:
+            await asyncio.sleep(self.delay_s)
+            if request.request_id in self.aborted:
+                yield FinalEvent("abort", Usage(prompt_tokens=7, completion_tokens=sent), "small")
+                return
+            if self.fail_after is not None and sent >= self.fail_after:
+                yield FinalEvent("error", Usage(prompt_tokens=7, completion_tokens=sent), "small", error="backend died")
+                return
+            sent += 1
+            yield TokenEvent(piece)
+        yield FinalEvent("stop", Usage(prompt_tokens=7, completion_tokens=sent), "small")
+
+    def abort(self, request_id):
+        self.aborted.add(request_id)
+
+    def model_info(self, model=None):
+        return ModelInfo(name=model or "small", context_window=self.context_window)
+
+    def count_prompt_tokens(self, messages, model=None):
+        # Words + a per-message template overhead: monotonic like the real count.
+        return sum(len(m["content"].split()) + 4 for m in messages) + 2
+
+    def available_models(self, user_id=None):
+        return ["small"]
+
+    def complete(self, request):
+        self.requests.append(request)
+        text = self.completions.pop(0) if self.completions else "A summary."
+        return text, FinalEvent("stop", Usage(prompt_tokens=5, completion_tokens=3), "small")
+
+
+@pytest.fixture
+def fake_gateway(monkeypatch, settings):
+    from gateway import services as gateway
+
+    fake = FakeGateway()
+    for name in ("stream_chat", "abort", "model_info", "count_prompt_tokens", "complete", "available_models"):
+        monkeypatch.setattr(gateway, name, getattr(fake, name))
+    settings.CELERY_TASK_ALWAYS_EAGER = True
+    return fake
+
+
+@pytest.fixture
+def fast_streams(settings):
+    settings.STREAM_HEARTBEAT_S = 0.2
+    settings.STREAM_GRACE_S = 1.0
+    settings.STREAM_MATERIALIZE_S = 0.05
+    return settings
+
+
+# ------------------------------------------------------------ SSE helpers
+
+def sse_app():
+    from conversations.routing import http_urlpatterns
+
+    return URLRouter(http_urlpatterns)
+
+
+def open_stream(reply_id, *, user, last_event_id=None, query: str = ""):
+    headers = [(b"host", b"testserver")]
+    if last_event_id is not None:
+        headers.append((b"last-event-id", str(last_event_id).encode()))
+    scope = {
+        "type": "http", "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": f"/c/reply/{reply_id}/stream", "raw_path": f"/c/reply/{reply_id}/stream".encode(),
+        "query_string": query.encode(), "root_path": "", "headers": headers, "user": user,
+        "client": ("127.0.0.1", 1234), "server": ("testserver", 80),
+    }
+    return ApplicationCommunicator(sse_app(), scope)
+
+
+def parse_sse(raw: bytes) -> list[dict]:
+    frames = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        frame = {"comments": []}
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                frame["comments"].append(line[1:].strip())
+            elif ":" in line:
+                k, v = line.split(":", 1)
+                frame[k] = v.strip()
+        if "data" in frame:
+            frame["data"] = json.loads(frame["data"])
+        frames.append(frame)
+    return frames
+
+
+async def read_stream(comm, *, timeout_s: float = 10.0, stop_after=None) -> tuple[dict, bytes]:
+    """Start the request and read until the response ends (or `stop_after(raw)`)."""
+    await comm.send_input({"type": "http.request", "body": b"", "more_body": False})
+    start = await comm.receive_output(timeout_s)
+    raw = b""
+    if start["type"] != "http.response.start":
+        raise AssertionError(start)
+    while True:
+        msg = await comm.receive_output(timeout_s)
+        raw += msg.get("body", b"")
+        if not msg.get("more_body"):
+            break
+        if stop_after is not None and stop_after(raw):
+            break
+    return start, raw
+
+
+def events_of(raw: bytes) -> list[dict]:
+    return [f for f in parse_sse(raw) if "event" in f]
+
+
+def text_of(raw: bytes) -> str:
+    return "".join(f["data"]["t"] for f in events_of(raw) if f["event"] == "token")
+
+
+@pytest.fixture(autouse=True)
+def _close_thread_connections():
+    """Async tests reach the database from asgiref's single sync thread; close
+    that thread's connection so the test database can be dropped."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()

@@ -1,0 +1,214 @@
+"""The turn task and the SSE consumer (Channels ApplicationCommunicator):
+ids, replay from Last-Event-ID, heartbeats, terminal events on done, stop,
+error, the grace period, and 404 for other users' streams."""
+import asyncio
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from conversations import services, streams, turns
+from conversations.models import Message
+from conversations.streams import StreamEvent
+from gateway.types import QuotaExceeded
+from tests.conversations.conftest import events_of, open_stream, read_stream, text_of
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@sync_to_async
+def new_reply(user, text="Hi"):
+    conversation = services.conversation_create(user=user)
+    return services.message_send(conversation=conversation, text=text)
+
+
+@sync_to_async
+def load(reply_id):
+    return Message.objects.get(id=reply_id)
+
+
+async def test_a_turn_streams_tokens_then_done_and_stores_the_reply(alice, fake_gateway, fast_streams):
+    reply = await new_reply(alice)
+    comm = open_stream(reply.id, user=alice)
+    turns.start_reply(reply.id)
+    start, raw = await read_stream(comm)
+    headers = dict(start["headers"])
+    assert headers[b"content-type"].startswith(b"text/event-stream")
+    assert headers[b"cache-control"] == b"no-cache" and headers[b"x-accel-buffering"] == b"no"
+    events = events_of(raw)
+    assert [e["event"] for e in events] == ["status", "token", "token", "token", "token", "done"]
+    assert [int(e["id"]) for e in events] == [1, 2, 3, 4, 5, 6]
+    assert text_of(raw) == "Hello, world!"
+    done = events[-1]["data"]
+    assert done["status"] == "complete" and "Hello, world!" in done["html"]
+    assert done["usage"]["completion_tokens"] == 4
+    stored = await load(reply.id)
+    assert (stored.status, stored.content, stored.completion_tokens, stored.stream_seq) == ("complete", "Hello, world!", 4, 6)
+
+
+async def test_replay_from_last_event_id_has_no_gap_and_no_duplicate(alice, fake_gateway, fast_streams):
+    fake_gateway.script = [f"w{i} " for i in range(30)]
+    fake_gateway.delay_s = 0.01
+    reply = await new_reply(alice)
+    turns.start_reply(reply.id)
+    first = open_stream(reply.id, user=alice)
+    # Read the first few tokens, then drop the connection mid-reply.
+    _, raw1 = await read_stream(first, stop_after=lambda raw: raw.count(b"event: token") >= 5)
+    await first.send_input({"type": "http.disconnect"})
+    got = events_of(raw1)
+    last_id = got[-1]["id"]
+    second = open_stream(reply.id, user=alice, last_event_id=last_id)
+    _, raw2 = await read_stream(second)
+    assert text_of(raw1) + text_of(raw2) == "".join(fake_gateway.script)
+    ids = [int(e["id"]) for e in got + events_of(raw2)]
+    assert ids == list(range(1, len(ids) + 1))
+    # The query-string fallback (a fresh page) behaves the same.
+    third = open_stream(reply.id, user=alice, query=f"last_event_id={last_id}")
+    _, raw3 = await read_stream(third)
+    assert text_of(raw3) == text_of(raw2)
+
+
+async def test_a_finished_reply_replays_its_log_or_its_stored_text(alice, fake_gateway, fast_streams):
+    reply = await new_reply(alice)
+    await turns.generate_reply(reply.id)
+    _, raw = await read_stream(open_stream(reply.id, user=alice))
+    assert text_of(raw) == "Hello, world!" and events_of(raw)[-1]["event"] == "done"
+    # The log expired: the stored text comes as the terminal event's HTML.
+    await streams.client().delete(streams.log_key(reply.id))
+    _, raw = await read_stream(open_stream(reply.id, user=alice))
+    (only,) = events_of(raw)
+    assert only["event"] == "done" and "Hello, world!" in only["data"]["html"]
+
+
+async def test_heartbeat_comments_while_waiting(alice, fake_gateway, fast_streams):
+    reply = await new_reply(alice)  # pending: no task yet, the stream waits
+    comm = open_stream(reply.id, user=alice)
+    _, raw = await read_stream(comm, stop_after=lambda raw: raw.count(b": heartbeat") >= 2)
+    assert raw.count(b": heartbeat") >= 2
+    # Each heartbeat marks the connection live for the grace-period watcher.
+    assert await streams.live_subscribers(reply.id) == 1
+    await comm.send_input({"type": "http.disconnect"})
+    await comm.wait(1)
+    assert await streams.live_subscribers(reply.id) == 0
+
+
+async def test_stop_aborts_the_generation_and_keeps_the_partial_text(alice, fake_gateway, fast_streams):
+    fake_gateway.script = [f"t{i} " for i in range(200)]
+    fake_gateway.delay_s = 0.02
+    reply = await new_reply(alice)
+    turns.start_reply(reply.id)
+    comm = open_stream(reply.id, user=alice)
+    _, raw = await read_stream(comm, stop_after=lambda raw: raw.count(b"event: token") >= 3)
+    status = await turns.stop_reply(reply.id)
+    assert status == "stopped"
+    assert fake_gateway.requests[-1].request_id in fake_gateway.aborted
+    stored = await load(reply.id)
+    assert stored.status == "stopped"
+    assert 3 <= stored.completion_tokens < 200 and stored.content.startswith("t0 t1 t2 ")
+    # The stream carries on to the terminal event, with exactly the stored text.
+    while b"event: done" not in raw:
+        raw += (await comm.receive_output(5)).get("body", b"")
+    assert text_of(raw) == stored.content
+    assert events_of(raw)[-1]["data"]["status"] == "stopped"
+
+
+async def test_stop_of_a_reply_whose_process_died_ends_it_from_the_database(alice, fake_gateway, fast_streams):
+    reply = await new_reply(alice)
+    await sync_to_async(services.reply_start)(reply_id=reply.id, request_id="gone")
+    await sync_to_async(services.reply_materialize)(reply_id=reply.id, content="half", stream_seq=3)
+    assert await turns.stop_reply(reply.id, wait_s=0.2) == "stopped"
+    stored = await load(reply.id)
+    assert (stored.status, stored.content) == ("stopped", "half")
+    _, raw = await read_stream(open_stream(reply.id, user=alice, last_event_id=3))
+    (done,) = events_of(raw)
+    assert done["event"] == "done" and done["data"]["status"] == "stopped"
+
+
+async def test_no_reader_for_the_grace_period_interrupts_the_reply(alice, fake_gateway, fast_streams):
+    fake_gateway.script = [f"t{i} " for i in range(500)]
+    fake_gateway.delay_s = 0.01
+    reply = await new_reply(alice)
+    status = await asyncio.wait_for(turns.generate_reply(reply.id), 10)
+    assert status == "interrupted"
+    assert fake_gateway.requests[-1].request_id in fake_gateway.aborted
+    stored = await load(reply.id)
+    assert stored.status == "interrupted" and 0 < stored.completion_tokens < 500
+
+
+async def test_a_reader_within_the_grace_period_keeps_it_going(alice, fake_gateway, fast_streams):
+    fake_gateway.script = [f"t{i} " for i in range(150)]
+    fake_gateway.delay_s = 0.01  # ~1.5 s: longer than the 1 s grace
+    reply = await new_reply(alice)
+    turns.start_reply(reply.id)
+    _, raw = await read_stream(open_stream(reply.id, user=alice))
+    assert events_of(raw)[-1]["data"]["status"] == "complete"
+    assert text_of(raw) == "".join(fake_gateway.script)
+
+
+async def test_gateway_refusal_before_the_first_token_is_a_readable_error(alice, fake_gateway, fast_streams):
+    fake_gateway.error_before = QuotaExceeded("You have used your tokens for this minute.", retry_after_s=42)
+    reply = await new_reply(alice)
+    turns.start_reply(reply.id)
+    _, raw = await read_stream(open_stream(reply.id, user=alice))
+    last = events_of(raw)[-1]
+    assert last["event"] == "error"
+    assert "Try again in 42 seconds" in last["data"]["error"]
+    stored = await load(reply.id)
+    assert stored.status == "error" and "42 seconds" in stored.error
+
+
+async def test_failure_after_tokens_keeps_the_partial_text_with_error(alice, fake_gateway, fast_streams):
+    fake_gateway.fail_after = 2
+    reply = await new_reply(alice)
+    assert await turns.generate_reply(reply.id) == "error"
+    stored = await load(reply.id)
+    assert (stored.status, stored.content, stored.error) == ("error", "Hello, ", "backend died")
+    _, raw = await read_stream(open_stream(reply.id, user=alice))
+    assert events_of(raw)[-1]["event"] == "error"
+
+
+async def test_an_exception_in_the_gateway_never_leaves_a_stream_open(alice, fake_gateway, fast_streams, monkeypatch):
+    async def broken(request):
+        yield __import__("gateway.types", fromlist=["TokenEvent"]).TokenEvent("x")
+        raise RuntimeError("boom")
+
+    from gateway import services as gateway
+
+    monkeypatch.setattr(gateway, "stream_chat", broken)
+    reply = await new_reply(alice)
+    assert await turns.generate_reply(reply.id) == "error"
+    stored = await load(reply.id)
+    assert stored.content == "x" and "failed" in stored.error
+
+
+async def test_partial_text_is_materialized_while_streaming(alice, fake_gateway, fast_streams):
+    fake_gateway.script = [f"t{i} " for i in range(60)]
+    fake_gateway.delay_s = 0.02
+    reply = await new_reply(alice)
+    turns.start_reply(reply.id)
+    comm = open_stream(reply.id, user=alice)
+    await read_stream(comm, stop_after=lambda raw: raw.count(b"event: token") >= 30)
+    mid = await load(reply.id)
+    assert mid.status == "streaming" and mid.content and mid.stream_seq > 1
+    # What the database holds is exactly the log up to stream_seq.
+    log = await streams.read_after(reply.id, 0)
+    assert "".join(e.data["t"] for e in log if e.event == "token" and e.seq <= mid.stream_seq) == mid.content
+    await turns.stop_reply(reply.id)
+
+
+async def test_other_users_get_404_for_a_stream(alice, bob, fake_gateway, fast_streams):
+    reply = await new_reply(alice)
+    comm = open_stream(reply.id, user=bob)
+    await comm.send_input({"type": "http.request", "body": b""})
+    start = await comm.receive_output(5)
+    assert start["status"] == 404
+    from django.contrib.auth.models import AnonymousUser
+
+    comm = open_stream(reply.id, user=AnonymousUser())
+    await comm.send_input({"type": "http.request", "body": b""})
+    assert (await comm.receive_output(5))["status"] == 404
+
+
+async def test_events_encode_newlines_safely():
+    ev = StreamEvent(seq=3, event="token", data={"t": "a\n\ndata: fake"})
+    frame = ev.encode().decode()
+    assert frame.count("\n\n") == 1 and frame.startswith("id: 3\nevent: token\n")
