@@ -94,6 +94,7 @@ class _Run:
         self.backend = ""
         self.route = ""
         self.prompt_tokens = 0
+        self.started_generating = False  # a backend accepted the request: its prompt is paid for
         self.completion_tokens = 0  # counted while streaming, for a reply cut short
         self.settled = False
 
@@ -101,12 +102,15 @@ class _Run:
         if self.ttft_ms is None:
             self.ttft_ms = int((time.monotonic() - self.started) * 1000)
 
-    async def settle(self, *, status: str, usage: Usage, cache_hit: str = "", error: str = "") -> None:
-        """Reconcile the quota and write the ledger row, once, whatever happened."""
+    async def settle(self, *, status: str, usage: Usage, cache_hit: str = "", error: str = "",
+                     charge: bool = True) -> None:
+        """Reconcile the quota and write the ledger row, once, whatever happened.
+
+        A cache hit, or a request no model started on, is charged nothing."""
         if self.settled:
             return
         self.settled = True
-        charged = 0 if cache_hit else usage.prompt_tokens + usage.completion_tokens
+        charged = 0 if cache_hit or not charge else usage.prompt_tokens + usage.completion_tokens
         if self.reservation is not None:
             await quotas.reconcile(self.reservation, charged_tokens=charged)
         try:
@@ -197,7 +201,8 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
         # used, keep the ledger row.
         status = "abort" if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) else "error"
         usage = Usage(prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens)
-        await run.settle(status=status, usage=usage, error=getattr(exc, "message", "") or str(exc))
+        await run.settle(status=status, usage=usage, error=getattr(exc, "message", "") or str(exc),
+                         charge=run.started_generating)
         raise
     finally:
         _inflight.pop(request.request_id, None)
@@ -242,6 +247,7 @@ async def _serve(request, run: _Run, specs, candidates, reason, prompt_ids, prom
             log.warning("backend %s refused %s: %s", name, request.request_id, exc)
             continue
         run.backend = name
+        run.started_generating = True
         break
     run.route = f"{reason}:" + " > ".join([*hops, run.backend or "none"])
     if opened is None:
