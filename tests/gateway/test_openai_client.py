@@ -97,3 +97,31 @@ def test_a_failure_mid_stream_raises_in_the_client(client, fake_openai):
     )
     with pytest.raises(openai.APIError):
         list(stream)
+
+
+def test_a_client_that_disconnects_mid_stream_stops_the_generation(client, live_url, fake_openai, alice):
+    import time
+
+    import httpx
+
+    from gateway import quotas
+    from gateway.models import UsageRecord
+
+    add_remote(fake_openai, "slow", remote_model="fake-slow")
+    body = {"model": "slow", "messages": [{"role": "user", "content": "count"}], "max_tokens": 150, "stream": True}
+    with httpx.stream("POST", f"{live_url}/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {client.api_key}"}) as response:
+        request_id = response.headers["x-request-id"]
+        for i, _ in enumerate(response.iter_lines()):
+            if i >= 6:
+                break
+    deadline = time.monotonic() + 10
+    row = None
+    while time.monotonic() < deadline and row is None:
+        row = UsageRecord.objects.filter(request_id=request_id).first()
+        time.sleep(0.1)
+    assert row is not None and row.status == "abort"
+    assert 1 <= row.completion_tokens < 150  # the rest was never generated nor charged
+    import asyncio
+
+    assert asyncio.run(quotas.current_usage(alice.pk))[1] == row.charged_tokens  # the reservation was settled

@@ -1,0 +1,170 @@
+"""Gateway benchmark: what the policy layer costs per request.
+
+    python -m gateway.bench [--requests 200] [--no-write]
+
+Runs on a fresh temporary DATA_DIR with the embedded Postgres and Redis. The
+backend is the loopback fake OpenAI-compatible server from the tests, so the
+gateway's own cost is the difference between a request through
+`stream_chat` and the same request sent straight to the backend.
+Goals (issue 5): overhead (quota + cache-miss path) p50 <= 5 ms; an exact-cache
+hit returns the whole reply in <= 50 ms; a semantic-cache hit in <= 100 ms.
+Prints a table and appends it to docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _timed(coro_factory, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        await coro_factory(i)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+async def _run(n: int) -> list[tuple[str, list[float], str]]:
+    from asgiref.sync import sync_to_async
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+
+    from gateway import backends, registry
+    from gateway.models import Backend, Plan, PlanAssignment
+    from gateway.services import stream_chat
+    from gateway.types import ChatRequest
+    from tests.gateway.fake_openai import FakeOpenAI
+
+    fake = FakeOpenAI().start()
+    await sync_to_async(Backend.objects.create)(name="bench", base_url=fake.base_url, remote_model="fake-ok")
+    user = await sync_to_async(get_user_model().objects.create_user)("bench", password="bench-pass-123")
+    # Limits too high to bite: the Lua reserve/reconcile still runs on every request.
+    plan = await sync_to_async(Plan.objects.create)(
+        name="bench", requests_per_minute=10**9, tokens_per_minute=10**9, tokens_per_day=10**9,
+        tokens_per_month=10**9,
+    )
+    await sync_to_async(PlanAssignment.objects.create)(user=user, plan=plan)
+    settings.DEFAULT_POOL = "bench"
+    registry.invalidate()
+    spec = (await registry.abackends())["bench"]
+
+    def ask(text, temperature=0.0):
+        return ChatRequest(messages=[{"role": "user", "content": text}], user_id=user.pk,
+                           temperature=temperature, max_tokens=32)
+
+    async def drain(request):
+        async for _ in stream_chat(request):
+            pass
+
+    async def direct(i):
+        signal = backends.AbortSignal()
+        async for _ in backends.remote_stream(spec, ask(f"question number {i} about the weather"), signal):
+            pass
+
+    rows = []
+    # Warm up the connection pool, the embedding model and the registry.
+    await drain(ask("warm up please"))
+    await direct(0)
+
+    rows.append(("backend alone (HTTP to loopback fake)", await _timed(direct, n), "baseline"))
+    settings.GATEWAY_SEMANTIC_CACHE = False
+    rows.append(("gateway, sampled (quota + ledger, no cache)",
+                 await _timed(lambda i: drain(ask(f"sampled question {i} about trains", 0.7)), n), "overhead"))
+    rows.append(("gateway, cache miss (quota + exact cache + ledger)",
+                 await _timed(lambda i: drain(ask(f"exact miss {i} about boats")), n), "overhead"))
+    settings.GATEWAY_SEMANTIC_CACHE = True
+    rows.append(("gateway, cache miss incl. semantic (embed + pgvector + store)",
+                 await _timed(lambda i: drain(ask(f"semantic miss {i} about the history of cities")), n), "overhead"))
+    await drain(ask("What is the tallest mountain in Europe?"))
+    rows.append(("exact-cache hit, whole reply",
+                 await _timed(lambda i: drain(ask("What is the tallest mountain in Europe?")), n), "<= 50 ms"))
+    paraphrases = ["What is the tallest mountain in Europe ?", "what is the tallest mountain in Europe?",
+                   "What's the tallest mountain in Europe?", "Which is the tallest mountain in Europe?"]
+    settings.GATEWAY_EXACT_CACHE = False  # every paraphrase must go through the semantic path
+    rows.append(("semantic-cache hit, whole reply",
+                 await _timed(lambda i: drain(ask(paraphrases[i % len(paraphrases)])), n), "<= 100 ms"))
+    settings.GATEWAY_EXACT_CACHE = True
+    fake.stop()
+    return rows
+
+
+def _table(rows, n: int) -> str:
+    baseline = statistics.median(rows[0][1])
+    lines = [
+        "| path | p50 ms | p90 ms | p99 ms | gateway overhead p50 ms | goal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, times, goal in rows:
+        p50 = statistics.median(times)
+        overhead = f"{p50 - baseline:.2f}" if goal == "overhead" else "—"
+        shown_goal = "<= 5 ms overhead" if goal == "overhead" else goal
+        lines.append(f"| {name} | {p50:.2f} | {_pct(times, 0.9):.2f} | {_pct(times, 0.99):.2f} | {overhead} | {shown_goal} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="requests per path")
+    parser.add_argument("--no-write", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+
+    os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="chatapp-bench-")
+    os.environ.setdefault("LOAD_MODELS", "0")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from chatapp import embedded
+
+    embedded.start_redis(settings.EMBEDDED_REDIS_DIR)
+    try:
+        call_command("migrate", interactive=False, verbosity=0)
+        rows = asyncio.run(_run(args.requests))
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        embedded.stop_postgres(Path(settings.DATABASES["default"]["EMBEDDED_PGDATA"]))
+        embedded.stop_redis(settings.EMBEDDED_REDIS_DIR)
+
+    table = _table(rows, args.requests)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    print(table)
+    if not args.no_write:
+        docs = ROOT / "docs" / "BENCHMARKS.md"
+        docs.parent.mkdir(exist_ok=True)
+        section = (
+            f"\n## Gateway (gateway.bench)\n\n"
+            f"`python -m gateway.bench --requests {args.requests}` on {machine}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Embedded Postgres and Redis; the backend is a "
+            f"loopback fake OpenAI-compatible server, so *overhead* is a gateway path's p50 minus the backend "
+            f"alone. Replies are 8 tokens, sequential requests.\n\n{table}\n"
+        )
+        with docs.open("a") as f:
+            f.write(section)
+        print(f"appended to {docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
