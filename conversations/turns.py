@@ -14,6 +14,7 @@ Stop or no reader for STREAM_GRACE_S aborts the engine sequence through
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 
@@ -44,7 +45,11 @@ class _Outcome:
 def start_reply(reply_id) -> asyncio.Task:
     """Schedule the generation of `reply_id` on the running event loop."""
     key = str(reply_id)
-    task = asyncio.get_running_loop().create_task(generate_reply(reply_id), name=f"reply-{key}")
+    # A fresh context: the task must not inherit the request's (asgiref binds
+    # sync_to_async calls to the request's executor, which ends with it).
+    task = asyncio.get_running_loop().create_task(
+        generate_reply(reply_id), name=f"reply-{key}", context=contextvars.Context()
+    )
     _running[key] = task
     task.add_done_callback(lambda t: _running.pop(key, None))
     return task

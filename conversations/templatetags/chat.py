@@ -28,3 +28,10 @@ def url_or(name: str, fallback: str) -> str:
         return reverse(name)
     except NoReverseMatch:
         return fallback
+
+
+@register.simple_tag
+def stream_url(message) -> str:
+    from conversations.routing import STREAM_PATH
+
+    return "/" + STREAM_PATH.format(reply_id=message.id)
