@@ -16,6 +16,7 @@ from django_ratelimit.core import get_usage
 
 from gateway import quotas, registry, services
 from gateway.keys import aauthenticate
+from gateway.redis_client import REDIS_ERRORS
 from gateway.types import PRIORITY_INTERACTIVE, BadRequest, ChatRequest, FinalEvent, GatewayError, TokenEvent
 
 MAX_BODY_BYTES = 4 * 2**20
@@ -43,7 +44,11 @@ def _client_ip(request) -> str:
 
 def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | None:
     """django-ratelimit's counters, answered in the API's own 429 shape."""
-    usage = get_usage(request, group=group, key=key, rate=rate, increment=True)
+    try:
+        usage = get_usage(request, group=group, key=key, rate=rate, increment=True)
+    except REDIS_ERRORS:
+        # Fail closed, like the token quotas that sit behind this limit.
+        return error_response(503, quotas.REDIS_DOWN, error_type="server_error", code="service_unavailable")
     if usage is None or not usage["should_limit"]:
         return None
     wait_s = max(1, int(usage["time_left"]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,6 +24,9 @@ from pgvector.django import CosineDistance
 from gateway.models import SemanticCacheEntry
 from gateway.redis_client import REDIS_ERRORS, async_client
 from gateway.types import ChatRequest
+
+
+PURGE_PROBABILITY = 0.01
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,9 @@ async def semantic_get(request: ChatRequest, model: str, question: str) -> tuple
 
 
 async def semantic_put(request, model, question, vector, *, text, finish_reason, prompt_tokens, completion_tokens):
+    if random.random() < PURGE_PROBABILITY:
+        # Expired entries are never read; sweep them now and then instead of a scheduled job.
+        await SemanticCacheEntry.objects.filter(expires_at__lte=timezone.now()).adelete()
     await SemanticCacheEntry.objects.acreate(
         scope=scope(request.user_id),
         key_hash=semantic_key(request, model),

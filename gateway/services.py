@@ -44,6 +44,10 @@ UNLIMITED = Limits(plan="internal", tier="pro", requests_per_minute=0, tokens_pe
 
 # request_id -> (backend spec, AbortSignal | None), for abort() from any thread.
 _inflight: dict[str, tuple[BackendSpec, backends.AbortSignal | None]] = {}
+# Stop can arrive before a backend has the request (during the quota or cache
+# step); remembered briefly so the backend is stopped as soon as it starts.
+_early_aborts: dict[str, float] = {}
+EARLY_ABORT_TTL_S = 120
 
 
 # ------------------------------------------------------------------ helpers
@@ -150,6 +154,8 @@ async def _open(spec: BackendSpec, request: ChatRequest, prompt_ids):
         stream = backends.remote_stream(spec, request, signal)
     try:
         first = await stream.__anext__()
+        if _early_aborts.pop(request.request_id, None) is not None:
+            _abort_backend(spec, request.request_id)
     except StopAsyncIteration:
         raise BackendFailure(f"backend '{spec.name}' ended without a reply") from None
     except BackendFailure:
@@ -184,7 +190,8 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
         except BackendFailure:
             pass  # the fallback chain will deal with it; reserve on the estimate
     reservation = None
-    if request.user_id is not None:
+    # Background work (titles, summaries) is the product's, not the user's: ledgered, never refused for quota.
+    if request.user_id is not None and request.source != "task":
         reservation = await quotas.reserve(
             user_id=request.user_id, limits=limits, tokens=prompt_tokens + request.max_tokens
         )
@@ -206,6 +213,7 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
         raise
     finally:
         _inflight.pop(request.request_id, None)
+        _early_aborts.pop(request.request_id, None)
 
 
 async def _serve(request, run: _Run, specs, candidates, reason, prompt_ids, prompt_tokens):
@@ -368,7 +376,16 @@ def abort(request_id: str) -> None:
     if entry is not None:
         _abort_backend(entry[0], request_id)
         return
-    from inference import pools
+    now = time.monotonic()
+    for stale in [rid for rid, at in _early_aborts.items() if now - at > EARLY_ABORT_TTL_S]:
+        _early_aborts.pop(stale, None)
+    _early_aborts[request_id] = now
+    if not settings.MODEL_POOLS:
+        return
+    try:
+        from inference import pools
+    except ImportError:
+        return
 
     for name in settings.MODEL_POOLS:
         if pools.loaded(name):

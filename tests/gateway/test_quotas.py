@@ -135,3 +135,37 @@ async def test_redis_unreachable_fails_closed_with_503(remote, alice, settings):
         await collect(ChatRequest(messages=[{"role": "user", "content": "hi"}], user_id=alice.pk))
     assert refused.value.status == 503
     assert "Redis" in refused.value.message
+
+
+async def test_a_stop_before_the_backend_starts_still_stops_it(transactional_db, fake_openai, settings, alice):
+    settings.DEFAULT_POOL = "slow"
+    await sync_to_async(add_remote)(fake_openai, "slow", remote_model="fake-slow")
+    request = ChatRequest(messages=[{"role": "user", "content": "count"}], user_id=alice.pk, max_tokens=150)
+    abort(request.request_id)  # e.g. Stop pressed while the quota was being reserved
+    text, final = await collect(request)
+    assert final.finish_reason == "abort" and final.usage.completion_tokens < 10
+
+
+async def test_background_tasks_are_ledgered_but_not_refused_for_quota(remote, alice):
+    await sync_to_async(give_plan)(alice, tokens_per_minute=1, requests_per_minute=1)
+    request = ChatRequest(messages=[{"role": "user", "content": "title this"}], user_id=alice.pk, source="task")
+    _, final = await collect(request)
+    assert final.finish_reason == "stop"
+    assert (await UsageRecord.objects.aget(request_id=request.request_id)).source == "task"
+
+
+async def test_the_api_fails_closed_when_redis_is_down(remote, alice, settings):
+    import json
+
+    from django.test import AsyncClient
+
+    from gateway.keys import api_key_create
+
+    _, raw = await sync_to_async(api_key_create)(user=alice, name="t")
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": "redis://127.0.0.1:1/0"}}
+    response = await AsyncClient().post(
+        "/v1/chat/completions", json.dumps({"model": "remote", "messages": [{"role": "user", "content": "hi"}]}),
+        content_type="application/json", headers={"Authorization": f"Bearer {raw}"},
+    )
+    assert response.status_code == 503 and "Redis" in response.json()["error"]["message"]
