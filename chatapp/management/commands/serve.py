@@ -126,19 +126,24 @@ class Command(BaseCommand):
 
         from chatapp.asgi import application
 
-        address = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-
         def ready():
-            self.stdout.write(self.style.SUCCESS(f"ready: {address}  (Ctrl-C to stop)"))
+            if not server.listening_addresses:
+                return  # listen_error already stopped the reactor; reported below
+            bound_host, bound_port = server.listening_addresses[0]
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            self.stdout.write(self.style.SUCCESS(f"ready: http://{shown}:{bound_port}  (Ctrl-C to stop)"))
             self.stdout.flush()
 
         # Twisted's own handlers turn SIGINT/SIGTERM into a reactor stop, after
-        # which run() returns and the finally block above shuts the rest down.
-        Server(
+        # which run() returns and the caller's finally block shuts the rest down.
+        server = Server(
             application=application,
             endpoints=build_endpoint_description_strings(host=host, port=port),
             signal_handlers=True,
             http_timeout=None,  # SSE replies are long-lived by design
             application_close_timeout=10,
             ready_callable=ready,
-        ).run()
+        )
+        server.run()
+        if not server.listening_addresses:
+            raise CommandError(f"could not listen on {host}:{port} (is the port already in use?)")
