@@ -1,3 +1,4 @@
+from django import forms
 from django.contrib import admin, messages
 from django.utils import timezone
 
@@ -17,8 +18,17 @@ class InvalidatesRegistry:
         registry.invalidate()
 
 
+class BackendForm(forms.ModelForm):
+    class Meta:
+        model = Backend
+        fields = "__all__"
+        # The key is needed in clear to call the backend, but need not sit on screen.
+        widgets = {"api_key": forms.PasswordInput(render_value=True)}
+
+
 @admin.register(Backend)
 class BackendAdmin(InvalidatesRegistry, admin.ModelAdmin):
+    form = BackendForm
     list_display = ("name", "kind", "pool", "base_url", "remote_model", "fallbacks", "enabled", "listed")
     list_filter = ("kind", "enabled")
     search_fields = ("name", "base_url", "remote_model")

@@ -1,11 +1,22 @@
 """Gateway data: backends, plans, the usage ledger, API keys, semantic cache."""
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from pgvector.django import HnswIndex, VectorField
 
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
+
+
+def validate_base_url(value: str) -> None:
+    """http(s) with a host. Not URLField: it rejects the dotless host names
+    (gpu-box, vllm) that backends usually have on a private network."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError("Enter an http:// or https:// URL with a host, e.g. http://gpu-box:8000/v1")
 
 
 class Backend(models.Model):
@@ -22,7 +33,9 @@ class Backend(models.Model):
     name = models.SlugField(max_length=64, unique=True, help_text="the model name users and the API ask for")
     kind = models.CharField(max_length=16, choices=KINDS, default=KIND_OPENAI)
     pool = models.CharField(max_length=64, blank=True, help_text="local: the engine pool name")
-    base_url = models.URLField(blank=True, help_text="remote: e.g. http://gpu-box:8000/v1")
+    base_url = models.CharField(
+        max_length=500, blank=True, validators=[validate_base_url], help_text="remote: e.g. http://gpu-box:8000/v1"
+    )
     remote_model = models.CharField(max_length=200, blank=True, help_text="remote: the model id it expects")
     api_key = models.CharField(max_length=500, blank=True, help_text="remote: bearer key, if it needs one")
     context_window = models.PositiveIntegerField(default=8192)
@@ -34,6 +47,12 @@ class Backend(models.Model):
 
     def __str__(self):
         return self.name
+
+    def clean(self):
+        if self.kind == self.KIND_OPENAI and not self.base_url:
+            raise ValidationError({"base_url": "A remote backend needs its base URL."})
+        if self.kind == self.KIND_LOCAL and (self.pool or self.name) not in settings.MODEL_POOLS:
+            raise ValidationError({"pool": f"No such engine pool; configured: {', '.join(settings.MODEL_POOLS)}"})
 
 
 class Plan(models.Model):
