@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from contextlib import aclosing
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
@@ -25,6 +26,10 @@ from conversations import services, streams
 from conversations.streams import StreamEvent
 
 log = logging.getLogger(__name__)
+
+# After Stop, how many more tokens to wait for the engine's own abort event
+# (which carries the usage) before closing the stream ourselves.
+LATE_TOKENS_BEFORE_CLOSE = 8
 
 # Strong references: the event loop keeps only weak ones to tasks.
 _running: dict[str, asyncio.Task] = {}
@@ -117,7 +122,7 @@ def _human_seconds(seconds: int) -> str:
 async def generate_reply(reply_id) -> str:
     """Generate, log, materialize, finish. Returns the final status."""
     from gateway import services as gateway
-    from gateway.types import Blocked, FinalEvent, GatewayError
+    from gateway.types import Blocked, FinalEvent, GatewayError, Usage
 
     from conversations.context import build_request
 
@@ -146,25 +151,42 @@ async def generate_reply(reply_id) -> str:
     final = None
     error = ""
     blocked = False
+    cancelled = False
     last_flush = time.monotonic()
-    flushed_seq = 0
+    late_tokens = 0  # tokens that arrived after Stop/interrupt was decided
     try:
-        async for event in gateway.stream_chat(request):
-            if isinstance(event, FinalEvent):
-                final = event
-                break
-            if not event.text:
-                continue
-            parts.append(event.text)
-            await emit("token", {"t": event.text})
-            if time.monotonic() - last_flush >= settings.STREAM_MATERIALIZE_S:
-                last_flush = time.monotonic()
-                flushed_seq = seq
-                await sync_to_async(services.reply_materialize)(reply_id=reply_id, content="".join(parts), stream_seq=seq)
+        async with aclosing(gateway.stream_chat(request)) as events:
+            async for event in events:
+                if isinstance(event, FinalEvent):
+                    final = event
+                    break
+                if outcome.reason:
+                    # Decided while the sequence was still being admitted (the
+                    # first abort found nothing to abort): abort again, keep
+                    # only what was shown, and give up on a stream that will
+                    # not end; closing it makes the gateway settle and abort.
+                    gateway.abort(request.request_id)
+                    late_tokens += 1
+                    if late_tokens > LATE_TOKENS_BEFORE_CLOSE:
+                        break
+                    continue
+                if not event.text:
+                    continue
+                parts.append(event.text)
+                await emit("token", {"t": event.text})
+                if time.monotonic() - last_flush >= settings.STREAM_MATERIALIZE_S:
+                    last_flush = time.monotonic()
+                    await sync_to_async(services.reply_materialize)(
+                        reply_id=reply_id, content="".join(parts), stream_seq=seq
+                    )
     except Blocked as exc:
         error, blocked = exc.message, True
     except GatewayError as exc:
         error = _readable_error(exc)
+    except asyncio.CancelledError:
+        # The server is shutting down: record what exists, then let it go.
+        cancelled = True
+        outcome.reason = outcome.reason or "interrupted"
     except Exception:
         log.exception("generating %s", reply_id)
         error = _readable_error(None)
@@ -177,7 +199,6 @@ async def generate_reply(reply_id) -> str:
             await watcher
         except (asyncio.CancelledError, Exception):
             pass
-    del flushed_seq
 
     if blocked:
         status = "blocked"
@@ -196,10 +217,15 @@ async def generate_reply(reply_id) -> str:
     else:
         status = "complete"
     usage = final.usage if final else None
+    if usage is None and parts:
+        # No final event (closed early): count what was delivered, for the record.
+        usage = Usage(prompt_tokens=0, completion_tokens=len(parts))
     await _finish(
         reply_id, emit, status, "".join(parts), seq_ref=lambda: seq, error=error,
         model=final.model if final else "", usage=usage, finish_reason=final.finish_reason if final else "",
     )
+    if cancelled:
+        raise asyncio.CancelledError
     return status
 
 

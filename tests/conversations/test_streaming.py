@@ -212,3 +212,26 @@ async def test_events_encode_newlines_safely():
     ev = StreamEvent(seq=3, event="token", data={"t": "a\n\ndata: fake"})
     frame = ev.encode().decode()
     assert frame.count("\n\n") == 1 and frame.startswith("id: 3\nevent: token\n")
+
+
+async def test_stop_before_generation_starts_ends_it_at_once(alice, fake_gateway, fast_streams):
+    fake_gateway.script = [f"t{i} " for i in range(300)]
+    fake_gateway.delay_s = 0.01
+    reply = await new_reply(alice)
+    await streams.request_stop(reply.id)
+    assert await asyncio.wait_for(turns.generate_reply(reply.id), 5) == "stopped"
+    stored = await load(reply.id)
+    assert stored.status == "stopped" and stored.completion_tokens < 20
+
+
+async def test_server_shutdown_marks_the_reply_interrupted(alice, fake_gateway, fast_streams):
+    fake_gateway.script = [f"t{i} " for i in range(300)]
+    fake_gateway.delay_s = 0.01
+    reply = await new_reply(alice)
+    task = turns.start_reply(reply.id)
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stored = await load(reply.id)
+    assert stored.status == "interrupted" and stored.content.startswith("t0 ")
