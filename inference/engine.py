@@ -1,0 +1,204 @@
+"""The engine: a step loop on its own thread, fed by thread-safe submit/abort.
+
+Callers on any thread submit requests and abort them; the engine thread drains
+that inbox at each step boundary, schedules, runs the model, samples, and
+pushes events to each request's handle.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+
+import torch
+
+from inference.block_manager import BlockManager
+from inference.config import EngineConfig, SamplingParams
+from inference.detokenizer import IncrementalDetokenizer
+from inference.handle import RequestHandle
+from inference.metrics import EngineMetrics
+from inference.model_runner import DTYPES, ModelRunner
+from inference.outputs import Completion, EngineSaturated, PromptTooLong
+from inference.sampler import Sampler
+from inference.scheduler import Scheduler
+from inference.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_KWARGS = ("gguf_file", "revision", "trust_remote_code", "local_files_only", "cache_dir", "token")
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.tokenizer = tokenizer
+        self.model_name = self.config.model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.runner = ModelRunner(model, self.config)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.net.embed.shape[0]
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.sampler = Sampler()
+        self.metrics = EngineMetrics()
+        self.eos_token_ids = self._eos_ids(model, tokenizer)
+        self.step_observer = None  # callable(batch, duration_s): the benchmark's hook
+        self._lock = threading.Lock()
+        self._inbox: deque = deque()
+        self._wakeup = threading.Event()
+        self._requests: dict[str, Sequence] = {}  # live requests by id
+        self._num_unscheduled = 0  # submitted, not yet admitted once: what saturation counts
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, config: EngineConfig | None = None, **load_kwargs) -> Engine:
+        """A local dir, a hub id, or a GGUF file in a dir (gguf_file="name.gguf")."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        config = config or EngineConfig()
+        tokenizer_kwargs = {k: v for k, v in load_kwargs.items() if k in _TOKENIZER_KWARGS}
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
+        load_kwargs.setdefault("dtype", DTYPES[config.dtype])
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
+        if config.model_name is None:
+            config.model_name = str(name_or_path).rstrip("/").split("/")[-1]
+        return cls(model, tokenizer, config)
+
+    @staticmethod
+    def _eos_ids(model, tokenizer) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    # ---------------------------------------------------------- tokenizer help
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: pass prompts as token ids")
+        return self.tokenizer
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        rendered = self._need_tokenizer().apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return self._need_tokenizer().encode(rendered, add_special_tokens=False)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._need_tokenizer().encode(text, add_special_tokens=False))
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self._need_tokenizer().encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; this model pool takes at most "
+                                f"{self.max_model_len - 1} prompt tokens (context {self.max_model_len})")
+        return ids
+
+    # -------------------------------------------------------------- public API
+    def submit(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
+               priority: int = 0, cache_salt: str | None = None, *, _bypass_limit: bool = False) -> RequestHandle:
+        """Queue a request; thread-safe and non-blocking. priority: lower runs first
+        (0 interactive, higher for background work). Raises EngineSaturated,
+        PromptTooLong or ValueError synchronously."""
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be an inference.SamplingParams")
+        ids = self._prompt_ids(prompt)
+        request_id = request_id or uuid.uuid4().hex
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        seq = Sequence(request_id, ids, params, priority=priority, cache_salt=cache_salt,
+                       arrival_time=time.monotonic())
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        seq.sink = RequestHandle(self, request_id, ids, loop)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine is shut down")
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if not _bypass_limit and self._num_unscheduled >= self.config.max_waiting:
+                raise EngineSaturated(f"{self._num_unscheduled} requests are already waiting")
+            self._num_unscheduled += 1
+            self._requests[request_id] = seq
+            self._inbox.append(("add", seq))
+        self._wakeup.set()
+        return seq.sink
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Blocking batch API: one Completion per prompt (token ids or text), in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        handles = [self.submit(p, sp, _bypass_limit=True) for p, sp in zip(prompts, sampling_params)]
+        return [h.result() for h in handles]
+
+    def abort(self, request_id: str) -> None:
+        """End a request at the next step boundary (no-op when unknown or done)."""
+        with self._lock:
+            if request_id not in self._requests:
+                return
+            self._inbox.append(("abort", request_id))
+        self._wakeup.set()
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "model": self.model_name,
+            "device": str(self.runner.device),
+            "dtype": self.config.dtype,
+            "running": len(self.scheduler.running),
+            "waiting": self._num_unscheduled + sum(1 for s in list(self.scheduler.waiting) if s.metrics.preemptions),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_blocks_cached": len(bm.cached),
+            "kv_block_size": bm.block_size,
+            "kv_cache_usage": round(bm.num_used_blocks / bm.num_blocks, 4),
+            "prefix_cache_hit_rate": round(bm.hit_rate, 4),
+            "prefix_cache_hit_tokens": bm.hit_tokens,
+            "prefix_cache_queried_tokens": bm.queried_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.config.max_num_seqs,
+            "max_num_batched_tokens": self.config.max_num_batched_tokens,
+            **self.metrics.snapshot(),
+        }
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the loop; requests still live end with finish_reason "abort"."""
+        with self._lock:
+            self._stopping = True
+        self._wakeup.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        from inference.engine_loop import run_loop
+
+        run_loop(self)

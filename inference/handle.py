@@ -1,0 +1,94 @@
+"""The caller's end of a request: a thread-safe event stream, async or sync."""
+from __future__ import annotations
+
+import asyncio
+import queue
+
+from inference.outputs import Completion, DeltaEvent, FinishEvent
+
+
+class RequestHandle:
+    """Events arrive from the engine thread through a thread-safe queue.
+    `async for event in handle` on the event loop that submitted it (or any
+    loop), `handle.iter_sync()` / `handle.result()` from plain threads."""
+
+    def __init__(self, engine, request_id: str, prompt_token_ids: list[int],
+                 loop: asyncio.AbstractEventLoop | None):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self._engine = engine
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop = loop
+        self._wake = asyncio.Event() if loop is not None else None
+        self._done = False
+
+    # ------------------------------------------------------ engine thread side
+    def _deliver(self, event: DeltaEvent | FinishEvent) -> None:
+        self._events.put(event)
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:
+                # The consumer's loop is gone: nobody will read the rest.
+                if not event.finished:
+                    self._engine.abort(self.request_id)
+
+    # ------------------------------------------------------------ async side
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> DeltaEvent | FinishEvent:
+        if self._done:
+            raise StopAsyncIteration
+        running = asyncio.get_running_loop()
+        if self._loop is not running:  # submitted from sync code or another loop
+            self._wake = asyncio.Event()
+            self._loop = running
+        while True:
+            try:
+                event = self._events.get_nowait()
+                break
+            except queue.Empty:
+                pass
+            self._wake.clear()
+            if not self._events.empty():
+                continue
+            await self._wake.wait()
+        if event.finished:
+            self._done = True
+        return event
+
+    async def aresult(self) -> Completion:
+        return self._collect([event async for event in self])
+
+    # ------------------------------------------------------------- sync side
+    def iter_sync(self, timeout_s: float | None = None):
+        """Yield events from a plain thread; raises queue.Empty after timeout_s of silence."""
+        while not self._done:
+            event = self._events.get(timeout=timeout_s)
+            if event.finished:
+                self._done = True
+            yield event
+
+    def result(self, timeout_s: float | None = None) -> Completion:
+        return self._collect(list(self.iter_sync(timeout_s)))
+
+    def abort(self) -> None:
+        self._engine.abort(self.request_id)
+
+    def _collect(self, events: list) -> Completion:
+        final = events[-1]
+        token_ids: list[int] = []
+        text = []
+        logprobs = []
+        for event in events[:-1]:
+            token_ids.extend(event.token_ids)
+            text.append(event.text)
+            if event.logprobs:
+                logprobs.extend(event.logprobs)
+        return Completion(
+            request_id=self.request_id, prompt_token_ids=self.prompt_token_ids, token_ids=token_ids,
+            text="".join(text), finish_reason=final.finish_reason, usage=final.usage,
+            metrics=final.metrics, logprobs=logprobs or None, error=final.error,
+            stop_reason=final.stop_reason)

@@ -1,0 +1,177 @@
+"""A paged forward for the Llama family (Llama, SmolLM2, Mistral, Qwen2).
+
+Hugging Face attention knows nothing of a block-paged cache, so the engine
+runs the HF module's own weights through this forward instead: embed, then per
+layer RMSNorm -> fused QKV -> rotary -> write K/V into cache slots -> attention
+over each sequence's block-gathered context -> o_proj, RMSNorm -> fused
+gate/up -> SiLU -> down; final norm and lm_head only at sampled positions.
+
+The batch is flattened: the T new tokens of all sequences are concatenated.
+Single-token queries (decodes) share one padded attention call per layer;
+prefill chunks take one call each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inference.outputs import UnsupportedModel
+
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+
+
+@dataclass
+class AttentionPlan:
+    """Per-step attention layout, shared by every layer. Decode rows come first
+    in the flattened batch: rows [0, num_decodes)."""
+
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
+    # One entry per prefill chunk: (first row, query length, context length,
+    # block ids covering the context [nb] and the causal mask [q, C]; both None
+    # when the chunk has no earlier context).
+    prefills: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as HF's LlamaRMSNorm (fp32 statistics) so outputs match it.
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, D]; cos/sin [T, 1, D] hold each frequency twice (HF's layout).
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class PagedLlama:
+    def __init__(self, model: torch.nn.Module, max_positions: int):
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(
+                f"model type {config.model_type!r} is not supported by the paged engine "
+                f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(f"activation {config.hidden_act!r} is not supported (only silu)")
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        inner = model.model
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.layers = [self._fuse(layer) for layer in inner.layers]
+        self.num_layers = len(self.layers)
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        # Rotary tables from the model's own rotary module, so every rope
+        # variant HF precomputes (default, linear, llama3, yarn...) is honoured.
+        rotary = inner.rotary_emb
+        if getattr(rotary, "rope_type", "default") == "dynamic":
+            raise UnsupportedModel("dynamic rope scaling is not supported")
+        positions = torch.arange(max_positions, device=self.device)[None]
+        with torch.no_grad():
+            cos, sin = rotary(self.embed[:1][None], positions)
+        self.cos = cos[0].to(self.dtype)  # [max_positions, D]
+        self.sin = sin[0].to(self.dtype)
+
+    @staticmethod
+    def _fuse(layer) -> dict:
+        """One matmul for Q, K and V and one for gate and up. The HF parameters
+        are re-pointed at slices of the fused tensors, so memory is not doubled
+        and the HF module keeps working on the same weights."""
+        attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "q_norm", None) is not None:
+            raise UnsupportedModel("attention with q/k norms (e.g. Qwen3) is not supported")
+
+        def fuse(linears):
+            fused = torch.cat([lin.weight.data for lin in linears], dim=0)
+            start = 0
+            for lin in linears:
+                rows = lin.weight.shape[0]
+                lin.weight.data = fused[start:start + rows]
+                start += rows
+            return fused
+
+        qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        qkv_bias = None
+        if attn.q_proj.bias is not None:
+            qkv_bias = torch.cat([attn.q_proj.bias.data, attn.k_proj.bias.data, attn.v_proj.bias.data])
+        return {
+            "input_norm": layer.input_layernorm.weight,
+            "qkv": qkv,
+            "qkv_bias": qkv_bias,
+            "o": attn.o_proj.weight,
+            "o_bias": attn.o_proj.bias,
+            "post_norm": layer.post_attention_layernorm.weight,
+            "gate_up": fuse([mlp.gate_proj, mlp.up_proj]),
+            "down": mlp.down_proj.weight,
+        }
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                plan: AttentionPlan, logit_rows: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions, slots [T]; logit_rows [N]; caches
+        [layers, num_blocks, block_size, kv_heads, D]. Returns logits [N, V] (fp32)."""
+        num_tokens = input_ids.shape[0]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        h = F.embedding(input_ids, self.embed)  # [T, hidden]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1)
+        for index, w in enumerate(self.layers):
+            x = _rms_norm(h, w["input_norm"], self.eps)
+            qkv = F.linear(x, w["qkv"], w["qkv_bias"])  # [T, (H + 2 KV) * D]
+            q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            q = _rotate(q.view(num_tokens, heads, dim), cos, sin)  # [T, H, D]
+            k = _rotate(k.view(num_tokens, kv_heads, dim), cos, sin)  # [T, KV, D]
+            v = v.view(num_tokens, kv_heads, dim)
+            layer_k = k_cache[index]  # [num_blocks, block_size, KV, D]
+            layer_v = v_cache[index]
+            layer_k.view(-1, kv_heads, dim).index_copy_(0, slots, k)
+            layer_v.view(-1, kv_heads, dim).index_copy_(0, slots, v)
+            o = self._attention(q, k, v, layer_k, layer_v, plan)  # [T, H * D]
+            h = h + F.linear(o, w["o"], w["o_bias"])
+            x = _rms_norm(h, w["post_norm"], self.eps)
+            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, w["down"])
+        h = _rms_norm(h[logit_rows], self.final_norm, self.eps)  # [N, hidden]
+        return F.linear(h, self.lm_head).float()  # [N, V]
+
+    def _attention(self, q, k, v, layer_k, layer_v, plan: AttentionPlan) -> torch.Tensor:
+        num_tokens, heads, dim = q.shape
+        kv_heads = self.num_kv_heads
+        out = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
+        b = plan.num_decodes
+        if b:
+            tables = plan.decode_block_tables  # [B, nb]
+            ctx = tables.shape[1] * layer_k.shape[1]
+            keys = layer_k[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)  # [B, KV, C, D]
+            values = layer_v[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)
+            queries = q[:b].unsqueeze(2)  # [B, H, 1, D]
+            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.decode_mask,
+                                               scale=self.scale, enable_gqa=True)  # [B, H, 1, D]
+            out[:b] = o.squeeze(2)
+        for start, q_len, ctx_len, blocks, mask in plan.prefills:
+            queries = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+            if blocks is None:  # no earlier context: this chunk's own K/V is everything
+                keys = k[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, KV, q, D]
+                values = v[start:start + q_len].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
+                                                   scale=self.scale, enable_gqa=True)
+            else:
+                keys = layer_k[blocks].view(-1, kv_heads, dim)[:ctx_len].transpose(0, 1).unsqueeze(0)
+                values = layer_v[blocks].view(-1, kv_heads, dim)[:ctx_len].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                   scale=self.scale, enable_gqa=True)
+            out[start:start + q_len] = o[0].transpose(0, 1)
+        return out.view(num_tokens, heads * dim)

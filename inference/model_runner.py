@@ -1,0 +1,115 @@
+"""The only module that touches the model: KV-cache tensors, batch layout, forward."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from inference.config import EngineConfig
+from inference.llama import AttentionPlan, PagedLlama
+from inference.scheduler import ScheduledBatch
+from inference.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig):
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.block_size = config.block_size
+        model.to(device=self.device, dtype=self.dtype)
+        model.eval()
+        self.model = model
+        hf_config = model.config
+        max_positions = getattr(hf_config, "max_position_embeddings", None) or 2048
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True):
+            # Without sliding-window attention, the model is exact only up to the window.
+            max_positions = min(max_positions, window)
+        if config.max_model_len:
+            max_positions = min(max_positions, config.max_model_len)
+        with torch.inference_mode():
+            self.net = PagedLlama(model, max_positions)
+        self.num_blocks = self._num_blocks(config)
+        shape = (self.net.num_layers, self.num_blocks, self.block_size, self.net.num_kv_heads, self.net.head_dim)
+        # [layers, num_blocks, block_size, kv_heads, D], allocated once for the engine's life.
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.max_model_len = min(max_positions, self.num_blocks * self.block_size)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        # FLOPs per token: every matmul weight once (embedding lookup is no matmul; a
+        # tied lm_head is counted as the matmul it is).
+        self.matmul_params = sum(w["qkv"].numel() + w["o"].numel() + w["gate_up"].numel() + w["down"].numel()
+                                 for w in self.net.layers) + self.net.lm_head.numel()
+
+    @property
+    def bytes_per_block(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.net.num_layers * self.block_size * self.net.num_kv_heads * self.net.head_dim * element
+
+    def _num_blocks(self, config: EngineConfig) -> int:
+        budget = config.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(self.device)
+                budget = int(free * config.gpu_memory_fraction)
+            else:
+                budget = EngineConfig.CPU_DEFAULT_KV_CACHE_BYTES
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block "
+                             f"({self.bytes_per_block} bytes)")
+        return num_blocks
+
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
+        """Run one step. Returns the sequences that sample a token now (their
+        chunk reached the last known token) and their logits [N, V] fp32."""
+        entries = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda e: e[1] > 1)
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows: list[int] = []
+        sampled: list[Sequence] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills = []
+        for seq, num_new in entries:
+            start = seq.num_computed_tokens
+            row = len(tokens)
+            table = seq.block_table
+            tokens.extend(seq.token_ids[start:start + num_new])
+            span = range(start, start + num_new)
+            positions.extend(span)
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            ctx_len = start + num_new
+            if num_new == 1:
+                decode_tables.append(table[:-(-ctx_len // bs)])
+                decode_lens.append(ctx_len)
+            elif start == 0:
+                prefills.append((row, num_new, ctx_len, None, None))
+            else:
+                blocks = torch.tensor(table[:-(-ctx_len // bs)], device=self.device)
+                key_pos = torch.arange(ctx_len, device=self.device)
+                query_pos = torch.arange(start, ctx_len, device=self.device)
+                mask = key_pos[None, :] <= query_pos[:, None]  # [q, C]: query i sees keys up to its position
+                prefills.append((row, num_new, ctx_len, blocks, mask))
+            if ctx_len == seq.num_tokens:
+                logit_rows.append(row + num_new - 1)
+                sampled.append(seq)
+        plan = AttentionPlan(len(decode_tables), None, None, prefills)
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in decode_tables]
+            plan.decode_block_tables = torch.tensor(padded, device=self.device)  # [B, nb]
+            lens = torch.tensor(decode_lens, device=self.device)
+            key_pos = torch.arange(width * bs, device=self.device)
+            plan.decode_mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, C]
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        with torch.inference_mode():
+            logits = self.net.forward(as_tensor(tokens), as_tensor(positions), as_tensor(slots), plan,
+                                      as_tensor(logit_rows), self.k_cache, self.v_cache)
+        return sampled, logits
