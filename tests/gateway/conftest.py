@@ -3,8 +3,8 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from gateway import backends, registry
-from gateway.models import Backend
 from tests.gateway.fake_openai import FakeOpenAI
+from tests.gateway.helpers import add_remote
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +33,6 @@ async def _close_async_connections():
     await sync_to_async(connections.close_all)()
 
 
-def add_remote(fake, name, remote_model="fake-ok", fallbacks="", **extra) -> Backend:
-    backend = Backend.objects.create(
-        name=name, kind=Backend.KIND_OPENAI, base_url=fake.base_url, remote_model=remote_model,
-        fallbacks=fallbacks, **extra,
-    )
-    registry.invalidate()
-    return backend
-
-
 @pytest.fixture
 def remote(transactional_db, fake_openai, settings):
     """A healthy remote backend named 'remote', the default model."""
@@ -50,24 +41,11 @@ def remote(transactional_db, fake_openai, settings):
     return fake_openai
 
 
-def give_plan(user, **limits):
-    from gateway.models import Plan, PlanAssignment
+@pytest.fixture
+def fresh_minute():
+    """Per-minute windows are aligned to the clock: a test that needs two
+    requests in one window waits out the last seconds of a minute."""
+    import time
 
-    plan = Plan.objects.create(name=f"plan-{user.pk}-{Plan.objects.count()}", **limits)
-    PlanAssignment.objects.update_or_create(user=user, defaults={"plan": plan})
-    registry.invalidate()
-    return plan
-
-
-async def collect(request):
-    """(text, final event) of one gateway call."""
-    from gateway.services import stream_chat
-    from gateway.types import TokenEvent
-
-    parts, final = [], None
-    async for event in stream_chat(request):
-        if isinstance(event, TokenEvent):
-            parts.append(event.text)
-        else:
-            final = event
-    return "".join(parts), final
+    if time.time() % 60 > 50:
+        time.sleep(60.2 - time.time() % 60)

@@ -53,6 +53,12 @@ class FakeOpenAI:
             def log_message(self, *args):
                 pass
 
+            def handle(self):
+                try:
+                    super().handle()
+                except OSError:
+                    pass  # the gateway hung up (Stop, a timeout): expected here
+
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
                     self._json(200, {"object": "list", "data": [{"id": "fake-ok", "object": "model"}]})

@@ -8,7 +8,7 @@ from django.test import AsyncClient
 
 from gateway.keys import api_key_create
 from gateway.models import ApiKey, UsageRecord
-from tests.gateway.conftest import give_plan
+from tests.gateway.helpers import give_plan
 
 
 @pytest.fixture
@@ -95,7 +95,8 @@ async def test_bad_requests_are_400_with_a_message(remote, alice_key, body):
     assert error["type"] == "invalid_request_error" and error["message"]
 
 
-async def test_an_exhausted_token_budget_is_429_with_retry_after_and_ratelimit_headers(remote, alice, alice_key):
+async def test_an_exhausted_token_budget_is_429_with_retry_after_and_ratelimit_headers(remote, alice, alice_key,
+                                                                                       fresh_minute):
     await sync_to_async(give_plan)(alice, tokens_per_minute=100, requests_per_minute=0)
     first = await post(alice_key, hello(max_tokens=60))
     assert first.status_code == 200
@@ -135,7 +136,7 @@ async def test_unknown_api_routes_are_json_404(remote, alice_key):
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
-async def test_the_per_user_http_rate_limit_answers_429(remote, alice_key, settings):
+async def test_the_per_user_http_rate_limit_answers_429(remote, alice_key, settings, fresh_minute):
     settings.GATEWAY_API_RATE_PER_USER = "2/m"
     client = AsyncClient()
     assert (await client.get("/v1/models", **auth(alice_key))).status_code == 200
@@ -146,7 +147,7 @@ async def test_the_per_user_http_rate_limit_answers_429(remote, alice_key, setti
 
 async def test_a_failure_after_the_first_token_is_an_error_not_a_truncation(transactional_db, fake_openai, settings,
                                                                             alice_key):
-    from tests.gateway.conftest import add_remote
+    from tests.gateway.helpers import add_remote
 
     await sync_to_async(add_remote)(fake_openai, "flaky", remote_model="fake-break")
     response = await post(alice_key, {**hello(), "model": "flaky"})

@@ -6,7 +6,7 @@ from gateway import quotas
 from gateway.models import SemanticCacheEntry, UsageRecord
 from gateway.services import abort, stream_chat
 from gateway.types import ChatRequest, TokenEvent
-from tests.gateway.conftest import add_remote, collect
+from tests.gateway.helpers import add_remote, collect
 
 
 def ask(user, text, *, system=None, temperature=0.0, model=None, history=()):
@@ -26,7 +26,7 @@ async def test_an_exact_repeat_is_served_from_the_cache_without_the_backend(remo
     assert [r.cache_hit for r in rows] == ["", "exact"]
     assert rows[1].charged_tokens == 0 and rows[1].status == "stop"
     # The hit reserved tokens too, and gave them all back.
-    assert (await quotas.current_usage(alice.pk))[1] == first.usage.total_tokens
+    assert (await quotas.current_usage(alice.pk))[2] == first.usage.total_tokens
 
 
 async def test_a_paraphrase_by_the_same_user_is_a_semantic_hit(remote, alice):

@@ -8,7 +8,7 @@ from gateway import quotas, registry, router
 from gateway.models import Backend, Plan, UsageRecord
 from gateway.registry import BackendSpec, Limits
 from gateway.types import ChatRequest, ModelNotFound, Overloaded, Unavailable
-from tests.gateway.conftest import add_remote, collect
+from tests.gateway.helpers import add_remote, collect
 
 
 def ask(user, model, text="hello", **extra):
@@ -51,7 +51,7 @@ async def test_all_backends_failing_is_503_and_refunds_the_reservation(remote, a
     await sync_to_async(add_remote)(remote, "broken", remote_model="fake-500")
     with pytest.raises(Unavailable):
         await collect(ask(alice, "broken"))
-    assert (await quotas.current_usage(alice.pk))[1] == 0
+    assert (await quotas.current_usage(alice.pk))[2] == 0
     row = await UsageRecord.objects.aget()
     assert row.status == "error" and row.charged_tokens == 0 and "HTTP 500" in row.error
 

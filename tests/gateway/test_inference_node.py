@@ -16,7 +16,7 @@ from asgiref.sync import sync_to_async
 
 from gateway.models import UsageRecord
 from gateway.types import ChatRequest
-from tests.gateway.conftest import add_remote, collect
+from tests.gateway.helpers import add_remote, collect
 from tests.gateway.live import ROOT, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

@@ -10,7 +10,7 @@ from gateway.models import UsageRecord
 from gateway.services import stream_chat
 from gateway.types import Blocked, ChatRequest, TokenEvent
 from safety.services import OutputWindow
-from tests.gateway.conftest import collect
+from tests.gateway.helpers import collect
 
 
 def ask(user, text):

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from gateway.keys import api_key_create
-from tests.gateway.conftest import add_remote, give_plan
+from tests.gateway.helpers import add_remote, give_plan
 from tests.gateway.live import start_daphne, stop
 
 
@@ -79,7 +79,7 @@ def test_bad_request_is_400(client):
         client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "hi"}], temperature=7)
 
 
-def test_quota_is_rate_limit_error_with_retry_after(client, alice):
+def test_quota_is_rate_limit_error_with_retry_after(client, alice, fresh_minute):
     give_plan(alice, tokens_per_minute=60, requests_per_minute=0)
     client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "hi"}], max_tokens=40)
     with pytest.raises(openai.RateLimitError) as error:
@@ -124,4 +124,4 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation(client, live_
     assert 1 <= row.completion_tokens < 150  # the rest was never generated nor charged
     import asyncio
 
-    assert asyncio.run(quotas.current_usage(alice.pk))[1] == row.charged_tokens  # the reservation was settled
+    assert asyncio.run(quotas.current_usage(alice.pk))[2] == row.charged_tokens  # the reservation was settled

@@ -54,7 +54,7 @@ def test_key_creation_needs_csrf(alice):
     assert not ApiKey.objects.exists()
 
 
-def test_the_pages_are_rate_limited(alice_client, settings):
+def test_the_pages_are_rate_limited(alice_client, settings, fresh_minute):
     settings.GATEWAY_PAGE_RATE = "2/m"
     assert alice_client.get(reverse("api_keys")).status_code == 200
     assert alice_client.get(reverse("api_keys")).status_code == 200

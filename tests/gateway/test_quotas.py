@@ -10,7 +10,7 @@ from gateway.models import UsageRecord
 from gateway.registry import Limits
 from gateway.services import abort, stream_chat
 from gateway.types import BadRequest, ChatRequest, FinalEvent, QuotaExceeded, RateLimited, TokenEvent, Unavailable
-from tests.gateway.conftest import add_remote, collect, give_plan
+from tests.gateway.helpers import add_remote, collect, give_plan
 
 LIMITS = Limits(plan="t", tier="standard", requests_per_minute=10, tokens_per_minute=100,
                 tokens_per_day=1000, tokens_per_month=0)
@@ -48,7 +48,7 @@ async def test_a_spent_daily_budget_is_insufficient_quota_until_midnight_utc():
     assert "1 h" in refused.value.message or "61 min" in refused.value.message
 
 
-async def test_requests_per_minute_are_counted():
+async def test_requests_per_minute_are_counted(fresh_minute):
     limits = Limits(plan="t", tier="standard", requests_per_minute=2, tokens_per_minute=0,
                     tokens_per_day=0, tokens_per_month=0)
     await quotas.reserve(user_id=903, limits=limits, tokens=1)
@@ -68,10 +68,10 @@ async def test_reconcile_refunds_what_was_not_used():
     reservation = await quotas.reserve(user_id=905, limits=LIMITS, tokens=90)
     await quotas.reconcile(reservation, charged_tokens=30)
     await quotas.reconcile(reservation, charged_tokens=30)  # settling twice changes nothing
-    assert (await quotas.current_usage(905))[1] == 30
+    assert (await quotas.current_usage(905))[2] == 30
 
 
-async def test_fifty_concurrent_requests_overshoot_by_at_most_one_max_tokens(remote, alice):
+async def test_fifty_concurrent_requests_overshoot_by_at_most_one_max_tokens(remote, alice, fresh_minute):
     await sync_to_async(give_plan)(alice, requests_per_minute=0, tokens_per_minute=1000,
                                    tokens_per_day=0, tokens_per_month=0)
     max_tokens = 100
@@ -113,7 +113,7 @@ async def test_stop_mid_reply_charges_only_what_was_generated(transactional_db, 
     assert 3 <= final.usage.completion_tokens < 20
     row = await UsageRecord.objects.aget(request_id=request.request_id)
     assert row.status == "abort" and row.reserved_tokens > row.charged_tokens == final.usage.total_tokens
-    assert (await quotas.current_usage(alice.pk))[1] == final.usage.total_tokens
+    assert (await quotas.current_usage(alice.pk))[2] == final.usage.total_tokens
 
 
 async def test_closing_the_stream_early_settles_the_quota_and_the_ledger(transactional_db, fake_openai, settings, alice):
@@ -126,7 +126,7 @@ async def test_closing_the_stream_early_settles_the_quota_and_the_ledger(transac
     await stream.aclose()
     row = await UsageRecord.objects.aget(request_id=request.request_id)
     assert row.status == "abort" and row.completion_tokens == 1
-    assert (await quotas.current_usage(alice.pk))[1] == row.charged_tokens < row.reserved_tokens
+    assert (await quotas.current_usage(alice.pk))[2] == row.charged_tokens < row.reserved_tokens
 
 
 async def test_redis_unreachable_fails_closed_with_503(remote, alice, settings):
