@@ -1,0 +1,153 @@
+"""Streams, cancellation, back-pressure and errors through submit/abort."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from inference import DeltaEvent, EngineSaturated, FinishEvent, PromptTooLong, SamplingParams
+
+from .conftest import make_prompts
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_aborting_10_of_40_streams_leaves_the_others_exact(make_engine):
+    prompts = make_prompts(40, seed=41, max_len=60)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    engine = make_engine(max_num_seqs=40)
+    expected = [c.token_ids for c in engine.generate(prompts, params)]
+    doomed = set(range(0, 40, 4))
+
+    async def stream(index):
+        handle = engine.submit(prompts[index], params, request_id=f"s{index}")
+        tokens, final = [], None
+        async for event in handle:
+            if event.finished:
+                final = event
+                break
+            tokens.extend(event.token_ids)
+            if index in doomed and len(tokens) == 3:
+                engine.abort(handle.request_id)
+        return tokens, final
+
+    results = await asyncio.gather(*(stream(i) for i in range(40)))
+    for index, (tokens, final) in enumerate(results):
+        if index in doomed:
+            assert final.finish_reason == "abort"
+            assert 3 <= len(tokens) < 30
+            assert final.usage.completion_tokens == len(tokens)
+        else:
+            assert final.finish_reason == "length"
+            assert tokens == expected[index]
+    await asyncio.sleep(0.05)  # the engine thread frees blocks right after the last event
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    assert not engine._requests
+
+
+def test_full_waiting_queue_raises_engine_saturated(make_engine):
+    engine = make_engine(max_num_seqs=1, max_waiting=3)
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    handles = []
+    with pytest.raises(EngineSaturated):
+        for index in range(10):
+            handles.append(engine.submit([5, 6, 7], params, request_id=f"q{index}"))
+    assert 3 <= len(handles) <= 4  # three waiting, plus one if the engine admitted it already
+    for handle in handles:
+        handle.abort()
+    for handle in handles:
+        assert handle.result(timeout_s=30).finish_reason == "abort"
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_prompt_longer_than_context_raises_prompt_too_long(make_engine):
+    engine = make_engine(kv_cache_bytes=4 * 12288)  # 4 blocks: a 64-token context
+    assert engine.max_model_len == 64
+    with pytest.raises(PromptTooLong):
+        engine.submit(list(range(3, 67)), SamplingParams(max_tokens=1))
+    completion = engine.generate([list(range(3, 60))], SamplingParams(max_tokens=50, temperature=0))[0]
+    assert completion.finish_reason == "length"
+    assert len(completion.token_ids) == 64 - 57  # stopped by the context, never hung
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_tokens": 0}, {"top_k": -1},
+    {"repetition_penalty": 0.0}, {"presence_penalty": 3.0}, {"logprobs": 50}, {"stop": [3]},
+])
+def test_bad_sampling_params_raise_value_error(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_bad_prompts_raise_value_error(make_engine):
+    engine = make_engine()
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        engine.submit([1, 10**6], SamplingParams())
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.submit("text needs a tokenizer", SamplingParams())
+
+
+def test_sync_callers_iterate_from_a_plain_thread(make_engine, prompts, expected, greedy):
+    engine = make_engine()
+    results = {}
+
+    def worker(index):
+        handle = engine.submit(prompts[index], greedy)
+        events = list(handle.iter_sync(timeout_s=30))
+        assert isinstance(events[-1], FinishEvent) and all(isinstance(e, DeltaEvent) for e in events[:-1])
+        results[index] = [t for e in events[:-1] for t in e.token_ids]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [results[i] for i in range(4)] == expected[:4]
+
+
+async def test_handle_submitted_from_sync_code_streams_async(make_engine, prompts, expected, greedy):
+    engine = make_engine()
+    handle = await asyncio.to_thread(engine.submit, prompts[0], greedy)  # no loop in that thread
+    completion = await handle.aresult()
+    assert completion.token_ids == expected[0]
+    assert completion.metrics.ttft_s is not None and completion.metrics.queue_time_s is not None
+
+
+def test_metrics_per_request_and_engine(make_engine, prompts, greedy):
+    engine = make_engine()
+    completion = engine.generate(prompts[:1], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    metrics = completion.metrics
+    assert len(metrics.inter_token_latencies_s) == 9
+    assert metrics.prefill_tokens == len(prompts[0]) and metrics.decode_tokens == 9
+    assert 0 <= metrics.queue_time_s <= metrics.ttft_s <= metrics.e2e_latency_s
+    stats = engine.stats()
+    for key in ("running", "waiting", "kv_blocks_used", "kv_blocks_free", "kv_blocks_total",
+                "prefix_cache_hit_rate", "preemptions", "steps_per_s", "model", "device", "dtype"):
+        assert key in stats
+    assert stats["steps"] >= 10 and stats["requests_finished"] == 1
+
+
+def test_duplicate_live_request_id_is_rejected(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    handle = engine.submit([4, 5, 6], params, request_id="same")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.submit([4, 5, 6], params, request_id="same")
+    engine.abort("same")
+    engine.abort("unknown-id")  # a no-op
+    assert handle.result(timeout_s=30).finish_reason == "abort"
+
+
+def test_shutdown_ends_live_requests_with_abort(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+    handles = [engine.submit([4, 5, 6 + i], params) for i in range(3)]
+    engine.shutdown()
+    assert all(h.result(timeout_s=30).finish_reason == "abort" for h in handles)
+    with pytest.raises(RuntimeError):
+        engine.submit([4, 5], params)
