@@ -33,9 +33,11 @@ def error_response(status: int, message: str, *, error_type: str, code: str | No
 
 def gateway_error_response(exc: GatewayError) -> JsonResponse:
     headers = dict(exc.headers)
+    message = exc.message
     if exc.retry_after_s is not None:
         headers.setdefault("Retry-After", str(exc.retry_after_s))
-    return error_response(exc.status, exc.message, error_type=exc.error_type, code=exc.code, headers=headers)
+        message = f"{message} Try again in {quotas.human_wait(exc.retry_after_s)}."
+    return error_response(exc.status, message, error_type=exc.error_type, code=exc.code, headers=headers)
 
 
 def _client_ip(request) -> str:

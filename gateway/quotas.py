@@ -142,12 +142,13 @@ async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | Non
     index = refused - 1
     wait_s = w.resets_s[index]
     headers["Retry-After"] = str(wait_s)
+    # The wait is in retry_after_s: the API and the chat page each word it their way.
     if index == 0:
-        message = f"Rate limit reached: {lim[0]} requests per minute. Try again in {wait_s} s."
+        message = f"Rate limit reached: {lim[0]} requests per minute."
     else:
         message = (
             f"Token limit reached: {lim[index]} {WINDOW_NAMES[index]} ({used[index]} used, this request "
-            f"needs up to {tokens}). Try again in {_human(wait_s)}."
+            f"needs up to {tokens})."
         )
     error_class = RateLimited if index <= 1 else QuotaExceeded
     raise error_class(message, headers=headers, retry_after_s=wait_s)
@@ -174,7 +175,7 @@ async def current_usage(user_id: int) -> tuple[int, int, int, int]:
     return tuple(int(v or 0) for v in values)
 
 
-def _human(seconds: int) -> str:
+def human_wait(seconds: int) -> str:
     if seconds < 120:
         return f"{seconds} s"
     if seconds < 7200:

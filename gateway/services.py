@@ -261,7 +261,7 @@ async def _serve(request, run: _Run, specs, candidates, reason, prompt_ids, prom
     if opened is None:
         if saturated:
             raise Overloaded(
-                "Every model that could answer is at capacity; try again in a few seconds.", retry_after_s=2,
+                "Every model that could answer is at capacity.", retry_after_s=2,
                 headers={"Retry-After": "2"},
             )
         raise Unavailable(f"No model could answer: {last_error or 'all circuits are open'}")
