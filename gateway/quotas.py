@@ -63,6 +63,15 @@ REDIS_DOWN = (
 )
 
 
+def _scripts(client):
+    """The Lua scripts, sent once per connection pool and then run by SHA."""
+    scripts = getattr(client, "_gateway_quota_scripts", None)
+    if scripts is None:
+        scripts = (client.register_script(RESERVE_LUA), client.register_script(RECONCILE_LUA))
+        client._gateway_quota_scripts = scripts
+    return scripts
+
+
 @dataclass(frozen=True)
 class Windows:
     keys: tuple[str, str, str, str]
@@ -131,8 +140,8 @@ async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | Non
             )
     w = windows(user_id, now)
     try:
-        client = async_client()
-        result = await client.eval(RESERVE_LUA, 4, *w.keys, *lim, tokens, *[r + 5 for r in w.resets_s])
+        reserve_script, _ = _scripts(async_client())
+        result = await reserve_script(keys=w.keys, args=[*lim, tokens, *[r + 5 for r in w.resets_s]])
     except REDIS_ERRORS:
         raise Unavailable(REDIS_DOWN) from None
     admitted, refused, *used = (int(x) for x in result)
@@ -163,7 +172,8 @@ async def reconcile(reservation: Reservation, *, charged_tokens: int) -> None:
     if refund == 0:
         return
     try:
-        await async_client().eval(RECONCILE_LUA, len(reservation.token_keys), *reservation.token_keys, refund)
+        _, reconcile_script = _scripts(async_client())
+        await reconcile_script(keys=reservation.token_keys, args=[refund])
     except REDIS_ERRORS:
         # The reservation then simply expires with its window: fail safe.
         pass
