@@ -8,6 +8,8 @@ backend and a broken one at the same time:
   fake-429     HTTP 429 (a saturated backend)
   fake-break   one token, then the connection drops
   fake-hang    headers, then silence
+  fake-stall   one token, then silence
+  fake-400     HTTP 400 (the backend rejects the request itself)
   fake-nousage like fake-ok, but no usage chunk (older servers)
 """
 from __future__ import annotations
@@ -74,6 +76,8 @@ class FakeOpenAI:
                     return self._json(500, {"error": {"message": "boom"}})
                 if model == "fake-429":
                     return self._json(429, {"error": {"message": "busy"}})
+                if model == "fake-400":
+                    return self._json(400, {"error": {"message": "context length exceeded"}})
                 words = self._reply_words(body)
                 prompt_tokens = sum(len(m["content"].split()) for m in body["messages"]) + 3
                 if not body.get("stream"):
@@ -96,6 +100,9 @@ class FakeOpenAI:
                 for i, word in enumerate(words):
                     piece = word if i == 0 else " " + word
                     self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                    if model == "fake-stall":
+                        time.sleep(30)
+                        return
                     if model == "fake-break":
                         self.wfile.flush()
                         self.connection.shutdown(2)

@@ -147,3 +147,22 @@ def test_the_fallback_chain_is_transitive_and_respects_the_plan():
     assert router.chain("large", SPECS, PRO) == ["large", "small", "remote"]
     limited = Limits(**{**PRO.__dict__, "allowed_models": frozenset({"large", "small"})})
     assert router.chain("large", SPECS, limited) == ["large", "small"]
+
+
+async def test_a_backend_silent_after_the_first_token_ends_with_an_error(remote, alice, settings):
+    settings.GATEWAY_IDLE_TIMEOUT_S = 0.3
+    await sync_to_async(add_remote)(remote, "stalls", remote_model="fake-stall", fallbacks="remote")
+    text, final = await collect(ask(alice, "stalls"))
+    assert text == "echo:" and final.finish_reason == "error" and "sent nothing for 0.3 s" in final.error
+    row = await UsageRecord.objects.aget()
+    assert row.status == "error" and row.completion_tokens == 1
+
+
+async def test_a_request_the_backend_rejects_is_a_bad_request_not_a_fallback(remote, alice):
+    from gateway.types import BadRequest
+
+    await sync_to_async(add_remote)(remote, "strict", remote_model="fake-400", fallbacks="remote")
+    calls = remote.count("fake-ok")
+    with pytest.raises(BadRequest) as refused:
+        await collect(ask(alice, "strict"))
+    assert "context length exceeded" in refused.value.message and remote.count("fake-ok") == calls
