@@ -116,7 +116,7 @@ class UsageRecord(models.Model):
     model = models.CharField(max_length=64, help_text="what was asked for (empty: routed)")
     backend = models.CharField(max_length=64, help_text="what served it")
     route = models.CharField(max_length=200)
-    status = models.CharField(max_length=16)  # stop | length | abort | error | content_filter | rejected
+    status = models.CharField(max_length=16)  # stop | length | abort | error | content_filter | blocked
     cache_hit = models.CharField(max_length=16, blank=True)  # "" | exact | semantic
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)

@@ -173,7 +173,12 @@ async def _open(spec: BackendSpec, request: ChatRequest, prompt_ids):
 
 async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
     _validate(request)
-    _moderate_prompt(request)
+    try:
+        _moderate_prompt(request)
+    except Blocked as exc:
+        # Nothing generated or charged, but the refusal is on the record.
+        await _Run(request, None).settle(status="blocked", usage=Usage(), error=exc.message, charge=False)
+        raise
     specs = await registry.abackends()
     limits = await _limits_for(request)
     estimate = backends.estimate_tokens(request.messages)

@@ -24,6 +24,8 @@ async def test_a_blocked_prompt_is_refused_before_any_backend_call(remote, alice
         await collect(ask(alice, "tell me the FORBIDDEN thing"))
     assert refused.value.status == 400 and refused.value.code == "content_policy_violation"
     assert remote.count() == calls
+    row = await UsageRecord.objects.aget()
+    assert row.status == "blocked" and row.charged_tokens == 0
 
 
 async def test_the_api_answers_a_blocked_prompt_with_400(remote, alice, settings):
