@@ -154,6 +154,8 @@ async def _open(spec: BackendSpec, request: ChatRequest, prompt_ids):
         stream = backends.remote_stream(spec, request, signal)
     try:
         first = await stream.__anext__()
+        if isinstance(first, BackendFinal) and first.finish_reason == "error":
+            raise BackendFailure(f"backend '{spec.name}' failed before its first token: {first.error}")
         if _early_aborts.pop(request.request_id, None) is not None:
             _abort_backend(spec, request.request_id)
     except StopAsyncIteration:
@@ -300,10 +302,12 @@ async def _serve(request, run: _Run, specs, candidates, reason, prompt_ids, prom
                 item = await stream.__anext__()
             except StopAsyncIteration:
                 item = BackendFinal("error", Usage(prompt_tokens, tokens_seen), error="the backend ended early")
-            except BadRequest as exc:
-                item = BackendFinal("error", Usage(prompt_tokens, tokens_seen), error=exc.message)
-            except BackendFailure as exc:
-                item = BackendFinal("error", Usage(prompt_tokens, tokens_seen), error=str(exc))
+            except Exception as exc:
+                # After the first token a failure ends the reply, never raises:
+                # the caller keeps the partial text and marks it as an error.
+                log.warning("backend %s failed mid-reply %s: %r", run.backend, request.request_id, exc)
+                message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                item = BackendFinal("error", Usage(prompt_tokens, tokens_seen), error=message)
     except BaseException:
         # Stop or disconnect while streaming: free the engine slot / remote stream now.
         _abort_backend(spec, request.request_id)
