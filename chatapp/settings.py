@@ -333,6 +333,9 @@ GATEWAY_SEMANTIC_THRESHOLD = env_float("GATEWAY_SEMANTIC_THRESHOLD", 0.95, min_v
 GATEWAY_SEMANTIC_MAX_CHARS = env_int("GATEWAY_SEMANTIC_MAX_CHARS", 2000, min_value=1)
 # Sampled replies (temperature > 0) differ on purpose; cache them only if asked.
 GATEWAY_CACHE_SAMPLED = env_bool("GATEWAY_CACHE_SAMPLED", False)
+# The engines' prefix (KV) cache: "deployment" shares prefixes such as system
+# prompts between users; "user" salts them per user (no cross-user timing).
+GATEWAY_PREFIX_CACHE_SCOPE = env_choice("GATEWAY_PREFIX_CACHE_SCOPE", "deployment", {"deployment", "user"})
 # django-ratelimit on the HTTP API, on top of the token quotas.
 GATEWAY_API_RATE_PER_USER = env_str("GATEWAY_API_RATE_PER_USER", "600/m")
 GATEWAY_API_RATE_PER_IP = env_str("GATEWAY_API_RATE_PER_IP", "1200/m")
