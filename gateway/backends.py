@@ -125,8 +125,15 @@ async def local_stream(spec: BackendSpec, request: ChatRequest, prompt_ids) -> A
 
     engine = await local_engine(spec)
     params = _sampling_params(request)
+    extra = {}
+    if settings.GATEWAY_PREFIX_CACHE_SCOPE == "user" and request.user_id is not None:
+        # A salted prefix is reused only by the same user: no one can time
+        # another user's cached prompt, at the cost of shared system prompts.
+        extra["cache_salt"] = f"user:{request.user_id}"
     try:
-        handle = engine.submit(prompt_ids, params, request_id=request.request_id, priority=request.priority)
+        handle = engine.submit(
+            prompt_ids, params, request_id=request.request_id, priority=request.priority, **extra
+        )
     except EngineSaturated as exc:
         raise BackendFailure(f"model pool '{spec.pool}' is at capacity ({exc})", saturated=True) from None
     except PromptTooLong as exc:

@@ -122,3 +122,19 @@ async def test_a_saturated_pool_degrades_to_the_small_pool_then_answers_429(loca
         for handle in (running, waiting):
             async for _ in handle:
                 pass
+
+
+async def test_a_per_user_prefix_cache_scope_salts_the_engine_cache(local_pools, alice, bob, settings):
+    settings.GATEWAY_PREFIX_CACHE_SCOPE = "user"
+    engine = local_pools["gw-small"]
+    system = {"role": "system", "content": "You are a helpful assistant. " * 20}
+
+    def request(user):
+        return ChatRequest(messages=[system, {"role": "user", "content": "hi"}], user_id=user.pk, model="gw-small",
+                           max_tokens=2, temperature=0.7)
+
+    _, first = await collect(request(alice))
+    _, again = await collect(request(alice))
+    _, other = await collect(request(bob))
+    assert again.usage.cached_tokens > 0  # the same user reuses the prefix
+    assert other.usage.cached_tokens == 0  # another user does not
