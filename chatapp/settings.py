@@ -344,6 +344,8 @@ GATEWAY_PAGE_RATE = env_str("GATEWAY_PAGE_RATE", "60/m")
 SAFETY_BLOCKED_TERMS = [t.lower() for t in env_list("SAFETY_BLOCKED_TERMS", "")]
 # Embeddings (retrieval/): a sentence-transformers model dir; empty = bundled all-MiniLM-L6-v2.
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
+# Torch threads of the embedding thread (its own, apart from the engines').
+EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1, min_value=1)
 
 # -------------------------------------------------------- conversations
 
