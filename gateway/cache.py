@@ -10,7 +10,6 @@ entries are never even compared (the leak other gateways shipped).
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import random
@@ -110,9 +109,9 @@ def semantic_key(request: ChatRequest, model: str) -> str:
 
 
 async def _embed(text: str) -> list[float]:
-    from retrieval.services import embed
+    from retrieval.services import aembed
 
-    return (await asyncio.to_thread(embed, [text]))[0]
+    return (await aembed([text]))[0]
 
 
 async def semantic_get(request: ChatRequest, model: str, question: str) -> tuple[CachedReply | None, list[float]]:
