@@ -20,6 +20,7 @@ from django.conf import settings
 from django.utils import timezone
 from pgvector.django import CosineDistance
 
+from gateway import db
 from gateway.models import SemanticCacheEntry
 from gateway.redis_client import REDIS_ERRORS, async_client
 from gateway.types import ChatRequest
@@ -117,15 +118,15 @@ async def _embed(text: str) -> list[float]:
 async def semantic_get(request: ChatRequest, model: str, question: str) -> tuple[CachedReply | None, list[float]]:
     vector = await _embed(question)
     max_distance = 1.0 - settings.GATEWAY_SEMANTIC_THRESHOLD
-    entry = await (
+    nearest = (
         SemanticCacheEntry.objects.filter(
             scope=scope(request.user_id), key_hash=semantic_key(request, model), expires_at__gt=timezone.now()
         )
         .annotate(distance=CosineDistance("embedding", vector))
         .filter(distance__lte=max_distance)
         .order_by("distance")
-        .afirst()
     )
+    entry = await db.run(nearest.first)
     if entry is None:
         return None, vector
     reply = CachedReply(
@@ -141,8 +142,9 @@ async def semantic_get(request: ChatRequest, model: str, question: str) -> tuple
 async def semantic_put(request, model, question, vector, *, text, finish_reason, prompt_tokens, completion_tokens):
     if random.random() < PURGE_PROBABILITY:
         # Expired entries are never read; sweep them now and then instead of a scheduled job.
-        await SemanticCacheEntry.objects.filter(expires_at__lte=timezone.now()).adelete()
-    await SemanticCacheEntry.objects.acreate(
+        await db.run(SemanticCacheEntry.objects.filter(expires_at__lte=timezone.now()).delete)
+    await db.run(
+        SemanticCacheEntry.objects.create,
         scope=scope(request.user_id),
         key_hash=semantic_key(request, model),
         prompt=question,

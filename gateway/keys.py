@@ -12,6 +12,7 @@ from datetime import timedelta
 from django.http import Http404
 from django.utils import timezone
 
+from gateway import db
 from gateway.models import ApiKey
 
 KEY_PREFIX = "sk-chat-"
@@ -50,14 +51,18 @@ async def aauthenticate(raw: str) -> ApiKey | None:
     """The live key (with its user) for a bearer token, or None."""
     if not raw or not raw.startswith(KEY_PREFIX) or len(raw) > 200:
         return None
-    key = await (
+    return await db.run(_authenticate, _hash(raw))
+
+
+def _authenticate(key_hash: str) -> ApiKey | None:
+    key = (
         ApiKey.objects.select_related("user")
-        .filter(key_hash=_hash(raw), revoked_at__isnull=True, user__is_active=True)
-        .afirst()
+        .filter(key_hash=key_hash, revoked_at__isnull=True, user__is_active=True)
+        .first()
     )
     if key is None:
         return None
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
-        await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=now)
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
     return key

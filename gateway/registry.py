@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from gateway import db
 from gateway.models import Backend, Plan, PlanAssignment
 
 LARGE = "large"  # the pool name the router sends hard prompts to, when it exists
@@ -117,9 +117,6 @@ def _load_limits(user_id: int) -> Limits:
 
 _lock = threading.Lock()
 _cache: dict[object, tuple[float, object]] = {}
-# DB reads must not run on an event loop's thread; one worker thread serves the
-# rare refreshes that a sync caller inside a loop triggers.
-_db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-registry")
 
 
 def _cached(key, loader):
@@ -132,28 +129,19 @@ def _cached(key, loader):
         in_loop = True
     except RuntimeError:
         in_loop = False
-    value = _db_thread.submit(_load_and_close, loader).result() if in_loop else loader()
+    # The ORM refuses to run on an event loop's thread: a sync caller there
+    # (model_info from async code) gets the gateway's DB thread.
+    value = db.run_sync(loader) if in_loop else loader()
     with _lock:
         _cache[key] = (now, value)
     return value
-
-
-def _load_and_close(loader):
-    # The worker thread outlives requests: close its connection so it holds
-    # no Postgres session between refreshes.
-    from django.db import connections
-
-    try:
-        return loader()
-    finally:
-        connections.close_all()
 
 
 async def _acached(key, loader):
     hit = _cache.get(key)
     if hit is not None and time.monotonic() - hit[0] < settings.GATEWAY_REGISTRY_TTL_S:
         return hit[1]
-    value = await asyncio.get_running_loop().run_in_executor(_db_thread, _load_and_close, loader)
+    value = await db.run(loader)
     with _lock:
         _cache[key] = (time.monotonic(), value)
     return value

@@ -18,7 +18,7 @@ from contextlib import aclosing
 from asgiref.sync import async_to_sync
 from django.conf import settings
 
-from gateway import backends, cache, quotas, registry, router
+from gateway import backends, cache, db, quotas, registry, router
 from gateway.backends import BackendFailure, BackendFinal
 from gateway.models import Backend, UsageRecord
 from gateway.registry import BackendSpec, Limits
@@ -118,7 +118,8 @@ class _Run:
         if self.reservation is not None:
             await quotas.reconcile(self.reservation, charged_tokens=charged)
         try:
-            await UsageRecord.objects.acreate(
+            await db.run(
+                UsageRecord.objects.create,
                 user_id=self.request.user_id,
                 api_key_id=self.request.api_key_id,
                 request_id=self.request.request_id,
@@ -233,7 +234,11 @@ async def _serve(request, run: _Run, specs, candidates, reason, prompt_ids, prom
         if hit is None and settings.GATEWAY_SEMANTIC_CACHE:
             question = cache.semantic_question(request)
             if question is not None:
-                hit, vector = await cache.semantic_get(request, candidates[0], question)
+                try:
+                    hit, vector = await cache.semantic_get(request, candidates[0], question)
+                except Exception:
+                    # A cache is an optimisation: when it fails, generate.
+                    log.exception("semantic cache lookup failed for %s", request.request_id)
         if hit is not None:
             async for event in _replay(request, run, hit, candidates[0]):
                 yield event

@@ -2,7 +2,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
 
-from gateway import backends, registry
+from gateway import backends, db, registry
 from tests.gateway.fake_openai import FakeOpenAI
 from tests.gateway.helpers import add_remote
 
@@ -31,6 +31,7 @@ async def _close_async_connections():
     # Async ORM calls run on asgiref's worker thread, whose connection would
     # otherwise stay open and block dropping the test database.
     await sync_to_async(connections.close_all)()
+    db.close_connections()
 
 
 @pytest.fixture

@@ -1,0 +1,60 @@
+"""The gateway's database work runs on its own small thread pool.
+
+Django's async ORM hops to asgiref's single shared thread, which also renders
+every sync view under ASGI: the ledger write of each reply would queue behind
+page loads and the other way round. These threads keep their connections
+open between jobs; a connection found dead is dropped and the job retried once.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from django.db import InterfaceError, OperationalError, connections
+
+WORKERS = 2
+_executor: ThreadPoolExecutor | None = None
+_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="gateway-db")
+        return _executor
+
+
+def _call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (OperationalError, InterfaceError):
+        # A connection that died while idle (database restart): reconnect once.
+        connections.close_all()
+        return fn(*args, **kwargs)
+
+
+async def run(fn, *args, **kwargs):
+    return await asyncio.get_running_loop().run_in_executor(_pool(), functools.partial(_call, fn, *args, **kwargs))
+
+
+def run_sync(fn, *args, **kwargs):
+    """From sync code that may be on an event loop's thread (where the ORM refuses to run)."""
+    return _pool().submit(_call, fn, *args, **kwargs).result()
+
+
+def close_connections() -> None:
+    """Close every pool thread's connection (tests, shutdown): one job per
+    thread, held at a barrier so that each thread runs exactly one."""
+    if _executor is None:
+        return
+    barrier = threading.Barrier(WORKERS)
+
+    def close():
+        connections.close_all()
+        barrier.wait(timeout=10)
+
+    for future in [_executor.submit(close) for _ in range(WORKERS)]:
+        future.result()
