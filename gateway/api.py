@@ -10,6 +10,7 @@ import json
 import time
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django_ratelimit.core import get_usage
@@ -18,9 +19,6 @@ from gateway import quotas, registry, services
 from gateway.keys import aauthenticate
 from gateway.redis_client import REDIS_ERRORS
 from gateway.types import PRIORITY_INTERACTIVE, BadRequest, ChatRequest, FinalEvent, GatewayError, TokenEvent
-
-MAX_BODY_BYTES = 4 * 2**20
-
 
 def error_response(status: int, message: str, *, error_type: str, code: str | None, headers=None) -> JsonResponse:
     response = JsonResponse(
@@ -123,7 +121,7 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
             raise BadRequest("each message needs a role: system, user or assistant")
         role = "system" if message["role"] == "developer" else message["role"]
         messages.append({"role": role, "content": _text_content(message.get("content"))})
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise BadRequest("only n=1 is supported")
     if body.get("tools") or body.get("functions"):
         raise BadRequest("tools and function calling are not supported")
@@ -134,7 +132,7 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise BadRequest("'stop' must be a string or a list of up to 4 strings")
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean")
     options = body.get("stream_options") or {}
@@ -179,10 +177,15 @@ async def chat_completions(request):
     key, refused = await _authorize(request)
     if refused:
         return refused
-    if len(request.body) > MAX_BODY_BYTES:
-        return error_response(413, "The request body is too large.", error_type="invalid_request_error", code=None)
     try:
-        body = json.loads(request.body or b"null")
+        raw = request.body
+    except RequestDataTooBig:
+        return error_response(
+            413, "The request body is larger than DATA_UPLOAD_MAX_MEMORY_SIZE allows.",
+            error_type="invalid_request_error", code=None,
+        )
+    try:
+        body = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError):
         return error_response(400, "The body is not valid JSON.", error_type="invalid_request_error", code=None)
     try:

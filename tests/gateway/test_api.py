@@ -165,3 +165,15 @@ def test_create_api_key_prints_a_working_key_once(db, alice, capsys):
     key = ApiKey.objects.get(user=alice)
     assert raw.startswith("sk-chat-") and key.name == "ops"
     assert raw not in key.key_hash and key.prefix == raw[:12]
+
+
+async def test_an_oversized_body_is_413_in_the_api_shape(remote, alice_key, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    response = await post(alice_key, hello(messages=[{"role": "user", "content": "x" * 5000}]))
+    assert response.status_code == 413 and response.json()["error"]["message"]
+
+
+async def test_nulls_for_optional_fields_are_accepted(remote, alice_key):
+    body = hello(n=None, stream=None, stop=None, temperature=None, max_tokens=None, stream_options=None, seed=None)
+    response = await post(alice_key, body)
+    assert response.status_code == 200, response.content
