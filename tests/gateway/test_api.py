@@ -177,3 +177,13 @@ async def test_nulls_for_optional_fields_are_accepted(remote, alice_key):
     body = hello(n=None, stream=None, stop=None, temperature=None, max_tokens=None, stream_options=None, seed=None)
     response = await post(alice_key, body)
     assert response.status_code == 200, response.content
+
+
+def test_complete_works_from_sync_code_like_a_celery_task(remote, alice):
+    from gateway.services import complete
+    from gateway.types import PRIORITY_BACKGROUND, ChatRequest
+
+    text, final = complete(ChatRequest(messages=[{"role": "user", "content": "a title please"}], user_id=alice.pk,
+                                       temperature=0, priority=PRIORITY_BACKGROUND, source="task"))
+    assert text == "echo: a title please" and final.finish_reason == "stop"
+    assert UsageRecord.objects.get(request_id__isnull=False).source == "task"
