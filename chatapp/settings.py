@@ -362,3 +362,9 @@ CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16000, min_value=1)
 CHAT_REPLY_MAX_TOKENS = env_int("CHAT_REPLY_MAX_TOKENS", 512, min_value=1)
 CHAT_TEMPERATURE = env_float("CHAT_TEMPERATURE", 0.7, min_value=0.0)
 CHAT_PAGE_SIZE = env_int("CHAT_PAGE_SIZE", 30, min_value=1)
+# Threads for the database writes of generating replies (apart from the one
+# thread that serves Django's sync views under ASGI).
+CHAT_DB_THREADS = env_int("CHAT_DB_THREADS", 4, min_value=1)
+# Redis connections per web process for stream commands (waiting streams use
+# none: they share one pub/sub connection).
+STREAM_REDIS_CONNECTIONS = env_int("STREAM_REDIS_CONNECTIONS", 50, min_value=2)

@@ -97,7 +97,11 @@ class ReplyStreamConsumer(AsyncConsumer):
         # Tell the browser how long to wait before reconnecting; first bytes
         # also make proxies commit to streaming.
         await self._send(b"retry: 1000\n\n")
+        fanout = streams.fanout()
+        channel = streams.notify_channel(reply_id)
+        wake = None
         try:
+            wake = await fanout.watch(channel)
             await streams.subscriber_touch(reply_id, self.connection_id)
             if not await streams.log_exists(reply_id) and self.reply.is_terminal:
                 await self._send_stored(self.reply, after)
@@ -105,19 +109,30 @@ class ReplyStreamConsumer(AsyncConsumer):
             heartbeat_s = settings.STREAM_HEARTBEAT_S
             last_beat = time.monotonic()
             while True:
-                events = await streams.wait_after(reply_id, after, timeout_s=heartbeat_s)
+                # Clear before reading: a poke that lands after the read
+                # leaves the event set, so the wait below returns at once.
+                wake.clear()
+                events = await streams.read_after(reply_id, after)
                 for ev in events:
                     await self._send(ev.encode())
                     after = ev.seq
                     if ev.terminal:
                         await self._send(b"", more=False)
                         return
-                if time.monotonic() - last_beat >= heartbeat_s:
-                    last_beat = time.monotonic()
-                    await self._send(b": heartbeat\n\n")
-                    await streams.subscriber_touch(reply_id, self.connection_id)
-                    if not events and await self._ended_without_log(after):
-                        return
+                if events:
+                    continue
+                remaining = heartbeat_s - (time.monotonic() - last_beat)
+                if remaining > 0:
+                    try:
+                        await asyncio.wait_for(wake.wait(), remaining)
+                        continue
+                    except asyncio.TimeoutError:
+                        pass
+                last_beat = time.monotonic()
+                await self._send(b": heartbeat\n\n")
+                await streams.subscriber_touch(reply_id, self.connection_id)
+                if await self._ended_without_log(after):
+                    return
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -126,6 +141,8 @@ class ReplyStreamConsumer(AsyncConsumer):
             await self._send(ev.encode(), more=False)
         finally:
             try:
+                if wake is not None:
+                    await fanout.unwatch(channel, wake)
                 await streams.subscriber_leave(reply_id, self.connection_id)
             except Exception:
                 pass

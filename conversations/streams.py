@@ -7,18 +7,29 @@ plain XRANGE/XREAD from `<seq>-0`. The generating task is the only writer
 
 - `…:subs`  a sorted set of live SSE connections scored by their last
   heartbeat, so a crashed web process stops counting after a while;
+- `…:new`   a pub/sub channel poked after each append, so a stream that is
+  waiting re-reads the log at once;
 - `…:ctl`   a pub/sub channel on which Stop reaches the generating task
   wherever it runs; `…:stop` records the request for a task that has not
   subscribed yet.
+
+Waiting costs no Redis connection per stream: each process has one pub/sub
+connection (the Fanout) that wakes its local waiters, and commands share a
+bounded pool, so 500 idle streams hold 500 sockets to browsers and one to
+Redis.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from django.conf import settings
+
+log = logging.getLogger(__name__)
 
 TERMINAL_EVENTS = frozenset({"done", "error"})
 
@@ -27,12 +38,16 @@ _clients: dict = {}  # event loop -> client
 
 def client() -> aioredis.Redis:
     """One connection pool per event loop (a pool cannot cross loops)."""
-    import asyncio
-
     loop = asyncio.get_running_loop()
     conn = _clients.get(loop)
     if conn is None:
-        conn = aioredis.from_url(settings.REDIS_URL)
+        # A blocking pool: a burst of streams queues for a connection
+        # instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL, max_connections=settings.STREAM_REDIS_CONNECTIONS, timeout=30,
+            socket_connect_timeout=5, socket_timeout=30,
+        )
+        conn = aioredis.Redis(connection_pool=pool)
         # Keyed by the loop object itself (not its id, which a new loop may reuse);
         # closed loops are dropped so tests do not accumulate them.
         for old in [lp for lp in _clients if lp.is_closed()]:
@@ -51,6 +66,10 @@ def log_key(reply_id) -> str:
 
 def subs_key(reply_id) -> str:
     return _key(reply_id, "subs")
+
+
+def notify_channel(reply_id) -> str:
+    return _key(reply_id, "new")
 
 
 def control_channel(reply_id) -> str:
@@ -87,6 +106,7 @@ async def append(reply_id, event: StreamEvent) -> None:
     async with conn.pipeline(transaction=False) as pipe:
         pipe.xadd(log_key(reply_id), {"e": event.event, "d": json.dumps(event.data)}, id=f"{event.seq}-0")
         pipe.expire(log_key(reply_id), settings.STREAM_LOG_TTL_S)
+        pipe.publish(notify_channel(reply_id), event.seq)
         await pipe.execute()
 
 
@@ -99,19 +119,90 @@ async def last_seq(reply_id) -> int:
     return int(entries[0][0].split(b"-", 1)[0]) if entries else 0
 
 
-async def read_after(reply_id, after_seq: int) -> list[StreamEvent]:
-    entries = await client().xrange(log_key(reply_id), min=f"({after_seq}-0" if after_seq else "-")
+async def read_after(reply_id, after_seq: int, count: int = 1000) -> list[StreamEvent]:
+    entries = await client().xrange(log_key(reply_id), min=f"({after_seq}-0" if after_seq else "-", count=count)
     return [_decode(entry_id, fields) for entry_id, fields in entries]
 
 
-async def wait_after(reply_id, after_seq: int, timeout_s: float) -> list[StreamEvent]:
-    """Events after `after_seq`, blocking up to timeout_s for the first one."""
-    result = await client().xread(
-        {log_key(reply_id): f"{after_seq}-0"}, block=max(1, int(timeout_s * 1000)), count=500
-    )
-    if not result:
-        return []
-    return [_decode(entry_id, fields) for entry_id, fields in result[0][1]]
+class Fanout:
+    """One pub/sub connection per event loop, shared by every local waiter.
+
+    `watch(channel)` returns an asyncio.Event set whenever a message arrives
+    on the channel; it returns only once Redis confirmed the subscription, so
+    a publish after `watch` returns is never missed.
+    """
+
+    def __init__(self):
+        self.redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=None)
+        self.pubsub = self.redis.pubsub()
+        self.waiters: dict[str, set[asyncio.Event]] = {}
+        self.confirmed: dict[str, asyncio.Future] = {}
+        self.reader: asyncio.Task | None = None
+
+    async def watch(self, channel: str) -> asyncio.Event:
+        event = asyncio.Event()
+        waiters = self.waiters.setdefault(channel, set())
+        waiters.add(event)
+        if channel not in self.confirmed:
+            self.confirmed[channel] = asyncio.get_running_loop().create_future()
+            await self.pubsub.subscribe(channel)
+            if self.reader is None or self.reader.done():
+                self.reader = asyncio.create_task(self._read(), name="stream-fanout")
+        try:
+            await asyncio.wait_for(asyncio.shield(self.confirmed[channel]), 10)
+        except BaseException:
+            await self.unwatch(channel, event)
+            raise
+        return event
+
+    async def unwatch(self, channel: str, event: asyncio.Event) -> None:
+        waiters = self.waiters.get(channel)
+        if waiters is None:
+            return
+        waiters.discard(event)
+        if not waiters:
+            del self.waiters[channel]
+            self.confirmed.pop(channel, None)
+            try:
+                await self.pubsub.unsubscribe(channel)
+            except Exception:
+                log.warning("unsubscribing %s", channel, exc_info=True)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self.pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Connection lost: waiters fall back to their heartbeat polls
+                # until the connection and subscriptions are re-established.
+                log.warning("stream fan-out lost its connection", exc_info=True)
+                await asyncio.sleep(0.5)
+                continue
+            if message is None:
+                continue
+            channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
+            if message["type"] == "subscribe":
+                future = self.confirmed.get(channel)
+                if future is not None and not future.done():
+                    future.set_result(True)
+            elif message["type"] == "message":
+                for event in list(self.waiters.get(channel, ())):
+                    event.set()
+
+
+_fanouts: dict = {}  # event loop -> Fanout
+
+
+def fanout() -> Fanout:
+    loop = asyncio.get_running_loop()
+    instance = _fanouts.get(loop)
+    if instance is None:
+        for old in [lp for lp in _fanouts if lp.is_closed()]:
+            del _fanouts[old]
+        instance = _fanouts[loop] = Fanout()
+    return instance
 
 
 async def subscriber_touch(reply_id, connection_id: str) -> None:
@@ -135,6 +226,7 @@ async def live_subscribers(reply_id) -> int:
 
 async def request_stop(reply_id) -> None:
     conn = client()
+    # The key first: a watcher that wakes (or polls) must find it set.
     await conn.set(stop_key(reply_id), "1", ex=settings.STREAM_LOG_TTL_S)
     await conn.publish(control_channel(reply_id), "stop")
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -37,6 +39,53 @@ _running: dict[str, asyncio.Task] = {}
 
 def running_count() -> int:
     return len(_running)
+
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _db(fn):
+    """Run a sync database function for a turn on the turn threads.
+
+    Not asgiref's default single "sync thread": under Daphne every sync view
+    queues on that one thread, and a reply's writes must not wait behind page
+    renders (nor page renders behind 32 replies' writes)."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=settings.CHAT_DB_THREADS, thread_name_prefix="chat-db")
+    return sync_to_async(fn, thread_sensitive=False, executor=_executor)
+
+
+def close_db_connections() -> None:
+    """Close the turn threads' database connections (tests, shutdown): one
+    job per thread, held at a barrier so that each thread runs exactly one."""
+    from django.db import connections
+
+    if _executor is None:
+        return
+    # As many jobs as threads exist; each blocks at the barrier, so no thread
+    # can take two while another takes none.
+    workers = len(_executor._threads)
+    if not workers:
+        return
+    barrier = threading.Barrier(workers)
+
+    def close():
+        barrier.wait(timeout=10)
+        connections.close_all()
+
+    for future in [_executor.submit(close) for _ in range(workers)]:
+        future.result()
+
+
+def _prepare(reply_id):
+    """Context and pending → streaming in one trip to a database thread."""
+    from conversations.context import build_request
+
+    request = build_request(reply_id=reply_id)
+    if request is None or not services.reply_start(reply_id=reply_id, request_id=request.request_id):
+        return None
+    return request
 
 
 class _Outcome:
@@ -70,13 +119,14 @@ async def wait_idle(timeout_s: float = 30) -> None:
 async def _watch(reply_id, request_id: str, outcome: _Outcome, started_at: float) -> None:
     from gateway import services as gateway
 
-    conn = streams.client()
-    pubsub = conn.pubsub()
-    await pubsub.subscribe(streams.control_channel(reply_id))
+    fanout = streams.fanout()
+    channel = streams.control_channel(reply_id)
+    wake = await fanout.watch(channel)
     try:
         last_reader = started_at
         poll_s = min(0.5, settings.STREAM_GRACE_S / 4)
         while not outcome.ended:
+            wake.clear()
             if await streams.stop_requested(reply_id):
                 outcome.reason = "stopped"
             elif await streams.live_subscribers(reply_id):
@@ -88,14 +138,12 @@ async def _watch(reply_id, request_id: str, outcome: _Outcome, started_at: float
             if outcome.reason:
                 gateway.abort(request_id)
                 return
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
-            if message is not None and message.get("data") == b"stop" and not outcome.ended:
-                outcome.reason = "stopped"
-                gateway.abort(request_id)
-                return
+            try:
+                await asyncio.wait_for(wake.wait(), poll_s)  # a Stop pokes it at once
+            except asyncio.TimeoutError:
+                pass
     finally:
-        await pubsub.unsubscribe()
-        await pubsub.aclose()
+        await fanout.unwatch(channel, wake)
 
 
 def _readable_error(exc) -> str:
@@ -124,8 +172,6 @@ async def generate_reply(reply_id) -> str:
     from gateway import services as gateway
     from gateway.types import Blocked, FinalEvent, GatewayError, Usage
 
-    from conversations.context import build_request
-
     seq = 0
     parts: list[str] = []
 
@@ -137,12 +183,12 @@ async def generate_reply(reply_id) -> str:
         return ev
 
     try:
-        request = await sync_to_async(build_request)(reply_id=reply_id)
+        request = await _db(_prepare)(reply_id)
     except Exception as exc:  # context could not be built: an error reply, never a hung one
         log.exception("building the context of %s", reply_id)
         await _finish(reply_id, emit, "error", "", seq_ref=lambda: seq, error=_context_error(exc))
         return "error"
-    if request is None or not await sync_to_async(services.reply_start)(reply_id=reply_id, request_id=request.request_id):
+    if request is None:
         return "gone"
     await emit("status", {"status": "streaming"})
 
@@ -176,7 +222,7 @@ async def generate_reply(reply_id) -> str:
                 await emit("token", {"t": event.text})
                 if time.monotonic() - last_flush >= settings.STREAM_MATERIALIZE_S:
                     last_flush = time.monotonic()
-                    await sync_to_async(services.reply_materialize)(
+                    await _db(services.reply_materialize)(
                         reply_id=reply_id, content="".join(parts), stream_seq=seq
                     )
     except Blocked as exc:
@@ -245,7 +291,7 @@ async def _finish(reply_id, emit, status, content, *, seq_ref, error="", model="
 
     # The database first, then the terminal event: a client that reloads on
     # `done` must find the final text and status already stored.
-    won = await sync_to_async(services.reply_finish)(
+    won = await _db(services.reply_finish)(
         reply_id=reply_id, status=status, content=content, stream_seq=seq_ref() + 1, error=error, model=model,
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
@@ -261,7 +307,7 @@ async def _finish(reply_id, emit, status, content, *, seq_ref, error="", model="
         data["finish_reason"] = finish_reason
     await emit("error" if status in ("error", "blocked") else "done", data)
     if status == "complete":
-        await sync_to_async(_after_complete)(reply_id)
+        await _db(_after_complete)(reply_id)
 
 
 def _after_complete(reply_id) -> None:
@@ -280,15 +326,15 @@ async def stop_reply(reply_id, *, wait_s: float = 3.0) -> str:
 
     await streams.request_stop(reply_id)
     deadline = time.monotonic() + wait_s
-    get_status = sync_to_async(lambda: Message.objects.filter(id=reply_id).values_list("status", flat=True).first())
+    get_status = _db(lambda: Message.objects.filter(id=reply_id).values_list("status", flat=True).first())
     while time.monotonic() < deadline:
         status = await get_status()
         if status is None or status in Message.TERMINAL:
             return status or "gone"
         await asyncio.sleep(0.05)
-    reply = await sync_to_async(Message.objects.get)(id=reply_id)
+    reply = await _db(Message.objects.get)(id=reply_id)
     seq = max(await streams.last_seq(reply_id), reply.stream_seq) + 1
-    won = await sync_to_async(services.reply_finish)(
+    won = await _db(services.reply_finish)(
         reply_id=reply_id, status="stopped", content=reply.content, stream_seq=seq,
         prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
     )

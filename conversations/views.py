@@ -5,8 +5,6 @@ the server's event loop, where it outlives the request that started it.
 """
 from __future__ import annotations
 
-import json
-
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -96,11 +94,17 @@ async def conversation_new(request):
         return await sync_to_async(lambda: render(request, "conversations/chat.html", _chat_context(request, error=" ".join(exc.messages), draft=request.POST.get("text", "")), status=422))()
     turns.start_reply(reply.id)
     url = f"/c/{reply.conversation_id}/"
-    if request.htmx:
-        response = HttpResponse(status=204)
-        response["HX-Location"] = json.dumps({"path": url, "target": "body"})
-        return response
-    return redirect(url)
+    if not request.htmx:
+        return redirect(url)
+    # The new chat's page in this response (no redirect round trip before the
+    # stream opens): htmx swaps it into <body> and pushes its URL.
+    response = await sync_to_async(
+        lambda: render(request, "conversations/chat.html", _chat_context(request, reply.conversation))
+    )()
+    response["HX-Retarget"] = "body"
+    response["HX-Reswap"] = "innerHTML"
+    response["HX-Push-Url"] = url
+    return response
 
 
 def _turn_fragment(request, reply):

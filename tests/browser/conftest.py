@@ -85,6 +85,9 @@ def live(daphne_url, transactional_db, settings):
 
     # The server's views and tasks reach the database from asgiref's sync thread.
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+    from conversations import turns
+
+    turns.close_db_connections()
 
 
 @pytest.fixture

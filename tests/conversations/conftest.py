@@ -156,6 +156,9 @@ def _close_thread_connections():
     from django.db import connections
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+    from conversations import turns
+
+    turns.close_db_connections()
 
 
 # ------------------------------------------------------------ real engine

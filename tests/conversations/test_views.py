@@ -45,10 +45,12 @@ async def test_new_chat_creates_the_conversation_and_redirects(alice, fake_gatew
     client = AsyncClient()
     await sync_to_async(client.force_login)(alice)
     response = await client.post("/c/new", {"text": "Plan a trip to Lisbon"}, headers={"HX-Request": "true"})
-    assert response.status_code == 204
-    location = json.loads(response["HX-Location"])["path"]
+    assert response.status_code == 200
     conversation = await sync_to_async(Conversation.objects.get)(user=alice)
-    assert location == f"/c/{conversation.id}/" and conversation.title == "Plan a trip to Lisbon"
+    assert response["HX-Push-Url"] == f"/c/{conversation.id}/" and conversation.title == "Plan a trip to Lisbon"
+    assert response["HX-Retarget"] == "body" and "data-stream=" in response.content.decode()
+    response = await client.post("/c/new", {"text": "Without htmx"})
+    assert response.status_code == 302
     await turns.wait_idle(10)
 
 

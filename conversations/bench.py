@@ -1,0 +1,368 @@
+"""End-to-end chat streaming benchmark: browsers' path vs the engine alone.
+
+    .venv/bin/python -m conversations.bench [--clients 32] [--idle 500] [--max-tokens 128] [--write]
+
+What it does, on a fresh DATA_DIR (its own embedded Postgres and Redis):
+1. starts `manage.py serve --no-worker` (Daphne with SmolLM2 in-process), with
+   the gateway's caches off (a cache hit would not measure generation) and
+   its quotas unlimited (one user per client);
+2. engine alone: the same prompts, submitted concurrently to an identical
+   engine in this process: output tok/s and TTFT (submit → first token);
+3. web path: N clients each POST a new chat as htmx does (`/c/new`, which
+   answers with the chat page), open its SSE stream and read it to the terminal event:
+   delivered tok/s (completion tokens of every reply / wall time) and TTFT
+   (POST → first token event in the client);
+4. the same with M idle SSE connections held open on replies that never
+   progress (pending placeholders), to see what idle streams cost.
+Every measured run is preceded by a warm-up with the same prompts, so all of
+them see the same prefix-cache state. Greedy decoding: same prompts, same
+outputs, same load. Prints a table; --write puts it in docs/BENCHMARKS.md
+(replacing only this script's own section).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Chat streaming (conversations.bench)"
+TOPICS = ["a lighthouse keeper", "a lost robot", "a bakery on Mars", "a dragon who fears heights",
+          "a chess tournament", "a river that talks", "a broken clock", "a secret garden"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values, q):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (story {i + 1})." for i in range(n)]
+
+
+# ------------------------------------------------------------ set-up
+
+def setup_django(data_dir: Path):
+    os.environ["DATA_DIR"] = str(data_dir)
+    os.environ.setdefault("MODELS_DIR", str(ROOT / "var" / "models"))
+    os.environ["LOAD_MODELS"] = "0"
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
+    import django
+
+    django.setup()
+    from django.conf import settings
+
+    from chatapp import embedded
+
+    embedded.start_redis(settings.EMBEDDED_REDIS_DIR)
+    embedded.postgres_server(Path(settings.DATABASES["default"]["EMBEDDED_PGDATA"]))
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def make_users(n: int, idle: int):
+    """Users with logged-in session cookies, and `idle` pending replies."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from conversations import services
+
+    cookies = []
+    User = get_user_model()
+    for i in range(n + 1):
+        user = User.objects.create_user(f"bench{i}", password="bench-pass-12345")
+        client = Client()
+        client.force_login(user)
+        cookies.append(client.cookies["sessionid"].value)
+    idle_user = User.objects.get(username=f"bench{n}")
+    idle_replies = []
+    for i in range(idle):
+        conversation = services.conversation_create(user=idle_user)
+        idle_replies.append(str(services.message_send(conversation=conversation, text=f"idle {i}").id))
+    return cookies[:n], cookies[n], idle_replies
+
+
+def start_server(port: int, args) -> subprocess.Popen:
+    from django.conf import settings
+    from django.db import connection
+
+    from chatapp import embedded
+
+    pgdata = settings.DATABASES["default"]["EMBEDDED_PGDATA"]
+    db_url = f"postgresql://postgres@/{connection.settings_dict['NAME']}?host={embedded.postgres_socket_dir(pgdata)}"
+    env = {
+        **os.environ,
+        "DATA_DIR": str(Path(settings.DATA_DIR) / "server"),
+        "DATABASE_URL": db_url,
+        "REDIS_URL": settings.REDIS_URL,
+        "SECRET_KEY": settings.SECRET_KEY,
+        "LOAD_MODELS": "1",
+        "CHAT_TEMPERATURE": "0",
+        "CHAT_REPLY_MAX_TOKENS": str(args.max_tokens),
+        "STREAM_GRACE_S": "600",
+        "GATEWAY_EXACT_CACHE": "0",
+        "GATEWAY_SEMANTIC_CACHE": "0",
+        "GATEWAY_DEFAULT_RPM": "0",
+        "GATEWAY_DEFAULT_TPM": "0",
+        "GATEWAY_DEFAULT_TPD": "0",
+        "GATEWAY_DEFAULT_TPMONTH": "0",
+        "ENGINE_MAX_NUM_SEQS": str(max(32, args.clients)),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = open(Path(settings.DATA_DIR) / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--no-worker", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server never became healthy")
+
+
+# ------------------------------------------------------------ engine alone
+
+async def engine_run(engine, texts: list[str], max_tokens: int) -> dict:
+    from inference import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+    async def one(text):
+        ids = engine.apply_chat_template([{"role": "user", "content": text}])
+        t0 = time.perf_counter()
+        handle = engine.submit(ids, params)
+        first = None
+        tokens = 0
+        async for event in handle:
+            if event.finished:
+                tokens = event.usage.completion_tokens
+                break
+            if first is None and (event.text or event.token_ids):
+                first = time.perf_counter() - t0
+        return first, tokens
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(t) for t in texts))
+    wall = time.perf_counter() - t0
+    return _summary(results, wall)
+
+
+def _summary(results, wall) -> dict:
+    ttfts = [r[0] for r in results if r[0] is not None]
+    tokens = sum(r[1] for r in results)
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_ms": 1000 * _pct(ttfts, 0.5),
+            "ttft_p99_ms": 1000 * _pct(ttfts, 0.99), "n": len(results)}
+
+
+# ------------------------------------------------------------ web path
+
+async def web_turn(base: str, cookie: str, text: str) -> tuple[float | None, int]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, cookies={"sessionid": cookie}, timeout=600) as client:
+        home = await client.get("/")
+        token = home.cookies.get("csrftoken") or client.cookies.get("csrftoken")
+        headers = {"X-CSRFToken": token, "HX-Request": "true"}
+        t0 = time.perf_counter()
+        response = await client.post("/c/new", data={"text": text}, headers=headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"POST /c/new: {response.status_code} {response.text[:200]}")
+        # The answer is the new chat's page, with its live reply's stream URL.
+        match = re.search(r'data-stream="([^"]+)"', response.text)
+        if match is None:
+            raise RuntimeError("the chat page has no live stream")
+        first = None
+        tokens = 0
+        event = None
+        async with client.stream("GET", match.group(1), headers={"Accept": "text/event-stream"}) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    if event == "token" and first is None:
+                        first = time.perf_counter() - t0
+                    elif event in ("done", "error"):
+                        data = json.loads(line[5:])
+                        tokens = (data.get("usage") or {}).get("completion_tokens", 0)
+                        if event == "error":
+                            raise RuntimeError(f"reply failed: {data.get('error')}")
+                        break
+        return first, tokens
+
+
+async def web_run(base: str, cookies: list[str], texts: list[str]) -> dict:
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(web_turn(base, c, t) for c, t in zip(cookies, texts)))
+    return _summary(results, time.perf_counter() - t0)
+
+
+async def hold_idle(base: str, cookie: str, reply_ids: list[str], ready: asyncio.Event, stop: asyncio.Event):
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(reply_ids) + 10, max_keepalive_connections=0)
+    connected = 0
+    async with httpx.AsyncClient(base_url=base, cookies={"sessionid": cookie}, timeout=None, limits=limits) as client:
+        async def one(reply_id):
+            nonlocal connected
+            async with client.stream("GET", f"/c/reply/{reply_id}/stream") as stream:
+                lines = stream.aiter_lines()
+                await lines.__anext__()  # "retry:": the stream is open
+                connected += 1
+                if connected == len(reply_ids):
+                    ready.set()
+                async for _ in lines:  # heartbeats
+                    if stop.is_set():
+                        break
+
+        tasks = [asyncio.create_task(one(r)) for r in reply_ids]
+        await stop.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ------------------------------------------------------------ main
+
+async def run(args, base, cookies, idle_cookie, idle_replies, engine) -> dict:
+    texts = prompts(args.clients)
+    results = {}
+    print("engine alone: warm-up, then measured ...", flush=True)
+    await engine_run(engine, texts, args.max_tokens)
+    results["engine"] = await engine_run(engine, texts, args.max_tokens)
+    print("web path: warm-up, then measured ...", flush=True)
+    await web_run(base, cookies, texts)
+    results["web"] = await web_run(base, cookies, texts)
+    if idle_replies:
+        print(f"web path with {len(idle_replies)} idle SSE connections ...", flush=True)
+        ready, stop = asyncio.Event(), asyncio.Event()
+        holder = asyncio.create_task(hold_idle(base, idle_cookie, idle_replies, ready, stop))
+        await asyncio.wait_for(ready.wait(), 120)
+        results["web_idle"] = await web_run(base, cookies, texts)
+        stop.set()
+        await holder
+    return results
+
+
+def report(args, results: dict, device: str) -> str:
+    e, w = results["engine"], results["web"]
+    rows = [("engine alone", e), ("web path (Daphne + SSE)", w)]
+    if "web_idle" in results:
+        rows.append((f"web path + {args.idle} idle SSE", results["web_idle"]))
+    lines = [
+        f"{args.clients} concurrent chats, SmolLM2-135M-Instruct, greedy, max {args.max_tokens} tokens, {device}.",
+        "",
+        "| run | replies | tokens | wall s | tok/s | TTFT p50 ms | TTFT p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['n']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} | "
+                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |")
+    ratio = w["tok_s"] / e["tok_s"]
+    added = w["ttft_p50_ms"] - e["ttft_p50_ms"]
+    lines += ["", "| target | measured | met |", "|---|---|---|",
+              f"| delivered tok/s ≥ 90% of the engine's | {100 * ratio:.0f}% | {'yes' if ratio >= 0.9 else 'no'} |",
+              f"| TTFT added by the web path ≤ 50 ms (p50) | {added:.0f} ms | {'yes' if added <= 50 else 'no'} |"]
+    if "web_idle" in results:
+        slow = 1 - results["web_idle"]["tok_s"] / w["tok_s"]
+        lines.append(f"| {args.idle} idle SSE connections slow active streams ≤ 10% | {100 * slow:.1f}% | "
+                     f"{'yes' if slow <= 0.10 else 'no'} |")
+    return "\n".join(lines)
+
+
+def write_section(body: str, command: str) -> None:
+    path = ROOT / "docs" / "BENCHMARKS.md"
+    path.parent.mkdir(exist_ok=True)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = (f"{SECTION}\n\nCommand: `{command}` (written {time.strftime('%Y-%m-%d')}).\n"
+               "The web path is a client doing what the chat page does: POST the message (htmx; the answer is the new chat's page), "
+               "read the SSE stream to its terminal event; TTFT runs from the POST to the first token event. "
+               "The engine figures come from an identical engine in the benchmark's process given the same "
+               "prompts at once. Gateway caches off, quotas unlimited; both runs warmed up with the same "
+               "prompts first. Client and server share the machine's cores.\n\n" + body + "\n")
+    if SECTION in text:
+        start = text.index(SECTION)
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[nxt + 1:] if nxt != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main(argv=None):
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--idle", type=int, default=500)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.idle + 1024)), hard))
+    data_dir = Path(tempfile.mkdtemp(prefix="chatbench-"))
+    setup_django(data_dir)
+    cookies, idle_cookie, idle_replies = make_users(args.clients, args.idle)
+    port = _free_port()
+    print(f"starting the server on :{port} (data in {data_dir}) ...", flush=True)
+    server = start_server(port, args)
+    from django.db import connections
+
+    connections.close_all()
+    try:
+        from django.conf import settings
+
+        from inference import Engine
+        from inference.bootstrap import resolve_model
+        from inference.pools import engine_config
+
+        spec = {**settings.ENGINE_DEFAULTS, **settings.MODEL_POOLS["small"], "max_num_seqs": max(32, args.clients)}
+        engine = Engine.from_pretrained(resolve_model(spec["model"], settings.MODELS_DIR), engine_config(spec))
+        device = f"{engine.stats()['device']} {engine.stats()['dtype']}, {os.cpu_count()} CPU cores"
+        results = asyncio.run(run(args, f"http://127.0.0.1:{port}", cookies, idle_cookie, idle_replies, engine))
+        engine.shutdown()
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    body = report(args, results, device)
+    print(body)
+    if args.write:
+        command = "python -m conversations.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_section(body, command.strip())
+
+
+if __name__ == "__main__":
+    main()
