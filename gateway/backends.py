@@ -69,12 +69,6 @@ class Circuit:
                 self.opened_at = time.monotonic()
             self.probing = False
 
-    @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        return "half-open" if self.probing else "open"
-
 
 _circuits: dict[str, Circuit] = {}
 
@@ -221,9 +215,10 @@ async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSig
         write=settings.GATEWAY_CONNECT_TIMEOUT_S,
         pool=settings.GATEWAY_CONNECT_TIMEOUT_S,
     )
+    client = _http_client()
     try:
-        response = await _http_client().send(
-            _http_client().build_request("POST", url, json=_remote_body(spec, request), headers=headers, timeout=timeout),
+        response = await client.send(
+            client.build_request("POST", url, json=_remote_body(spec, request), headers=headers, timeout=timeout),
             stream=True,
         )
     except httpx.HTTPError as exc:
