@@ -1,5 +1,5 @@
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync
 from django.db import connections
 
 from gateway import backends, db, registry
@@ -26,11 +26,12 @@ def _fresh_gateway_state(settings):
 
 
 @pytest.fixture(autouse=True)
-async def _close_async_connections():
+def _close_thread_connections():
     yield
-    # Async ORM calls run on asgiref's worker thread, whose connection would
-    # otherwise stay open and block dropping the test database.
-    await sync_to_async(connections.close_all)()
+    # Async ORM calls run on asgiref's single sync thread and the gateway's DB
+    # work on its own pool; their connections would otherwise stay open and
+    # block dropping the test database.
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
     db.close_connections()
 
 
