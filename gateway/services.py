@@ -115,8 +115,16 @@ class _Run:
             return
         self.settled = True
         charged = 0 if cache_hit or not charge else usage.prompt_tokens + usage.completion_tokens
+        # Redis and Postgres in parallel: this sits between the last token and the final event.
+        await asyncio.gather(
+            self._reconcile(charged), self._write_ledger(status, usage, cache_hit, error, charged)
+        )
+
+    async def _reconcile(self, charged: int) -> None:
         if self.reservation is not None:
             await quotas.reconcile(self.reservation, charged_tokens=charged)
+
+    async def _write_ledger(self, status, usage, cache_hit, error, charged) -> None:
         try:
             await db.run(
                 UsageRecord.objects.create,
@@ -329,13 +337,11 @@ async def _serve(request, run: _Run, specs, candidates, reason, prompt_ids, prom
     if tail:
         yield TokenEvent(text=tail)
     text = "".join(parts)
-    if (
-        use_cache
-        and final.finish_reason in ("stop", "length")
-        and not final.error
-    ):
-        await _store(request, run.backend, question, vector, text, final)
-    await run.settle(status=final.finish_reason, usage=final.usage, error=final.error or "")
+    settle = run.settle(status=final.finish_reason, usage=final.usage, error=final.error or "")
+    if use_cache and final.finish_reason in ("stop", "length") and not final.error:
+        await asyncio.gather(_store(request, run.backend, question, vector, text, final), settle)
+    else:
+        await settle
     yield FinalEvent(
         finish_reason=final.finish_reason, usage=final.usage, model=run.backend, route=run.route, error=final.error
     )
