@@ -125,3 +125,10 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation(client, live_
     import asyncio
 
     assert asyncio.run(quotas.current_usage(alice.pk))[2] == row.charged_tokens  # the reservation was settled
+
+
+def test_no_backend_available_is_503(client, fake_openai):
+    add_remote(fake_openai, "broken", remote_model="fake-500")
+    with pytest.raises(openai.InternalServerError) as error:
+        client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
+    assert error.value.status_code == 503 and error.value.code == "service_unavailable"
