@@ -6,6 +6,8 @@ import queue
 
 from inference.outputs import Completion, DeltaEvent, FinishEvent
 
+_WAKE_TIMEOUT_S = 1.0
+
 
 class RequestHandle:
     """Events arrive from the engine thread through a thread-safe queue.
@@ -54,7 +56,12 @@ class RequestHandle:
             self._wake.clear()
             if not self._events.empty():
                 continue
-            await self._wake.wait()
+            try:
+                # The timeout only guards the moment a handle moves to a new loop,
+                # when a wake-up may have been sent to the old one.
+                await asyncio.wait_for(self._wake.wait(), _WAKE_TIMEOUT_S)
+            except TimeoutError:
+                pass
         if event.finished:
             self._done = True
         return event
