@@ -28,8 +28,10 @@ class AttentionPlan:
     in the flattened batch: rows [0, num_decodes)."""
 
     num_decodes: int
-    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
+    # Decode rows in groups of similar context length, each padded to its own
+    # longest: (first row, rows B, block tables [B, nb] int64 padded with block 0,
+    # mask [B, 1, 1, nb * block_size] bool, True = attend).
+    decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor]]
     # One entry per prefill chunk: (first row, query length, context length,
     # block ids covering the context [nb] and the causal mask [q, C]; both None
     # when the chunk has no earlier context).
@@ -158,16 +160,14 @@ class PagedLlama:
         num_tokens, heads, dim = q.shape
         kv_heads = self.num_kv_heads
         out = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
-        b = plan.num_decodes
-        if b:
-            tables = plan.decode_block_tables  # [B, nb]
+        for first, b, tables, mask in plan.decode_groups:
             ctx = tables.shape[1] * layer_k.shape[1]
             keys = layer_k[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)  # [B, KV, C, D]
             values = layer_v[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)
-            queries = q[:b].unsqueeze(2)  # [B, H, 1, D]
-            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.decode_mask,
+            queries = q[first:first + b].unsqueeze(2)  # [B, H, 1, D]
+            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
                                                scale=self.scale, enable_gqa=True)  # [B, H, 1, D]
-            out[:b] = o.squeeze(2)
+            out[first:first + b] = o.squeeze(2)
         for start, q_len, ctx_len, blocks, mask in plan.prefills:
             queries = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
             if blocks is None:  # no earlier context: this chunk's own K/V is everything

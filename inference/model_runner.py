@@ -67,7 +67,9 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Run one step. Returns the sequences that sample a token now (their
         chunk reached the last known token) and their logits [N, V] fp32."""
-        entries = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda e: e[1] > 1)
+        # Decodes first, shortest context first, so similar lengths share a padded group.
+        entries = sorted(zip(batch.seqs, batch.num_new_tokens),
+                         key=lambda e: (e[1] > 1, e[0].num_computed_tokens if e[1] == 1 else 0))
         bs = self.block_size
         tokens: list[int] = []
         positions: list[int] = []
@@ -100,16 +102,28 @@ class ModelRunner:
             if ctx_len == seq.num_tokens:
                 logit_rows.append(row + num_new - 1)
                 sampled.append(seq)
-        plan = AttentionPlan(len(decode_tables), None, None, prefills)
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            plan.decode_block_tables = torch.tensor(padded, device=self.device)  # [B, nb]
-            lens = torch.tensor(decode_lens, device=self.device)
+        plan = AttentionPlan(len(decode_tables), [], prefills)
+        for first, last in _split_groups([len(t) for t in decode_tables], 0, len(decode_tables)):
+            width = len(decode_tables[last - 1])  # sorted: the group's longest is its last
+            padded = [t + [0] * (width - len(t)) for t in decode_tables[first:last]]
+            lens = torch.tensor(decode_lens[first:last], device=self.device)
             key_pos = torch.arange(width * bs, device=self.device)
-            plan.decode_mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, C]
+            mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, C]
+            plan.decode_groups.append((first, last - first, torch.tensor(padded, device=self.device), mask))
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         with torch.inference_mode():
             logits = self.net.forward(as_tensor(tokens), as_tensor(positions), as_tensor(slots), plan,
                                       as_tensor(logit_rows), self.k_cache, self.v_cache)
         return sampled, logits
+
+
+def _split_groups(widths: list[int], first: int, last: int, depth: int = 2) -> list[tuple[int, int]]:
+    """Split sorted block counts [first, last) where that saves a quarter of the
+    padded attention area (gathered KV bytes); at most 2**depth groups."""
+    if last - first < 2 or depth == 0:
+        return [(first, last)] if last > first else []
+    whole = (last - first) * widths[last - 1]
+    cost, cut = min(((k - first) * widths[k - 1] + (last - k) * widths[last - 1], k) for k in range(first + 1, last))
+    if cost > 0.75 * whole:
+        return [(first, last)]
+    return _split_groups(widths, first, cut, depth - 1) + _split_groups(widths, cut, last, depth - 1)
