@@ -4,6 +4,12 @@ Django's async ORM hops to asgiref's single shared thread, which also renders
 every sync view under ASGI: the ledger write of each reply would queue behind
 page loads and the other way round. These threads keep their connections
 open between jobs; a connection found dead is dropped and the job retried once.
+
+Their sessions commit without waiting for the WAL flush (synchronous_commit
+off). Everything the gateway writes is a record or disposable (ledger rows,
+cache entries, a key's last use): a database crash may lose the last fraction
+of a second of them, never corrupt anything, and a reply no longer waits on
+an fsync. Quota enforcement itself lives in Redis.
 """
 from __future__ import annotations
 
@@ -12,11 +18,12 @@ import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from django.db import InterfaceError, OperationalError, connections
+from django.db import InterfaceError, OperationalError, connection, connections
 
 WORKERS = 2
 _executor: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
+_local = threading.local()
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -27,12 +34,22 @@ def _pool() -> ThreadPoolExecutor:
         return _executor
 
 
+def _unsynced_session() -> None:
+    connection.ensure_connection()
+    if connection.vendor == "postgresql" and getattr(_local, "configured", None) is not connection.connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SET synchronous_commit TO OFF")
+        _local.configured = connection.connection
+
+
 def _call(fn, *args, **kwargs):
     try:
+        _unsynced_session()
         return fn(*args, **kwargs)
     except (OperationalError, InterfaceError):
         # A connection that died while idle (database restart): reconnect once.
         connections.close_all()
+        _unsynced_session()
         return fn(*args, **kwargs)
 
 
@@ -58,3 +75,4 @@ def close_connections() -> None:
 
     for future in [_executor.submit(close) for _ in range(WORKERS)]:
         future.result()
+
