@@ -332,10 +332,11 @@ def main(argv=None):
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.idle + 1024)), hard))
     data_dir = Path(tempfile.mkdtemp(prefix="chatbench-"))
     setup_django(data_dir)
-    cookies, idle_cookie, idle_replies = make_users(args.clients, args.idle)
     port = _free_port()
     print(f"starting the server on :{port} (data in {data_dir}) ...", flush=True)
     server = start_server(port, args)
+    # After the start: the server's reaper would mark the idle placeholders interrupted.
+    cookies, idle_cookie, idle_replies = make_users(args.clients, args.idle)
     from django.db import connections
 
     connections.close_all()

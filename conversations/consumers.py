@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 
@@ -25,6 +26,8 @@ from conversations.selectors import access_message
 from conversations.streams import StreamEvent
 
 log = logging.getLogger(__name__)
+
+DB_CHECK_EVERY_BEATS = 3
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -107,7 +110,9 @@ class ReplyStreamConsumer(AsyncConsumer):
                 await self._send_stored(self.reply, after)
                 return
             heartbeat_s = settings.STREAM_HEARTBEAT_S
-            last_beat = time.monotonic()
+            # Jittered, so that many streams opened together do not beat together.
+            last_beat = time.monotonic() - random.uniform(0, heartbeat_s / 2)
+            beats = 0
             while True:
                 # Clear before reading: a poke that lands after the read
                 # leaves the event set, so the wait below returns at once.
@@ -129,9 +134,13 @@ class ReplyStreamConsumer(AsyncConsumer):
                     except asyncio.TimeoutError:
                         pass
                 last_beat = time.monotonic()
+                beats += 1
                 await self._send(b": heartbeat\n\n")
                 await streams.subscriber_touch(reply_id, self.connection_id)
-                if await self._ended_without_log(after):
+                # A reply ends with a terminal event in its log; only one whose
+                # process died (ended by the reaper) or whose log expired does
+                # not, and that is rare enough to check on every few beats.
+                if beats % DB_CHECK_EVERY_BEATS == 0 and await self._ended_without_log(after):
                     return
         except asyncio.CancelledError:
             raise

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from contextlib import aclosing
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -41,41 +42,68 @@ def running_count() -> int:
     return len(_running)
 
 
-_executor: ThreadPoolExecutor | None = None
+class _DbThreads(Executor):
+    """A fixed pool of threads that each close their database connection when
+    the pool shuts down (Django connections belong to the thread that opened
+    them, so only that thread can close them)."""
+
+    def __init__(self, size: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"chat-db-{i}", daemon=True) for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def _work(self) -> None:
+        from django.db import connections
+
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                connections.close_all()
+                return
+            future, fn, args, kwargs = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join(30)
 
 
-def _db(fn):
-    """Run a sync database function for a turn on the turn threads.
+_executor: _DbThreads | None = None
+
+
+def db_thread(fn):
+    """Run a sync database function of the chat on the chat's own threads.
 
     Not asgiref's default single "sync thread": under Daphne every sync view
     queues on that one thread, and a reply's writes must not wait behind page
     renders (nor page renders behind 32 replies' writes)."""
     global _executor
     if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=settings.CHAT_DB_THREADS, thread_name_prefix="chat-db")
+        _executor = _DbThreads(settings.CHAT_DB_THREADS)
     return sync_to_async(fn, thread_sensitive=False, executor=_executor)
 
 
 def close_db_connections() -> None:
-    """Close the turn threads' database connections (tests, shutdown): one
-    job per thread, held at a barrier so that each thread runs exactly one."""
-    from django.db import connections
-
-    if _executor is None:
-        return
-    # As many jobs as threads exist; each blocks at the barrier, so no thread
-    # can take two while another takes none.
-    workers = len(_executor._threads)
-    if not workers:
-        return
-    barrier = threading.Barrier(workers)
-
-    def close():
-        barrier.wait(timeout=10)
-        connections.close_all()
-
-    for future in [_executor.submit(close) for _ in range(workers)]:
-        future.result()
+    """Stop the chat's database threads, closing their connections (tests,
+    shutdown); the next call to db_thread starts fresh ones."""
+    global _executor
+    executor, _executor = _executor, None
+    if executor is not None:
+        executor.shutdown(wait=True)
 
 
 def _prepare(reply_id):
@@ -182,14 +210,16 @@ async def generate_reply(reply_id) -> str:
         await streams.append(reply_id, ev)
         return ev
 
+    began = time.perf_counter()
     try:
-        request = await _db(_prepare)(reply_id)
+        request = await db_thread(_prepare)(reply_id)
     except Exception as exc:  # context could not be built: an error reply, never a hung one
         log.exception("building the context of %s", reply_id)
         await _finish(reply_id, emit, "error", "", seq_ref=lambda: seq, error=_context_error(exc))
         return "error"
     if request is None:
         return "gone"
+    prepared_s = time.perf_counter() - began
     await emit("status", {"status": "streaming"})
 
     outcome = _Outcome()
@@ -219,10 +249,13 @@ async def generate_reply(reply_id) -> str:
                 if not event.text:
                     continue
                 parts.append(event.text)
+                if len(parts) == 1:
+                    log.debug("reply %s: first token after %.0f ms (context ready at %.0f ms)", reply_id,
+                              1000 * (time.perf_counter() - began), 1000 * prepared_s)
                 await emit("token", {"t": event.text})
                 if time.monotonic() - last_flush >= settings.STREAM_MATERIALIZE_S:
                     last_flush = time.monotonic()
-                    await _db(services.reply_materialize)(
+                    await db_thread(services.reply_materialize)(
                         reply_id=reply_id, content="".join(parts), stream_seq=seq
                     )
     except Blocked as exc:
@@ -291,7 +324,7 @@ async def _finish(reply_id, emit, status, content, *, seq_ref, error="", model="
 
     # The database first, then the terminal event: a client that reloads on
     # `done` must find the final text and status already stored.
-    won = await _db(services.reply_finish)(
+    won = await db_thread(services.reply_finish)(
         reply_id=reply_id, status=status, content=content, stream_seq=seq_ref() + 1, error=error, model=model,
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
@@ -307,7 +340,7 @@ async def _finish(reply_id, emit, status, content, *, seq_ref, error="", model="
         data["finish_reason"] = finish_reason
     await emit("error" if status in ("error", "blocked") else "done", data)
     if status == "complete":
-        await _db(_after_complete)(reply_id)
+        await db_thread(_after_complete)(reply_id)
 
 
 def _after_complete(reply_id) -> None:
@@ -326,15 +359,15 @@ async def stop_reply(reply_id, *, wait_s: float = 3.0) -> str:
 
     await streams.request_stop(reply_id)
     deadline = time.monotonic() + wait_s
-    get_status = _db(lambda: Message.objects.filter(id=reply_id).values_list("status", flat=True).first())
+    get_status = db_thread(lambda: Message.objects.filter(id=reply_id).values_list("status", flat=True).first())
     while time.monotonic() < deadline:
         status = await get_status()
         if status is None or status in Message.TERMINAL:
             return status or "gone"
         await asyncio.sleep(0.05)
-    reply = await _db(Message.objects.get)(id=reply_id)
+    reply = await db_thread(Message.objects.get)(id=reply_id)
     seq = max(await streams.last_seq(reply_id), reply.stream_seq) + 1
-    won = await _db(services.reply_finish)(
+    won = await db_thread(services.reply_finish)(
         reply_id=reply_id, status="stopped", content=reply.content, stream_seq=seq,
         prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
     )

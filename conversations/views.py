@@ -1,11 +1,12 @@
 """Chat pages. Thin: parse, authorize (`access_*`), call one service, respond.
 
 Views that start a generation are async: the reply task must be created on
-the server's event loop, where it outlives the request that started it.
+the server's event loop, where it outlives the request that started it. Their
+database work runs on the chat's own threads (`db_thread`), not queued behind
+every sync view on asgiref's single thread.
 """
 from __future__ import annotations
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
@@ -18,6 +19,7 @@ from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET, require_POST
 
 from conversations import selectors, services, turns
+from conversations.turns import db_thread
 from conversations.rendering import pygments_css
 
 
@@ -85,20 +87,20 @@ def _create_and_send(user, text, model, system_prompt):
 async def conversation_new(request):
     user = await request.auser()
     try:
-        reply = await sync_to_async(_create_and_send)(
+        reply = await db_thread(_create_and_send)(
             user, request.POST.get("text"), request.POST.get("model", ""), request.POST.get("system_prompt", "")
         )
     except ValidationError as exc:
         if request.htmx:
             return _composer_error(" ".join(exc.messages))
-        return await sync_to_async(lambda: render(request, "conversations/chat.html", _chat_context(request, error=" ".join(exc.messages), draft=request.POST.get("text", "")), status=422))()
+        return await db_thread(lambda: render(request, "conversations/chat.html", _chat_context(request, error=" ".join(exc.messages), draft=request.POST.get("text", "")), status=422))()
     turns.start_reply(reply.id)
     url = f"/c/{reply.conversation_id}/"
     if not request.htmx:
         return redirect(url)
     # The new chat's page in this response (no redirect round trip before the
     # stream opens): htmx swaps it into <body> and pushes its URL.
-    response = await sync_to_async(
+    response = await db_thread(
         lambda: render(request, "conversations/chat.html", _chat_context(request, reply.conversation))
     )()
     response["HX-Retarget"] = "body"
@@ -114,18 +116,18 @@ def _turn_fragment(request, reply):
 
 async def _start_and_render(request, fn, **kwargs):
     try:
-        reply = await sync_to_async(fn)(**kwargs)
+        reply = await db_thread(fn)(**kwargs)
     except ValidationError as exc:
         return _composer_error(" ".join(exc.messages))
     turns.start_reply(reply.id)
-    return await sync_to_async(_turn_fragment)(request, reply)
+    return await db_thread(_turn_fragment)(request, reply)
 
 
 @login_required
 @require_POST
 async def message_send(request, conversation_id):
     user = await request.auser()
-    conversation = await sync_to_async(selectors.access_conversation)(user=user, conversation_id=conversation_id)
+    conversation = await db_thread(selectors.access_conversation)(user=user, conversation_id=conversation_id)
     return await _start_and_render(request, services.message_send, conversation=conversation, text=request.POST.get("text"))
 
 
@@ -133,7 +135,7 @@ async def message_send(request, conversation_id):
 @require_POST
 async def message_edit(request, message_id):
     user = await request.auser()
-    message = await sync_to_async(selectors.access_message)(user=user, message_id=message_id)
+    message = await db_thread(selectors.access_message)(user=user, message_id=message_id)
     return await _start_and_render(request, services.message_edit, message=message, text=request.POST.get("text"))
 
 
@@ -141,7 +143,7 @@ async def message_edit(request, message_id):
 @require_POST
 async def message_regenerate(request, message_id):
     user = await request.auser()
-    message = await sync_to_async(selectors.access_message)(user=user, message_id=message_id)
+    message = await db_thread(selectors.access_message)(user=user, message_id=message_id)
     return await _start_and_render(request, services.message_regenerate, message=message)
 
 
@@ -149,7 +151,7 @@ async def message_regenerate(request, message_id):
 @require_POST
 async def message_stop(request, message_id):
     user = await request.auser()
-    message = await sync_to_async(selectors.access_message)(user=user, message_id=message_id)
+    message = await db_thread(selectors.access_message)(user=user, message_id=message_id)
     status = await turns.stop_reply(message.id)
     return JsonResponse({"status": status})
 
