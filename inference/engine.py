@@ -68,7 +68,9 @@ class Engine:
         load_kwargs.setdefault("dtype", DTYPES[config.dtype])
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
         if config.model_name is None:
-            config.model_name = str(name_or_path).rstrip("/").split("/")[-1]
+            gguf_file = load_kwargs.get("gguf_file")
+            config.model_name = (str(gguf_file).rsplit(".", 1)[0] if gguf_file
+                                 else str(name_or_path).rstrip("/").split("/")[-1])
         return cls(model, tokenizer, config)
 
     @staticmethod
