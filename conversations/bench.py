@@ -334,7 +334,11 @@ def write_section(body: str, command: str) -> None:
                "read the SSE stream to its terminal event; TTFT runs from the POST to the first token event. "
                "The engine figures come from an identical engine in the benchmark's process given the same "
                "prompts at once. Gateway caches off, quotas unlimited; both runs warmed up with the same "
-               "prompts first. Client and server share the machine's cores.\n\n" + body + "\n")
+               "prompts first. Client and server share the machine's cores: on a small CPU box the burst rows "
+               "measure CPU contention as much as the web path (its per-token Python work — Redis append, "
+               "pub/sub wake-up, SSE write — runs under the same GIL as the engine's step loop, and the 32 "
+               "requests' page work delays their arrival at the engine); one chat at a time isolates the web "
+               "path's own latency.\n\n" + body + "\n")
     if SECTION in text:
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
