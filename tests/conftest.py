@@ -7,6 +7,14 @@ from django.conf import settings
 from chatapp import embedded
 
 
+def pytest_collection_modifyitems(config, items):
+    """Browser tests run last. Playwright's sync API keeps an event loop
+    marked running on the main thread for as long as the browser lives (a
+    session fixture), and every async test collected after it would then
+    fail with "Runner.run() cannot be called from a running event loop"."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def embedded_services():
     """Redis now; Postgres starts lazily on the first connection. Both are

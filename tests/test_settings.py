@@ -17,10 +17,16 @@ PRODUCTION_ENV = {
 }
 
 
+def _clean_environ():
+    # The browser fixtures set DJANGO_ALLOW_ASYNC_UNSAFE for this process;
+    # a production `manage.py` must not inherit it (check --deploy flags it).
+    return {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+
+
 def manage(*args, **env):
     return subprocess.run(
         [sys.executable, "manage.py", *args],
-        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env={**_clean_environ(), **env}, capture_output=True, text=True, timeout=120,
     )
 
 
