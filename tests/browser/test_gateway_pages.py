@@ -1,7 +1,7 @@
 """The settings pages in Chromium: create a key (shown once), revoke it, read usage."""
 import pytest
 
-from tests.browser.conftest import ARTIFACTS, browser_instance, daphne_url, live, page, signup  # noqa: F401
+from tests.browser.conftest import ARTIFACTS, signup
 
 pytestmark = pytest.mark.browser
 
