@@ -332,9 +332,8 @@ def report(args, results: dict, device: str) -> str:
 
 
 def write_section(body: str, command: str) -> None:
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    path.parent.mkdir(exist_ok=True)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    from inference.bench_report import write_section as replace_section
+
     section = (f"{SECTION}\n\nCommand: `{command}` (written {time.strftime('%Y-%m-%d')}).\n"
                "The web path is a client doing what the chat page does: POST the message (htmx; the answer is the new chat's page), "
                "read the SSE stream to its terminal event; TTFT runs from the POST to the first token event. "
@@ -347,13 +346,7 @@ def write_section(body: str, command: str) -> None:
                "path's own latency. `POST answered` is the time from the POST to its response (the chat page): "
                "in the burst, 32 new chats' page work (session, inserts, render) shares two cores with the engine's "
                "prefill, so every chat's first token waits for it.\n\n" + body + "\n")
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    replace_section(ROOT / "docs" / "BENCHMARKS.md", section, SECTION)
 
 
 def main(argv=None):

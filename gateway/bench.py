@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Gateway (gateway.bench)"
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -184,10 +185,11 @@ def main(argv=None) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     print(table)
     if not args.no_write:
+        from inference.bench_report import write_section
+
         docs = ROOT / "docs" / "BENCHMARKS.md"
-        docs.parent.mkdir(exist_ok=True)
         section = (
-            f"\n## Gateway (gateway.bench)\n\n"
+            f"{SECTION}\n\n"
             f"`python -m gateway.bench --requests {args.requests}` on {machine}, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Embedded Postgres and Redis; the backend is a "
             f"loopback fake OpenAI-compatible server, so *overhead* is a gateway path's p50 minus the backend "
@@ -195,9 +197,8 @@ def main(argv=None) -> int:
             f"first questions at temperature 0 (or with GATEWAY_CACHE_SAMPLED=1); its lookup embeds the "
             f"question with all-MiniLM-L6-v2 on one CPU thread, which dominates that path here.\n\n{table}\n"
         )
-        with docs.open("a") as f:
-            f.write(section)
-        print(f"appended to {docs}")
+        write_section(docs, section, SECTION)
+        print(f"wrote its section of {docs}")
     return 0
 
 

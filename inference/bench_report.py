@@ -92,14 +92,15 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the engine section, keeping whatever other sections the file has."""
+def write_section(path: Path, section: str, heading: str = HEADING) -> None:
+    """Replace one benchmark's section (by its `## ` heading), keeping whatever
+    other sections the file has; every benchmark script writes through this."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find(HEADING)
+    start = text.find(heading)
     if start == -1:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(HEADING))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end != -1 else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip("\n") + "\n")
