@@ -99,6 +99,12 @@ def register(name: str, engine) -> None:
         _engines[name] = engine
 
 
+def unregister(name: str):
+    """Take a registered engine out (without shutting it down); returns it, or None."""
+    with _lock:
+        return _engines.pop(name, None)
+
+
 def health() -> dict:
     report = {}
     for name, spec in settings.MODEL_POOLS.items():

@@ -72,3 +72,33 @@ def smollm2_dir():
     from inference.bootstrap import resolve_model
 
     return resolve_model("bundled:smollm2", settings.MODELS_DIR)
+
+
+def tiny_smollm2_engine(smollm2_dir, kv_cache_mb: int = 32, **config):
+    """A real Engine on a tiny random-weight Llama with SmolLM2's tokenizer:
+    fast on a CPU, real chat template and detokenizer, gibberish text."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from inference import Engine, EngineConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).eval()
+    return Engine(model, tokenizer, EngineConfig(kv_cache_bytes=kv_cache_mb * 2**20, **config))
+
+
+@pytest.fixture(scope="session")
+def chat_engine(smollm2_dir):
+    """A tiny engine registered as the pool "small" (the default chat model)."""
+    from inference import pools
+
+    engine = tiny_smollm2_engine(smollm2_dir, model_name="tiny-smollm2")
+    pools.register("small", engine)
+    yield engine
+    pools.unregister("small")
+    engine.shutdown()

@@ -159,30 +159,3 @@ def _close_thread_connections():
     from conversations import turns
 
     turns.close_db_connections()
-
-
-# ------------------------------------------------------------ real engine
-import tests.conftest as _root  # noqa: E402
-
-if not hasattr(_root, "chat_engine"):
-    # Until the shared fixture exists: a real Engine on a tiny random-weight
-    # Llama with SmolLM2's tokenizer (fast, gibberish text), as pool "small".
-    @pytest.fixture(scope="session")
-    def chat_engine(smollm2_dir):
-        import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        from inference import Engine, EngineConfig, pools
-
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        )).eval()
-        engine = Engine(model, tokenizer, EngineConfig(kv_cache_bytes=32 * 2**20, model_name="tiny-smollm2"))
-        pools.register("small", engine)
-        yield engine
-        pools._engines.pop("small", None)
-        engine.shutdown()

@@ -8,23 +8,12 @@ import pytest
 from gateway import services
 from gateway.models import UsageRecord
 from gateway.types import ChatRequest, Overloaded, TokenEvent
+from tests.conftest import tiny_smollm2_engine
 from tests.gateway.helpers import collect
 
 
 def _tiny_engine(smollm2_dir, **config):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from inference import Engine, EngineConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )).eval()
-    return Engine(model, tokenizer, EngineConfig(kv_cache_bytes=16 * 2**20, **config))
+    return tiny_smollm2_engine(smollm2_dir, kv_cache_mb=16, **config)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +29,7 @@ def gw_engines(smollm2_dir):
         pools.register(name, engine)
     yield engines
     for name, engine in engines.items():
-        pools._engines.pop(name, None)
+        pools.unregister(name)
         engine.shutdown()
 
 
