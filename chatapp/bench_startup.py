@@ -49,7 +49,7 @@ def _status(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
-        pass
+        return 0  # the process is gone
     return 0
 
 
