@@ -79,6 +79,21 @@ def setup_django(data_dir: Path):
     call_command("migrate", verbosity=0)
 
 
+def _stop_services(data_dir: Path) -> None:
+    """The embedded Redis (and Postgres) would otherwise outlive the benchmark."""
+    import shutil
+
+    from django.conf import settings
+    from django.db import connections
+
+    from chatapp import embedded
+
+    connections.close_all()
+    embedded.stop_postgres(Path(settings.DATABASES["default"]["EMBEDDED_PGDATA"]))
+    embedded.stop_redis(settings.EMBEDDED_REDIS_DIR)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
 def make_users(n: int, idle: int):
     """Users with logged-in session cookies, and `idle` pending replies."""
     from django.contrib.auth import get_user_model
@@ -412,6 +427,7 @@ def main(argv=None):
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
+        _stop_services(data_dir)
     body = report(args, results, device)
     print(body)
     if args.write:
