@@ -180,3 +180,18 @@ def stop_redis(redis_dir: Path, timeout_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+def stop_configured() -> None:
+    """Close this process's database connections, then stop the embedded
+    Postgres and Redis that the settings use (nothing for external ones).
+    Both outlive the process that started them unless stopped here."""
+    from django.conf import settings
+    from django.db import connections
+
+    connections.close_all()
+    pgdata = settings.DATABASES["default"].get("EMBEDDED_PGDATA")
+    if pgdata:
+        stop_postgres(Path(pgdata))
+    if settings.EMBEDDED_REDIS:
+        stop_redis(settings.EMBEDDED_REDIS_DIR)

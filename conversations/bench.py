@@ -28,7 +28,6 @@ import os
 import re
 import resource
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,14 +82,9 @@ def _stop_services(data_dir: Path) -> None:
     """The embedded Redis (and Postgres) would otherwise outlive the benchmark."""
     import shutil
 
-    from django.conf import settings
-    from django.db import connections
-
     from chatapp import embedded
 
-    connections.close_all()
-    embedded.stop_postgres(Path(settings.DATABASES["default"]["EMBEDDED_PGDATA"]))
-    embedded.stop_redis(settings.EMBEDDED_REDIS_DIR)
+    embedded.stop_configured()
     shutil.rmtree(data_dir, ignore_errors=True)
 
 

@@ -175,11 +175,7 @@ def main(argv=None) -> int:
         call_command("migrate", interactive=False, verbosity=0)
         rows = asyncio.run(_run(args.requests))
     finally:
-        from django.db import connections
-
-        connections.close_all()
-        embedded.stop_postgres(Path(settings.DATABASES["default"]["EMBEDDED_PGDATA"]))
-        embedded.stop_redis(settings.EMBEDDED_REDIS_DIR)
+        embedded.stop_configured()
 
     table = _table(rows, args.requests) + "\n\n" + _verdicts(rows)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"

@@ -1,5 +1,4 @@
 import shutil
-from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -22,14 +21,7 @@ def embedded_services():
     if settings.EMBEDDED_REDIS:
         embedded.start_redis(settings.EMBEDDED_REDIS_DIR)
     yield
-    from django.db import connections
-
-    connections.close_all()
-    pgdata = settings.DATABASES["default"].get("EMBEDDED_PGDATA")
-    if pgdata:
-        embedded.stop_postgres(Path(pgdata))
-    if settings.EMBEDDED_REDIS:
-        embedded.stop_redis(settings.EMBEDDED_REDIS_DIR)
+    embedded.stop_configured()
     shutil.rmtree(settings.DATA_DIR, ignore_errors=True)
 
 

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from django.conf import settings
@@ -50,10 +49,7 @@ class Command(BaseCommand):
             from inference import pools
 
             pools.shutdown_all()
-            from django.db import connections
-
-            connections.close_all()
-            self._stop_services()
+            embedded.stop_configured()
             lock.close()
             self.stdout.write("stopped.")
 
@@ -87,13 +83,6 @@ class Command(BaseCommand):
         if pgdata:
             self.stdout.write("starting embedded PostgreSQL ...")
             embedded.postgres_server(Path(pgdata))
-
-    def _stop_services(self):
-        pgdata = settings.DATABASES["default"].get("EMBEDDED_PGDATA")
-        if pgdata:
-            embedded.stop_postgres(Path(pgdata))
-        if settings.EMBEDDED_REDIS:
-            embedded.stop_redis(settings.EMBEDDED_REDIS_DIR)
 
     def _reap(self):
         from conversations.services import reap_orphaned_replies
