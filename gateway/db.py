@@ -70,6 +70,14 @@ def close_connections() -> None:
     barrier = threading.Barrier(WORKERS)
 
     def close():
+        if connection.connection is not None and getattr(_local, "configured", None) is connection.connection:
+            # Back in the pool it may serve a page: give it the default durability again.
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("RESET synchronous_commit")
+            except Exception:
+                pass
+        _local.configured = None
         connections.close_all()
         barrier.wait(timeout=10)
 

@@ -50,6 +50,7 @@ def test_check_deploy_flags_development_settings():
         ("ENGINE_MAX_NUM_SEQS", "0", "ENGINE_MAX_NUM_SEQS=0 must be >= 1"),
         ("ENGINE_DEVICE", "tpu", "ENGINE_DEVICE='tpu' must be one of"),
         ("MODEL_POOLS_JSON", "{not json", "MODEL_POOLS_JSON is not valid JSON"),
+        ("DB_POOL_MAX_SIZE", "5", "DB_POOL_MAX_SIZE must be at least CHAT_DB_THREADS + 6 (10)"),
     ],
 )
 def test_bad_env_values_fail_loudly(name, value, message):
@@ -93,3 +94,24 @@ def test_createsuperuser_noinput_works():
         "print(u.is_superuser, u.check_password('ops-pass-1234'))",
     )
     assert check.stdout.strip().splitlines()[-1] == "True True", check.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_closing_a_connection_returns_it_to_the_pool(settings):
+    """What a request does at its end (close) keeps the backend for the next one."""
+    from django.db import connection
+
+    assert connection.pool is not None and connection.pool.max_size == settings.DB_POOL_MAX_SIZE
+
+    def backend_pid():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return cursor.fetchone()[0]
+
+    pids = set()
+    for _ in range(8):
+        pids.add(backend_pid())
+        connection.close()
+    # Reused, not reconnected (the pool may hand out any of its warm ones).
+    assert len(pids) < 8
+    assert len(pids) <= connection.pool.get_stats()["pool_size"]
