@@ -101,10 +101,10 @@ class ReplyStreamConsumer(AsyncConsumer):
         # also make proxies commit to streaming.
         await self._send(b"retry: 1000\n\n")
         fanout = streams.fanout()
-        channel = streams.notify_channel(reply_id)
         wake = None
+        streams.reader_joined(reply_id)
         try:
-            wake = await fanout.watch(channel)
+            wake = await fanout.watch("new", reply_id)
             await streams.subscriber_touch(reply_id, self.connection_id)
             if not await streams.log_exists(reply_id) and self.reply.is_terminal:
                 await self._send_stored(self.reply, after)
@@ -118,13 +118,18 @@ class ReplyStreamConsumer(AsyncConsumer):
                 # leaves the event set, so the wait below returns at once.
                 wake.clear()
                 events = await streams.read_after(reply_id, after)
-                for ev in events:
-                    await self._send(ev.encode())
-                    after = ev.seq
-                    if ev.terminal:
-                        await self._send(b"", more=False)
-                        return
                 if events:
+                    # One write for whatever arrived together (a reader that
+                    # fell behind, or a replay), up to the terminal event.
+                    chunk = []
+                    for ev in events:
+                        chunk.append(ev.encode())
+                        after = ev.seq
+                        if ev.terminal:
+                            break
+                    await self._send(b"".join(chunk), more=not ev.terminal)
+                    if ev.terminal:
+                        return
                     continue
                 remaining = heartbeat_s - (time.monotonic() - last_beat)
                 if remaining > 0:
@@ -149,9 +154,10 @@ class ReplyStreamConsumer(AsyncConsumer):
             ev = StreamEvent(seq=after + 1, event="error", data={"status": "error", "error": "The stream failed; reload the page."})
             await self._send(ev.encode(), more=False)
         finally:
+            streams.reader_left(reply_id)
+            if wake is not None:
+                fanout.unwatch("new", reply_id, wake)
             try:
-                if wake is not None:
-                    await fanout.unwatch(channel, wake)
                 await streams.subscriber_leave(reply_id, self.connection_id)
             except Exception:
                 pass

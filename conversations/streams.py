@@ -7,24 +7,31 @@ plain XRANGE/XREAD from `<seq>-0`. The generating task is the only writer
 
 - `…:subs`  a sorted set of live SSE connections scored by their last
   heartbeat, so a crashed web process stops counting after a while;
-- `…:new`   a pub/sub channel poked after each append, so a stream that is
-  waiting re-reads the log at once;
-- `…:ctl`   a pub/sub channel on which Stop reaches the generating task
-  wherever it runs; `…:stop` records the request for a task that has not
-  subscribed yet.
+- `…:stop`  records a Stop request (a task that has not subscribed yet, or
+  missed the poke, still finds it).
 
-Waiting costs no Redis connection per stream: each process has one pub/sub
-connection (the Fanout) that wakes its local waiters, and commands share a
-bounded pool, so 500 idle streams hold 500 sockets to browsers and one to
-Redis.
+Two pub/sub channels serve every reply: `replies:new` carries, once per
+batch of appends, the ids of the replies that grew (and which process wrote
+them); `replies:ctl` carries the id of a reply whose Stop was requested.
+Each process holds one pub/sub connection (the Fanout) that wakes its local
+waiters, and commands share a bounded pool, so 500 idle streams hold 500
+sockets to browsers and one to Redis, and opening a stream costs no
+SUBSCRIBE round trip.
+
+The common case (the SSE stream is served by the process that generates)
+does not read Redis back at all: the writer keeps the events of its live
+replies in memory once Redis has them, and wakes the local streams itself.
+Redis stays the source for replays from other processes, after a restart,
+and for the log's TTL.
 """
-from __future__ import annotations
-
 import asyncio
+import bisect
 import json
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -32,6 +39,13 @@ from django.conf import settings
 log = logging.getLogger(__name__)
 
 TERMINAL_EVENTS = frozenset({"done", "error"})
+# How long a finished reply's events stay in this process's memory: streams
+# that are reading it finish from there; later replays read Redis.
+LOCAL_KEEP_S = 30.0
+
+# Which process wrote an append, so that its own Fanout skips the poke (its
+# local streams were woken directly).
+ORIGIN = uuid.uuid4().hex[:12]
 
 _clients: dict = {}  # event loop -> client
 
@@ -56,8 +70,12 @@ def client() -> aioredis.Redis:
     return conn
 
 
+def _prefix() -> str:
+    return settings.CACHES["default"].get("KEY_PREFIX", "chatapp")
+
+
 def _key(reply_id, suffix: str) -> str:
-    return f"{settings.CACHES['default'].get('KEY_PREFIX', 'chatapp')}:reply:{reply_id}:{suffix}"
+    return f"{_prefix()}:reply:{reply_id}:{suffix}"
 
 
 def log_key(reply_id) -> str:
@@ -68,16 +86,16 @@ def subs_key(reply_id) -> str:
     return _key(reply_id, "subs")
 
 
-def notify_channel(reply_id) -> str:
-    return _key(reply_id, "new")
-
-
-def control_channel(reply_id) -> str:
-    return _key(reply_id, "ctl")
-
-
 def stop_key(reply_id) -> str:
     return _key(reply_id, "stop")
+
+
+def new_channel() -> str:
+    return f"{_prefix()}:replies:new"
+
+
+def control_channel() -> str:
+    return f"{_prefix()}:replies:ctl"
 
 
 @dataclass(frozen=True)
@@ -101,20 +119,37 @@ def _decode(entry_id: bytes, fields: dict) -> StreamEvent:
     return StreamEvent(seq=seq, event=fields[b"e"].decode(), data=json.loads(fields[b"d"]))
 
 
+# ------------------------------------------------------------ writing
+
 async def append(reply_id, event: StreamEvent) -> None:
     """Add an event to a reply's log and poke its readers. Returns once it is
     in Redis. Appends made by all replies of this process in the same loop
-    iteration share one pipelined round trip (32 replies decoding together
-    produce 32 events per engine step)."""
-    await _writer().append(reply_id, event)
+    iteration share one pipelined round trip and one publish (32 replies
+    decoding together produce 32 events per engine step)."""
+    await _state().writer.append(str(reply_id), event)
+
+
+@dataclass
+class _LocalLog:
+    """The events this process appended to one reply, in seq order."""
+    events: list = field(default_factory=list)
+    seqs: list = field(default_factory=list)
+    ttl_set_at: float = 0.0
+
+    def after(self, seq: int) -> list[StreamEvent] | None:
+        """Everything after `seq`, or None when this log does not reach back that far."""
+        if not self.seqs or self.seqs[0] > seq + 1:
+            return None
+        return self.events[bisect.bisect_right(self.seqs, seq):]
 
 
 class _Writer:
-    def __init__(self):
+    def __init__(self, state: "_LoopState"):
+        self.state = state
         self.pending: list = []
         self.flusher: asyncio.Task | None = None
 
-    async def append(self, reply_id, event: StreamEvent) -> None:
+    async def append(self, reply_id: str, event: StreamEvent) -> None:
         future = asyncio.get_running_loop().create_future()
         self.pending.append((reply_id, event, future))
         if self.flusher is None or self.flusher.done():
@@ -125,14 +160,21 @@ class _Writer:
         await asyncio.sleep(0)  # let the other replies of this step add theirs
         while self.pending:
             batch, self.pending = self.pending, []
-            newest: dict = {}
+            now = time.monotonic()
+            ttl = settings.STREAM_LOG_TTL_S
+            grew: dict[str, None] = {}
             async with client().pipeline(transaction=False) as pipe:
                 for reply_id, event, _ in batch:
                     pipe.xadd(log_key(reply_id), {"e": event.event, "d": json.dumps(event.data)}, id=f"{event.seq}-0")
-                    newest[reply_id] = event.seq
-                for reply_id, seq in newest.items():
-                    pipe.expire(log_key(reply_id), settings.STREAM_LOG_TTL_S)
-                    pipe.publish(notify_channel(reply_id), seq)
+                    grew[reply_id] = None
+                    local = self.state.logs.get(reply_id)
+                    # The TTL is set with the first event, renewed well before it
+                    # runs out, and restarted by the terminal event.
+                    if local is None or event.terminal or now - local.ttl_set_at > ttl / 4:
+                        pipe.expire(log_key(reply_id), ttl)
+                        if local is not None:
+                            local.ttl_set_at = now
+                pipe.publish(new_channel(), " ".join([ORIGIN, *grew]))
                 try:
                     await pipe.execute()
                 except Exception as exc:
@@ -140,25 +182,66 @@ class _Writer:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-            for _, _, future in batch:
+            for reply_id, event, future in batch:
+                self.state.remember(reply_id, event, now)
                 if not future.done():
                     future.set_result(None)
+            for reply_id in grew:
+                self.state.wake("new", reply_id)
 
 
-_writers: dict = {}  # event loop -> _Writer
+# ------------------------------------------------------------ per event loop
+
+class _LoopState:
+    """What one event loop (one Daphne process) knows about live replies:
+    the logs it writes, the local waiters to wake, its readers."""
+
+    def __init__(self):
+        self.writer = _Writer(self)
+        self.logs: dict[str, _LocalLog] = {}
+        self.waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
+        self.readers: defaultdict[str, int] = defaultdict(int)
+        self.fanout: Fanout | None = None
+
+    def remember(self, reply_id: str, event: StreamEvent, now: float) -> None:
+        local = self.logs.get(reply_id)
+        if local is None:
+            local = self.logs[reply_id] = _LocalLog(ttl_set_at=now)
+        if local.seqs and event.seq <= local.seqs[-1]:
+            return  # Redis refused nothing, so this cannot happen; never unsort the log
+        local.events.append(event)
+        local.seqs.append(event.seq)
+        if event.terminal:
+            asyncio.get_running_loop().call_later(LOCAL_KEEP_S, self.logs.pop, reply_id, None)
+
+    def wake(self, kind: str, reply_id: str) -> None:
+        for event in list(self.waiters.get((kind, reply_id), ())):
+            event.set()
 
 
-def _writer() -> _Writer:
+_states: dict = {}  # event loop -> _LoopState
+
+
+def _state() -> _LoopState:
     loop = asyncio.get_running_loop()
-    writer = _writers.get(loop)
-    if writer is None:
-        for old in [lp for lp in _writers if lp.is_closed()]:
-            del _writers[old]
-        writer = _writers[loop] = _Writer()
-    return writer
+    state = _states.get(loop)
+    if state is None:
+        for old in [lp for lp in _states if lp.is_closed()]:
+            del _states[old]
+        state = _states[loop] = _LoopState()
+    return state
 
+
+def drop_local(reply_id) -> None:
+    """Forget this process's copy of a reply's events: readers go to Redis."""
+    _state().logs.pop(str(reply_id), None)
+
+
+# ------------------------------------------------------------ reading
 
 async def log_exists(reply_id) -> bool:
+    if str(reply_id) in _state().logs:
+        return True
     return bool(await client().exists(log_key(reply_id)))
 
 
@@ -168,6 +251,11 @@ async def last_seq(reply_id) -> int:
 
 
 async def read_after(reply_id, after_seq: int, count: int = 1000) -> list[StreamEvent]:
+    local = _state().logs.get(str(reply_id))
+    if local is not None:
+        events = local.after(after_seq)
+        if events is not None:
+            return events[:count]
     entries = await client().xrange(log_key(reply_id), min=f"({after_seq}-0" if after_seq else "-", count=count)
     return [_decode(entry_id, fields) for entry_id, fields in entries]
 
@@ -175,48 +263,53 @@ async def read_after(reply_id, after_seq: int, count: int = 1000) -> list[Stream
 class Fanout:
     """One pub/sub connection per event loop, shared by every local waiter.
 
-    `watch(channel)` returns an asyncio.Event set whenever a message arrives
-    on the channel; it returns only once Redis confirmed the subscription, so
-    a publish after `watch` returns is never missed.
+    It subscribes to the two shared channels once. `watch(kind, reply_id)`
+    returns an asyncio.Event set whenever a message for that reply arrives
+    ("new": its log grew in another process; "ctl": its Stop was requested);
+    it returns only once the subscription is confirmed, so a publish after
+    `watch` returns is never missed.
     """
 
-    def __init__(self):
+    def __init__(self, state: _LoopState):
+        self.state = state
         self.redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=None)
         self.pubsub = self.redis.pubsub()
-        self.waiters: dict[str, set[asyncio.Event]] = {}
-        self.confirmed: dict[str, asyncio.Future] = {}
+        self.channels = {new_channel().encode(): "new", control_channel().encode(): "ctl"}
+        self.ready: asyncio.Future | None = None
         self.reader: asyncio.Task | None = None
 
-    async def watch(self, channel: str) -> asyncio.Event:
+    async def watch(self, kind: str, reply_id) -> asyncio.Event:
         event = asyncio.Event()
-        waiters = self.waiters.setdefault(channel, set())
-        waiters.add(event)
-        if channel not in self.confirmed:
-            self.confirmed[channel] = asyncio.get_running_loop().create_future()
-            await self.pubsub.subscribe(channel)
-            if self.reader is None or self.reader.done():
-                self.reader = asyncio.create_task(self._read(), name="stream-fanout")
+        key = (kind, str(reply_id))
+        self.state.waiters.setdefault(key, set()).add(event)
         try:
-            await asyncio.wait_for(asyncio.shield(self.confirmed[channel]), 10)
+            await self._subscribed()
         except BaseException:
-            await self.unwatch(channel, event)
+            self.unwatch(kind, reply_id, event)
             raise
         return event
 
-    async def unwatch(self, channel: str, event: asyncio.Event) -> None:
-        waiters = self.waiters.get(channel)
-        if waiters is None:
-            return
-        waiters.discard(event)
-        if not waiters:
-            del self.waiters[channel]
-            self.confirmed.pop(channel, None)
+    def unwatch(self, kind: str, reply_id, event: asyncio.Event) -> None:
+        key = (kind, str(reply_id))
+        waiters = self.state.waiters.get(key)
+        if waiters is not None:
+            waiters.discard(event)
+            if not waiters:
+                del self.state.waiters[key]
+
+    async def _subscribed(self) -> None:
+        if self.ready is None:
+            self.ready = asyncio.get_running_loop().create_future()
             try:
-                await self.pubsub.unsubscribe(channel)
-            except Exception:
-                log.warning("unsubscribing %s", channel, exc_info=True)
+                await self.pubsub.subscribe(*self.channels)
+            except BaseException:
+                self.ready = None
+                raise
+            self.reader = asyncio.create_task(self._read(), name="stream-fanout")
+        await asyncio.wait_for(asyncio.shield(self.ready), 10)
 
     async def _read(self) -> None:
+        confirmed: set = set()
         while True:
             try:
                 message = await self.pubsub.get_message(timeout=1.0)
@@ -224,33 +317,53 @@ class Fanout:
                 raise
             except Exception:
                 # Connection lost: waiters fall back to their heartbeat polls
-                # until the connection and subscriptions are re-established.
+                # until redis-py re-establishes the connection and subscriptions.
                 log.warning("stream fan-out lost its connection", exc_info=True)
                 await asyncio.sleep(0.5)
                 continue
             if message is None:
                 continue
-            channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
+            kind = self.channels.get(message["channel"])
             if message["type"] == "subscribe":
-                future = self.confirmed.get(channel)
-                if future is not None and not future.done():
-                    future.set_result(True)
-            elif message["type"] == "message":
-                for event in list(self.waiters.get(channel, ())):
-                    event.set()
-
-
-_fanouts: dict = {}  # event loop -> Fanout
+                confirmed.add(kind)
+                if len(confirmed) == len(self.channels) and not self.ready.done():
+                    self.ready.set_result(True)
+            elif message["type"] == "message" and kind is not None:
+                words = message["data"].decode().split()
+                if kind == "new":
+                    if words and words[0] != ORIGIN:  # our own appends woke their readers already
+                        for reply_id in words[1:]:
+                            self.state.wake("new", reply_id)
+                else:
+                    for reply_id in words:
+                        self.state.wake("ctl", reply_id)
 
 
 def fanout() -> Fanout:
-    loop = asyncio.get_running_loop()
-    instance = _fanouts.get(loop)
-    if instance is None:
-        for old in [lp for lp in _fanouts if lp.is_closed()]:
-            del _fanouts[old]
-        instance = _fanouts[loop] = Fanout()
-    return instance
+    state = _state()
+    if state.fanout is None:
+        state.fanout = Fanout(state)
+    return state.fanout
+
+
+# ------------------------------------------------------------ readers and Stop
+
+def reader_joined(reply_id) -> None:
+    """A stream of this process is reading the reply (the watcher of a reply
+    generated here needs no Redis round trip to know someone is)."""
+    _state().readers[str(reply_id)] += 1
+
+
+def reader_left(reply_id) -> None:
+    readers = _state().readers
+    key = str(reply_id)
+    readers[key] -= 1
+    if readers[key] <= 0:
+        del readers[key]
+
+
+def local_readers(reply_id) -> int:
+    return _state().readers.get(str(reply_id), 0)
 
 
 async def subscriber_touch(reply_id, connection_id: str) -> None:
@@ -276,7 +389,7 @@ async def request_stop(reply_id) -> None:
     conn = client()
     # The key first: a watcher that wakes (or polls) must find it set.
     await conn.set(stop_key(reply_id), "1", ex=settings.STREAM_LOG_TTL_S)
-    await conn.publish(control_channel(reply_id), "stop")
+    await conn.publish(control_channel(), str(reply_id))
 
 
 async def stop_requested(reply_id) -> bool:

@@ -148,16 +148,18 @@ async def _watch(reply_id, request_id: str, outcome: _Outcome, started_at: float
     from gateway import services as gateway
 
     fanout = streams.fanout()
-    channel = streams.control_channel(reply_id)
-    wake = await fanout.watch(channel)
+    wake = await fanout.watch("ctl", reply_id)
     try:
         last_reader = started_at
-        poll_s = min(0.5, settings.STREAM_GRACE_S / 4)
+        # Stop arrives as a poke; the poll is for the grace period and for a
+        # poke lost with the pub/sub connection. A reader in this process is
+        # known without asking Redis.
+        poll_s = min(2.0, settings.STREAM_GRACE_S / 4)
         while not outcome.ended:
             wake.clear()
             if await streams.stop_requested(reply_id):
                 outcome.reason = "stopped"
-            elif await streams.live_subscribers(reply_id):
+            elif streams.local_readers(reply_id) or await streams.live_subscribers(reply_id):
                 last_reader = time.monotonic()
             elif time.monotonic() - last_reader > settings.STREAM_GRACE_S:
                 outcome.reason = "interrupted"
@@ -171,7 +173,7 @@ async def _watch(reply_id, request_id: str, outcome: _Outcome, started_at: float
             except asyncio.TimeoutError:
                 pass
     finally:
-        await fanout.unwatch(channel, wake)
+        fanout.unwatch("ctl", reply_id, wake)
 
 
 def _readable_error(exc) -> str:

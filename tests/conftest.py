@@ -25,6 +25,25 @@ def embedded_services():
     shutil.rmtree(settings.DATA_DIR, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """Before the test database is dropped: the chat's and the gateway's
+    threads give back their connections and the pool closes them (an open
+    pooled connection would keep the database "being accessed")."""
+    yield
+    from django.db import connections
+
+    from conversations import turns
+    from gateway import db
+
+    with django_db_blocker.unblock():
+        turns.close_db_connections()
+        db.close_connections()
+        for conn in connections.all():
+            if getattr(conn, "pool", None) is not None:
+                conn.close_pool()
+
+
 @pytest.fixture(autouse=True)
 def _clear_cache(request):
     """Each test starts with an empty Redis cache (rate limits, quotas)."""

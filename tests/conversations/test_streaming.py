@@ -2,6 +2,7 @@
 ids, replay from Last-Event-ID, heartbeats, terminal events on done, stop,
 error, the grace period, and 404 for other users' streams."""
 import asyncio
+import json
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -70,6 +71,10 @@ async def test_replay_from_last_event_id_has_no_gap_and_no_duplicate(alice, fake
 async def test_a_finished_reply_replays_its_log_or_its_stored_text(alice, fake_gateway, fast_streams):
     reply = await new_reply(alice)
     await turns.generate_reply(reply.id)
+    _, raw = await read_stream(open_stream(reply.id, user=alice))
+    assert text_of(raw) == "Hello, world!" and events_of(raw)[-1]["event"] == "done"
+    # Served from another process's log (Redis), the same.
+    streams.drop_local(reply.id)
     _, raw = await read_stream(open_stream(reply.id, user=alice))
     assert text_of(raw) == "Hello, world!" and events_of(raw)[-1]["event"] == "done"
     # The log expired: the stored text comes as the terminal event's HTML.
@@ -235,3 +240,37 @@ async def test_server_shutdown_marks_the_reply_interrupted(alice, fake_gateway, 
         await task
     stored = await load(reply.id)
     assert stored.status == "interrupted" and stored.content.startswith("t0 ")
+
+
+async def test_a_stream_follows_a_reply_generated_in_another_process(alice, fast_streams):
+    """The log in Redis and the shared poke channel are all another process
+    needs: each append wakes the stream at once (heartbeats are far apart)."""
+    fast_streams.STREAM_HEARTBEAT_S = 30
+    reply = await new_reply(alice)
+    comm = open_stream(reply.id, user=alice)
+    await comm.send_input({"type": "http.request", "body": b"", "more_body": False})
+    assert (await comm.receive_output(5))["type"] == "http.response.start"
+    assert b"retry:" in (await comm.receive_output(5))["body"]
+    conn = streams.client()
+    script = [("status", {"status": "streaming"}), ("token", {"t": "far "}), ("token", {"t": "away"}),
+              ("done", {"status": "complete", "html": "<p>far away</p>", "error": ""})]
+    raw = b""
+    for seq, (event, data) in enumerate(script, start=1):
+        await conn.xadd(streams.log_key(reply.id), {"e": event, "d": json.dumps(data)}, id=f"{seq}-0")
+        await conn.publish(streams.new_channel(), f"another-process {reply.id}")
+        msg = await comm.receive_output(2)  # woken by the poke, not by a heartbeat 30 s away
+        raw += msg["body"]
+    assert not msg.get("more_body")
+    assert [int(e["id"]) for e in events_of(raw)] == [1, 2, 3, 4]
+    assert text_of(raw) == "far away"
+
+
+async def test_a_replay_from_before_this_process_wrote_reads_redis(alice, fast_streams):
+    """A process that wrote only the tail of a log (the Stop fallback) must not
+    answer a replay from the beginning with that tail alone."""
+    reply = await new_reply(alice)
+    conn = streams.client()
+    await conn.xadd(streams.log_key(reply.id), {"e": "token", "d": json.dumps({"t": "early "})}, id="1-0")
+    await streams.append(reply.id, StreamEvent(seq=2, event="token", data={"t": "late"}))
+    assert [e.seq for e in await streams.read_after(reply.id, 0)] == [1, 2]
+    assert [e.seq for e in await streams.read_after(reply.id, 1)] == [2]
