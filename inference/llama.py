@@ -13,6 +13,7 @@ prefill chunks take one call each.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +43,109 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     # HF's LlamaRMSNorm takes its statistics in fp32 and scales after casting back;
     # one fused kernel does the same for fp32, half precision goes through fp32.
     if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+        return F.rms_norm(x, [weight.size(0)], weight, eps)
+    return weight * F.rms_norm(x.float(), [weight.size(0)], None, eps).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x [T, heads, D]; cos/sin [T, 1, D] hold each frequency twice (HF's layout).
-    half = x.shape[-1] // 2
+    half = x.size(-1) // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # h + x @ W^T in one GEMM (the residual is the accumulator): one pass fewer over h.
+    if bias is not None:
+        return h + F.linear(x, weight, bias)
+    return torch.addmm(h, x, weight.t())
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor,
+               decode_groups: List[Tuple[int, int, torch.Tensor, torch.Tensor]],
+               prefills: List[Tuple[int, int, int, Optional[torch.Tensor], Optional[torch.Tensor]]],
+               kv_heads: int, scale: float) -> torch.Tensor:
+    num_tokens, heads, dim = q.size(0), q.size(1), q.size(2)
+    out = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
+    block_size = layer_k.size(1)
+    for first, b, tables, mask in decode_groups:
+        ctx = tables.size(1) * block_size
+        keys = layer_k[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)  # [B, KV, C, D]
+        values = layer_v[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)
+        queries = q[first:first + b].unsqueeze(2)  # [B, H, 1, D]
+        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                           scale=scale, enable_gqa=True)  # [B, H, 1, D]
+        out[first:first + b] = o.squeeze(2)
+    for start, q_len, ctx_len, blocks, mask in prefills:
+        queries = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        if blocks is None:  # no earlier context: this chunk's own K/V is everything
+            keys = k[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, KV, q, D]
+            values = v[start:start + q_len].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
+                                               scale=scale, enable_gqa=True)
+        else:
+            keys = layer_k[blocks].view(-1, kv_heads, dim)[:ctx_len].transpose(0, 1).unsqueeze(0)
+            values = layer_v[blocks].view(-1, kv_heads, dim)[:ctx_len].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                               scale=scale, enable_gqa=True)
+        out[start:start + q_len] = o[0].transpose(0, 1)
+    return out.view(num_tokens, heads * dim)
+
+
+def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+            weights: List[List[torch.Tensor]], qkv_biases: List[Optional[torch.Tensor]],
+            o_biases: List[Optional[torch.Tensor]], k_cache: torch.Tensor, v_cache: torch.Tensor,
+            decode_groups: List[Tuple[int, int, torch.Tensor, torch.Tensor]],
+            prefills: List[Tuple[int, int, int, Optional[torch.Tensor], Optional[torch.Tensor]]],
+            heads: int, kv_heads: int, dim: int, eps: float, scale: float) -> torch.Tensor:
+    """Every decoder layer; weights[i] = [input_norm, qkv, o, post_norm, gate_up, down]."""
+    num_tokens = h.size(0)
+    for index, w in enumerate(weights):
+        x = _rms_norm(h, w[0], eps)
+        qkv = F.linear(x, w[1], qkv_biases[index])  # [T, (H + 2 KV) * D]
+        qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
+        qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, sin)  # [T, H + KV, D]: one rotation for both
+        q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, KV, D]
+        v = v.view(num_tokens, kv_heads, dim)
+        layer_k = k_cache[index]  # [num_blocks, block_size, KV, D]
+        layer_v = v_cache[index]
+        layer_k.view(-1, kv_heads, dim).index_copy_(0, slots, k)
+        layer_v.view(-1, kv_heads, dim).index_copy_(0, slots, v)
+        o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale)  # [T, H * D]
+        h = _residual_linear(h, o, w[2], o_biases[index])
+        x = _rms_norm(h, w[3], eps)
+        gate, up = F.linear(x, w[4]).chunk(2, dim=-1)
+        h = _residual_linear(h, F.silu(gate) * up, w[5], None)
+    return h
+
+
+# The layer stack runs as one TorchScript call: the interpreter executes its
+# ~20 ops per layer without the GIL. Called op by op from Python, the engine
+# thread gave the GIL back and waited for it again around every op, and while
+# the web server's threads were busy (a burst of new chats) each wait could
+# last a whole switch interval: a 12-token prefill took 0.75 s instead of
+# 0.05 s (docs/BENCHMARKS.md). The plain interpreter (no profiling executor)
+# runs it as written, without re-specialising for every batch shape.
+# TorchScript is deprecated in favour of torch.compile, which would need a C++
+# toolchain at run time on CPU and minutes of compilation per shape; it still
+# ships with the pinned torch. Should a later torch drop it, the same function
+# runs eagerly (correct, just exposed to the GIL again).
+def _script(fn):
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(fn)
+    except Exception:  # pragma: no cover - depends on the torch build
+        import logging
+
+        logging.getLogger(__name__).warning("TorchScript unavailable: the layer stack runs eagerly", exc_info=True)
+        return fn
+
+
+_layers_scripted = _script(_layers)
 
 
 class PagedLlama:
@@ -74,6 +169,11 @@ class PagedLlama:
         self.lm_head = model.lm_head.weight
         self.layers = [self._fuse(layer) for layer in inner.layers]
         self.num_layers = len(self.layers)
+        # The scripted layer stack's arguments, built once.
+        self.weights = [[w["input_norm"], w["qkv"], w["o"], w["post_norm"], w["gate_up"], w["down"]]
+                        for w in self.layers]
+        self.qkv_biases = [w["qkv_bias"] for w in self.layers]
+        self.o_biases = [w["o_bias"] for w in self.layers]
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # Rotary tables from the model's own rotary module, so every rope
@@ -125,27 +225,13 @@ class PagedLlama:
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """input_ids, positions, slots [T]; logit_rows [N]; caches
         [layers, num_blocks, block_size, kv_heads, D]. Returns logits [N, V] (fp32)."""
-        num_tokens = input_ids.shape[0]
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         h = F.embedding(input_ids, self.embed)  # [T, hidden]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
-        for index, w in enumerate(self.layers):
-            x = _rms_norm(h, w["input_norm"], self.eps)
-            qkv = F.linear(x, w["qkv"], w["qkv_bias"])  # [T, (H + 2 KV) * D]
-            qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-            qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, sin)  # [T, H + KV, D]: one rotation for both
-            q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, KV, D]
-            v = v.view(num_tokens, kv_heads, dim)
-            layer_k = k_cache[index]  # [num_blocks, block_size, KV, D]
-            layer_v = v_cache[index]
-            layer_k.view(-1, kv_heads, dim).index_copy_(0, slots, k)
-            layer_v.view(-1, kv_heads, dim).index_copy_(0, slots, v)
-            o = self._attention(q, k, v, layer_k, layer_v, plan)  # [T, H * D]
-            h = self._residual_linear(h, o, w["o"], w["o_bias"])
-            x = _rms_norm(h, w["post_norm"], self.eps)
-            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
-            h = self._residual_linear(h, F.silu(gate) * up, w["down"], None)
+        with torch.jit.optimized_execution(False):
+            h = _layers_scripted(h, cos, sin, slots, self.weights, self.qkv_biases, self.o_biases, k_cache, v_cache,
+                                 plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
+                                 self.head_dim, self.eps, self.scale)
         h = _rms_norm(h[logit_rows], self.final_norm, self.eps)  # [N, hidden]
         if self.device.type == "cpu":
             # MKL runs the tall lm_head GEMM ([V, hidden] with V ~ 50k) about 30%
@@ -153,37 +239,3 @@ class PagedLlama:
             # 2-core box; docs/BENCHMARKS.md); the transpose back is one small copy.
             return torch.mm(self.lm_head, h.t()).t().contiguous().float()  # [N, V]
         return F.linear(h, self.lm_head).float()  # [N, V]
-
-    @staticmethod
-    def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-        # h + x @ W^T in one GEMM (the residual is the accumulator): one pass fewer over h.
-        if bias is not None:
-            return h + F.linear(x, weight, bias)
-        return torch.addmm(h, x, weight.t())
-
-    def _attention(self, q, k, v, layer_k, layer_v, plan: AttentionPlan) -> torch.Tensor:
-        num_tokens, heads, dim = q.shape
-        kv_heads = self.num_kv_heads
-        out = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
-        for first, b, tables, mask in plan.decode_groups:
-            ctx = tables.shape[1] * layer_k.shape[1]
-            keys = layer_k[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)  # [B, KV, C, D]
-            values = layer_v[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)
-            queries = q[first:first + b].unsqueeze(2)  # [B, H, 1, D]
-            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
-                                               scale=self.scale, enable_gqa=True)  # [B, H, 1, D]
-            out[first:first + b] = o.squeeze(2)
-        for start, q_len, ctx_len, blocks, mask in plan.prefills:
-            queries = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-            if blocks is None:  # no earlier context: this chunk's own K/V is everything
-                keys = k[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, KV, q, D]
-                values = v[start:start + q_len].transpose(0, 1).unsqueeze(0)
-                o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
-                                                   scale=self.scale, enable_gqa=True)
-            else:
-                keys = layer_k[blocks].view(-1, kv_heads, dim)[:ctx_len].transpose(0, 1).unsqueeze(0)
-                values = layer_v[blocks].view(-1, kv_heads, dim)[:ctx_len].transpose(0, 1).unsqueeze(0)
-                o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
-                                                   scale=self.scale, enable_gqa=True)
-            out[start:start + q_len] = o[0].transpose(0, 1)
-        return out.view(num_tokens, heads * dim)
