@@ -54,6 +54,9 @@ class Engine:
         self._requests: dict[str, Sequence] = {}  # live requests by id
         self._num_unscheduled = 0  # submitted, not yet admitted once: what saturation counts
         self._stopping = False
+        # Handles that got events during this loop iteration, woken together
+        # at its end (engine thread only).
+        self._to_wake: list = []
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.model_name}", daemon=True)
         self._thread.start()
 

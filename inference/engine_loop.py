@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from inference.handle import wake_readers
 from inference.outputs import DeltaEvent, FinishEvent, Usage
 from inference.sequence import Sequence, SequenceStatus
 
@@ -18,6 +19,7 @@ def run_loop(engine) -> None:
     with torch.inference_mode():
         while True:
             _drain_inbox(engine)
+            wake_readers(engine)  # aborts' final events
             if engine._stopping:
                 break
             if not engine.scheduler.has_work():
@@ -29,9 +31,11 @@ def run_loop(engine) -> None:
             except Exception as exc:  # a failed step must not kill the pool: fail its requests instead
                 log.exception("engine step failed")
                 _fail_all(engine, f"{type(exc).__name__}: {exc}")
+            wake_readers(engine)
     _drain_inbox(engine)
     for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
         _finish(engine, seq, "abort", error=None)
+    wake_readers(engine)
 
 
 def _drain_inbox(engine) -> None:

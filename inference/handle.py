@@ -9,6 +9,34 @@ from inference.outputs import Completion, DeltaEvent, FinishEvent
 _WAKE_TIMEOUT_S = 1.0
 
 
+def wake_readers(engine) -> None:
+    """One wake-up per event loop per engine step, not one per event: 32
+    sequences decoding together would otherwise poke the loop 32 times per
+    step (32 self-pipe writes, and as many loop wake-ups competing with the
+    engine's own threads for the CPU)."""
+    handles, engine._to_wake = engine._to_wake, []
+    if not handles:
+        return
+    by_loop: dict = {}
+    for handle in handles:
+        if handle._loop is not None and handle._wake is not None:
+            by_loop.setdefault(handle._loop, {})[id(handle)] = handle
+    for loop, group in by_loop.items():
+        wakes = [handle._wake for handle in group.values()]
+        try:
+            loop.call_soon_threadsafe(_set_all, wakes)
+        except RuntimeError:
+            # The consumers' loop is gone: nobody will read the rest.
+            for handle in group.values():
+                if not handle._done_delivering():
+                    engine.abort(handle.request_id)
+
+
+def _set_all(events) -> None:
+    for event in events:
+        event.set()
+
+
 class RequestHandle:
     """Events arrive from the engine thread through a thread-safe queue.
     `async for event in handle` on the event loop that submitted it (or any
@@ -23,18 +51,21 @@ class RequestHandle:
         self._loop = loop
         self._wake = asyncio.Event() if loop is not None else None
         self._done = False
+        self._finished_sent = False
 
     # ------------------------------------------------------ engine thread side
     def _deliver(self, event: DeltaEvent | FinishEvent) -> None:
+        """Queue an event; its reader is woken by `wake_readers` at the end of
+        the engine's loop iteration, together with every other handle."""
         self._events.put(event)
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
-            try:
-                loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:
-                # The consumer's loop is gone: nobody will read the rest.
-                if not event.finished:
-                    self._engine.abort(self.request_id)
+        if event.finished:
+            self._finished_sent = True
+        self._engine._to_wake.append(self)
+
+    # ------------------------------------------------------------ async side
+    def _done_delivering(self) -> bool:
+        """Whether the engine already sent this request's final event."""
+        return self._finished_sent
 
     # ------------------------------------------------------------ async side
     def __aiter__(self):

@@ -151,3 +151,32 @@ def test_shutdown_ends_live_requests_with_abort(make_engine):
     assert all(h.result(timeout_s=30).finish_reason == "abort" for h in handles)
     with pytest.raises(RuntimeError):
         engine.submit([4, 5], params)
+
+
+async def test_streams_decoding_together_wake_their_loop_once_per_step(make_engine):
+    """16 sequences in a batch cost the event loop one wake-up per engine step,
+    not one per token (each is a self-pipe write and a loop wake-up that
+    competes with the engine's threads for the CPU)."""
+    prompts = make_prompts(16, seed=7, max_len=20)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine = make_engine(max_num_seqs=16)
+    loop = asyncio.get_running_loop()
+    wakes = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback, *args, **kwargs):
+        if threading.current_thread().name.startswith("engine-"):
+            wakes.append(callback)
+        return real(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counting
+    try:
+        handles = [engine.submit(p, params) for p in prompts]
+        results = await asyncio.gather(*(h.aresult() for h in handles))
+    finally:
+        del loop.call_soon_threadsafe
+    assert all(len(r.token_ids) == 12 for r in results)
+    tokens = sum(len(r.token_ids) for r in results)
+    steps = engine.stats()["steps"]
+    assert tokens == 16 * 12
+    assert 0 < len(wakes) <= steps + 1 < tokens
