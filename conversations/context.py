@@ -59,8 +59,13 @@ def build_context(*, conversation: Conversation, history: list[Message], reply_t
     if system:
         head.append({"role": "system", "content": system})
 
+    counted: dict[int, int] = {}
+
     def count(k: int) -> int:
-        return gateway.count_prompt_tokens(head + [_as_chat(m) for m in candidates[len(candidates) - k:]], model)
+        # Each count renders the chat template and tokenizes: never twice for one k.
+        if k not in counted:
+            counted[k] = gateway.count_prompt_tokens(head + [_as_chat(m) for m in candidates[len(candidates) - k:]], model)
+        return counted[k]
 
     # Binary search for the most newest messages that fit: token counts grow
     # with every message added, so log2(n) renders instead of n.

@@ -116,6 +116,21 @@ def _prepare(reply_id):
     return request
 
 
+def create_and_prepare(create, /, **kwargs):
+    """Run `create` (a service that saves a turn and returns its pending
+    reply) and build that reply's model request in the same trip to a
+    database thread, so the reply task starts generating at once instead of
+    queueing for a thread again (behind the page render, in a burst).
+    Returns (reply, request); request is None when it could not be built here,
+    and the task then builds it itself and reports any error on the reply."""
+    reply = create(**kwargs)
+    try:
+        request = _prepare(reply.id)
+    except Exception:
+        request = None
+    return reply, request
+
+
 class _Outcome:
     """Why the generation ended early, set by the watcher."""
 
@@ -124,13 +139,14 @@ class _Outcome:
         self.ended = False  # the generation is over: the watcher must not decide any more
 
 
-def start_reply(reply_id) -> asyncio.Task:
-    """Schedule the generation of `reply_id` on the running event loop."""
+def start_reply(reply_id, request=None) -> asyncio.Task:
+    """Schedule the generation of `reply_id` on the running event loop
+    (`request`: already built by `create_and_prepare`)."""
     key = str(reply_id)
     # A fresh context: the task must not inherit the request's (asgiref binds
     # sync_to_async calls to the request's executor, which ends with it).
     task = asyncio.get_running_loop().create_task(
-        generate_reply(reply_id), name=f"reply-{key}", context=contextvars.Context()
+        generate_reply(reply_id, request), name=f"reply-{key}", context=contextvars.Context()
     )
     _running[key] = task
     task.add_done_callback(lambda t: _running.pop(key, None))
@@ -197,7 +213,7 @@ def _human_seconds(seconds: int) -> str:
     return f"{round(minutes / 60)} hours"
 
 
-async def generate_reply(reply_id) -> str:
+async def generate_reply(reply_id, request=None) -> str:
     """Generate, log, materialize, finish. Returns the final status."""
     from gateway import services as gateway
     from gateway.types import Blocked, FinalEvent, GatewayError, Usage
@@ -213,14 +229,15 @@ async def generate_reply(reply_id) -> str:
         return ev
 
     began = time.perf_counter()
-    try:
-        request = await db_thread(_prepare)(reply_id)
-    except Exception as exc:  # context could not be built: an error reply, never a hung one
-        log.exception("building the context of %s", reply_id)
-        await _finish(reply_id, emit, "error", "", seq_ref=lambda: seq, error=_context_error(exc))
-        return "error"
     if request is None:
-        return "gone"
+        try:
+            request = await db_thread(_prepare)(reply_id)
+        except Exception as exc:  # context could not be built: an error reply, never a hung one
+            log.exception("building the context of %s", reply_id)
+            await _finish(reply_id, emit, "error", "", seq_ref=lambda: seq, error=_context_error(exc))
+            return "error"
+        if request is None:
+            return "gone"
     prepared_s = time.perf_counter() - began
     await emit("status", {"status": "streaming"})
 

@@ -87,14 +87,15 @@ def _create_and_send(user, text, model, system_prompt):
 async def conversation_new(request):
     user = await request.auser()
     try:
-        reply = await db_thread(_create_and_send)(
-            user, request.POST.get("text"), request.POST.get("model", ""), request.POST.get("system_prompt", "")
+        reply, prepared = await db_thread(turns.create_and_prepare)(
+            _create_and_send, user=user, text=request.POST.get("text"), model=request.POST.get("model", ""),
+            system_prompt=request.POST.get("system_prompt", ""),
         )
     except ValidationError as exc:
         if request.htmx:
             return _composer_error(" ".join(exc.messages))
         return await db_thread(lambda: render(request, "conversations/chat.html", _chat_context(request, error=" ".join(exc.messages), draft=request.POST.get("text", "")), status=422))()
-    turns.start_reply(reply.id)
+    turns.start_reply(reply.id, prepared)
     url = f"/c/{reply.conversation_id}/"
     if not request.htmx:
         return redirect(url)
@@ -116,10 +117,10 @@ def _turn_fragment(request, reply):
 
 async def _start_and_render(request, fn, **kwargs):
     try:
-        reply = await db_thread(fn)(**kwargs)
+        reply, prepared = await db_thread(turns.create_and_prepare)(fn, **kwargs)
     except ValidationError as exc:
         return _composer_error(" ".join(exc.messages))
-    turns.start_reply(reply.id)
+    turns.start_reply(reply.id, prepared)
     return await db_thread(_turn_fragment)(request, reply)
 
 

@@ -54,6 +54,33 @@ async def test_new_chat_creates_the_conversation_and_redirects(alice, fake_gatew
     await turns.wait_idle(10)
 
 
+async def test_the_send_post_prepares_the_model_request_in_its_own_database_trip(alice, fake_gateway, fast_streams):
+    """The reply is streaming with its request built when the POST answers;
+    a context that cannot be built still ends as a readable error reply."""
+    conversation = await sync_to_async(services.conversation_create)(user=alice)
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(alice)
+    fake_gateway.delay_s = 0.2
+    response = await client.post(f"/c/{conversation.id}/send", {"text": "Hello?"}, headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    reply = await sync_to_async(Message.objects.get)(conversation=conversation, role="assistant")
+    assert reply.status == "streaming" and reply.request_id
+    await turns.wait_idle(10)
+    chat_request = next(r for r in fake_gateway.requests if r.source == "chat")
+    assert chat_request.messages[-1] == {"role": "user", "content": "Hello?"}
+    assert chat_request.request_id == reply.request_id
+
+    fake_gateway.delay_s = 0
+    fake_gateway.context_window = 10  # nothing fits: the reply says so
+    response = await client.post(f"/c/{conversation.id}/send", {"text": "Another question"}, headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    await turns.wait_idle(10)
+    reply = await sync_to_async(
+        lambda: Message.objects.filter(conversation=conversation, role="assistant").order_by("-created_at").first()
+    )()
+    assert reply.status == "error" and "too long for the model's context" in reply.error
+
+
 async def test_empty_and_overlong_messages_get_a_clear_inline_error(alice, fake_gateway, settings):
     settings.CHAT_MAX_MESSAGE_CHARS = 20
     client = AsyncClient()
