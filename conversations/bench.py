@@ -365,14 +365,14 @@ def write_section(body: str, command: str) -> None:
                "read the SSE stream to its terminal event; TTFT runs from the POST to the first token event. "
                "The engine figures come from an identical engine in the benchmark's process given the same "
                "prompts at once. Gateway caches off, quotas unlimited; both runs warmed up with the same "
-               "prompts first. Client and server share the machine's cores: on a small CPU box the burst rows "
-               "measure CPU contention as much as the web path (its per-token Python work — Redis append, "
-               "pub/sub wake-up, SSE write — runs under the same GIL as the engine's step loop, and the 32 "
-               "requests' page work delays their arrival at the engine); one chat at a time isolates the web "
-               "path's own latency. `POST answered` is the time from the POST to its response (the chat page): "
-               "in the burst, 32 new chats' page work (session, inserts, render) shares two cores with the engine's "
-               "prefill, so every chat's first token waits for it. The staggered rows send the same chats one every "
-               "--stagger-ms (the engine alone on the same schedule): each POST lands while the earlier chats "
+               "prompts first. Client and server share the machine's two cores, and the engine shares its "
+               "process with Daphne: every millisecond of web work (the POSTs' inserts and page renders, "
+               "the per-token Redis append and SSE write) takes a core from the engine's two torch threads, "
+               "which then wait for each other at every op. One chat at a time isolates the web path's own "
+               "latency. `POST answered` is the time from the POST to its response (the chat page). In the "
+               "burst, 32 new chats' page work shares the cores with the engine's prefill, so their first "
+               "tokens wait for it. The staggered rows send the same chats one every --stagger-ms (the engine "
+               "alone on the same schedule): each POST lands while the earlier chats "
                "stream, as when people chat at the same time without clicking Send in the same instant.\n\n" + body + "\n")
     replace_section(ROOT / "docs" / "BENCHMARKS.md", section, SECTION)
 
