@@ -1,0 +1,116 @@
+"""The engine beside busy Python threads: why the layer stack is TorchScript.
+
+    .venv/bin/python -m inference.bench_gil [--repeats 2] [--out docs/BENCHMARKS.md]
+
+The engine runs in the web server's process, so its step loop shares the GIL
+with Django's threads. A forward pass called op by op from Python gives the
+GIL back around every torch op and must win it back afterwards; while other
+threads run Python, each of those waits can last a whole switch interval
+(5 ms). This measures one engine step (the prefill of a 12-token prompt, and a
+decode step of 8 sequences) with 0, 1 and 2 threads spinning in pure Python
+beside it, with the decoder layers run eagerly from Python and as the one
+TorchScript call the engine uses. Prints a table and replaces its own section
+of docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from inference import Engine, EngineConfig, SamplingParams, llama
+from inference.bench_report import write_section
+
+SECTION = "## Engine beside busy Python threads (inference.bench_gil)"
+
+
+class _Burners:
+    """Threads that run Python without pause, as a busy web server's do."""
+
+    def __init__(self, count: int):
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._spin, daemon=True) for _ in range(count)]
+
+    def _spin(self):
+        while not self.stop.is_set():
+            sum(i * i for i in range(2000))
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def _timed(engine, prompts, params, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.generate(prompts, params)
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="model dir (default: the bundled SmolLM2, converted once under var/models)")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N for each cell")
+    parser.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown file to write ('' to skip)")
+    args = parser.parse_args(argv)
+    if args.model:
+        model_dir = args.model
+    else:
+        from inference.bench import _bundled_model_dir
+
+        model_dir = _bundled_model_dir()
+    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_bytes=64 * 2**20, enable_prefix_caching=False))
+    scripted = llama._layers_scripted
+    prefill = [list(range(1000, 1012))]
+    decode = [list(range(2000 + 40 * i, 2012 + 40 * i)) for i in range(8)]
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    two = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    rows = []
+    try:
+        for name, layers in (("eager (op by op from Python)", llama._layers), ("TorchScript (one call)", scripted)):
+            llama._layers_scripted = layers
+            _timed(engine, prefill, one, 1)  # warm-up
+            for busy in (0, 1, 2):
+                with _Burners(busy):
+                    prefill_ms = _timed(engine, prefill, one, args.repeats)
+                    # Two tokens minus one: the second step is the 8-row decode.
+                    decode_ms = _timed(engine, decode, two, args.repeats) - _timed(engine, decode, one, args.repeats)
+                rows.append((name, busy, prefill_ms, max(decode_ms, 0.0)))
+                print(f"{name}, {busy} busy threads: prefill {prefill_ms:.0f} ms, decode {decode_ms:.0f} ms",
+                      file=sys.stderr, flush=True)
+    finally:
+        llama._layers_scripted = scripted
+        engine.shutdown()
+    lines = [
+        f"SmolLM2-135M-Instruct, fp32, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}, switch interval {sys.getswitchinterval() * 1000:.0f} ms; "
+        f"best of {args.repeats}; prefix caching off.",
+        "",
+        "| layer stack | threads running Python beside it | prefill step, 12 tokens (ms) | decode step, 8 sequences (ms) |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {busy} | {p:.0f} | {d:.0f} |" for name, busy, p, d in rows]
+    body = "\n".join(lines)
+    print(body)
+    if args.out:
+        command = "python -m inference.bench_gil " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_section(Path(args.out), f"{SECTION}\n\nCommand: `{command.strip()}`. {__doc__.split(chr(10) + chr(10))[1].strip()}\n\n{body}\n", SECTION)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
