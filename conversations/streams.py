@@ -135,6 +135,7 @@ class _LocalLog:
     events: list = field(default_factory=list)
     seqs: list = field(default_factory=list)
     ttl_set_at: float = 0.0
+    touched_at: float = 0.0
 
     def after(self, seq: int) -> list[StreamEvent] | None:
         """Everything after `seq`, or None when this log does not reach back that far."""
@@ -206,7 +207,13 @@ class _LoopState:
     def remember(self, reply_id: str, event: StreamEvent, now: float) -> None:
         local = self.logs.get(reply_id)
         if local is None:
+            # A reply whose task died before its terminal event would stay
+            # here for good: drop what Redis itself has expired by now.
+            stale = now - settings.STREAM_LOG_TTL_S
+            for old_id in [k for k, log_ in self.logs.items() if log_.touched_at < stale]:
+                del self.logs[old_id]
             local = self.logs[reply_id] = _LocalLog(ttl_set_at=now)
+        local.touched_at = now
         if local.seqs and event.seq <= local.seqs[-1]:
             return  # Redis refused nothing, so this cannot happen; never unsort the log
         local.events.append(event)

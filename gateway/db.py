@@ -76,7 +76,7 @@ def close_connections() -> None:
                 with connection.cursor() as cursor:
                     cursor.execute("RESET synchronous_commit")
             except Exception:
-                pass
+                pass  # a connection that cannot even RESET is broken: the pool discards it on return
         _local.configured = None
         connections.close_all()
         barrier.wait(timeout=10)

@@ -274,3 +274,17 @@ async def test_a_replay_from_before_this_process_wrote_reads_redis(alice, fast_s
     await streams.append(reply.id, StreamEvent(seq=2, event="token", data={"t": "late"}))
     assert [e.seq for e in await streams.read_after(reply.id, 0)] == [1, 2]
     assert [e.seq for e in await streams.read_after(reply.id, 1)] == [2]
+
+
+async def test_a_local_log_without_a_terminal_event_does_not_live_forever(alice, fast_streams):
+    """A reply whose task died before its terminal event leaves no lasting
+    memory behind: once Redis would have expired it, the next reply drops it."""
+    fast_streams.STREAM_LOG_TTL_S = 10
+    dead, alive = await new_reply(alice), await new_reply(alice)
+    await streams.append(dead.id, StreamEvent(seq=1, event="token", data={"t": "half"}))
+    assert str(dead.id) in streams._state().logs
+    streams._state().logs[str(dead.id)].touched_at -= 11
+    await streams.append(alive.id, StreamEvent(seq=1, event="token", data={"t": "new"}))
+    assert str(dead.id) not in streams._state().logs and str(alive.id) in streams._state().logs
+    # Its readers still get it, from Redis.
+    assert [e.data["t"] for e in await streams.read_after(dead.id, 0)] == ["half"]
