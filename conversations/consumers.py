@@ -141,7 +141,7 @@ class ReplyStreamConsumer(AsyncConsumer):
                 last_beat = time.monotonic()
                 beats += 1
                 await self._send(b": heartbeat\n\n")
-                await streams.subscriber_touch(reply_id, self.connection_id)
+                streams.subscriber_heartbeat(reply_id, self.connection_id)
                 # A reply ends with a terminal event in its log; only one whose
                 # process died (ended by the reaper) or whose log expired does
                 # not, and that is rare enough to check on every few beats.

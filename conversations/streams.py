@@ -203,6 +203,8 @@ class _LoopState:
         self.waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
         self.readers: defaultdict[str, int] = defaultdict(int)
         self.fanout: Fanout | None = None
+        self.beats: dict[tuple[str, str], float] = {}
+        self.beat_flusher: asyncio.Task | None = None
 
     def remember(self, reply_id: str, event: StreamEvent, now: float) -> None:
         local = self.logs.get(reply_id)
@@ -374,14 +376,46 @@ def local_readers(reply_id) -> int:
 
 
 async def subscriber_touch(reply_id, connection_id: str) -> None:
-    conn = client()
-    async with conn.pipeline(transaction=False) as pipe:
-        pipe.zadd(subs_key(reply_id), {connection_id: time.time()})
-        pipe.expire(subs_key(reply_id), settings.STREAM_LOG_TTL_S)
+    """Mark an SSE connection live now (when it opens)."""
+    await _touch_all({(str(reply_id), connection_id): time.time()})
+
+
+def subscriber_heartbeat(reply_id, connection_id: str) -> None:
+    """Mark an SSE connection still live. Heartbeats of all the streams of
+    this process go to Redis together, at most twice a second: 500 idle
+    streams beating every 10 s would otherwise be 50 round trips (and loop
+    wake-ups beside the engine) a second; half a second late is nothing
+    against a freshness window of three beats."""
+    state = _state()
+    state.beats[(str(reply_id), connection_id)] = time.time()
+    if state.beat_flusher is None or state.beat_flusher.done():
+        state.beat_flusher = asyncio.create_task(_flush_beats(state), name="stream-heartbeats")
+
+
+async def _flush_beats(state: "_LoopState") -> None:
+    await asyncio.sleep(0.5)
+    beats, state.beats = state.beats, {}
+    try:
+        # Only connections still in the set: one that left while its last
+        # beat waited here must not come back to life.
+        await _touch_all(beats, only_existing=True)
+    except Exception:
+        log.warning("could not record %d stream heartbeats", len(beats), exc_info=True)
+
+
+async def _touch_all(beats: dict, only_existing: bool = False) -> None:
+    by_reply: dict[str, dict] = {}
+    for (reply_id, connection_id), at in beats.items():
+        by_reply.setdefault(reply_id, {})[connection_id] = at
+    async with client().pipeline(transaction=False) as pipe:
+        for reply_id, members in by_reply.items():
+            pipe.zadd(subs_key(reply_id), members, xx=only_existing)
+            pipe.expire(subs_key(reply_id), settings.STREAM_LOG_TTL_S)
         await pipe.execute()
 
 
 async def subscriber_leave(reply_id, connection_id: str) -> None:
+    _state().beats.pop((str(reply_id), connection_id), None)
     await client().zrem(subs_key(reply_id), connection_id)
 
 

@@ -288,3 +288,20 @@ async def test_a_local_log_without_a_terminal_event_does_not_live_forever(alice,
     assert str(dead.id) not in streams._state().logs and str(alive.id) in streams._state().logs
     # Its readers still get it, from Redis.
     assert [e.data["t"] for e in await streams.read_after(dead.id, 0)] == ["half"]
+
+
+async def test_heartbeats_are_recorded_together_and_never_revive_a_closed_stream(alice, fast_streams):
+    reply = await new_reply(alice)
+    await streams.subscriber_touch(reply.id, "a")
+    await streams.subscriber_touch(reply.id, "b")
+    fast_streams.STREAM_HEARTBEAT_S = 1000  # scores from the test's own beats only
+    conn = streams.client()
+    before = await conn.zscore(streams.subs_key(reply.id), "a")
+    streams.subscriber_heartbeat(reply.id, "a")
+    streams.subscriber_heartbeat(reply.id, "b")
+    await streams.subscriber_leave(reply.id, "b")
+    streams.subscriber_heartbeat(reply.id, "b")  # a late beat of a stream that has closed
+    await asyncio.sleep(0.8)
+    assert await conn.zscore(streams.subs_key(reply.id), "a") > before
+    assert await conn.zscore(streams.subs_key(reply.id), "b") is None
+    assert await streams.live_subscribers(reply.id) == 1
