@@ -27,6 +27,8 @@ from conversations.streams import StreamEvent
 
 log = logging.getLogger(__name__)
 
+# How often, on average, a stream whose log is missing asks the database
+# whether its reply ended anyway, in heartbeats.
 DB_CHECK_EVERY_BEATS = 3
 
 SSE_HEADERS = [
@@ -112,7 +114,7 @@ class ReplyStreamConsumer(AsyncConsumer):
             heartbeat_s = settings.STREAM_HEARTBEAT_S
             # Jittered, so that many streams opened together do not beat together.
             last_beat = time.monotonic() - random.uniform(0, heartbeat_s / 2)
-            beats = 0
+            next_db_check = self._next_db_check(heartbeat_s)
             while True:
                 # Clear before reading: a poke that lands after the read
                 # leaves the event set, so the wait below returns at once.
@@ -139,14 +141,15 @@ class ReplyStreamConsumer(AsyncConsumer):
                     except asyncio.TimeoutError:
                         pass
                 last_beat = time.monotonic()
-                beats += 1
                 await self._send(b": heartbeat\n\n")
                 streams.subscriber_heartbeat(reply_id, self.connection_id)
                 # A reply ends with a terminal event in its log; only one whose
                 # process died (ended by the reaper) or whose log expired does
-                # not, and that is rare enough to check on every few beats.
-                if beats % DB_CHECK_EVERY_BEATS == 0 and await self._ended_without_log(after):
-                    return
+                # not, and that is rare enough to check every few beats.
+                if last_beat >= next_db_check:
+                    next_db_check = self._next_db_check(heartbeat_s)
+                    if await self._ended_without_log(after):
+                        return
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -161,6 +164,13 @@ class ReplyStreamConsumer(AsyncConsumer):
                 await streams.subscriber_leave(reply_id, self.connection_id)
             except Exception:
                 pass
+
+    @staticmethod
+    def _next_db_check(heartbeat_s: float) -> float:
+        # Jittered per check, not only once: 500 streams opened together
+        # would otherwise ask the database in one burst every few beats, for
+        # as long as they stay open.
+        return time.monotonic() + DB_CHECK_EVERY_BEATS * heartbeat_s * random.uniform(0.5, 1.5)
 
     async def _ended_without_log(self, after: int) -> bool:
         """A reply that ended while its log expired or was never written (its

@@ -305,3 +305,19 @@ async def test_heartbeats_are_recorded_together_and_never_revive_a_closed_stream
     assert await conn.zscore(streams.subs_key(reply.id), "a") > before
     assert await conn.zscore(streams.subs_key(reply.id), "b") is None
     assert await streams.live_subscribers(reply.id) == 1
+
+
+async def test_an_open_stream_ends_when_its_reply_is_ended_without_a_log(alice, fast_streams):
+    """The reaper ends replies of a dead process in the database only: a stream
+    left open on one finds out within a few heartbeats and closes with it."""
+    reply = await new_reply(alice)
+    await sync_to_async(services.reply_start)(reply_id=reply.id, request_id="dead-process")
+    comm = open_stream(reply.id, user=alice)
+    reading = asyncio.create_task(read_stream(comm, timeout_s=10))
+    await asyncio.sleep(0.5)  # open and waiting: heartbeats every 0.2 s
+    assert not reading.done()
+    assert await sync_to_async(services.reap_orphaned_replies)() == 1
+    _, raw = await reading
+    assert raw.count(b": heartbeat") >= 1
+    assert events_of(raw)[-1]["event"] == "done"
+    assert events_of(raw)[-1]["data"]["status"] == "interrupted"
