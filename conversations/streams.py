@@ -24,6 +24,8 @@ replies in memory once Redis has them, and wakes the local streams itself.
 Redis stays the source for replays from other processes, after a restart,
 and for the log's TTL.
 """
+from __future__ import annotations
+
 import asyncio
 import bisect
 import json

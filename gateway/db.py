@@ -14,6 +14,7 @@ an fsync. Quota enforcement itself lives in Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -71,12 +72,10 @@ def close_connections() -> None:
 
     def close():
         if connection.connection is not None and getattr(_local, "configured", None) is connection.connection:
-            # Back in the pool it may serve a page: give it the default durability again.
-            try:
-                with connection.cursor() as cursor:
-                    cursor.execute("RESET synchronous_commit")
-            except Exception:
-                pass  # a connection that cannot even RESET is broken: the pool discards it on return
+            # Back in the pool it may serve a page: give it the default durability
+            # again. One that cannot even RESET is broken, and the pool discards it.
+            with contextlib.suppress(Exception), connection.cursor() as cursor:
+                cursor.execute("RESET synchronous_commit")
         _local.configured = None
         connections.close_all()
         barrier.wait(timeout=10)

@@ -28,7 +28,7 @@ def wake_readers(engine) -> None:
         except RuntimeError:
             # The consumers' loop is gone: nobody will read the rest.
             for handle in group.values():
-                if not handle._done_delivering():
+                if not handle._finished_sent:
                     engine.abort(handle.request_id)
 
 
@@ -63,10 +63,6 @@ class RequestHandle:
         self._engine._to_wake.append(self)
 
     # ------------------------------------------------------------ async side
-    def _done_delivering(self) -> bool:
-        """Whether the engine already sent this request's final event."""
-        return self._finished_sent
-
     # ------------------------------------------------------------ async side
     def __aiter__(self):
         return self
