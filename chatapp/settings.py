@@ -189,8 +189,8 @@ else:
 # OPTIONS["pool"]): a page or API request borrows one instead of connecting
 # (a fresh connection costs a few milliseconds of CPU, which under a burst of
 # chats competes with the engine). The chat's and the gateway's own database
-# threads hold theirs for as long as they live, so the size leaves room for
-# those plus the requests served at once; a request that finds none free
+# threads hold connections of their own, outside the pool (so requests that
+# await them can never starve them of one); a request that finds none free
 # waits up to DB_POOL_TIMEOUT_S. 0 turns pooling off (one connection per
 # request, e.g. behind PgBouncer in transaction mode).
 DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 20, min_value=0)
@@ -379,12 +379,6 @@ CHAT_PAGE_SIZE = env_int("CHAT_PAGE_SIZE", 30, min_value=1)
 # Threads for the database writes of generating replies (apart from the one
 # thread that serves Django's sync views under ASGI).
 CHAT_DB_THREADS = env_int("CHAT_DB_THREADS", 4, min_value=1)
-# Those threads and the gateway's two keep a pooled connection each: a pool
-# smaller than that plus a few requests would stall every page.
-if DB_POOL_MAX_SIZE and DB_POOL_MAX_SIZE < CHAT_DB_THREADS + 2 + 4:
-    raise ImproperlyConfigured(
-        f"DB_POOL_MAX_SIZE must be at least CHAT_DB_THREADS + 6 ({CHAT_DB_THREADS + 6}), or 0 to turn pooling off"
-    )
 # Redis connections per web process for stream commands (waiting streams use
 # none: they share one pub/sub connection).
 STREAM_REDIS_CONNECTIONS = env_int("STREAM_REDIS_CONNECTIONS", 50, min_value=2)

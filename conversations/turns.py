@@ -43,9 +43,10 @@ def running_count() -> int:
 
 
 class _DbThreads(Executor):
-    """A fixed pool of threads that each close their database connection when
-    the pool shuts down (Django connections belong to the thread that opened
-    them, so only that thread can close them)."""
+    """A fixed pool of threads, each with a database connection of its own
+    (not borrowed from the request pool: see `chatapp.db.own_connection`),
+    closed when the pool shuts down (Django connections belong to the thread
+    that opened them, so only that thread can close them)."""
 
     def __init__(self, size: int):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -61,6 +62,9 @@ class _DbThreads(Executor):
     def _work(self) -> None:
         from django.db import connections
 
+        from chatapp.db import own_connection
+
+        own_connection()
         while True:
             job = self._jobs.get()
             if job is None:

@@ -2,8 +2,9 @@
 
 Django's async ORM hops to asgiref's single shared thread, which also renders
 every sync view under ASGI: the ledger write of each reply would queue behind
-page loads and the other way round. These threads keep their connections
-open between jobs; a connection found dead is dropped and the job retried once.
+page loads and the other way round. These threads keep their own connections
+(outside the request pool: `chatapp.db.own_connection`) open between jobs; a
+connection found dead is dropped and the job retried once.
 
 Their sessions commit without waiting for the WAL flush (synchronous_commit
 off). Everything the gateway writes is a record or disposable (ledger rows,
@@ -21,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from django.db import InterfaceError, OperationalError, connection, connections
 
+from chatapp.db import own_connection
+
 WORKERS = 2
 _executor: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
@@ -31,7 +34,8 @@ def _pool() -> ThreadPoolExecutor:
     global _executor
     with _lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="gateway-db")
+            _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="gateway-db",
+                                           initializer=own_connection)
         return _executor
 
 

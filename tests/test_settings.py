@@ -50,7 +50,7 @@ def test_check_deploy_flags_development_settings():
         ("ENGINE_MAX_NUM_SEQS", "0", "ENGINE_MAX_NUM_SEQS=0 must be >= 1"),
         ("ENGINE_DEVICE", "tpu", "ENGINE_DEVICE='tpu' must be one of"),
         ("MODEL_POOLS_JSON", "{not json", "MODEL_POOLS_JSON is not valid JSON"),
-        ("DB_POOL_MAX_SIZE", "5", "DB_POOL_MAX_SIZE must be at least CHAT_DB_THREADS + 6 (10)"),
+        ("DB_POOL_MAX_SIZE", "-1", "DB_POOL_MAX_SIZE=-1 must be >= 0"),
     ],
 )
 def test_bad_env_values_fail_loudly(name, value, message):

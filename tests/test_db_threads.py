@@ -1,0 +1,58 @@
+"""The chat's and the gateway's worker threads never wait on the request pool."""
+import asyncio
+
+import pytest
+from psycopg_pool import PoolTimeout
+from django.db import connection
+
+from conversations import turns
+from gateway import db as gateway_db
+
+
+def _backend_pid():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_threads_work_while_requests_hold_every_pooled_connection(settings):
+    """A burst of requests bigger than the pool holds every pooled connection
+    while awaiting the workers; workers that borrowed from the same pool would
+    wait for one until DB_POOL_TIMEOUT_S (a deadlock for the whole burst)."""
+    pool = connection.pool
+    assert pool is not None
+    # Fresh threads, started while the pool is empty.
+    turns.close_db_connections()
+    gateway_db.close_connections()
+    pool.open()
+    held = []
+    try:
+        # Take every connection the pool will give (the test's own thread may have one).
+        while True:
+            try:
+                held.append(pool.getconn(timeout=0.5))
+            except PoolTimeout:
+                break
+        assert len(held) >= pool.max_size - 1 and pool.get_stats()["pool_available"] == 0
+
+        async def both():
+            return await asyncio.wait_for(
+                asyncio.gather(turns.db_thread(_backend_pid)(), gateway_db.run(_backend_pid)), timeout=10)
+
+        chat_pid, gateway_pid = asyncio.run(both())
+        held_pids = {conn.info.backend_pid for conn in held}
+        assert chat_pid not in held_pids and gateway_pid not in held_pids
+
+        # Kept between jobs: each thread's backend serves its next ones.
+        async def many():
+            return await asyncio.wait_for(asyncio.gather(*(turns.db_thread(_backend_pid)() for _ in range(24))), 10)
+
+        pids = set(asyncio.run(many()))
+        assert len(pids) <= settings.CHAT_DB_THREADS
+        assert not pids & held_pids
+    finally:
+        for conn in held:
+            pool.putconn(conn)
+        turns.close_db_connections()
+        gateway_db.close_connections()
