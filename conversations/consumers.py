@@ -14,7 +14,6 @@ import time
 import uuid
 
 from channels.consumer import AsyncConsumer
-from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.conf import settings
 from django.http import Http404
@@ -24,6 +23,7 @@ from conversations.models import Message
 from conversations.rendering import render_markdown
 from conversations.selectors import access_message
 from conversations.streams import StreamEvent
+from conversations.turns import db_thread
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,37 @@ def _parse_last_event_id(scope) -> int:
         return 0
 
 
-@database_sync_to_async
-def _load(user, reply_id):
+def _session_user(scope):
+    """The user signed in by the request's session cookie, found the way
+    Django's session and auth middleware find it (the session engine's store,
+    then `auth.get_user`, which checks the session's password hash)."""
+    from importlib import import_module
+
+    from django.contrib.auth import get_user
+    from django.http import HttpRequest
+    from django.http.cookie import parse_cookie
+
+    cookie = dict(scope.get("headers") or []).get(b"cookie", b"").decode("latin-1")
+    request = HttpRequest()
+    request.session = import_module(settings.SESSION_ENGINE).SessionStore(
+        parse_cookie(cookie).get(settings.SESSION_COOKIE_NAME))
+    return get_user(request)
+
+
+def _load(scope, reply_id):
+    """Who asks and their reply, in one trip to a chat database thread.
+
+    Not Channels' AuthMiddlewareStack: its lookups queue on asgiref's one
+    shared sync thread, so 32 streams opened together (and, when it wrapped
+    the whole site, 32 POSTs) waited on each other's round trips. A scope
+    that already carries a user (an auth middleware, a test) keeps it."""
+    user = scope["user"] if "user" in scope else _session_user(scope)
     message = access_message(user=user, message_id=reply_id)
     if message.role != Message.Role.ASSISTANT:
         raise Http404("No such reply")
     return message
 
 
-@database_sync_to_async
 def _reload(reply_id):
     return Message.objects.filter(id=reply_id).first()
 
@@ -73,7 +95,7 @@ class ReplyStreamConsumer(AsyncConsumer):
         self.reply_id = self.scope["url_route"]["kwargs"]["reply_id"]
         self.connection_id = uuid.uuid4().hex
         try:
-            self.reply = await _load(self.scope.get("user"), self.reply_id)
+            self.reply = await db_thread(_load)(self.scope, self.reply_id)
         except Http404:
             await self._plain(404, b"Not found")
             return
@@ -177,7 +199,7 @@ class ReplyStreamConsumer(AsyncConsumer):
         process died): send what the database holds and close."""
         if await streams.log_exists(self.reply_id):
             return False
-        reply = await _reload(self.reply_id)
+        reply = await db_thread(_reload)(self.reply_id)
         if reply is None or not reply.is_terminal:
             return False
         await self._send_stored(reply, after)

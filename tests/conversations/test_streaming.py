@@ -321,3 +321,47 @@ async def test_an_open_stream_ends_when_its_reply_is_ended_without_a_log(alice, 
     assert raw.count(b": heartbeat") >= 1
     assert events_of(raw)[-1]["event"] == "done"
     assert events_of(raw)[-1]["data"]["status"] == "interrupted"
+
+
+async def test_the_site_authenticates_a_stream_by_its_session_cookie(alice, bob, fake_gateway, fast_streams):
+    """Through the deployed ASGI application (no user in the scope): the
+    session cookie decides, as for every page."""
+    from channels.testing import ApplicationCommunicator
+    from django.test import Client
+
+    from chatapp.asgi import application
+
+    @sync_to_async
+    def session_cookie(user):
+        client = Client()
+        client.force_login(user)
+        return client.cookies["sessionid"].value
+
+    reply = await new_reply(alice)
+    await turns.stop_reply(reply.id)  # ended: the stream replays it and closes
+
+    async def status_for(cookie):
+        path = f"/c/reply/{reply.id}/stream"
+        headers = [(b"host", b"testserver")] + ([(b"cookie", f"sessionid={cookie}".encode())] if cookie else [])
+        comm = ApplicationCommunicator(application, {
+            "type": "http", "http_version": "1.1", "method": "GET", "scheme": "http", "path": path,
+            "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+            "client": ("127.0.0.1", 1234), "server": ("testserver", 80)})
+        await comm.send_input({"type": "http.request", "body": b""})
+        status = (await comm.receive_output(5))["status"]
+        if status == 200:
+            body = b""
+            while True:
+                message = await comm.receive_output(5)
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            assert events_of(body)[-1]["event"] in ("done", "error")
+        await comm.send_input({"type": "http.disconnect"})
+        await comm.wait(5)
+        return status
+
+    assert await status_for(await session_cookie(alice)) == 200
+    assert await status_for(await session_cookie(bob)) == 404
+    assert await status_for("not-a-session") == 404
+    assert await status_for(None) == 404
