@@ -375,6 +375,8 @@ def write_section(body: str, command: str) -> None:
     section = (f"{SECTION}\n\nCommand: `{command}` (written {time.strftime('%Y-%m-%d')}).\n"
                "The web path is a client doing what the chat page does: POST the message (htmx; the answer is the new chat's page), "
                "read the SSE stream to its terminal event; TTFT runs from the POST to the first token event. "
+               "Every client has loaded the home page (session, CSRF token) before the clock starts, as a "
+               "person has the chat open before pressing Send. "
                "The engine figures come from an identical engine in the benchmark's process given the same "
                "prompts at once. Gateway caches off, quotas unlimited; both runs warmed up with the same "
                "prompts first. Client and server share the machine's two cores, and the engine shares its "

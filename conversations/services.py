@@ -49,11 +49,32 @@ def check_model(model: str, *, user=None) -> str:
     return model
 
 
+def check_system_prompt(system_prompt) -> str:
+    system_prompt = system_prompt or ""
+    if len(system_prompt) > settings.CHAT_MAX_MESSAGE_CHARS:
+        raise ValidationError("The system prompt is too long.")
+    return system_prompt
+
+
 def conversation_create(*, user, model: str = "", system_prompt: str = "") -> Conversation:
-    conversation = Conversation(user=user, model=check_model(model, user=user), system_prompt=system_prompt or "")
-    conversation.full_clean(exclude=["current_leaf", "summary_through"])
+    conversation = Conversation(
+        user=user, model=check_model(model, user=user), system_prompt=check_system_prompt(system_prompt)
+    )
+    # Not the user (the signed-in one) nor the uuid's uniqueness: both checks are
+    # queries that cannot fail, on the path of every new chat.
+    conversation.full_clean(exclude=["user", "current_leaf", "summary_through"], validate_unique=False)
     conversation.save()
     return conversation
+
+
+@transaction.atomic
+def conversation_start(*, user, text: str, model: str = "", system_prompt: str = "") -> Message:
+    """A new chat with its first message and the reply's placeholder, in one
+    transaction: a bad message leaves no empty conversation behind. Returns the
+    placeholder (the reply)."""
+    text = check_message_text(text)
+    conversation = conversation_create(user=user, model=model, system_prompt=system_prompt)
+    return _append_turn(conversation, text, parent=None)
 
 
 def conversation_update(
@@ -72,9 +93,7 @@ def conversation_update(
         conversation.model = check_model(model, user=conversation.user)
         fields.append("model")
     if system_prompt is not None:
-        if len(system_prompt) > settings.CHAT_MAX_MESSAGE_CHARS:
-            raise ValidationError("The system prompt is too long.")
-        conversation.system_prompt = system_prompt
+        conversation.system_prompt = check_system_prompt(system_prompt)
         fields.append("system_prompt")
     if archived is not None:
         conversation.archived = archived
@@ -130,15 +149,24 @@ def message_send(*, conversation: Conversation, text: str, parent: Message | Non
     _check_idle(conversation)
     if parent is None and conversation.current_leaf_id:
         parent = conversation.current_leaf
+    return _append_turn(conversation, text, parent=parent)
+
+
+def _append_turn(conversation: Conversation, text: str, *, parent: Message | None) -> Message:
+    """The user's message under `parent` and the reply's placeholder under it;
+    the conversation's leaf (and, on its first message, its fallback title) in
+    one update."""
     user_message = Message.objects.create(
         conversation=conversation, parent=parent, role=Message.Role.USER, content=text
     )
     reply = _placeholder(conversation, user_message)
+    fields = ["current_leaf", "updated_at"]
     if not conversation.title:
         conversation.title = fallback_title(text)
         conversation.title_source = Conversation.TitleSource.FALLBACK
-        conversation.save(update_fields=["title", "title_source"])
-    _set_leaf(conversation, reply)
+        fields += ["title", "title_source"]
+    conversation.current_leaf = reply
+    conversation.save(update_fields=fields)
     return reply
 
 

@@ -76,20 +76,25 @@ def _thread_response(request, conversation) -> HttpResponse:
 
 # ------------------------------------------------------------ turns (async)
 
-def _create_and_send(user, text, model, system_prompt):
-    services.check_message_text(text)  # before creating an empty conversation
-    conversation = services.conversation_create(user=user, model=model, system_prompt=system_prompt)
-    return services.message_send(conversation=conversation, text=text)
+def _new_chat_fragment(request, conversation) -> HttpResponse:
+    return render(request, "conversations/_new_chat.html", {
+        "conversation": conversation,
+        "branch": selectors.branch_with_siblings(conversation=conversation),
+        "models": selectors.models_for(user=request.user),
+        "default_model": settings.DEFAULT_POOL,
+        "max_chars": settings.CHAT_MAX_MESSAGE_CHARS,
+    })
 
 
 @login_required
 @require_POST
 async def conversation_new(request):
     user = await request.auser()
+    request.user = user  # the page render must not load the user a second time
     try:
         reply, prepared = await db_thread(turns.create_and_prepare)(
-            _create_and_send, user=user, text=request.POST.get("text"), model=request.POST.get("model", ""),
-            system_prompt=request.POST.get("system_prompt", ""),
+            services.conversation_start, user=user, text=request.POST.get("text"),
+            model=request.POST.get("model", ""), system_prompt=request.POST.get("system_prompt", ""),
         )
     except ValidationError as exc:
         if request.htmx:
@@ -99,12 +104,11 @@ async def conversation_new(request):
     url = f"/c/{reply.conversation_id}/"
     if not request.htmx:
         return redirect(url)
-    # The new chat's page in this response (no redirect round trip before the
-    # stream opens): htmx swaps it into <body> and pushes its URL.
-    response = await db_thread(
-        lambda: render(request, "conversations/chat.html", _chat_context(request, reply.conversation))
-    )()
-    response["HX-Retarget"] = "body"
+    # The new chat's main pane and its sidebar entry in this response (no
+    # redirect round trip before the stream opens, and not the whole page:
+    # the sidebar's queries and render would hold every chat of a burst back).
+    response = await db_thread(_new_chat_fragment)(request, reply.conversation)
+    response["HX-Retarget"] = "#main"
     response["HX-Reswap"] = "innerHTML"
     response["HX-Push-Url"] = url
     return response

@@ -34,8 +34,16 @@ def test_text_grows_while_streaming_then_renders_as_markdown(page, live, fake_ga
     page.wait_for_selector("article.msg.assistant.status-complete")
     assert reply.locator(".body h1").inner_text() == "Title"
     assert reply.locator(".body strong").inner_text() == "bold"
-    # The sidebar has the new chat, highlighted.
-    assert page.locator(".conversations a.current").count() == 1
+    # The POST swapped in the chat's pane, its title, and its sidebar entry, highlighted
+    # (and the empty list's "No conversations yet" is gone).
+    assert page.title() == "Tell me something long · Chat"
+    assert page.locator(".conversations a.current").inner_text() == "Tell me something long"
+    assert not page.locator(".conversations li.none").is_visible()
+    # The swapped-in composer sends the next message of the same chat.
+    url = page.url
+    _send(page, "And one more thing")
+    page.wait_for_function("() => document.querySelectorAll('article.msg.assistant.status-complete').length == 2")
+    assert page.url == url and page.locator("article.msg.user").count() == 2
 
 
 def test_stop_keeps_the_partial_reply_after_a_reload(page, live, fake_gateway):

@@ -138,6 +138,20 @@ def test_unknown_model_is_refused(alice, fake_gateway):
         services.conversation_create(user=alice, model="gpt-17")
 
 
+def test_a_new_chat_starts_in_one_transaction(alice, fake_gateway, settings):
+    reply = services.conversation_start(user=alice, text="Plan a trip to Lisbon", system_prompt="Be brief.")
+    conversation = Conversation.objects.get(user=alice)
+    assert (conversation.title, conversation.system_prompt) == ("Plan a trip to Lisbon", "Be brief.")
+    assert conversation.current_leaf_id == reply.id and reply.status == "pending"
+    assert [m.role for m in selectors.branch_path(conversation=conversation)] == ["user", "assistant"]
+    settings.CHAT_MAX_MESSAGE_CHARS = 20
+    for kwargs in ({"text": " "}, {"text": "x" * 21}, {"text": "Hi", "model": "gpt-17"},
+                   {"text": "Hi", "system_prompt": "y" * 21}):
+        with pytest.raises(ValidationError):
+            services.conversation_start(user=alice, **kwargs)
+    assert Conversation.objects.filter(user=alice).count() == 1
+
+
 def test_fallback_title_is_the_first_words():
     assert services.fallback_title("one two three four five six seven eight nine") == "one two three four five six seven eight…"
     assert services.fallback_title("short") == "short"

@@ -1,6 +1,7 @@
 """Chat pages over HTTP: the turn POST, tree edits, conversation management,
 rendering safety, search, export, and the cross-user 404 matrix."""
 import json
+import re
 import uuid
 from html.parser import HTMLParser
 
@@ -48,7 +49,13 @@ async def test_new_chat_creates_the_conversation_and_redirects(alice, fake_gatew
     assert response.status_code == 200
     conversation = await sync_to_async(Conversation.objects.get)(user=alice)
     assert response["HX-Push-Url"] == f"/c/{conversation.id}/" and conversation.title == "Plan a trip to Lisbon"
-    assert response["HX-Retarget"] == "body" and "data-stream=" in response.content.decode()
+    # The main pane, the page title and the chat's sidebar entry; not the whole page.
+    html = response.content.decode()
+    assert response["HX-Retarget"] == "#main" and response["HX-Reswap"] == "innerHTML"
+    assert "data-stream=" in html and "<title>Plan a trip to Lisbon · Chat</title>" in html
+    entry = re.search(r'<ul hx-swap-oob="afterbegin:#conversation-list"><li><a href="([^"]+)" class="current"', html)
+    assert entry and entry.group(1) == f"/c/{conversation.id}/"
+    assert "sidebar-footer" not in html and html.count("<li>") == 1
     response = await client.post("/c/new", {"text": "Without htmx"})
     assert response.status_code == 302
     await turns.wait_idle(10)
@@ -90,6 +97,12 @@ async def test_empty_and_overlong_messages_get_a_clear_inline_error(alice, fake_
     assert response["HX-Retarget"] == "#composer-error"
     response = await client.post("/c/new", {"text": "x" * 21}, headers={"HX-Request": "true"})
     assert response.status_code == 422 and "limit is 20" in response.content.decode()
+    assert not await sync_to_async(Conversation.objects.exists)()
+    # A bad option is refused before anything is saved: no empty chat left behind.
+    response = await client.post("/c/new", {"text": "Hi", "model": "gpt-17"}, headers={"HX-Request": "true"})
+    assert response.status_code == 422 and "Unknown model" in response.content.decode()
+    response = await client.post("/c/new", {"text": "Hi", "system_prompt": "y" * 21}, headers={"HX-Request": "true"})
+    assert response.status_code == 422 and "system prompt is too long" in response.content.decode()
     assert not await sync_to_async(Conversation.objects.exists)()
 
 
