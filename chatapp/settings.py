@@ -129,6 +129,7 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "channels",
     "django_htmx",
+    "servestatic",
     "chatapp",
     "accounts",
     "inference",
@@ -140,7 +141,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Async (WhiteNoise is sync-only, which put every request, async views too,
+    # through a thread hop and back, on a new thread per request).
+    "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -253,10 +256,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
-STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise warns about a missing root
+STATIC_ROOT.mkdir(exist_ok=True)  # collectstatic's target, if a self-hoster runs it
 STATICFILES_DIRS = [BASE_DIR / "static"]
 # Serve straight from the finders: a self-hoster never has to run collectstatic.
-WHITENOISE_USE_FINDERS = True
+SERVESTATIC_USE_FINDERS = True
 MEDIA_ROOT = DATA_DIR / "uploads"
 
 # ------------------------------------------------------------- models
