@@ -9,7 +9,9 @@ threads run Python, each of those waits can last a whole switch interval
 (5 ms). This measures one engine step (the prefill of a 12-token prompt, and a
 decode step of 8 sequences) with 0, 1 and 2 threads spinning in pure Python
 beside it, with the decoder layers run eagerly from Python and as the one
-TorchScript call the engine uses; step times are the engine's own (its step
+TorchScript call the engine uses, and the TorchScript stack again with the
+interpreter's switch interval shortened as `serve` does
+(ENGINE_GIL_SWITCH_INTERVAL_MS); step times are the engine's own (its step
 observer). On a 2-core box two spinning threads also take both cores from the
 engine's torch threads, so that row measures CPU sharing as much as the GIL.
 Prints a table and replaces its own section of docs/BENCHMARKS.md.
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="model dir (default: the bundled SmolLM2, converted once under var/models)")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each cell")
     parser.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown file to write ('' to skip)")
+    parser.add_argument("--switch-interval-ms", type=float, default=0.5,
+                        help="the shortened switch interval to compare with Python's default (serve's default: 0.5)")
     args = parser.parse_args(argv)
     if args.model:
         model_dir = args.model
@@ -89,9 +93,15 @@ def main(argv=None) -> int:
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     three = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     rows = []
+    default_interval = sys.getswitchinterval()
+    cases = (("eager (op by op from Python)", llama._layers, default_interval),
+             ("TorchScript (one call)", scripted, default_interval),
+             ("TorchScript (one call)", scripted, args.switch_interval_ms / 1000))
     try:
-        for name, layers in (("eager (op by op from Python)", llama._layers), ("TorchScript (one call)", scripted)):
+        for name, layers, interval in cases:
             llama._layers_scripted = layers
+            sys.setswitchinterval(interval)
+            name = f"{name}, switch interval {interval * 1000:g} ms"
             engine.generate(decode, three)  # warm-up
             for busy in (0, 1, 2):
                 with _Burners(busy):
@@ -103,10 +113,11 @@ def main(argv=None) -> int:
                       file=sys.stderr, flush=True)
     finally:
         llama._layers_scripted = scripted
+        sys.setswitchinterval(default_interval)
         engine.shutdown()
     lines = [
         f"SmolLM2-135M-Instruct, fp32, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, Python {platform.python_version()}, switch interval {sys.getswitchinterval() * 1000:.0f} ms; "
+        f"torch {torch.__version__}, Python {platform.python_version()}; "
         f"best of {args.repeats}; prefix caching off.",
         "",
         "| layer stack | threads running Python beside it | prefill step, 12 tokens (ms) | decode step, 8 sequences (ms) |",

@@ -6,6 +6,7 @@ settings for it. `serve` calls start_all() once; the gateway calls get().
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 from django.conf import settings
@@ -52,10 +53,20 @@ def engine_config(spec: dict):
     )
 
 
+def share_the_gil_with_engines() -> None:
+    """Shorten the interpreter's switch interval (ENGINE_GIL_SWITCH_INTERVAL_MS)
+    in a process that runs an engine beside other Python threads; never
+    lengthen it."""
+    interval_s = settings.ENGINE_GIL_SWITCH_INTERVAL_MS / 1000
+    if 0 < interval_s < sys.getswitchinterval():
+        sys.setswitchinterval(interval_s)
+
+
 def start(name: str, progress=print):
     from inference import Engine
     from inference.bootstrap import resolve_model
 
+    share_the_gil_with_engines()
     spec = {**settings.ENGINE_DEFAULTS, **settings.MODEL_POOLS[name]}
     with _lock:
         if name in _engines:

@@ -51,6 +51,7 @@ def test_check_deploy_flags_development_settings():
         ("ENGINE_DEVICE", "tpu", "ENGINE_DEVICE='tpu' must be one of"),
         ("MODEL_POOLS_JSON", "{not json", "MODEL_POOLS_JSON is not valid JSON"),
         ("DB_POOL_MAX_SIZE", "-1", "DB_POOL_MAX_SIZE=-1 must be >= 0"),
+        ("ENGINE_GIL_SWITCH_INTERVAL_MS", "fast", "ENGINE_GIL_SWITCH_INTERVAL_MS='fast' is not a number"),
     ],
 )
 def test_bad_env_values_fail_loudly(name, value, message):
@@ -118,3 +119,29 @@ def test_closing_a_connection_returns_it_to_the_pool(settings):
     # Reused, not reconnected (the pool hands out its warm ones in turn).
     assert connection.pool.get_stats().get("connections_num", 0) == opened
     assert len(pids) <= connection.pool.get_stats()["pool_size"]
+
+
+def test_starting_an_engine_shortens_the_gil_switch_interval_never_lengthens_it(settings, tmp_path):
+    import sys
+
+    from inference import pools
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        settings.ENGINE_GIL_SWITCH_INTERVAL_MS = 0.5
+        # Starting any pool applies it (here one whose model is missing, so nothing loads).
+        settings.MODEL_POOLS = {"broken": {**settings.ENGINE_DEFAULTS, "model": str(tmp_path / "no-model")}}
+        with pytest.raises(Exception):
+            pools.start("broken")
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        settings.ENGINE_GIL_SWITCH_INTERVAL_MS = 2  # longer than now: left alone
+        pools.share_the_gil_with_engines()
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        sys.setswitchinterval(0.005)
+        settings.ENGINE_GIL_SWITCH_INTERVAL_MS = 0  # off
+        pools.share_the_gil_with_engines()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        sys.setswitchinterval(before)
+        pools._errors.pop("broken", None)
