@@ -9,7 +9,7 @@ What it does, on a fresh DATA_DIR (its own embedded Postgres and Redis):
 2. engine alone: the same prompts, submitted concurrently to an identical
    engine in this process: output tok/s and TTFT (submit → first token);
 3. web path: N clients each POST a new chat as htmx does (`/c/new`, which
-   answers with the chat page), open its SSE stream and read it to the terminal event:
+   answers with the chat's main pane), open its SSE stream and read it to the terminal event:
    delivered tok/s (completion tokens of every reply / wall time) and TTFT
    (POST → first token event in the client);
 4. the same with M idle SSE connections held open on replies that never
@@ -225,10 +225,10 @@ async def web_turn(client, headers: dict, text: str, delay_s: float = 0.0) -> tu
     if response.status_code != 200:
         raise RuntimeError(f"POST /c/new: {response.status_code} {response.text[:200]}")
     post_s = time.perf_counter() - t0
-    # The answer is the new chat's page, with its live reply's stream URL.
+    # The answer is the new chat's main pane, with its live reply's stream URL.
     match = re.search(r'data-stream="([^"]+)"', response.text)
     if match is None:
-        raise RuntimeError("the chat page has no live stream")
+        raise RuntimeError("the new chat has no live stream")
     first = None
     tokens = 0
     event = None
@@ -373,7 +373,7 @@ def write_section(body: str, command: str) -> None:
     from inference.bench_report import write_section as replace_section
 
     section = (f"{SECTION}\n\nCommand: `{command}` (written {time.strftime('%Y-%m-%d')}).\n"
-               "The web path is a client doing what the chat page does: POST the message (htmx; the answer is the new chat's page), "
+               "The web path is a client doing what the chat page does: POST the message (htmx; the answer is the new chat's main pane and sidebar entry), "
                "read the SSE stream to its terminal event; TTFT runs from the POST to the first token event. "
                "Every client has loaded the home page (session, CSRF token) before the clock starts, as a "
                "person has the chat open before pressing Send. "
@@ -383,7 +383,7 @@ def write_section(body: str, command: str) -> None:
                "process with Daphne: every millisecond of web work (the POSTs' inserts and page renders, "
                "the per-token Redis append and SSE write) takes a core from the engine's two torch threads, "
                "which then wait for each other at every op. One chat at a time isolates the web path's own "
-               "latency. `POST answered` is the time from the POST to its response (the chat page). In the "
+               "latency. `POST answered` is the time from the POST to its response. In the "
                "burst, 32 new chats' page work shares the cores with the engine's prefill, so their first "
                "tokens wait for it. The staggered rows send the same chats one every --stagger-ms (the engine "
                "alone on the same schedule): each POST lands while the earlier chats "
