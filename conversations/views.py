@@ -28,17 +28,19 @@ def _sidebar_page(user, page: int = 1, archived: bool = False):
     return paginator.get_page(page)
 
 
-def _chat_context(request, conversation=None, error: str = "", draft: str = "") -> dict:
+def _main_context(request, conversation=None) -> dict:
+    """What the chat's main pane (`_main.html`) needs."""
     return {
         "conversation": conversation,
         "branch": selectors.branch_with_siblings(conversation=conversation) if conversation else [],
-        "sidebar": _sidebar_page(request.user),
         "models": selectors.models_for(user=request.user),
         "default_model": settings.DEFAULT_POOL,
         "max_chars": settings.CHAT_MAX_MESSAGE_CHARS,
-        "error": error,
-        "draft": draft,
     }
+
+
+def _chat_context(request, conversation=None, error: str = "", draft: str = "") -> dict:
+    return {**_main_context(request, conversation), "sidebar": _sidebar_page(request.user), "error": error, "draft": draft}
 
 
 def _composer_error(message: str) -> HttpResponse:
@@ -77,13 +79,7 @@ def _thread_response(request, conversation) -> HttpResponse:
 # ------------------------------------------------------------ turns (async)
 
 def _new_chat_fragment(request, conversation) -> HttpResponse:
-    return render(request, "conversations/_new_chat.html", {
-        "conversation": conversation,
-        "branch": selectors.branch_with_siblings(conversation=conversation),
-        "models": selectors.models_for(user=request.user),
-        "default_model": settings.DEFAULT_POOL,
-        "max_chars": settings.CHAT_MAX_MESSAGE_CHARS,
-    })
+    return render(request, "conversations/_new_chat.html", _main_context(request, conversation))
 
 
 @login_required
