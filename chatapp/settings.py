@@ -139,10 +139,12 @@ INSTALLED_APPS = [
     "retrieval",
 ]
 
+# Django's own classes here run as one synchronous block on the request's
+# thread (chatapp.apps.run_djangos_middleware_in_one_block), not a thread hop
+# per method. ServeStatic is async (WhiteNoise is sync-only); Security stays
+# above it so that static files get its headers too.
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    # Async (WhiteNoise is sync-only, which put every request, async views too,
-    # through a thread hop and back, on a new thread per request).
     "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

@@ -41,13 +41,49 @@ async def test_an_unknown_static_file_is_404():
     assert response.status_code == 404
 
 
-def test_the_middleware_stack_is_async_end_to_end(caplog, settings):
-    """No middleware makes Django adapt the chain: one sync-only middleware
-    would put every request, async views too, on a thread and back."""
+def test_djangos_middleware_is_adapted_once_not_per_method(caplog, settings):
+    """Django's own middleware runs as one synchronous block: Django adapts
+    the stack where it changes mode (around the async ServeStatic, and into
+    the views), not each MiddlewareMixin's process_request/process_response
+    on every request."""
     from django.core.handlers.asgi import ASGIHandler
+    from django.utils.deprecation import MiddlewareMixin
+    from django.utils.module_loading import import_string
 
+    for path in settings.MIDDLEWARE:
+        cls = import_string(path)
+        if issubclass(cls, MiddlewareMixin):
+            assert not cls.async_capable and cls.sync_capable, path
     settings.DEBUG = True  # Django reports each adaptation only then
     with caplog.at_level("DEBUG", logger="django.request"):
-        ASGIHandler().load_middleware(is_async=True)
-    adapted = [r.getMessage() for r in caplog.records if "adapted" in r.getMessage()]
-    assert adapted == []
+        ASGIHandler()  # loads the middleware, in async mode
+    adapted = sorted(r.getMessage() for r in caplog.records if "adapted" in r.getMessage())
+    # Only where the mode changes: ServeStatic (async) between Security and
+    # the run of Django's classes below it, and the async views under those.
+    assert adapted == [
+        "Asynchronous handler adapted for middleware django.middleware.clickjacking.XFrameOptionsMiddleware.",
+        "Asynchronous handler adapted for middleware django.middleware.security.SecurityMiddleware.",
+        "Synchronous handler adapted for middleware servestatic.middleware.ServeStaticMiddleware.",
+    ]
+
+
+async def test_a_page_costs_a_few_thread_hops_not_one_per_middleware_method(alice, monkeypatch):
+    from asgiref.sync import SyncToAsync, sync_to_async
+
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(alice)
+    await client.get("/")  # warm: the URL resolver, templates
+    hops = []
+    real_call = SyncToAsync.__call__
+
+    async def counting_call(self, *args, **kwargs):
+        hops.append(getattr(self.func, "__qualname__", repr(self.func)))
+        return await real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncToAsync, "__call__", counting_call)
+    response = await client.get("/")
+    assert response.status_code == 200
+    # The request_started signal, into SecurityMiddleware, into the run of
+    # Django's classes below ServeStatic, CSRF's process_view, the (sync) view,
+    # closing the response. One hop per middleware method made it 16.
+    assert len(hops) <= 6, hops
