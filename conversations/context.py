@@ -29,9 +29,9 @@ class Context:
 
 
 def system_text(conversation: Conversation) -> str:
-    from conversations.selectors import preferences_get
+    from conversations.selectors import custom_instructions
 
-    parts = [preferences_get(user=conversation.user).custom_instructions.strip(), conversation.system_prompt.strip()]
+    parts = [custom_instructions(user_id=conversation.user_id).strip(), conversation.system_prompt.strip()]
     return "\n\n".join(p for p in parts if p)
 
 
@@ -92,15 +92,20 @@ def build_context(*, conversation: Conversation, history: list[Message], reply_t
     return Context(messages=messages, window=window, dropped=dropped, prompt_tokens=count(lo), budget_tokens=budget)
 
 
-def build_request(*, reply_id):
+def build_request(*, reply_id=None, reply: Message | None = None):
     """The ChatRequest for a placeholder reply, or None when it is gone/finished.
-    Enqueues a summary update when older turns fell out of the window."""
+    Enqueues a summary update when older turns fell out of the window.
+
+    `reply`: the placeholder a service has just saved, in this thread, with
+    its conversation and parents in memory; it is not read back (a new chat's
+    whole branch is the message and the reply)."""
     from gateway.types import ChatRequest
 
     from conversations import tasks
     from conversations.selectors import ancestors
 
-    reply = Message.objects.select_related("conversation", "conversation__user").filter(id=reply_id).first()
+    if reply is None:
+        reply = Message.objects.select_related("conversation").filter(id=reply_id).first()
     if reply is None or reply.status != Message.Status.PENDING:
         return None
     conversation = reply.conversation

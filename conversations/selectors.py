@@ -53,6 +53,12 @@ def preferences_get(*, user) -> ChatPreferences:
     return prefs or ChatPreferences(user=user)
 
 
+def custom_instructions(*, user_id) -> str:
+    """What the user asked every chat to know (by id: the context builder
+    need not load the user)."""
+    return ChatPreferences.objects.filter(user_id=user_id).values_list("custom_instructions", flat=True).first() or ""
+
+
 # ------------------------------------------------------------ the tree
 
 @dataclass
@@ -121,7 +127,14 @@ def branch_with_siblings(*, conversation: Conversation) -> list[BranchItem]:
 
 
 def ancestors(message: Message) -> list[Message]:
-    """Root → message (inclusive), following parent pointers."""
+    """Root → message (inclusive), following parent pointers. A chain whose
+    parents are all in memory (a turn just saved by a service) costs no query."""
+    path = [message]
+    while path[-1].parent_id is not None and Message.parent.is_cached(path[-1]):
+        path.append(path[-1].parent)
+    if path[-1].parent_id is None:
+        path.reverse()
+        return path
     by_id = {m.id: m for m in message.conversation.messages.all()}
     path = []
     node = by_id.get(message.id, message)

@@ -110,11 +110,12 @@ def close_db_connections() -> None:
         executor.shutdown(wait=True)
 
 
-def _prepare(reply_id):
-    """Context and pending → streaming in one trip to a database thread."""
+def _prepare(reply_id, reply=None):
+    """Context and pending → streaming in one trip to a database thread
+    (`reply`: the placeholder just saved by this thread, not read back)."""
     from conversations.context import build_request
 
-    request = build_request(reply_id=reply_id)
+    request = build_request(reply_id=reply_id, reply=reply)
     if request is None or not services.reply_start(reply_id=reply_id, request_id=request.request_id):
         return None
     return request
@@ -129,7 +130,7 @@ def create_and_prepare(create, /, **kwargs):
     and the task then builds it itself and reports any error on the reply."""
     reply = create(**kwargs)
     try:
-        request = _prepare(reply.id)
+        request = _prepare(reply.id, reply)
     except Exception:
         request = None
     return reply, request

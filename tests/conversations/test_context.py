@@ -34,6 +34,47 @@ def test_short_conversation_goes_whole_with_system_prompt_and_custom_instruction
     assert request.user_id == alice.id and request.max_tokens > 0
 
 
+def _message_reads(queries) -> list[str]:
+    return [q["sql"] for q in queries if q["sql"].startswith("SELECT") and '"conversations_message"' in q["sql"].split(" WHERE ")[0]]
+
+
+def test_a_new_chat_request_is_built_from_the_turn_just_saved_without_reading_it_back(alice, fake_gateway):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from conversations import turns
+
+    services.preferences_update(user=alice, custom_instructions="I am a chemist.")
+    with CaptureQueriesContext(connection) as queries:
+        reply, request = turns.create_and_prepare(
+            services.conversation_start, user=alice, text="hello there", system_prompt="Be kind."
+        )
+    assert _message_reads(queries.captured_queries) == []
+    # The same request as one built from the database (the path of a reply
+    # whose task starts elsewhere), but for the id the task gave it.
+    Message.objects.filter(id=reply.id).update(status=Message.Status.PENDING)
+    from_db = context.build_request(reply_id=reply.id)
+    assert request.messages == from_db.messages == [
+        {"role": "system", "content": "I am a chemist.\n\nBe kind."}, {"role": "user", "content": "hello there"},
+    ]
+    assert (request.user_id, request.model, request.max_tokens) == (from_db.user_id, from_db.model, from_db.max_tokens)
+
+
+def test_a_turn_in_an_older_chat_reads_its_branch_from_the_database(alice, fake_gateway):
+    from conversations import turns
+    from conversations.selectors import ancestors
+
+    conversation = services.conversation_create(user=alice)
+    first = _turn(conversation, "one", "uno")
+    _turn(conversation, "two", "dos")
+    reply, request = turns.create_and_prepare(services.message_send, conversation=conversation, text="three")
+    # Its parent (the last reply) was loaded, not that reply's own parents: the
+    # in-memory walk stops there and the whole branch comes from one query.
+    assert [m["content"] for m in request.messages] == ["one", "uno", "two", "dos", "three"]
+    assert [m.id for m in ancestors(reply)] == [m.id for m in ancestors(Message.objects.get(id=reply.id))]
+    assert ancestors(reply)[0].id == first.parent_id
+
+
 def test_long_conversation_keeps_the_newest_messages_that_fit(alice, fake_gateway, settings):
     settings.CHAT_REPLY_MAX_TOKENS = 100
     fake_gateway.context_window = 400
