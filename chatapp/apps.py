@@ -11,7 +11,7 @@ class ChatappConfig(AppConfig):
         run_djangos_middleware_in_one_block(settings.MIDDLEWARE)
 
 
-def run_djangos_middleware_in_one_block(paths) -> list[type]:
+def run_djangos_middleware_in_one_block(paths) -> None:
     """Declare Django's own middleware classes sync-only (Django ticket #37177,
     which makes this same change in Django itself).
 
@@ -23,14 +23,10 @@ def run_djangos_middleware_in_one_block(paths) -> list[type]:
     waiting for. Sync-only, a run of them is adapted once and they call each
     other directly on the request's thread, which is what they do under WSGI.
     Their behaviour is unchanged, and so are their dotted paths in MIDDLEWARE,
-    which Django's deployment checks look for. Returns the classes changed."""
+    which Django's deployment checks look for."""
     from django.utils.deprecation import MiddlewareMixin
 
-    changed = []
     for path in paths:
         cls = import_string(path)
-        if (isinstance(cls, type) and issubclass(cls, MiddlewareMixin) and cls.__module__.startswith("django.")
-                and cls.async_capable):
+        if isinstance(cls, type) and issubclass(cls, MiddlewareMixin) and cls.__module__.startswith("django."):
             cls.async_capable = False
-            changed.append(cls)
-    return changed
