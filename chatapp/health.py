@@ -4,6 +4,8 @@ from __future__ import annotations
 from django.core.cache import cache
 from django.db import connection
 
+from chatapp import runtime
+
 
 def check_database() -> tuple[bool, str]:
     try:
@@ -24,11 +26,9 @@ def check_redis() -> tuple[bool, str]:
 
 
 def check_all() -> tuple[bool, dict]:
-    from inference import pools
-
     db_ok, db_detail = check_database()
     redis_ok, redis_detail = check_redis()
-    pool_report = pools.health()
+    pool_report = runtime.engines_health()
     ok = db_ok and redis_ok and all(p["status"] == "ok" for p in pool_report.values())
     return ok, {
         "status": "ok" if ok else "degraded",

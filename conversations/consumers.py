@@ -23,7 +23,7 @@ from conversations.models import Message
 from conversations.rendering import render_markdown
 from conversations.selectors import access_message
 from conversations.streams import StreamEvent
-from conversations.turns import db_thread
+from chatapp.runtime import on_db_thread
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ReplyStreamConsumer(AsyncConsumer):
         self.reply_id = self.scope["url_route"]["kwargs"]["reply_id"]
         self.connection_id = uuid.uuid4().hex
         try:
-            self.reply = await db_thread(_load)(self.scope, self.reply_id)
+            self.reply = await on_db_thread(_load)(self.scope, self.reply_id)
         except Http404:
             await self._plain(404, b"Not found")
             return
@@ -199,7 +199,7 @@ class ReplyStreamConsumer(AsyncConsumer):
         process died): send what the database holds and close."""
         if await streams.log_exists(self.reply_id):
             return False
-        reply = await db_thread(_reload)(self.reply_id)
+        reply = await on_db_thread(_reload)(self.reply_id)
         if reply is None or not reply.is_terminal:
             return False
         await self._send_stored(reply, after)

@@ -3,7 +3,7 @@
 system prompt (custom instructions + the conversation's own) + the running
 summary of older turns + the newest messages of the current branch that fit
 the model's context window minus the reply budget, counted with the model's
-own tokenizer and chat template (`gateway.services.count_prompt_tokens`).
+own tokenizer and chat template (the gateway client's `count_prompt_tokens`).
 When older messages fall out of the window a Celery task folds them into the
 summary, at low priority, for the next turn.
 """
@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
+from conversations import tasks
 from conversations.models import Conversation, Message
+from conversations.selectors import ancestors, custom_instructions
+from gateway import client as gateway_client
+from gateway.types import ChatRequest
 
 SUMMARY_PREAMBLE = "Summary of the earlier part of this conversation:\n"
 
@@ -29,8 +33,6 @@ class Context:
 
 
 def system_text(conversation: Conversation) -> str:
-    from conversations.selectors import custom_instructions
-
     parts = [custom_instructions(user_id=conversation.user_id).strip(), conversation.system_prompt.strip()]
     return "\n\n".join(p for p in parts if p)
 
@@ -41,8 +43,7 @@ def _as_chat(m: Message) -> dict:
 
 def build_context(*, conversation: Conversation, history: list[Message], reply_tokens: int) -> Context:
     """`history` is the branch root → the newest user message (the reply excluded)."""
-    from gateway import services as gateway
-
+    gateway = gateway_client.current()
     model = conversation.model or None
     budget = gateway.model_info(model).context_window - reply_tokens
     history = [m for m in history if m.content or m.role == "user"]  # empty failed replies say nothing
@@ -99,11 +100,6 @@ def build_request(*, reply_id=None, reply: Message | None = None):
     `reply`: the placeholder a service has just saved, in this thread, with
     its conversation and parents in memory; it is not read back (a new chat's
     whole branch is the message and the reply)."""
-    from gateway.types import ChatRequest
-
-    from conversations import tasks
-    from conversations.selectors import ancestors
-
     if reply is None:
         reply = Message.objects.select_related("conversation").filter(id=reply_id).first()
     if reply is None or reply.status != Message.Status.PENDING:

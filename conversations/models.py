@@ -66,7 +66,8 @@ class Message(models.Model):
         ERROR = "error"
         BLOCKED = "blocked"
 
-    TERMINAL = frozenset({"complete", "stopped", "interrupted", "error", "blocked"})
+    TERMINAL = frozenset({Status.COMPLETE, Status.STOPPED, Status.INTERRUPTED, Status.ERROR, Status.BLOCKED})
+    UNFINISHED = (Status.PENDING, Status.STREAMING)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")

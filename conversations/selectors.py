@@ -11,6 +11,7 @@ from django.db.models import Q
 from django.http import Http404
 
 from conversations.models import ChatPreferences, Conversation, Message
+from gateway import client as gateway_client
 
 
 def access_conversation(*, user, conversation_id) -> Conversation:
@@ -40,12 +41,7 @@ def conversation_list(*, user, archived: bool = False, query: str = ""):
 
 def models_for(*, user=None) -> list[str]:
     """The models this user may pick, as the gateway lists them."""
-    from gateway import services as gateway
-
-    lister = getattr(gateway, "available_models", None)
-    if lister is None:
-        return list(settings.MODEL_POOLS)
-    return lister(getattr(user, "id", None))
+    return gateway_client.current().available_models(getattr(user, "id", None))
 
 
 def preferences_get(*, user) -> ChatPreferences:

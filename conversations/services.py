@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
+from conversations import streams
 from conversations.models import ChatPreferences, Conversation, Message
+from conversations.selectors import models_for, newest_leaf
+from gateway.types import Usage
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,6 @@ def check_message_text(text) -> str:
 
 
 def check_model(model: str, *, user=None) -> str:
-    from conversations.selectors import models_for
-
     model = (model or "").strip()
     if model and model not in models_for(user=user):
         raise ValidationError(f"Unknown model '{model}'.")
@@ -104,10 +105,8 @@ def conversation_update(
 
 def conversation_delete(*, conversation: Conversation) -> None:
     # Abort anything still generating first, so no task writes into a deleted row.
-    from conversations import turns
-
-    for reply in conversation.messages.filter(status__in=["pending", "streaming"]):
-        turns.request_stop_sync(reply.id)
+    for reply in conversation.messages.filter(status__in=Message.UNFINISHED):
+        async_to_sync(streams.request_stop)(reply.id)
     conversation.delete()
 
 
@@ -136,7 +135,7 @@ def _set_leaf(conversation: Conversation, leaf: Message) -> None:
 
 
 def _check_idle(conversation: Conversation) -> None:
-    if conversation.messages.filter(status__in=["pending", "streaming"]).exists():
+    if conversation.messages.filter(status__in=Message.UNFINISHED).exists():
         raise ValidationError("Wait for the current reply to finish, or stop it.")
 
 
@@ -200,8 +199,6 @@ def message_regenerate(*, message: Message) -> Message:
 
 def branch_switch(*, message: Message) -> Message:
     """Show the branch through `message`, down to its newest leaf."""
-    from conversations.selectors import newest_leaf
-
     conversation = message.conversation
     leaf = newest_leaf(list(conversation.messages.all()), message)
     conversation.current_leaf = leaf
@@ -230,21 +227,22 @@ def reply_materialize(*, reply_id, content: str, stream_seq: int) -> None:
 
 def reply_finish(
     *, reply_id, status: str, content: str, stream_seq: int, error: str = "", model: str = "",
-    prompt_tokens: int = 0, completion_tokens: int = 0, cached_tokens: int = 0,
+    usage: Usage | None = None,
 ) -> bool:
     """Record the end of a reply exactly once: the first terminal status wins
     (the task and the stop fallback may race). Returns whether this call won."""
     assert status in Message.TERMINAL, status
     now = timezone.now()
+    usage = usage or Usage()
     fields = dict(
         status=status, content=content, stream_seq=stream_seq, error=error[:2000],
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens,
-        finished_at=now, updated_at=now,
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens, finished_at=now, updated_at=now,
     )
     if model:
         fields["model"] = model
     won = bool(
-        Message.objects.filter(id=reply_id, status__in=[Message.Status.PENDING, Message.Status.STREAMING]).update(
+        Message.objects.filter(id=reply_id, status__in=Message.UNFINISHED).update(
             **fields
         )
     )
@@ -261,9 +259,7 @@ def reap_orphaned_replies() -> int:
     is an orphan. The partial text materialized so far is kept.
     """
     now = timezone.now()
-    count = Message.objects.filter(
-        Q(status=Message.Status.STREAMING) | Q(status=Message.Status.PENDING), role=Message.Role.ASSISTANT
-    ).update(
+    count = Message.objects.filter(status__in=Message.UNFINISHED, role=Message.Role.ASSISTANT).update(
         status=Message.Status.INTERRUPTED,
         error="The server restarted while this reply was being written.",
         finished_at=now,

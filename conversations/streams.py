@@ -38,6 +38,10 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from chatapp import runtime
+from conversations.models import Message
+from conversations.rendering import render_markdown
+
 log = logging.getLogger(__name__)
 
 TERMINAL_EVENTS = frozenset({"done", "error"})
@@ -49,27 +53,8 @@ LOCAL_KEEP_S = 30.0
 # local streams were woken directly).
 ORIGIN = uuid.uuid4().hex[:12]
 
-_clients: dict = {}  # event loop -> client
-
-
 def client() -> aioredis.Redis:
-    """One connection pool per event loop (a pool cannot cross loops)."""
-    loop = asyncio.get_running_loop()
-    conn = _clients.get(loop)
-    if conn is None:
-        # A blocking pool: a burst of streams queues for a connection
-        # instead of failing with "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.REDIS_URL, max_connections=settings.STREAM_REDIS_CONNECTIONS, timeout=30,
-            socket_connect_timeout=5, socket_timeout=30,
-        )
-        conn = aioredis.Redis(connection_pool=pool)
-        # Keyed by the loop object itself (not its id, which a new loop may reuse);
-        # closed loops are dropped so tests do not accumulate them.
-        for old in [lp for lp in _clients if lp.is_closed()]:
-            del _clients[old]
-        _clients[loop] = conn
-    return conn
+    return runtime.redis_async()
 
 
 def _prefix() -> str:
@@ -114,6 +99,26 @@ class StreamEvent:
         """One SSE frame. JSON keeps newlines in the text off the wire format."""
         payload = json.dumps(self.data, separators=(",", ":"))
         return f"id: {self.seq}\nevent: {self.event}\ndata: {payload}\n\n".encode()
+
+
+def terminal_event(
+    seq: int, status: str, content: str, *, error: str = "", usage=None, finish_reason: str = "",
+    replace: bool = False,
+) -> StreamEvent:
+    """The one event that ends a reply's stream: `done`, or `error` for a
+    failed or blocked reply, with the final text rendered. `replace`: the
+    text may differ from the tokens streamed (a Stop fallback ended it with
+    what was materialized)."""
+    data = {"status": status, "html": render_markdown(content), "error": error}
+    if usage is not None:
+        data["usage"] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                         "cached_tokens": usage.cached_tokens}
+    if finish_reason:
+        data["finish_reason"] = finish_reason
+    if replace:
+        data["replace"] = True
+    failed = status in (Message.Status.ERROR, Message.Status.BLOCKED)
+    return StreamEvent(seq=seq, event="error" if failed else "done", data=data)
 
 
 def _decode(entry_id: bytes, fields: dict) -> StreamEvent:
@@ -230,17 +235,8 @@ class _LoopState:
             event.set()
 
 
-_states: dict = {}  # event loop -> _LoopState
-
-
 def _state() -> _LoopState:
-    loop = asyncio.get_running_loop()
-    state = _states.get(loop)
-    if state is None:
-        for old in [lp for lp in _states if lp.is_closed()]:
-            del _states[old]
-        state = _states[loop] = _LoopState()
-    return state
+    return runtime.loop_local("reply-streams", _LoopState)
 
 
 def drop_local(reply_id) -> None:
@@ -283,7 +279,7 @@ class Fanout:
 
     def __init__(self, state: _LoopState):
         self.state = state
-        self.redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=None)
+        self.redis = runtime.redis_pubsub_connection()
         self.pubsub = self.redis.pubsub()
         self.channels = {new_channel().encode(): "new", control_channel().encode(): "ctl"}
         self.ready: asyncio.Future | None = None

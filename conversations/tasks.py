@@ -12,6 +12,8 @@ from celery import shared_task
 from django.conf import settings
 from django.db import transaction
 
+from gateway import client as gateway_client
+
 log = logging.getLogger(__name__)
 
 TITLE_PROMPT = (
@@ -31,10 +33,9 @@ def _background_model() -> str | None:
 
 
 def _complete(messages: list[dict], max_tokens: int) -> str:
-    from gateway import services as gateway
     from gateway.types import PRIORITY_BACKGROUND, ChatRequest
 
-    text, final = gateway.complete(
+    text, final = gateway_client.current().complete(
         ChatRequest(
             messages=messages, model=_background_model(), max_tokens=max_tokens, temperature=0.0,
             priority=PRIORITY_BACKGROUND, source="task",
@@ -102,8 +103,7 @@ def summarize_conversation(conversation_id: str, through_id: str) -> str | None:
     Starts from the existing summary when it covers an ancestor of
     `through_id`, and feeds the rest in chunks that fit the model's window.
     """
-    from gateway import services as gateway
-
+    gateway = gateway_client.current()
     from conversations import services
     from conversations.models import Conversation, Message
     from conversations.selectors import ancestors

@@ -18,8 +18,8 @@ from django.utils.text import slugify
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET, require_POST
 
+from chatapp.runtime import on_db_thread
 from conversations import selectors, services, turns
-from conversations.turns import db_thread
 from conversations.rendering import pygments_css
 
 
@@ -88,14 +88,14 @@ async def conversation_new(request):
     user = await request.auser()
     request.user = user  # the page render must not load the user a second time
     try:
-        reply, prepared = await db_thread(turns.create_and_prepare)(
+        reply, prepared = await on_db_thread(turns.create_and_prepare)(
             services.conversation_start, user=user, text=request.POST.get("text"),
             model=request.POST.get("model", ""), system_prompt=request.POST.get("system_prompt", ""),
         )
     except ValidationError as exc:
         if request.htmx:
             return _composer_error(" ".join(exc.messages))
-        return await db_thread(lambda: render(request, "conversations/chat.html", _chat_context(request, error=" ".join(exc.messages), draft=request.POST.get("text", "")), status=422))()
+        return await on_db_thread(lambda: render(request, "conversations/chat.html", _chat_context(request, error=" ".join(exc.messages), draft=request.POST.get("text", "")), status=422))()
     turns.start_reply(reply.id, prepared)
     url = f"/c/{reply.conversation_id}/"
     if not request.htmx:
@@ -103,7 +103,7 @@ async def conversation_new(request):
     # The new chat's main pane and its sidebar entry in this response (no
     # redirect round trip before the stream opens, and not the whole page:
     # the sidebar's queries and render would hold every chat of a burst back).
-    response = await db_thread(_new_chat_fragment)(request, reply.conversation)
+    response = await on_db_thread(_new_chat_fragment)(request, reply.conversation)
     response["HX-Retarget"] = "#main"
     response["HX-Reswap"] = "innerHTML"
     response["HX-Push-Url"] = url
@@ -117,18 +117,18 @@ def _turn_fragment(request, reply):
 
 async def _start_and_render(request, fn, **kwargs):
     try:
-        reply, prepared = await db_thread(turns.create_and_prepare)(fn, **kwargs)
+        reply, prepared = await on_db_thread(turns.create_and_prepare)(fn, **kwargs)
     except ValidationError as exc:
         return _composer_error(" ".join(exc.messages))
     turns.start_reply(reply.id, prepared)
-    return await db_thread(_turn_fragment)(request, reply)
+    return await on_db_thread(_turn_fragment)(request, reply)
 
 
 @login_required
 @require_POST
 async def message_send(request, conversation_id):
     user = await request.auser()
-    conversation = await db_thread(selectors.access_conversation)(user=user, conversation_id=conversation_id)
+    conversation = await on_db_thread(selectors.access_conversation)(user=user, conversation_id=conversation_id)
     return await _start_and_render(request, services.message_send, conversation=conversation, text=request.POST.get("text"))
 
 
@@ -136,7 +136,7 @@ async def message_send(request, conversation_id):
 @require_POST
 async def message_edit(request, message_id):
     user = await request.auser()
-    message = await db_thread(selectors.access_message)(user=user, message_id=message_id)
+    message = await on_db_thread(selectors.access_message)(user=user, message_id=message_id)
     return await _start_and_render(request, services.message_edit, message=message, text=request.POST.get("text"))
 
 
@@ -144,7 +144,7 @@ async def message_edit(request, message_id):
 @require_POST
 async def message_regenerate(request, message_id):
     user = await request.auser()
-    message = await db_thread(selectors.access_message)(user=user, message_id=message_id)
+    message = await on_db_thread(selectors.access_message)(user=user, message_id=message_id)
     return await _start_and_render(request, services.message_regenerate, message=message)
 
 
@@ -152,7 +152,7 @@ async def message_regenerate(request, message_id):
 @require_POST
 async def message_stop(request, message_id):
     user = await request.auser()
-    message = await db_thread(selectors.access_message)(user=user, message_id=message_id)
+    message = await on_db_thread(selectors.access_message)(user=user, message_id=message_id)
     status = await turns.stop_reply(message.id)
     return JsonResponse({"status": status})
 

@@ -17,8 +17,16 @@ from django_ratelimit.core import get_usage
 
 from gateway import quotas, registry, services
 from gateway.keys import aauthenticate
-from gateway.redis_client import REDIS_ERRORS
-from gateway.types import PRIORITY_INTERACTIVE, BadRequest, ChatRequest, FinalEvent, GatewayError, TokenEvent
+from chatapp.runtime import REDIS_ERRORS
+from gateway.types import (
+    PRIORITY_INTERACTIVE,
+    BadRequest,
+    ChatRequest,
+    FinalEvent,
+    GatewayError,
+    TokenEvent,
+    try_again_in,
+)
 
 def error_response(status: int, message: str, *, error_type: str, code: str | None, headers=None) -> JsonResponse:
     response = JsonResponse(
@@ -34,7 +42,7 @@ def gateway_error_response(exc: GatewayError) -> JsonResponse:
     message = exc.message
     if exc.retry_after_s is not None:
         headers.setdefault("Retry-After", str(exc.retry_after_s))
-        message = f"{message} Try again in {quotas.human_wait(exc.retry_after_s)}."
+        message = f"{message} {try_again_in(exc.retry_after_s)}"
     return error_response(exc.status, message, error_type=exc.error_type, code=exc.code, headers=headers)
 
 
@@ -53,7 +61,7 @@ def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | None:
         return None
     wait_s = max(1, int(usage["time_left"]))
     return error_response(
-        429, f"Too many requests ({rate}); try again in {wait_s} s.", error_type="requests",
+        429, f"Too many requests ({rate}). {try_again_in(wait_s)}", error_type="requests",
         code="rate_limit_exceeded", headers={"Retry-After": str(wait_s)},
     )
 

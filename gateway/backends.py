@@ -11,15 +11,16 @@ import asyncio
 import json
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 from django.conf import settings
 
+from chatapp import runtime
 from gateway.registry import BackendSpec
 from gateway.types import BadRequest, ChatRequest, TokenEvent, Usage
+from inference import EngineSaturated, PromptTooLong, SamplingParams
 
 
 class BackendFailure(Exception):
@@ -77,6 +78,7 @@ def circuit(name: str) -> Circuit:
     return _circuits.setdefault(name, Circuit())
 
 
+@runtime.on_reset
 def reset_circuits() -> None:
     _circuits.clear()
 
@@ -84,8 +86,6 @@ def reset_circuits() -> None:
 # ---------------------------------------------------------------- local pools
 
 def _sampling_params(request: ChatRequest):
-    from inference import SamplingParams
-
     try:
         return SamplingParams(
             max_tokens=request.max_tokens,
@@ -99,12 +99,10 @@ def _sampling_params(request: ChatRequest):
 
 
 async def local_engine(spec: BackendSpec):
-    from inference import pools
-
-    if pools.loaded(spec.pool):
-        return pools.get(spec.pool)
+    if runtime.engine_loaded(spec.pool):
+        return runtime.engine(spec.pool)
     try:
-        return await asyncio.to_thread(pools.get, spec.pool)  # loads the model on first use
+        return await asyncio.to_thread(runtime.engine, spec.pool)  # loads the model on first use
     except Exception as exc:
         raise BackendFailure(f"model pool '{spec.pool}' is unavailable: {exc}") from None
 
@@ -115,8 +113,6 @@ async def local_prompt_ids(spec: BackendSpec, messages: list[dict]) -> list[int]
 
 
 async def local_stream(spec: BackendSpec, request: ChatRequest, prompt_ids) -> AsyncIterator:
-    from inference import EngineSaturated, PromptTooLong
-
     engine = await local_engine(spec)
     params = _sampling_params(request)
     extra = {}
@@ -150,26 +146,11 @@ async def local_stream(spec: BackendSpec, request: ChatRequest, prompt_ids) -> A
 
 
 def local_abort(spec: BackendSpec, request_id: str) -> None:
-    from inference import pools
-
-    if pools.loaded(spec.pool):
-        pools.get(spec.pool).abort(request_id)
+    if runtime.engine_loaded(spec.pool):
+        runtime.engine(spec.pool).abort(request_id)
 
 
 # -------------------------------------------------------------- remote servers
-
-_http_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _http_client() -> httpx.AsyncClient:
-    """One connection pool per event loop (httpx clients are loop-bound)."""
-    loop = asyncio.get_running_loop()
-    client = _http_clients.get(loop)
-    if client is None:
-        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
-        _http_clients[loop] = client
-    return client
-
 
 def estimate_tokens(messages: list[dict]) -> int:
     """A remote model's tokenizer is not at hand: ~4 characters a token, plus
@@ -215,7 +196,7 @@ async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSig
         write=settings.GATEWAY_CONNECT_TIMEOUT_S,
         pool=settings.GATEWAY_CONNECT_TIMEOUT_S,
     )
-    client = _http_client()
+    client = runtime.http()
     try:
         response = await client.send(
             client.build_request("POST", url, json=_remote_body(spec, request), headers=headers, timeout=timeout),

@@ -20,11 +20,11 @@ from django.conf import settings
 from django.utils import timezone
 from pgvector.django import CosineDistance
 
-from gateway import db
+from chatapp import runtime
+from chatapp.runtime import REDIS_ERRORS
 from gateway.models import SemanticCacheEntry
-from gateway.redis_client import REDIS_ERRORS, async_client
 from gateway.types import ChatRequest
-
+from retrieval.services import aembed
 
 PURGE_PROBABILITY = 0.01
 
@@ -69,7 +69,7 @@ def exact_key(request: ChatRequest, model: str) -> str:
 
 async def exact_get(request: ChatRequest, model: str) -> CachedReply | None:
     try:
-        raw = await async_client().get(exact_key(request, model))
+        raw = await runtime.redis_async().get(exact_key(request, model))
     except REDIS_ERRORS:
         return None  # a cache is an optimisation: without Redis, just miss
     if raw is None:
@@ -84,7 +84,7 @@ async def exact_put(request: ChatRequest, model: str, *, text, finish_reason, pr
          "completion_tokens": completion_tokens}
     )
     try:
-        await async_client().set(exact_key(request, model), value, ex=settings.GATEWAY_CACHE_TTL_S)
+        await runtime.redis_async().set(exact_key(request, model), value, ex=settings.GATEWAY_CACHE_TTL_S)
     except REDIS_ERRORS:
         pass
 
@@ -109,14 +109,12 @@ def semantic_key(request: ChatRequest, model: str) -> str:
     return _digest({"model": model, "system": system, "params": _params(request)})
 
 
-async def _embed(text: str) -> list[float]:
-    from retrieval.services import aembed
-
+async def embed_question(text: str) -> list[float]:
     return (await aembed([text]))[0]
 
 
 async def semantic_get(request: ChatRequest, model: str, question: str) -> tuple[CachedReply | None, list[float]]:
-    vector = await _embed(question)
+    vector = await embed_question(question)
     max_distance = 1.0 - settings.GATEWAY_SEMANTIC_THRESHOLD
     nearest = (
         SemanticCacheEntry.objects.filter(
@@ -126,7 +124,7 @@ async def semantic_get(request: ChatRequest, model: str, question: str) -> tuple
         .filter(distance__lte=max_distance)
         .order_by("distance")
     )
-    entry = await db.run(nearest.first)
+    entry = await runtime.on_db_thread(nearest.first, runtime.LEDGER_DB)()
     if entry is None:
         return None, vector
     reply = CachedReply(
@@ -142,9 +140,9 @@ async def semantic_get(request: ChatRequest, model: str, question: str) -> tuple
 async def semantic_put(request, model, question, vector, *, text, finish_reason, prompt_tokens, completion_tokens):
     if random.random() < PURGE_PROBABILITY:
         # Expired entries are never read; sweep them now and then instead of a scheduled job.
-        await db.run(SemanticCacheEntry.objects.filter(expires_at__lte=timezone.now()).delete)
-    await db.run(
-        SemanticCacheEntry.objects.create,
+        expired = SemanticCacheEntry.objects.filter(expires_at__lte=timezone.now())
+        await runtime.on_db_thread(expired.delete, runtime.LEDGER_DB)()
+    await runtime.on_db_thread(SemanticCacheEntry.objects.create, runtime.LEDGER_DB)(
         scope=scope(request.user_id),
         key_hash=semantic_key(request, model),
         prompt=question,

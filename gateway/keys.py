@@ -12,7 +12,7 @@ from datetime import timedelta
 from django.http import Http404
 from django.utils import timezone
 
-from gateway import db
+from chatapp import runtime
 from gateway.models import ApiKey
 
 KEY_PREFIX = "sk-chat-"
@@ -51,7 +51,7 @@ async def aauthenticate(raw: str) -> ApiKey | None:
     """The live key (with its user) for a bearer token, or None."""
     if not raw or not raw.startswith(KEY_PREFIX) or len(raw) > 200:
         return None
-    return await db.run(_authenticate, _hash(raw))
+    return await runtime.on_db_thread(_authenticate, runtime.LEDGER_DB)(_hash(raw))
 
 
 def _authenticate(key_hash: str) -> ApiKey | None:

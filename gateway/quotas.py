@@ -16,7 +16,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from gateway.redis_client import REDIS_ERRORS, async_client
+from chatapp import runtime
+from chatapp.runtime import REDIS_ERRORS
 from gateway.registry import Limits
 from gateway.types import BadRequest, QuotaExceeded, RateLimited, Unavailable
 
@@ -140,7 +141,7 @@ async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | Non
             )
     w = windows(user_id, now)
     try:
-        reserve_script, _ = _scripts(async_client())
+        reserve_script, _ = _scripts(runtime.redis_async())
         result = await reserve_script(keys=w.keys, args=[*lim, tokens, *[r + 5 for r in w.resets_s]])
     except REDIS_ERRORS:
         raise Unavailable(REDIS_DOWN) from None
@@ -172,7 +173,7 @@ async def reconcile(reservation: Reservation, *, charged_tokens: int) -> None:
     if refund == 0:
         return
     try:
-        _, reconcile_script = _scripts(async_client())
+        _, reconcile_script = _scripts(runtime.redis_async())
         await reconcile_script(keys=reservation.token_keys, args=[refund])
     except REDIS_ERRORS:
         # The reservation then simply expires with its window: fail safe.
@@ -181,18 +182,8 @@ async def reconcile(reservation: Reservation, *, charged_tokens: int) -> None:
 
 async def current_usage(user_id: int) -> tuple[int, int, int, int]:
     w = windows(user_id)
-    values = await async_client().mget(w.keys)
+    values = await runtime.redis_async().mget(w.keys)
     return tuple(int(v or 0) for v in values)
-
-
-def human_wait(seconds: int) -> str:
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{math.ceil(seconds / 60)} min"
-    if seconds < 172800:
-        return f"{math.ceil(seconds / 3600)} h"
-    return f"{math.ceil(seconds / 86400)} days"
 
 
 async def headers_for(user_id: int, limits: Limits) -> dict[str, str]:
@@ -205,10 +196,8 @@ async def headers_for(user_id: int, limits: Limits) -> dict[str, str]:
 
 
 def current_usage_sync(user_id: int) -> tuple[int, int, int, int]:
-    from gateway.redis_client import sync_client
-
     w = windows(user_id)
     try:
-        return tuple(int(v or 0) for v in sync_client().mget(w.keys))
+        return tuple(int(v or 0) for v in runtime.redis_sync().mget(w.keys))
     except REDIS_ERRORS:
         return (0, 0, 0, 0)

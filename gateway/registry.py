@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from gateway import db
+from chatapp import runtime
+
 from gateway.models import Backend, Plan, PlanAssignment
 
 LARGE = "large"  # the pool name the router sends hard prompts to, when it exists
@@ -131,7 +132,7 @@ def _cached(key, loader):
         in_loop = False
     # The ORM refuses to run on an event loop's thread: a sync caller there
     # (model_info from async code) gets the gateway's DB thread.
-    value = db.run_sync(loader) if in_loop else loader()
+    value = runtime.run_on_db_thread_sync(loader) if in_loop else loader()
     with _lock:
         _cache[key] = (now, value)
     return value
@@ -141,7 +142,7 @@ async def _acached(key, loader):
     hit = _cache.get(key)
     if hit is not None and time.monotonic() - hit[0] < settings.GATEWAY_REGISTRY_TTL_S:
         return hit[1]
-    value = await db.run(loader)
+    value = await runtime.on_db_thread(loader, runtime.LEDGER_DB)()
     with _lock:
         _cache[key] = (time.monotonic(), value)
     return value
@@ -163,6 +164,8 @@ def limits(user_id: int) -> Limits:
     return _cached(("limits", user_id), lambda: _load_limits(user_id))
 
 
+@runtime.on_reset
 def invalidate() -> None:
+    """Forget the cached backends and plans (an admin edit, tests)."""
     with _lock:
         _cache.clear()

@@ -15,10 +15,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from dataclasses import dataclass
+
 from asgiref.sync import async_to_sync
 from django.conf import settings
 
-from gateway import backends, cache, db, quotas, registry, router
+from chatapp import runtime
+from gateway import backends, cache, quotas, registry, router
 from gateway.backends import BackendFailure, BackendFinal
 from gateway.models import Backend, UsageRecord
 from gateway.registry import BackendSpec, Limits
@@ -95,12 +98,20 @@ class _Run:
         self.reservation = reservation
         self.started = time.monotonic()
         self.ttft_ms: int | None = None
+        # The plan (`_plan`): every backend, the fallback chain, why its head was chosen.
+        self.specs: dict[str, BackendSpec] = {}
+        self.candidates: list[str] = []
+        self.reason = ""
+        self.prompt_ids: list[int] | None = None  # the primary's tokens, when it is a local pool
         self.backend = ""
         self.route = ""
         self.prompt_tokens = 0
         self.started_generating = False  # a backend accepted the request: its prompt is paid for
         self.completion_tokens = 0  # counted while streaming, for a reply cut short
         self.settled = False
+
+    def usage_so_far(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
 
     def first_token(self) -> None:
         if self.ttft_ms is None:
@@ -126,8 +137,7 @@ class _Run:
 
     async def _write_ledger(self, status, usage, cache_hit, error, charged) -> None:
         try:
-            await db.run(
-                UsageRecord.objects.create,
+            await runtime.on_db_thread(UsageRecord.objects.create, runtime.LEDGER_DB)(
                 user_id=self.request.user_id,
                 api_key_id=self.request.api_key_id,
                 request_id=self.request.request_id,
@@ -183,39 +193,15 @@ async def _open(spec: BackendSpec, request: ChatRequest, prompt_ids):
 # -------------------------------------------------------------- entry point
 
 async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+    """The gateway's stages, in order: check the request → moderate the input
+    → route and reserve the quota → cache → open a backend (fallback chain,
+    circuits) → relay its tokens through the output window → settle (bill,
+    ledger, cache the reply)."""
     _validate(request)
+    await _moderate_input(request)
+    run = await _plan(request)
     try:
-        _moderate_prompt(request)
-    except Blocked as exc:
-        # Nothing generated or charged, but the refusal is on the record.
-        await _Run(request, None).settle(status="blocked", usage=Usage(), error=exc.message, charge=False)
-        raise
-    specs = await registry.abackends()
-    limits = await _limits_for(request)
-    estimate = backends.estimate_tokens(request.messages)
-    name, reason = router.choose(request, specs, limits, estimate)
-    candidates = router.chain(name, specs, limits)
-    primary = specs[name]
-
-    prompt_ids = None
-    prompt_tokens = estimate
-    if primary.kind == Backend.KIND_LOCAL:
-        try:
-            prompt_ids = await backends.local_prompt_ids(primary, request.messages)
-            prompt_tokens = len(prompt_ids)
-        except BackendFailure:
-            pass  # the fallback chain will deal with it; reserve on the estimate
-    reservation = None
-    # Background work (titles, summaries) is the product's, not the user's: ledgered, never refused for quota.
-    if request.user_id is not None and request.source != "task":
-        reservation = await quotas.reserve(
-            user_id=request.user_id, limits=limits, tokens=prompt_tokens + request.max_tokens
-        )
-    run = _Run(request, reservation)
-    run.route = f"{reason}:{name}"
-    run.prompt_tokens = prompt_tokens
-    try:
-        async with aclosing(_serve(request, run, specs, candidates, reason, prompt_ids, prompt_tokens)) as events:
+        async with aclosing(_serve(run)) as events:
             async for event in events:
                 yield event
     except BaseException as exc:
@@ -232,122 +218,177 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
         _early_aborts.pop(request.request_id, None)
 
 
-async def _serve(request, run: _Run, specs, candidates, reason, prompt_ids, prompt_tokens):
-    question = vector = None
-    use_cache = cache.cacheable(request)
-    if use_cache:
-        hit = None
-        if settings.GATEWAY_EXACT_CACHE:
-            hit = await cache.exact_get(request, candidates[0])
-        if hit is None and settings.GATEWAY_SEMANTIC_CACHE:
-            question = cache.semantic_question(request)
-            if question is not None:
-                try:
-                    hit, vector = await cache.semantic_get(request, candidates[0], question)
-                except Exception:
-                    # A cache is an optimisation: when it fails, generate.
-                    log.exception("semantic cache lookup failed for %s", request.request_id)
+async def _moderate_input(request: ChatRequest) -> None:
+    try:
+        _moderate_prompt(request)
+    except Blocked as exc:
+        # Nothing generated or charged, but the refusal is on the record.
+        await _Run(request, None).settle(status="blocked", usage=Usage(), error=exc.message, charge=False)
+        raise
+
+
+async def _plan(request: ChatRequest) -> _Run:
+    """Route, count the prompt with the primary model's tokenizer, reserve the quota."""
+    specs = await registry.abackends()
+    limits = await _limits_for(request)
+    estimate = backends.estimate_tokens(request.messages)
+    name, reason = router.choose(request, specs, limits, estimate)
+    prompt_ids = None
+    prompt_tokens = estimate
+    if specs[name].kind == Backend.KIND_LOCAL:
+        try:
+            prompt_ids = await backends.local_prompt_ids(specs[name], request.messages)
+            prompt_tokens = len(prompt_ids)
+        except BackendFailure:
+            pass  # the fallback chain will deal with it; reserve on the estimate
+    reservation = None
+    # Background work (titles, summaries) is the product's, not the user's: ledgered, never refused for quota.
+    if request.user_id is not None and request.source != "task":
+        reservation = await quotas.reserve(
+            user_id=request.user_id, limits=limits, tokens=prompt_tokens + request.max_tokens
+        )
+    run = _Run(request, reservation)
+    run.specs, run.candidates, run.reason = specs, router.chain(name, specs, limits), reason
+    run.route = f"{reason}:{name}"
+    run.prompt_ids, run.prompt_tokens = prompt_ids, prompt_tokens
+    return run
+
+
+async def _serve(run: _Run):
+    lookup = _CacheLookup()
+    if cache.cacheable(run.request):
+        hit = await _cache_get(run, lookup)
         if hit is not None:
-            async for event in _replay(request, run, hit, candidates[0]):
+            async for event in _replay(run, hit):
                 yield event
             return
+    stream, first = await _open_with_fallback(run)
+    final = None
+    text: list[str] = []
+    async for event in _relay(run, stream, first, text):
+        if isinstance(event, BackendFinal):
+            final = event
+        else:
+            yield event
+    yield await _finish(run, final, "".join(text), lookup)
 
+
+@dataclass
+class _CacheLookup:
+    """What a cache miss learned, reused to store the reply (no second embedding)."""
+    done: bool = False  # the request was cacheable and looked up
+    question: str | None = None
+    vector: list[float] | None = None
+
+
+async def _cache_get(run: _Run, lookup: _CacheLookup) -> cache.CachedReply | None:
+    request, model = run.request, run.candidates[0]
+    lookup.done = True
+    hit = await cache.exact_get(request, model) if settings.GATEWAY_EXACT_CACHE else None
+    if hit is None and settings.GATEWAY_SEMANTIC_CACHE:
+        lookup.question = cache.semantic_question(request)
+        if lookup.question is not None:
+            try:
+                hit, lookup.vector = await cache.semantic_get(request, model, lookup.question)
+            except Exception:
+                # A cache is an optimisation: when it fails, generate.
+                log.exception("semantic cache lookup failed for %s", request.request_id)
+    return hit
+
+
+async def _open_with_fallback(run: _Run):
+    """The first backend of the chain that accepts the request and produces a
+    first event; saturation is tried around, never counted as a failure."""
     hops: list[str] = []
     saturated = False
     last_error = ""
-    opened = None
-    for name in candidates:
-        spec = specs[name]
+    for name in run.candidates:
         breaker = backends.circuit(name)
         if not breaker.allow():
             hops.append(f"{name}(circuit-open)")
             continue
         try:
-            opened = await _open(spec, request, prompt_ids if name == candidates[0] else None)
+            opened = await _open(run.specs[name], run.request, run.prompt_ids if name == run.candidates[0] else None)
         except BackendFailure as exc:
+            saturated = saturated or exc.saturated
             if exc.saturated:
-                saturated = True
                 breaker.success()  # busy is alive: saturation never opens a circuit
             else:
                 breaker.failure()
             hops.append(f"{name}({'saturated' if exc.saturated else 'failed'})")
             last_error = str(exc)
-            log.warning("backend %s refused %s: %s", name, request.request_id, exc)
+            log.warning("backend %s refused %s: %s", name, run.request.request_id, exc)
             continue
-        run.backend = name
-        run.started_generating = True
-        break
-    run.route = f"{reason}:" + " > ".join([*hops, run.backend or "none"])
-    if opened is None:
-        if saturated:
-            raise Overloaded(
-                "Every model that could answer is at capacity.", retry_after_s=2,
-                headers={"Retry-After": "2"},
-            )
-        raise Unavailable(f"No model could answer: {last_error or 'all circuits are open'}")
+        run.backend, run.started_generating = name, True
+        run.route = f"{run.reason}:" + " > ".join([*hops, name])
+        return opened
+    run.route = f"{run.reason}:" + " > ".join([*hops, "none"])
+    if saturated:
+        raise Overloaded("Every model that could answer is at capacity.", retry_after_s=2, headers={"Retry-After": "2"})
+    raise Unavailable(f"No model could answer: {last_error or 'all circuits are open'}")
 
-    stream, item = opened
-    spec = specs[run.backend]
+
+async def _relay(run: _Run, stream, item, text: list[str]):
+    """The backend's tokens through the output moderation window; ends with
+    one BackendFinal. After the first token a failure ends the reply, never
+    raises: the caller keeps the partial text and marks it as an error."""
+    request = run.request
     window = OutputWindow()
-    parts: list[str] = []
-    tokens_seen = 0
-    final: BackendFinal | None = None
     try:
-        while True:
-            if isinstance(item, BackendFinal):
-                final = item
-                break
+        while not isinstance(item, BackendFinal):
             run.first_token()
-            parts.append(item.text)
-            tokens_seen += max(1, len(item.token_ids))
-            run.completion_tokens = tokens_seen
+            text.append(item.text)
+            run.completion_tokens += max(1, len(item.token_ids))
             shown = window.push(item.text)
             if window.verdict.flagged:
                 abort(request.request_id)
-                final = BackendFinal(
-                    "content_filter", Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens_seen),
-                    error=window.verdict.reason,
-                )
+                item = BackendFinal("content_filter", run.usage_so_far(), error=window.verdict.reason)
                 break
             if shown:
                 yield TokenEvent(text=shown, token_ids=() if window.active else item.token_ids)
-            try:
-                item = await stream.__anext__()
-            except StopAsyncIteration:
-                item = BackendFinal("error", Usage(prompt_tokens, tokens_seen), error="the backend ended early")
-            except Exception as exc:
-                # After the first token a failure ends the reply, never raises:
-                # the caller keeps the partial text and marks it as an error.
-                log.warning("backend %s failed mid-reply %s: %r", run.backend, request.request_id, exc)
-                message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-                item = BackendFinal("error", Usage(prompt_tokens, tokens_seen), error=message)
+            item = await _next_event(run, stream)
     except BaseException:
         # Stop or disconnect while streaming: free the engine slot / remote stream now.
-        _abort_backend(spec, request.request_id)
+        _abort_backend(run.specs[run.backend], request.request_id)
         raise
     finally:
         await stream.aclose()
+    tail = window.flush()
+    if tail:
+        yield TokenEvent(text=tail)
+    yield item
 
+
+async def _next_event(run: _Run, stream):
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return BackendFinal("error", run.usage_so_far(), error="the backend ended early")
+    except Exception as exc:
+        log.warning("backend %s failed mid-reply %s: %r", run.backend, run.request.request_id, exc)
+        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        return BackendFinal("error", run.usage_so_far(), error=message)
+
+
+async def _finish(run: _Run, final: BackendFinal, text: str, lookup: _CacheLookup) -> FinalEvent:
+    """Circuit bookkeeping, then bill and cache the reply in parallel."""
     breaker = backends.circuit(run.backend)
     if final.finish_reason == "error":
         breaker.failure()
     else:
         breaker.success()
-    tail = window.flush()
-    if tail:
-        yield TokenEvent(text=tail)
-    text = "".join(parts)
     settle = run.settle(status=final.finish_reason, usage=final.usage, error=final.error or "")
-    if use_cache and final.finish_reason in ("stop", "length") and not final.error:
-        await asyncio.gather(_store(request, run.backend, question, vector, text, final), settle)
+    if lookup.done and final.finish_reason in ("stop", "length") and not final.error:
+        await asyncio.gather(_store(run.request, run.backend, lookup, text, final), settle)
     else:
         await settle
-    yield FinalEvent(
+    return FinalEvent(
         finish_reason=final.finish_reason, usage=final.usage, model=run.backend, route=run.route, error=final.error
     )
 
 
-async def _replay(request, run: _Run, hit: cache.CachedReply, model: str):
+async def _replay(run: _Run, hit: cache.CachedReply):
+    model = run.candidates[0]
     run.backend = model
     run.route = f"{run.route} (cache:{hit.kind})"
     for piece in _pieces(hit.text):
@@ -362,7 +403,7 @@ async def _replay(request, run: _Run, hit: cache.CachedReply, model: str):
     yield FinalEvent(finish_reason=hit.finish_reason, usage=usage, model=model, route=run.route, cache_hit=hit.kind)
 
 
-async def _store(request, model, question, vector, text, final: BackendFinal) -> None:
+async def _store(request, model, lookup: _CacheLookup, text, final: BackendFinal) -> None:
     fields = dict(
         text=text, finish_reason=final.finish_reason,
         prompt_tokens=final.usage.prompt_tokens, completion_tokens=final.usage.completion_tokens,
@@ -370,12 +411,11 @@ async def _store(request, model, question, vector, text, final: BackendFinal) ->
     if settings.GATEWAY_EXACT_CACHE:
         await cache.exact_put(request, model, **fields)
     if settings.GATEWAY_SEMANTIC_CACHE:
-        question = question if question is not None else cache.semantic_question(request)
+        question = lookup.question if lookup.question is not None else cache.semantic_question(request)
         if question is None:
             return
         try:
-            if vector is None:
-                vector = await cache._embed(question)
+            vector = lookup.vector if lookup.vector is not None else await cache.embed_question(question)
             await cache.semantic_put(request, model, question, vector, **fields)
         except Exception:
             log.exception("could not store a semantic cache entry")
@@ -400,16 +440,8 @@ def abort(request_id: str) -> None:
     for stale in [rid for rid, at in _early_aborts.items() if now - at > EARLY_ABORT_TTL_S]:
         _early_aborts.pop(stale, None)
     _early_aborts[request_id] = now
-    if not settings.MODEL_POOLS:
-        return
-    try:
-        from inference import pools
-    except ImportError:
-        return
-
-    for name in settings.MODEL_POOLS:
-        if pools.loaded(name):
-            pools.get(name).abort(request_id)
+    for engine in runtime.loaded_engines():
+        engine.abort(request_id)
 
 
 # ------------------------------------------------------------- model facts
@@ -425,9 +457,7 @@ def _spec(model: str | None) -> BackendSpec:
 def model_info(model: str | None = None) -> ModelInfo:
     spec = _spec(model)
     if spec.kind == Backend.KIND_LOCAL:
-        from inference import pools
-
-        return ModelInfo(name=spec.name, context_window=pools.get(spec.pool).max_model_len)
+        return ModelInfo(name=spec.name, context_window=runtime.engine(spec.pool).max_model_len)
     return ModelInfo(name=spec.name, context_window=spec.context_window)
 
 
@@ -436,9 +466,7 @@ def count_prompt_tokens(messages: list[dict], model: str | None = None) -> int:
     (an estimate for remote models, whose tokenizer is not here)."""
     spec = _spec(model)
     if spec.kind == Backend.KIND_LOCAL:
-        from inference import pools
-
-        return len(pools.get(spec.pool).apply_chat_template(messages))
+        return len(runtime.engine(spec.pool).apply_chat_template(messages))
     return backends.estimate_tokens(messages)
 
 

@@ -7,11 +7,23 @@ first token end with a FinalEvent whose finish_reason is "error".
 """
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 
 PRIORITY_INTERACTIVE = 0
 PRIORITY_BACKGROUND = 10  # titles, summaries: yield to user chats
+
+
+def try_again_in(seconds: float) -> str:
+    """The one wording of a wait, for pages and the API: "Try again in 42
+    seconds." Rounded up: a client that waits what it is told is let in."""
+    seconds = max(1, math.ceil(seconds))
+    for unit, size, below in (("second", 1, 120), ("minute", 60, 7200), ("hour", 3600, 172800), ("day", 86400, None)):
+        if below is None or seconds < below:
+            count = math.ceil(seconds / size)
+            return f"Try again in {count} {unit}{'s' if count != 1 else ''}."
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

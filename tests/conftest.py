@@ -1,6 +1,8 @@
 import shutil
 
 import pytest
+
+from chatapp import runtime
 from django.conf import settings
 
 from chatapp import embedded
@@ -33,12 +35,8 @@ def django_db_setup(django_db_setup, django_db_blocker):
     yield
     from django.db import connections
 
-    from conversations import turns
-    from gateway import db
-
     with django_db_blocker.unblock():
-        turns.close_db_connections()
-        db.close_connections()
+        runtime.close_db_threads()
         for conn in connections.all():
             if getattr(conn, "pool", None) is not None:
                 conn.close_pool()
@@ -106,10 +104,10 @@ def tiny_smollm2_engine(smollm2_dir, kv_cache_mb: int = 32, **config):
 @pytest.fixture(scope="session")
 def chat_engine(smollm2_dir):
     """A tiny engine registered as the pool "small" (the default chat model)."""
-    from inference import pools
+    from chatapp import runtime
 
     engine = tiny_smollm2_engine(smollm2_dir, model_name="tiny-smollm2")
-    pools.register("small", engine)
+    runtime.register_engine("small", engine)
     yield engine
-    pools.unregister("small")
+    runtime.unregister_engine("small")
     engine.shutdown()

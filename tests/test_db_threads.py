@@ -2,11 +2,11 @@
 import asyncio
 
 import pytest
+
+from chatapp import runtime
 from psycopg_pool import PoolTimeout
 from django.db import connection
 
-from conversations import turns
-from gateway import db as gateway_db
 
 
 def _backend_pid():
@@ -23,8 +23,7 @@ def test_worker_threads_work_while_requests_hold_every_pooled_connection(setting
     pool = connection.pool
     assert pool is not None
     # Fresh threads, started while the pool is empty.
-    turns.close_db_connections()
-    gateway_db.close_connections()
+    runtime.close_db_threads()
     pool.open()
     held = []
     try:
@@ -38,7 +37,7 @@ def test_worker_threads_work_while_requests_hold_every_pooled_connection(setting
 
         async def both():
             return await asyncio.wait_for(
-                asyncio.gather(turns.db_thread(_backend_pid)(), gateway_db.run(_backend_pid)), timeout=10)
+                asyncio.gather(runtime.on_db_thread(_backend_pid)(), runtime.on_db_thread(_backend_pid, runtime.LEDGER_DB)()), timeout=10)
 
         chat_pid, gateway_pid = asyncio.run(both())
         held_pids = {conn.info.backend_pid for conn in held}
@@ -46,7 +45,7 @@ def test_worker_threads_work_while_requests_hold_every_pooled_connection(setting
 
         # Kept between jobs: each thread's backend serves its next ones.
         async def many():
-            return await asyncio.wait_for(asyncio.gather(*(turns.db_thread(_backend_pid)() for _ in range(24))), 10)
+            return await asyncio.wait_for(asyncio.gather(*(runtime.on_db_thread(_backend_pid)() for _ in range(24))), 10)
 
         pids = set(asyncio.run(many()))
         assert len(pids) <= settings.CHAT_DB_THREADS
@@ -54,5 +53,4 @@ def test_worker_threads_work_while_requests_hold_every_pooled_connection(setting
     finally:
         for conn in held:
             pool.putconn(conn)
-        turns.close_db_connections()
-        gateway_db.close_connections()
+        runtime.close_db_threads()

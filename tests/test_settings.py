@@ -124,7 +124,7 @@ def test_closing_a_connection_returns_it_to_the_pool(settings):
 def test_starting_an_engine_shortens_the_gil_switch_interval_never_lengthens_it(settings, tmp_path):
     import sys
 
-    from inference import pools
+    from chatapp import runtime
 
     before = sys.getswitchinterval()
     try:
@@ -133,15 +133,15 @@ def test_starting_an_engine_shortens_the_gil_switch_interval_never_lengthens_it(
         # Starting any pool applies it (here one whose model is missing, so nothing loads).
         settings.MODEL_POOLS = {"broken": {**settings.ENGINE_DEFAULTS, "model": str(tmp_path / "no-model")}}
         with pytest.raises(Exception):
-            pools.start("broken")
+            runtime.start_engine("broken")
         assert sys.getswitchinterval() == pytest.approx(0.0005)
         settings.ENGINE_GIL_SWITCH_INTERVAL_MS = 2  # longer than now: left alone
-        pools.share_the_gil_with_engines()
+        runtime.share_the_gil_with_engines()
         assert sys.getswitchinterval() == pytest.approx(0.0005)
         sys.setswitchinterval(0.005)
         settings.ENGINE_GIL_SWITCH_INTERVAL_MS = 0  # off
-        pools.share_the_gil_with_engines()
+        runtime.share_the_gil_with_engines()
         assert sys.getswitchinterval() == pytest.approx(0.005)
     finally:
         sys.setswitchinterval(before)
-        pools._errors.pop("broken", None)
+        runtime._engine_errors.pop("broken", None)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from chatapp import runtime
+
 from tests.conversations.conftest import fake_gateway  # noqa: F401  (re-exported fixture)
 
 CHROMIUM = "/usr/bin/chromium"
@@ -87,7 +89,7 @@ def live(daphne_url, transactional_db, settings):
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
     from conversations import turns
 
-    turns.close_db_connections()
+    runtime.close_db_threads()
 
 
 @pytest.fixture

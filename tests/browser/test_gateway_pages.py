@@ -1,6 +1,8 @@
 """The settings pages in Chromium: create a key (shown once), revoke it, read usage."""
 import pytest
 
+from chatapp import runtime
+
 from tests.browser.conftest import ARTIFACTS, signup
 
 pytestmark = pytest.mark.browser
@@ -11,7 +13,7 @@ def _close_gateway_db():
     yield
     from gateway import db
 
-    db.close_connections()
+    runtime.close_db_threads()
 
 
 def test_a_user_creates_sees_once_and_revokes_an_api_key_then_reads_usage(page, live):

@@ -1,6 +1,6 @@
 """Fixtures for the chat tests.
 
-`fake_gateway` replaces the gateway's functions (the edge of this app) with a
+`fake_gateway` replaces the gateway's client (the edge of this app) with a
 scripted generator that honours abort like the engine does; the generation
 tests that need the real engine use the `chat_engine` fixture instead.
 """
@@ -10,9 +10,12 @@ import asyncio
 import json
 
 import pytest
+
+from chatapp import runtime
 from channels.routing import URLRouter
 from channels.testing import ApplicationCommunicator
 
+from gateway import client as gateway_client
 from gateway.types import FinalEvent, ModelInfo, TokenEvent, Usage
 
 
@@ -28,7 +31,7 @@ class FakeGateway:
         self.completions: list[str] = []
         self.started = asyncio.Event() if False else None
 
-    async def stream_chat(self, request):
+    async def stream(self, request):
         self.requests.append(request)
         if self.error_before is not None:
             raise self.error_before
@@ -65,14 +68,10 @@ class FakeGateway:
 
 
 @pytest.fixture
-def fake_gateway(monkeypatch, settings):
-    from gateway import services as gateway
-
-    fake = FakeGateway()
-    for name in ("stream_chat", "abort", "model_info", "count_prompt_tokens", "complete", "available_models"):
-        monkeypatch.setattr(gateway, name, getattr(fake, name))
+def fake_gateway(settings):
     settings.CELERY_TASK_ALWAYS_EAGER = True
-    return fake
+    with gateway_client.use(FakeGateway()) as fake:
+        yield fake
 
 
 @pytest.fixture
@@ -156,6 +155,4 @@ def _close_thread_connections():
     from django.db import connections
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
-    from conversations import turns
-
-    turns.close_db_connections()
+    runtime.close_db_threads()

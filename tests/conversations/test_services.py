@@ -4,6 +4,7 @@ from django.core.exceptions import ValidationError
 
 from conversations import selectors, services
 from conversations.models import Conversation, Message
+from gateway.types import Usage
 
 pytestmark = pytest.mark.django_db
 
@@ -95,7 +96,7 @@ def test_every_terminal_status_is_recorded_once(conversation, status):
     assert (reply.status, reply.content, reply.stream_seq, reply.request_id) == ("streaming", "par", 2, "req-1")
     assert services.reply_finish(
         reply_id=reply.id, status=status, content="partial", stream_seq=5, error="why",
-        prompt_tokens=3, completion_tokens=2,
+        usage=Usage(prompt_tokens=3, completion_tokens=2),
     )
     # The first terminal status wins; later writers (a racing Stop) lose.
     assert not services.reply_finish(reply_id=reply.id, status="complete", content="other", stream_seq=9)

@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from conversations import services, streams, turns
 from conversations.models import Message
 from conversations.streams import StreamEvent
-from gateway.types import QuotaExceeded
+from gateway.types import QuotaExceeded, TokenEvent
 from tests.conversations.conftest import events_of, open_stream, read_stream, text_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -173,12 +173,10 @@ async def test_failure_after_tokens_keeps_the_partial_text_with_error(alice, fak
 
 async def test_an_exception_in_the_gateway_never_leaves_a_stream_open(alice, fake_gateway, fast_streams, monkeypatch):
     async def broken(request):
-        yield __import__("gateway.types", fromlist=["TokenEvent"]).TokenEvent("x")
+        yield TokenEvent("x")
         raise RuntimeError("boom")
 
-    from gateway import services as gateway
-
-    monkeypatch.setattr(gateway, "stream_chat", broken)
+    monkeypatch.setattr(fake_gateway, "stream", broken)
     reply = await new_reply(alice)
     assert await turns.generate_reply(reply.id) == "error"
     stored = await load(reply.id)

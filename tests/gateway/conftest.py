@@ -2,7 +2,7 @@ import pytest
 from asgiref.sync import SyncToAsync
 from django.db import connections
 
-from gateway import backends, db, registry
+from chatapp import runtime
 from tests.gateway.fake_openai import FakeOpenAI
 from tests.gateway.helpers import add_remote
 
@@ -18,11 +18,9 @@ def fake_openai():
 def _fresh_gateway_state(settings):
     """Registry and circuit breakers are per process: start every test clean."""
     settings.GATEWAY_REGISTRY_TTL_S = 0
-    registry.invalidate()
-    backends.reset_circuits()
+    runtime.reset()
     yield
-    registry.invalidate()
-    backends.reset_circuits()
+    runtime.reset()
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +30,7 @@ def _close_thread_connections():
     # work on its own pool; their connections would otherwise stay open and
     # block dropping the test database.
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
-    db.close_connections()
+    runtime.close_db_threads()
 
 
 @pytest.fixture

@@ -106,7 +106,8 @@ async def test_an_exhausted_token_budget_is_429_with_retry_after_and_ratelimit_h
     assert response.status_code == 429
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(response["Retry-After"]) <= 60
-    assert f"Try again in {response['Retry-After']} s." in response.json()["error"]["message"]
+    wait_s = int(response["Retry-After"])
+    assert f"Try again in {wait_s} second{'s' if wait_s != 1 else ''}." in response.json()["error"]["message"]
     assert response["x-ratelimit-limit-tokens"] == "100"
     assert response["x-ratelimit-remaining-tokens"] == str(100 - used)
     assert response["x-ratelimit-reset-tokens"].endswith("s")

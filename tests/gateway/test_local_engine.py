@@ -18,7 +18,7 @@ def _tiny_engine(smollm2_dir, **config):
 
 @pytest.fixture(scope="session")
 def gw_engines(smollm2_dir):
-    from inference import pools
+    from chatapp import runtime
 
     engines = {
         "gw-small": _tiny_engine(smollm2_dir, model_name="gw-small"),
@@ -26,10 +26,10 @@ def gw_engines(smollm2_dir):
         "gw-large": _tiny_engine(smollm2_dir, model_name="gw-large", max_num_seqs=1, max_waiting=1),
     }
     for name, engine in engines.items():
-        pools.register(name, engine)
+        runtime.register_engine(name, engine)
     yield engines
     for name, engine in engines.items():
-        pools.unregister(name)
+        runtime.unregister_engine(name)
         engine.shutdown()
 
 

@@ -9,7 +9,7 @@ from gateway import quotas
 from gateway.models import UsageRecord
 from gateway.registry import Limits
 from gateway.services import abort, stream_chat
-from gateway.types import BadRequest, ChatRequest, FinalEvent, QuotaExceeded, RateLimited, TokenEvent, Unavailable
+from gateway.types import BadRequest, ChatRequest, FinalEvent, QuotaExceeded, RateLimited, TokenEvent, Unavailable, try_again_in
 from tests.gateway.helpers import add_remote, collect, give_plan
 
 LIMITS = Limits(plan="t", tier="standard", requests_per_minute=10, tokens_per_minute=100,
@@ -46,7 +46,11 @@ async def test_a_spent_daily_budget_is_insufficient_quota_until_midnight_utc():
     assert refused.value.code == "insufficient_quota"
     assert refused.value.retry_after_s == 3601
     assert "tokens per day" in refused.value.message
-    assert quotas.human_wait(3601) == "61 min"
+    assert try_again_in(3601) == "Try again in 61 minutes."
+    assert try_again_in(1) == "Try again in 1 second."
+    assert try_again_in(42.2) == "Try again in 43 seconds."
+    assert try_again_in(90000) == "Try again in 25 hours."
+    assert try_again_in(3 * 86400) == "Try again in 3 days."
 
 
 async def test_requests_per_minute_are_counted(fresh_minute):

@@ -18,7 +18,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from chatapp import embedded
+from chatapp import embedded, runtime
+from conversations.services import reap_orphaned_replies
 
 
 class Command(BaseCommand):
@@ -37,18 +38,14 @@ class Command(BaseCommand):
             call_command("migrate", interactive=False, verbosity=0)
             self._reap()
             if settings.LOAD_MODELS:
-                from inference import pools
-
-                pools.start_all(progress=lambda msg: self.stdout.write(msg))
+                runtime.start_engines(progress=lambda msg: self.stdout.write(msg))
             if not no_worker:
                 worker = self._start_worker()
             self._run_daphne(host, port)
         finally:
             self.stdout.write("shutting down ...")
             self._stop_worker(worker)
-            from inference import pools
-
-            pools.shutdown_all()
+            runtime.shutdown_engines()
             embedded.stop_configured()
             lock.close()
             self.stdout.write("stopped.")
@@ -85,8 +82,6 @@ class Command(BaseCommand):
             embedded.postgres_server(Path(pgdata))
 
     def _reap(self):
-        from conversations.services import reap_orphaned_replies
-
         count = reap_orphaned_replies()
         if count:
             self.stdout.write(f"marked {count} orphaned streaming replies as interrupted")

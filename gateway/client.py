@@ -1,0 +1,58 @@
+"""The gateway as its callers see it: one explicit client object.
+
+Chat turns, background tasks and pages reach models only through
+`current()`, never through the gateway's modules. Tests replace the object
+(`use(fake)`) instead of patching functions, so nothing depends on where or
+when a caller imported them.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+from gateway import services
+from gateway.types import ChatRequest, FinalEvent, ModelInfo, TokenEvent
+
+
+class GatewayClient:
+    def stream(self, request: ChatRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+        """TokenEvents then one FinalEvent; a GatewayError before the first token."""
+        return services.stream_chat(request)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a generation of this process within one decoding step (no-op when unknown)."""
+        services.abort(request_id)
+
+    def complete(self, request: ChatRequest) -> tuple[str, FinalEvent]:
+        """The whole reply, blocking (sync callers)."""
+        return services.complete(request)
+
+    def model_info(self, model: str | None = None) -> ModelInfo:
+        return services.model_info(model)
+
+    def count_prompt_tokens(self, messages: list[dict], model: str | None = None) -> int:
+        return services.count_prompt_tokens(messages, model)
+
+    def available_models(self, user_id: int | None = None) -> list[str]:
+        return services.available_models(user_id)
+
+    async def aavailable_models(self, user_id: int | None = None) -> list[str]:
+        return await services.aavailable_models(user_id)
+
+
+_current: GatewayClient = GatewayClient()
+
+
+def current() -> GatewayClient:
+    return _current
+
+
+@contextmanager
+def use(client) -> Iterator:
+    """Route every caller to `client` for the duration (tests)."""
+    global _current
+    previous, _current = _current, client
+    try:
+        yield client
+    finally:
+        _current = previous
