@@ -23,6 +23,8 @@ run: $(STAMP)
 	$(PY) manage.py serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
+	# The app boundaries in .importlinter: layers, an engine without Django, no cycles.
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -1,5 +1,6 @@
 from django.apps import AppConfig
 from django.conf import settings
+from django.utils.deprecation import MiddlewareMixin
 from django.utils.module_loading import import_string
 
 
@@ -24,8 +25,6 @@ def run_djangos_middleware_in_one_block(paths) -> None:
     other directly on the request's thread, which is what they do under WSGI.
     Their behaviour is unchanged, and so are their dotted paths in MIDDLEWARE,
     which Django's deployment checks look for."""
-    from django.utils.deprecation import MiddlewareMixin
-
     for path in paths:
         cls = import_string(path)
         if isinstance(cls, type) and issubclass(cls, MiddlewareMixin) and cls.__module__.startswith("django."):

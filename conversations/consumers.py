@@ -12,18 +12,22 @@ import logging
 import random
 import time
 import uuid
+from importlib import import_module
+from urllib.parse import parse_qs
 
 from channels.consumer import AsyncConsumer
 from channels.exceptions import StopConsumer
 from django.conf import settings
-from django.http import Http404
+from django.contrib.auth import get_user
+from django.http import Http404, HttpRequest
+from django.http.cookie import parse_cookie
 
+from chatapp.runtime import on_db_thread
 from conversations import streams
 from conversations.models import Message
 from conversations.rendering import render_markdown
 from conversations.selectors import access_message
 from conversations.streams import StreamEvent
-from chatapp.runtime import on_db_thread
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,6 @@ def _parse_last_event_id(scope) -> int:
     headers = dict(scope.get("headers") or [])
     raw = headers.get(b"last-event-id", b"").decode("latin-1").strip()
     if not raw:
-        from urllib.parse import parse_qs
-
         raw = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("last_event_id") or [""])[0]
     try:
         return max(0, int(raw))
@@ -55,12 +57,6 @@ def _session_user(scope):
     """The user signed in by the request's session cookie, found the way
     Django's session and auth middleware find it (the session engine's store,
     then `auth.get_user`, which checks the session's password hash)."""
-    from importlib import import_module
-
-    from django.contrib.auth import get_user
-    from django.http import HttpRequest
-    from django.http.cookie import parse_cookie
-
     cookie = dict(scope.get("headers") or []).get(b"cookie", b"").decode("latin-1")
     request = HttpRequest()
     request.session = import_module(settings.SESSION_ENGINE).SessionStore(

@@ -21,6 +21,9 @@ _lock = threading.Lock()
 
 
 def _init_thread() -> None:
+    # torch and sentence-transformers are imported on first use, not with the
+    # module: the gateway imports this module in every process, and most
+    # never embed anything (seconds of import and hundreds of MB avoided).
     import torch
 
     torch.set_num_threads(settings.EMBEDDING_THREADS)

@@ -4,6 +4,7 @@ from django.utils.html import escape
 from django.utils.safestring import mark_safe
 
 from conversations.rendering import render_markdown
+from conversations.routing import STREAM_PATH
 
 register = template.Library()
 
@@ -32,6 +33,4 @@ def url_or(name: str, fallback: str) -> str:
 
 @register.simple_tag
 def stream_url(message) -> str:
-    from conversations.routing import STREAM_PATH
-
     return "/" + STREAM_PATH.format(reply_id=message.id)

@@ -105,6 +105,9 @@ class Command(BaseCommand):
             worker.wait()
 
     def _run_daphne(self, host: str, port: int):
+        # Imported here, not at the top: daphne.server installs Twisted's
+        # asyncio reactor on import, and chatapp.asgi builds the application;
+        # neither belongs in a process that only runs `manage.py help`.
         from daphne.endpoints import build_endpoint_description_strings
         from daphne.server import Server
 
