@@ -8,6 +8,7 @@ the disconnect after `handle` returns).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -25,7 +26,6 @@ from django.http.cookie import parse_cookie
 from chatapp.runtime import on_db_thread
 from conversations import streams
 from conversations.models import Message
-from conversations.rendering import render_markdown
 from conversations.selectors import access_message
 from conversations.streams import StreamEvent
 
@@ -84,6 +84,7 @@ def _reload(reply_id):
 
 class ReplyStreamConsumer(AsyncConsumer):
     task: asyncio.Task | None = None
+    sent_seq = 0  # the last event this response carried
 
     async def http_request(self, message):
         if message.get("more_body"):
@@ -115,7 +116,10 @@ class ReplyStreamConsumer(AsyncConsumer):
         await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def _stream(self, after: int):
+        """Open the response, replay and tail the reply's log, and always leave
+        the reader lists clean."""
         reply_id = self.reply_id
+        self.sent_seq = after
         await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         # Tell the browser how long to wait before reconnecting; first bytes
         # also make proxies commit to streaming.
@@ -129,59 +133,68 @@ class ReplyStreamConsumer(AsyncConsumer):
             if not await streams.log_exists(reply_id) and self.reply.is_terminal:
                 await self._send_stored(self.reply, after)
                 return
-            heartbeat_s = settings.STREAM_HEARTBEAT_S
-            # Jittered, so that many streams opened together do not beat together.
-            last_beat = time.monotonic() - random.uniform(0, heartbeat_s / 2)
-            next_db_check = self._next_db_check(heartbeat_s)
-            while True:
-                # Clear before reading: a poke that lands after the read
-                # leaves the event set, so the wait below returns at once.
-                wake.clear()
-                events = await streams.read_after(reply_id, after)
-                if events:
-                    # One write for whatever arrived together (a reader that
-                    # fell behind, or a replay), up to the terminal event.
-                    chunk = []
-                    for ev in events:
-                        chunk.append(ev.encode())
-                        after = ev.seq
-                        if ev.terminal:
-                            break
-                    await self._send(b"".join(chunk), more=not ev.terminal)
-                    if ev.terminal:
-                        return
-                    continue
-                remaining = heartbeat_s - (time.monotonic() - last_beat)
-                if remaining > 0:
-                    try:
-                        await asyncio.wait_for(wake.wait(), remaining)
-                        continue
-                    except asyncio.TimeoutError:
-                        pass
-                last_beat = time.monotonic()
-                await self._send(b": heartbeat\n\n")
-                streams.subscriber_heartbeat(reply_id, self.connection_id)
-                # A reply ends with a terminal event in its log; only one whose
-                # process died (ended by the reaper) or whose log expired does
-                # not, and that is rare enough to check every few beats.
-                if last_beat >= next_db_check:
-                    next_db_check = self._next_db_check(heartbeat_s)
-                    if await self._ended_without_log(after):
-                        return
+            await self._tail(wake)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("stream of %s", reply_id)
-            ev = StreamEvent(seq=after + 1, event="error", data={"status": "error", "error": "The stream failed; reload the page."})
+            ev = StreamEvent(seq=self.sent_seq + 1, event="error",
+                             data={"status": Message.Status.ERROR, "error": "The stream failed; reload the page."})
             await self._send(ev.encode(), more=False)
         finally:
             streams.reader_left(reply_id)
             if wake is not None:
                 fanout.unwatch("new", reply_id, wake)
-            try:
+            with contextlib.suppress(Exception):
                 await streams.subscriber_leave(reply_id, self.connection_id)
-            except Exception:
-                pass
+
+    async def _tail(self, wake: asyncio.Event) -> None:
+        """Send what the log holds after `sent_seq`, then wait for more (a poke)
+        or for the next heartbeat, until the terminal event."""
+        heartbeat_s = settings.STREAM_HEARTBEAT_S
+        # Jittered, so that many streams opened together do not beat together.
+        last_beat = time.monotonic() - random.uniform(0, heartbeat_s / 2)
+        next_db_check = self._next_db_check(heartbeat_s)
+        while True:
+            # Clear before reading: a poke that lands after the read leaves
+            # the event set, so the wait below returns at once.
+            wake.clear()
+            events = await streams.read_after(self.reply_id, self.sent_seq)
+            if events:
+                if await self._send_events(events):
+                    return
+                continue
+            remaining = heartbeat_s - (time.monotonic() - last_beat)
+            if remaining > 0:
+                try:
+                    await asyncio.wait_for(wake.wait(), remaining)
+                    continue
+                except asyncio.TimeoutError:
+                    pass
+            last_beat = time.monotonic()
+            await self._send(b": heartbeat\n\n")
+            streams.subscriber_heartbeat(self.reply_id, self.connection_id)
+            # A reply ends with a terminal event in its log; only one whose
+            # process died (ended by the reaper) or whose log expired does
+            # not, and that is rare enough to check every few beats.
+            if last_beat >= next_db_check:
+                next_db_check = self._next_db_check(heartbeat_s)
+                if await self._ended_without_log(self.sent_seq):
+                    return
+
+    async def _send_events(self, events: list[StreamEvent]) -> bool:
+        """One write for whatever arrived together (a reader that fell behind,
+        or a replay), up to the terminal event. Returns whether it was sent."""
+        chunk = []
+        terminal = False
+        for ev in events:
+            chunk.append(ev.encode())
+            self.sent_seq = ev.seq
+            if ev.terminal:
+                terminal = True
+                break
+        await self._send(b"".join(chunk), more=not terminal)
+        return terminal
 
     @staticmethod
     def _next_db_check(heartbeat_s: float) -> float:
@@ -202,7 +215,6 @@ class ReplyStreamConsumer(AsyncConsumer):
         return True
 
     async def _send_stored(self, reply: Message, after: int):
-        seq = max(reply.stream_seq, after + 1)
-        data = {"status": reply.status, "html": render_markdown(reply.content), "error": reply.error, "replace": True}
-        event = "error" if reply.status in ("error", "blocked") else "done"
-        await self._send(StreamEvent(seq=seq, event=event, data=data).encode(), more=False)
+        event = streams.terminal_event(max(reply.stream_seq, after + 1), reply.status, reply.content,
+                                       error=reply.error, replace=True)
+        await self._send(event.encode(), more=False)

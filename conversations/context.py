@@ -46,20 +46,7 @@ def build_context(*, conversation: Conversation, history: list[Message], reply_t
     gateway = gateway_client.current()
     model = conversation.model or None
     budget = gateway.model_info(model).context_window - reply_tokens
-    history = [m for m in history if m.content or m.role == "user"]  # empty failed replies say nothing
-
-    head: list[dict] = []
-    system = system_text(conversation)
-    ids = {m.id for m in history}
-    candidates = history
-    if conversation.summary and conversation.summary_through_id in ids:
-        # The summary stands in for everything up to summary_through.
-        cut = next(i for i, m in enumerate(history) if m.id == conversation.summary_through_id)
-        candidates = history[cut + 1:]
-        system = (system + "\n\n" if system else "") + SUMMARY_PREAMBLE + conversation.summary
-    if system:
-        head.append({"role": "system", "content": system})
-
+    head, candidates = _head_and_candidates(conversation, history)
     counted: dict[int, int] = {}
 
     def count(k: int) -> int:
@@ -68,29 +55,47 @@ def build_context(*, conversation: Conversation, history: list[Message], reply_t
             counted[k] = gateway.count_prompt_tokens(head + [_as_chat(m) for m in candidates[len(candidates) - k:]], model)
         return counted[k]
 
-    # Binary search for the most newest messages that fit: token counts grow
-    # with every message added, so log2(n) renders instead of n.
-    lo, hi = 0, len(candidates)
-    if count(hi) > budget:
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if count(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-    else:
-        lo = hi
+    kept = _newest_that_fit(count, len(candidates), budget)
     # A window must start with a user turn (chat templates and models expect it).
-    while lo > 0 and candidates[len(candidates) - lo].role != "user":
-        lo -= 1
-    if lo == 0 and candidates:
+    while kept > 0 and candidates[len(candidates) - kept].role != "user":
+        kept -= 1
+    if kept == 0 and candidates:
         raise ValidationError(
             "This message is too long for the model's context window. Shorten it or start a new chat."
         )
-    window = candidates[len(candidates) - lo:]
-    dropped = [m for m in candidates[: len(candidates) - lo]]
+    window = candidates[len(candidates) - kept:]
+    dropped = candidates[: len(candidates) - kept]
     messages = head + [_as_chat(m) for m in window]
-    return Context(messages=messages, window=window, dropped=dropped, prompt_tokens=count(lo), budget_tokens=budget)
+    return Context(messages=messages, window=window, dropped=dropped, prompt_tokens=count(kept), budget_tokens=budget)
+
+
+def _head_and_candidates(conversation: Conversation, history: list[Message]) -> tuple[list[dict], list[Message]]:
+    """The system message (instructions, prompt, running summary) and the
+    branch messages the summary does not already stand in for."""
+    history = [m for m in history if m.content or m.role == "user"]  # empty failed replies say nothing
+    system = system_text(conversation)
+    candidates = history
+    if conversation.summary and conversation.summary_through_id in {m.id for m in history}:
+        # The summary stands in for everything up to summary_through.
+        cut = next(i for i, m in enumerate(history) if m.id == conversation.summary_through_id)
+        candidates = history[cut + 1:]
+        system = (system + "\n\n" if system else "") + SUMMARY_PREAMBLE + conversation.summary
+    return ([{"role": "system", "content": system}] if system else []), candidates
+
+
+def _newest_that_fit(count, total: int, budget: int) -> int:
+    """How many of the newest messages fit: a binary search, since token
+    counts grow with every message added (log2(n) renders instead of n)."""
+    if count(total) <= budget:
+        return total
+    lo, hi = 0, total
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def build_request(*, reply_id=None, reply: Message | None = None):

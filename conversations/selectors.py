@@ -228,6 +228,6 @@ def export_markdown(*, conversation: Conversation) -> str:
         lines += ["> System: " + conversation.system_prompt.replace("\n", "\n> "), ""]
     for m in branch_path(conversation=conversation):
         who = "You" if m.role == "user" else m.role.capitalize()
-        note = "" if m.status in ("complete", "pending", "streaming") else f" _({m.status})_"
+        note = "" if m.status == Message.Status.COMPLETE or m.status in Message.UNFINISHED else f" _({m.status})_"
         lines += [f"## {who}{note}", "", m.content, ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -15,9 +16,9 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django_ratelimit.core import get_usage
 
+from chatapp.runtime import REDIS_ERRORS
 from gateway import quotas, registry, services
 from gateway.keys import aauthenticate
-from chatapp.runtime import REDIS_ERRORS
 from gateway.types import (
     PRIORITY_INTERACTIVE,
     BadRequest,
@@ -120,7 +121,29 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required (a name from /v1/models, or 'auto')")
-    raw_messages = body.get("messages")
+    if body.get("n") not in (None, 1):
+        raise BadRequest("only n=1 is supported")
+    if body.get("tools") or body.get("functions"):
+        raise BadRequest("tools and function calling are not supported")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    stream, include_usage = _parse_stream(body)
+    request = ChatRequest(
+        messages=_parse_messages(body.get("messages")),
+        user_id=key.user_id,
+        model=model,
+        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", int, 512, low=1, high=1_000_000),
+        temperature=_number(body, "temperature", float, 1.0, low=0, high=2),
+        top_p=_number(body, "top_p", float, 1.0, low=0, high=1),
+        seed=_number(body, "seed", int, None),
+        stop=_parse_stop(body.get("stop")),
+        priority=PRIORITY_INTERACTIVE,
+        source="api",
+        api_key_id=key.pk,
+    )
+    return request, stream, include_usage
+
+
+def _parse_messages(raw_messages) -> list[dict]:
     if not isinstance(raw_messages, list) or not raw_messages:
         raise BadRequest("'messages' must be a non-empty list")
     messages = []
@@ -129,37 +152,26 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
             raise BadRequest("each message needs a role: system, user or assistant")
         role = "system" if message["role"] == "developer" else message["role"]
         messages.append({"role": role, "content": _text_content(message.get("content"))})
-    if body.get("n") not in (None, 1):
-        raise BadRequest("only n=1 is supported")
-    if body.get("tools") or body.get("functions"):
-        raise BadRequest("tools and function calling are not supported")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, 512, low=1, high=1_000_000)
-    stop = body.get("stop") or ()
+    return messages
+
+
+def _parse_stop(stop) -> tuple[str, ...]:
+    stop = stop or ()
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise BadRequest("'stop' must be a string or a list of up to 4 strings")
+    return tuple(stop)
+
+
+def _parse_stream(body: dict) -> tuple[bool, bool]:
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object")
-    request = ChatRequest(
-        messages=messages,
-        user_id=key.user_id,
-        model=model,
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", float, 1.0, low=0, high=2),
-        top_p=_number(body, "top_p", float, 1.0, low=0, high=1),
-        seed=_number(body, "seed", int, None),
-        stop=tuple(stop),
-        priority=PRIORITY_INTERACTIVE,
-        source="api",
-        api_key_id=key.pk,
-    )
-    return request, stream, bool(options.get("include_usage"))
+    return stream, bool(options.get("include_usage"))
 
 
 # -------------------------------------------------------------------- views
@@ -185,72 +197,96 @@ async def chat_completions(request):
     key, refused = await _authorize(request)
     if refused:
         return refused
-    try:
-        raw = request.body
-    except RequestDataTooBig:
-        return error_response(
-            413, "The request body is larger than DATA_UPLOAD_MAX_MEMORY_SIZE allows.",
-            error_type="invalid_request_error", code=None,
-        )
-    try:
-        body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return error_response(400, "The body is not valid JSON.", error_type="invalid_request_error", code=None)
+    body, refused = _read_json(request)
+    if refused:
+        return refused
     try:
         chat, stream, include_usage = parse_chat_request(body, key)
         events = services.stream_chat(chat)
         first = await events.__anext__()
     except GatewayError as exc:
         return gateway_error_response(exc)
-    completion_id = f"chatcmpl-{chat.request_id}"
-    created = int(time.time())
+    reply = _Reply(chat, events, first, f"chatcmpl-{chat.request_id}", int(time.time()))
     limits = await registry.alimits(key.user_id)
     if stream:
         # Headers go out before the reply: they count this request's reservation.
-        headers = {"x-request-id": chat.request_id, **await quotas.headers_for(key.user_id, limits)}
-        response = StreamingHttpResponse(
-            _sse(events, first, completion_id, created, chat.model, include_usage),
-            content_type="text/event-stream",
-        )
+        headers = await quotas.headers_for(key.user_id, limits)
+        response = StreamingHttpResponse(_sse(reply, include_usage), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
     else:
-        parts, final = [], first
-        if isinstance(first, TokenEvent):
-            parts.append(first.text)
-            async for event in events:
-                if isinstance(event, TokenEvent):
-                    parts.append(event.text)
-                else:
-                    final = event
-        headers = {"x-request-id": chat.request_id, **await quotas.headers_for(key.user_id, limits)}
-        if final.finish_reason == "error":
-            return error_response(
-                502, f"The model failed while answering: {final.error}", error_type="server_error", code="backend_error",
-                headers=headers,
-            )
-        response = JsonResponse({
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": final.model,
-            "system_fingerprint": None,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
-                "logprobs": None,
-                "finish_reason": _finish_reason(final),
-            }],
-            "usage": _usage_json(final),
-        })
-    for name, value in headers.items():
+        text, final = await _collect(reply)
+        headers = await quotas.headers_for(key.user_id, limits)
+        response = _completion_response(reply, text, final)
+    for name, value in {"x-request-id": chat.request_id, **headers}.items():
         response[name] = value
     return response
 
 
-async def _sse(events, first, completion_id, created, model, include_usage):
+def _read_json(request):
+    """(body, None) or (None, error response)."""
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        return None, error_response(
+            413, "The request body is larger than DATA_UPLOAD_MAX_MEMORY_SIZE allows.",
+            error_type="invalid_request_error", code=None,
+        )
+    try:
+        return json.loads(raw or b"null"), None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, error_response(400, "The body is not valid JSON.", error_type="invalid_request_error", code=None)
+
+
+@dataclass
+class _Reply:
+    """A reply being relayed: the gateway's events, its first one already read."""
+    chat: ChatRequest
+    events: object
+    first: object
+    completion_id: str
+    created: int
+
+
+async def _collect(reply: _Reply) -> tuple[str, FinalEvent]:
+    parts, final = [], reply.first
+    if isinstance(reply.first, TokenEvent):
+        parts.append(reply.first.text)
+        async for event in reply.events:
+            if isinstance(event, TokenEvent):
+                parts.append(event.text)
+            else:
+                final = event
+    return "".join(parts), final
+
+
+def _completion_response(reply: _Reply, text: str, final: FinalEvent) -> JsonResponse:
+    if final.finish_reason == "error":
+        return error_response(
+            502, f"The model failed while answering: {final.error}", error_type="server_error", code="backend_error",
+        )
+    return JsonResponse({
+        "id": reply.completion_id,
+        "object": "chat.completion",
+        "created": reply.created,
+        "model": final.model,
+        "system_fingerprint": None,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": _finish_reason(final),
+        }],
+        "usage": _usage_json(final),
+    })
+
+
+async def _sse(reply: _Reply, include_usage: bool):
+    events, first, model = reply.events, reply.first, reply.chat.model
+
     def chunk(delta=None, finish_reason=None, usage_json=None, choices=True):
-        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+        payload = {"id": reply.completion_id, "object": "chat.completion.chunk", "created": reply.created,
+                   "model": model,
                    "system_fingerprint": None,
                    "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
                    if choices else []}

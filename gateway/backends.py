@@ -217,73 +217,93 @@ async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSig
         await response.aclose()
 
 
+class _RemoteReply:
+    """What one remote stream has delivered so far, and how it ends: a
+    failure before the first token raises BackendFailure (the next backend
+    is tried), after it ends the reply with an error BackendFinal."""
+
+    def __init__(self, spec: BackendSpec, request: ChatRequest):
+        self.spec, self.request = spec, request
+        self.started = False
+        self.text_parts = 0
+        self.usage: dict | None = None
+        self.finish_reason: str | None = None
+
+    def final(self, finish_reason: str, error: str | None = None) -> BackendFinal:
+        return BackendFinal(finish_reason, _usage(self.request, self.usage, self.text_parts), error=error)
+
+    def fail(self, message: str) -> BackendFinal:
+        if not self.started:
+            raise BackendFailure(message)
+        return self.final("error", message)
+
+    def tokens(self, chunk: dict) -> list[TokenEvent]:
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        events = []
+        for choice in chunk.get("choices") or ():
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                self.started = True
+                self.text_parts += 1
+                events.append(TokenEvent(text=content))
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return events
+
+    def end(self) -> BackendFinal:
+        if self.finish_reason is None:
+            return self.fail(f"backend '{self.spec.name}' ended the stream without a finish reason")
+        return self.final(self.finish_reason)
+
+
 async def _remote_events(spec, request, response, abort: AbortSignal):
+    reply = _RemoteReply(spec, request)
     lines = response.aiter_lines()
     aborted = asyncio.ensure_future(abort.event.wait())
-    text_parts = 0
-    finish_reason = None
-    usage = None
-    started = False
     try:
         while True:
-            wait_s = settings.GATEWAY_IDLE_TIMEOUT_S if started else settings.GATEWAY_FIRST_TOKEN_TIMEOUT_S
-            next_line = asyncio.ensure_future(lines.__anext__())
-            done, _ = await asyncio.wait({next_line, aborted}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-            if aborted in done:
-                next_line.cancel()
-                yield BackendFinal("abort", _usage(request, usage, text_parts))
+            line = await _next_line(reply, lines, aborted)
+            if isinstance(line, BackendFinal):
+                yield line
                 return
-            if not done:
-                next_line.cancel()
-                message = f"backend '{spec.name}' sent nothing for {wait_s:g} s"
-                if not started:
-                    raise BackendFailure(message)
-                yield BackendFinal("error", _usage(request, usage, text_parts), error=message)
-                return
-            try:
-                line = next_line.result()
-            except StopAsyncIteration:
-                break
-            except httpx.HTTPError as exc:
-                message = f"backend '{spec.name}' stream broke: {type(exc).__name__} {exc}"
-                if not started:
-                    raise BackendFailure(message) from None
-                yield BackendFinal("error", _usage(request, usage, text_parts), error=message)
-                return
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+            if line is None or line[5:].strip() == "[DONE]":
                 break
             try:
-                chunk = json.loads(data)
+                chunk = json.loads(line[5:].strip())
             except json.JSONDecodeError:
                 continue
             if chunk.get("error"):
-                message = f"backend '{spec.name}' error: {chunk['error']}"
-                if not started:
-                    raise BackendFailure(message)
-                yield BackendFinal("error", _usage(request, usage, text_parts), error=message)
+                yield reply.fail(f"backend '{spec.name}' error: {chunk['error']}")
                 return
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    started = True
-                    text_parts += 1
-                    yield TokenEvent(text=content)
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
+            for event in reply.tokens(chunk):
+                yield event
     finally:
         aborted.cancel()
-    if finish_reason is None:
-        message = f"backend '{spec.name}' ended the stream without a finish reason"
-        if not started:
-            raise BackendFailure(message)
-        yield BackendFinal("error", _usage(request, usage, text_parts), error=message)
-        return
-    yield BackendFinal(finish_reason, _usage(request, usage, text_parts))
+    yield reply.end()
+
+
+async def _next_line(reply: _RemoteReply, lines, aborted: asyncio.Future) -> str | BackendFinal | None:
+    """The next `data:` line, None at the end of the stream, or the final
+    event of an abort, a silence past its timeout or a broken stream."""
+    while True:
+        wait_s = settings.GATEWAY_IDLE_TIMEOUT_S if reply.started else settings.GATEWAY_FIRST_TOKEN_TIMEOUT_S
+        next_line = asyncio.ensure_future(lines.__anext__())
+        done, _ = await asyncio.wait({next_line, aborted}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        if aborted in done:
+            next_line.cancel()
+            return reply.final("abort")
+        if not done:
+            next_line.cancel()
+            return reply.fail(f"backend '{reply.spec.name}' sent nothing for {wait_s:g} s")
+        try:
+            line = next_line.result()
+        except StopAsyncIteration:
+            return None
+        except httpx.HTTPError as exc:
+            return reply.fail(f"backend '{reply.spec.name}' stream broke: {type(exc).__name__} {exc}")
+        if line.startswith("data:"):
+            return line
 
 
 def _usage(request: ChatRequest, usage: dict | None, chunks: int) -> Usage:
