@@ -13,6 +13,7 @@ import pytest
 from channels.routing import URLRouter
 from channels.testing import ApplicationCommunicator
 
+from conversations import streams
 from gateway.types import FinalEvent, ModelInfo, TokenEvent, Usage
 
 
@@ -26,7 +27,6 @@ class FakeGateway:
         self.aborted: set[str] = set()
         self.requests = []
         self.completions: list[str] = []
-        self.started = asyncio.Event() if False else None
 
     async def stream_chat(self, request):
         self.requests.append(request)
@@ -145,6 +145,11 @@ def events_of(raw: bytes) -> list[dict]:
 
 def text_of(raw: bytes) -> str:
     return "".join(f["data"]["t"] for f in events_of(raw) if f["event"] == "token")
+
+
+async def has_streamed_text(reply_id) -> bool:
+    """Whether a token of the reply is in its event log (what readers get)."""
+    return any(ev.event == "token" for ev in await streams.read_after(reply_id, 0))
 
 
 @pytest.fixture(autouse=True)
