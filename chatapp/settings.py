@@ -362,6 +362,7 @@ GATEWAY_PREFIX_CACHE_SCOPE = env_choice("GATEWAY_PREFIX_CACHE_SCOPE", "deploymen
 # django-ratelimit on the HTTP API, on top of the token quotas.
 GATEWAY_API_RATE_PER_USER = env_str("GATEWAY_API_RATE_PER_USER", "600/m")
 GATEWAY_API_RATE_PER_IP = env_str("GATEWAY_API_RATE_PER_IP", "1200/m")
+# The same on the usage and API-key pages (served by accounts/), per user and per IP.
 GATEWAY_PAGE_RATE = env_str("GATEWAY_PAGE_RATE", "60/m")
 # Moderation (safety/): case-insensitive terms that block a prompt or a reply.
 SAFETY_BLOCKED_TERMS = [t.lower() for t in env_list("SAFETY_BLOCKED_TERMS", "")]

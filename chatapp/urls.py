@@ -7,6 +7,7 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("accounts/", include("accounts.urls")),
+    path("settings/", include("accounts.settings_urls")),
     path("", include("gateway.urls")),
     path("", include("conversations.urls")),
 ]

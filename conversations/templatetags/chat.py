@@ -1,5 +1,4 @@
 from django import template
-from django.urls import NoReverseMatch, reverse
 from django.utils.html import escape
 from django.utils.safestring import mark_safe
 
@@ -20,15 +19,6 @@ def safe_snippet(text: str):
     """SearchHeadline output with \\x02/\\x03 match markers: escape everything,
     then turn only the markers into <mark>."""
     return mark_safe(escape(text or "").replace("\x02", "<mark>").replace("\x03", "</mark>"))
-
-
-@register.simple_tag
-def url_or(name: str, fallback: str) -> str:
-    """A URL another app may or may not define yet."""
-    try:
-        return reverse(name)
-    except NoReverseMatch:
-        return fallback
 
 
 @register.simple_tag

@@ -15,6 +15,7 @@ from chatapp import runtime
 from channels.routing import URLRouter
 from channels.testing import ApplicationCommunicator
 
+from conversations import streams
 from gateway import client as gateway_client
 from gateway.types import FinalEvent, ModelInfo, TokenEvent, Usage
 
@@ -29,7 +30,6 @@ class FakeGateway:
         self.aborted: set[str] = set()
         self.requests = []
         self.completions: list[str] = []
-        self.started = asyncio.Event() if False else None
 
     async def stream(self, request):
         self.requests.append(request)
@@ -144,6 +144,11 @@ def events_of(raw: bytes) -> list[dict]:
 
 def text_of(raw: bytes) -> str:
     return "".join(f["data"]["t"] for f in events_of(raw) if f["event"] == "token")
+
+
+async def has_streamed_text(reply_id) -> bool:
+    """Whether a token of the reply is in its event log (what readers get)."""
+    return any(ev.event == "token" for ev in await streams.read_after(reply_id, 0))
 
 
 @pytest.fixture(autouse=True)

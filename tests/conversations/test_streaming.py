@@ -11,7 +11,8 @@ from conversations import services, streams, turns
 from conversations.models import Message
 from conversations.streams import StreamEvent
 from gateway.types import QuotaExceeded, TokenEvent
-from tests.conversations.conftest import events_of, open_stream, read_stream, text_of
+from tests.conversations.conftest import events_of, has_streamed_text, open_stream, read_stream, text_of
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -232,7 +233,7 @@ async def test_server_shutdown_marks_the_reply_interrupted(alice, fake_gateway, 
     fake_gateway.delay_s = 0.01
     reply = await new_reply(alice)
     task = turns.start_reply(reply.id)
-    await asyncio.sleep(0.3)
+    await eventually(lambda: has_streamed_text(reply.id))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -299,8 +300,11 @@ async def test_heartbeats_are_recorded_together_and_never_revive_a_closed_stream
     streams.subscriber_heartbeat(reply.id, "b")
     await streams.subscriber_leave(reply.id, "b")
     streams.subscriber_heartbeat(reply.id, "b")  # a late beat of a stream that has closed
-    await asyncio.sleep(0.8)
-    assert await conn.zscore(streams.subs_key(reply.id), "a") > before
+
+    async def a_was_recorded():
+        return await conn.zscore(streams.subs_key(reply.id), "a") > before
+
+    await eventually(a_was_recorded)  # in the same ZADD as b's late beat
     assert await conn.zscore(streams.subs_key(reply.id), "b") is None
     assert await streams.live_subscribers(reply.id) == 1
 
@@ -312,7 +316,7 @@ async def test_an_open_stream_ends_when_its_reply_is_ended_without_a_log(alice, 
     await sync_to_async(services.reply_start)(reply_id=reply.id, request_id="dead-process")
     comm = open_stream(reply.id, user=alice)
     reading = asyncio.create_task(read_stream(comm, timeout_s=10))
-    await asyncio.sleep(0.5)  # open and waiting: heartbeats every 0.2 s
+    await eventually(lambda: streams.live_subscribers(reply.id))  # open and waiting
     assert not reading.done()
     assert await sync_to_async(services.reap_orphaned_replies)() == 1
     _, raw = await reading

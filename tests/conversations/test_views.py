@@ -11,6 +11,8 @@ from django.test import AsyncClient, Client
 
 from conversations import services, turns
 from conversations.models import Conversation, Message
+from tests.conversations.conftest import has_streamed_text
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -252,9 +254,7 @@ async def test_stop_endpoint_stops_and_answers_after_saving(alice, fake_gateway,
     await sync_to_async(client.force_login)(alice)
     await client.post(f"/c/{conversation.id}/send", {"text": "go"})
     reply = await sync_to_async(Message.objects.get)(conversation=conversation, role="assistant")
-    import asyncio
-
-    await asyncio.sleep(0.2)
+    await eventually(lambda: has_streamed_text(reply.id))
     response = await client.post(f"/m/{reply.id}/stop")
     assert response.json() == {"status": "stopped"}
     await sync_to_async(reply.refresh_from_db)()

@@ -22,16 +22,8 @@ from tests.gateway.live import ROOT, free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
-def _engine_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("inference.engine") is not None
-
-
 @pytest.fixture
 def node(tmp_path):
-    if not _engine_available():
-        pytest.skip("the inference engine is not importable yet")
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(DATA_DIR=str(tmp_path / "node"), LOAD_MODELS="1", PYTHONUNBUFFERED="1",
                DJANGO_SUPERUSER_USERNAME="node", DJANGO_SUPERUSER_PASSWORD="node-pass-123",

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from inference import DeltaEvent, EngineSaturated, FinishEvent, PromptTooLong, SamplingParams
+from tests.waiting import eventually
 
 from .conftest import make_prompts
 
@@ -41,7 +42,8 @@ async def test_aborting_10_of_40_streams_leaves_the_others_exact(make_engine):
         else:
             assert final.finish_reason == "length"
             assert tokens == expected[index]
-    await asyncio.sleep(0.05)  # the engine thread frees blocks right after the last event
+    # The engine thread frees the blocks right after it sends the last event.
+    await eventually(lambda: engine.stats()["kv_blocks_used"] == 0)
     stats = engine.stats()
     assert stats["running"] == 0 and stats["waiting"] == 0
     assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]

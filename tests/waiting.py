@@ -1,0 +1,18 @@
+"""Waiting in a test for something to happen, never for a fixed time."""
+import asyncio
+import inspect
+
+
+async def eventually(condition, *, timeout_s: float = 5.0, poll_s: float = 0.01):
+    """Return `condition()`'s first true result; a coroutine function's result
+    is awaited. Fails the test when it is still false after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        assert loop.time() < deadline, f"{condition.__qualname__} still false after {timeout_s} s"
+        await asyncio.sleep(poll_s)
