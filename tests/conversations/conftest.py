@@ -10,11 +10,10 @@ import asyncio
 import json
 
 import pytest
-
-from chatapp import runtime
 from channels.routing import URLRouter
 from channels.testing import ApplicationCommunicator
 
+from chatapp import runtime
 from conversations import streams
 from gateway import client as gateway_client
 from gateway.types import FinalEvent, ModelInfo, TokenEvent, Usage
