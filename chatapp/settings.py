@@ -132,7 +132,6 @@ INSTALLED_APPS = [
     "servestatic",
     "chatapp",
     "accounts",
-    "inference",
     "conversations",
     "gateway",
     "safety",
@@ -237,6 +236,12 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# The Celery worker holds no model: its titles and summaries are requests to
+# the serving process's /v1 API at this address (conversations.tasks says
+# why). `serve` sets it, to the address Daphne bound, for the worker it starts.
+SERVE_URL = env_str("SERVE_URL", "http://127.0.0.1:8000").rstrip("/")
+if not SERVE_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(f"SERVE_URL={SERVE_URL!r} must be an http:// or https:// URL")
 
 # ------------------------------------------------------------ auth & i18n
 

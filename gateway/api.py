@@ -15,10 +15,18 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django_ratelimit.core import get_usage
 
-from gateway import quotas, registry, services
-from gateway.keys import aauthenticate
+from gateway import db, quotas, registry, services
+from gateway.keys import INTERNAL_CALLER, InternalCaller, aauthenticate, is_internal_api_key
 from gateway.redis_client import REDIS_ERRORS
-from gateway.types import PRIORITY_INTERACTIVE, BadRequest, ChatRequest, FinalEvent, GatewayError, TokenEvent
+from gateway.types import (
+    PRIORITY_BACKGROUND,
+    PRIORITY_INTERACTIVE,
+    BadRequest,
+    ChatRequest,
+    FinalEvent,
+    GatewayError,
+    TokenEvent,
+)
 
 def error_response(status: int, message: str, *, error_type: str, code: str | None, headers=None) -> JsonResponse:
     response = JsonResponse(
@@ -59,12 +67,18 @@ def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | None:
 
 
 async def _authorize(request):
-    """(api key, None) or (None, error response): IP limit, bearer key, user limit."""
+    """(api key, None) or (None, error response): IP limit, bearer key, user limit.
+
+    The internal credential (the product's background jobs) skips the limits:
+    its requests are no user's, and on loopback they would eat into the IP
+    budget that a reverse proxy's users share."""
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    if is_internal_api_key(token):
+        return INTERNAL_CALLER, None
     limited = _throttled(request, group="api-ip", key="ip", rate=settings.GATEWAY_API_RATE_PER_IP)
     if limited:
         return None, limited
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
     key = await aauthenticate(token)
     if key is None:
         message = "Incorrect API key provided." if token else "Missing bearer API key (Authorization: Bearer sk-...)."
@@ -138,6 +152,8 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object")
+    # Background jobs yield to people waiting on a reply, and are ledgered as tasks.
+    internal = isinstance(key, InternalCaller)
     request = ChatRequest(
         messages=messages,
         user_id=key.user_id,
@@ -147,8 +163,8 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
         top_p=_number(body, "top_p", float, 1.0, low=0, high=1),
         seed=_number(body, "seed", int, None),
         stop=tuple(stop),
-        priority=PRIORITY_INTERACTIVE,
-        source="api",
+        priority=PRIORITY_BACKGROUND if internal else PRIORITY_INTERACTIVE,
+        source="task" if internal else "api",
         api_key_id=key.pk,
     )
     return request, stream, bool(options.get("include_usage"))
@@ -164,6 +180,13 @@ def _usage_json(final: FinalEvent) -> dict:
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": min(usage.cached_tokens, usage.prompt_tokens)},
     }
+
+
+async def _quota_headers(key) -> dict[str, str]:
+    """The x-ratelimit-* headers of the key's user; none for the internal caller, who has no quota."""
+    if key.user_id is None:
+        return {}
+    return await quotas.headers_for(key.user_id, await registry.alimits(key.user_id))
 
 
 def _finish_reason(final: FinalEvent) -> str:
@@ -196,10 +219,9 @@ async def chat_completions(request):
         return gateway_error_response(exc)
     completion_id = f"chatcmpl-{chat.request_id}"
     created = int(time.time())
-    limits = await registry.alimits(key.user_id)
     if stream:
         # Headers go out before the reply: they count this request's reservation.
-        headers = {"x-request-id": chat.request_id, **await quotas.headers_for(key.user_id, limits)}
+        headers = {"x-request-id": chat.request_id, **await _quota_headers(key)}
         response = StreamingHttpResponse(
             _sse(events, first, completion_id, created, chat.model, include_usage),
             content_type="text/event-stream",
@@ -215,7 +237,7 @@ async def chat_completions(request):
                     parts.append(event.text)
                 else:
                     final = event
-        headers = {"x-request-id": chat.request_id, **await quotas.headers_for(key.user_id, limits)}
+        headers = {"x-request-id": chat.request_id, **await _quota_headers(key)}
         if final.finish_reason == "error":
             return error_response(
                 502, f"The model failed while answering: {final.error}", error_type="server_error", code="backend_error",
@@ -286,7 +308,13 @@ async def models(request, model_id: str | None = None):
                 404, f"The model '{model_id}' does not exist or you do not have access to it.",
                 error_type="invalid_request_error", code="model_not_found",
             )
-        return JsonResponse(_model_json(model_id))
+        try:
+            info = await db.run(services.model_info, model_id)
+        except GatewayError as exc:
+            return gateway_error_response(exc)
+        # What a caller that fits prompts to the model needs (the summary task;
+        # vLLM's cards carry it as max_model_len).
+        return JsonResponse({**_model_json(model_id), "context_window": info.context_window})
     return JsonResponse({"object": "list", "data": [_model_json(name) for name in names]})
 
 
