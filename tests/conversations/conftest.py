@@ -75,7 +75,7 @@ class ServingApiInProcess(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         from django.test import Client
 
-        skip = {"host", "content-length", "content-type"}
+        skip = {"content-length", "content-type"}
         response = Client().generic(
             request.method, request.url.raw_path.decode(), data=request.read(),
             content_type=request.headers.get("content-type", ""),

@@ -62,6 +62,17 @@ def test_a_title_waits_out_an_overloaded_serving_process(alice, fake_gateway, mo
     assert (conversation.title, conversation.title_source) == ("Rye Sourdough at Home", "auto")
 
 
+def test_a_title_reaches_a_serving_process_behind_a_tls_proxy(alice, fake_gateway, settings):
+    """In production ALLOWED_HOSTS names the public host and plain HTTP is
+    redirected to HTTPS; the worker's loopback request must pass both."""
+    settings.ALLOWED_HOSTS = ["chat.example.com"]
+    settings.HTTPS = settings.SECURE_SSL_REDIRECT = True
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    fake_gateway.completions = ["Rye Sourdough at Home"]
+    conversation = _chat(alice)
+    assert tasks.title_conversation(str(conversation.id)) == "Rye Sourdough at Home"
+
+
 def test_a_summary_chunk_the_model_refuses_as_too_long_is_folded_in_halves(alice, fake_gateway, monkeypatch):
     """The worker has no tokenizer: it sizes chunks by an estimate, and the
     serving process's own count has the last word."""
