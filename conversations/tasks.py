@@ -51,8 +51,8 @@ SUMMARY_SYSTEM = (
 SUMMARY_MAX_TOKENS = 256
 # A message cut to fit the window is never cut below this.
 MIN_CUT_CHARS = 200
-# Tries while the serving process cannot answer: waits of 10, 20, 40 ... s,
-# capped at 5 min, about 15 minutes in all (a restart takes seconds).
+# Tries while the serving process cannot answer: 7, with waits of 10, 20, 40,
+# 80, 160 and 300 s between them, about 10 minutes in all (a restart takes seconds).
 MAX_RETRIES = 6
 RETRY_FIRST_WAIT_S = 10
 RETRY_MAX_WAIT_S = 300
