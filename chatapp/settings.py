@@ -132,6 +132,9 @@ INSTALLED_APPS = [
     "servestatic",
     "chatapp",
     "accounts",
+    # Not "inference": it has no models, templates or commands, and importing
+    # it at django.setup() loaded torch into every process (the Celery worker,
+    # each manage.py command); the engines import it where they start.
     "conversations",
     "gateway",
     "safety",
