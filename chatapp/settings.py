@@ -135,6 +135,9 @@ INSTALLED_APPS = [
     "servestatic",
     "chatapp",
     "accounts",
+    # Not "inference": it has no models, templates or commands, and importing
+    # it at django.setup() loaded torch into every process (the Celery worker,
+    # each manage.py command); the engines import it where they start.
     "conversations",
     "gateway",
     "safety",
@@ -235,6 +238,12 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# The Celery worker holds no model: its titles and summaries are requests to
+# the serving process's /v1 API at this address (conversations.tasks says
+# why). `serve` sets it, to the address Daphne bound, for the worker it starts.
+SERVE_URL = env_str("SERVE_URL", "http://127.0.0.1:8000").rstrip("/")
+if not SERVE_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(f"SERVE_URL={SERVE_URL!r} must be an http:// or https:// URL")
 
 # ------------------------------------------------------------ auth & i18n
 

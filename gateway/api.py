@@ -16,10 +16,12 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django_ratelimit.core import get_usage
 
+from chatapp import runtime
 from chatapp.runtime import REDIS_ERRORS
-from gateway import quotas, registry, services
-from gateway.keys import aauthenticate
+from gateway import client, quotas, registry
+from gateway.keys import INTERNAL_CALLER, InternalCaller, aauthenticate, is_internal_api_key
 from gateway.types import (
+    PRIORITY_BACKGROUND,
     PRIORITY_INTERACTIVE,
     BadRequest,
     ChatRequest,
@@ -68,12 +70,18 @@ def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | None:
 
 
 async def _authorize(request):
-    """(api key, None) or (None, error response): IP limit, bearer key, user limit."""
+    """(api key, None) or (None, error response): IP limit, bearer key, user limit.
+
+    The internal credential (the product's background jobs) skips the limits:
+    its requests are no user's, and on loopback they would eat into the IP
+    budget that a reverse proxy's users share."""
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    if is_internal_api_key(token):
+        return INTERNAL_CALLER, None
     limited = _throttled(request, group="api-ip", key="ip", rate=settings.GATEWAY_API_RATE_PER_IP)
     if limited:
         return None, limited
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
     key = await aauthenticate(token)
     if key is None:
         message = "Incorrect API key provided." if token else "Missing bearer API key (Authorization: Bearer sk-...)."
@@ -127,6 +135,8 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
         raise BadRequest("tools and function calling are not supported")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     stream, include_usage = _parse_stream(body)
+    # Background jobs yield to people waiting on a reply, and are ledgered as tasks.
+    internal = isinstance(key, InternalCaller)
     request = ChatRequest(
         messages=_parse_messages(body.get("messages")),
         user_id=key.user_id,
@@ -136,8 +146,8 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
         top_p=_number(body, "top_p", float, 1.0, low=0, high=1),
         seed=_number(body, "seed", int, None),
         stop=_parse_stop(body.get("stop")),
-        priority=PRIORITY_INTERACTIVE,
-        source="api",
+        priority=PRIORITY_BACKGROUND if internal else PRIORITY_INTERACTIVE,
+        source="task" if internal else "api",
         api_key_id=key.pk,
     )
     return request, stream, include_usage
@@ -186,6 +196,13 @@ def _usage_json(final: FinalEvent) -> dict:
     }
 
 
+async def _quota_headers(key) -> dict[str, str]:
+    """The x-ratelimit-* headers of the key's user; none for the internal caller, who has no quota."""
+    if key.user_id is None:
+        return {}
+    return await quotas.headers_for(key.user_id, await registry.alimits(key.user_id))
+
+
 def _finish_reason(final: FinalEvent) -> str:
     return "stop" if final.finish_reason == "abort" else final.finish_reason
 
@@ -202,21 +219,20 @@ async def chat_completions(request):
         return refused
     try:
         chat, stream, include_usage = parse_chat_request(body, key)
-        events = services.stream_chat(chat)
+        events = client.current().stream(chat)
         first = await events.__anext__()
     except GatewayError as exc:
         return gateway_error_response(exc)
     reply = _Reply(chat, events, first, f"chatcmpl-{chat.request_id}", int(time.time()))
-    limits = await registry.alimits(key.user_id)
     if stream:
         # Headers go out before the reply: they count this request's reservation.
-        headers = await quotas.headers_for(key.user_id, limits)
+        headers = await _quota_headers(key)
         response = StreamingHttpResponse(_sse(reply, include_usage), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
     else:
         text, final = await _collect(reply)
-        headers = await quotas.headers_for(key.user_id, limits)
+        headers = await _quota_headers(key)
         response = _completion_response(reply, text, final)
     for name, value in {"x-request-id": chat.request_id, **headers}.items():
         response[name] = value
@@ -323,14 +339,20 @@ async def models(request, model_id: str | None = None):
     key, refused = await _authorize(request)
     if refused:
         return refused
-    names = await services.aavailable_models(key.user_id)
+    names = await client.current().aavailable_models(key.user_id)
     if model_id is not None:
         if model_id not in names:
             return error_response(
                 404, f"The model '{model_id}' does not exist or you do not have access to it.",
                 error_type="invalid_request_error", code="model_not_found",
             )
-        return JsonResponse(_model_json(model_id))
+        try:
+            info = await runtime.on_db_thread(client.current().model_info, runtime.LEDGER_DB)(model_id)
+        except GatewayError as exc:
+            return gateway_error_response(exc)
+        # What a caller that fits prompts to the model needs (the summary task;
+        # vLLM's cards carry it as max_model_len).
+        return JsonResponse({**_model_json(model_id), "context_window": info.context_window})
     return JsonResponse({"object": "list", "data": [_model_json(name) for name in names]})
 
 

@@ -2,20 +2,28 @@
 
 A key is shown once; only its SHA-256 is stored. `access_api_key` is the only
 permission-checked way to fetch a key: another user's key is a 404.
+
+One more credential is no user's: `internal_api_key()`, with which the Celery
+worker asks the serving process for titles and summaries (conversations.tasks).
+It is an HMAC of SECRET_KEY, so every process of a deployment derives the same
+one and none stores it; it is accepted only on an exact, constant-time match.
 """
 from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.http import Http404
 from django.utils import timezone
+from django.utils.crypto import constant_time_compare, salted_hmac
 
 from chatapp import runtime
 from gateway.models import ApiKey
 
 KEY_PREFIX = "sk-chat-"
+INTERNAL_KEY_PREFIX = "sk-internal-"
 # last_used_at is a hint for the owner, not an audit log: write it at most once a minute.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -66,3 +74,25 @@ def _authenticate(key_hash: str) -> ApiKey | None:
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
     return key
+
+
+@dataclass(frozen=True)
+class InternalCaller:
+    """The product's own background jobs, where the API expects an ApiKey:
+    no user (no quota, no rate limit), no key row in the ledger."""
+
+    user_id: None = None
+    pk: None = None
+
+
+INTERNAL_CALLER = InternalCaller()
+
+
+def internal_api_key() -> str:
+    # Salted with a purpose of its own, so it reveals nothing of other HMACs of SECRET_KEY.
+    return INTERNAL_KEY_PREFIX + salted_hmac("gateway.keys.internal_api_key", "background jobs",
+                                             algorithm="sha256").hexdigest()
+
+
+def is_internal_api_key(raw: str) -> bool:
+    return raw.startswith(INTERNAL_KEY_PREFIX) and constant_time_compare(raw, internal_api_key())

@@ -15,3 +15,5 @@ os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="chatapp-test-")
 os.environ.setdefault("MODELS_DIR", str(ROOT / "var" / "models"))
 os.environ.setdefault("LOAD_MODELS", "0")
 os.environ.setdefault("DEBUG", "0")
+# Background tasks run inline in tests reach no developer's running server.
+os.environ.setdefault("SERVE_URL", "http://127.0.0.1:9")

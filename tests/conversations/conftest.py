@@ -7,8 +7,10 @@ tests that need the real engine use the `chat_engine` fixture instead.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
+import httpx
 import pytest
 from channels.routing import URLRouter
 from channels.testing import ApplicationCommunicator
@@ -35,7 +37,9 @@ class FakeGateway:
         if self.error_before is not None:
             raise self.error_before
         sent = 0
-        for piece in self.script:
+        # Background tasks (titles, summaries) get the scripted completions.
+        script = [self.completions.pop(0)] if request.source == "task" and self.completions else self.script
+        for piece in script:
             await asyncio.sleep(self.delay_s)
             if request.request_id in self.aborted:
                 yield FinalEvent("abort", Usage(prompt_tokens=7, completion_tokens=sent), "small")
@@ -60,14 +64,42 @@ class FakeGateway:
     def available_models(self, user_id=None):
         return ["small"]
 
+    async def aavailable_models(self, user_id=None):
+        return ["small"]
+
     def complete(self, request):
         self.requests.append(request)
         text = self.completions.pop(0) if self.completions else "A summary."
         return text, FinalEvent("stop", Usage(prompt_tokens=5, completion_tokens=3), "small")
 
 
+class ServingApiInProcess(httpx.BaseTransport):
+    """The serving process's API, here: a background task's HTTP request
+    goes through Django's test client to the real /v1 views."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        from django.test import Client
+
+        skip = {"content-length", "content-type"}
+        response = Client().generic(
+            request.method, request.url.raw_path.decode(), data=request.read(),
+            content_type=request.headers.get("content-type", ""),
+            headers={name: value for name, value in request.headers.items() if name.lower() not in skip},
+        )
+        return httpx.Response(response.status_code, headers=dict(response.items()), content=response.content)
+
+
 @pytest.fixture
-def fake_gateway(settings):
+def serving_api_in_process(monkeypatch):
+    from conversations import tasks
+
+    monkeypatch.setattr(tasks, "serving_api", functools.partial(tasks.serving_api, transport=ServingApiInProcess()))
+
+
+@pytest.fixture
+def fake_gateway(settings, serving_api_in_process):
+    """The fake behind the gateway's client, which the chat's turns and the
+    API (where background tasks reach it over HTTP) both use."""
     settings.CELERY_TASK_ALWAYS_EAGER = True
     with gateway_client.use(FakeGateway()) as fake:
         yield fake

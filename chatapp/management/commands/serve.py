@@ -1,9 +1,11 @@
 """`manage.py serve`: the one command that runs the whole product on one box.
 
 Order matters: embedded services first (everything else needs them), then
-migrations, the reaper (before any new reply can stream), models, the Celery
-worker, and Daphne last, in this process, so the engines live beside the
-SSE consumers that read their tokens. Shutdown runs in reverse.
+migrations, the reaper (before any new reply can stream), models, and Daphne
+last, in this process, so the engines live beside the SSE consumers that read
+their tokens. The Celery worker starts once Daphne listens: it holds no model
+and sends its titles and summaries to Daphne's address (SERVE_URL), which is
+known only then (`--port 0`). Shutdown runs in reverse.
 """
 from __future__ import annotations
 
@@ -32,19 +34,17 @@ class Command(BaseCommand):
 
     def handle(self, *args, host, port, no_worker, **options):
         lock = self._lock_data_dir()
-        worker = None
+        self._worker = None
         try:
             self._start_services()
             call_command("migrate", interactive=False, verbosity=0)
             self._reap()
             if settings.LOAD_MODELS:
                 runtime.start_engines(progress=lambda msg: self.stdout.write(msg))
-            if not no_worker:
-                worker = self._start_worker()
-            self._run_daphne(host, port)
+            self._run_daphne(host, port, with_worker=not no_worker)
         finally:
             self.stdout.write("shutting down ...")
-            self._stop_worker(worker)
+            self._stop_worker(self._worker)
             runtime.shutdown_engines()
             embedded.stop_configured()
             lock.close()
@@ -86,12 +86,13 @@ class Command(BaseCommand):
         if count:
             self.stdout.write(f"marked {count} orphaned streaming replies as interrupted")
 
-    def _start_worker(self):
+    def _start_worker(self, serve_url: str):
         schedule = Path(settings.DATA_DIR) / "celerybeat-schedule"
         args = [sys.executable, "-m", "celery", "-A", "chatapp", "worker", "--beat",
                 "--concurrency", "1", "--loglevel", "WARNING", "--schedule", str(schedule)]
         # Own session: Ctrl-C reaches serve, which then stops the worker in order.
-        return subprocess.Popen(args, start_new_session=True, cwd=settings.BASE_DIR)
+        return subprocess.Popen(args, start_new_session=True, cwd=settings.BASE_DIR,
+                                env={**os.environ, "SERVE_URL": serve_url})
 
     def _stop_worker(self, worker, timeout_s: float = 15.0):
         if worker is None or worker.poll() is not None:
@@ -104,7 +105,7 @@ class Command(BaseCommand):
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
 
-    def _run_daphne(self, host: str, port: int):
+    def _run_daphne(self, host: str, port: int, *, with_worker: bool):
         # Imported here, not at the top: daphne.server installs Twisted's
         # asyncio reactor on import, and chatapp.asgi builds the application;
         # neither belongs in a process that only runs `manage.py help`.
@@ -118,6 +119,8 @@ class Command(BaseCommand):
                 return  # listen_error already stopped the reactor; reported below
             bound_host, bound_port = server.listening_addresses[0]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            if with_worker and self._worker is None:
+                self._worker = self._start_worker(f"http://{_loopback_if_any(shown)}:{bound_port}")
             self.stdout.write(self.style.SUCCESS(f"ready: http://{shown}:{bound_port}  (Ctrl-C to stop)"))
             self.stdout.flush()
 
@@ -134,3 +137,8 @@ class Command(BaseCommand):
         server.run()
         if not server.listening_addresses:
             raise CommandError(f"could not listen on {host}:{port} (is the port already in use?)")
+
+
+def _loopback_if_any(host: str) -> str:
+    """Where the worker on this box reaches a server bound to `host`."""
+    return {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
