@@ -104,17 +104,20 @@ def test_a_new_chat_gets_its_title_from_the_serving_engine_and_the_worker_stays_
     assert proc.returncode == 0, output
 
 
-def test_a_worker_cannot_import_the_engine_or_torch():
+def test_a_worker_cannot_build_an_engine():
     """What the worker does at start-up (Celery's import_modules signal), in a
-    fresh interpreter: afterwards reaching for an engine fails, and says why."""
+    fresh interpreter: the URL conf and the gateway load (they use the engine
+    package's torch-free surface), and then building an engine fails, and
+    says why."""
     script = (
         "import chatapp.celery as c, celery.signals as s\n"
         "s.import_modules.send(sender=c.app)\n"
         "import django; django.setup()\n"
-        "import conversations.tasks\n"
-        "for name in ('inference.pools', 'torch'):\n"
+        "import conversations.tasks, chatapp.urls, gateway.backends\n"
+        "from chatapp import runtime\n"
+        "for build in (lambda: __import__('torch'), lambda: runtime.engine('small')):\n"
         "    try:\n"
-        "        __import__(name)\n"
+        "        build()\n"
         "    except ImportError as exc:\n"
         "        print(exc)\n"
     )
