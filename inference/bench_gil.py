@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from inference import Engine, EngineConfig, SamplingParams, llama
+from inference import Engine, EngineConfig, SamplingParams
 from inference.bench_report import write_section
 
 SECTION = "## Engine beside busy Python threads (inference.bench_gil)"
@@ -86,20 +86,19 @@ def main(argv=None) -> int:
         from inference.bench import _bundled_model_dir
 
         model_dir = _bundled_model_dir()
-    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_bytes=64 * 2**20, enable_prefix_caching=False))
-    scripted = llama._layers_scripted
     prefill = [list(range(1000, 1012))]
     decode = [list(range(2000 + 40 * i, 2012 + 40 * i)) for i in range(8)]
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     three = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     rows = []
     default_interval = sys.getswitchinterval()
-    cases = (("eager (op by op from Python)", llama._layers, default_interval),
-             ("TorchScript (one call)", scripted, default_interval),
-             ("TorchScript (one call)", scripted, args.switch_interval_ms / 1000))
+    cases = (("eager (op by op from Python)", False, default_interval),
+             ("TorchScript (one call)", True, default_interval),
+             ("TorchScript (one call)", True, args.switch_interval_ms / 1000))
     try:
-        for name, layers, interval in cases:
-            llama._layers_scripted = layers
+        for name, script_layers, interval in cases:
+            engine = Engine.from_pretrained(model_dir, EngineConfig(
+                kv_cache_bytes=64 * 2**20, enable_prefix_caching=False, script_layers=script_layers))
             sys.setswitchinterval(interval)
             name = f"{name}, switch interval {interval * 1000:g} ms"
             engine.generate(decode, three)  # warm-up
@@ -111,10 +110,9 @@ def main(argv=None) -> int:
                 rows.append((name, busy, prefill_ms, decode_ms))
                 print(f"{name}, {busy} busy threads: prefill {prefill_ms:.0f} ms, decode {decode_ms:.0f} ms",
                       file=sys.stderr, flush=True)
+            engine.shutdown()
     finally:
-        llama._layers_scripted = scripted
         sys.setswitchinterval(default_interval)
-        engine.shutdown()
     lines = [
         f"SmolLM2-135M-Instruct, fp32, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, Python {platform.python_version()}; "
