@@ -1,34 +1,33 @@
 """Gateway benchmark: what the policy layer costs per request.
 
-    python -m gateway.bench [--requests 200] [--no-write]
+    python -m bench.gateway [--requests 200] [--no-write]
 
 Runs on a fresh temporary DATA_DIR with the embedded Postgres and Redis. The
 backend is the loopback fake OpenAI-compatible server from the tests, so the
-gateway's own cost is the difference between a request through
-`stream_chat` and the same request sent straight to the backend.
+gateway's own cost is the difference between a request through the gateway's
+public entry point, `gateway.services.stream_chat`, and the same request
+streamed straight from the backend by a plain HTTP/SSE client.
 Goals (issue 5): overhead (quota + cache-miss path) p50 <= 5 ms; an exact-cache
 hit returns the whole reply in <= 50 ms; a semantic-cache hit in <= 100 ms.
-Prints a table and appends it to docs/BENCHMARKS.md.
+Prints a table and replaces its section of docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Gateway (gateway.bench)"
+import httpx
 
+from bench import report
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+SECTION = "## Gateway (bench.gateway)"
+MAX_TOKENS = 32
 
 
 async def _timed(stream_factory, n: int) -> tuple[list[float], list[float]]:
@@ -46,21 +45,33 @@ async def _timed(stream_factory, n: int) -> tuple[list[float], list[float]]:
     return firsts, totals
 
 
-async def _run(n: int) -> list[tuple[str, list[float], str]]:
+async def _direct(client: httpx.AsyncClient, text: str):
+    """The backend alone: the OpenAI streaming request the gateway would send,
+    read as server-sent events; yields each chunk that carries text."""
+    body = {"model": "fake-ok", "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if any(choice.get("delta", {}).get("content") for choice in chunk.get("choices", [])):
+                yield chunk
+
+
+async def _bench_user(base_url: str):
+    """A backend row for the fake, and a user whose plan's limits never bite
+    (the Lua reserve/reconcile still runs on every request)."""
+    # Imported here: models load only after django.setup() in main().
     from asgiref.sync import sync_to_async
     from django.conf import settings
     from django.contrib.auth import get_user_model
 
-    from gateway import backends, registry
+    from gateway import registry
     from gateway.models import Backend, Plan, PlanAssignment
-    from gateway.services import stream_chat
-    from gateway.types import ChatRequest
-    from tests.gateway.fake_openai import FakeOpenAI
 
-    fake = FakeOpenAI().start()
-    await sync_to_async(Backend.objects.create)(name="bench", base_url=fake.base_url, remote_model="fake-ok")
+    await sync_to_async(Backend.objects.create)(name="bench", base_url=base_url, remote_model="fake-ok")
     user = await sync_to_async(get_user_model().objects.create_user)("bench", password="bench-pass-123")
-    # Limits too high to bite: the Lua reserve/reconcile still runs on every request.
     plan = await sync_to_async(Plan.objects.create)(
         name="bench", requests_per_minute=10**9, tokens_per_minute=10**9, tokens_per_day=10**9,
         tokens_per_month=10**9,
@@ -68,64 +79,70 @@ async def _run(n: int) -> list[tuple[str, list[float], str]]:
     await sync_to_async(PlanAssignment.objects.create)(user=user, plan=plan)
     settings.DEFAULT_POOL = "bench"
     registry.invalidate()
-    spec = (await registry.abackends())["bench"]
+    return user
+
+
+async def _run(n: int) -> list[tuple[str, tuple[list[float], list[float]], str]]:
+    # Imported here: the gateway's modules need django.setup() (main) first.
+    from django.conf import settings
+
+    from gateway.services import stream_chat
+    from gateway.types import ChatRequest
+    from tests.gateway.fake_openai import FakeOpenAI
+
+    fake = FakeOpenAI().start()
+    user = await _bench_user(fake.base_url)
+    client = httpx.AsyncClient(base_url=fake.base_url, timeout=60)
 
     def ask(text, temperature=0.0):
         return ChatRequest(messages=[{"role": "user", "content": text}], user_id=user.pk,
-                           temperature=temperature, max_tokens=32)
+                           temperature=temperature, max_tokens=MAX_TOKENS)
 
-    async def drain(request):
-        async for _ in stream_chat(request):
+    def gateway(make_text, temperature=0.0):
+        return lambda i: stream_chat(ask(make_text(i), temperature))
+
+    async def drain(stream):
+        async for _ in stream:
             pass
 
-    def direct(i):
-        return backends.remote_stream(spec, ask(f"question number {i} about the weather"), backends.AbortSignal())
-
-    rows = []
-    # Warm up the connection pool, the embedding model and the registry.
-    await drain(ask("warm up please"))
-    async for _ in direct(0):
-        pass
-
-    rows.append(("backend alone (HTTP to loopback fake)", await _timed(direct, n), "baseline"))
+    # Warm up the connection pools, the embedding model and the registry.
+    await drain(stream_chat(ask("warm up please")))
+    await drain(_direct(client, "warm up please"))
+    rows = [("backend alone (HTTP to loopback fake)",
+             await _timed(lambda i: _direct(client, f"question number {i} about the weather"), n), "baseline")]
     settings.GATEWAY_SEMANTIC_CACHE = False
     rows.append(("gateway, sampled (quota + ledger, no cache)",
-                 await _timed(lambda i: stream_chat(ask(f"sampled question {i} about trains", 0.7)), n), "overhead"))
+                 await _timed(gateway(lambda i: f"sampled question {i} about trains", 0.7), n), "overhead"))
     rows.append(("gateway, cache miss (quota + exact cache + ledger)",
-                 await _timed(lambda i: stream_chat(ask(f"exact miss {i} about boats")), n), "overhead"))
+                 await _timed(gateway(lambda i: f"exact miss {i} about boats"), n), "overhead"))
     settings.GATEWAY_SEMANTIC_CACHE = True
     rows.append(("gateway, cache miss incl. semantic (embed + pgvector + store)",
-                 await _timed(lambda i: stream_chat(ask(f"semantic miss {i} about the history of cities")), n),
-                 "overhead"))
-    await drain(ask("What is the tallest mountain in Europe?"))
-    rows.append(("exact-cache hit, whole reply",
-                 await _timed(lambda i: stream_chat(ask("What is the tallest mountain in Europe?")), n), "<= 50 ms"))
+                 await _timed(gateway(lambda i: f"semantic miss {i} about the history of cities"), n), "overhead"))
+    question = "What is the tallest mountain in Europe?"
+    await drain(stream_chat(ask(question)))
+    rows.append(("exact-cache hit, whole reply", await _timed(gateway(lambda i: question), n), "<= 50 ms"))
     paraphrases = ["What is the tallest mountain in Europe ?", "what is the tallest mountain in Europe?",
                    "What's the tallest mountain in Europe?", "Which is the tallest mountain in Europe?"]
     settings.GATEWAY_EXACT_CACHE = False  # every paraphrase must go through the semantic path
     rows.append(("semantic-cache hit, whole reply",
-                 await _timed(lambda i: stream_chat(ask(paraphrases[i % len(paraphrases)])), n), "<= 100 ms"))
+                 await _timed(gateway(lambda i: paraphrases[i % len(paraphrases)]), n), "<= 100 ms"))
     settings.GATEWAY_EXACT_CACHE = True
+    await client.aclose()
     fake.stop()
     return rows
 
 
-def _table(rows, n: int) -> str:
+def _table(rows) -> str:
     base_first = statistics.median(rows[0][1][0])
     base_total = statistics.median(rows[0][1][1])
-    lines = [
-        "| path | first token p50 ms | whole reply p50 / p90 / p99 ms | overhead p50 ms: first token / whole | goal |",
-        "|---|---|---|---|---|",
-    ]
+    cells = []
     for name, (firsts, totals), goal in rows:
         first, total = statistics.median(firsts), statistics.median(totals)
         overhead = f"{first - base_first:.2f} / {total - base_total:.2f}" if goal == "overhead" else "—"
-        shown_goal = "overhead <= 5 ms" if goal == "overhead" else goal
-        lines.append(
-            f"| {name} | {first:.2f} | {total:.2f} / {_pct(totals, 0.9):.2f} / {_pct(totals, 0.99):.2f} "
-            f"| {overhead} | {shown_goal} |"
-        )
-    return "\n".join(lines)
+        spread = f"{total:.2f} / {report.percentile(totals, 0.9):.2f} / {report.percentile(totals, 0.99):.2f}"
+        cells.append((name, f"{first:.2f}", spread, overhead, "overhead <= 5 ms" if goal == "overhead" else goal))
+    return report.table(["path", "first token p50 ms", "whole reply p50 / p90 / p99 ms",
+                         "overhead p50 ms: first token / whole", "goal"], cells)
 
 
 def _verdicts(rows) -> str:
@@ -151,17 +168,14 @@ def _verdicts(rows) -> str:
     ])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200, help="requests per path")
-    parser.add_argument("--no-write", action="store_true", help="do not append to docs/BENCHMARKS.md")
-    args = parser.parse_args(argv)
-
+def _measure(requests: int) -> list:
+    """Set Django up on a fresh DATA_DIR with its embedded Redis (and Postgres), then run."""
     os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="chatapp-bench-")
     os.environ.setdefault("LOAD_MODELS", "0")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(report.ROOT))
+    # Imported here: Django is configured by the environment set just above.
     import django
 
     django.setup()
@@ -173,28 +187,33 @@ def main(argv=None) -> int:
     embedded.start_redis(settings.EMBEDDED_REDIS_DIR)
     try:
         call_command("migrate", interactive=False, verbosity=0)
-        rows = asyncio.run(_run(args.requests))
+        return asyncio.run(_run(requests))
     finally:
         embedded.stop_configured()
 
-    table = _table(rows, args.requests) + "\n\n" + _verdicts(rows)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="requests per path")
+    parser.add_argument("--no-write", action="store_true", help="do not write its section of docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    machine = report.machine_info()
+    rows = _measure(args.requests)
+    table = _table(rows) + "\n\n" + _verdicts(rows)
     print(table)
     if not args.no_write:
-        from inference.bench_report import write_section
-
-        docs = ROOT / "docs" / "BENCHMARKS.md"
         section = (
             f"{SECTION}\n\n"
-            f"`python -m gateway.bench --requests {args.requests}` on {machine}, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Embedded Postgres and Redis; the backend is a "
+            f"`{report.command_line('bench.gateway', argv)}`, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)} "
+            f"Embedded Postgres and Redis; the backend is a "
             f"loopback fake OpenAI-compatible server, so *overhead* is a gateway path's p50 minus the backend "
-            f"alone. Replies are 8 tokens, sequential requests. The semantic cache applies only to "
+            f"alone (a plain HTTP/SSE client). Replies are 8 tokens, sequential requests. The semantic cache applies only to "
             f"first questions at temperature 0 (or with GATEWAY_CACHE_SAMPLED=1); its lookup embeds the "
             f"question with all-MiniLM-L6-v2 on one CPU thread, which dominates that path here.\n\n{table}\n"
         )
-        write_section(docs, section, SECTION)
-        print(f"wrote its section of {docs}")
+        report.write_section(section, SECTION)
+        print(f"wrote its section of {report.BENCHMARKS_MD}")
     return 0
 
 
