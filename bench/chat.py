@@ -107,6 +107,8 @@ def make_users(n: int, idle: int):
 
 
 def start_server(port: int, args) -> subprocess.Popen:
+    """`manage.py serve` on this DATA_DIR's database and Redis, waited for until healthy.
+    Over 40 lines only for the environment it is given, one setting a line."""
     from django.conf import settings
     from django.db import connection
 

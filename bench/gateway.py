@@ -83,6 +83,9 @@ async def _bench_user(base_url: str):
 
 
 async def _run(n: int) -> list[tuple[str, tuple[list[float], list[float]], str]]:
+    """Every path in turn. One function over 40 lines: the paths must run in this
+    order (each flips the cache settings the next relies on, and the exact-cache
+    hit needs the reply stored just before it)."""
     # Imported here: the gateway's modules need django.setup() (main) first.
     from django.conf import settings
 
