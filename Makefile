@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m inference.bench
+	$(PY) -m bench.engine
 
 clean:
 	rm -rf $(VENV) .pytest_cache

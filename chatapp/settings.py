@@ -295,7 +295,7 @@ ENGINE_DEFAULTS = {
 # gives the GIL up around each torch call and waits up to one switch interval
 # to win it back while they run Python. Python's 5 ms made a 12-token prefill
 # step 2-4x slower beside busy threads; 0.5 ms keeps it near its idle time
-# (docs/BENCHMARKS.md, inference.bench_gil). 0 leaves Python's default.
+# (docs/BENCHMARKS.md, bench.gil). 0 leaves Python's default.
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
 MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}
 if env_str("MODEL_LARGE"):

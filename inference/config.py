@@ -1,14 +1,39 @@
-"""Engine and sampling configuration: plain dataclasses validated on creation."""
+"""Engine and sampling configuration: plain dataclasses validated on creation.
+
+No torch at import: the gateway builds SamplingParams in processes that never
+run an engine (the Celery worker, manage.py commands).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """The one place "auto" becomes a real device and dtype.
+
+    device "auto" is CUDA when available, else the CPU; dtype "auto" is fp32 on
+    the CPU (half-precision matmuls are slow there) and bf16 on CUDA (fp16
+    where bf16 is missing). Explicit values pass through unchanged.
+    """
+    if device == "auto" or (dtype == "auto" and device.startswith("cuda")):
+        # Imported here, not at module level: only engine processes resolve "auto".
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto" and device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype == "auto":
+        dtype = "float32"
+    return device, dtype
 
 
 @dataclass
 class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto"
-    # None picks fp32 on CPU (half-precision matmuls are slow there) and
-    # bf16 (fp16 where bf16 is missing) on CUDA.
+    # None or "auto": see resolve_device_and_dtype (fp32 on CPU, bf16/fp16 on CUDA).
     dtype: str | None = None
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
     # gpu_memory_fraction of the memory free after the weights are loaded.
@@ -24,22 +49,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     model_name: str | None = None  # reported by stats(); defaults to the model's name_or_path
+    # False runs the decoder layers op by op from Python instead of as one
+    # TorchScript call: only the GIL benchmark's baseline wants that (llama.py).
+    script_layers: bool = True
 
     CPU_DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
     def __post_init__(self):
-        if self.device == "auto":
-            import torch
-
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.dtype is None or self.dtype == "auto":
-            if self.device.startswith("cuda"):
-                import torch
-
-                self.dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-            else:
-                self.dtype = "float32"
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        self.device, self.dtype = resolve_device_and_dtype(self.device, self.dtype or "auto")
+        if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")

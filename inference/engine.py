@@ -1,27 +1,26 @@
 """The engine: a step loop on its own thread, fed by thread-safe submit/abort.
 
-Callers on any thread submit requests and abort them; the engine thread drains
-that inbox at each step boundary, schedules, runs the model, samples, and
-pushes events to each request's handle.
+Callers on any thread submit requests and abort them; the engine thread
+(inference.engine_loop) drains that inbox at each step boundary, schedules,
+runs the model, samples, and pushes events to each request's handle.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
-from collections import deque
 
 import torch
 
 from inference.block_manager import BlockManager
 from inference.config import EngineConfig, SamplingParams
 from inference.detokenizer import IncrementalDetokenizer
+from inference.engine_loop import EngineLoop
 from inference.handle import RequestHandle
 from inference.metrics import EngineMetrics
 from inference.model_runner import DTYPES, ModelRunner
-from inference.outputs import Completion, EngineSaturated, PromptTooLong
+from inference.outputs import Completion, PromptTooLong
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler
 from inference.sequence import Sequence
@@ -48,17 +47,8 @@ class Engine:
         self.metrics = EngineMetrics()
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.step_observer = None  # callable(batch, duration_s): the benchmark's hook
-        self._lock = threading.Lock()
-        self._inbox: deque = deque()
-        self._wakeup = threading.Event()
-        self._requests: dict[str, Sequence] = {}  # live requests by id
-        self._num_unscheduled = 0  # submitted, not yet admitted once: what saturation counts
-        self._stopping = False
-        # Handles that got events during this loop iteration, woken together
-        # at its end (engine thread only).
-        self._to_wake: list = []
-        self._thread = threading.Thread(target=self._run, name=f"engine-{self.model_name}", daemon=True)
-        self._thread.start()
+        self._engine_loop = EngineLoop(self)
+        self._engine_loop.start()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: EngineConfig | None = None, **load_kwargs) -> Engine:
@@ -117,10 +107,14 @@ class Engine:
 
     # -------------------------------------------------------------- public API
     def submit(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
-               priority: int = 0, cache_salt: str | None = None, *, _bypass_limit: bool = False) -> RequestHandle:
+               priority: int = 0, cache_salt: str | None = None) -> RequestHandle:
         """Queue a request; thread-safe and non-blocking. priority: lower runs first
         (0 interactive, higher for background work). Raises EngineSaturated,
         PromptTooLong or ValueError synchronously."""
+        return self._enqueue(prompt, sampling_params, request_id, priority, cache_salt, enforce_waiting_limit=True)
+
+    def _enqueue(self, prompt, sampling_params: SamplingParams | None, request_id: str | None, priority: int,
+                 cache_salt: str | None, *, enforce_waiting_limit: bool) -> RequestHandle:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be an inference.SamplingParams")
@@ -133,36 +127,24 @@ class Engine:
         seq = Sequence(request_id, ids, params, priority=priority, cache_salt=cache_salt,
                        arrival_time=time.monotonic())
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
-        seq.sink = RequestHandle(self, request_id, ids, loop)
-        with self._lock:
-            if self._stopping:
-                raise RuntimeError("the engine is shut down")
-            if request_id in self._requests:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            if not _bypass_limit and self._num_unscheduled >= self.config.max_waiting:
-                raise EngineSaturated(f"{self._num_unscheduled} requests are already waiting")
-            self._num_unscheduled += 1
-            self._requests[request_id] = seq
-            self._inbox.append(("add", seq))
-        self._wakeup.set()
+        seq.sink = RequestHandle(request_id, ids, loop, self._engine_loop.wake_list, self.abort)
+        self._engine_loop.inbox.add(seq, enforce_waiting_limit=enforce_waiting_limit)
         return seq.sink
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
-        """Blocking batch API: one Completion per prompt (token ids or text), in order."""
+        """Blocking batch API: one Completion per prompt (token ids or text), in order.
+        Every prompt is queued at once, past max_waiting: the caller asked for the batch."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
-        handles = [self.submit(p, sp, _bypass_limit=True) for p, sp in zip(prompts, sampling_params)]
+        handles = [self._enqueue(p, sp, None, 0, None, enforce_waiting_limit=False)
+                   for p, sp in zip(prompts, sampling_params)]
         return [h.result() for h in handles]
 
     def abort(self, request_id: str) -> None:
         """End a request at the next step boundary (no-op when unknown or done)."""
-        with self._lock:
-            if request_id not in self._requests:
-                return
-            self._inbox.append(("abort", request_id))
-        self._wakeup.set()
+        self._engine_loop.inbox.abort(request_id)
 
     def stats(self) -> dict:
         bm = self.block_manager
@@ -171,7 +153,7 @@ class Engine:
             "device": str(self.runner.device),
             "dtype": self.config.dtype,
             "running": len(self.scheduler.running),
-            "waiting": self._num_unscheduled + sum(1 for s in list(self.scheduler.waiting) if s.metrics.preemptions),
+            "waiting": self._engine_loop.inbox.num_unscheduled + sum(1 for s in list(self.scheduler.waiting) if s.metrics.preemptions),
             "kv_blocks_total": bm.num_blocks,
             "kv_blocks_used": bm.num_used_blocks,
             "kv_blocks_free": bm.num_free_blocks,
@@ -190,20 +172,10 @@ class Engine:
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop the loop; requests still live end with finish_reason "abort"."""
-        with self._lock:
-            self._stopping = True
-        self._wakeup.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
+        self._engine_loop.stop(timeout_s)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.shutdown()
-
-    # ------------------------------------------------------------ engine thread
-    def _run(self) -> None:
-        from inference.engine_loop import run_loop
-
-        run_loop(self)

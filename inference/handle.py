@@ -3,33 +3,43 @@ from __future__ import annotations
 
 import asyncio
 import queue
+from typing import Callable
 
 from inference.outputs import Completion, DeltaEvent, FinishEvent
 
 _WAKE_TIMEOUT_S = 1.0
 
 
-def wake_readers(engine) -> None:
-    """One wake-up per event loop per engine step, not one per event: 32
-    sequences decoding together would otherwise poke the loop 32 times per
+class WakeList:
+    """Handles that got events during one engine loop iteration, woken together
+    at its end: one wake-up per event loop per engine step, not one per event.
+    32 sequences decoding together would otherwise poke the loop 32 times per
     step (32 self-pipe writes, and as many loop wake-ups competing with the
-    engine's own threads for the CPU)."""
-    handles, engine._to_wake = engine._to_wake, []
-    if not handles:
-        return
-    by_loop: dict = {}
-    for handle in handles:
-        if handle._loop is not None and handle._wake is not None:
-            by_loop.setdefault(handle._loop, {})[id(handle)] = handle
-    for loop, group in by_loop.items():
-        wakes = [handle._wake for handle in group.values()]
-        try:
-            loop.call_soon_threadsafe(_set_all, wakes)
-        except RuntimeError:
-            # The consumers' loop is gone: nobody will read the rest.
-            for handle in group.values():
-                if not handle._finished_sent:
-                    engine.abort(handle.request_id)
+    engine's own threads for the CPU). Engine thread only."""
+
+    def __init__(self):
+        self._handles: list[RequestHandle] = []
+
+    def add(self, handle: RequestHandle) -> None:
+        self._handles.append(handle)
+
+    def wake_all(self) -> None:
+        handles, self._handles = self._handles, []
+        if not handles:
+            return
+        by_loop: dict = {}
+        for handle in handles:
+            if handle._loop is not None and handle._wake is not None:
+                by_loop.setdefault(handle._loop, {})[id(handle)] = handle
+        for loop, group in by_loop.items():
+            wakes = [handle._wake for handle in group.values()]
+            try:
+                loop.call_soon_threadsafe(_set_all, wakes)
+            except RuntimeError:
+                # The consumers' loop is gone: nobody will read the rest.
+                for handle in group.values():
+                    if not handle._finished_sent:
+                        handle.abort()
 
 
 def _set_all(events) -> None:
@@ -42,11 +52,12 @@ class RequestHandle:
     `async for event in handle` on the event loop that submitted it (or any
     loop), `handle.iter_sync()` / `handle.result()` from plain threads."""
 
-    def __init__(self, engine, request_id: str, prompt_token_ids: list[int],
-                 loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], loop: asyncio.AbstractEventLoop | None,
+                 wake_list: WakeList, abort: Callable[[str], None]):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
-        self._engine = engine
+        self._wake_list = wake_list
+        self._abort = abort  # the engine's abort(request_id)
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._loop = loop
         self._wake = asyncio.Event() if loop is not None else None
@@ -54,15 +65,14 @@ class RequestHandle:
         self._finished_sent = False
 
     # ------------------------------------------------------ engine thread side
-    def _deliver(self, event: DeltaEvent | FinishEvent) -> None:
-        """Queue an event; its reader is woken by `wake_readers` at the end of
-        the engine's loop iteration, together with every other handle."""
+    def deliver(self, event: DeltaEvent | FinishEvent) -> None:
+        """Queue an event (the engine thread's call, not the reader's); the
+        reader is woken by the wake list at the end of the engine's loop
+        iteration, together with every other handle."""
         self._events.put(event)
         if event.finished:
             self._finished_sent = True
-        self._engine._to_wake.append(self)
-
-    # ------------------------------------------------------------ async side
+        self._wake_list.add(self)
     # ------------------------------------------------------------ async side
     def __aiter__(self):
         return self
@@ -109,7 +119,7 @@ class RequestHandle:
         return self._collect(list(self.iter_sync(timeout_s)))
 
     def abort(self) -> None:
-        self._engine.abort(self.request_id)
+        self._abort(self.request_id)
 
     def _collect(self, events: list) -> Completion:
         final = events[-1]

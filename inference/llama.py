@@ -9,18 +9,48 @@ gate/up -> SiLU -> down; final norm and lm_head only at sampled positions.
 The batch is flattened: the T new tokens of all sequences are concatenated.
 Single-token queries (decodes) share one padded attention call per layer;
 prefill chunks take one call each.
-"""
-from __future__ import annotations
 
+The TorchScript layer stack is compiled on the first engine's construction,
+not at import (see scripted_layer_stack).
+"""
+# No `from __future__ import annotations` here: TorchScript reads the
+# NamedTuples' field annotations and cannot resolve them as strings
+# (pytorch issue #95858).
+import functools
+import logging
+import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from inference.outputs import UnsupportedModel
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+
+
+class DecodeGroup(NamedTuple):
+    """Decode rows of similar context length, padded to the group's longest."""
+
+    first_row: int
+    num_rows: int  # B
+    block_tables: torch.Tensor  # [B, nb] int64, padded with block 0
+    mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool, True = attend
+
+
+class PrefillChunk(NamedTuple):
+    """One sequence's prefill chunk: rows [first_row, first_row + query_len)."""
+
+    first_row: int
+    query_len: int
+    context_len: int  # earlier tokens plus this chunk's
+    # Block ids covering the context [nb] and the causal mask [q, C]; both None
+    # when the chunk has no earlier context (its own K/V is everything).
+    blocks: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
 
 
 @dataclass
@@ -29,14 +59,8 @@ class AttentionPlan:
     in the flattened batch: rows [0, num_decodes)."""
 
     num_decodes: int
-    # Decode rows in groups of similar context length, each padded to its own
-    # longest: (first row, rows B, block tables [B, nb] int64 padded with block 0,
-    # mask [B, 1, 1, nb * block_size] bool, True = attend).
-    decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor]]
-    # One entry per prefill chunk: (first row, query length, context length,
-    # block ids covering the context [nb] and the causal mask [q, C]; both None
-    # when the chunk has no earlier context).
-    prefills: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]]
+    decode_groups: List[DecodeGroup]
+    prefills: List[PrefillChunk]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,21 +87,24 @@ def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor,
-               decode_groups: List[Tuple[int, int, torch.Tensor, torch.Tensor]],
-               prefills: List[Tuple[int, int, int, Optional[torch.Tensor], Optional[torch.Tensor]]],
+               decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
                kv_heads: int, scale: float) -> torch.Tensor:
     num_tokens, heads, dim = q.size(0), q.size(1), q.size(2)
     out = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
     block_size = layer_k.size(1)
-    for first, b, tables, mask in decode_groups:
+    for group in decode_groups:
+        first, b, tables = group.first_row, group.num_rows, group.block_tables
         ctx = tables.size(1) * block_size
         keys = layer_k[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)  # [B, KV, C, D]
         values = layer_v[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)
         queries = q[first:first + b].unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask,
                                            scale=scale, enable_gqa=True)  # [B, H, 1, D]
         out[first:first + b] = o.squeeze(2)
-    for start, q_len, ctx_len, blocks, mask in prefills:
+    for chunk in prefills:
+        start, q_len, ctx_len = chunk.first_row, chunk.query_len, chunk.context_len
+        # Locals, not attributes: TorchScript refines Optional only on local names.
+        blocks, mask = chunk.blocks, chunk.mask
         queries = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
         if blocks is None:  # no earlier context: this chunk's own K/V is everything
             keys = k[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, KV, q, D]
@@ -96,8 +123,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
 def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
             weights: List[List[torch.Tensor]], qkv_biases: List[Optional[torch.Tensor]],
             o_biases: List[Optional[torch.Tensor]], k_cache: torch.Tensor, v_cache: torch.Tensor,
-            decode_groups: List[Tuple[int, int, torch.Tensor, torch.Tensor]],
-            prefills: List[Tuple[int, int, int, Optional[torch.Tensor], Optional[torch.Tensor]]],
+            decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
             heads: int, kv_heads: int, dim: int, eps: float, scale: float) -> torch.Tensor:
     """Every decoder layer; weights[i] = [input_norm, qkv, o, post_norm, gate_up, down]."""
     num_tokens = h.size(0)
@@ -131,25 +157,21 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.
 # toolchain at run time on CPU and minutes of compilation per shape; it still
 # ships with the pinned torch. Should a later torch drop it, the same function
 # runs eagerly (correct, just exposed to the GIL again).
-def _script(fn):
-    import warnings
-
+# Compiled once per process, when the first engine is built: processes that
+# import the engine's modules without running one do not pay for it.
+@functools.cache
+def scripted_layer_stack():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(fn)
+            return torch.jit.script(_layers)
     except Exception:  # pragma: no cover - depends on the torch build
-        import logging
-
-        logging.getLogger(__name__).warning("TorchScript unavailable: the layer stack runs eagerly", exc_info=True)
-        return fn
-
-
-_layers_scripted = _script(_layers)
+        log.warning("TorchScript unavailable: the layer stack runs eagerly", exc_info=True)
+        return _layers
 
 
 class PagedLlama:
-    def __init__(self, model: torch.nn.Module, max_positions: int):
+    def __init__(self, model: torch.nn.Module, max_positions: int, script_layers: bool = True):
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModel(
@@ -174,6 +196,8 @@ class PagedLlama:
                         for w in self.layers]
         self.qkv_biases = [w["qkv_bias"] for w in self.layers]
         self.o_biases = [w["o_bias"] for w in self.layers]
+        # The eager stack is only the GIL benchmark's baseline (EngineConfig.script_layers).
+        self.layer_stack = scripted_layer_stack() if script_layers else _layers
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # Rotary tables from the model's own rotary module, so every rope
@@ -229,7 +253,7 @@ class PagedLlama:
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         with torch.jit.optimized_execution(False):
-            h = _layers_scripted(h, cos, sin, slots, self.weights, self.qkv_biases, self.o_biases, k_cache, v_cache,
+            h = self.layer_stack(h, cos, sin, slots, self.weights, self.qkv_biases, self.o_biases, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.eps, self.scale)
         h = _rms_norm(h[logit_rows], self.final_norm, self.eps)  # [N, hidden]

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from inference.config import EngineConfig
-from inference.llama import AttentionPlan, PagedLlama
+from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
 
@@ -32,7 +32,7 @@ class ModelRunner:
         if config.max_model_len:
             max_positions = min(max_positions, config.max_model_len)
         with torch.inference_mode():
-            self.net = PagedLlama(model, max_positions)
+            self.net = PagedLlama(model, max_positions, config.script_layers)
         self.num_blocks = self._num_blocks(config)
         shape = (self.net.num_layers, self.num_blocks, self.block_size, self.net.num_kv_heads, self.net.head_dim)
         # [layers, num_blocks, block_size, kv_heads, D], allocated once for the engine's life.
@@ -78,7 +78,7 @@ class ModelRunner:
         sampled: list[Sequence] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills = []
+        prefills: list[PrefillChunk] = []
         for seq, num_new in entries:
             start = seq.num_computed_tokens
             row = len(tokens)
@@ -91,30 +91,40 @@ class ModelRunner:
             if num_new == 1:
                 decode_tables.append(table[:-(-ctx_len // bs)])
                 decode_lens.append(ctx_len)
-            elif start == 0:
-                prefills.append((row, num_new, ctx_len, None, None))
             else:
-                blocks = torch.tensor(table[:-(-ctx_len // bs)], device=self.device)
-                key_pos = torch.arange(ctx_len, device=self.device)
-                query_pos = torch.arange(start, ctx_len, device=self.device)
-                mask = key_pos[None, :] <= query_pos[:, None]  # [q, C]: query i sees keys up to its position
-                prefills.append((row, num_new, ctx_len, blocks, mask))
+                prefills.append(self._prefill_chunk(row, start, num_new, table))
             if ctx_len == seq.num_tokens:
                 logit_rows.append(row + num_new - 1)
                 sampled.append(seq)
-        plan = AttentionPlan(len(decode_tables), [], prefills)
-        for first, last in _split_groups([len(t) for t in decode_tables], 0, len(decode_tables)):
-            width = len(decode_tables[last - 1])  # sorted: the group's longest is its last
-            padded = [t + [0] * (width - len(t)) for t in decode_tables[first:last]]
-            lens = torch.tensor(decode_lens[first:last], device=self.device)
-            key_pos = torch.arange(width * bs, device=self.device)
-            mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, C]
-            plan.decode_groups.append((first, last - first, torch.tensor(padded, device=self.device), mask))
+        plan = AttentionPlan(len(decode_tables), self._decode_groups(decode_tables, decode_lens), prefills)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         with torch.inference_mode():
             logits = self.net.forward(as_tensor(tokens), as_tensor(positions), as_tensor(slots), plan,
                                       as_tensor(logit_rows), self.k_cache, self.v_cache)
         return sampled, logits
+
+    def _prefill_chunk(self, row: int, start: int, num_new: int, table: list[int]) -> PrefillChunk:
+        """Tokens [start, start + num_new) of a sequence, at rows from `row`."""
+        ctx_len = start + num_new
+        if start == 0:
+            return PrefillChunk(row, num_new, ctx_len, None, None)
+        blocks = torch.tensor(table[:-(-ctx_len // self.block_size)], device=self.device)
+        key_pos = torch.arange(ctx_len, device=self.device)
+        query_pos = torch.arange(start, ctx_len, device=self.device)
+        mask = key_pos[None, :] <= query_pos[:, None]  # [q, C]: query i sees keys up to its position
+        return PrefillChunk(row, num_new, ctx_len, blocks, mask)
+
+    def _decode_groups(self, decode_tables: list[list[int]], decode_lens: list[int]) -> list[DecodeGroup]:
+        """Decode rows (sorted by context length) in padded groups."""
+        groups = []
+        for first, last in _split_groups([len(t) for t in decode_tables], 0, len(decode_tables)):
+            width = len(decode_tables[last - 1])  # sorted: the group's longest is its last
+            padded = [t + [0] * (width - len(t)) for t in decode_tables[first:last]]
+            lens = torch.tensor(decode_lens[first:last], device=self.device)
+            key_pos = torch.arange(width * self.block_size, device=self.device)
+            mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, C]
+            groups.append(DecodeGroup(first, last - first, torch.tensor(padded, device=self.device), mask))
+        return groups
 
 
 def _split_groups(widths: list[int], first: int, last: int, depth: int = 2) -> list[tuple[int, int]]:

@@ -46,7 +46,14 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
+        budget, preempted = self._schedule_running(batch, self.max_num_batched_tokens)
+        if not preempted:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
+        """Running sequences first, most urgent first, preempting the least urgent
+        when blocks run out. Returns the budget left and whether any was preempted."""
         bm = self.block_manager
         preempted = False
         self.running.sort(key=Sequence.sort_key)
@@ -67,8 +74,11 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             budget -= num_new
             i += 1
-        if preempted:
-            return batch
+        return budget, preempted
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        """Waiting sequences in (priority, arrival) order while budget, seats and blocks last."""
+        bm = self.block_manager
         self.waiting.sort(key=Sequence.sort_key)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -89,7 +99,6 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
-        return batch
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

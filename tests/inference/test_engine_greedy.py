@@ -113,7 +113,7 @@ def test_ignore_eos_runs_to_max_tokens(make_engine, prompts):
     assert all(len(c.token_ids) == 40 and c.finish_reason == "length" for c in completions)
 
 
-def test_the_layer_stack_runs_as_one_torchscript_call():
+def test_the_layer_stack_runs_as_one_torchscript_call(make_engine):
     """The decoder layers must compile to TorchScript: run op by op from Python,
     the engine thread queues for the GIL around every op whenever the web
     server's threads are busy (a 12-token prefill took 0.75 s instead of 0.05 s
@@ -121,6 +121,5 @@ def test_the_layer_stack_runs_as_one_torchscript_call():
     would silently fall back to that; this catches it."""
     import torch
 
-    from inference import llama
-
-    assert isinstance(llama._layers_scripted, torch.jit.ScriptFunction)
+    engine = make_engine()
+    assert isinstance(engine.runner.net.layer_stack, torch.jit.ScriptFunction)

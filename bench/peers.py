@@ -1,32 +1,11 @@
-"""Benchmark helpers: the machine, its matmul FLOP/s, and the Hugging Face peers
-(generate one at a time, static padded batches, transformers' continuous batching)."""
+"""The engine benchmark's yardsticks: the machine's matmul FLOP/s and the Hugging
+Face peers (generate one at a time, static padded batches, transformers'
+continuous batching)."""
 from __future__ import annotations
 
-import os
-import platform
 import time
 
 import torch
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import transformers
-
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "os": platform.platform(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def matmul_flops(dtype=torch.float32, seconds_per_size: float = 1.5) -> float:

@@ -1,6 +1,6 @@
 """The engine beside busy Python threads: why the layer stack is TorchScript.
 
-    .venv/bin/python -m inference.bench_gil [--repeats 2] [--out docs/BENCHMARKS.md]
+    .venv/bin/python -m bench.gil [--repeats 2] [--out docs/BENCHMARKS.md]
 
 The engine runs in the web server's process, so its step loop shares the GIL
 with Django's threads. A forward pass called op by op from Python gives the
@@ -19,7 +19,6 @@ Prints a table and replaces its own section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import threading
 import time
@@ -27,10 +26,15 @@ from pathlib import Path
 
 import torch
 
-from inference import Engine, EngineConfig, SamplingParams, llama
-from inference.bench_report import write_section
+from bench import report
+from bench.engine import bundled_model_dir
+from inference import Engine, EngineConfig, SamplingParams
 
-SECTION = "## Engine beside busy Python threads (inference.bench_gil)"
+SECTION = "## Engine beside busy Python threads (bench.gil)"
+PREFILL = [list(range(1000, 1012))]
+DECODE = [list(range(2000 + 40 * i, 2012 + 40 * i)) for i in range(8)]
+ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+THREE = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
 
 
 class _Burners:
@@ -72,6 +76,30 @@ def _step_ms(engine, prompts, params, repeats: int, which: slice) -> float:
     return best * 1000
 
 
+def measure(model_dir: str, name: str, script_layers: bool, interval_s: float, repeats: int) -> list[tuple]:
+    """One layer stack at one switch interval, beside 0, 1 and 2 busy threads."""
+    engine = Engine.from_pretrained(model_dir, EngineConfig(
+        kv_cache_bytes=64 * 2**20, enable_prefix_caching=False, script_layers=script_layers))
+    default_interval = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    name = f"{name}, switch interval {interval_s * 1000:g} ms"
+    rows = []
+    try:
+        engine.generate(DECODE, THREE)  # warm-up
+        for busy in (0, 1, 2):
+            with _Burners(busy):
+                prefill_ms = _step_ms(engine, PREFILL, ONE, repeats, slice(0, 1))
+                # The first step prefills the 8 prompts; the next two decode them.
+                decode_ms = _step_ms(engine, DECODE, THREE, repeats, slice(1, None))
+            rows.append((name, busy, f"{prefill_ms:.0f}", f"{decode_ms:.0f}"))
+            print(f"{name}, {busy} busy threads: prefill {prefill_ms:.0f} ms, decode {decode_ms:.0f} ms",
+                  file=sys.stderr, flush=True)
+    finally:
+        sys.setswitchinterval(default_interval)
+        engine.shutdown()
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model dir (default: the bundled SmolLM2, converted once under var/models)")
@@ -80,55 +108,26 @@ def main(argv=None) -> int:
     parser.add_argument("--switch-interval-ms", type=float, default=0.5,
                         help="the shortened switch interval to compare with Python's default (serve's default: 0.5)")
     args = parser.parse_args(argv)
-    if args.model:
-        model_dir = args.model
-    else:
-        from inference.bench import _bundled_model_dir
-
-        model_dir = _bundled_model_dir()
-    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_bytes=64 * 2**20, enable_prefix_caching=False))
-    scripted = llama._layers_scripted
-    prefill = [list(range(1000, 1012))]
-    decode = [list(range(2000 + 40 * i, 2012 + 40 * i)) for i in range(8)]
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    three = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-    rows = []
+    model_dir = args.model or bundled_model_dir()
+    machine = report.machine_info()
     default_interval = sys.getswitchinterval()
-    cases = (("eager (op by op from Python)", llama._layers, default_interval),
-             ("TorchScript (one call)", scripted, default_interval),
-             ("TorchScript (one call)", scripted, args.switch_interval_ms / 1000))
-    try:
-        for name, layers, interval in cases:
-            llama._layers_scripted = layers
-            sys.setswitchinterval(interval)
-            name = f"{name}, switch interval {interval * 1000:g} ms"
-            engine.generate(decode, three)  # warm-up
-            for busy in (0, 1, 2):
-                with _Burners(busy):
-                    prefill_ms = _step_ms(engine, prefill, one, args.repeats, slice(0, 1))
-                    # The first step prefills the 8 prompts; the next two decode them.
-                    decode_ms = _step_ms(engine, decode, three, args.repeats, slice(1, None))
-                rows.append((name, busy, prefill_ms, decode_ms))
-                print(f"{name}, {busy} busy threads: prefill {prefill_ms:.0f} ms, decode {decode_ms:.0f} ms",
-                      file=sys.stderr, flush=True)
-    finally:
-        llama._layers_scripted = scripted
-        sys.setswitchinterval(default_interval)
-        engine.shutdown()
-    lines = [
-        f"SmolLM2-135M-Instruct, fp32, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, Python {platform.python_version()}; "
-        f"best of {args.repeats}; prefix caching off.",
+    cases = (("eager (op by op from Python)", False, default_interval),
+             ("TorchScript (one call)", True, default_interval),
+             ("TorchScript (one call)", True, args.switch_interval_ms / 1000))
+    rows = [row for name, script_layers, interval in cases
+            for row in measure(model_dir, name, script_layers, interval, args.repeats)]
+    body = "\n".join([
+        f"SmolLM2-135M-Instruct, fp32, {torch.get_num_threads()} torch threads; "
+        f"best of {args.repeats}; prefix caching off. {report.machine_header(machine)}",
         "",
-        "| layer stack | threads running Python beside it | prefill step, 12 tokens (ms) | decode step, 8 sequences (ms) |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {name} | {busy} | {p:.0f} | {d:.0f} |" for name, busy, p, d in rows]
-    body = "\n".join(lines)
+        report.table(["layer stack", "threads running Python beside it", "prefill step, 12 tokens (ms)",
+                      "decode step, 8 sequences (ms)"], rows),
+    ])
     print(body)
     if args.out:
-        command = "python -m inference.bench_gil " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(Path(args.out), f"{SECTION}\n\nCommand: `{command.strip()}`. {__doc__.split(chr(10) + chr(10))[1].strip()}\n\n{body}\n", SECTION)
+        command = report.command_line("bench.gil", argv)
+        about = __doc__.split("\n\n")[1].strip()
+        report.write_section(f"{SECTION}\n\nCommand: `{command}`. {about}\n\n{body}\n", SECTION, Path(args.out))
     return 0
 
 

@@ -1,6 +1,6 @@
 """End-to-end chat streaming benchmark: browsers' path vs the engine alone.
 
-    .venv/bin/python -m conversations.bench [--clients 32] [--idle 500] [--max-tokens 128] [--write]
+    .venv/bin/python -m bench.chat [--clients 32] [--idle 500] [--max-tokens 128] [--write]
 
 What it does, on a fresh DATA_DIR (its own embedded Postgres and Redis):
 1. starts `manage.py serve --no-worker` (Daphne with SmolLM2 in-process), with
@@ -24,33 +24,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import resource
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Chat streaming (conversations.bench)"
+import httpx
+
+from bench import free_port, report
+from bench.report import ROOT, percentile
+from inference import Engine, SamplingParams
+from inference.bootstrap import resolve_model
+from inference.pools import engine_config
+
+# Django and the apps' modules are imported inside the functions: they need
+# django.setup(), which main() runs first on a fresh DATA_DIR.
+
+SECTION = "## Chat streaming (bench.chat)"
 TOPICS = ["a lighthouse keeper", "a lost robot", "a bakery on Mars", "a dragon who fears heights",
           "a chess tournament", "a river that talks", "a broken clock", "a secret garden"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pct(values, q):
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def prompts(n: int) -> list[str]:
@@ -80,8 +78,6 @@ def setup_django(data_dir: Path):
 
 def _stop_services(data_dir: Path) -> None:
     """The embedded Redis (and Postgres) would otherwise outlive the benchmark."""
-    import shutil
-
     from chatapp import embedded
 
     embedded.stop_configured()
@@ -111,6 +107,8 @@ def make_users(n: int, idle: int):
 
 
 def start_server(port: int, args) -> subprocess.Popen:
+    """`manage.py serve` on this DATA_DIR's database and Redis, waited for until healthy.
+    Over 40 lines only for the environment it is given, one setting a line."""
     from django.conf import settings
     from django.db import connection
 
@@ -142,8 +140,6 @@ def start_server(port: int, args) -> subprocess.Popen:
         [sys.executable, "manage.py", "serve", "--no-worker", "--port", str(port)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
-    import httpx
-
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -161,8 +157,6 @@ def start_server(port: int, args) -> subprocess.Popen:
 # ------------------------------------------------------------ engine alone
 
 async def engine_run(engine, texts: list[str], max_tokens: int, stagger_s: float = 0.0) -> dict:
-    from inference import SamplingParams
-
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
     async def one(i, text):
@@ -191,9 +185,9 @@ def _summary(results, wall) -> dict:
     tokens = sum(r[1] for r in results)
     # Web turns also time the POST alone: how long the page work held each chat back.
     posts = [r[2] for r in results if len(r) > 2]
-    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_ms": 1000 * _pct(ttfts, 0.5),
-            "ttft_p99_ms": 1000 * _pct(ttfts, 0.99), "n": len(results),
-            "post_p50_ms": 1000 * _pct(posts, 0.5) if posts else None}
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 0.5),
+            "ttft_p99_ms": 1000 * percentile(ttfts, 0.99), "n": len(results),
+            "post_p50_ms": 1000 * percentile(posts, 0.5) if posts else None}
 
 
 def _merge(runs: list[dict]) -> dict:
@@ -203,8 +197,8 @@ def _merge(runs: list[dict]) -> dict:
     ttfts = [r["ttft_p50_ms"] for r in runs]
     posts = [r["post_p50_ms"] for r in runs if r.get("post_p50_ms") is not None]
     cpu = [r["client_cpu_s"] for r in runs if "client_cpu_s" in r]
-    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_ms": _pct(ttfts, 0.5),
-            "ttft_p99_ms": _pct(ttfts, 0.99), "n": len(runs), "post_p50_ms": _pct(posts, 0.5) if posts else None,
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_ms": percentile(ttfts, 0.5),
+            "ttft_p99_ms": percentile(ttfts, 0.99), "n": len(runs), "post_p50_ms": percentile(posts, 0.5) if posts else None,
             **({"client_cpu_s": sum(cpu)} if cpu else {})}
 
 
@@ -212,8 +206,6 @@ def _merge(runs: list[dict]) -> dict:
 
 async def _signed_in_client(base: str, cookie: str):
     """A client that has loaded the home page: session cookie and CSRF token in hand."""
-    import httpx
-
     client = httpx.AsyncClient(base_url=base, cookies={"sessionid": cookie}, timeout=600)
     home = await client.get("/")
     token = home.cookies.get("csrftoken") or client.cookies.get("csrftoken")
@@ -269,8 +261,6 @@ async def web_run(base: str, cookies: list[str], texts: list[str], stagger_s: fl
 
 
 async def hold_idle(base: str, cookie: str, reply_ids: list[str], ready: asyncio.Event, stop: asyncio.Event):
-    import httpx
-
     limits = httpx.Limits(max_connections=len(reply_ids) + 10, max_keepalive_connections=0)
     connected = 0
     async with httpx.AsyncClient(base_url=base, cookies={"sessionid": cookie}, timeout=None, limits=limits) as client:
@@ -334,28 +324,32 @@ async def run(args, base, cookies, idle_cookie, idle_replies, engine) -> dict:
     return results
 
 
-def report(args, results: dict, device: str) -> str:
-    e, w = results["engine"], results["web"]
+def _run_rows(args, results: dict) -> str:
+    """The measured runs as one table."""
     rows = [("1 chat at a time: engine alone", results["engine_1"]), ("1 chat at a time: web path", results["web_1"]),
-            (f"{args.clients} at once: engine alone", e), (f"{args.clients} at once: web path (Daphne + SSE)", w)]
+            (f"{args.clients} at once: engine alone", results["engine"]),
+            (f"{args.clients} at once: web path (Daphne + SSE)", results["web"])]
     if "web_idle" in results:
         rows.append((f"{args.clients} at once: web path + {args.idle} idle SSE", results["web_idle"]))
     if "web_stagger" in results:
         rows += [(f"{args.clients} chats, one every {args.stagger_ms} ms: engine alone", results["engine_stagger"]),
                  (f"{args.clients} chats, one every {args.stagger_ms} ms: web path", results["web_stagger"])]
-    lines = [
-        f"SmolLM2-135M-Instruct, greedy, max {args.max_tokens} tokens, {device}.",
-        "",
-        "| run | replies | tokens | wall s | tok/s | TTFT p50 ms | TTFT p99 ms | POST answered p50 ms | clients' CPU (share of the cores) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
     cores = os.cpu_count() or 1
+    cells = []
     for name, r in rows:
         post = "—" if r.get("post_p50_ms") is None else f"{r['post_p50_ms']:.0f}"
         cpu = (f"{r['client_cpu_s']:.1f} s ({100 * r['client_cpu_s'] / (cores * r['wall_s']):.0f}%)"
                if "client_cpu_s" in r else "—")
-        lines.append(f"| {name} | {r['n']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} | "
-                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {post} | {cpu} |")
+        cells.append((name, r["n"], r["tokens"], f"{r['wall_s']:.1f}", f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f}",
+                      f"{r['ttft_p99_ms']:.0f}", post, cpu))
+    return report.table(["run", "replies", "tokens", "wall s", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                         "POST answered p50 ms", "clients' CPU (share of the cores)"], cells)
+
+
+def render(args, results: dict, device: str, machine: dict) -> str:
+    e, w = results["engine"], results["web"]
+    lines = [f"SmolLM2-135M-Instruct, greedy, max {args.max_tokens} tokens, {device}. {report.machine_header(machine)}",
+             "", _run_rows(args, results)]
     ratio = w["tok_s"] / e["tok_s"]
     added = w["ttft_p50_ms"] - e["ttft_p50_ms"]
     added_1 = results["web_1"]["ttft_p50_ms"] - results["engine_1"]["ttft_p50_ms"]
@@ -378,8 +372,6 @@ def report(args, results: dict, device: str) -> str:
 
 
 def write_section(body: str, command: str) -> None:
-    from inference.bench_report import write_section as replace_section
-
     section = (f"{SECTION}\n\nCommand: `{command}` (written {time.strftime('%Y-%m-%d')}).\n"
                "The web path is a client doing what the chat page does: POST the message (htmx; the answer is the new chat's main pane and sidebar entry), "
                "read the SSE stream to its terminal event; TTFT runs from the POST to the first token event. "
@@ -398,13 +390,10 @@ def write_section(body: str, command: str) -> None:
                "tokens wait for it. The staggered rows send the same chats one every --stagger-ms (the engine "
                "alone on the same schedule): each POST lands while the earlier chats "
                "stream, as when people chat at the same time without clicking Send in the same instant.\n\n" + body + "\n")
-    replace_section(ROOT / "docs" / "BENCHMARKS.md", section, SECTION)
+    report.write_section(section, SECTION)
 
 
-def main(argv=None):
-    import logging
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--idle", type=int, default=500)
@@ -413,29 +402,36 @@ def main(argv=None):
     parser.add_argument("--stagger-ms", type=int, default=250,
                         help="also run the chats arriving one every N ms (0: skip)")
     parser.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def local_engine(clients: int):
+    """An engine configured as the server's "small" pool, for the engine-alone rows."""
+    # Imported here: settings are read after setup_django() (main).
+    from django.conf import settings
+
+    spec = {**settings.ENGINE_DEFAULTS, **settings.MODEL_POOLS["small"], "max_num_seqs": max(32, clients)}
+    return Engine.from_pretrained(resolve_model(spec["model"], settings.MODELS_DIR), engine_config(spec))
+
+
+def main(argv=None):
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = _parse_args(argv)
+    machine = report.machine_info()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.idle + 1024)), hard))
     data_dir = Path(tempfile.mkdtemp(prefix="chatbench-"))
     setup_django(data_dir)
-    port = _free_port()
+    port = free_port()
     print(f"starting the server on :{port} (data in {data_dir}) ...", flush=True)
     server = start_server(port, args)
     # After the start: the server's reaper would mark the idle placeholders interrupted.
     cookies, idle_cookie, idle_replies = make_users(args.clients, args.idle)
-    from django.db import connections
+    from django.db import connections  # after setup_django()
 
     connections.close_all()
     try:
-        from django.conf import settings
-
-        from inference import Engine
-        from inference.bootstrap import resolve_model
-        from inference.pools import engine_config
-
-        spec = {**settings.ENGINE_DEFAULTS, **settings.MODEL_POOLS["small"], "max_num_seqs": max(32, args.clients)}
-        engine = Engine.from_pretrained(resolve_model(spec["model"], settings.MODELS_DIR), engine_config(spec))
+        engine = local_engine(args.clients)
         device = f"{engine.stats()['device']} {engine.stats()['dtype']}, {os.cpu_count()} CPU cores"
         results = asyncio.run(run(args, f"http://127.0.0.1:{port}", cookies, idle_cookie, idle_replies, engine))
         engine.shutdown()
@@ -446,11 +442,10 @@ def main(argv=None):
         except subprocess.TimeoutExpired:
             server.kill()
         _stop_services(data_dir)
-    body = report(args, results, device)
+    body = render(args, results, device, machine)
     print(body)
     if args.write:
-        command = "python -m conversations.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(body, command.strip())
+        write_section(body, report.command_line("bench.chat", argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Start-up and memory: a fresh clone to a serving product, a second start, idle memory.
 
-    .venv/bin/python -m chatapp.bench_startup [--write]
+    .venv/bin/python -m bench.startup [--write]
 
 Clones this checkout's HEAD into a temporary folder and runs the README's own
 command there (`make run`, which creates the venv, installs, converts the
@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Start-up and memory (chatapp.bench_startup)"
+from bench import free_port, report
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SECTION = "## Start-up and memory (bench.startup)"
 
 
 def _healthy(port: int) -> bool:
@@ -69,7 +62,7 @@ def _processes_under(folder: Path) -> dict[int, str]:
             cwd = ""
         # serve runs as `.venv/bin/python manage.py serve` (relative), so its working folder names it.
         mine = str(folder) in cmdline or cwd == str(folder) or cwd.startswith(str(folder) + "/")
-        if mine and "bench_startup" not in cmdline:
+        if mine and "bench.startup" not in cmdline:
             found[int(entry.name)] = cmdline.strip()
     return found
 
@@ -99,76 +92,83 @@ def _stop(proc: subprocess.Popen, clone: Path) -> tuple[float, int]:
     return took, len(_processes_under(clone))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write", action="store_true", help="write the section into docs/BENCHMARKS.md")
-    args = parser.parse_args(argv)
+def _idle_memory(clone: Path) -> list[tuple[str, int, int]]:
+    """(kind, RSS kB, PSS kB) of each of the idle product's processes."""
+    rows = []
+    for pid, cmd in sorted(_processes_under(clone).items()):
+        if "manage.py serve" in cmd:
+            kind = "serve (Daphne + engine)"
+        elif "celery" in cmd:
+            kind = "Celery worker + beat"
+        elif "postgres" in cmd:
+            kind = "Postgres"
+        elif "redis-server" in cmd:
+            kind = "Redis"
+        else:
+            continue  # make, the shell
+        rows.append((kind, _status(pid, "VmRSS"), _status(pid, "Pss")))
+    return rows
+
+
+def _measure() -> dict:
+    """Fresh clone, first start, idle memory, stop; second start, stop."""
     work = Path(tempfile.mkdtemp(prefix="startup-bench-"))
     clone = work / "clone"
     try:
-        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        port = _free_port()
+        subprocess.run(["git", "clone", "-q", str(report.ROOT), str(clone)], check=True)
+        port = free_port()
         print("fresh clone: make run ...", flush=True)
         proc, first = _start(clone, port, work / "run1.log", timeout=1800)
         time.sleep(20)  # let start-up work settle before reading memory
-        processes = _processes_under(clone)
-        rows = []
-        for pid, cmd in sorted(processes.items()):
-            if "manage.py serve" in cmd:
-                kind = "serve (Daphne + engine)"
-            elif "celery" in cmd:
-                kind = "Celery worker + beat"
-            elif "postgres" in cmd:
-                kind = "Postgres"
-            elif "redis-server" in cmd:
-                kind = "Redis"
-            else:
-                continue  # make, the shell
-            rows.append((kind, _status(pid, "VmRSS"), _status(pid, "Pss")))
+        memory = _idle_memory(clone)
         stop1, left1 = _stop(proc, clone)
         print("second start ...", flush=True)
         proc, second = _start(clone, port, work / "run2.log", timeout=600)
         stop2, left2 = _stop(proc, clone)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return {"first": first, "second": second, "stop": (stop1, stop2), "left": (left1, left2), "memory": memory}
 
+
+def _render(m: dict, machine: dict) -> str:
     by_kind: dict[str, list[int]] = {}
-    for kind, rss, pss in rows:
+    for kind, rss, pss in m["memory"]:
         entry = by_kind.setdefault(kind, [0, 0, 0])
         entry[0] += 1
         entry[1] += rss
         entry[2] += pss
-    lines = [
-        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        "",
-        "| step | seconds |",
-        "|---|---|",
-        f"| fresh clone → `make run` → healthy `/healthz` (venv, pip install, one-time GGUF conversion) | {first:.1f} |",
-        f"| second `make run` → healthy | {second:.1f} |",
-        f"| SIGTERM → everything stopped (first / second run) | {stop1:.1f} / {stop2:.1f} |",
-        f"| processes left after stopping (first / second run) | {left1} / {left2} |",
-        "",
-        "| idle process | count | RSS MiB | PSS MiB |",
-        "|---|---|---|---|",
-    ]
-    for kind, (count, rss, pss) in by_kind.items():
-        lines.append(f"| {kind} | {count} | {rss / 1024:.0f} | {pss / 1024:.0f} |")
+    (stop1, stop2), (left1, left2) = m["stop"], m["left"]
+    steps = report.table(["step", "seconds"], [
+        ("fresh clone → `make run` → healthy `/healthz` (venv, pip install, one-time GGUF conversion)",
+         f"{m['first']:.1f}"),
+        ("second `make run` → healthy", f"{m['second']:.1f}"),
+        ("SIGTERM → everything stopped (first / second run)", f"{stop1:.1f} / {stop2:.1f}"),
+        ("processes left after stopping (first / second run)", f"{left1} / {left2}"),
+    ])
+    memory_rows = [(kind, count, f"{rss / 1024:.0f}", f"{pss / 1024:.0f}") for kind, (count, rss, pss) in by_kind.items()]
     total_pss = sum(v[2] for v in by_kind.values())
-    lines.append(f"| total | {sum(v[0] for v in by_kind.values())} | — | {total_pss / 1024:.0f} |")
-    body = "\n".join(lines)
+    memory_rows.append(("total", sum(v[0] for v in by_kind.values()), "—", f"{total_pss / 1024:.0f}"))
+    return "\n".join([f"{report.machine_header(machine)} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+                      "", steps, "", report.table(["idle process", "count", "RSS MiB", "PSS MiB"], memory_rows)])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--write", action="store_true", help="write the section into docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    machine = report.machine_info()
+    measured = _measure()
+    body = _render(measured, machine)
     print(body)
     if args.write:
-        from inference.bench_report import write_section
-
-        section = (f"{SECTION}\n\nCommand: `python -m chatapp.bench_startup --write`. PSS shares the pages "
+        section = (f"{SECTION}\n\nCommand: `{report.command_line('bench.startup', argv)}`. PSS shares the pages "
                    "that processes have in common (Postgres's shared buffers, libraries) between them, so the "
                    "total is what the product holds; the serve process's RSS includes the fp32 weights "
                    "(about 540 MiB for SmolLM2-135M) and the preallocated KV cache (`ENGINE_KV_CACHE_MB`, "
                    "512 by default). pip's download cache was warm.\n\n" + body + "\n")
-        write_section(ROOT / "docs" / "BENCHMARKS.md", section, SECTION)
+        report.write_section(section, SECTION)
         print("wrote its section of docs/BENCHMARKS.md")
-    return 0 if left1 == left2 == 0 else 1
+    return 0 if measured["left"] == (0, 0) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+"""Benchmarks, each runnable as `python -m bench.<name>`; none is imported by the product.
+
+    bench.engine   the engine against the Hugging Face peers (docs/BENCHMARKS.md, "Engine")
+    bench.gil      an engine step beside threads running Python
+    bench.gateway  what the gateway's policy layer costs per request
+    bench.chat     chat streaming through Daphne + SSE against the engine alone
+    bench.startup  a fresh clone to a serving product, and its idle memory
+
+bench.report holds what they share (machine header, tables, writing their
+section of docs/BENCHMARKS.md); bench.peers the engine benchmark's HF peers.
+"""
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for the servers the benchmarks start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
