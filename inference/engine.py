@@ -138,7 +138,7 @@ class Engine:
             prompts = [prompts]
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
-        handles = [self._enqueue(p, sp, None, 0, None, enforce_waiting_limit=False)
+        handles = [self._enqueue(p, sp, request_id=None, priority=0, cache_salt=None, enforce_waiting_limit=False)
                    for p, sp in zip(prompts, sampling_params)]
         return [h.result() for h in handles]
 
