@@ -276,7 +276,7 @@ class EngineLoop:
     def _sample_one(self, seq: Sequence, logits: torch.Tensor):
         try:
             return self.engine.sampler.sample([seq], logits)[0]
-        except Exception as exc:  # noqa: BLE001 - handed back, failing this sequence alone
+        except Exception as exc:  # handed back: it fails this sequence alone
             return exc
 
     def _isolated(self, seq: Sequence, work, *args) -> None:

@@ -69,7 +69,7 @@ class Sampler:
                 if seq.params.logprobs is not None:
                     logprob = self._logprob(logits[i], token, seq.params.logprobs)
                 results.append((token, logprob))
-            except Exception as exc:  # noqa: BLE001 - handed back, failing this sequence alone
+            except Exception as exc:  # handed back: it fails this sequence alone
                 results.append(exc)
         return results
 
