@@ -3,6 +3,12 @@
 Two hand-offs cross threads, and the loop owns both: the Inbox (callers'
 submits and aborts, taken at each step boundary) and the WakeList (handles
 that got events this iteration, woken together at its end).
+
+A failure that belongs to one sequence fails that sequence alone, never the
+step: its sampling, detokenizing and events run isolated (_isolated), and a
+failed batched forward is rerun in halves to find the sequences it fails on
+(_execute). If the loop itself dies, every live request gets an error event,
+submits are refused, and stats() raises (health shows the pool down).
 """
 from __future__ import annotations
 

@@ -25,14 +25,23 @@ def batch_prompts():
     return make_prompts(6, seed=61, max_len=40)
 
 
-def run_with_poisoned(engine, prompts, poisoned_params=GREEDY):
+def greedy(_index):
+    return GREEDY
+
+
+def seeded(index):
+    return SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=100 + index, ignore_eos=True)
+
+
+def run_with_poisoned(engine, prompts, poisoned_params=GREEDY, params_for=greedy):
     """Submit every prompt at once, the one at index 2 as request "poisoned"."""
-    handles = [engine.submit(p, poisoned_params if i == 2 else GREEDY, request_id="poisoned" if i == 2 else f"ok{i}")
-               for i, p in enumerate(prompts)]
+    handles = [engine.submit(prompt, poisoned_params, request_id="poisoned") if i == 2
+               else engine.submit(prompt, params_for(i), request_id=f"ok{i}")
+               for i, prompt in enumerate(prompts)]
     return [h.result(timeout_s=60) for h in handles]
 
 
-def assert_only_the_poisoned_failed(engine, completions, expected, message):
+def assert_only_the_poisoned_failed(engine, completions, expected, message, params_for=greedy):
     for index, completion in enumerate(completions):
         if index == 2:
             assert completion.finish_reason == "error"
@@ -43,7 +52,7 @@ def assert_only_the_poisoned_failed(engine, completions, expected, message):
     stats = engine.stats()
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
     # ...and the engine goes on serving, the poisoned prompt included.
-    again = engine.generate([completions[2].prompt_token_ids], GREEDY)[0]
+    again = engine.generate([completions[2].prompt_token_ids], params_for(2))[0]
     assert again.finish_reason == "length" and again.token_ids == expected[2]
 
 
@@ -63,16 +72,18 @@ def test_largest_seed_samples(make_engine, batch_prompts):
     assert completion.finish_reason == "length" and len(completion.token_ids) == 5
 
 
-def test_a_seed_the_sampler_cannot_take_fails_its_request_alone(make_engine, batch_prompts):
+@pytest.mark.parametrize("params_for", [greedy, seeded])
+def test_a_seed_the_sampler_cannot_take_fails_its_request_alone(make_engine, batch_prompts, params_for):
     """The incident: a seed of 2**64 made the sampler raise, and the step failed
     every stream in it. Validation now refuses it at submit; here it slips in
-    anyway (set after validation) to show the step isolates what it breaks."""
+    anyway (set after validation) to show the step isolates what it breaks.
+    The others keep their exact output, seeded draws included: no row is drawn twice."""
     engine = make_engine()
-    expected = [c.token_ids for c in engine.generate(batch_prompts, GREEDY)]
+    expected = [c.token_ids for c in engine.generate(batch_prompts, [params_for(i) for i in range(6)])]
     bad = SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True)
     bad.seed = 2**64
-    completions = run_with_poisoned(engine, batch_prompts, bad)
-    assert_only_the_poisoned_failed(engine, completions, expected, "Overflow")
+    completions = run_with_poisoned(engine, batch_prompts, bad, params_for)
+    assert_only_the_poisoned_failed(engine, completions, expected, "Overflow", params_for)
 
 
 def test_a_failing_sampler_call_fails_only_the_request_it_fails_on(make_engine, batch_prompts, monkeypatch):
