@@ -147,6 +147,10 @@ class Engine:
         self._engine_loop.inbox.abort(request_id)
 
     def stats(self) -> dict:
+        """Raises RuntimeError when the engine thread has died (health reports the pool down)."""
+        down = self._engine_loop.down_reason
+        if down is not None:
+            raise RuntimeError(f"the engine is down: {down}")
         bm = self.block_manager
         return {
             "model": self.model_name,
