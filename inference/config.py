@@ -7,9 +7,15 @@ from dataclasses import dataclass, field
 @dataclass
 class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto"
-    # None picks fp32 on CPU (half-precision matmuls are slow there) and
-    # bf16 (fp16 where bf16 is missing) on CUDA.
+    # None: fp32 on CPU (exact, token-identical to HF generate) and bf16 (fp16
+    # where bf16 is missing) on CUDA. "auto": the same on CUDA; on CPU the engine
+    # times the model's own matmuls in fp32, bf16 and fp16 at start and takes the
+    # fastest that passes a quality check against fp32 (inference.formats).
+    # Half precision is slow on CPUs without native support (no AVX512-BF16/AMX:
+    # emulated) and 2-3x faster than fp32 on those with it (docs/BENCHMARKS.md).
     dtype: str | None = None
+    # "int8": int8 matmul weights (inference.quantization); "none": as loaded.
+    quantization: str = "none"
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
     # gpu_memory_fraction of the memory free after the weights are loaded.
     kv_cache_bytes: int | None = None
@@ -37,10 +43,13 @@ class EngineConfig:
                 import torch
 
                 self.dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-            else:
+            elif self.dtype is None:
                 self.dtype = "float32"
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+            # else "auto" on CPU: the engine resolves it by measuring (inference.formats).
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.quantization not in ("none", "int8"):
+            raise ValueError(f"quantization must be none or int8, not {self.quantization!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1:
