@@ -14,7 +14,9 @@ class EngineConfig:
     # Half precision is slow on CPUs without native support (no AVX512-BF16/AMX:
     # emulated) and 2-3x faster than fp32 on those with it (docs/BENCHMARKS.md).
     dtype: str | None = None
-    # "int8": int8 matmul weights (inference.quantization); "none": as loaded.
+    # "int8": int8 matmul weights, int8 activations on CPU, weight-only on CUDA;
+    # "int8_weight_only": the CUDA path anywhere (slower than fp32 on CPU);
+    # "none": weights as loaded (inference.quantization, docs/BENCHMARKS.md).
     quantization: str = "none"
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
     # gpu_memory_fraction of the memory free after the weights are loaded.
@@ -48,8 +50,8 @@ class EngineConfig:
             # else "auto" on CPU: the engine resolves it by measuring (inference.formats).
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-        if self.quantization not in ("none", "int8"):
-            raise ValueError(f"quantization must be none or int8, not {self.quantization!r}")
+        if self.quantization not in ("none", "int8", "int8_weight_only"):
+            raise ValueError(f"quantization must be none, int8 or int8_weight_only, not {self.quantization!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1:

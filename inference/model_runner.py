@@ -34,8 +34,9 @@ class ModelRunner:
             max_positions = min(max_positions, config.max_model_len)
         with torch.inference_mode():
             self.net = PagedLlama(model, max_positions)
-            if config.quantization == "int8":
-                quantize_paged(self.net)
+            if config.quantization != "none":
+                quantize_paged(self.net, weight_only=config.quantization == "int8_weight_only"
+                               or self.device.type != "cpu")
         self.num_blocks = self._num_blocks(config)
         shape = (self.net.num_layers, self.num_blocks, self.block_size, self.net.num_kv_heads, self.net.head_dim)
         # [layers, num_blocks, block_size, kv_heads, D], allocated once for the engine's life.

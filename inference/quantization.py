@@ -1,4 +1,4 @@
-"""Int8 weights for the paged forward (EngineConfig.quantization = "int8").
+"""Int8 weights for the paged forward (EngineConfig.quantization).
 
 Every matmul weight (fused QKV, o_proj, fused gate/up, down_proj and the
 lm_head) becomes int8 with one fp32 scale per output row (symmetric, absmax).
@@ -13,8 +13,10 @@ lm_head) becomes int8 with one fp32 scale per output row (symmetric, absmax).
   batched, and one outlier row (LLMs put huge activations on the first token)
   would coarsen every other row's quantization. aten._weight_int8pack_mm
   (weight-only) was 3-4x slower than this at 32 rows (docs/BENCHMARKS.md).
-- CUDA: weight-only, dequantized on the fly into the activation dtype
-  (torch._int_mm there needs more than 16 rows, which a decode step rarely has).
+- CUDA, and "int8_weight_only" anywhere: weight-only, dequantized on the fly
+  into the activation dtype (torch._int_mm on CUDA needs more than 16 rows,
+  which a decode step rarely has). On CPU this path is slower than fp32; it
+  is selectable there so the CUDA path runs in the CPU test suite.
 
 No Django here; the functions below are TorchScript-compatible because the
 scripted layer stack in inference.llama calls them.
@@ -26,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int8_weight_only")
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +40,9 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
+                bias: Optional[torch.Tensor], weight_only: bool) -> torch.Tensor:
     """x [T, in] float, weight [out, in] int8, scale [out] fp32 -> [T, out] in x's dtype."""
-    if x.device.type == "cuda":
+    if weight_only:
         y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
     else:
         xf = x.float()
@@ -52,10 +54,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return y
 
 
-def quantize_paged(net) -> None:
+def quantize_paged(net, weight_only: bool) -> None:
     """Swap a PagedLlama's matmul weights for int8 in place; norms and the
     embedding stay in the model's dtype. The HF module keeps its float weights
     (the engine never calls it), so only the scripted stack sees int8."""
+    net.int8_weight_only = weight_only
     scales = []
     for index, w in enumerate(net.weights):
         layer_scales = []
