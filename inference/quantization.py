@@ -7,12 +7,14 @@ lm_head) becomes int8 with one fp32 scale per output row (symmetric, absmax).
   product runs as an int8 x int8 -> int32 GEMM (torch._int_mm). The int32 sum
   is exact, so a row's result depends on nothing else in the batch: batched and
   alone give the same tokens, as the engine promises. torch's own dynamic
-  quantization (quantize_dynamic / quantized.linear_dynamic, fbgemm) was a
-  little faster at one row, but it takes one activation scale for the whole
-  [T, hidden] input: a sequence's result would change with whatever else is
-  batched, and one outlier row (LLMs put huge activations on the first token)
-  would coarsen every other row's quantization. aten._weight_int8pack_mm
-  (weight-only) was 3-4x slower than this at 32 rows (docs/BENCHMARKS.md).
+  quantization (quantize_dynamic / quantized.linear_dynamic, fbgemm) ran a
+  forward's matmuls 1.4-1.7x faster than this here, but it takes one
+  activation scale for the whole [T, hidden] input: a sequence's result would
+  change with whatever else is batched, and one outlier row (LLMs put huge
+  activations on the first token) would coarsen every other row's
+  quantization. aten._weight_int8pack_mm (weight-only, bf16 activations) was
+  the fastest at one row (3x this) and 1.6x slower at 32 rows, where a busy
+  server spends its steps (docs/BENCHMARKS.md, bench.formats).
 - CUDA, and "int8_weight_only" anywhere: weight-only, dequantized on the fly
   into the activation dtype (torch._int_mm on CUDA needs more than 16 rows,
   which a decode step rarely has). On CPU this path is slower than fp32; it
