@@ -129,8 +129,9 @@ def render(timings: dict, shapes: dict, engines: dict, command: str, load: tuple
              f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
              f"threads, Python {platform.python_version()}. CPU flags that matter here: "
              f"{' '.join(f for f in REPORTED_FLAGS if flags and f in flags) or 'unknown'}. Load average "
-             f"{tuple(round(x, 2) for x in load)} at start, {tuple(round(x, 2) for x in os.getloadavg())} at end (other engineers' work "
-             "shared the 2 cores; timings are the best of interleaved rounds).", "",
+             f"{tuple(round(x, 2) for x in load)} at start, {tuple(round(x, 2) for x in os.getloadavg())} at end "
+             "(a load above the core count means other work shared the cores; timings are the best of "
+             "interleaved rounds).", "",
              "### Matmuls at the engine's SmolLM2-135M shapes (best time, µs)", "",
              _row("shape (in → out) × per forward", "rows", *labels), _row(*["---"] * (len(labels) + 2))]
     for (name, rows), by_label in timings.items():

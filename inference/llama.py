@@ -106,7 +106,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
 
 def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
             weights: List[List[torch.Tensor]], qkv_biases: List[Optional[torch.Tensor]],
-            o_biases: List[Optional[torch.Tensor]], scales: List[List[torch.Tensor]], weight_only: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            o_biases: List[Optional[torch.Tensor]], scales: List[List[torch.Tensor]], weight_only: bool,
+            k_cache: torch.Tensor, v_cache: torch.Tensor,
             decode_groups: List[Tuple[int, int, torch.Tensor, torch.Tensor]],
             prefills: List[Tuple[int, int, int, Optional[torch.Tensor], Optional[torch.Tensor]]],
             heads: int, kv_heads: int, dim: int, eps: float, scale: float) -> torch.Tensor:
@@ -250,8 +251,8 @@ class PagedLlama:
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         with torch.jit.optimized_execution(False):
-            h = _layers_scripted(h, cos, sin, slots, self.weights, self.qkv_biases, self.o_biases, self.weight_scales, self.int8_weight_only,
-                                 k_cache, v_cache,
+            h = _layers_scripted(h, cos, sin, slots, self.weights, self.qkv_biases, self.o_biases,
+                                 self.weight_scales, self.int8_weight_only, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.eps, self.scale)
         h = _rms_norm(h[logit_rows], self.final_norm, self.eps)  # [N, hidden]
