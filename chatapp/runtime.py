@@ -267,6 +267,7 @@ def engine_config(spec: dict):
     return EngineConfig(
         device=settings.ENGINE_DEVICE,
         dtype=settings.ENGINE_DTYPE,
+        quantization=settings.ENGINE_QUANTIZATION,
         kv_cache_bytes=int(spec["kv_cache_mb"]) * 2**20,
         max_num_seqs=int(spec["max_num_seqs"]),
         max_num_batched_tokens=int(spec["max_num_batched_tokens"]),
@@ -349,6 +350,8 @@ def engines_health() -> dict:
         if running is not None:
             try:
                 report[name] = {"status": "ok", "model": spec["model"], "stats": running.stats()}
+                if running.format_report is not None:  # how dtype "auto" was chosen on this CPU
+                    report[name]["number_format"] = running.format_report.as_dict()
             except Exception as exc:
                 report[name] = {"status": "down", "model": spec["model"], "detail": str(exc)}
         elif name in _engine_errors:

@@ -20,22 +20,24 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 
 
-def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
-    """The one place "auto" becomes a real device and dtype.
+def resolve_device_and_dtype(device: str, dtype: str | None) -> tuple[str, str]:
+    """The one place "auto" and None become a real device and dtype.
 
-    device "auto" is CUDA when available, else the CPU; dtype "auto" is fp32 on
-    the CPU (half-precision matmuls are slow there) and bf16 on CUDA (fp16
-    where bf16 is missing). Explicit values pass through unchanged.
+    device "auto" is CUDA when available, else the CPU. dtype None is fp32 on
+    the CPU (exact: token-identical to HF generate) and bf16 on CUDA (fp16
+    where bf16 is missing); "auto" is the same on CUDA, and stays "auto" on the
+    CPU, where the engine measures the formats at start (inference.formats).
+    Explicit values pass through unchanged.
     """
-    if device == "auto" or (dtype == "auto" and device.startswith("cuda")):
+    if device == "auto" or (dtype in (None, "auto") and device.startswith("cuda")):
         # Imported here, not at module level: only engine processes resolve "auto".
         import torch
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto" and device.startswith("cuda"):
+        if dtype in (None, "auto") and device.startswith("cuda"):
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype == "auto":
+    if dtype is None:
         dtype = "float32"
     return device, dtype
 
@@ -43,8 +45,17 @@ def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
 @dataclass
 class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto"
-    # None or "auto": see resolve_device_and_dtype (fp32 on CPU, bf16/fp16 on CUDA).
+    # None: fp32 on CPU (exact, token-identical to HF generate) and bf16 (fp16
+    # where bf16 is missing) on CUDA. "auto": the same on CUDA; on CPU the engine
+    # times the model's own matmuls in fp32, bf16 and fp16 at start and takes the
+    # fastest that passes a quality check against fp32 (inference.formats).
+    # Half precision is slow on CPUs without native support (no AVX512-BF16/AMX:
+    # emulated) and 2-3x faster than fp32 on those with it (docs/BENCHMARKS.md).
     dtype: str | None = None
+    # "int8": int8 matmul weights, int8 activations on CPU, weight-only on CUDA;
+    # "int8_weight_only": the CUDA path anywhere (slower than fp32 on CPU);
+    # "none": weights as loaded (inference.quantization, docs/BENCHMARKS.md).
+    quantization: str = "none"
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
     # gpu_memory_fraction of the memory free after the weights are loaded.
     kv_cache_bytes: int | None = None
@@ -66,9 +77,11 @@ class EngineConfig:
     CPU_DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
     def __post_init__(self):
-        self.device, self.dtype = resolve_device_and_dtype(self.device, self.dtype or "auto")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        self.device, self.dtype = resolve_device_and_dtype(self.device, self.dtype)
+        if self.dtype not in (*DTYPE_NAMES, "auto"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.quantization not in ("none", "int8", "int8_weight_only"):
+            raise ValueError(f"quantization must be none, int8 or int8_weight_only, not {self.quantization!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1:
