@@ -389,6 +389,15 @@ CHAT_PAGE_SIZE = env_int("CHAT_PAGE_SIZE", 30, min_value=1)
 # Threads for the database writes of generating replies (apart from the one
 # thread that serves Django's sync views under ASGI).
 CHAT_DB_THREADS = env_int("CHAT_DB_THREADS", 4, min_value=1)
+# Each process touches the heartbeat of the replies it is generating every
+# REPLY_HEARTBEAT_S; every `serve` ends as interrupted (keeping its text) an
+# unfinished reply whose heartbeat is older than REPLY_STALE_S: its process
+# died. Several processes may share one database, so staleness, never "it is
+# unfinished", decides.
+REPLY_HEARTBEAT_S = env_float("REPLY_HEARTBEAT_S", 10.0, min_value=0.05)
+REPLY_STALE_S = env_float("REPLY_STALE_S", 90.0, min_value=1.0)
+if REPLY_STALE_S < 3 * REPLY_HEARTBEAT_S:
+    raise ImproperlyConfigured("REPLY_STALE_S must be at least three REPLY_HEARTBEAT_S: a live reply would be reaped")
 # Redis connections per web process for stream commands (waiting streams use
 # none: they share one pub/sub connection).
 STREAM_REDIS_CONNECTIONS = env_int("STREAM_REDIS_CONNECTIONS", 50, min_value=2)
