@@ -89,6 +89,11 @@ def _unsynced_commit() -> None:
             cursor.execute("SET synchronous_commit TO OFF")
 
 
+def _dead(conn) -> bool:
+    """Whether a psycopg connection was lost (the server ended it, or the socket broke)."""
+    return conn.closed or getattr(conn, "broken", False)
+
+
 class DbThreads(Executor):
     """A fixed pool of threads, each with a database connection of its own.
 
@@ -122,11 +127,16 @@ class DbThreads(Executor):
         connections.close_all()
 
     def _call(self, session: list, fn, args, kwargs):
+        started_on = None  # the DB-API connection the job ran on
         try:
             self._connect(session)
+            started_on = connection.connection
             return fn(*args, **kwargs)
         except (OperationalError, InterfaceError):
-            if connection.connection is not None and connection.is_usable():
+            # Asked of the connection the job started on, not of the thread's
+            # current one: a failed `atomic` block has already reconnected
+            # (its exit restores autocommit), and the new one looks healthy.
+            if started_on is not None and not _dead(started_on):
                 raise  # a real error of this statement, not a dead connection
             # The connection died while idle (a database restart): Postgres ran
             # nothing of this job, so it is safe to reconnect and run it once more.

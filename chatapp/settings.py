@@ -204,6 +204,13 @@ if DB_POOL_MAX_SIZE:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": min(2, DB_POOL_MAX_SIZE), "max_size": DB_POOL_MAX_SIZE, "timeout": DB_POOL_TIMEOUT_S,
     }
+# Django hands this to the pool as its `check` (psycopg_pool's
+# check_connection): every borrowed connection is checked first, one empty
+# round trip (tens of microseconds on a local socket). After a database
+# restart the pool's idle connections are all dead, and without the check each
+# would fail a request before the pool noticed. Without a pool: checked once
+# per request before its first query.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # ----------------------------------------------------------------- redis
