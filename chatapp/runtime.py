@@ -89,6 +89,29 @@ def _unsynced_commit() -> None:
             cursor.execute("SET synchronous_commit TO OFF")
 
 
+_pool_check_lock = threading.Lock()
+
+
+def check_request_pool(alias: str = "default") -> None:
+    """Replace every dead idle connection of the request pool now.
+
+    After a database restart all of them are dead. The pool's own check on
+    borrowing (CONN_HEALTH_CHECKS) discards them one per attempt, with a
+    back-off that doubles from one second, so a pool of 20 would outlast
+    DB_POOL_TIMEOUT_S. Called by the database threads when they find their
+    connection dead, and by the reply keeper every REPLY_HEARTBEAT_S; one
+    check at a time, each a round trip per idle connection."""
+    pool = getattr(type(connections[alias]), "_connection_pools", {}).get(alias)
+    if pool is None or pool.closed or not _pool_check_lock.acquire(blocking=False):
+        return
+    try:
+        pool.check()
+    except Exception:
+        log.warning("checking the request pool failed", exc_info=True)
+    finally:
+        _pool_check_lock.release()
+
+
 def _dead(conn) -> bool:
     """Whether a psycopg connection was lost (the server ended it, or the socket broke)."""
     return conn.closed or getattr(conn, "broken", False)
@@ -142,6 +165,7 @@ class DbThreads(Executor):
             # nothing of this job, so it is safe to reconnect and run it once more.
             log.warning("database connection lost; reconnecting", exc_info=True)
             connections.close_all()
+            check_request_pool()  # a restart killed the pool's idle connections too
             self._connect(session)
             return fn(*args, **kwargs)
 

@@ -42,7 +42,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError
 
-from chatapp.runtime import loop_local, on_db_thread
+from chatapp.runtime import check_request_pool, loop_local, on_db_thread
 from conversations import services, streams, tasks
 from conversations.context import build_request
 from conversations.models import Message
@@ -366,8 +366,11 @@ async def _keep() -> None:
 
 
 async def beat_and_reap() -> None:
-    """One pass of the keeper; a database that is down is tried again next time."""
+    """One pass of the keeper: the request pool's dead connections replaced
+    (after a database restart), heartbeats, the reaper. A database that is
+    down is tried again next time."""
     try:
+        await on_db_thread(check_request_pool)()
         await on_db_thread(services.reply_heartbeat)(reply_ids=list(_running))
         await reap_stale_replies()
     except Exception:

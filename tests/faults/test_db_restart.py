@@ -9,10 +9,11 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from django.conf import settings
+from django.conf import settings as django_settings
 from django.db import connection, connections, transaction
 from django.test import Client
 from pgserver._commands import pg_ctl
+from psycopg_pool import PoolTimeout
 
 from chatapp import runtime
 from conversations import turns
@@ -27,7 +28,7 @@ CSRF = "a" * 32  # an unmasked CSRF secret: the cookie and the header must agree
 def restart_postgres() -> None:
     """`pg_ctl restart -m fast`, as an operator would: every open connection
     is terminated ("terminating connection due to administrator command")."""
-    pgdata = Path(settings.DATABASES["default"]["EMBEDDED_PGDATA"])
+    pgdata = Path(django_settings.DATABASES["default"]["EMBEDDED_PGDATA"])
     user = "pgserver" if os.geteuid() == 0 else None
     pg_ctl(["-w", "-m", "fast", "-l", str(pgdata / "restart.log"), "restart"], pgdata=pgdata, user=user, timeout=60)
 
@@ -77,7 +78,23 @@ async def completion_through_the_api(key: str) -> dict:
     return json.loads(content)
 
 
-def test_the_chat_page_and_the_api_work_after_a_postgres_restart(alice, remote):
+def fill_the_request_pool() -> int:
+    """Every connection the pool will open, opened and given back idle (as
+    after a busy minute): a restart kills them all."""
+    pool = connections["default"].pool
+    held = []
+    try:
+        while len(held) < pool.max_size:
+            held.append(pool.getconn(timeout=2))
+    except PoolTimeout:
+        pass  # the test's own thread holds one
+    for conn in held:
+        pool.putconn(conn)
+    return len(held)
+
+
+def test_the_chat_page_and_the_api_work_after_a_postgres_restart(alice, remote, settings):
+    settings.REPLY_HEARTBEAT_S = 0.5  # the keeper's pass, which replaces the pool's dead connections
     client = Client()
     client.force_login(alice)
     session = client.cookies["sessionid"].value
@@ -96,6 +113,7 @@ def test_the_chat_page_and_the_api_work_after_a_postgres_restart(alice, remote):
         reply, _ = loop.run_until_complete(use_everything("Before the restart"))
         assert (reply.status, reply.content) == ("complete", "echo: Before the restart")
 
+        assert fill_the_request_pool() >= settings.DB_POOL_MAX_SIZE - 1
         restart_postgres()
         # The test's own connection (the fixtures') is the harness's, not the server's.
         connections["default"].close()
@@ -124,12 +142,12 @@ def _start_a_chat(user):
     return Conversation.objects.create(user=user, title="in a transaction").id
 
 
-def test_a_database_thread_retries_a_transaction_once_its_connection_was_killed(alice):
+def test_a_database_thread_retries_a_transaction_once_its_connection_was_killed(alice, settings):
     """A failed `atomic` block reconnects on its way out (to restore
     autocommit), so the thread must judge the connection the job started on,
     not the fresh one it holds by then."""
     runtime.close_db_threads()
-    settings.CHAT_DB_THREADS, threads = 1, settings.CHAT_DB_THREADS
+    settings.CHAT_DB_THREADS = 1
     try:
         pid = asyncio.run(runtime.on_db_thread(_backend_pid)())
         with connection.cursor() as cursor:  # the test's own connection kills the thread's
@@ -138,6 +156,5 @@ def test_a_database_thread_retries_a_transaction_once_its_connection_was_killed(
         conversation_id = asyncio.run(runtime.on_db_thread(_start_a_chat)(alice))
         assert asyncio.run(runtime.on_db_thread(_backend_pid)()) != pid  # reconnected
     finally:
-        settings.CHAT_DB_THREADS = threads
         runtime.close_db_threads()
     assert Conversation.objects.filter(id=conversation_id).exists()
