@@ -228,10 +228,14 @@ CACHES = {
         "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "chatapp"),
     }
 }
+CHANNEL_LAYER_SOCKET_TIMEOUT_S = 15.0  # three of channels_redis's 5 s blocking receives
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        # Every consumer (each SSE stream) waits on the layer with a 5 s
+        # BZPOPMIN; redis-py 8's default 5 s socket timeout raced it, and
+        # under load about 1% of streams ended with a TimeoutError.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_S}]},
     }
 }
 # kombu spells a unix-socket Redis differently from redis-py.

@@ -63,8 +63,10 @@ async def test_200_clients_connecting_and_dropping_at_random(alice, fake_gateway
     rng = random.Random(7)
     outcomes = await asyncio.gather(*(
         one_client(rng.choice(replies).id, alice, random.Random(rng.random())) for _ in range(CLIENTS)))
-    errors = [o for o in outcomes if isinstance(o, Exception)]
-    assert {"ended", "dropped"} <= set(outcomes)
+    # Every consumer ends cleanly: redis-py 8's 5 s socket timeout once
+    # raced channels_redis's 5 s blocking receive (about 2 in 200 here).
+    assert [o for o in outcomes if isinstance(o, Exception)] == []
+    assert {"ended", "dropped"} == set(outcomes)
 
     await turns.wait_idle(30)
     stored = await sync_to_async(list)(Message.objects.filter(id__in=[r.id for r in replies]))
@@ -82,8 +84,3 @@ async def test_200_clients_connecting_and_dropping_at_random(alice, fake_gateway
     assert events_of(raw)[-1]["data"]["status"] == "complete"
     assert streams.local_readers(reply.id) == 0
     runtime.close_db_threads()
-    if errors:
-        # Seen here: redis TimeoutError out of Channels' channel-layer receive
-        # (channels_redis BZPOPMIN), which every SSE consumer runs beside its
-        # stream, after the response has ended. Not the streams' own code.
-        pytest.xfail(f"{len(errors)} of {CLIENTS} SSE consumers ended with an exception, e.g. {errors[0]!r}")
