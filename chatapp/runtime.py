@@ -101,6 +101,8 @@ def check_request_pool(alias: str = "default") -> None:
     DB_POOL_TIMEOUT_S. Called by the database threads when they find their
     connection dead, and by the reply keeper every REPLY_HEARTBEAT_S; one
     check at a time, each a round trip per idle connection."""
+    # Django keeps the pools on its backend class, keyed by alias; this
+    # thread's own wrapper may have no `pool` (`own_connection`).
     pool = getattr(type(connections[alias]), "_connection_pools", {}).get(alias)
     if pool is None or pool.closed or not _pool_check_lock.acquire(blocking=False):
         return
@@ -161,8 +163,10 @@ class DbThreads(Executor):
             # (its exit restores autocommit), and the new one looks healthy.
             if started_on is not None and not _dead(started_on):
                 raise  # a real error of this statement, not a dead connection
-            # The connection died while idle (a database restart): Postgres ran
-            # nothing of this job, so it is safe to reconnect and run it once more.
+            # The connection died (a database restart): Postgres rolled back
+            # whatever of this job was in flight, and the jobs given to these
+            # threads are transactions or idempotent updates, so it is safe to
+            # reconnect and run it once more.
             log.warning("database connection lost; reconnecting", exc_info=True)
             connections.close_all()
             check_request_pool()  # a restart killed the pool's idle connections too
