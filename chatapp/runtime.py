@@ -89,6 +89,36 @@ def _unsynced_commit() -> None:
             cursor.execute("SET synchronous_commit TO OFF")
 
 
+_pool_check_lock = threading.Lock()
+
+
+def check_request_pool(alias: str = "default") -> None:
+    """Replace every dead idle connection of the request pool now.
+
+    After a database restart all of them are dead. The pool's own check on
+    borrowing (CONN_HEALTH_CHECKS) discards them one per attempt, with a
+    back-off that doubles from one second, so a pool of 20 would outlast
+    DB_POOL_TIMEOUT_S. Called by the database threads when they find their
+    connection dead, and by the reply keeper every REPLY_HEARTBEAT_S; one
+    check at a time, each a round trip per idle connection."""
+    # Django keeps the pools on its backend class, keyed by alias; this
+    # thread's own wrapper may have no `pool` (`own_connection`).
+    pool = getattr(type(connections[alias]), "_connection_pools", {}).get(alias)
+    if pool is None or pool.closed or not _pool_check_lock.acquire(blocking=False):
+        return
+    try:
+        pool.check()
+    except Exception:
+        log.warning("checking the request pool failed", exc_info=True)
+    finally:
+        _pool_check_lock.release()
+
+
+def _dead(conn) -> bool:
+    """Whether a psycopg connection was lost (the server ended it, or the socket broke)."""
+    return conn.closed or getattr(conn, "broken", False)
+
+
 class DbThreads(Executor):
     """A fixed pool of threads, each with a database connection of its own.
 
@@ -122,16 +152,24 @@ class DbThreads(Executor):
         connections.close_all()
 
     def _call(self, session: list, fn, args, kwargs):
+        started_on = None  # the DB-API connection the job ran on
         try:
             self._connect(session)
+            started_on = connection.connection
             return fn(*args, **kwargs)
         except (OperationalError, InterfaceError):
-            if connection.connection is not None and connection.is_usable():
+            # Asked of the connection the job started on, not of the thread's
+            # current one: a failed `atomic` block has already reconnected
+            # (its exit restores autocommit), and the new one looks healthy.
+            if started_on is not None and not _dead(started_on):
                 raise  # a real error of this statement, not a dead connection
-            # The connection died while idle (a database restart): Postgres ran
-            # nothing of this job, so it is safe to reconnect and run it once more.
+            # The connection died (a database restart): Postgres rolled back
+            # whatever of this job was in flight, and the jobs given to these
+            # threads are transactions or idempotent updates, so it is safe to
+            # reconnect and run it once more.
             log.warning("database connection lost; reconnecting", exc_info=True)
             connections.close_all()
+            check_request_pool()  # a restart killed the pool's idle connections too
             self._connect(session)
             return fn(*args, **kwargs)
 

@@ -207,6 +207,13 @@ if DB_POOL_MAX_SIZE:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": min(2, DB_POOL_MAX_SIZE), "max_size": DB_POOL_MAX_SIZE, "timeout": DB_POOL_TIMEOUT_S,
     }
+# Django hands this to the pool as its `check` (psycopg_pool's
+# check_connection): every borrowed connection is checked first, one empty
+# round trip (tens of microseconds on a local socket). After a database
+# restart the pool's idle connections are all dead, and without the check each
+# would fail a request before the pool noticed. Without a pool: checked once
+# per request before its first query.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # ----------------------------------------------------------------- redis
@@ -224,10 +231,14 @@ CACHES = {
         "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "chatapp"),
     }
 }
+CHANNEL_LAYER_SOCKET_TIMEOUT_S = 15.0  # three of channels_redis's 5 s blocking receives
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        # Every consumer (each SSE stream) waits on the layer with a 5 s
+        # BZPOPMIN; redis-py 8's default 5 s socket timeout raced it, and
+        # under load about 1% of streams ended with a TimeoutError.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_S}]},
     }
 }
 # kombu spells a unix-socket Redis differently from redis-py.
@@ -400,6 +411,15 @@ CHAT_PAGE_SIZE = env_int("CHAT_PAGE_SIZE", 30, min_value=1)
 # Threads for the database writes of generating replies (apart from the one
 # thread that serves Django's sync views under ASGI).
 CHAT_DB_THREADS = env_int("CHAT_DB_THREADS", 4, min_value=1)
+# Each process touches the heartbeat of the replies it is generating every
+# REPLY_HEARTBEAT_S; every `serve` ends as interrupted (keeping its text) an
+# unfinished reply whose heartbeat is older than REPLY_STALE_S: its process
+# died. Several processes may share one database, so staleness, never "it is
+# unfinished", decides.
+REPLY_HEARTBEAT_S = env_float("REPLY_HEARTBEAT_S", 10.0, min_value=0.05)
+REPLY_STALE_S = env_float("REPLY_STALE_S", 90.0, min_value=1.0)
+if REPLY_STALE_S < 3 * REPLY_HEARTBEAT_S:
+    raise ImproperlyConfigured("REPLY_STALE_S must be at least three REPLY_HEARTBEAT_S: a live reply would be reaped")
 # Redis connections per web process for stream commands (waiting streams use
 # none: they share one pub/sub connection).
 STREAM_REDIS_CONNECTIONS = env_int("STREAM_REDIS_CONNECTIONS", 50, min_value=2)

@@ -9,6 +9,7 @@ known only then (`--port 0`). Shutdown runs in reverse.
 """
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import signal
@@ -21,6 +22,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from chatapp import embedded, runtime
+from conversations import turns
 from conversations.services import reap_orphaned_replies
 
 
@@ -115,6 +117,9 @@ class Command(BaseCommand):
         from chatapp.asgi import application
 
         def ready():
+            # Daphne's loop runs once the reactor does: the reply keeper
+            # (heartbeats, the reaper of dead processes' replies) runs on it.
+            asyncio.get_event_loop().call_soon(turns.start_keeper)
             if not server.listening_addresses:
                 return  # listen_error already stopped the reactor; reported below
             bound_host, bound_port = server.listening_addresses[0]
