@@ -220,8 +220,8 @@ def render(args, tally: Tally, machine: dict) -> str:
     first, last, growth = memory_growth(tally, args.duration / 5)
     ms = 1000
     rows = [
-        ("TTFT p50 / p99", f"{percentile(tally.ttft_s, 50) * ms:.0f} / {percentile(tally.ttft_s, 99) * ms:.0f} ms"),
-        ("inter-token latency p50 / p99", f"{percentile(tally.itl_s, 50) * ms:.0f} / {percentile(tally.itl_s, 99) * ms:.0f} ms"),
+        ("TTFT p50 / p99", f"{percentile(tally.ttft_s, 0.5) * ms:.0f} / {percentile(tally.ttft_s, 0.99) * ms:.0f} ms"),
+        ("inter-token latency p50 / p99", f"{percentile(tally.itl_s, 0.5) * ms:.0f} / {percentile(tally.itl_s, 0.99) * ms:.0f} ms"),
         ("replies and API requests", str(sum(n for k, n in tally.outcomes.items() if k not in ("429", "error")))),
         ("429 answers", str(tally.outcomes.get("429", 0))),
         ("errors that are not 429", str(len(tally.errors))),
