@@ -286,7 +286,8 @@ def main(argv=None) -> int:
     body = render(args, tally, machine)
     print(body)
     if args.write:
-        report.write_section(f"{body}\n\nCommand: `{report.command_line('bench.load', argv)}`", "## Load (bench.load)")
+        heading = "## Load (bench.load)"
+        report.write_section(f"{heading}\n\nCommand: `{report.command_line('bench.load', argv)}`\n\n{body}\n", heading)
     _, _, growth = memory_growth(tally, args.duration / 5)
     return 1 if tally.errors or growth > RSS_GROWTH_LIMIT else 0
 
