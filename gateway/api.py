@@ -6,6 +6,7 @@ official `openai` client works against it unchanged.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from dataclasses import dataclass
@@ -50,8 +51,17 @@ def gateway_error_response(exc: GatewayError) -> JsonResponse:
     return error_response(exc.status, message, error_type=exc.error_type, code=exc.code, headers=headers)
 
 
-def _client_ip(request) -> str:
-    return request.META.get("REMOTE_ADDR", "")
+def _client_ip(group, request) -> str:
+    """The per-IP limit's key: django-ratelimit's own "ip" key, except that an
+    address it cannot parse (a proxy on a unix socket leaves REMOTE_ADDR empty
+    or absent) is one shared key instead of an exception on every request."""
+    address = request.META.get("REMOTE_ADDR") or ""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"unparsed:{address[:64]}"
+    # IPv6 clients get a /64 each, as django-ratelimit gives them.
+    return str(ipaddress.ip_network(f"{ip}/{64 if ip.version == 6 else 32}", strict=False).network_address)
 
 
 async def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | None:
@@ -75,7 +85,7 @@ async def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | N
 
 async def _authorize(request):
     """(api key, None) or (None, error response): IP limit, bearer key, user limit."""
-    limited = await _throttled(request, group="api-ip", key="ip", rate=settings.GATEWAY_API_RATE_PER_IP)
+    limited = await _throttled(request, group="api-ip", key=_client_ip, rate=settings.GATEWAY_API_RATE_PER_IP)
     if limited:
         return None, limited
     header = request.headers.get("Authorization", "")
