@@ -8,9 +8,11 @@ import threading
 
 import jinja2
 import pytest
+from channels.testing import ApplicationCommunicator
 from django.core.cache import caches
 from django.test import AsyncClient
 
+from chatapp.asgi import application
 from gateway import api, backends, registry
 from gateway.keys import api_key_create
 from gateway.models import UsageRecord
@@ -190,3 +192,17 @@ def test_the_cache_redis_client_has_socket_timeouts():
     client = caches["default"]._cache.get_client(write=True)
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["socket_timeout"] and kwargs["socket_connect_timeout"]
+
+
+@pytest.mark.parametrize("client", [None, ("", 0), ("testclient", 50000)], ids=["absent", "empty", "not-an-ip"])
+async def test_the_per_ip_limit_works_without_a_parsable_client_address(remote, alice_key, client):
+    """Behind a proxy on a unix socket REMOTE_ADDR is empty or absent; django-ratelimit's own "ip" key raised."""
+    scope = {"type": "http", "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/v1/models",
+             "raw_path": b"/v1/models", "query_string": b"", "root_path": "", "server": ("testserver", 80),
+             "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {alice_key}".encode())]}
+    if client is not None:
+        scope["client"] = client
+    communicator = ApplicationCommunicator(application, scope)
+    await communicator.send_input({"type": "http.request", "body": b""})
+    start = await communicator.receive_output(10)
+    assert start["status"] == 200
