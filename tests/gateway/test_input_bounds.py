@@ -111,7 +111,7 @@ async def test_too_many_messages_or_characters_are_refused_before_any_work(remot
     {"stop": ("a", "b", "c", "d", "e")},
     {"messages": [{"role": "user", "content": "nul \x00"}]},
     {"messages": [{"role": "user", "content": "hi"}] * 2049},
-    {"messages": [{"role": "user", "content": "x" * 600_001}]},
+    {"messages": [{"role": "user", "content": "x" * 200_000}] * 2 + [{"role": "user", "content": "x"}]},
     {"model": "m" * 65},
 ])
 async def test_every_caller_gets_the_same_bounds(fields):
@@ -164,6 +164,15 @@ async def test_the_chat_template_and_tokenizer_run_off_the_event_loop(recording_
     ids = await backends.local_prompt_ids(recording_pool, [{"role": "user", "content": "hi"}])
     assert ids == [1, 2, 3]
     assert runtime.engine("rec").threads[0] is not threading.current_thread()
+
+
+async def test_an_over_long_prompt_is_refused_before_the_tokenizer_sees_it(recording_pool, settings, db):
+    from chatapp import runtime
+
+    settings.GATEWAY_MAX_REQUEST_CHARS = 10
+    with pytest.raises(BadRequest, match="limit is 10"):
+        await collect(ChatRequest(messages=[{"role": "user", "content": "x" * 11}], model="rec", source="task"))
+    assert runtime.engine("rec").threads == []
 
 
 async def test_a_chat_template_that_rejects_the_messages_is_a_bad_request(recording_pool):
