@@ -93,17 +93,23 @@ def _check_messages(messages) -> None:
         )
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _between(value, low, high, *, open_low: bool = False) -> bool:
+    """A real number in range. Ints compare exactly (float(10**400) would
+    overflow); NaN and infinities are never in range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (low < value if open_low else low <= value) and value <= high
 
 
 def _check_sampling(request: ChatRequest) -> None:
     max_tokens = request.max_tokens
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= settings.GATEWAY_MAX_TOKENS:
         raise BadRequest(f"max_tokens must be an integer between 1 and {settings.GATEWAY_MAX_TOKENS}")
-    if not _is_number(request.temperature) or not 0 <= request.temperature <= 2:
+    if not _between(request.temperature, 0, 2):
         raise BadRequest("temperature must be between 0 and 2")
-    if not _is_number(request.top_p) or not 0 < request.top_p <= 1:
+    if not _between(request.top_p, 0, 1, open_low=True):
         raise BadRequest("top_p must be in (0, 1]")
     seed = request.seed
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT):

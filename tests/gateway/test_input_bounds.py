@@ -106,6 +106,8 @@ async def test_too_many_messages_or_characters_are_refused_before_any_work(remot
     {"max_tokens": 3.5},
     {"temperature": float("nan")},
     {"temperature": float("inf")},
+    {"temperature": 10**400},
+    {"top_p": -(10**400)},
     {"top_p": float("nan")},
     {"stop": ("x" * 49,)},
     {"stop": ("a", "b", "c", "d", "e")},
