@@ -8,16 +8,18 @@ import threading
 
 import jinja2
 import pytest
+from asgiref.sync import sync_to_async
 from channels.testing import ApplicationCommunicator
 from django.core.cache import caches
 from django.test import AsyncClient
 
+from chatapp import runtime
 from chatapp.asgi import application
 from gateway import api, backends, registry
 from gateway.keys import api_key_create
 from gateway.models import UsageRecord
 from gateway.types import SEED_LIMIT, BadRequest, ChatRequest
-from tests.gateway.helpers import collect
+from tests.gateway.helpers import add_remote, collect
 
 
 @pytest.fixture
@@ -50,6 +52,13 @@ async def test_a_seed_beyond_64_bits_is_400_and_never_reaches_a_backend(remote, 
     # The client's error is not the backend's: its circuit saw nothing.
     assert backends.circuit("remote").failures == 0
     assert (await post(alice_key, hello(seed=SEED_LIMIT - 1, max_tokens=5))).status_code == 200
+
+
+async def test_requests_a_backend_rejects_as_bad_never_open_its_circuit(remote, alice_key, settings):
+    await sync_to_async(add_remote)(remote, "strict", remote_model="fake-400")
+    for _ in range(settings.GATEWAY_CIRCUIT_FAILURES + 2):
+        assert_400(await post(alice_key, hello(model="strict")), "context length exceeded")
+    assert backends.circuit("strict").failures == 0 and backends.circuit("strict").allow()
 
 
 @pytest.mark.parametrize("extra, mentions", [
@@ -151,8 +160,6 @@ class _RecordingEngine:
 
 @pytest.fixture
 def recording_pool(settings):
-    from chatapp import runtime
-
     settings.MODEL_POOLS = {"rec": {"model": "none"}}
     engine = _RecordingEngine()
     runtime.register_engine("rec", engine)
@@ -161,16 +168,12 @@ def recording_pool(settings):
 
 
 async def test_the_chat_template_and_tokenizer_run_off_the_event_loop(recording_pool):
-    from chatapp import runtime
-
     ids = await backends.local_prompt_ids(recording_pool, [{"role": "user", "content": "hi"}])
     assert ids == [1, 2, 3]
     assert runtime.engine("rec").threads[0] is not threading.current_thread()
 
 
 async def test_an_over_long_prompt_is_refused_before_the_tokenizer_sees_it(recording_pool, settings, db):
-    from chatapp import runtime
-
     settings.GATEWAY_MAX_REQUEST_CHARS = 10
     with pytest.raises(BadRequest, match="limit is 10"):
         await collect(ChatRequest(messages=[{"role": "user", "content": "x" * 11}], model="rec", source="task"))
@@ -178,8 +181,6 @@ async def test_an_over_long_prompt_is_refused_before_the_tokenizer_sees_it(recor
 
 
 async def test_a_chat_template_that_rejects_the_messages_is_a_bad_request(recording_pool):
-    from chatapp import runtime
-
     runtime.engine("rec").error = jinja2.TemplateError("Conversation roles must alternate")
     with pytest.raises(BadRequest, match="alternate"):
         await backends.local_prompt_ids(recording_pool, [{"role": "user", "content": "hi"}])
