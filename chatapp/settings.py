@@ -229,6 +229,10 @@ CACHES = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "chatapp"),
+        # A Redis that stops answering fails the call (rate limits fail closed)
+        # instead of hanging the thread that made it; chatapp.runtime's own
+        # clients use the same timeouts.
+        "OPTIONS": {"socket_connect_timeout": 2.0, "socket_timeout": 5.0},
     }
 }
 CHANNEL_LAYER_SOCKET_TIMEOUT_S = 15.0  # three of channels_redis's 5 s blocking receives
@@ -384,6 +388,14 @@ GATEWAY_PREFIX_CACHE_SCOPE = env_choice("GATEWAY_PREFIX_CACHE_SCOPE", "deploymen
 # django-ratelimit on the HTTP API, on top of the token quotas.
 GATEWAY_API_RATE_PER_USER = env_str("GATEWAY_API_RATE_PER_USER", "600/m")
 GATEWAY_API_RATE_PER_IP = env_str("GATEWAY_API_RATE_PER_IP", "1200/m")
+# Bounds on every request to a model, whoever makes it (API, chat, tasks):
+# checked before the prompt is tokenized or any quota reserved. Characters are
+# those of all messages together (~4 per token): 400,000 take a local pool's
+# tokenizer about a second on one core (off the event loop). Raise it for
+# remote models whose context window is larger than about 100k tokens.
+GATEWAY_MAX_MESSAGES = env_int("GATEWAY_MAX_MESSAGES", 2048, min_value=1)
+GATEWAY_MAX_REQUEST_CHARS = env_int("GATEWAY_MAX_REQUEST_CHARS", 400_000, min_value=1)
+GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, min_value=1)
 # The same on the usage and API-key pages (served by accounts/), per user and per IP.
 GATEWAY_PAGE_RATE = env_str("GATEWAY_PAGE_RATE", "60/m")
 # Moderation (safety/): case-insensitive terms that block a prompt or a reply.
@@ -408,6 +420,15 @@ CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16000, min_value=1)
 CHAT_REPLY_MAX_TOKENS = env_int("CHAT_REPLY_MAX_TOKENS", 512, min_value=1)
 CHAT_TEMPERATURE = env_float("CHAT_TEMPERATURE", 0.7, min_value=0.0)
 CHAT_PAGE_SIZE = env_int("CHAT_PAGE_SIZE", 30, min_value=1)
+# The chat's own requests pass the gateway's bounds: a setting that breaks every turn fails at start.
+if CHAT_REPLY_MAX_TOKENS > GATEWAY_MAX_TOKENS:
+    raise ImproperlyConfigured(f"CHAT_REPLY_MAX_TOKENS={CHAT_REPLY_MAX_TOKENS} exceeds GATEWAY_MAX_TOKENS={GATEWAY_MAX_TOKENS}")
+if CHAT_MAX_MESSAGE_CHARS > GATEWAY_MAX_REQUEST_CHARS:
+    raise ImproperlyConfigured(
+        f"CHAT_MAX_MESSAGE_CHARS={CHAT_MAX_MESSAGE_CHARS} exceeds GATEWAY_MAX_REQUEST_CHARS={GATEWAY_MAX_REQUEST_CHARS}"
+    )
+if CHAT_TEMPERATURE > 2:
+    raise ImproperlyConfigured(f"CHAT_TEMPERATURE={CHAT_TEMPERATURE} must be between 0 and 2")
 # Threads for the database writes of generating replies (apart from the one
 # thread that serves Django's sync views under ASGI).
 CHAT_DB_THREADS = env_int("CHAT_DB_THREADS", 4, min_value=1)
