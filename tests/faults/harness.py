@@ -100,8 +100,15 @@ class Serve:
             raise AssertionError(f"serve did not stop within {timeout_s} s:\n{self.output()[-3000:]}")
 
     def worker_mains(self) -> list[psutil.Process]:
-        """The Celery worker main processes this serve started."""
-        return [p for p in psutil.Process(self.proc.pid).children() if "celery" in " ".join(p.cmdline())]
+        """The live Celery worker main processes this serve started."""
+        found = []
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "celery" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:
+                continue  # gone meanwhile
+        return found
 
     def redis(self) -> redis.Redis:
         return redis.Redis(unix_socket_path=str(redis_socket_path(self.data_dir / "redis")))
@@ -111,9 +118,9 @@ def celery_processes_of(data_dir: Path) -> list[psutil.Process]:
     """Every worker, beat and pool process of a DATA_DIR, whoever its parent."""
     schedule = str(data_dir / "celerybeat-schedule")
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
-        if "celery" in " ".join(cmdline) and schedule in cmdline:
+        if "celery" in " ".join(cmdline) and schedule in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
 
