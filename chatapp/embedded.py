@@ -143,6 +143,10 @@ def start_redis(redis_dir: Path, timeout_s: float = 10.0) -> Path:
         "--dir", str(redis_dir),
         "--dbfilename", "dump.rdb",
         "--save", "60 1",
+        # A full disk fails the dump, and by default Redis then refuses every
+        # write; what it holds (streams, caches, quotas, the queue) lives in
+        # memory first, so the chat keeps working and the next save retries.
+        "--stop-writes-on-bgsave-error", "no",
         "--appendonly", "no",
         "--daemonize", "no",
         "--pidfile", str(redis_dir / "redis.pid"),

@@ -1,4 +1,6 @@
 """SIGKILL `serve` in the middle of a reply, then start it again."""
+import time
+
 import pytest
 
 from tests.faults.harness import (
@@ -25,13 +27,16 @@ def test_a_reply_cut_by_a_killed_serve_ends_interrupted_with_its_text(tmp_path):
         # The worker goes with its serve (PR_SET_PDEATHSIG), pool and beat included.
         wait_for(lambda: not celery_processes_of(data_dir), timeout_s=60, what="the old worker to exit")
 
+        restarting = time.monotonic()
         restarted = Serve(data_dir).start()
+        print(f"measured: restart to healthy: {time.monotonic() - restarting:.1f} s")
         user = user.via(restarted)
         reply = assert_invariants(user, restarted, conversation_id, typed=LONG_PROMPT)
         assert reply["status"] == "interrupted", reply
         # What was stored is what was streamed, up to the last materialization
         # before the kill (at most STREAM_MATERIALIZE_S of text).
         assert reply["content"] and before.text.startswith(reply["content"]), (reply["content"], before.text)
+        print(f"measured: killed mid-reply: {len(before.text)} chars streamed, {len(reply['content'])} stored")
         # One worker, started by the new serve: none left over from the old one.
         workers = restarted.worker_mains()
         assert len(workers) == 1

@@ -1,6 +1,7 @@
 """The Celery worker killed while a title request is in flight."""
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -48,7 +49,9 @@ def test_a_worker_killed_mid_title_is_restarted_and_the_chat_is_unaffected(tmp_p
         old = {p.pid for p in serve.worker_mains()}
         conversation_id = kill_mid_title(user, serve)
         # serve starts a new worker: titles keep coming without a restart.
+        killed = time.monotonic()
         wait_for(lambda: {p.pid for p in serve.worker_mains()} - old, timeout_s=120, what="a new worker")
+        print(f"measured: worker killed mid-title, a new one {time.monotonic() - killed:.1f} s later")
         assert len(serve.worker_mains()) == 1
         reply = assert_invariants(user, serve, conversation_id, typed=FIRST_MESSAGE)
         assert reply["status"] == "complete"
