@@ -142,7 +142,9 @@ def start_redis(redis_dir: Path, timeout_s: float = 10.0) -> Path:
         "--unixsocketperm", "700",
         "--dir", str(redis_dir),
         "--dbfilename", "dump.rdb",
-        "--save", "60 1",
+        # Two arguments: "60 1" as one would be read as a quoted single value,
+        # which leaves Redis with no save point at all.
+        "--save", "60", "1",
         # A full disk fails the dump, and by default Redis then refuses every
         # write; what it holds (streams, caches, quotas, the queue) lives in
         # memory first, so the chat keeps working and the next save retries.
