@@ -8,6 +8,12 @@ from tests.faults.harness import (
 )
 
 
+def day_quota_counted(serve: Serve) -> int:
+    """The tokens the users' quota counters for today hold."""
+    redis = serve.redis()
+    return sum(int(redis.get(key) or 0) for key in redis.scan_iter("*gw:q:*:tpd:*"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_reply_cut_by_a_killed_serve_ends_interrupted_with_its_text(tmp_path):
@@ -24,13 +30,18 @@ def test_a_reply_cut_by_a_killed_serve_ends_interrupted_with_its_text(tmp_path):
         assert worker_pids, "serve started no worker"
 
         first.kill()
+        killed = time.monotonic()
         # The worker goes with its serve (PR_SET_PDEATHSIG), pool and beat included.
         wait_for(lambda: not celery_processes_of(data_dir), timeout_s=60, what="the old worker to exit")
+        print(f"measured: old worker gone {time.monotonic() - killed:.1f} s after the kill")
 
         restarting = time.monotonic()
         restarted = Serve(data_dir).start()
         print(f"measured: restart to healthy: {time.monotonic() - restarting:.1f} s")
         user = user.via(restarted)
+        # A reservation is settled by the process that made it: this one never is.
+        print(f"measured: day quota counter after the kill: {day_quota_counted(restarted)} tokens "
+              f"for a reply cut after {len(before.tokens)} tokens")
         reply = assert_invariants(user, restarted, conversation_id, typed=LONG_PROMPT)
         assert reply["status"] == "interrupted", reply
         # What was stored is what was streamed, up to the last materialization
