@@ -168,18 +168,33 @@ def start_redis(redis_dir: Path, timeout_s: float = 10.0) -> Path:
     raise RuntimeError(f"embedded Redis did not start; see {redis_dir / 'redis.log'}")
 
 
-def stop_redis(redis_dir: Path, timeout_s: float = 10.0) -> None:
-    sock = redis_socket_path(Path(redis_dir))
-    if not _redis_ping(sock):
-        return
+def _redis_shutdown(sock: Path, command: bytes, timeout_s: float) -> bytes:
+    """Send a SHUTDOWN; b"" when the server closed the connection (it exits),
+    its error reply when it refused."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout_s)
             s.connect(str(sock))
-            s.sendall(b"SHUTDOWN SAVE\r\n")
-            s.recv(64)
+            s.sendall(command + b"\r\n")
+            return s.recv(256)
     except OSError:
-        pass  # the server closes the connection as it exits
+        return b""  # the server closes the connection as it exits
+
+
+def stop_redis(redis_dir: Path, timeout_s: float = 10.0) -> None:
+    """Save and stop the server of `redis_dir`, whoever started it. One that
+    cannot save (a full disk) refuses SHUTDOWN SAVE and would run on: it is
+    stopped without saving, and the log says what was lost."""
+    redis_dir = Path(redis_dir)
+    sock = redis_socket_path(redis_dir)
+    if not _redis_ping(sock):
+        return
+    refused = _redis_shutdown(sock, b"SHUTDOWN SAVE", timeout_s)
+    if refused.startswith(b"-"):
+        log.error("embedded Redis could not save its data on the way out (%s; is the disk under %s full?): "
+                  "stopping it without saving, what it held since its last save is lost",
+                  refused.decode(errors="replace").strip(), redis_dir)
+        _redis_shutdown(sock, b"SHUTDOWN NOSAVE", timeout_s)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and _redis_ping(sock):
         time.sleep(0.05)
@@ -190,6 +205,8 @@ def stop_redis(redis_dir: Path, timeout_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+    else:
+        _kill_stale_redis(redis_dir)  # adopted, and still there
 
 
 def _redis_process(redis_dir: Path) -> psutil.Process | None:

@@ -44,7 +44,8 @@ def wait_for(condition, *, timeout_s: float, what: str, poll_s: float = 0.25):
 class Serve:
     """One `manage.py serve` on its own port, its output in a log file."""
 
-    def __init__(self, data_dir: Path, *, load_models: bool = True, worker: bool = True, **env: str):
+    def __init__(self, data_dir: Path, *, load_models: bool = True, worker: bool = True,
+                 log_dir: Path | None = None, **env: str):
         self.data_dir = data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -55,7 +56,7 @@ class Serve:
         }
         self.worker = worker
         self.proc: subprocess.Popen | None = None
-        self.log_path = data_dir.parent / f"serve-{data_dir.name}-{self.port}.log"
+        self.log_path = (log_dir or data_dir.parent) / f"serve-{data_dir.name}-{self.port}.log"
 
     @property
     def url(self) -> str:
@@ -190,11 +191,10 @@ class User:
             with self.client.stream("GET", f"/c/reply/{reply_id}/stream", headers=headers,
                                     timeout=httpx.Timeout(timeout_s)) as response:
                 assert response.status_code == 200, response.read()
-                for event in _events(response.iter_lines()):
+                for event in _events(response.iter_lines(), deadline, f"reply {reply_id} ended"):
                     _add(stream, event)
                     if stream.terminal or (until and until(stream)):
                         break
-                    assert time.monotonic() < deadline, f"reply {reply_id} still streaming after {timeout_s} s"
         except (httpx.RemoteProtocolError, httpx.ReadError):
             pass  # the server went away mid-stream
         return stream
@@ -209,9 +209,11 @@ def _add(stream: Stream, event: dict) -> None:
         stream.terminal = event
 
 
-def _events(lines):
+def _events(lines, deadline: float, what: str):
+    """SSE events; heartbeat comments only move the clock on."""
     event: dict = {}
     for line in lines:
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         if not line:
             if "data" in event:
                 yield {"id": int(event.get("id", 0)), "event": event.get("event", "message"),

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from tests.faults.harness import Serve, User, assert_invariants, wait_for
+from tests.test_serve import processes_using
 
 DISK_MB = 256
 
@@ -52,9 +53,9 @@ def write_until_refused(user: User, attempts: int = 40) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_full_disk_fails_writes_clearly_and_corrupts_nothing(small_disk):
+def test_a_full_disk_fails_writes_clearly_and_corrupts_nothing(small_disk, tmp_path):
     data_dir = small_disk / "data"
-    serve = Serve(data_dir, CHAT_REPLY_MAX_TOKENS="16").start()
+    serve = Serve(data_dir, log_dir=tmp_path, CHAT_REPLY_MAX_TOKENS="16").start()
     try:
         user = User(serve).sign_up()
         kept_chat, kept_reply = user.new_chat("Name three kinds of bread.")
@@ -78,11 +79,16 @@ def test_a_full_disk_fails_writes_clearly_and_corrupts_nothing(small_disk):
 
         (small_disk / "filler").unlink()
         assert_invariants(user, serve, kept_chat, typed="Name three kinds of bread.")
+        kept = user.export(kept_chat)
+        fill(small_disk)  # full again for the shutdown: Redis cannot save its dump
     finally:
         code = serve.stop()
+    leftovers = processes_using(data_dir)
+    assert leftovers == [], [p.cmdline() for p in leftovers]
+    (small_disk / "filler").unlink()
     assert code == 0, serve.output()[-3000:]
     # Nothing stored was corrupted: a fresh start finds the chat as it was.
-    restarted = Serve(data_dir, load_models=False, worker=False).start()
+    restarted = Serve(data_dir, log_dir=tmp_path, load_models=False, worker=False).start()
     try:
         assert user.via(restarted).export(kept_chat) == kept
     finally:

@@ -8,7 +8,7 @@ from urllib.parse import quote
 import pytest
 
 from conversations import services
-from tests.faults.harness import LONG_PROMPT, Serve, User, wait_for
+from tests.faults.harness import LONG_PROMPT, TERMINAL, Serve, User, wait_for
 
 SECRET = "two-serves-share-one-secret-key-" + "x" * 32
 
@@ -82,8 +82,9 @@ def test_a_serve_starting_beside_a_generating_one_leaves_its_reply_alone(tmp_pat
         chat, reply = user.new_chat(LONG_PROMPT)
         user.read(reply, until=lambda s: len(s.tokens) >= 5)
         b.start()
-        end = user.read(reply, timeout_s=240)
-        assert end.terminal and end.terminal["data"]["status"] == "complete", end
+        ended = wait_for(lambda: user.message(chat, reply)["status"] in TERMINAL, timeout_s=240,
+                         what="the reply to end")
+        assert user.message(chat, reply)["status"] == "complete", ended
     finally:
         b.stop()
         a.stop()
