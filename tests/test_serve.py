@@ -32,12 +32,14 @@ def processes_using(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def start_serve(data_dir: Path, port: int, *extra: str, load_models: bool = False) -> subprocess.Popen:
+def start_serve(data_dir: Path, port: int, *extra: str, load_models: bool = False,
+                env: dict | None = None) -> subprocess.Popen:
     env = {
         **os.environ,
         "DATA_DIR": str(data_dir),
         "LOAD_MODELS": "1" if load_models else "0",
         "PYTHONUNBUFFERED": "1",
+        **(env or {}),
     }
     return subprocess.Popen(
         [sys.executable, "manage.py", "serve", "--port", str(port), *extra],
@@ -110,3 +112,101 @@ def test_serve_on_a_busy_port_exits_with_a_clear_message(tmp_path):
     assert proc.returncode != 0
     assert "could not listen" in output
     assert processes_using(tmp_path / "data") == []
+
+
+# ------------------------------------------------------------ bounded shutdown
+
+def postmaster(data_dir: Path) -> psutil.Process:
+    return psutil.Process(int((data_dir / "pg" / "postmaster.pid").read_text().split()[0]))
+
+
+def start_with_stuck_postgres(data_dir: Path, **env: str) -> subprocess.Popen:
+    """A healthy serve (and worker) whose Postgres then stops answering."""
+    port = free_port()
+    proc = start_serve(data_dir, port, env=env)
+    wait_healthy(port, proc)
+    deadline = time.monotonic() + 120
+    while not celery_children(proc):
+        assert time.monotonic() < deadline, "serve started no worker"
+        time.sleep(0.25)
+    postmaster(data_dir).suspend()  # SIGSTOP: a pg_ctl stop now waits for nothing
+    return proc
+
+
+def celery_children(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "celery" in " ".join(p.cmdline())]
+
+
+@pytest.mark.timeout(300)
+def test_shutdown_ends_within_its_timeout_even_with_a_stuck_postgres(tmp_path):
+    data_dir = tmp_path / "data"
+    proc = start_with_stuck_postgres(data_dir, SHUTDOWN_TIMEOUT_S="10")
+    asked = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        output, _ = proc.communicate(timeout=50)
+    finally:
+        proc.kill()
+    took = time.monotonic() - asked
+    assert proc.returncode != 0 and "shutdown took over 10 s" in output, output
+    assert took < 40, took
+    leftovers = processes_using(data_dir)
+    assert leftovers == [], [p.cmdline() for p in leftovers]
+    # Killed mid-shutdown, Postgres recovers from its WAL at the next start.
+    port = free_port()
+    restart = start_serve(data_dir, port, "--no-worker")
+    try:
+        wait_healthy(port, restart)
+    finally:
+        restart.send_signal(signal.SIGTERM)
+        restart.communicate(timeout=60)
+    assert restart.returncode == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    data_dir = tmp_path / "data"
+    proc = start_with_stuck_postgres(data_dir, SHUTDOWN_TIMEOUT_S="300")
+    proc.send_signal(signal.SIGINT)
+    lines = []
+    for line in proc.stdout:  # the first stop is under way (and stuck)
+        lines.append(line)
+        if "shutting down" in line:
+            break
+    asked = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "second SIGINT" in output, "".join(lines) + output
+    assert time.monotonic() - asked < 30
+    leftovers = processes_using(data_dir)
+    assert leftovers == [], [p.cmdline() for p in leftovers]
+
+
+@pytest.mark.timeout(300)
+def test_serve_stops_a_worker_left_by_a_killed_serve(tmp_path):
+    """Where the kernel did not take the worker down with its serve (not
+    Linux, a worker started by hand): one of this DATA_DIR's, found by its
+    beat schedule, is stopped before the new worker starts."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "celery", "worker",
+                              "--schedule", str(data_dir / "celerybeat-schedule")], start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "celery", "worker",
+                              "--schedule", str(tmp_path / "elsewhere" / "celerybeat-schedule")],
+                             start_new_session=True)
+    port = free_port()
+    proc = start_serve(data_dir, port)
+    try:
+        wait_healthy(port, proc)
+        assert stale.wait(60) is not None
+        assert other.poll() is None, "a worker of another DATA_DIR was stopped"
+    finally:
+        other.kill()
+        stale.kill()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=90)
+    assert "left by a previous serve" in output
+    assert proc.returncode == 0, output

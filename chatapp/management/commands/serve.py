@@ -6,24 +6,42 @@ last, in this process, so the engines live beside the SSE consumers that read
 their tokens. The Celery worker starts once Daphne listens: it holds no model
 and sends its titles and summaries to Daphne's address (SERVE_URL), which is
 known only then (`--port 0`). Shutdown runs in reverse.
+
+Every way out ends with nothing left running (docs/RELIABILITY.md):
+- Ctrl-C or SIGTERM shuts down in order, and a watchdog kills whatever is
+  still there SHUTDOWN_TIMEOUT_S later; a second Ctrl-C kills it at once;
+- the worker gets SIGTERM from the kernel when `serve` dies, however it dies
+  (chatapp.celery.exit_with_parent), and a worker that dies on its own is
+  started again;
+- after a `serve` that was killed, the next one stops the worker it left and
+  adopts its Postgres and Redis (chatapp.embedded).
 """
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from chatapp import embedded, runtime
+from chatapp.celery import exit_with_parent
 from conversations import turns
 from conversations.services import reap_orphaned_replies
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A worker that died on its own is started again at most this often.
+WORKER_RESTART_INTERVAL_S = 10.0
 
 
 class Command(BaseCommand):
@@ -37,20 +55,70 @@ class Command(BaseCommand):
     def handle(self, *args, host, port, no_worker, **options):
         lock = self._lock_data_dir()
         self._worker = None
+        self._worker_started_at = 0.0
+        self._reactor = None
+        self._watchdog = None
+        self._stop_asked = False
+        self._shutting_down = False
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_stop_signal)
         try:
+            self._stop_stale_workers()
             self._start_services()
             call_command("migrate", interactive=False, verbosity=0)
             self._reap()
             if settings.LOAD_MODELS:
                 runtime.start_engines(progress=lambda msg: self.stdout.write(msg))
             self._run_daphne(host, port, with_worker=not no_worker)
+        except KeyboardInterrupt:
+            pass  # stopped during start-up: what did start is shut down below
         finally:
+            self._shutting_down = True
+            self._arm_watchdog()
             self.stdout.write("shutting down ...")
             self._stop_worker(self._worker)
             runtime.shutdown_engines()
             embedded.stop_configured()
             lock.close()
             self.stdout.write("stopped.")
+            self.stdout.flush()
+
+    # ------------------------------------------------------------ stopping
+
+    def _on_stop_signal(self, signum, frame):
+        """First Ctrl-C/SIGTERM: stop in order, within SHUTDOWN_TIMEOUT_S.
+        Second: stop now."""
+        if self._stop_asked:
+            self._force_stop(f"second {signal.Signals(signum).name}")
+        self._stop_asked = True
+        self._arm_watchdog()
+        if self._reactor is not None and self._reactor.running:
+            self._reactor.callFromThread(self._reactor.stop)
+        elif not self._shutting_down:
+            raise KeyboardInterrupt  # abandon the start-up step in progress
+
+    def _arm_watchdog(self):
+        if self._watchdog is not None:
+            return
+        timeout_s = settings.SHUTDOWN_TIMEOUT_S
+        # A daemon thread: it outlives a main thread stuck anywhere, even in
+        # the interpreter's exit joining a thread that never ends.
+        self._watchdog = threading.Timer(timeout_s, self._force_stop, args=(f"shutdown took over {timeout_s:g} s",))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _force_stop(self, why: str):
+        """Kill what is left and exit. Runs in a signal handler or on the
+        watchdog's thread, so it writes with os.write (no buffered stream,
+        which the main thread may hold) and takes no lock."""
+        os.write(2, f"serve: {why}: killing what is left\n".encode())
+        if self._worker is not None:
+            try:
+                os.killpg(self._worker.pid, signal.SIGKILL)  # its own session: all of it
+            except OSError:
+                pass  # already gone
+        embedded.kill_configured()
+        os._exit(1)
 
     # ------------------------------------------------------------ steps
 
@@ -88,24 +156,58 @@ class Command(BaseCommand):
         if count:
             self.stdout.write(f"marked {count} orphaned streaming replies as interrupted")
 
-    def _start_worker(self, serve_url: str):
-        schedule = Path(settings.DATA_DIR) / "celerybeat-schedule"
-        args = [sys.executable, "-m", "celery", "-A", "chatapp", "worker", "--beat",
-                "--concurrency", "1", "--loglevel", "WARNING", "--schedule", str(schedule)]
-        # Own session: Ctrl-C reaches serve, which then stops the worker in order.
-        return subprocess.Popen(args, start_new_session=True, cwd=settings.BASE_DIR,
-                                env={**os.environ, "SERVE_URL": serve_url})
+    def _schedule_path(self) -> str:
+        # Its beat schedule under DATA_DIR is also how a worker of this
+        # DATA_DIR is recognized (`_stop_stale_workers`).
+        return str(Path(settings.DATA_DIR) / "celerybeat-schedule")
 
-    def _stop_worker(self, worker, timeout_s: float = 15.0):
+    def _start_worker(self, serve_url: str):
+        args = [sys.executable, "-m", "celery", "-A", "chatapp", "worker", "--beat",
+                "--concurrency", "1", "--loglevel", "WARNING", "--schedule", self._schedule_path()]
+        self._worker_started_at = time.monotonic()
+        # Own session: Ctrl-C reaches serve, which then stops the worker in
+        # order. SIGTERM from the kernel when serve dies: its warm shutdown.
+        return subprocess.Popen(args, start_new_session=True, cwd=settings.BASE_DIR,
+                                env={**os.environ, "SERVE_URL": serve_url},
+                                preexec_fn=functools.partial(exit_with_parent, signal.SIGTERM))
+
+    def _stop_worker(self, worker):
         if worker is None or worker.poll() is not None:
             return
-        # Celery's warm shutdown on SIGTERM: finish the current task, then exit.
+        # Celery's warm shutdown on SIGTERM: finish the current task, then
+        # exit; half the shutdown's time at most, then it is killed.
         os.killpg(worker.pid, signal.SIGTERM)
         try:
-            worker.wait(timeout_s)
+            worker.wait(settings.SHUTDOWN_TIMEOUT_S / 2)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+
+    def _stop_stale_workers(self):
+        """Workers of this DATA_DIR that a killed `serve` left (where the
+        kernel could not stop them with it): we hold the DATA_DIR lock, so no
+        live `serve` owns them, and a second worker would run every beat job
+        twice."""
+        schedule = self._schedule_path()
+        stale = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if "celery" in " ".join(cmdline) and schedule in cmdline and proc.pid != os.getpid():
+                stale.append(proc)
+        if stale:
+            self.stdout.write(f"stopping a Celery worker left by a previous serve (pids {[p.pid for p in stale]}) ...")
+            for proc in stale:
+                embedded.kill_tree(proc, signal.SIGTERM, grace_s=settings.SHUTDOWN_TIMEOUT_S / 2)
+
+    def _watch_worker(self, serve_url: str):
+        """A worker that died on its own (killed, out of memory) is started
+        again, at most every WORKER_RESTART_INTERVAL_S."""
+        if self._worker is None or self._worker.poll() is None or self._shutting_down:
+            return
+        if time.monotonic() - self._worker_started_at < WORKER_RESTART_INTERVAL_S:
+            return
+        self.stderr.write(f"the Celery worker exited ({self._worker.returncode}); starting it again")
+        self._worker = self._start_worker(serve_url)
 
     def _run_daphne(self, host: str, port: int, *, with_worker: bool):
         # Imported here, not at the top: daphne.server installs Twisted's
@@ -113,6 +215,7 @@ class Command(BaseCommand):
         # neither belongs in a process that only runs `manage.py help`.
         from daphne.endpoints import build_endpoint_description_strings
         from daphne.server import Server
+        from twisted.internet import reactor, task
 
         from chatapp.asgi import application
 
@@ -125,16 +228,21 @@ class Command(BaseCommand):
             bound_host, bound_port = server.listening_addresses[0]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             if with_worker and self._worker is None:
-                self._worker = self._start_worker(f"http://{_loopback_if_any(shown)}:{bound_port}")
+                serve_url = f"http://{_loopback_if_any(shown)}:{bound_port}"
+                self._worker = self._start_worker(serve_url)
+                task.LoopingCall(self._watch_worker, serve_url).start(1.0, now=False)
             self.stdout.write(self.style.SUCCESS(f"ready: http://{shown}:{bound_port}  (Ctrl-C to stop)"))
             self.stdout.flush()
 
-        # Twisted's own handlers turn SIGINT/SIGTERM into a reactor stop, after
-        # which run() returns and the caller's finally block shuts the rest down.
+        # Our handlers (handle()), not Twisted's, turn SIGINT/SIGTERM into a
+        # reactor stop: a second one must force the stop, and the watchdog
+        # must run from the first. Then run() returns and the caller's
+        # finally block shuts the rest down.
+        self._reactor = reactor
         server = Server(
             application=application,
             endpoints=build_endpoint_description_strings(host=host, port=port),
-            signal_handlers=True,
+            signal_handlers=False,
             http_timeout=None,  # SSE replies are long-lived by design
             application_close_timeout=10,
             ready_callable=ready,
