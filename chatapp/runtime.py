@@ -32,6 +32,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, connections
 
+from inference import EngineConfig
+
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -300,8 +302,6 @@ _engine_lock = threading.Lock()
 def engine_config(spec: dict):
     """A pool's settings (ENGINE_* defaults + its MODEL_POOLS entry) as the
     engine's one config dataclass."""
-    from inference import EngineConfig  # torch stays out of processes that never build an engine
-
     return EngineConfig(
         device=settings.ENGINE_DEVICE,
         dtype=settings.ENGINE_DTYPE,
@@ -324,6 +324,8 @@ def share_the_gil_with_engines() -> None:
 
 
 def start_engine(name: str, progress=print):
+    # Imported here: these bring torch and transformers, which processes that
+    # never build an engine (the Celery worker, manage.py commands) must not load.
     from inference import Engine
     from inference.bootstrap import resolve_model
 

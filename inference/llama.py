@@ -190,6 +190,7 @@ def scripted_layer_stack():
 
 class PagedLlama:
     def __init__(self, model: torch.nn.Module, max_positions: int, script_layers: bool = True):
+        # Over 40 lines: one attribute per model tensor or shape fact, read once here.
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModel(

@@ -210,6 +210,8 @@ class Command(BaseCommand):
         self._worker = self._start_worker(serve_url)
 
     def _run_daphne(self, host: str, port: int, *, with_worker: bool):
+        # Over 40 lines: Daphne's server, its ready callback and the signal
+        # wiring share the reactor's locals; split, they would pass them around.
         # Imported here, not at the top: daphne.server installs Twisted's
         # asyncio reactor on import, and chatapp.asgi builds the application;
         # neither belongs in a process that only runs `manage.py help`.
