@@ -13,7 +13,6 @@ from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import redirect, render
-from django.template.loader import render_to_string
 from django.utils.text import slugify
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET, require_POST
@@ -102,9 +101,11 @@ async def conversation_new(request):
             model=request.POST.get("model", ""), system_prompt=request.POST.get("system_prompt", ""),
         )
     except ValidationError as exc:
+        message = " ".join(exc.messages)
         if request.htmx:
-            return _composer_error(" ".join(exc.messages))
-        return await on_db_thread(lambda: render(request, "conversations/chat.html", _chat_context(request, error=" ".join(exc.messages), draft=request.POST.get("text", "")), status=422))()
+            return _composer_error(message)
+        return await on_db_thread(lambda: render(request, "conversations/chat.html", _chat_context(
+            request, error=message, draft=request.POST.get("text", "")), status=422))()
     turns.start_reply(reply.id, prepared)
     url = f"/c/{reply.conversation_id}/"
     if not request.htmx:

@@ -87,8 +87,6 @@ def live(daphne_url, transactional_db, settings):
 
     # The server's views and tasks reach the database from asgiref's sync thread.
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
-    from conversations import turns
-
     runtime.close_db_threads()
 
 

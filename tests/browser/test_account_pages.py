@@ -11,8 +11,6 @@ pytestmark = pytest.mark.browser
 @pytest.fixture(autouse=True)
 def _close_gateway_db():
     yield
-    from gateway import db
-
     runtime.close_db_threads()
 
 

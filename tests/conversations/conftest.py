@@ -12,11 +12,13 @@ import json
 
 import httpx
 import pytest
+from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
 from channels.testing import ApplicationCommunicator
 
 from chatapp import runtime
-from conversations import streams
+from conversations import services, streams
+from conversations.models import Message
 from gateway import client as gateway_client
 from gateway.types import FinalEvent, ModelInfo, TokenEvent, Usage
 
@@ -192,3 +194,15 @@ def _close_thread_connections():
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
     runtime.close_db_threads()
+
+
+@sync_to_async
+def new_reply(user, text="Hi"):
+    """A new chat with `text` and its pending reply (the placeholder)."""
+    conversation = services.conversation_create(user=user)
+    return services.message_send(conversation=conversation, text=text)
+
+
+@sync_to_async
+def load(reply_id):
+    return Message.objects.get(id=reply_id)

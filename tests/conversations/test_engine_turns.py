@@ -5,11 +5,9 @@ import asyncio
 import time
 
 import pytest
-from asgiref.sync import sync_to_async
 
-from conversations import services, turns
-from conversations.models import Message
-from tests.conversations.conftest import events_of, open_stream, read_stream, text_of
+from conversations import turns
+from tests.conversations.conftest import events_of, load, new_reply, open_stream, read_stream, text_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -24,17 +22,6 @@ def engine_settings(settings, chat_engine):
     return settings
 
 
-@sync_to_async
-def new_reply(user, text="Hello there"):
-    conversation = services.conversation_create(user=user)
-    return services.message_send(conversation=conversation, text=text)
-
-
-@sync_to_async
-def load(reply_id):
-    return Message.objects.get(id=reply_id)
-
-
 async def _idle(engine, timeout_s=5.0):
     deadline = asyncio.get_running_loop().time() + timeout_s
     while engine.stats()["running"] or engine.stats()["waiting"]:
@@ -44,7 +31,7 @@ async def _idle(engine, timeout_s=5.0):
 
 async def test_a_turn_on_the_engine_streams_what_it_stores(alice, chat_engine, engine_settings):
     engine_settings.CHAT_REPLY_MAX_TOKENS = 24
-    reply = await new_reply(alice)
+    reply = await new_reply(alice, "Hello there")
     turns.start_reply(reply.id)
     _, raw = await read_stream(open_stream(reply.id, user=alice), timeout_s=30)
     done = events_of(raw)[-1]
@@ -57,7 +44,7 @@ async def test_a_turn_on_the_engine_streams_what_it_stores(alice, chat_engine, e
 
 async def test_stop_frees_the_engine_sequence_and_keeps_usage(alice, chat_engine, engine_settings):
     engine_settings.CHAT_REPLY_MAX_TOKENS = 1500
-    reply = await new_reply(alice)
+    reply = await new_reply(alice, "Hello there")
     turns.start_reply(reply.id)
     comm = open_stream(reply.id, user=alice)
     await read_stream(comm, timeout_s=30, stop_after=lambda raw: raw.count(b"event: token") >= 5)
@@ -74,7 +61,7 @@ async def test_a_reply_nobody_reads_is_interrupted_and_freed(alice, chat_engine,
     monkeypatch.setattr(chat_engine, "eos_token_ids", set())
     monkeypatch.setattr(chat_engine, "step_observer", lambda batch, duration_s: time.sleep(0.005))
     engine_settings.CHAT_REPLY_MAX_TOKENS = 1900
-    reply = await new_reply(alice)
+    reply = await new_reply(alice, "Hello there")
     status = await asyncio.wait_for(turns.generate_reply(reply.id), 60)
     stored = await load(reply.id)
     assert status == "interrupted" and stored.status == "interrupted"

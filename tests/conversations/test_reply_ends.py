@@ -11,20 +11,10 @@ from django.utils import timezone
 
 from conversations import services, streams, turns
 from conversations.models import Message
+from tests.conversations.conftest import load, new_reply
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@sync_to_async
-def new_reply(user, text="Hi"):
-    conversation = services.conversation_create(user=user)
-    return services.message_send(conversation=conversation, text=text)
-
-
-@sync_to_async
-def load(reply_id):
-    return Message.objects.get(id=reply_id)
 
 
 @sync_to_async

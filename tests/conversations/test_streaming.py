@@ -8,24 +8,12 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from conversations import services, streams, turns
-from conversations.models import Message
 from conversations.streams import StreamEvent
 from gateway.types import QuotaExceeded, TokenEvent
-from tests.conversations.conftest import events_of, has_streamed_text, open_stream, read_stream, text_of
+from tests.conversations.conftest import events_of, has_streamed_text, load, new_reply, open_stream, read_stream, text_of
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@sync_to_async
-def new_reply(user, text="Hi"):
-    conversation = services.conversation_create(user=user)
-    return services.message_send(conversation=conversation, text=text)
-
-
-@sync_to_async
-def load(reply_id):
-    return Message.objects.get(id=reply_id)
 
 
 async def test_a_turn_streams_tokens_then_done_and_stores_the_reply(alice, fake_gateway, fast_streams):
