@@ -60,11 +60,16 @@ def usage(request):
 @login_required
 @throttled
 def api_keys(request):
-    new_key = None
+    new_key, error = None, ""
     if request.method == "POST":
-        _, new_key = keys.api_key_create(user=request.user, name=request.POST.get("name", ""))
-    context = {"keys": selectors.api_keys_of(user=request.user), "new_key": new_key}
-    return render(request, "accounts/api_keys.html", context)
+        name = request.POST.get("name", "")
+        if "\x00" in name:
+            # PostgreSQL text cannot hold it; say so instead of failing on save.
+            error = "The name contains a NUL character (\\0); remove it and try again."
+        else:
+            _, new_key = keys.api_key_create(user=request.user, name=name)
+    context = {"keys": selectors.api_keys_of(user=request.user), "new_key": new_key, "error": error}
+    return render(request, "accounts/api_keys.html", context, status=400 if error else 200)
 
 
 @login_required

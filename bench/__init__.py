@@ -5,6 +5,8 @@
     bench.gateway  what the gateway's policy layer costs per request
     bench.chat     chat streaming through Daphne + SSE against the engine alone
     bench.startup  a fresh clone to a serving product, and its idle memory
+    bench.formats  matmul and engine speed per number format and int8
+    bench.quality  perplexity and agreement with fp32 per number format and int8
 
 bench.report holds what they share (machine header, tables, writing their
 section of docs/BENCHMARKS.md); bench.peers the engine benchmark's HF peers.

@@ -41,7 +41,7 @@ from bench import free_port, report
 from bench.report import ROOT, percentile
 from inference import Engine, SamplingParams
 from inference.bootstrap import resolve_model
-from inference.pools import engine_config
+from chatapp.runtime import engine_config
 
 # Django and the apps' modules are imported inside the functions: they need
 # django.setup(), which main() runs first on a fresh DATA_DIR.

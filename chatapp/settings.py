@@ -207,6 +207,13 @@ if DB_POOL_MAX_SIZE:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": min(2, DB_POOL_MAX_SIZE), "max_size": DB_POOL_MAX_SIZE, "timeout": DB_POOL_TIMEOUT_S,
     }
+# Django hands this to the pool as its `check` (psycopg_pool's
+# check_connection): every borrowed connection is checked first, one empty
+# round trip (tens of microseconds on a local socket). After a database
+# restart the pool's idle connections are all dead, and without the check each
+# would fail a request before the pool noticed. Without a pool: checked once
+# per request before its first query.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # ----------------------------------------------------------------- redis
@@ -222,12 +229,20 @@ CACHES = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "chatapp"),
+        # A Redis that stops answering fails the call (rate limits fail closed)
+        # instead of hanging the thread that made it; chatapp.runtime's own
+        # clients use the same timeouts.
+        "OPTIONS": {"socket_connect_timeout": 2.0, "socket_timeout": 5.0},
     }
 }
+CHANNEL_LAYER_SOCKET_TIMEOUT_S = 15.0  # three of channels_redis's 5 s blocking receives
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        # Every consumer (each SSE stream) waits on the layer with a 5 s
+        # BZPOPMIN; redis-py 8's default 5 s socket timeout raced it, and
+        # under load about 1% of streams ended with a TimeoutError.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_S}]},
     }
 }
 # kombu spells a unix-socket Redis differently from redis-py.
@@ -288,6 +303,8 @@ MODELS_DIR = Path(env_str("MODELS_DIR", str(DATA_DIR / "models"))).resolve()
 # converted once to safetensors under MODELS_DIR.
 ENGINE_DEVICE = env_choice("ENGINE_DEVICE", "auto", {"auto", "cpu", "cuda"})
 ENGINE_DTYPE = env_choice("ENGINE_DTYPE", "auto", {"auto", "float32", "bfloat16", "float16"})
+# int8 loses 2.4% perplexity on SmolLM2 (docs/BENCHMARKS.md): opt-in, not the default.
+ENGINE_QUANTIZATION = env_choice("ENGINE_QUANTIZATION", "none", {"none", "int8", "int8_weight_only"})
 ENGINE_DEFAULTS = {
     "kv_cache_mb": env_int("ENGINE_KV_CACHE_MB", 512, min_value=1),
     "max_num_seqs": env_int("ENGINE_MAX_NUM_SEQS", 32, min_value=1),
@@ -375,6 +392,14 @@ GATEWAY_PREFIX_CACHE_SCOPE = env_choice("GATEWAY_PREFIX_CACHE_SCOPE", "deploymen
 # django-ratelimit on the HTTP API, on top of the token quotas.
 GATEWAY_API_RATE_PER_USER = env_str("GATEWAY_API_RATE_PER_USER", "600/m")
 GATEWAY_API_RATE_PER_IP = env_str("GATEWAY_API_RATE_PER_IP", "1200/m")
+# Bounds on every request to a model, whoever makes it (API, chat, tasks):
+# checked before the prompt is tokenized or any quota reserved. Characters are
+# those of all messages together (~4 per token): 400,000 take a local pool's
+# tokenizer about a second on one core (off the event loop). Raise it for
+# remote models whose context window is larger than about 100k tokens.
+GATEWAY_MAX_MESSAGES = env_int("GATEWAY_MAX_MESSAGES", 2048, min_value=1)
+GATEWAY_MAX_REQUEST_CHARS = env_int("GATEWAY_MAX_REQUEST_CHARS", 400_000, min_value=1)
+GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, min_value=1)
 # The same on the usage and API-key pages (served by accounts/), per user and per IP.
 GATEWAY_PAGE_RATE = env_str("GATEWAY_PAGE_RATE", "60/m")
 # Moderation (safety/): case-insensitive terms that block a prompt or a reply.
@@ -399,9 +424,27 @@ CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16000, min_value=1)
 CHAT_REPLY_MAX_TOKENS = env_int("CHAT_REPLY_MAX_TOKENS", 512, min_value=1)
 CHAT_TEMPERATURE = env_float("CHAT_TEMPERATURE", 0.7, min_value=0.0)
 CHAT_PAGE_SIZE = env_int("CHAT_PAGE_SIZE", 30, min_value=1)
+# The chat's own requests pass the gateway's bounds: a setting that breaks every turn fails at start.
+if CHAT_REPLY_MAX_TOKENS > GATEWAY_MAX_TOKENS:
+    raise ImproperlyConfigured(f"CHAT_REPLY_MAX_TOKENS={CHAT_REPLY_MAX_TOKENS} exceeds GATEWAY_MAX_TOKENS={GATEWAY_MAX_TOKENS}")
+if CHAT_MAX_MESSAGE_CHARS > GATEWAY_MAX_REQUEST_CHARS:
+    raise ImproperlyConfigured(
+        f"CHAT_MAX_MESSAGE_CHARS={CHAT_MAX_MESSAGE_CHARS} exceeds GATEWAY_MAX_REQUEST_CHARS={GATEWAY_MAX_REQUEST_CHARS}"
+    )
+if CHAT_TEMPERATURE > 2:
+    raise ImproperlyConfigured(f"CHAT_TEMPERATURE={CHAT_TEMPERATURE} must be between 0 and 2")
 # Threads for the database writes of generating replies (apart from the one
 # thread that serves Django's sync views under ASGI).
 CHAT_DB_THREADS = env_int("CHAT_DB_THREADS", 4, min_value=1)
+# Each process touches the heartbeat of the replies it is generating every
+# REPLY_HEARTBEAT_S; every `serve` ends as interrupted (keeping its text) an
+# unfinished reply whose heartbeat is older than REPLY_STALE_S: its process
+# died. Several processes may share one database, so staleness, never "it is
+# unfinished", decides.
+REPLY_HEARTBEAT_S = env_float("REPLY_HEARTBEAT_S", 10.0, min_value=0.05)
+REPLY_STALE_S = env_float("REPLY_STALE_S", 90.0, min_value=1.0)
+if REPLY_STALE_S < 3 * REPLY_HEARTBEAT_S:
+    raise ImproperlyConfigured("REPLY_STALE_S must be at least three REPLY_HEARTBEAT_S: a live reply would be reaped")
 # Redis connections per web process for stream commands (waiting streams use
 # none: they share one pub/sub connection).
 STREAM_REDIS_CONNECTIONS = env_int("STREAM_REDIS_CONNECTIONS", 50, min_value=2)

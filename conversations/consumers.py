@@ -42,15 +42,23 @@ SSE_HEADERS = [
 ]
 
 
-def _parse_last_event_id(scope) -> int:
+# Event ids are sequence numbers; Redis Stream ids hold them up to 2**64 - 1.
+MAX_EVENT_ID = 2**63 - 1
+
+
+def _parse_last_event_id(scope) -> int | None:
+    """The number after which to replay: 0 when absent, None when it is not
+    an event id this server could have sent (plain ASCII digits in range)."""
     headers = dict(scope.get("headers") or [])
     raw = headers.get(b"last-event-id", b"").decode("latin-1").strip()
     if not raw:
-        raw = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("last_event_id") or [""])[0]
-    try:
-        return max(0, int(raw))
-    except ValueError:
+        raw = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("last_event_id") or [""])[0].strip()
+    if not raw:
         return 0
+    # int() alone would take "1_000", " ٣", and 4,000 digits that then break XRANGE.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_EVENT_ID)) or int(raw) > MAX_EVENT_ID:
+        return None
+    return int(raw)
 
 
 def _session_user(scope):
@@ -91,12 +99,16 @@ class ReplyStreamConsumer(AsyncConsumer):
             return
         self.reply_id = self.scope["url_route"]["kwargs"]["reply_id"]
         self.connection_id = uuid.uuid4().hex
+        after = _parse_last_event_id(self.scope)
+        if after is None:
+            await self._plain(400, b"Last-Event-ID must be an event id: a non-negative integer, at most 2**63 - 1.")
+            return
         try:
             self.reply = await on_db_thread(_load)(self.scope, self.reply_id)
         except Http404:
             await self._plain(404, b"Not found")
             return
-        self.task = asyncio.create_task(self._stream(_parse_last_event_id(self.scope)))
+        self.task = asyncio.create_task(self._stream(after))
 
     async def http_disconnect(self, message):
         if self.task is not None:

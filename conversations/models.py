@@ -85,6 +85,11 @@ class Message(models.Model):
     # from the database resumes the stream after exactly that event.
     request_id = models.CharField(max_length=64, blank=True)
     stream_seq = models.PositiveIntegerField(default=0)
+    # While a reply is unfinished, the process generating it touches this
+    # every REPLY_HEARTBEAT_S; one silent for REPLY_STALE_S belongs to a dead
+    # process and is reaped (several `serve`s may share the database, so
+    # "unfinished" alone says nothing about who is still writing it).
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -8,11 +8,14 @@ Validation errors are ValidationError with a message meant for the user.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import timedelta
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from conversations import streams
@@ -211,17 +214,20 @@ def branch_switch(*, message: Message) -> Message:
 def reply_start(*, reply_id, request_id: str) -> bool:
     """pending → streaming. False when the reply is gone or already finished
     (deleted, or stopped before the task got to run)."""
+    now = timezone.now()
     return bool(
         Message.objects.filter(id=reply_id, status=Message.Status.PENDING).update(
-            status=Message.Status.STREAMING, request_id=request_id, updated_at=timezone.now()
+            status=Message.Status.STREAMING, request_id=request_id, updated_at=now, heartbeat_at=now,
         )
     )
 
 
 def reply_materialize(*, reply_id, content: str, stream_seq: int) -> None:
-    """Partial text while streaming: only touches a reply that is still streaming."""
+    """Partial text while streaming (a heartbeat too): only touches a reply
+    that is still streaming."""
+    now = timezone.now()
     Message.objects.filter(id=reply_id, status=Message.Status.STREAMING).update(
-        content=content, stream_seq=stream_seq, updated_at=timezone.now()
+        content=content, stream_seq=stream_seq, updated_at=now, heartbeat_at=now,
     )
 
 
@@ -251,23 +257,73 @@ def reply_finish(
     return won
 
 
-def reap_orphaned_replies() -> int:
-    """Mark replies left `pending`/`streaming` by a dead process as `interrupted`.
-
-    Called by `serve` before it accepts requests: at that moment no task of
-    this deployment's single server is generating, so every unfinished reply
-    is an orphan. The partial text materialized so far is kept.
-    """
-    now = timezone.now()
-    count = Message.objects.filter(status__in=Message.UNFINISHED, role=Message.Role.ASSISTANT).update(
-        status=Message.Status.INTERRUPTED,
-        error="The server restarted while this reply was being written.",
-        finished_at=now,
-        updated_at=now,
+def reply_heartbeat(*, reply_ids) -> int:
+    """This process is still generating these replies: one UPDATE for all of
+    them, every REPLY_HEARTBEAT_S. Ended ones are left as they are."""
+    if not reply_ids:
+        return 0
+    return Message.objects.filter(id__in=list(reply_ids), status__in=Message.UNFINISHED).update(
+        heartbeat_at=timezone.now()
     )
-    if count:
-        log.info("reaper: marked %d orphaned replies interrupted", count)
-    return count
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """A reply the reaper ended: what its stream's end event needs."""
+    id: object
+    content: str
+    stream_seq: int
+    error: str
+
+
+REAPED_ERROR = "The server stopped while this reply was being written."
+
+
+@transaction.atomic
+def reap_stale_replies(*, stale_s: float | None = None) -> list[Reaped]:
+    """End as `interrupted`, keeping their text, the unfinished replies whose
+    heartbeat is older than `stale_s` (REPLY_STALE_S): their process died.
+
+    Safe with several processes on one database: a live reply is beaten by
+    its own process well within `stale_s`, and rows are locked (skipping
+    those another reaper holds) before they are ended, so a heartbeat
+    landing meanwhile finds the reply already ended and two reapers never
+    end one reply twice. A reply never beaten (pending) counts from its
+    last update."""
+    cutoff = timezone.now() - timedelta(seconds=settings.REPLY_STALE_S if stale_s is None else stale_s)
+    stale = Message.objects.filter(status__in=Message.UNFINISHED, role=Message.Role.ASSISTANT).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, updated_at__lt=cutoff)
+    )
+    rows = list(stale.select_for_update(skip_locked=True).values_list("id", "content", "stream_seq"))
+    if not rows:
+        return []
+    now = timezone.now()
+    Message.objects.filter(id__in=[row[0] for row in rows]).update(
+        status=Message.Status.INTERRUPTED, error=REAPED_ERROR, finished_at=now, updated_at=now,
+    )
+    log.info("reaper: marked %d stale replies interrupted", len(rows))
+    return [Reaped(id=id_, content=content, stream_seq=seq, error=REAPED_ERROR) for id_, content, seq in rows]
+
+
+async def reaped_publish(reaped: list[Reaped]) -> None:
+    """Each reaped reply's terminal event, for readers still tailing its log
+    (best effort: a reader also finds the status in the database)."""
+    for reply in reaped:
+        try:
+            await streams.publish_end(reply.id, reply.stream_seq, Message.Status.INTERRUPTED, reply.content,
+                                      error=reply.error)
+        except Exception:
+            log.warning("reaper: could not publish the end of %s", reply.id, exc_info=True)
+
+
+def reap_orphaned_replies() -> int:
+    """`serve`'s pass before it accepts requests: the same staleness rule as
+    the periodic reaper (`turns.reap_stale_replies`), not "everything
+    unfinished", since another `serve` on the same database may be
+    generating right now. Returns how many were ended."""
+    reaped = reap_stale_replies()
+    async_to_sync(reaped_publish)(reaped)
+    return len(reaped)
 
 
 def summary_update(*, conversation_id, summary: str, through_id) -> None:

@@ -257,6 +257,15 @@ async def last_seq(reply_id) -> int:
     return int(entries[0][0].split(b"-", 1)[0]) if entries else 0
 
 
+async def publish_end(reply_id, stored_seq: int, status: str, content: str, *, error: str = "") -> int:
+    """The terminal event of a reply ended outside its task (the reaper):
+    after whatever its log holds, the stored text replacing what was
+    streamed, so readers still tailing it close with it. Returns its seq."""
+    seq = max(await last_seq(reply_id), stored_seq) + 1
+    await append(reply_id, terminal_event(seq, status, content, error=error, replace=True))
+    return seq
+
+
 async def read_after(reply_id, after_seq: int, count: int = 1000) -> list[StreamEvent]:
     local = _state().logs.get(str(reply_id))
     if local is not None:

@@ -23,7 +23,10 @@ or no reader for STREAM_GRACE_S, aborts the generation through the gateway,
 which frees the engine's slot at its next decoding step.
 
 The task is not tied to the HTTP request that started it, and it always ends
-the reply with one terminal status and one terminal event.
+the reply with one terminal status, stored even when Redis or the database
+fails (`settle` retries), and one terminal event when Redis allows. A process
+that dies cannot: each process's keeper (`start_keeper`) beats the heartbeat
+of the replies it generates, and ends those of dead processes once stale.
 """
 from __future__ import annotations
 
@@ -37,8 +40,9 @@ from dataclasses import dataclass, field
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.db import DatabaseError
 
-from chatapp.runtime import on_db_thread
+from chatapp.runtime import check_request_pool, loop_local, on_db_thread
 from conversations import services, streams, tasks
 from conversations.context import build_request
 from conversations.models import Message
@@ -56,6 +60,12 @@ GONE = "gone"  # the reply was deleted or had already ended: nothing to do
 LATE_TOKENS_BEFORE_CLOSE = 8
 
 MODEL_FAILED = "The model failed while writing this reply. Try regenerating it."
+STREAM_FAILED = "The reply could not be streamed. Try regenerating it."
+
+# Waits between attempts to store a reply's end while the database is
+# unreachable (a restart takes seconds); after the last one the reaper ends
+# the reply once its heartbeat is stale.
+SETTLE_RETRY_DELAYS_S = (0.5, 2.0, 5.0)
 
 # Strong references: the event loop keeps only weak ones to tasks.
 _running: dict[str, asyncio.Task] = {}
@@ -76,7 +86,11 @@ async def generate_reply(reply_id, request: ChatRequest | None = None) -> str:
         return await settle(log_, admitted)
     if admitted is None:
         return GONE
-    await log_.emit("status", {"status": Status.STREAMING})
+    try:
+        await log_.emit("status", {"status": Status.STREAMING})
+    except Exception:  # Redis is unreachable: no reader can follow, end it now
+        log.exception("publishing the first event of %s", reply_id)
+        return await settle(log_, Outcome(error=STREAM_FAILED))
     outcome = await generate(log_, admitted)
     status = await settle(log_, outcome)
     await after_reply(reply_id, status)
@@ -272,8 +286,11 @@ class ReplyLog:
         await self.emit("token", {"t": text})
         if time.monotonic() - self.flushed_at >= settings.STREAM_MATERIALIZE_S:
             self.flushed_at = time.monotonic()
-            await on_db_thread(services.reply_materialize)(reply_id=self.reply_id, content=self.text,
-                                                         stream_seq=self.seq)
+            try:
+                await on_db_thread(services.reply_materialize)(reply_id=self.reply_id, content=self.text,
+                                                             stream_seq=self.seq)
+            except DatabaseError:  # a checkpoint, not the record: settle stores the text, with retries
+                log.warning("materializing %s failed; generation goes on", self.reply_id, exc_info=True)
 
 
 # ------------------------------------------------------------ 5-6. settle, after reply
@@ -281,29 +298,91 @@ class ReplyLog:
 async def settle(log_: ReplyLog, outcome: Outcome) -> str:
     """Store the final text, status and usage, then publish the terminal
     event: the database first, so a client that reloads on `done` finds
-    them stored. Returns the status."""
+    them stored. Returns the status. Never raises: the database write is
+    retried, and an end that cannot be published is still stored (readers
+    check the database when their stream goes quiet)."""
     status, error = status_from_outcome(outcome)
     final = outcome.final
     usage = final.usage if final else None
     if usage is None and log_.parts:
         # No final event (closed early): count what was delivered, for the record.
         usage = Usage(prompt_tokens=0, completion_tokens=len(log_.parts))
-    won = await on_db_thread(services.reply_finish)(
+    won = await _store_end(
         reply_id=log_.reply_id, status=status, content=outcome.text, stream_seq=log_.seq + 1, error=error,
         model=final.model if final else "", usage=usage,
     )
-    if won:  # else a Stop fallback already ended it and wrote the terminal event
-        await streams.append(log_.reply_id, streams.terminal_event(
-            log_.seq + 1, status, outcome.text, error=error, usage=usage,
-            finish_reason=final.finish_reason if final else "",
-        ))
-        log_.seq += 1
+    if won:  # else a Stop fallback or the reaper already ended it and wrote the terminal event
+        try:
+            await streams.append(log_.reply_id, streams.terminal_event(
+                log_.seq + 1, status, outcome.text, error=error, usage=usage,
+                finish_reason=final.finish_reason if final else "",
+            ))
+            log_.seq += 1
+        except Exception:
+            log.warning("the end of %s is stored but was not published", log_.reply_id, exc_info=True)
     return status
 
 
+async def _store_end(**fields) -> bool:
+    """`services.reply_finish`, retried while the database is unreachable.
+    False when it never got through: the reply's heartbeat stops with this
+    task, and the reaper ends it (text kept) once it is stale."""
+    for delay_s in (*SETTLE_RETRY_DELAYS_S, None):
+        try:
+            return await on_db_thread(services.reply_finish)(**fields)
+        except DatabaseError:
+            if delay_s is None:
+                log.exception("could not store the end of %s; the reaper will end it", fields["reply_id"])
+                return False
+            log.warning("storing the end of %s failed; retrying in %s s", fields["reply_id"], delay_s, exc_info=True)
+            await asyncio.sleep(delay_s)
+    return False
+
+
 async def after_reply(reply_id, status: str) -> None:
-    if status == Status.COMPLETE:
+    if status != Status.COMPLETE:
+        return
+    try:
         await on_db_thread(tasks.enqueue_after_reply)(reply_id=reply_id)
+    except Exception:  # a missing title or summary is not worth failing an ended turn for
+        log.exception("enqueueing the after-reply jobs of %s", reply_id)
+
+
+# ------------------------------------------------------------ heartbeats, the reaper
+
+def start_keeper() -> asyncio.Task:
+    """This event loop's keeper, started once (by `serve`, and by the first
+    reply of a loop): every REPLY_HEARTBEAT_S it beats the replies this
+    process is generating and reaps the stale ones of dead processes."""
+    loop = asyncio.get_running_loop()
+    return loop_local("reply-keeper", lambda: loop.create_task(
+        _keep(), name="reply-keeper", context=contextvars.Context()))
+
+
+async def _keep() -> None:
+    while True:
+        await asyncio.sleep(settings.REPLY_HEARTBEAT_S)
+        await beat_and_reap()
+
+
+async def beat_and_reap() -> None:
+    """One pass of the keeper: the request pool's dead connections replaced
+    (after a database restart), heartbeats, the reaper. A database that is
+    down is tried again next time."""
+    try:
+        await on_db_thread(check_request_pool)()
+        await on_db_thread(services.reply_heartbeat)(reply_ids=list(_running))
+        await reap_stale_replies()
+    except Exception:
+        log.warning("reply keeper: pass failed", exc_info=True)
+
+
+async def reap_stale_replies() -> int:
+    """End as interrupted (text kept) the replies whose heartbeat is older
+    than REPLY_STALE_S, and close their streams. Returns how many."""
+    reaped = await on_db_thread(services.reap_stale_replies)()
+    await services.reaped_publish(reaped)
+    return len(reaped)
 
 
 # ------------------------------------------------------------ running, stopping
@@ -318,6 +397,7 @@ def start_reply(reply_id, request: ChatRequest | None = None) -> asyncio.Task:
     )
     _running[key] = task
     task.add_done_callback(lambda t: _running.pop(key, None))
+    start_keeper()
     return task
 
 

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import Http404, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.utils.text import slugify
@@ -23,9 +23,17 @@ from conversations import selectors, services, turns
 from conversations.rendering import pygments_css
 
 
-def _sidebar_page(user, page: int = 1, archived: bool = False):
+def _sidebar_page(user, page=None, archived: bool = False):
+    """`page` as the query string has it: get_page turns anything that is not
+    a page number (`?page=²`, a 5,000-digit number) into the first or last page."""
     paginator = Paginator(selectors.conversation_list(user=user, archived=archived), settings.CHAT_PAGE_SIZE)
     return paginator.get_page(page)
+
+
+def _refuse_nul(*values) -> None:
+    """PostgreSQL text cannot hold NUL characters: say so, rather than fail on save."""
+    if any(isinstance(value, str) and "\x00" in value for value in values):
+        raise ValidationError("The text contains a NUL character (\\0), which cannot be stored; remove it and try again.")
 
 
 def _main_context(request, conversation=None) -> dict:
@@ -68,7 +76,7 @@ def conversation_page(request, conversation_id):
 @require_GET
 def sidebar(request):
     archived = request.GET.get("archived") == "1"
-    page = _sidebar_page(request.user, int(request.GET.get("page") or 1) if (request.GET.get("page") or "1").isdigit() else 1, archived)
+    page = _sidebar_page(request.user, request.GET.get("page"), archived)
     return render(request, "conversations/_sidebar_items.html", {"sidebar": page, "archived": archived})
 
 
@@ -88,6 +96,7 @@ async def conversation_new(request):
     user = await request.auser()
     request.user = user  # the page render must not load the user a second time
     try:
+        _refuse_nul(request.POST.get("text"), request.POST.get("model"), request.POST.get("system_prompt"))
         reply, prepared = await on_db_thread(turns.create_and_prepare)(
             services.conversation_start, user=user, text=request.POST.get("text"),
             model=request.POST.get("model", ""), system_prompt=request.POST.get("system_prompt", ""),
@@ -117,6 +126,7 @@ def _turn_fragment(request, reply):
 
 async def _start_and_render(request, fn, **kwargs):
     try:
+        _refuse_nul(*kwargs.values())
         reply, prepared = await on_db_thread(turns.create_and_prepare)(fn, **kwargs)
     except ValidationError as exc:
         return _composer_error(" ".join(exc.messages))
@@ -172,6 +182,7 @@ def branch_switch(request, message_id):
 def conversation_rename(request, conversation_id):
     conversation = selectors.access_conversation(user=request.user, conversation_id=conversation_id)
     try:
+        _refuse_nul(request.POST.get("title"))
         services.conversation_update(conversation=conversation, title=request.POST.get("title", ""))
     except ValidationError as exc:
         return HttpResponse(" ".join(exc.messages), status=422)
@@ -185,6 +196,7 @@ def conversation_rename(request, conversation_id):
 def conversation_settings(request, conversation_id):
     conversation = selectors.access_conversation(user=request.user, conversation_id=conversation_id)
     try:
+        _refuse_nul(request.POST.get("model"), request.POST.get("system_prompt"))
         services.conversation_update(
             conversation=conversation, model=request.POST.get("model", ""),
             system_prompt=request.POST.get("system_prompt", ""),
@@ -229,13 +241,16 @@ def conversation_export(request, conversation_id, fmt):
 @login_required
 @require_GET
 def archived(request):
-    return render(request, "conversations/archived.html", {"sidebar": _sidebar_page(request.user), "archived_page": _sidebar_page(request.user, int(request.GET.get("page", "1")) if request.GET.get("page", "1").isdigit() else 1, archived=True)})
+    return render(request, "conversations/archived.html", {"sidebar": _sidebar_page(request.user), "archived_page": _sidebar_page(request.user, request.GET.get("page"), archived=True)})
 
 
 @login_required
 @require_GET
 def search(request):
     query = request.GET.get("q", "")[:200]
+    if "\x00" in query:
+        return HttpResponseBadRequest("The search contains a NUL character (\\0); remove it and search again.",
+                                      content_type="text/plain; charset=utf-8")
     hits = selectors.search(user=request.user, query=query)
     return render(request, "conversations/search.html", {"query": query, "hits": hits, "sidebar": _sidebar_page(request.user)})
 
@@ -246,6 +261,7 @@ def preferences(request):
     error = ""
     if request.method == "POST":
         try:
+            _refuse_nul(request.POST.get("custom_instructions"))
             services.preferences_update(user=request.user, custom_instructions=request.POST.get("custom_instructions", ""))
             saved = True
         except ValidationError as exc:

@@ -6,10 +6,12 @@ official `openai` client works against it unchanged.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from dataclasses import dataclass
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse, StreamingHttpResponse
@@ -18,11 +20,13 @@ from django_ratelimit.core import get_usage
 
 from chatapp import runtime
 from chatapp.runtime import REDIS_ERRORS
-from gateway import client, quotas, registry
+from gateway import client, openapi, quotas, registry
 from gateway.keys import INTERNAL_CALLER, InternalCaller, aauthenticate, is_internal_api_key
 from gateway.types import (
+    MAX_STOP_STRINGS,
     PRIORITY_BACKGROUND,
     PRIORITY_INTERACTIVE,
+    SEED_LIMIT,
     BadRequest,
     ChatRequest,
     FinalEvent,
@@ -49,14 +53,26 @@ def gateway_error_response(exc: GatewayError) -> JsonResponse:
     return error_response(exc.status, message, error_type=exc.error_type, code=exc.code, headers=headers)
 
 
-def _client_ip(request) -> str:
-    return request.META.get("REMOTE_ADDR", "")
-
-
-def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | None:
-    """django-ratelimit's counters, answered in the API's own 429 shape."""
+def _client_ip(group, request) -> str:
+    """The per-IP limit's key: django-ratelimit's own "ip" key, except that an
+    address it cannot parse (a proxy on a unix socket leaves REMOTE_ADDR empty
+    or absent) is one shared key instead of an exception on every request."""
+    address = request.META.get("REMOTE_ADDR") or ""
     try:
-        usage = get_usage(request, group=group, key=key, rate=rate, increment=True)
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"unparsed:{address[:64]}"
+    # IPv6 clients get a /64 each, as django-ratelimit gives them.
+    return str(ipaddress.ip_network(f"{ip}/{64 if ip.version == 6 else 32}", strict=False).network_address)
+
+
+async def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | None:
+    """django-ratelimit's counters, answered in the API's own 429 shape. Its
+    Redis calls are blocking: they run on a worker thread, never the event loop."""
+    try:
+        usage = await sync_to_async(get_usage, thread_sensitive=False)(
+            request, group=group, key=key, rate=rate, increment=True
+        )
     except REDIS_ERRORS:
         # Fail closed, like the token quotas that sit behind this limit.
         return error_response(503, quotas.REDIS_DOWN, error_type="server_error", code="service_unavailable")
@@ -79,14 +95,14 @@ async def _authorize(request):
     token = header[7:].strip() if header[:7].lower() == "bearer " else ""
     if is_internal_api_key(token):
         return INTERNAL_CALLER, None
-    limited = _throttled(request, group="api-ip", key="ip", rate=settings.GATEWAY_API_RATE_PER_IP)
+    limited = await _throttled(request, group="api-ip", key=_client_ip, rate=settings.GATEWAY_API_RATE_PER_IP)
     if limited:
         return None, limited
     key = await aauthenticate(token)
     if key is None:
         message = "Incorrect API key provided." if token else "Missing bearer API key (Authorization: Bearer sk-...)."
         return None, error_response(401, message, error_type="invalid_request_error", code="invalid_api_key")
-    limited = _throttled(
+    limited = await _throttled(
         request, group="api-user", key=lambda group, req: str(key.user_id), rate=settings.GATEWAY_API_RATE_PER_USER
     )
     if limited:
@@ -141,10 +157,10 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
         messages=_parse_messages(body.get("messages")),
         user_id=key.user_id,
         model=model,
-        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", int, 512, low=1, high=1_000_000),
+        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", int, 512, low=1, high=settings.GATEWAY_MAX_TOKENS),
         temperature=_number(body, "temperature", float, 1.0, low=0, high=2),
         top_p=_number(body, "top_p", float, 1.0, low=0, high=1),
-        seed=_number(body, "seed", int, None),
+        seed=_number(body, "seed", int, None, low=0, high=SEED_LIMIT - 1),
         stop=_parse_stop(body.get("stop")),
         priority=PRIORITY_BACKGROUND if internal else PRIORITY_INTERACTIVE,
         source="task" if internal else "api",
@@ -156,6 +172,8 @@ def parse_chat_request(body, key) -> tuple[ChatRequest, bool, bool]:
 def _parse_messages(raw_messages) -> list[dict]:
     if not isinstance(raw_messages, list) or not raw_messages:
         raise BadRequest("'messages' must be a non-empty list")
+    if len(raw_messages) > settings.GATEWAY_MAX_MESSAGES:
+        raise BadRequest(f"'messages' has {len(raw_messages):,} items; the limit is {settings.GATEWAY_MAX_MESSAGES:,}")
     messages = []
     for message in raw_messages:
         if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
@@ -169,8 +187,8 @@ def _parse_stop(stop) -> tuple[str, ...]:
     stop = stop or ()
     if isinstance(stop, str):
         stop = (stop,)
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise BadRequest("'stop' must be a string or a list of up to 4 strings")
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise BadRequest(f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} strings")
     return tuple(stop)
 
 
@@ -239,6 +257,10 @@ async def chat_completions(request):
     return response
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _read_json(request):
     """(body, None) or (None, error response)."""
     try:
@@ -249,9 +271,17 @@ def _read_json(request):
             error_type="invalid_request_error", code=None,
         )
     try:
-        return json.loads(raw or b"null"), None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None, error_response(400, "The body is not valid JSON.", error_type="invalid_request_error", code=None)
+        return json.loads(raw or b"null", parse_constant=_reject_constant), None
+    except RecursionError:
+        return None, _bad_json("it is nested too deeply")
+    except ValueError as exc:
+        # JSONDecodeError, bytes that are not UTF-8, NaN/Infinity, and integers
+        # longer than Python converts (4,300 digits) are all ValueErrors.
+        return None, _bad_json(str(exc)[:200])
+
+
+def _bad_json(why: str) -> JsonResponse:
+    return error_response(400, f"The body is not valid JSON: {why}.", error_type="invalid_request_error", code=None)
 
 
 @dataclass
@@ -365,3 +395,10 @@ def not_found(request, rest=""):
     return error_response(
         404, f"Unknown API route: {request.method} {request.path}", error_type="invalid_request_error", code="not_found"
     )
+
+
+def openapi_json(request):
+    """The API's OpenAPI description: public, like the API's documentation."""
+    if request.method != "GET":
+        return error_response(405, "Use GET.", error_type="invalid_request_error", code="method_not_allowed")
+    return JsonResponse(openapi.document(), json_dumps_params={"ensure_ascii": False})

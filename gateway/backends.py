@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
+import jinja2
 from django.conf import settings
 
 from chatapp import runtime
@@ -108,8 +109,18 @@ async def local_engine(spec: BackendSpec):
 
 
 async def local_prompt_ids(spec: BackendSpec, messages: list[dict]) -> list[int]:
+    """The prompt's tokens, rendered and counted on a worker thread: a long
+    prompt takes the tokenizer milliseconds to seconds, which on the event
+    loop would hold back every stream of the process."""
     engine = await local_engine(spec)
-    return engine.apply_chat_template(messages)
+    try:
+        return await asyncio.to_thread(engine.apply_chat_template, messages)
+    except jinja2.TemplateError as exc:
+        # The model's own template refused these messages (e.g. roles that do
+        # not alternate): the request is at fault, not the backend.
+        raise BadRequest(f"the model's chat template rejects these messages: {exc}") from None
+    except Exception as exc:
+        raise BackendFailure(f"model pool '{spec.pool}' could not tokenize the prompt: {exc}") from None
 
 
 async def local_stream(spec: BackendSpec, request: ChatRequest, prompt_ids) -> AsyncIterator:

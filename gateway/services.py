@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,10 @@ from gateway.backends import BackendFailure, BackendFinal
 from gateway.models import Backend, UsageRecord
 from gateway.registry import BackendSpec, Limits
 from gateway.types import (
+    MAX_MODEL_NAME_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    SEED_LIMIT,
     BadRequest,
     Blocked,
     ChatRequest,
@@ -56,19 +61,63 @@ EARLY_ABORT_TTL_S = 120
 # ------------------------------------------------------------------ helpers
 
 def _validate(request: ChatRequest) -> None:
-    if not request.messages:
-        raise BadRequest("messages must not be empty")
-    for message in request.messages:
+    """Every bound, for every caller (API, chat, tasks), before any work is
+    done on the request: nothing out of range reaches a tokenizer, the quota
+    or an engine, where one bad request could fail other users' replies."""
+    _check_messages(request.messages)
+    _check_sampling(request)
+    model = request.model
+    if model is not None and (not isinstance(model, str) or len(model) > MAX_MODEL_NAME_CHARS):
+        raise BadRequest(f"the model name must be a string of at most {MAX_MODEL_NAME_CHARS} characters")
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list")
+    if len(messages) > settings.GATEWAY_MAX_MESSAGES:
+        raise BadRequest(f"{len(messages):,} messages; the limit is {settings.GATEWAY_MAX_MESSAGES:,} per request")
+    chars = 0
+    for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise BadRequest(f"each message needs a role among {sorted(ROLES)}")
-        if not isinstance(message.get("content"), str):
+        content = message.get("content")
+        if not isinstance(content, str):
             raise BadRequest("each message needs text content")
-    if request.max_tokens < 1:
-        raise BadRequest("max_tokens must be at least 1")
-    if not 0 <= request.temperature <= 2:
+        if "\x00" in content:
+            raise BadRequest("message content must not contain NUL characters (\\u0000)")
+        chars += len(content)
+    # Checked before anything tokenizes the prompt: the tokenizer's time grows with it.
+    if chars > settings.GATEWAY_MAX_REQUEST_CHARS:
+        raise BadRequest(
+            f"the messages are {chars:,} characters long; the limit is {settings.GATEWAY_MAX_REQUEST_CHARS:,}"
+        )
+
+
+def _between(value, low, high, *, open_low: bool = False) -> bool:
+    """A real number in range. Ints compare exactly (float(10**400) would
+    overflow); NaN and infinities are never in range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (low < value if open_low else low <= value) and value <= high
+
+
+def _check_sampling(request: ChatRequest) -> None:
+    max_tokens = request.max_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= settings.GATEWAY_MAX_TOKENS:
+        raise BadRequest(f"max_tokens must be an integer between 1 and {settings.GATEWAY_MAX_TOKENS}")
+    if not _between(request.temperature, 0, 2):
         raise BadRequest("temperature must be between 0 and 2")
-    if not 0 < request.top_p <= 1:
+    if not _between(request.top_p, 0, 1, open_low=True):
         raise BadRequest("top_p must be in (0, 1]")
+    seed = request.seed
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT):
+        raise BadRequest(f"seed must be an integer between 0 and {SEED_LIMIT - 1}")
+    stop = request.stop
+    if (not isinstance(stop, (tuple, list)) or len(stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise BadRequest(f"stop must be up to {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
 
 
 def _moderate_prompt(request: ChatRequest) -> None:

@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 PRIORITY_INTERACTIVE = 0
 PRIORITY_BACKGROUND = 10  # titles, summaries: yield to user chats
 
+# Bounds every ChatRequest is checked against (`gateway.services._validate`),
+# whoever built it; the tunable ones (messages, characters, max_tokens) are settings.
+SEED_LIMIT = 2**63  # engines and remote servers take a signed 64-bit seed
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+# Stop strings are matched against the tail of the reply after every token:
+# short ones keep that check a few thousand character comparisons at most.
+MAX_STOP_CHARS = 48
+MAX_MODEL_NAME_CHARS = 64  # a backend's name is a 64-character slug
+
 
 def try_again_in(seconds: float) -> str:
     """The one wording of a wait, for pages and the API: "Try again in 42

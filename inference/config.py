@@ -5,27 +5,39 @@ run an engine (the Celery worker, manage.py commands).
 """
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
+# Seeds are what a signed 64-bit integer holds, non-negative: torch's generator
+# takes them, and a seed of 2**64 once made a whole engine step raise.
+SEED_LIMIT = 2**63
+# Stop strings are matched against every token's text: bound the work a request can ask for.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
-def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
-    """The one place "auto" becomes a real device and dtype.
 
-    device "auto" is CUDA when available, else the CPU; dtype "auto" is fp32 on
-    the CPU (half-precision matmuls are slow there) and bf16 on CUDA (fp16
-    where bf16 is missing). Explicit values pass through unchanged.
+def resolve_device_and_dtype(device: str, dtype: str | None) -> tuple[str, str]:
+    """The one place "auto" and None become a real device and dtype.
+
+    device "auto" is CUDA when available, else the CPU. dtype None is fp32 on
+    the CPU (exact: token-identical to HF generate) and bf16 on CUDA (fp16
+    where bf16 is missing); "auto" is the same on CUDA, and stays "auto" on the
+    CPU, where the engine measures the formats at start (inference.formats).
+    Explicit values pass through unchanged.
     """
-    if device == "auto" or (dtype == "auto" and device.startswith("cuda")):
+    if device == "auto" or (dtype in (None, "auto") and device.startswith("cuda")):
         # Imported here, not at module level: only engine processes resolve "auto".
         import torch
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto" and device.startswith("cuda"):
+        if dtype in (None, "auto") and device.startswith("cuda"):
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype == "auto":
+    if dtype is None:
         dtype = "float32"
     return device, dtype
 
@@ -33,8 +45,17 @@ def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
 @dataclass
 class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto"
-    # None or "auto": see resolve_device_and_dtype (fp32 on CPU, bf16/fp16 on CUDA).
+    # None: fp32 on CPU (exact, token-identical to HF generate) and bf16 (fp16
+    # where bf16 is missing) on CUDA. "auto": the same on CUDA; on CPU the engine
+    # times the model's own matmuls in fp32, bf16 and fp16 at start and takes the
+    # fastest that passes a quality check against fp32 (inference.formats).
+    # Half precision is slow on CPUs without native support (no AVX512-BF16/AMX:
+    # emulated) and 2-3x faster than fp32 on those with it (docs/BENCHMARKS.md).
     dtype: str | None = None
+    # "int8": int8 matmul weights, int8 activations on CPU, weight-only on CUDA;
+    # "int8_weight_only": the CUDA path anywhere (slower than fp32 on CPU);
+    # "none": weights as loaded (inference.quantization, docs/BENCHMARKS.md).
+    quantization: str = "none"
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
     # gpu_memory_fraction of the memory free after the weights are loaded.
     kv_cache_bytes: int | None = None
@@ -56,9 +77,11 @@ class EngineConfig:
     CPU_DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
     def __post_init__(self):
-        self.device, self.dtype = resolve_device_and_dtype(self.device, self.dtype or "auto")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        self.device, self.dtype = resolve_device_and_dtype(self.device, self.dtype)
+        if self.dtype not in (*DTYPE_NAMES, "auto"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.quantization not in ("none", "int8", "int8_weight_only"):
+            raise ValueError(f"quantization must be none, int8 or int8_weight_only, not {self.quantization!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1:
@@ -91,30 +114,72 @@ class SamplingParams:
     extra: dict = field(default_factory=dict)  # ignored; room for callers' annotations
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.max_tokens is None or int(self.max_tokens) < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature is None or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is None or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is None or self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.repetition_penalty is None or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.presence_penalty is None or not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if any(not isinstance(s, str) for s in self.stop):
-            raise ValueError("stop must be a string or a list of strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative integers")
-        self.max_tokens = int(self.max_tokens)
+        """Reject every value a step could choke on: a bad value must fail its
+        own submit (ValueError), never a step that other requests share."""
+        self.max_tokens = _integer("max_tokens", self.max_tokens, 1)
+        self.temperature = _number("temperature", self.temperature)
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        self.top_p = _number("top_p", self.top_p)
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        self.top_k = _integer("top_k", self.top_k, 0)
+        self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty)
+        _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.presence_penalty = _number("presence_penalty", self.presence_penalty)
+        _check(-2.0 <= self.presence_penalty <= 2.0,
+               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if self.logprobs is not None:
+            self.logprobs = _integer("logprobs", self.logprobs, 0)
+            _check(self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed, 0)
+            _check(self.seed < SEED_LIMIT, f"seed must be in [0, 2**63), got {self.seed}")
+        self.stop = _stop_strings(self.stop)
+        self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _number(name: str, value) -> float:
+    """A finite real number: NaN fails every comparison, so a range check
+    written as "reject when < 0" lets it through; infinities pass "> 0"."""
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+           f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 256.0 from a JSON client means 256
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    _check(value >= minimum, f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _stop_strings(stop) -> list[str]:
+    if isinstance(stop, str):
+        stop = [stop]
+    _check(isinstance(stop, (list, tuple, type(None))), "stop must be a string or a list of strings")
+    _check(all(isinstance(s, str) for s in stop or ()), "stop must be a string or a list of strings")
+    stop = [s for s in stop or () if s]
+    _check(len(stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    _check(all(len(s) <= MAX_STOP_CHARS for s in stop), f"stop strings are at most {MAX_STOP_CHARS} characters")
+    return stop
+
+
+def _stop_token_ids(ids) -> list[int]:
+    _check(isinstance(ids, (list, tuple, type(None))), "stop_token_ids must be a list of integers")
+    ids = list(ids or ())
+    _check(len(ids) <= MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(ids)}")
+    _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids),
+           "stop_token_ids must be non-negative integers")
+    return ids

@@ -12,15 +12,23 @@ _CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
+    """Per token, the work is bounded by the stop strings' length, never by the
+    output's: only the text not yet released is kept (at most the longest stop
+    string once released), and a stop string is searched for only where the
+    new text could complete it."""
+
     def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str]):
         self.tokenizer = tokenizer
         self.ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""  # all output text so far (cut at a matched stop string)
-        self.released = 0  # characters of self.text already handed out
+        # Output text not yet released (cut at a matched stop string). Released
+        # text never holds the start of a stop string (release holds it back),
+        # so a match always starts here.
+        self.pending = ""
         self.stop = stop
         self.max_stop_len = max((len(s) for s in stop), default=0)
+        self.stop_starts = {s[0] for s in stop}
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -37,36 +45,35 @@ class IncrementalDetokenizer:
         delta = after[len(before):]
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
-        self.text += delta
+        # Only the new text and the few characters before it can complete a match.
+        window_start = max(0, len(self.pending) - self.max_stop_len + 1)
+        self.pending += delta
         if not self.stop:
             return None
-        # Only the new text and the few characters before it can complete a match.
-        window_start = max(0, len(self.text) - len(delta) - self.max_stop_len + 1)
         best = None
         for stop in self.stop:
-            index = self.text.find(stop, window_start)
+            index = self.pending.find(stop, window_start)
             if index != -1 and (best is None or index < best[0]):
                 best = (index, stop)
         if best is None:
             return None
-        self.text = self.text[:best[0]]
+        self.pending = self.pending[:best[0]]
         return best[1]
 
     def release(self, final: bool = False) -> str:
         """Text that is now safe to show (all of it when final)."""
-        end = len(self.text)
+        end = len(self.pending)
         if not final and self.stop:
             end -= self._held_back()
-        end = max(end, self.released)
-        out = self.text[self.released:end]
-        self.released = end
+        out, self.pending = self.pending[:end], self.pending[end:]
         return out
 
     def _held_back(self) -> int:
-        """Length of the longest suffix of the text that begins some stop string."""
-        text = self.text
-        for size in range(min(self.max_stop_len - 1, len(text)), 0, -1):
-            suffix = text[-size:]
-            if any(stop.startswith(suffix) for stop in self.stop):
-                return size
+        """Length of the longest suffix of the pending text that begins some stop string."""
+        text = self.pending
+        for start in range(max(0, len(text) - self.max_stop_len + 1), len(text)):
+            if text[start] in self.stop_starts:
+                suffix = text[start:]
+                if any(stop.startswith(suffix) for stop in self.stop):
+                    return len(text) - start
         return 0

@@ -7,6 +7,7 @@ runs the model, samples, and pushes events to each request's handle.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -17,6 +18,7 @@ from inference.block_manager import BlockManager
 from inference.config import EngineConfig, SamplingParams
 from inference.detokenizer import IncrementalDetokenizer
 from inference.engine_loop import EngineLoop
+from inference.formats import choose_cpu_format
 from inference.handle import RequestHandle
 from inference.metrics import EngineMetrics
 from inference.model_runner import DTYPES, ModelRunner
@@ -35,6 +37,11 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
+        # dtype "auto" is left unresolved only on CPU: measure and choose (inference.formats).
+        self.format_report = None
+        if self.config.dtype == "auto":
+            self.format_report = choose_cpu_format(model, tokenizer)
+            self.config = dataclasses.replace(self.config, dtype=self.format_report.dtype)
         self.tokenizer = tokenizer
         self.model_name = self.config.model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.runner = ModelRunner(model, self.config)
@@ -58,7 +65,7 @@ class Engine:
         config = config or EngineConfig()
         tokenizer_kwargs = {k: v for k, v in load_kwargs.items() if k in _TOKENIZER_KWARGS}
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
-        load_kwargs.setdefault("dtype", DTYPES[config.dtype])
+        load_kwargs.setdefault("dtype", DTYPES.get(config.dtype, torch.float32))  # "auto": fp32, then measured
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
         if config.model_name is None:
             gguf_file = load_kwargs.get("gguf_file")
@@ -138,7 +145,7 @@ class Engine:
             prompts = [prompts]
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
-        handles = [self._enqueue(p, sp, None, 0, None, enforce_waiting_limit=False)
+        handles = [self._enqueue(p, sp, request_id=None, priority=0, cache_salt=None, enforce_waiting_limit=False)
                    for p, sp in zip(prompts, sampling_params)]
         return [h.result() for h in handles]
 
@@ -147,11 +154,16 @@ class Engine:
         self._engine_loop.inbox.abort(request_id)
 
     def stats(self) -> dict:
+        """Raises RuntimeError when the engine thread has died (health reports the pool down)."""
+        down = self._engine_loop.down_reason
+        if down is not None:
+            raise RuntimeError(f"the engine is down: {down}")
         bm = self.block_manager
         return {
             "model": self.model_name,
             "device": str(self.runner.device),
             "dtype": self.config.dtype,
+            "quantization": self.config.quantization,
             "running": len(self.scheduler.running),
             "waiting": self._engine_loop.inbox.num_unscheduled + sum(1 for s in list(self.scheduler.waiting) if s.metrics.preemptions),
             "kv_blocks_total": bm.num_blocks,

@@ -3,6 +3,12 @@
 Two hand-offs cross threads, and the loop owns both: the Inbox (callers'
 submits and aborts, taken at each step boundary) and the WakeList (handles
 that got events this iteration, woken together at its end).
+
+A failure that belongs to one sequence fails that sequence alone, never the
+step: its sampling, detokenizing and events run isolated (_isolated), and a
+failed batched forward is rerun in halves to find the sequences it fails on
+(_execute). If the loop itself dies, every live request gets an error event,
+submits are refused, and stats() raises (health shows the pool down).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import torch
 
 from inference.handle import WakeList
 from inference.outputs import DeltaEvent, EngineSaturated, FinishEvent, Usage
+from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,7 @@ class Inbox:
         self._live: dict[str, Sequence] = {}
         self._num_unscheduled = 0
         self._stopping = False
+        self.down_reason: str | None = None  # why the engine thread died, when it did
 
     # ------------------------------------------------------------ any thread
     def add(self, seq: Sequence, *, enforce_waiting_limit: bool = True) -> None:
@@ -43,6 +51,8 @@ class Inbox:
         batch API (Engine.generate), which queues all its prompts at once on
         purpose; raises EngineSaturated otherwise when max_waiting are queued."""
         with self._lock:
+            if self.down_reason is not None:
+                raise RuntimeError(f"the engine is down: {self.down_reason}")
             if self._stopping:
                 raise RuntimeError("the engine is shut down")
             if seq.request_id in self._live:
@@ -66,6 +76,15 @@ class Inbox:
         with self._lock:
             self._stopping = True
         self._wakeup.set()
+
+    def close_down(self, reason: str) -> list[Sequence]:
+        """The engine thread died: refuse every later submit, and hand back every
+        live request (queued or scheduled) so that each can get its error event."""
+        with self._lock:
+            self.down_reason = reason
+            self._stopping = True
+            self._items.clear()
+            return list(self._live.values())
 
     @property
     def num_unscheduled(self) -> int:
@@ -114,6 +133,13 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def down_reason(self) -> str | None:
+        """Why the engine thread is gone, or None while it serves (or was shut down)."""
+        if self.inbox.down_reason is None and not self._thread.is_alive() and not self.inbox.stopping:
+            return "the engine thread exited"
+        return self.inbox.down_reason
+
     def stop(self, timeout_s: float) -> None:
         """Stop after the current step; requests still live end with "abort"."""
         self.inbox.stop()
@@ -121,25 +147,44 @@ class EngineLoop:
             self._thread.join(timeout_s)
 
     def run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._serve()
+        except BaseException as exc:  # the loop itself broke, outside any step: never die silently
+            log.exception("engine loop died")
+            self._close_down(f"{type(exc).__name__}: {exc}")
+
+    def _serve(self) -> None:
         scheduler = self.engine.scheduler
-        with torch.inference_mode():
-            while True:
-                self._drain_inbox()
-                self.wake_list.wake_all()  # aborts' final events
-                if self.inbox.stopping:
-                    break
-                if not scheduler.has_work():
-                    self.inbox.wait(_IDLE_WAIT_S)
-                    continue
-                try:
-                    self.step()
-                except Exception as exc:  # a failed step must not kill the pool: fail its requests instead
-                    log.exception("engine step failed")
-                    self._fail_all(f"{type(exc).__name__}: {exc}")
-                self.wake_list.wake_all()
+        while True:
+            self._drain_inbox()
+            self.wake_list.wake_all()  # aborts' final events
+            if self.inbox.stopping:
+                break
+            if not scheduler.has_work():
+                self.inbox.wait(_IDLE_WAIT_S)
+                continue
+            try:
+                self.step()
+            except Exception as exc:  # no sequence to blame (the scheduler, say): fail its requests
+                log.exception("engine step failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+            self.wake_list.wake_all()
         self._drain_inbox()
         for seq in list(scheduler.running) + list(scheduler.waiting):
             self._finish(seq, "abort", error=None)
+        self.wake_list.wake_all()
+
+    def _close_down(self, reason: str) -> None:
+        """Fail every live request and refuse new ones; stats() then reports the engine down."""
+        message = f"the engine stopped: {reason}"
+        for seq in self.inbox.close_down(reason):
+            try:
+                self._finish(seq, "error", error=message)
+            except Exception:  # the engine's state is suspect now: the event matters, not the books
+                log.exception("finishing %s after the engine died", seq.request_id)
+                usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens)
+                seq.sink.deliver(FinishEvent(seq.request_id, "error", usage, seq.metrics, error=message))
         self.wake_list.wake_all()
 
     def _drain_inbox(self) -> None:
@@ -164,9 +209,11 @@ class EngineLoop:
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = started
                 self.inbox.mark_scheduled()
-        sampled, logits = engine.runner.execute(batch)
+        sampled, logits = self._execute(batch)
         num_prefill = num_decode = 0
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:
+                continue  # failed in the forward
             if seq.num_computed_tokens >= seq.num_prompt_tokens and num_new == 1:
                 num_decode += 1
                 seq.metrics.decode_tokens += 1
@@ -174,15 +221,81 @@ class EngineLoop:
                 num_prefill += num_new
                 seq.metrics.prefill_tokens += num_new
             seq.num_computed_tokens += num_new
-            engine.block_manager.register_computed_blocks(seq)
-        results = engine.sampler.sample(sampled, logits)
-        now = time.monotonic()
-        for seq, (token_id, logprob) in zip(sampled, results):
-            self._append_token(seq, token_id, logprob, now)
+            self._isolated(seq, engine.block_manager.register_computed_blocks, seq)
+        self._sample_and_append(sampled, logits)
         ended = time.monotonic()
         engine.metrics.record_step(started, ended, num_prefill, num_decode)
         if engine.step_observer is not None:
-            engine.step_observer(batch, ended - started)
+            try:
+                engine.step_observer(batch, ended - started)
+            except Exception:  # an observer (the benchmark's) must not fail the requests it watches
+                log.exception("step observer failed")
+
+    def _execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The batch's forward. When it raises, run each half on its own, down to
+        single sequences: only the sequences that fail alone fail, the others
+        still get this step's token (a sequence the forward fails on, such as an
+        out-of-range token id, breaks every batch it is in). A failure nobody
+        escapes (a broken device) fails every sequence, one at a time, and the
+        loop goes on serving. A failed forward may have written KV for its
+        batch's new positions only: the reruns overwrite them, failures free them."""
+        try:
+            return self.engine.runner.execute(batch)
+        except Exception as exc:
+            if len(batch.seqs) == 1:
+                log.exception("the forward failed for request %s", batch.seqs[0].request_id)
+                self._fail(batch.seqs[0], exc)
+                return [], None
+            log.warning("a forward of %d sequences failed (%s: %s); rerunning it in halves",
+                        len(batch.seqs), type(exc).__name__, exc)
+        half = len(batch.seqs) // 2
+        parts = [self._execute(ScheduledBatch(batch.seqs[:half], batch.num_new_tokens[:half])),
+                 self._execute(ScheduledBatch(batch.seqs[half:], batch.num_new_tokens[half:]))]
+        sampled = [seq for part_sampled, _ in parts for seq in part_sampled]
+        logits = [part_logits for part_sampled, part_logits in parts if part_sampled]
+        return sampled, (torch.cat(logits) if logits else None)
+
+    def _sample_and_append(self, sampled: list[Sequence], logits: torch.Tensor | None) -> None:
+        """A token for each sequence that samples this step; a failure in one
+        sequence's sampling, detokenizing, stop matching or events fails that
+        sequence alone."""
+        keep = [i for i, seq in enumerate(sampled) if not seq.is_finished]
+        if not keep:
+            return
+        if len(keep) < len(sampled):
+            sampled, logits = [sampled[i] for i in keep], logits[keep]
+        try:
+            results = self.engine.sampler.sample(sampled, logits)
+        except Exception:
+            # The sampler isolates its rows itself; this is for a failure outside
+            # them (the batched argmax), which happens before any row drew noise.
+            log.exception("batched sampling failed; sampling one sequence at a time")
+            results = [self._sample_one(seq, logits[i:i + 1]) for i, seq in enumerate(sampled)]
+        now = time.monotonic()
+        for seq, result in zip(sampled, results):
+            if isinstance(result, Exception):
+                log.error("sampling failed for request %s", seq.request_id, exc_info=result)
+                self._fail(seq, result)
+            else:
+                self._isolated(seq, self._append_token, seq, result[0], result[1], now)
+
+    def _sample_one(self, seq: Sequence, logits: torch.Tensor):
+        try:
+            return self.engine.sampler.sample([seq], logits)[0]
+        except Exception as exc:  # handed back: it fails this sequence alone
+            return exc
+
+    def _isolated(self, seq: Sequence, work, *args) -> None:
+        """Run one sequence's share of the step; an exception fails that sequence only."""
+        try:
+            work(*args)
+        except Exception as exc:
+            log.exception("request %s failed in the engine step", seq.request_id)
+            self._fail(seq, exc)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        if not seq.is_finished:
+            self._finish(seq, "error", error=f"the model failed on this request: {type(exc).__name__}: {exc}")
 
     def _append_token(self, seq: Sequence, token_id: int, logprob, now: float) -> None:
         seq.token_ids.append(token_id)
@@ -218,16 +331,25 @@ class EngineLoop:
         seq.finish_reason, seq.stop_reason, seq.error = reason, stop_reason, error
         seq.metrics.finished_time = time.monotonic()
         if reason in ("abort", "error"):
-            # Whatever text was held back (a possible stop-string start) was real output.
-            tail = seq.detokenizer.release(final=True)
-            if tail:
-                seq.sink.deliver(DeltaEvent(seq.request_id, (), tail))
+            self._release_tail(seq)
         self.inbox.forget(seq, was_unscheduled)
         self.engine.metrics.record_finish(seq)
         usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                       cached_tokens=seq.cached_prompt_tokens or 0)
         seq.sink.deliver(FinishEvent(seq.request_id, reason, usage, seq.metrics, error=error,
                                      stop_reason=stop_reason))
+
+    @staticmethod
+    def _release_tail(seq: Sequence) -> None:
+        """Whatever text was held back (a possible stop-string start) was real
+        output. Best effort: the detokenizer may be what failed this sequence."""
+        try:
+            tail = seq.detokenizer.release(final=True)
+        except Exception:
+            log.exception("releasing the held-back text of %s", seq.request_id)
+            return
+        if tail:
+            seq.sink.deliver(DeltaEvent(seq.request_id, (), tail))
 
     def _fail_all(self, message: str) -> None:
         scheduler = self.engine.scheduler

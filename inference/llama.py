@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.outputs import UnsupportedModel
+from inference.quantization import int8_linear
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            scale: Optional[torch.Tensor], weight_only: bool) -> torch.Tensor:
+    # scale is set when the weight is int8 (EngineConfig.quantization, inference.quantization).
+    if scale is not None:
+        return int8_linear(x, weight, scale, bias, weight_only)
+    return F.linear(x, weight, bias)
+
+
 def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+                     bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight_only: bool) -> torch.Tensor:
     # h + x @ W^T in one GEMM (the residual is the accumulator): one pass fewer over h.
+    if scale is not None:
+        return h + int8_linear(x, weight, scale, bias, weight_only)
     if bias is not None:
         return h + F.linear(x, weight, bias)
     return torch.addmm(h, x, weight.t())
@@ -122,14 +133,21 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
 
 def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
             weights: List[List[torch.Tensor]], qkv_biases: List[Optional[torch.Tensor]],
-            o_biases: List[Optional[torch.Tensor]], k_cache: torch.Tensor, v_cache: torch.Tensor,
+            o_biases: List[Optional[torch.Tensor]], scales: List[List[torch.Tensor]], weight_only: bool,
+            k_cache: torch.Tensor, v_cache: torch.Tensor,
             decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
             heads: int, kv_heads: int, dim: int, eps: float, scale: float) -> torch.Tensor:
-    """Every decoder layer; weights[i] = [input_norm, qkv, o, post_norm, gate_up, down]."""
+    """Every decoder layer; weights[i] = [input_norm, qkv, o, post_norm, gate_up, down];
+    scales[i] = the int8 scales of [qkv, o, gate_up, down], or scales is empty (float weights);
+    weight_only picks inference.quantization's weight-only int8 path."""
     num_tokens = h.size(0)
     for index, w in enumerate(weights):
+        s: List[Optional[torch.Tensor]] = [None, None, None, None]
+        if len(scales) > 0:
+            for j in range(4):
+                s[j] = scales[index][j]
         x = _rms_norm(h, w[0], eps)
-        qkv = F.linear(x, w[1], qkv_biases[index])  # [T, (H + 2 KV) * D]
+        qkv = _linear(x, w[1], qkv_biases[index], s[0], weight_only)  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, sin)  # [T, H + KV, D]: one rotation for both
         q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, KV, D]
@@ -139,10 +157,10 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.
         layer_k.view(-1, kv_heads, dim).index_copy_(0, slots, k)
         layer_v.view(-1, kv_heads, dim).index_copy_(0, slots, v)
         o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale)  # [T, H * D]
-        h = _residual_linear(h, o, w[2], o_biases[index])
+        h = _residual_linear(h, o, w[2], o_biases[index], s[1], weight_only)
         x = _rms_norm(h, w[3], eps)
-        gate, up = F.linear(x, w[4]).chunk(2, dim=-1)
-        h = _residual_linear(h, F.silu(gate) * up, w[5], None)
+        gate, up = _linear(x, w[4], None, s[2], weight_only).chunk(2, dim=-1)
+        h = _residual_linear(h, F.silu(gate) * up, w[5], None, s[3], weight_only)
     return h
 
 
@@ -172,6 +190,7 @@ def scripted_layer_stack():
 
 class PagedLlama:
     def __init__(self, model: torch.nn.Module, max_positions: int, script_layers: bool = True):
+        # Over 40 lines: one attribute per model tensor or shape fact, read once here.
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModel(
@@ -198,6 +217,10 @@ class PagedLlama:
         self.o_biases = [w["o_bias"] for w in self.layers]
         # The eager stack is only the GIL benchmark's baseline (EngineConfig.script_layers).
         self.layer_stack = scripted_layer_stack() if script_layers else _layers
+        # Set by inference.quantization.quantize_paged when the weights are int8.
+        self.weight_scales: list[list[torch.Tensor]] = []
+        self.lm_head_int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.int8_weight_only = False
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # Rotary tables from the model's own rotary module, so every rope
@@ -253,10 +276,13 @@ class PagedLlama:
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         with torch.jit.optimized_execution(False):
-            h = self.layer_stack(h, cos, sin, slots, self.weights, self.qkv_biases, self.o_biases, k_cache, v_cache,
+            h = self.layer_stack(h, cos, sin, slots, self.weights, self.qkv_biases, self.o_biases,
+                                 self.weight_scales, self.int8_weight_only, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.eps, self.scale)
         h = _rms_norm(h[logit_rows], self.final_norm, self.eps)  # [N, hidden]
+        if self.lm_head_int8 is not None:
+            return int8_linear(h, *self.lm_head_int8, None, self.int8_weight_only).float()  # [N, V]
         if self.device.type == "cpu":
             # MKL runs the tall lm_head GEMM ([V, hidden] with V ~ 50k) about 30%
             # faster as W @ h^T than as h @ W^T at 8-64 rows (measured on the

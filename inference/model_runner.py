@@ -7,6 +7,7 @@ import torch
 
 from inference.config import EngineConfig
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
+from inference.quantization import quantize_paged
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
 
@@ -33,6 +34,9 @@ class ModelRunner:
             max_positions = min(max_positions, config.max_model_len)
         with torch.inference_mode():
             self.net = PagedLlama(model, max_positions, config.script_layers)
+            if config.quantization != "none":
+                quantize_paged(self.net, weight_only=config.quantization == "int8_weight_only"
+                               or self.device.type != "cpu")
         self.num_blocks = self._num_blocks(config)
         shape = (self.net.num_layers, self.num_blocks, self.block_size, self.net.num_kv_heads, self.net.head_dim)
         # [layers, num_blocks, block_size, kv_heads, D], allocated once for the engine's life.

@@ -49,8 +49,11 @@ class Sampler:
             seq.generator.manual_seed(seed)
         return seq.generator
 
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
-        """logits [N, V] fp32, one row per seq. Returns (token id, logprob or None) per seq."""
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None] | Exception]:
+        """logits [N, V] fp32, one row per seq. Returns (token id, logprob or None)
+        per seq, or the exception its row raised: one request's sampling failure
+        is that request's alone, and the other rows' generators are not touched
+        again (a retry would shift their seeded draws)."""
         tokens: list[int | None] = [None] * len(seqs)
         plain_greedy = [i for i, s in enumerate(seqs) if s.params.greedy
                         and s.params.repetition_penalty == 1.0 and s.params.presence_penalty == 0.0]
@@ -58,29 +61,31 @@ class Sampler:
             picked = logits[plain_greedy].argmax(dim=-1).tolist()  # one call for the common case
             for i, token in zip(plain_greedy, picked):
                 tokens[i] = token
+        results: list[tuple[int, TokenLogprob | None] | Exception] = []
         for i, seq in enumerate(seqs):
-            if tokens[i] is not None:
-                continue
-            params = seq.params
-            row = logits[i]
-            if params.repetition_penalty != 1.0 or params.presence_penalty != 0.0:
-                row = _penalize(row, seq)
-            if params.greedy:
-                tokens[i] = int(row.argmax())
-                continue
-            row = _filter_top_k_top_p(row / params.temperature, params.top_k, params.top_p)
-            probs = row.softmax(-1)
-            # Exponential-race sampling: argmax(p / E), E ~ Exp(1), draws from p
-            # using only this request's generator, so other rows never shift it.
-            noise = torch.empty_like(probs).exponential_(generator=self.generator_for(seq, probs.device))
-            tokens[i] = int((probs / noise).argmax())
-        results = []
-        for i, seq in enumerate(seqs):
-            logprob = None
-            if seq.params.logprobs is not None:
-                logprob = self._logprob(logits[i], tokens[i], seq.params.logprobs)
-            results.append((tokens[i], logprob))
+            try:
+                token = tokens[i] if tokens[i] is not None else self._sample_row(seq, logits[i])
+                logprob = None
+                if seq.params.logprobs is not None:
+                    logprob = self._logprob(logits[i], token, seq.params.logprobs)
+                results.append((token, logprob))
+            except Exception as exc:  # handed back: it fails this sequence alone
+                results.append(exc)
         return results
+
+    def _sample_row(self, seq: Sequence, row: torch.Tensor) -> int:
+        """row [V] fp32: penalties, then greedy or a seeded draw."""
+        params = seq.params
+        if params.repetition_penalty != 1.0 or params.presence_penalty != 0.0:
+            row = _penalize(row, seq)
+        if params.greedy:
+            return int(row.argmax())
+        row = _filter_top_k_top_p(row / params.temperature, params.top_k, params.top_p)
+        probs = row.softmax(-1)
+        # Exponential-race sampling: argmax(p / E), E ~ Exp(1), draws from p
+        # using only this request's generator, so other rows never shift it.
+        noise = torch.empty_like(probs).exponential_(generator=self.generator_for(seq, probs.device))
+        return int((probs / noise).argmax())
 
     @staticmethod
     def _logprob(row: torch.Tensor, token: int, top_n: int) -> TokenLogprob:

@@ -15,5 +15,9 @@ os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="chatapp-test-")
 os.environ.setdefault("MODELS_DIR", str(ROOT / "var" / "models"))
 os.environ.setdefault("LOAD_MODELS", "0")
 os.environ.setdefault("DEBUG", "0")
+# The product's default, "auto", times the number formats at every engine
+# start (seconds, and its choice depends on the machine's load); tests that
+# start a real serve pin fp32, the exact format. inference's own tests cover "auto".
+os.environ.setdefault("ENGINE_DTYPE", "float32")
 # Background tasks run inline in tests reach no developer's running server.
 os.environ.setdefault("SERVE_URL", "http://127.0.0.1:9")

@@ -318,7 +318,7 @@ async def test_an_open_stream_ends_when_its_reply_is_ended_without_a_log(alice, 
     reading = asyncio.create_task(read_stream(comm, timeout_s=10))
     await eventually(lambda: streams.live_subscribers(reply.id))  # open and waiting
     assert not reading.done()
-    assert await sync_to_async(services.reap_orphaned_replies)() == 1
+    assert len(await sync_to_async(services.reap_stale_replies)(stale_s=0)) == 1  # its process died
     _, raw = await reading
     assert raw.count(b": heartbeat") >= 1
     assert events_of(raw)[-1]["event"] == "done"

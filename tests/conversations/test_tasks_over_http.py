@@ -77,7 +77,7 @@ def test_a_summary_chunk_the_model_refuses_as_too_long_is_folded_in_halves(alice
     """The worker has no tokenizer: it sizes chunks by an estimate, and the
     serving process's own count has the last word."""
     limit = 70
-    fake_stream = fake_gateway.stream_chat
+    fake_stream = fake_gateway.stream
     refused, accepted = [], []
 
     def strict(request):
@@ -87,7 +87,7 @@ def test_a_summary_chunk_the_model_refuses_as_too_long_is_folded_in_halves(alice
         accepted.append(request)
         return fake_stream(request)
 
-    monkeypatch.setattr("gateway.services.stream_chat", strict)
+    monkeypatch.setattr(fake_gateway, "stream", strict)
     conversation = services.conversation_create(user=alice)
     for i in range(4):
         _chat_turn(conversation, f"question {i} " + "word " * 8, f"answer {i}")

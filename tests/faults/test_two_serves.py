@@ -7,7 +7,6 @@ from urllib.parse import quote
 
 import pytest
 
-from conversations import services
 from tests.faults.harness import LONG_PROMPT, TERMINAL, Serve, User, wait_for
 
 SECRET = "two-serves-share-one-secret-key-" + "x" * 32
@@ -71,9 +70,6 @@ def test_a_reply_on_one_serve_is_read_stopped_and_survives_through_another(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(not hasattr(services, "reap_stale_replies"), strict=True,
-                   reason="serve's start-up reaper ends every unfinished reply, another serve's live ones "
-                          "too; the staleness reaper (branch `replies`) fixes it")
 def test_a_serve_starting_beside_a_generating_one_leaves_its_reply_alone(tmp_path):
     a = Serve(tmp_path / "a", SECRET_KEY=SECRET).start()
     b = second_serve(tmp_path, a)

@@ -118,7 +118,8 @@ class FakeOpenAI:
                 self.wfile.flush()
 
             def _reply_words(self, body):
-                last = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+                # A prompt may hold no user message at all (only a system one): echo nothing then.
+                last = ([m["content"] for m in body["messages"] if m["role"] == "user"] or [""])[-1]
                 words = ["echo:", *last.split()]
                 if body.get("model") == "fake-slow":
                     words = ["tick"] * 200

@@ -18,6 +18,7 @@ Every way out ends with nothing left running (docs/RELIABILITY.md):
 """
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import functools
 import os
@@ -35,6 +36,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from chatapp import embedded, runtime
 from chatapp.celery import exit_with_parent
+from conversations import turns
 from conversations.services import reap_orphaned_replies
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -214,6 +216,8 @@ class Command(BaseCommand):
         self._worker = self._start_worker(serve_url)
 
     def _run_daphne(self, host: str, port: int, *, with_worker: bool):
+        # Over 40 lines: Daphne's server, its ready callback and the signal
+        # wiring share the reactor's locals; split, they would pass them around.
         # Imported here, not at the top: daphne.server installs Twisted's
         # asyncio reactor on import, and chatapp.asgi builds the application;
         # neither belongs in a process that only runs `manage.py help`.
@@ -224,6 +228,9 @@ class Command(BaseCommand):
         from chatapp.asgi import application
 
         def ready():
+            # Daphne's loop runs once the reactor does: the reply keeper
+            # (heartbeats, the reaper of dead processes' replies) runs on it.
+            asyncio.get_event_loop().call_soon(turns.start_keeper)
             if not server.listening_addresses:
                 return  # listen_error already stopped the reactor; reported below
             bound_host, bound_port = server.listening_addresses[0]

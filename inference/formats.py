@@ -1,0 +1,189 @@
+"""Pick the CPU number format by measuring (EngineConfig.dtype = "auto" on CPU).
+
+Half precision is 2-3x faster than fp32 on CPUs that do it natively (AMX or
+AVX512-BF16 for bf16, AVX512-FP16/AMX-FP16 for fp16) and slower than fp32 on
+CPUs that emulate it, so the choice is measured, not assumed:
+
+1. read the CPU's flags; a half format without native support is not tried;
+2. time the model's own linear shapes (in/out sizes of its nn.Linear layers,
+   each weighted by how many layers have it) at 1 and 32 rows in each format;
+3. try the formats faster than fp32 by at least MIN_SPEEDUP, fastest first,
+   and take the first that passes a quality check against fp32 through the
+   real model (QUALITY_BOUND); fp32 when none does.
+
+No Django here. The engine calls choose_cpu_format before it builds its runner
+and keeps the report as Engine.format_report.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from inference.model_runner import DTYPES
+
+log = logging.getLogger(__name__)
+
+# The flags that make a half format native; /proc/cpuinfo names.
+NATIVE_FLAGS = {"bfloat16": ("amx_bf16", "avx512_bf16"), "float16": ("amx_fp16", "avx512_fp16")}
+REPORTED_FLAGS = ("amx_bf16", "amx_fp16", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
+                  "avx512f", "avx2")
+ROWS = (1, 32)  # one decoding sequence, and a full decode batch
+# A reduced format must beat fp32 by 10% on the summed matmul time: fp32 is
+# exact (token-identical to HF), so a gain within timing noise is not worth it.
+MIN_SPEEDUP = 1.10
+# Quality check against fp32, teacher-forced over every position of the fixed
+# prompts (about 70 positions for SmolLM2's tokenizer). On SmolLM2-135M bf16
+# measured 0.97 top-1 agreement and a mean KL(fp32 || bf16) of 0.002 nats, fp16
+# 1.00 and 0.00003. The KL bound, ten times bf16's, catches a systematic drift;
+# the agreement bound is looser than bench.quality's 0.95 on a long text
+# because here one flipped near-tie already moves it by 1.4 points. Together
+# they reject a broken format (fp16 overflowing to inf/nan, a model whose
+# logits move enough to change one token in ten) at the cost of ~0.1 s.
+QUALITY_BOUND = {"min_top1_agreement": 0.90, "max_mean_kl": 0.02}
+PROMPTS = (
+    "The capital of France is Paris, and the capital of Italy is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "Water boils at 100 degrees Celsius at sea level. At higher altitudes, the boiling point",
+)
+
+
+@dataclass
+class FormatReport:
+    dtype: str  # the chosen format
+    cpu: str
+    flags: list[str]  # the REPORTED_FLAGS this CPU has
+    # Summed matmul time of one forward's linear layers, microseconds: {format: {rows: us}}.
+    matmul_us: dict[str, dict[int, float]] = field(default_factory=dict)
+    quality: dict[str, dict] = field(default_factory=dict)  # {format: {agreement, mean_kl, passed}}
+    skipped: dict[str, str] = field(default_factory=dict)  # {format: why it was not tried}
+    seconds: float = 0.0  # how long choosing took
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        times = ", ".join(f"{name} " + "/".join(f"{us / 1000:.2f}" for us in by_rows.values())
+                          for name, by_rows in self.matmul_us.items())
+        return (f"{self.dtype} (matmul ms per forward at {'/'.join(map(str, ROWS))} rows: {times}; "
+                f"quality {self.quality}; skipped {self.skipped}; CPU {self.cpu} {' '.join(self.flags)}; "
+                f"chosen in {self.seconds:.1f}s)")
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str] | None]:
+    """(model name, flags); flags None when unknown (not Linux/x86): then every format is tried."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), None
+    name, flags = platform.machine(), None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == platform.machine():
+            name = value.strip()
+        elif key.strip() == "flags" and flags is None:
+            flags = set(value.split())
+    return name, flags
+
+
+def linear_shapes(model: torch.nn.Module) -> Counter:
+    """{(in, out): how many nn.Linear layers have that shape}: the model's own matmuls."""
+    return Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def time_matmuls(shapes: Counter, dtypes: list[str], rows=ROWS, rounds: int = 20,
+                 budget_s: float = 0.3) -> dict[str, dict[int, float]]:
+    """Summed best time of x @ W^T over the shapes, per format and row count (us).
+    Formats are interleaved within each round, so a burst of other load on the
+    machine slows them alike rather than one of them, and the best of many
+    rounds (up to `rounds`, at least 3, about budget_s per shape) filters out
+    the bursts: on a shared 2-core box single timings varied 10-100x."""
+    best: dict[tuple, float] = {}
+    for (n_in, n_out) in shapes:
+        weight = torch.randn(n_out, n_in) * 0.02
+        cases = [(name, n, weight.to(DTYPES[name]), torch.randn(n, n_in, dtype=DTYPES[name]))
+                 for name in dtypes for n in rows]
+        for _name, _n, w, x in cases:  # warm-up: oneDNN builds its kernels on first use
+            F.linear(x, w)
+        deadline = time.perf_counter() + budget_s
+        for done in range(rounds):
+            if done >= 3 and time.perf_counter() > deadline:
+                break
+            for name, n, w, x in cases:
+                started = time.perf_counter()
+                F.linear(x, w)
+                elapsed = time.perf_counter() - started
+                key = (name, n, n_in, n_out)
+                best[key] = min(best.get(key, elapsed), elapsed)
+    return {name: {n: round(sum(best[(name, n, i, o)] * count for (i, o), count in shapes.items()) * 1e6, 1)
+                   for n in rows} for name in dtypes}
+
+
+def fixed_prompts(model: torch.nn.Module, tokenizer=None) -> list[list[int]]:
+    if tokenizer is not None:
+        return [tokenizer.encode(text) for text in PROMPTS]
+    generator = torch.Generator().manual_seed(0)  # no tokenizer: fixed random ids
+    vocab = model.config.vocab_size
+    return [torch.randint(0, vocab, (24,), generator=generator).tolist() for _ in PROMPTS]
+
+
+@torch.inference_mode()
+def prompt_logits(model: torch.nn.Module, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Next-token logits at every prompt position, fp32: one [len, V] per prompt."""
+    return [model(torch.tensor([ids])).logits[0].float() for ids in prompts]
+
+
+def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> dict:
+    """Top-1 agreement and mean KL(reference || candidate) over all positions."""
+    ref, cand = torch.cat(reference), torch.cat(candidate)  # [positions, V]
+    agreement = (ref.argmax(-1) == cand.argmax(-1)).float().mean().item()
+    kl = F.kl_div(cand.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    mean_kl = kl.mean().item()
+    if not torch.isfinite(cand).all():
+        agreement, mean_kl = 0.0, float("inf")
+    passed = agreement >= QUALITY_BOUND["min_top1_agreement"] and mean_kl <= QUALITY_BOUND["max_mean_kl"]
+    return {"agreement": round(agreement, 4), "mean_kl": round(mean_kl, 5), "passed": passed}
+
+
+def candidate_order(matmul_us: dict[str, dict[int, float]]) -> list[str]:
+    """Half formats at least MIN_SPEEDUP faster than fp32 in total, fastest first."""
+    total = {name: sum(by_rows.values()) for name, by_rows in matmul_us.items()}
+    faster = [name for name in total if name != "float32" and total["float32"] >= MIN_SPEEDUP * total[name]]
+    return sorted(faster, key=total.get)
+
+
+def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Path("/proc/cpuinfo")) -> FormatReport:
+    """Measure and choose; `model` is the fp32 model the engine will run (left unchanged)."""
+    started = time.monotonic()
+    cpu, flags = cpu_info(cpuinfo)
+    report = FormatReport("float32", cpu, sorted(f for f in REPORTED_FLAGS if flags and f in flags))
+    tried = ["float32"]
+    for name, native in NATIVE_FLAGS.items():
+        if flags is None or any(f in flags for f in native):
+            tried.append(name)
+        else:
+            report.skipped[name] = f"no native support (none of {', '.join(native)})"
+    report.matmul_us = time_matmuls(linear_shapes(model), tried)
+    order = candidate_order(report.matmul_us)
+    if order:
+        prompts = fixed_prompts(model, tokenizer)
+        reference = prompt_logits(model, prompts)
+        for name in order:
+            # A copy, so the fp32 weights stay exact should the check fail.
+            candidate = copy.deepcopy(model).to(DTYPES[name])
+            report.quality[name] = compare_logits(reference, prompt_logits(candidate, prompts))
+            del candidate
+            if report.quality[name]["passed"]:
+                report.dtype = name
+                break
+    report.seconds = round(time.monotonic() - started, 2)
+    log.info("number format: %s", report.summary())
+    return report

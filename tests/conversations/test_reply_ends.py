@@ -1,0 +1,148 @@
+"""Every reply ends in a terminal status, whatever fails: Redis on its first
+or last event, the database while it finishes, or the process that
+generated it (the heartbeat and the reaper)."""
+import datetime
+
+import pytest
+import redis
+from asgiref.sync import sync_to_async
+from django.db import OperationalError
+from django.utils import timezone
+
+from conversations import services, streams, turns
+from conversations.models import Message
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@sync_to_async
+def new_reply(user, text="Hi"):
+    conversation = services.conversation_create(user=user)
+    return services.message_send(conversation=conversation, text=text)
+
+
+@sync_to_async
+def load(reply_id):
+    return Message.objects.get(id=reply_id)
+
+
+@sync_to_async
+def streaming_reply(user, *, text="", beat_s_ago: float = 0):
+    """A reply some process is (or was) generating, its last heartbeat `beat_s_ago`."""
+    conversation = services.conversation_create(user=user)
+    reply = services.message_send(conversation=conversation, text="Hi")
+    services.reply_start(reply_id=reply.id, request_id=f"r-{reply.id}")
+    services.reply_materialize(reply_id=reply.id, content=text, stream_seq=3)
+    Message.objects.filter(id=reply.id).update(
+        heartbeat_at=timezone.now() - datetime.timedelta(seconds=beat_s_ago))
+    return reply
+
+
+def failing_append(monkeypatch, reply_id, *, which=lambda event: True):
+    """streams.append raises a Redis connection error for `reply_id`'s events that `which` picks."""
+    real = streams.append
+
+    async def append(rid, event):
+        if str(rid) == str(reply_id) and which(event):
+            raise redis.exceptions.ConnectionError("Redis went away")
+        await real(rid, event)
+
+    monkeypatch.setattr(streams, "append", append)
+
+
+# ------------------------------------------------------------ Redis and the database fail
+
+async def test_a_redis_failure_on_the_first_event_ends_the_reply_with_an_error(alice, fake_gateway, monkeypatch):
+    reply = await new_reply(alice)
+    failing_append(monkeypatch, reply.id)
+    assert await turns.generate_reply(reply.id) == "error"
+    stored = await load(reply.id)
+    assert stored.status == "error" and stored.error and stored.finished_at is not None
+
+
+async def test_an_unpublished_terminal_event_still_leaves_the_reply_ended_in_the_database(
+        alice, fake_gateway, monkeypatch):
+    reply = await new_reply(alice)
+    failing_append(monkeypatch, reply.id, which=lambda event: event.terminal)
+    assert await turns.generate_reply(reply.id) == "complete"
+    stored = await load(reply.id)
+    assert (stored.status, stored.content) == ("complete", "Hello, world!")
+
+
+async def test_a_database_failure_while_finishing_is_retried(alice, fake_gateway, monkeypatch):
+    reply = await new_reply(alice)
+    real, calls = services.reply_finish, []
+
+    def reply_finish(**kwargs):
+        calls.append(kwargs["status"])
+        if len(calls) <= 2:
+            raise OperationalError("terminating connection due to administrator command")
+        return real(**kwargs)
+
+    monkeypatch.setattr(services, "reply_finish", reply_finish)
+    monkeypatch.setattr(turns, "SETTLE_RETRY_DELAYS_S", (0.01, 0.01, 0.01))
+    assert await turns.generate_reply(reply.id) == "complete"
+    assert calls == ["complete"] * 3
+    stored = await load(reply.id)
+    assert (stored.status, stored.content) == ("complete", "Hello, world!")
+    events = await streams.read_after(reply.id, 0)
+    assert events[-1].event == "done" and events[-1].seq == stored.stream_seq
+
+
+# ------------------------------------------------------------ heartbeats and the reaper
+
+async def test_the_reaper_ends_a_stale_reply_keeping_its_text_and_spares_another_nodes_live_one(
+        alice, bob, settings):
+    settings.REPLY_STALE_S = 90
+    stale = await streaming_reply(alice, text="half a rep", beat_s_ago=120)
+    live = await streaming_reply(bob, text="still going", beat_s_ago=5)  # another serve's, beating
+    assert await turns.reap_stale_replies() == 1
+    stale_now, live_now = await load(stale.id), await load(live.id)
+    assert (stale_now.status, stale_now.content) == ("interrupted", "half a rep")
+    assert stale_now.finished_at is not None and stale_now.error
+    assert (live_now.status, live_now.content) == ("streaming", "still going")
+    # Readers still tailing the stale reply's log get its end there too.
+    events = await streams.read_after(stale.id, 0)
+    assert events[-1].event == "done" and events[-1].data["status"] == "interrupted"
+    assert events[-1].data.get("replace") and "half a rep" in events[-1].data["html"]
+    assert await turns.reap_stale_replies() == 0
+
+
+async def test_a_pending_reply_that_never_started_is_reaped_once_stale(alice, settings):
+    settings.REPLY_STALE_S = 90
+    reply = await new_reply(alice)
+    assert await turns.reap_stale_replies() == 0  # just created: its task may be about to run
+    await sync_to_async(Message.objects.filter(id=reply.id).update)(
+        heartbeat_at=timezone.now() - datetime.timedelta(seconds=120))
+    assert await turns.reap_stale_replies() == 1
+    assert (await load(reply.id)).status == "interrupted"
+
+
+async def test_the_start_up_reaper_of_a_second_serve_leaves_the_first_ones_live_replies_alone(alice, bob, settings):
+    settings.REPLY_STALE_S = 90
+    live = await streaming_reply(alice, text="going", beat_s_ago=1)
+    dead = await streaming_reply(bob, text="gone", beat_s_ago=300)
+    assert await sync_to_async(services.reap_orphaned_replies)() == 1
+    assert (await load(live.id)).status == "streaming"
+    assert (await load(dead.id)).status == "interrupted"
+
+
+async def test_a_reply_generating_longer_than_the_stale_threshold_is_kept_alive(alice, bob, fake_gateway, settings):
+    """The process's keeper beats its live replies, so its own reaper (and any
+    other serve's) never takes one that is still being written; a reply of a
+    dead process is reaped by the same periodic pass."""
+    settings.REPLY_HEARTBEAT_S = 0.1
+    settings.REPLY_STALE_S = 0.5
+    settings.STREAM_MATERIALIZE_S = 60  # no partial-text writes: only the keeper beats
+    fake_gateway.delay_s = 0.4  # four tokens: 1.6 s, three stale thresholds
+    orphan = await streaming_reply(bob, text="orphaned", beat_s_ago=0)
+    reply = await new_reply(alice)
+    task = turns.start_reply(reply.id)
+
+    async def orphan_reaped():
+        return (await load(orphan.id)).status == "interrupted"
+
+    await eventually(orphan_reaped, timeout_s=3)
+    assert await task == "complete"
+    assert (await load(reply.id)).status == "complete"

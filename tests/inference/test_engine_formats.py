@@ -1,0 +1,120 @@
+"""Reduced precision and int8 weights keep the engine's guarantees, each against
+its own reference: greedy output batched equals alone, and a stopped request
+frees its slot within one step. fp32 stays token-identical to HF generate
+(test_engine_greedy). Also how dtype "auto" picks a format on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference import EngineConfig, SamplingParams
+from inference import formats
+from inference.quantization import int8_linear, quantize_weight
+
+from .conftest import make_prompts
+
+pytestmark = pytest.mark.timeout(180)
+
+REDUCED = [
+    pytest.param({"dtype": "bfloat16"}, id="bf16"),
+    pytest.param({"dtype": "float16"}, id="fp16"),
+    pytest.param({"quantization": "int8"}, id="int8"),
+    pytest.param({"dtype": "bfloat16", "quantization": "int8"}, id="bf16-int8"),
+    pytest.param({"quantization": "int8_weight_only"}, id="int8-weight-only"),  # the CUDA path, run on CPU
+]
+
+
+@pytest.mark.parametrize("settings", REDUCED)
+def test_greedy_batched_equals_alone(make_engine, prompts, greedy, settings):
+    engine = make_engine(**settings)
+    batched = [c.token_ids for c in engine.generate(prompts, greedy)]
+    alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
+    assert batched == alone
+    assert all(len(tokens) > 0 for tokens in batched)
+
+
+@pytest.mark.parametrize("settings", REDUCED)
+def test_stopping_a_request_frees_its_slot_within_one_step(make_engine, settings):
+    engine = make_engine(max_num_seqs=1, **settings)
+    steps: list[set[str]] = []
+    engine.step_observer = lambda batch, _duration: steps.append({s.request_id for s in batch.seqs})
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    first, second = make_prompts(2, seed=51, min_len=8, max_len=8)
+    hog = engine.submit(first, params, request_id="hog")
+    waiting = engine.submit(second, SamplingParams(max_tokens=4, temperature=0.0), request_id="next")
+    stopped_at = None
+    for event in hog.iter_sync(timeout_s=60):
+        if stopped_at is None and len(event.token_ids) > 0:
+            stopped_at = len(steps)  # steps done when the abort is sent
+            engine.abort("hog")
+    assert event.finish_reason == "abort"
+    assert waiting.result(timeout_s=60).finish_reason == "length"
+    admitted = next(i for i, ids in enumerate(steps) if "next" in ids)
+    # One step may already be running when the abort arrives; the one after admits the waiting request.
+    assert admitted - stopped_at <= 1
+
+
+def test_int8_kernels_agree_with_the_float_matmul():
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64), torch.randn(5, 64)
+    q, scale = quantize_weight(weight)
+    exact = x @ weight.t()
+    for weight_only in (False, True):
+        out = int8_linear(x, q, scale, None, weight_only)
+        assert out.shape == exact.shape
+        assert (out - exact).abs().max() < 0.05 * exact.abs().max()
+    # Per-token activation scales: a row's result does not depend on its batch.
+    assert torch.equal(int8_linear(x[:1], q, scale, None, False), int8_linear(x, q, scale, None, False)[:1])
+
+
+def test_quantization_is_validated():
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(quantization="int4")
+    assert EngineConfig().quantization == "none"
+
+
+def test_auto_dtype_on_cpu_is_measured_and_reported(make_engine, prompts, greedy):
+    engine = make_engine(dtype="auto")
+    report = engine.format_report
+    assert report is not None and engine.config.dtype == report.dtype
+    assert engine.stats()["dtype"] == report.dtype in ("float32", "bfloat16", "float16")
+    assert set(report.matmul_us["float32"]) == set(formats.ROWS)
+    assert report.as_dict()["dtype"] == report.dtype and report.dtype in report.summary()
+    assert all(c.finish_reason in ("stop", "length") for c in engine.generate(prompts[:2], greedy))
+
+
+def test_none_dtype_stays_fp32_on_cpu_without_measuring(make_engine):
+    engine = make_engine()
+    assert engine.format_report is None and engine.config.dtype == "float32"
+
+
+def test_half_formats_are_not_tried_without_native_support(reference_model, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2 avx2 fma\n")
+    report = formats.choose_cpu_format(reference_model, cpuinfo=cpuinfo)
+    assert report.dtype == "float32" and report.cpu == "Old CPU"
+    assert set(report.skipped) == {"bfloat16", "float16"} and list(report.matmul_us) == ["float32"]
+    assert report.flags == ["avx2"]
+
+
+def test_a_half_format_must_beat_fp32_by_the_margin():
+    timings = {"float32": {1: 100.0, 32: 100.0}, "bfloat16": {1: 60.0, 32: 60.0}, "float16": {1: 95.0, 32: 95.0}}
+    assert formats.candidate_order(timings) == ["bfloat16"]
+    timings["float16"] = {1: 40.0, 32: 50.0}
+    assert formats.candidate_order(timings) == ["float16", "bfloat16"]
+
+
+def test_a_format_with_broken_logits_fails_the_quality_check():
+    reference = [torch.randn(6, 32)]
+    assert formats.compare_logits(reference, [reference[0].clone()])["passed"]
+    broken = reference[0].clone()
+    broken[2, 0] = float("nan")
+    assert not formats.compare_logits(reference, [broken])["passed"]
+    shuffled = reference[0][:, torch.randperm(32)]
+    assert not formats.compare_logits(reference, [shuffled])["passed"]
+
+
+def test_stats_report_the_quantization(make_engine, prompts, greedy):
+    engine = make_engine(quantization="int8")
+    assert engine.stats()["quantization"] == "int8"
+    assert engine.generate(prompts[0], greedy)[0].usage.completion_tokens > 0
