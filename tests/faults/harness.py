@@ -52,7 +52,10 @@ class Serve:
         self.env = {
             **os.environ, "DATA_DIR": str(data_dir), "LOAD_MODELS": "1" if load_models else "0",
             "PYTHONUNBUFFERED": "1", "ENGINE_KV_CACHE_MB": "64", "STREAM_MATERIALIZE_S": "0.2",
-            "CHAT_REPLY_MAX_TOKENS": str(LONG_REPLY_TOKENS), "SHUTDOWN_TIMEOUT_S": "30", **env,
+            "CHAT_REPLY_MAX_TOKENS": str(LONG_REPLY_TOKENS), "SHUTDOWN_TIMEOUT_S": "30",
+            # A killed serve's replies are reaped within a test's patience,
+            # yet a live one's heartbeat has room for a busy box's delays.
+            "REPLY_HEARTBEAT_S": "2", "REPLY_STALE_S": "15", **env,
         }
         self.worker = worker
         self.proc: subprocess.Popen | None = None

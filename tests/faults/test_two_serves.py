@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.faults.harness import LONG_PROMPT, TERMINAL, Serve, User, wait_for
+from tests.faults.harness import LONG_PROMPT, Serve, User, wait_for
 
 SECRET = "two-serves-share-one-secret-key-" + "x" * 32
 
@@ -71,16 +71,16 @@ def test_a_reply_on_one_serve_is_read_stopped_and_survives_through_another(tmp_p
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_serve_starting_beside_a_generating_one_leaves_its_reply_alone(tmp_path):
-    a = Serve(tmp_path / "a", SECRET_KEY=SECRET).start()
+    a = Serve(tmp_path / "a", SECRET_KEY=SECRET, STREAM_GRACE_S="120").start()
     b = second_serve(tmp_path, a)
     try:
         user = User(a).sign_up()
         chat, reply = user.new_chat(LONG_PROMPT)
-        user.read(reply, until=lambda s: len(s.tokens) >= 5)
-        b.start()
-        ended = wait_for(lambda: user.message(chat, reply)["status"] in TERMINAL, timeout_s=240,
-                         what="the reply to end")
-        assert user.message(chat, reply)["status"] == "complete", ended
+        seen = user.read(reply, until=lambda s: len(s.tokens) >= 5)
+        b.start()  # within STREAM_GRACE_S: the reply still counts as read
+        end = user.read(reply, last_event_id=seen.last_id, timeout_s=240)
+        assert end.terminal and end.terminal["data"]["status"] == "complete", end
+        assert user.message(chat, reply)["status"] == "complete"
     finally:
         b.stop()
         a.stop()

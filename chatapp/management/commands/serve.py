@@ -58,6 +58,7 @@ class Command(BaseCommand):
         self._worker_started_at = 0.0
         self._reactor = None
         self._watchdog = None
+        self._exit_lock = threading.Lock()
         self._stop_asked = False
         self._shutting_down = False
         for signum in STOP_SIGNALS:
@@ -80,6 +81,8 @@ class Command(BaseCommand):
             runtime.shutdown_engines()
             embedded.stop_configured()
             lock.close()
+            # Not while the watchdog kills what is left: it exits with 1.
+            self._exit_lock.acquire()
             self.stdout.write("stopped.")
             self.stdout.flush()
 
@@ -110,7 +113,10 @@ class Command(BaseCommand):
     def _force_stop(self, why: str):
         """Kill what is left and exit. Runs in a signal handler or on the
         watchdog's thread, so it writes with os.write (no buffered stream,
-        which the main thread may hold) and takes no lock."""
+        which the main thread may hold), and holds the exit lock, if the main
+        thread has not taken it, so that the main thread cannot end the
+        process with status 0 meanwhile."""
+        self._exit_lock.acquire(blocking=False)
         os.write(2, f"serve: {why}: killing what is left\n".encode())
         if self._worker is not None:
             try:
