@@ -76,6 +76,16 @@ def setup_django(data_dir: Path):
     call_command("migrate", verbosity=0)
 
 
+def stop_server(server: subprocess.Popen, data_dir: Path) -> None:
+    """The server, then the embedded services it used, whatever happened."""
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    _stop_services(data_dir)
+
+
 def _stop_services(data_dir: Path) -> None:
     """The embedded Redis (and Postgres) would otherwise outlive the benchmark."""
     from chatapp import embedded
@@ -436,12 +446,7 @@ def main(argv=None):
         results = asyncio.run(run(args, f"http://127.0.0.1:{port}", cookies, idle_cookie, idle_replies, engine))
         engine.shutdown()
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        _stop_services(data_dir)
+        stop_server(server, data_dir)
     body = render(args, results, device, machine)
     print(body)
     if args.write:

@@ -27,7 +27,6 @@ import json
 import logging
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -277,12 +276,7 @@ def main(argv=None) -> int:
         connections.close_all()
         tally = asyncio.run(run(args, f"http://127.0.0.1:{port}", cookies, keys, server.pid))
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        chat._stop_services(data_dir)
+        chat.stop_server(server, data_dir)
     body = render(args, tally, machine)
     print(body)
     if args.write:
