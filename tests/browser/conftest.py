@@ -17,7 +17,7 @@ import pytest
 
 from chatapp import runtime
 
-from tests.conversations.conftest import fake_gateway  # noqa: F401  (re-exported fixture)
+from tests.conversations.conftest import fake_gateway, serving_api_in_process  # noqa: F401  (re-exported fixtures)
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
