@@ -158,6 +158,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "chatapp.middleware.DatabaseTroubleMiddleware",
 ]
 
 ROOT_URLCONF = "chatapp.urls"
@@ -409,6 +410,10 @@ EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
 # Torch threads of the embedding thread (its own, apart from the engines').
 EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1, min_value=1)
 
+# A quota reservation's lease: renewed by its process every third of it,
+# given back in full by any process once it runs out (its process died).
+QUOTA_LEASE_S = env_float("QUOTA_LEASE_S", 30.0, min_value=0.3)
+
 # -------------------------------------------------------- conversations
 
 # A reply whose stream has no subscriber for this long is aborted and marked
@@ -420,6 +425,9 @@ STREAM_HEARTBEAT_S = env_float("STREAM_HEARTBEAT_S", 10.0, min_value=0.05)
 STREAM_MATERIALIZE_S = env_float("STREAM_MATERIALIZE_S", 1.0, min_value=0.05)
 # How long a reply's event log stays in Redis after it ends (for late reattach).
 STREAM_LOG_TTL_S = env_int("STREAM_LOG_TTL_S", 3600, min_value=10)
+# Waits between retries of a reply's event writes while Redis is unreachable
+# (~10 s in all, a restart's length): the reply pauses rather than fails.
+STREAM_REDIS_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0)
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16000, min_value=1)
 CHAT_REPLY_MAX_TOKENS = env_int("CHAT_REPLY_MAX_TOKENS", 512, min_value=1)
 CHAT_TEMPERATURE = env_float("CHAT_TEMPERATURE", 0.7, min_value=0.0)
