@@ -91,6 +91,11 @@ def _reload(reply_id):
 
 
 class ReplyStreamConsumer(AsyncConsumer):
+    # No channel layer: streams are fed by the reply's Redis log and the
+    # fan-out, never by channel messages. With the layer, every SSE
+    # connection kept a Redis connection in a BZPOPMIN loop for nothing, and
+    # cancelling that receive at the end of a stream could hang.
+    channel_layer_alias = None
     task: asyncio.Task | None = None
     sent_seq = 0  # the last event this response carried
 

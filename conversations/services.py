@@ -305,6 +305,19 @@ def reap_stale_replies(*, stale_s: float | None = None) -> list[Reaped]:
     return [Reaped(id=id_, content=content, stream_seq=seq, error=REAPED_ERROR) for id_, content, seq in rows]
 
 
+def reply_recover_text(*, reply_id, stored_seq: int, extra: str, seq: int) -> str | None:
+    """Add to a reaped reply the text its log streamed after the last
+    materialization (`stored_seq`): a process killed mid-reply loses at most
+    what never reached Redis. Only while the row is as the reaper left it.
+    Returns the new text, or None when the row moved on."""
+    reply = Message.objects.filter(id=reply_id, status=Message.Status.INTERRUPTED, stream_seq=stored_seq)
+    content = reply.values_list("content", flat=True).first()
+    if content is None:
+        return None
+    reply.update(content=content + extra, stream_seq=seq, updated_at=timezone.now())
+    return content + extra
+
+
 async def reaped_publish(reaped: list[Reaped]) -> None:
     """Each reaped reply's terminal event, for readers still tailing its log
     (best effort: a reader also finds the status in the database)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
 from contextlib import aclosing
@@ -381,8 +382,27 @@ async def reap_stale_replies() -> int:
     """End as interrupted (text kept) the replies whose heartbeat is older
     than REPLY_STALE_S, and close their streams. Returns how many."""
     reaped = await on_db_thread(services.reap_stale_replies)()
+    reaped = [await _recover_streamed_text(reply) for reply in reaped]
     await services.reaped_publish(reaped)
     return len(reaped)
+
+
+async def _recover_streamed_text(reply: services.Reaped) -> services.Reaped:
+    """The dead process may have streamed tokens after its last
+    materialization; its Redis log still holds them (best effort: without
+    Redis the stored text stands)."""
+    try:
+        extra, seq = await streams.text_after(reply.id, reply.stream_seq)
+        if not extra:
+            return reply
+        content = await on_db_thread(services.reply_recover_text)(
+            reply_id=reply.id, stored_seq=reply.stream_seq, extra=extra, seq=seq)
+    except Exception:
+        log.warning("reaper: could not recover the streamed text of %s", reply.id, exc_info=True)
+        return reply
+    if content is None:
+        return reply
+    return dataclasses.replace(reply, content=content, stream_seq=seq)
 
 
 # ------------------------------------------------------------ running, stopping
@@ -415,7 +435,8 @@ def _status_of(reply_id) -> str | None:
 async def stop_reply(reply_id, *, wait_s: float = 3.0) -> str:
     """Ask the generating task (in whichever process) to stop, and wait until
     the partial reply is saved, so a quick follow-up never races it. If no task
-    answers (its process died), end the reply here with what was materialized."""
+    answers (its process died), end the reply here with what was materialized
+    and what its log streamed since."""
     await streams.request_stop(reply_id)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -424,13 +445,15 @@ async def stop_reply(reply_id, *, wait_s: float = 3.0) -> str:
             return status or GONE
         await asyncio.sleep(0.05)
     reply = await on_db_thread(Message.objects.get)(id=reply_id)
+    streamed, _ = await streams.text_after(reply_id, reply.stream_seq)  # what the dead task had streamed
+    content = reply.content + streamed
     seq = max(await streams.last_seq(reply_id), reply.stream_seq) + 1
     won = await on_db_thread(services.reply_finish)(
-        reply_id=reply_id, status=Status.STOPPED, content=reply.content, stream_seq=seq,
+        reply_id=reply_id, status=Status.STOPPED, content=content, stream_seq=seq,
         usage=Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens),
     )
     if won:
-        await streams.append(reply_id, streams.terminal_event(seq, Status.STOPPED, reply.content, replace=True))
+        await streams.append(reply_id, streams.terminal_event(seq, Status.STOPPED, content, replace=True))
     return Status.STOPPED
 
 
