@@ -39,13 +39,13 @@ def _fmt(value: float) -> str:
     return f"{value:g}" if value >= 1 or value == 0 else f"{value:.3g}"
 
 
-def _frame(title: str, body: list[str], legend: list[str], css: str) -> SafeString:
+def _frame(title: str, body: list[str], legend: list[str], css: str, height: int = HEIGHT) -> SafeString:
     label = escape(title)
     items = "".join(
         f'<span class="key"><svg width="10" height="10" aria-hidden="true"><rect class="swatch s{i % PALETTE}" '
         f'width="10" height="10"/></svg>{escape(name)}</span>' for i, name in enumerate(legend)
     )
-    svg = (f'<svg class="chart {css}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{label}" '
+    svg = (f'<svg class="chart {css}" viewBox="0 0 {WIDTH} {height}" role="img" aria-label="{label}" '
            f'preserveAspectRatio="xMidYMid meet">{"".join(body)}</svg>')
     return mark_safe(f'<figure class="chart-box"><figcaption>{label}</figcaption>{svg}'
                      f'<div class="legend">{items}</div></figure>')
@@ -83,7 +83,8 @@ def line_chart(title: str, series: list[Series], *, x_range: tuple[float, float]
     for i in range(5):
         x = x0 + (x1 - x0) * i / 4
         label = timezone.localtime(datetime.fromtimestamp(x, UTC)).strftime(fmt)
-        body.append(f'<text class="tick" x="{LEFT + plot_w * i / 4:.1f}" y="{HEIGHT - 8}" text-anchor="middle">{label}</text>')
+        anchor = ("start", "middle", "middle", "middle", "end")[i]
+        body.append(f'<text class="tick" x="{LEFT + plot_w * i / 4:.1f}" y="{HEIGHT - 8}" text-anchor="{anchor}">{label}</text>')
     for i, s in enumerate(series):
         d = "M" + " L".join(xy(x, y) for x, y in sorted(s.points))
         body.append(f'<path class="series s{i % PALETTE}" d="{d}"><title>{escape(s.name)}</title></path>')
@@ -130,6 +131,7 @@ def hbar_chart(title: str, items: list[tuple[str, float]], *, unit: str = "", to
         return _empty(title)
     top = top or nice_max(max(v for _, v in items))
     row = min((HEIGHT - TOP - 8) / len(items), 28)
+    height = int(TOP + row * len(items) + 8)
     label_w, plot_w = 150, WIDTH - 150 - RIGHT - 70
     body = []
     for k, (label, value) in enumerate(items):
@@ -139,4 +141,4 @@ def hbar_chart(title: str, items: list[tuple[str, float]], *, unit: str = "", to
         body.append(f'<path class="bar s{k % PALETTE}" d="M{label_w},{y + row * 0.15:.1f} h{w:.1f} v{row * 0.7:.1f} '
                     f'h{-w:.1f} Z"><title>{escape(label)}: {_fmt(value)}{unit}</title></path>')
         body.append(f'<text class="value" x="{label_w + w + 6:.1f}" y="{y + row * 0.6:.1f}">{_fmt(value)}{unit}</text>')
-    return _frame(title, body, [], "hbar-chart")
+    return _frame(title, body, [], "hbar-chart", height=height)

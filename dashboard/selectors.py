@@ -100,8 +100,8 @@ def feedback_per_day(*, since: datetime) -> tuple[list[str], list[Series], float
     rows = ratio_by_day(since=since)
     up, down = sum(r["up"] for r in rows), sum(r["down"] for r in rows)
     days = [r["day"].strftime("%m-%d") for r in rows]
-    series = [Series("👍 up", [(i, r["up"]) for i, r in enumerate(rows)]),
-              Series("👎 down", [(i, r["down"]) for i, r in enumerate(rows)])]
+    series = [Series("up", [(i, r["up"]) for i, r in enumerate(rows)]),
+              Series("down", [(i, r["down"]) for i, r in enumerate(rows)])]
     return days, series, (100 * up / (up + down) if up + down else None)
 
 
