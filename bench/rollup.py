@@ -36,8 +36,9 @@ def _fill(rows: int, days: int) -> None:
     UsageRecord.objects.bulk_create(batch, batch_size=5000)
     minutes = days * 24 * 60
     with connection.cursor() as cursor:  # spread over the days, oldest ids first, as a ledger grows
-        cursor.execute(f"UPDATE gateway_usagerecord SET created_at = now() - (({rows} - id) % {minutes}) "
+        cursor.execute(f"UPDATE gateway_usagerecord SET created_at = now() - ({rows} - id) * {minutes}.0 / {rows} "
                        f"* interval '1 minute' - interval '1 second'")
+        cursor.execute("VACUUM FULL gateway_usagerecord")  # rows back in time order on disk, as a grown ledger has them
         cursor.execute("VACUUM ANALYZE gateway_usagerecord")
 
 
