@@ -70,3 +70,24 @@ def test_a_user_rates_a_finished_reply_in_the_chat(page, live, django_user_model
     assert (feedback.rating, feedback.category) == (-1, "inaccurate")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "feedback-widget.png"))
+
+
+def test_the_rating_buttons_appear_when_a_streamed_reply_ends(page, live, fake_gateway):
+    fake_gateway.script = [f"w{i} " for i in range(120)]
+    fake_gateway.delay_s = 0.03
+    signup(page, live, username="sid")
+    page.fill("#composer-text", "Say something")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("article.msg.assistant .body.streaming")
+    # Hidden while generating (read in one step: the reply may end at any moment).
+    shown = page.evaluate("""() => {
+        const reply = document.querySelector('article.msg.assistant');
+        return reply.dataset.stream ? getComputedStyle(reply.querySelector('form.feedback')).display : 'ended';
+    }""")
+    assert shown in ("none", "ended")
+    page.wait_for_selector("article.msg.assistant.status-complete")
+    page.click("article.msg.assistant button[aria-label='Good reply']")
+    page.wait_for_selector("article.msg.assistant button[aria-label='Good reply'][aria-pressed=true]")
+    from feedback.models import Feedback
+
+    assert Feedback.objects.get().rating == 1
