@@ -142,6 +142,8 @@ INSTALLED_APPS = [
     "gateway",
     "safety",
     "retrieval",
+    "feedback",
+    "dashboard",
 ]
 
 # Django's own classes here run as one synchronous block on the request's
@@ -456,3 +458,16 @@ if REPLY_STALE_S < 3 * REPLY_HEARTBEAT_S:
 # Redis connections per web process for stream commands (waiting streams use
 # none: they share one pub/sub connection).
 STREAM_REDIS_CONNECTIONS = env_int("STREAM_REDIS_CONNECTIONS", 50, min_value=2)
+
+# ------------------------------------------- cost, feedback and dashboard (issue 15)
+
+# The currency the admin's model prices (gateway.ModelPrice) are written in; shown on pages.
+COST_CURRENCY = env_str("COST_CURRENCY", "USD")
+# Per-minute rollups of the ledger (dashboard app) are kept this many days, then pruned.
+ROLLUP_RETENTION_DAYS = env_int("ROLLUP_RETENTION_DAYS", 90, min_value=1)
+# How often Celery beat folds the newest ledger rows into rollups (and prunes).
+ROLLUP_INTERVAL_S = env_float("ROLLUP_INTERVAL_S", 60.0, min_value=5.0)
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),
+    "dashboard-rollup": {"task": "dashboard.tasks.rollup", "schedule": ROLLUP_INTERVAL_S},
+}

@@ -10,4 +10,6 @@ urlpatterns = [
     path("settings/", include("accounts.settings_urls")),
     path("", include("gateway.urls")),
     path("", include("conversations.urls")),
+    path("", include("feedback.urls")),
+    path("", include("dashboard.urls")),
 ]

@@ -22,7 +22,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 
 from chatapp import runtime
-from gateway import backends, cache, quotas, registry, router
+from gateway import backends, cache, pricing, quotas, registry, router
 from gateway.backends import BackendFailure, BackendFinal
 from gateway.models import Backend, UsageRecord
 from gateway.registry import BackendSpec, Limits
@@ -147,6 +147,9 @@ class _Run:
         self.reservation = reservation
         self.started = time.monotonic()
         self.ttft_ms: int | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.generation_started: float | None = None  # the serving backend was asked (hardware-time cost)
         # The plan (`_plan`): every backend, the fallback chain, why its head was chosen.
         self.specs: dict[str, BackendSpec] = {}
         self.candidates: list[str] = []
@@ -163,8 +166,27 @@ class _Run:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
 
     def first_token(self) -> None:
+        """Called for every token event: TTFT once, the last one for ITL."""
+        now = time.monotonic()
         if self.ttft_ms is None:
-            self.ttft_ms = int((time.monotonic() - self.started) * 1000)
+            self.ttft_ms = int((now - self.started) * 1000)
+            self.first_token_at = now
+        self.last_token_at = now
+
+    async def _measures(self, usage: Usage, cache_hit: str) -> dict:
+        """The ledger row's cost, savings, ITL and generation time (issue 15)."""
+        generation_s = None
+        if self.generation_started is not None and not cache_hit:
+            generation_s = time.monotonic() - self.generation_started
+        itl_ms = None
+        if not cache_hit and self.first_token_at is not None and usage.completion_tokens > 1:
+            itl_ms = (self.last_token_at - self.first_token_at) * 1000 / (usage.completion_tokens - 1)
+        costs = pricing.costs(
+            await registry.aprices(), backend=self.backend, usage=usage, cache_hit=cache_hit,
+            generation_s=generation_s, routed_from=registry.LARGE if self.reason == "default" else None,
+        )
+        generation_ms = int(generation_s * 1000) if generation_s is not None else None
+        return {**costs.as_fields(), "itl_ms": itl_ms, "generation_ms": generation_ms}
 
     async def settle(self, *, status: str, usage: Usage, cache_hit: str = "", error: str = "",
                      charge: bool = True) -> None:
@@ -186,6 +208,12 @@ class _Run:
 
     async def _write_ledger(self, status, usage, cache_hit, error, charged) -> None:
         try:
+            measures = await self._measures(usage, cache_hit)
+        except Exception:
+            # Unpriced is better than unrecorded: the row is still written.
+            log.exception("could not price %s", self.request.request_id)
+            measures = {}
+        try:
             await runtime.on_db_thread(UsageRecord.objects.create, runtime.LEDGER_DB)(
                 user_id=self.request.user_id,
                 api_key_id=self.request.api_key_id,
@@ -204,6 +232,7 @@ class _Run:
                 ttft_ms=self.ttft_ms,
                 duration_ms=int((time.monotonic() - self.started) * 1000),
                 error=error or "",
+                **measures,
             )
         except Exception:
             # The reply matters more than its ledger row; never fail the user for it.
@@ -356,6 +385,7 @@ async def _open_with_fallback(run: _Run):
         if not breaker.allow():
             hops.append(f"{name}(circuit-open)")
             continue
+        run.generation_started = time.monotonic()
         try:
             opened = await _open(run.specs[name], run.request, run.prompt_ids if name == run.candidates[0] else None)
         except BackendFailure as exc:

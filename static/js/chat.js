@@ -55,6 +55,8 @@
     }
     const regen = article.querySelector(".regen");
     if (regen) regen.hidden = false;
+    const feedback = article.querySelector("[data-feedback]");
+    if (feedback) feedback.hidden = false;
     article.removeAttribute("data-stream");
     decorateCode(article);
   }
