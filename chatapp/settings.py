@@ -142,6 +142,7 @@ INSTALLED_APPS = [
     "gateway",
     "safety",
     "retrieval",
+    "evals",
 ]
 
 # Django's own classes here run as one synchronous block on the request's
@@ -448,3 +449,11 @@ if REPLY_STALE_S < 3 * REPLY_HEARTBEAT_S:
 # Redis connections per web process for stream commands (waiting streams use
 # none: they share one pub/sub connection).
 STREAM_REDIS_CONNECTIONS = env_int("STREAM_REDIS_CONNECTIONS", 50, min_value=2)
+
+# ---------------------------------------------------------------- evals
+
+# `manage.py run_evals` and the admin's eval runs (evals/). The judge scorer
+# asks this pool or backend whether a reply meets its criterion; unset, the
+# judge's checks are skipped. Items go to the gateway this many at a time.
+EVALS_JUDGE_MODEL = env_str("EVALS_JUDGE_MODEL", "") or ""
+EVALS_CONCURRENCY = env_int("EVALS_CONCURRENCY", 4, min_value=1)
