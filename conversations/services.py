@@ -45,15 +45,19 @@ def fallback_title(text: str) -> str:
 TITLE_MAX_WORDS = 6
 _LIST_MARKER = re.compile(r"^\s*(?:\d+[.)]|[-*•]|step \d+)\s", re.IGNORECASE)
 _TITLE_LABEL = re.compile(r"^\s*(?:title|topic|subject)\s*:\s*", re.IGNORECASE)
-# Openings that ask rather than name: "What is the capital of France?" is about "Capital of France".
+# Openings that ask rather than name: "What is the capital of France?" is
+# about "Capital of France". Stripped one after another from the first sentence.
 _ASKING = re.compile(
-    r"^(?:(?:please|hi|hello|hey)[,!]?\s+)*(?:(?:can|could|would|will) you\s+|i (?:want|need|would like) (?:you )?to\s+)?"
-    r"(?:(?:what|who|where|when|which|why|how)(?:'s| is| are| was| were| do| does| did| can| should| would| to)?"
-    r"(?:\s+(?:i|we|you|the|a|an))?|give me|tell me(?: about)?|show me|explain(?: to me)?|help me(?: with| to)?|"
-    r"write(?: me)?|list|describe|summari[sz]e|suggest)\s+",
+    r"^(?:please|hi|hello|hey|so|ok(?:ay)?|(?:can|could|would|will) you|i(?:'d| would) like(?: you)? to|"
+    r"i (?:want|need)(?: you)? to|help me(?: to| with)?|"
+    r"what(?:'s| is) (?:a|the) (?:good|best|easiest|right) way to|how (?:do|can|should|would|to) (?:i|we|you)?|"
+    r"(?:what|who|where|when|which|why|how)(?:'s| is| are| was| were| do| does| did)?(?: the| a| an)?|"
+    r"give me|tell me(?: about)?|show me|explain(?: to me)?|describe|summari[sz]e|suggest|list)[\s,!]+",
     re.IGNORECASE,
 )
-_STOPWORDS = frozenset("the a an and or of to in on for with at by from is are be do does how what why who you your my me i".split())
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
+_STOPWORDS = frozenset("the a an and or of to in on for with at by from is are be do does how what why who you your "
+                       "my me i when if that which where our their this these those some any about as so but".split())
 
 
 def _stems(text: str) -> set[str]:
@@ -66,7 +70,7 @@ def clean_title(raw: str, message: str) -> str | None:
     if _LIST_MARKER.match(line):
         return None
     title = _TITLE_LABEL.sub("", " ".join(line.split())).strip(" \"'`#*.:")
-    if not title or len(title.split()) > TITLE_MAX_WORDS or not (_stems(title) & _stems(message)):
+    if not title or len(title) > 80 or len(title.split()) > TITLE_MAX_WORDS or not (_stems(title) & _stems(message)):
         return None
     return title
 
@@ -75,7 +79,13 @@ def topic_title(message: str) -> str:
     """A title from the message's own words, without its asking: the job's
     fallback when the model gives no usable title."""
     text = " ".join(message.split())
-    topic = _ASKING.sub("", text, count=1).strip(" ?.!:;,") or text
+    topic = _SENTENCE_END.split(text, maxsplit=1)[0]
+    while (shorter := _ASKING.sub("", topic, count=1)) != topic:
+        topic = shorter
+    topic = topic.strip(" ?.!:;,") or text
+    first_clause = re.split(r"\s+(?:and|but|so)\s+", topic, maxsplit=1)[0]
+    if len(first_clause.split()) >= 3:  # "review my resume and make it shine": the first part names it
+        topic = first_clause
     words = topic.split(" ")[:TITLE_MAX_WORDS]
     while len(words) > 1 and words[-1].lower().strip(",;:") in _STOPWORDS:
         words.pop()  # "... at home with" ends on a dangling word

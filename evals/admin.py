@@ -31,7 +31,7 @@ class StartRunForm(forms.Form):
 
 class EvalResultInline(admin.TabularInline):
     model = EvalResult
-    fields = ("item_id", "passed", "score", "scores", "output", "finish_reason", "latency_s", "error")
+    fields = ("item_id", "passed", "score", "scores", "output", "raw_output", "finish_reason", "latency_s", "error")
     readonly_fields = fields
     extra = 0
     can_delete = False

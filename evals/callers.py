@@ -32,6 +32,7 @@ class Reply:
     completion_tokens: int = 0
     blocked: bool = False  # the prompt was refused by moderation before any token
     error: str = ""
+    raw_text: str = ""  # the model's own text when `text` is the product's rework of it (titles)
 
 
 @dataclass(frozen=True)

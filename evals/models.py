@@ -54,7 +54,8 @@ class EvalResult(models.Model):
     run = models.ForeignKey(EvalRun, on_delete=models.CASCADE, related_name="results")
     item_id = models.CharField(max_length=128)
     prompt = models.TextField()
-    output = models.TextField(blank=True)
+    output = models.TextField(blank=True)  # what the user would see (a title after the title job's cleanup)
+    raw_output = models.TextField(blank=True)  # the model's own text, where the product reworks it
     finish_reason = models.CharField(max_length=16, blank=True)
     model = models.CharField(max_length=64, blank=True)
     scores = models.JSONField(default=dict)  # {check name: value in [0, 1] or null when skipped}

@@ -76,9 +76,9 @@ def _ask(caller, item: dict, model: str) -> tuple[Reply, float]:
         params = _params(item, model)
         if item["kind"] == "title":
             reply = caller.complete(conversation_tasks.title_messages(item["prompt"]), params)
-            title = conversation_services.clean_title(reply.text, item["prompt"])
-            reply = Reply(title or conversation_services.fallback_title(item["prompt"]), reply.finish_reason,
-                          reply.model, reply.prompt_tokens, reply.completion_tokens, reply.blocked, reply.error)
+            title = conversation_services.title_for(reply.text, item["prompt"])
+            reply = Reply(title, reply.finish_reason, reply.model, reply.prompt_tokens, reply.completion_tokens,
+                          reply.blocked, reply.error, raw_text=reply.text)
         else:
             reply = caller.complete(_messages(item), params)
         return reply, time.perf_counter() - started
@@ -104,7 +104,7 @@ def _record(run: EvalRun, item: dict, reply: Reply, latency_s: float, caller) ->
     values, score, passed = scorers.score(item["checks"], reply, scoring)
     result = EvalResult.objects.create(
         run=run, item_id=item["id"], prompt=item.get("prompt") or _messages(item)[-1]["content"],
-        output=reply.text, finish_reason=reply.finish_reason, model=reply.model, scores=values, score=score,
+        output=reply.text, raw_output=reply.raw_text, finish_reason=reply.finish_reason, model=reply.model, scores=values, score=score,
         passed=passed, latency_s=latency_s, prompt_tokens=reply.prompt_tokens,
         completion_tokens=reply.completion_tokens, error=reply.error,
     )

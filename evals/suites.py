@@ -73,8 +73,19 @@ def _items(raw: dict, path: Path) -> tuple[list[dict], str]:
     items, source = raw.get("items", []), str(path)
     if kind == "safety" and safety_labelled_path().exists():
         items, source = _read_jsonl(safety_labelled_path()), str(safety_labelled_path())
+    if kind == "safety":
+        items = _alternate(items)
     defaults, checks = raw.get("defaults", {}), raw.get("checks", [])
     return [_expand(item, kind, defaults, checks) for item in items], source
+
+
+def _alternate(items: list[dict]) -> list[dict]:
+    """Harmful and benign items in turn, so that --limit N keeps both kinds."""
+    harmful = [i for i in items if i.get("label", "benign") != "benign"]
+    benign = [i for i in items if i.get("label", "benign") == "benign"]
+    mixed = [item for pair in zip(harmful, benign) for item in pair]
+    rest = harmful[len(benign):] or benign[len(harmful):]
+    return mixed + rest
 
 
 def _read_jsonl(path: Path) -> list[dict]:
