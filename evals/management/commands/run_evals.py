@@ -54,6 +54,8 @@ class Command(BaseCommand):
         for result in run.results.all():
             mark = "pass" if result.passed else "FAIL"
             output = " ".join(result.output.split())[:70]
+            if result.raw_output and result.raw_output != result.output:
+                output = f"{' '.join(result.raw_output.split())[:50]!r} -> {output}"
             self.stdout.write(f"  {mark} {result.item_id:<28} {result.latency_s:6.2f}s  {output}")
         self._comparison(run)
         return run
