@@ -144,6 +144,7 @@ INSTALLED_APPS = [
     "retrieval",
     "feedback",
     "dashboard",
+    "evals",
 ]
 
 # Django's own classes here run as one synchronous block on the request's
@@ -471,3 +472,10 @@ CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
     "dashboard-rollup": {"task": "dashboard.tasks.rollup", "schedule": ROLLUP_INTERVAL_S},
 }
+# ---------------------------------------------------------------- evals
+
+# `manage.py run_evals` and the admin's eval runs (evals/). The judge scorer
+# asks this pool or backend whether a reply meets its criterion; unset, the
+# judge's checks are skipped. Items go to the gateway this many at a time.
+EVALS_JUDGE_MODEL = env_str("EVALS_JUDGE_MODEL", "") or ""
+EVALS_CONCURRENCY = env_int("EVALS_CONCURRENCY", 4, min_value=1)

@@ -8,6 +8,7 @@ Validation errors are ValidationError with a message meant for the user.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,6 +35,67 @@ def fallback_title(text: str) -> str:
     if len(words) > FALLBACK_TITLE_WORDS:
         title += "…"
     return title[:200] or "New chat"
+
+
+# An automatic title names the topic in a few words. A small model often
+# answers the message instead (SmolLM2-135M titled "Give me three tips for
+# growing tomatoes." as "1. Use a tomato skin to protect your plants from
+# pests"): a list item, a sentence, or words the message never used are an
+# answer, not a title, and the job names the topic from the message itself.
+TITLE_MAX_WORDS = 6
+_LIST_MARKER = re.compile(r"^\s*(?:\d+[.)]|[-*•]|step \d+)\s", re.IGNORECASE)
+_TITLE_LABEL = re.compile(r"^\s*(?:title|topic|subject)\s*:\s*", re.IGNORECASE)
+# Openings that ask rather than name: "What is the capital of France?" is
+# about "Capital of France". Stripped one after another from the first sentence.
+_ASKING = re.compile(
+    r"^(?:please|hi|hello|hey|so|ok(?:ay)?|(?:can|could|would|will) you|i(?:'d| would) like(?: you)? to|"
+    r"i (?:want|need)(?: you)? to|help me(?: to| with)?|"
+    r"what(?:'s| is) (?:a|the) (?:good|best|easiest|right) way to|how (?:do|can|should|would|to) (?:i|we|you)?|"
+    r"(?:what|who|where|when|which|why|how)(?:'s| is| are| was| were| do| does| did)?(?: the| a| an)?|"
+    r"give me|tell me(?: about)?|show me|explain(?: to me)?|describe|summari[sz]e|suggest|list)[\s,!]+",
+    re.IGNORECASE,
+)
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
+_STOPWORDS = frozenset("the a an and or of to in on for with at by from is are be do does how what why who you your "
+                       "my me i when if that which where our their this these those some any about as so but".split())
+
+
+def _stems(text: str) -> set[str]:
+    return {w[:5] for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2 and w not in _STOPWORDS}
+
+
+def clean_title(raw: str, message: str) -> str | None:
+    """The model's title made tidy, or None when it is an answer, not a title."""
+    line = next((ln for ln in (raw or "").splitlines() if ln.strip()), "")
+    if _LIST_MARKER.match(line):
+        return None
+    title = _TITLE_LABEL.sub("", " ".join(line.split())).strip(" \"'`#*.:")
+    if not title or len(title) > 80 or len(title.split()) > TITLE_MAX_WORDS or not (_stems(title) & _stems(message)):
+        return None
+    return title
+
+
+def topic_title(message: str) -> str:
+    """A title from the message's own words, without its asking: the job's
+    fallback when the model gives no usable title."""
+    text = " ".join(message.split())
+    topic = _SENTENCE_END.split(text, maxsplit=1)[0]
+    while (shorter := _ASKING.sub("", topic, count=1)) != topic:
+        topic = shorter
+    topic = topic.strip(" ?.!:;,") or text
+    first_clause = re.split(r"\s+(?:and|but|so)\s+", topic, maxsplit=1)[0]
+    if len(first_clause.split()) >= 3:  # "review my resume and make it shine": the first part names it
+        topic = first_clause
+    words = topic.split(" ")[:TITLE_MAX_WORDS]
+    while len(words) > 1 and words[-1].lower().strip(",;:") in _STOPWORDS:
+        words.pop()  # "... at home with" ends on a dangling word
+    title = " ".join(words).rstrip(" ?.!:;,")
+    return (title[:1].upper() + title[1:])[:200] or fallback_title(message)
+
+
+def title_for(raw: str, message: str) -> str:
+    """The automatic title of a chat whose first message is `message`, given the model's answer `raw`."""
+    return clean_title(raw, message) or topic_title(message)
 
 
 def check_message_text(text) -> str:

@@ -40,10 +40,29 @@ from gateway.keys import internal_api_key
 
 log = logging.getLogger(__name__)
 
-TITLE_PROMPT = (
-    "Write a short title (at most six words) for a conversation that starts with the message below. "
-    "Answer with the title only, no quotes.\n\nMessage:\n"
+# The title job's request (the evals' "titles" suite sends the same one and
+# scores what services.title_for makes of the answer). A few examples as
+# earlier turns: the bundled 135M model copies their shape, where an
+# instruction alone got it answering the message.
+TITLE_SYSTEM = (
+    "You name conversations. Reply with a short title (two to five words) that names the topic of the "
+    "user's message. Do not answer the message."
 )
+TITLE_EXAMPLES = (
+    ("How do I bake bread at home without a mixer?", "Baking Bread by Hand"),
+    ("Give me five ideas for a rainy weekend with kids.", "Rainy Weekend Ideas for Kids"),
+    ("What's the difference between TCP and UDP?", "TCP vs UDP"),
+)
+TITLE_MAX_TOKENS = 24
+
+
+def title_messages(text: str) -> list[dict]:
+    messages = [{"role": "system", "content": TITLE_SYSTEM}]
+    for example, title in TITLE_EXAMPLES:
+        messages += [{"role": "user", "content": f"Message: {example}"}, {"role": "assistant", "content": title}]
+    return messages + [{"role": "user", "content": f"Message: {text[:2000]}"}]
+
+
 SUMMARY_SYSTEM = (
     "You maintain a running summary of a conversation between a user and an assistant. "
     "Keep every fact, name, number, decision and open question. Be concise. Answer with the summary only."
@@ -112,19 +131,19 @@ def _call(method: str, path: str, **kwargs) -> dict:
     raise Refused(f"{response.status_code}: {message}")
 
 
-def _background_model() -> str:
+def background_model() -> str:
     # The small pool when there is one: summaries and titles need no large model.
     return "small" if "small" in settings.MODEL_POOLS else settings.DEFAULT_POOL
 
 
 def _complete(messages: list[dict], max_tokens: int) -> str:
-    body = {"model": _background_model(), "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+    body = {"model": background_model(), "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
     reply = _call("POST", "/v1/chat/completions", json=body)
     return (reply["choices"][0]["message"]["content"] or "").strip()
 
 
 def _context_window() -> int:
-    return int(_call("GET", f"/v1/models/{_background_model()}")["context_window"])
+    return int(_call("GET", f"/v1/models/{background_model()}")["context_window"])
 
 
 def _retry_or_give_up(task, exc: Exception, what: str) -> None:
@@ -171,16 +190,14 @@ def title_conversation(self, conversation_id: str) -> str | None:
     if first is None:
         return None
     try:
-        title = _complete([{"role": "user", "content": TITLE_PROMPT + first.content[:2000]}], max_tokens=24)
+        answer = _complete(title_messages(first.content), max_tokens=TITLE_MAX_TOKENS)
     except ServingUnavailable as exc:
         return _retry_or_give_up(self, exc, f"titling {conversation_id}")
     except (PromptTooLong, Refused) as exc:
         log.warning("titling %s: %s; keeping the first words", conversation_id, exc)
         return None
-    title = title.splitlines()[0] if title else ""
-    # A model that rambles gives no title: the first words stay.
-    if not title or len(title) > 80:
-        return None
+    # An answer instead of a title names the topic from the message's own words.
+    title = services.title_for(answer, first.content)
     services.title_update_auto(conversation_id=conversation_id, title=title)
     return title
 

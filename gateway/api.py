@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -34,6 +34,7 @@ from gateway.types import (
     TokenEvent,
     try_again_in,
 )
+from retrieval.services import aembed
 
 def error_response(status: int, message: str, *, error_type: str, code: str | None, headers=None) -> JsonResponse:
     response = JsonResponse(
@@ -237,6 +238,8 @@ async def chat_completions(request):
         return refused
     try:
         chat, stream, include_usage = parse_chat_request(body, key)
+        if _no_cache(request):
+            chat = replace(chat, use_cache=False)
         events = client.current().stream(chat)
         first = await events.__anext__()
     except GatewayError as exc:
@@ -255,6 +258,12 @@ async def chat_completions(request):
     for name, value in {"x-request-id": chat.request_id, **headers}.items():
         response[name] = value
     return response
+
+
+def _no_cache(request) -> bool:
+    """`Cache-Control: no-cache` (or no-store) asks for a fresh reply: evals measure the model, not the cache."""
+    directives = {d.strip().lower() for d in request.headers.get("Cache-Control", "").split(",")}
+    return bool(directives & {"no-cache", "no-store"})
 
 
 def _reject_constant(name: str):
@@ -388,6 +397,38 @@ async def models(request, model_id: str | None = None):
 
 def _model_json(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "chatapp"}
+
+
+EMBEDDING_MAX_INPUTS = 256  # texts in one /v1/embeddings request
+
+
+@csrf_exempt
+async def embeddings(request):
+    """OpenAI's /v1/embeddings with the bundled sentence embedder (all-MiniLM-L6-v2,
+    or EMBEDDING_MODEL): the Celery worker holds no model, so its evals embed here."""
+    if request.method != "POST":
+        return error_response(405, "Use POST.", error_type="invalid_request_error", code="method_not_allowed")
+    key, refused = await _authorize(request)
+    if refused:
+        return refused
+    body, refused = _read_json(request)
+    if refused:
+        return refused
+    texts = body.get("input") if isinstance(body, dict) else None
+    texts = [texts] if isinstance(texts, str) else texts
+    if (not isinstance(texts, list) or not texts or len(texts) > EMBEDDING_MAX_INPUTS
+            or not all(isinstance(t, str) for t in texts)):
+        message = f"'input' must be a string or a list of 1 to {EMBEDDING_MAX_INPUTS} strings"
+        return error_response(400, message, error_type="invalid_request_error", code="invalid_request")
+    if sum(map(len, texts)) > settings.GATEWAY_MAX_REQUEST_CHARS:
+        return error_response(400, f"'input' is longer than {settings.GATEWAY_MAX_REQUEST_CHARS:,} characters",
+                              error_type="invalid_request_error", code="invalid_request")
+    vectors = await aembed(texts)
+    return JsonResponse({
+        "object": "list", "model": body.get("model") or "embedding",
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    })
 
 
 @csrf_exempt
