@@ -10,4 +10,6 @@ urlpatterns = [
     path("settings/", include("accounts.settings_urls")),
     path("", include("gateway.urls")),
     path("", include("conversations.urls")),
+    path("memory/", include("memory.urls")),
+    path("", include("sharing.urls")),
 ]

@@ -53,6 +53,7 @@
     }
     const regen = article.querySelector(".regen");
     if (regen) regen.hidden = false;
+    article.querySelectorAll("[data-when-done]").forEach((el) => { el.hidden = false; });
     article.removeAttribute("data-stream");
     decorateCode(article);
   }
