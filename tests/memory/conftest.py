@@ -6,7 +6,7 @@ import pytest
 
 from memory import tasks as memory_tasks
 from tests.conversations.conftest import (  # noqa: F401  (re-exported fixtures)
-    ServingApiInProcess, _close_thread_connections, fake_gateway, serving_api_in_process,
+    ServingApiInProcess, _close_thread_connections, fake_gateway, fast_streams, serving_api_in_process,
 )
 
 

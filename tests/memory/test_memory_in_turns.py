@@ -66,7 +66,7 @@ def test_the_memories_nearest_to_the_message_go_into_the_context(alice, bob, fak
 def test_memories_take_only_their_own_share_of_the_window(alice, fake_gateway, settings):
     """The fake counts words + 6 per system text: a budget that holds the
     header and one fact keeps exactly the nearest one; the history gets the rest."""
-    _remember(alice, "My dog is called Rex", "My dog Rex is a beagle")
+    _remember(alice, "My dog is called Rex", "My dog Rex likes walks")  # as many words each
     one = len((memory_services.MEMORY_HEADER + "\n- My dog is called Rex").split()) + 6
     settings.MEMORY_CONTEXT_TOKENS, settings.MEMORY_CONTEXT_SHARE = one, 0.5
     reply = services.message_send(conversation=services.conversation_create(user=alice), text="What is my dog called?")

@@ -79,7 +79,8 @@ def test_known_facts_are_not_suggested_again(alice, fake_gateway, chat_turn, sug
     assert sorted(Memory.objects.values_list("text", flat=True)) == ["I have two cats", "I like jazz", "I live in Lisbon"]
 
 
-def test_a_serving_process_that_stays_down_loses_only_the_suggestions(alice, settings, caplog):
+def test_a_serving_process_that_stays_down_loses_only_the_suggestions(alice, settings, caplog, monkeypatch):
+    monkeypatch.undo()  # the real HTTP client, not the in-process API
     settings.SERVE_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with caplog.at_level(logging.WARNING, logger="memory.tasks"):
         memory_tasks.extract_memories.apply(args=[alice.id, "00000000-0000-0000-0000-000000000000", "I like green tea"])
