@@ -9,6 +9,7 @@ import pytest
 
 from memory import tasks as memory_tasks
 from memory.models import Memory
+from retrieval.services import embed
 from tests.browser.conftest import signup
 from tests.conversations.conftest import ServingApiInProcess
 
@@ -34,6 +35,9 @@ def _wait_until(condition, timeout_s: float = 15.0):
 
 
 def test_an_accepted_suggestion_is_used_in_a_new_chat(page, live, fake_gateway):
+    # Accepting embeds the memory; the first embedding of a process loads
+    # MiniLM and torch (tens of seconds on a busy box): load it here, once.
+    embed(["warm up"])
     fake_gateway.completions = ["Moving to Lisbon", "- I live in Lisbon"]  # the title, then the suggestions
     signup(page, live)
     _send(page, "I just moved to Lisbon and need a good bakery.")
