@@ -145,6 +145,8 @@ INSTALLED_APPS = [
     "feedback",
     "dashboard",
     "evals",
+    "memory",
+    "sharing",
 ]
 
 # Django's own classes here run as one synchronous block on the request's
@@ -472,6 +474,7 @@ CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
     "dashboard-rollup": {"task": "dashboard.tasks.rollup", "schedule": ROLLUP_INTERVAL_S},
 }
+
 # ---------------------------------------------------------------- evals
 
 # `manage.py run_evals` and the admin's eval runs (evals/). The judge scorer
@@ -479,3 +482,28 @@ CELERY_BEAT_SCHEDULE = {
 # judge's checks are skipped. Items go to the gateway this many at a time.
 EVALS_JUDGE_MODEL = env_str("EVALS_JUDGE_MODEL", "") or ""
 EVALS_CONCURRENCY = env_int("EVALS_CONCURRENCY", 4, min_value=1)
+# -------------------------------------------------------- memory, share links, temporary chats (issue 14)
+
+# Memory's own share of the context window each turn: at most this many
+# tokens, and never more than MEMORY_CONTEXT_SHARE of the window, so a small
+# model keeps room for the conversation; what memory leaves goes to history.
+MEMORY_CONTEXT_TOKENS = env_int("MEMORY_CONTEXT_TOKENS", 256, min_value=0)
+MEMORY_CONTEXT_SHARE = env_float("MEMORY_CONTEXT_SHARE", 0.125, min_value=0.0)
+if MEMORY_CONTEXT_SHARE > 0.5:
+    raise ImproperlyConfigured(f"MEMORY_CONTEXT_SHARE={MEMORY_CONTEXT_SHARE} must be at most 0.5 of the window")
+# Nearest memories considered per turn, and how alike (cosine, MiniLM) one must be.
+MEMORY_MAX_RESULTS = env_int("MEMORY_MAX_RESULTS", 5, min_value=1)
+MEMORY_MIN_SIMILARITY = env_float("MEMORY_MIN_SIMILARITY", 0.2, min_value=-1.0)
+if MEMORY_MIN_SIMILARITY > 1:
+    raise ImproperlyConfigured(f"MEMORY_MIN_SIMILARITY={MEMORY_MIN_SIMILARITY} must be between -1 and 1")
+MEMORY_MAX_CHARS = env_int("MEMORY_MAX_CHARS", 500, min_value=20)
+MEMORY_MAX_PER_USER = env_int("MEMORY_MAX_PER_USER", 1000, min_value=1)
+# After each complete reply, the model suggests up to this many facts (background priority).
+MEMORY_AUTO_EXTRACT = env_bool("MEMORY_AUTO_EXTRACT", True)
+MEMORY_SUGGESTIONS_PER_REPLY = env_int("MEMORY_SUGGESTIONS_PER_REPLY", 3, min_value=1)
+# A temporary chat is deleted this long after its last change (beat checks every 5 minutes).
+TEMPORARY_CHAT_TTL_S = env_int("TEMPORARY_CHAT_TTL_S", 3600, min_value=60)
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),
+    "purge-temporary-chats": {"task": "conversations.tasks.purge_temporary_chats", "schedule": 300.0},
+}

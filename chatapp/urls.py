@@ -12,4 +12,6 @@ urlpatterns = [
     path("", include("conversations.urls")),
     path("", include("feedback.urls")),
     path("", include("dashboard.urls")),
+    path("memory/", include("memory.urls")),
+    path("", include("sharing.urls")),
 ]

@@ -1,7 +1,8 @@
 """The context builder: what the model sees on each turn.
 
 system prompt (custom instructions + the conversation's own) + the running
-summary of older turns + the newest messages of the current branch that fit
+summary of older turns + remembered facts (memory, its own share of the
+window) + the newest messages of the current branch that fit
 the model's context window minus the reply budget, counted with the model's
 own tokenizer and chat template (the gateway client's `count_prompt_tokens`).
 When older messages fall out of the window a Celery task folds them into the
@@ -9,6 +10,7 @@ summary, at low priority, for the next turn.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -19,6 +21,9 @@ from conversations.models import Conversation, Message
 from conversations.selectors import ancestors, custom_instructions
 from gateway import client as gateway_client
 from gateway.types import ChatRequest
+from memory import services as memory_services
+
+log = logging.getLogger(__name__)
 
 SUMMARY_PREAMBLE = "Summary of the earlier part of this conversation:\n"
 
@@ -41,12 +46,15 @@ def _as_chat(m: Message) -> dict:
     return {"role": m.role if m.role in ("user", "assistant", "system") else "user", "content": m.content}
 
 
-def build_context(*, conversation: Conversation, history: list[Message], reply_tokens: int) -> Context:
-    """`history` is the branch root → the newest user message (the reply excluded)."""
+def build_context(*, conversation: Conversation, history: list[Message], reply_tokens: int, reply_id=None) -> Context:
+    """`history` is the branch root → the newest user message (the reply excluded);
+    `reply_id`: the reply being prepared (memory is recorded on it; none without)."""
     gateway = gateway_client.current()
     model = conversation.model or None
-    budget = gateway.model_info(model).context_window - reply_tokens
+    window = gateway.model_info(model).context_window
+    budget = window - reply_tokens
     head, candidates = _head_and_candidates(conversation, history)
+    head = _with_system(head, _memory_block(conversation, history, reply_id, model, window))
     counted: dict[int, int] = {}
 
     def count(k: int) -> int:
@@ -83,6 +91,35 @@ def _head_and_candidates(conversation: Conversation, history: list[Message]) -> 
     return ([{"role": "system", "content": system}] if system else []), candidates
 
 
+def _memory_block(conversation: Conversation, history: list[Message], reply_id, model, window: int) -> str:
+    """Remembered facts nearest to the user's message, within memory's own
+    share of the window (`memory.services.budget_tokens`); they count
+    against the prompt budget like the rest of the system message, so the
+    history gets what is left. A temporary chat uses and saves none."""
+    if reply_id is None or conversation.temporary or not history or history[-1].role != Message.Role.USER:
+        return ""
+
+    def count(text: str) -> int:
+        return gateway_client.current().count_prompt_tokens([{"role": "system", "content": text}], model)
+
+    try:
+        return memory_services.turn_memory(
+            user_id=conversation.user_id, reply_id=reply_id, message=history[-1].content,
+            budget=memory_services.budget_tokens(window), count_tokens=count,
+        ).text
+    except Exception:  # memory is a help: a failing lookup must not cost the user the reply
+        log.exception("memory for reply %s", reply_id)
+        return ""
+
+
+def _with_system(head: list[dict], text: str) -> list[dict]:
+    if not text:
+        return head
+    if head:
+        return [{"role": "system", "content": head[0]["content"] + "\n\n" + text}]
+    return [{"role": "system", "content": text}]
+
+
 def _newest_that_fit(count, total: int, budget: int) -> int:
     """How many of the newest messages fit: a binary search, since token
     counts grow with every message added (log2(n) renders instead of n)."""
@@ -111,7 +148,8 @@ def build_request(*, reply_id=None, reply: Message | None = None):
         return None
     conversation = reply.conversation
     history = ancestors(reply)[:-1]
-    ctx = build_context(conversation=conversation, history=history, reply_tokens=settings.CHAT_REPLY_MAX_TOKENS)
+    ctx = build_context(conversation=conversation, history=history, reply_tokens=settings.CHAT_REPLY_MAX_TOKENS,
+                        reply_id=reply.id)
     if ctx.dropped:
         tasks.enqueue_summary(conversation_id=conversation.id, through_id=ctx.dropped[-1].id)
     return ChatRequest(

@@ -122,9 +122,10 @@ def check_system_prompt(system_prompt) -> str:
     return system_prompt
 
 
-def conversation_create(*, user, model: str = "", system_prompt: str = "") -> Conversation:
+def conversation_create(*, user, model: str = "", system_prompt: str = "", temporary: bool = False) -> Conversation:
     conversation = Conversation(
-        user=user, model=check_model(model, user=user), system_prompt=check_system_prompt(system_prompt)
+        user=user, model=check_model(model, user=user), system_prompt=check_system_prompt(system_prompt),
+        temporary=temporary,
     )
     # Not the user (the signed-in one) nor the uuid's uniqueness: both checks are
     # queries that cannot fail, on the path of every new chat.
@@ -134,13 +135,41 @@ def conversation_create(*, user, model: str = "", system_prompt: str = "") -> Co
 
 
 @transaction.atomic
-def conversation_start(*, user, text: str, model: str = "", system_prompt: str = "") -> Message:
+def conversation_start(*, user, text: str, model: str = "", system_prompt: str = "", temporary: bool = False) -> Message:
     """A new chat with its first message and the reply's placeholder, in one
     transaction: a bad message leaves no empty conversation behind. Returns the
     placeholder (the reply)."""
     text = check_message_text(text)
-    conversation = conversation_create(user=user, model=model, system_prompt=system_prompt)
+    conversation = conversation_create(user=user, model=model, system_prompt=system_prompt, temporary=temporary)
     return _append_turn(conversation, text, parent=None)
+
+
+@transaction.atomic
+def conversation_import(*, user, title: str, turns: list[tuple[str, str, str]]) -> Conversation:
+    """A new chat holding `turns` (role, content, model) as one finished
+    branch: a shared chat continued in the viewer's account."""
+    conversation = conversation_create(user=user)
+    parent = None
+    for role, content, model in turns:
+        parent = Message.objects.create(conversation=conversation, parent=parent, role=role, content=content,
+                                        model=model, status=Message.Status.COMPLETE)
+    conversation.title = (title or "Shared chat")[:200]
+    conversation.title_source = Conversation.TitleSource.AUTO
+    conversation.current_leaf = parent
+    conversation.save(update_fields=["title", "title_source", "current_leaf", "updated_at"])
+    return conversation
+
+
+def temporary_chats_purge(*, idle_s: float | None = None) -> int:
+    """Delete the temporary chats untouched for TEMPORARY_CHAT_TTL_S (their
+    replies have long ended: a reply touches its chat when it ends)."""
+    idle_s = settings.TEMPORARY_CHAT_TTL_S if idle_s is None else idle_s
+    cutoff = timezone.now() - timedelta(seconds=idle_s)
+    deleted = 0
+    for conversation in Conversation.objects.filter(temporary=True, updated_at__lt=cutoff):
+        conversation_delete(conversation=conversation)
+        deleted += 1
+    return deleted
 
 
 def conversation_update(

@@ -37,6 +37,7 @@ from conversations import services
 from conversations.models import Conversation, Message
 from conversations.selectors import ancestors
 from gateway.keys import internal_api_key
+from memory import tasks as memory_tasks
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +159,14 @@ def _retry_or_give_up(task, exc: Exception, what: str) -> None:
 # ------------------------------------------------------------------- enqueue
 
 def enqueue_after_reply(*, reply_id) -> None:
-    reply = Message.objects.filter(id=reply_id).select_related("conversation").first()
-    if reply is None:
+    reply = Message.objects.filter(id=reply_id).select_related("conversation", "parent").first()
+    if reply is None or reply.conversation.temporary:  # a temporary chat: no title, no memory
         return
     if reply.conversation.title_source == Conversation.TitleSource.FALLBACK:
         transaction.on_commit(lambda: _delay(title_conversation, str(reply.conversation_id)))
+    if reply.parent is not None and reply.parent.role == Message.Role.USER:
+        memory_tasks.enqueue_extraction(user_id=reply.conversation.user_id, reply_id=reply.id,
+                                        message=reply.parent.content)
 
 
 def enqueue_summary(*, conversation_id, through_id) -> None:
@@ -229,6 +233,12 @@ def summarize_conversation(self, conversation_id: str, through_id: str) -> str |
         return None
     services.summary_update(conversation_id=conversation_id, summary=summary, through_id=through.id)
     return summary
+
+
+@shared_task(ignore_result=True)
+def purge_temporary_chats() -> int:
+    """Run by beat (CELERY_BEAT_SCHEDULE): temporary chats are deleted after use."""
+    return services.temporary_chats_purge()
 
 
 # ----------------------------------------------------------------- summaries

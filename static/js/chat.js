@@ -57,6 +57,7 @@
     if (regen) regen.hidden = false;
     const feedback = article.querySelector("[data-feedback]");
     if (feedback) feedback.hidden = false;
+    article.querySelectorAll("[data-when-done]").forEach((el) => { el.hidden = false; });
     article.removeAttribute("data-stream");
     decorateCode(article);
   }
