@@ -55,6 +55,7 @@
     if (regen) regen.hidden = false;
     article.removeAttribute("data-stream");
     decorateCode(article);
+    article.dispatchEvent(new CustomEvent("chat:reply-finished", { bubbles: true }));
   }
 
   function connect(article) {
