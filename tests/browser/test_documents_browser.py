@@ -41,6 +41,11 @@ def gated_ingestion(settings, tmp_path, monkeypatch):
         finally:
             connections.close_all()
 
+    # The serving process's question embedder loads on first use (torch and
+    # sentence-transformers imports: tens of seconds on a busy box).
+    from retrieval.services import embed
+
+    embed(["warm up"])
     monkeypatch.setattr(embedder, "embed_batch", gated)
     monkeypatch.setattr(tasks.ingest_document, "delay", lambda document_id: threading.Thread(
         target=worker, args=(document_id,), daemon=True).start())
