@@ -147,6 +147,7 @@ INSTALLED_APPS = [
     "evals",
     "memory",
     "sharing",
+    "documents",
 ]
 
 # Django's own classes here run as one synchronous block on the request's
@@ -507,3 +508,60 @@ CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
     "purge-temporary-chats": {"task": "conversations.tasks.purge_temporary_chats", "schedule": 300.0},
 }
+# ---- documents (uploads, ingestion, retrieval in a turn) — owned by documents/
+
+# Where uploaded files live: "filesystem" (DATA_DIR/documents) or "s3" (any
+# S3-compatible object store, through django-storages and boto3).
+DOCUMENTS_STORAGE = env_choice("DOCUMENTS_STORAGE", "filesystem", {"filesystem", "s3"})
+if DOCUMENTS_STORAGE == "s3":
+    _documents_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": env_str("DOCUMENTS_S3_BUCKET"),
+            "endpoint_url": env_str("DOCUMENTS_S3_ENDPOINT_URL"),
+            "access_key": env_str("DOCUMENTS_S3_ACCESS_KEY_ID"),
+            "secret_key": env_str("DOCUMENTS_S3_SECRET_ACCESS_KEY"),
+            "region_name": env_str("DOCUMENTS_S3_REGION"),
+            "default_acl": None,
+            "file_overwrite": False,
+        },
+    }
+    if not _documents_storage["OPTIONS"]["bucket_name"]:
+        raise ImproperlyConfigured("DOCUMENTS_STORAGE=s3 needs DOCUMENTS_S3_BUCKET")
+else:
+    _documents_storage = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(DATA_DIR / "documents")},
+    }
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "documents": _documents_storage,
+}
+# Limits, checked on the file's content before anything is stored.
+DOCUMENTS_MAX_FILE_MB = env_float("DOCUMENTS_MAX_FILE_MB", 20.0, min_value=0.001)
+DOCUMENTS_MAX_PAGES = env_int("DOCUMENTS_MAX_PAGES", 500, min_value=1)
+DOCUMENTS_USER_QUOTA_MB = env_float("DOCUMENTS_USER_QUOTA_MB", 200.0, min_value=0.001)
+# A .docx is a zip: more than this unpacked, or a larger ratio, is a bomb.
+DOCUMENTS_MAX_UNZIPPED_MB = env_float("DOCUMENTS_MAX_UNZIPPED_MB", 100.0, min_value=1.0)
+DOCUMENTS_MAX_ZIP_RATIO = env_float("DOCUMENTS_MAX_ZIP_RATIO", 100.0, min_value=2.0)
+# Chunks in the embedding model's tokens (under its 256-token input).
+DOCUMENTS_CHUNK_TOKENS = env_int("DOCUMENTS_CHUNK_TOKENS", 200, min_value=16)
+DOCUMENTS_CHUNK_OVERLAP_TOKENS = env_int("DOCUMENTS_CHUNK_OVERLAP_TOKENS", 40, min_value=0)
+if DOCUMENTS_CHUNK_OVERLAP_TOKENS >= DOCUMENTS_CHUNK_TOKENS:
+    raise ImproperlyConfigured("DOCUMENTS_CHUNK_OVERLAP_TOKENS must be smaller than DOCUMENTS_CHUNK_TOKENS")
+# Ingestion embeds this many chunks per batch, with this many BLAS threads
+# in the worker (it shares the box with the engines).
+DOCUMENTS_EMBED_BATCH = env_int("DOCUMENTS_EMBED_BATCH", 32, min_value=1)
+DOCUMENTS_EMBED_THREADS = env_int("DOCUMENTS_EMBED_THREADS", 1, min_value=1)
+# Tries of an ingestion that fails for a reason other than the file itself.
+DOCUMENTS_INGEST_RETRIES = env_int("DOCUMENTS_INGEST_RETRIES", 3, min_value=0)
+DOCUMENTS_RETRY_WAIT_S = env_float("DOCUMENTS_RETRY_WAIT_S", 10.0, min_value=0)
+# Retrieval in a turn: passages given to the model, and their share of the
+# prompt (the context window minus the reply): at most DOCUMENTS_CONTEXT_TOKENS
+# and at most DOCUMENTS_CONTEXT_SHARE of it; history gets the rest.
+DOCUMENTS_TOP_K = env_int("DOCUMENTS_TOP_K", 5, min_value=1)
+DOCUMENTS_CONTEXT_TOKENS = env_int("DOCUMENTS_CONTEXT_TOKENS", 1024, min_value=0)
+DOCUMENTS_CONTEXT_SHARE = env_float("DOCUMENTS_CONTEXT_SHARE", 0.4, min_value=0.0)
+if DOCUMENTS_CONTEXT_SHARE > 0.9:
+    raise ImproperlyConfigured("DOCUMENTS_CONTEXT_SHARE must be at most 0.9: the newest message needs room")

@@ -8,6 +8,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("accounts.urls")),
     path("settings/", include("accounts.settings_urls")),
+    path("documents/", include("documents.urls")),
     path("", include("gateway.urls")),
     path("", include("conversations.urls")),
     path("", include("feedback.urls")),

@@ -2,7 +2,8 @@
 
 system prompt (custom instructions + the conversation's own) + the running
 summary of older turns + remembered facts (memory, its own share of the
-window) + the newest messages of the current branch that fit
+window) + passages retrieved from the chat's documents (in their own share of
+the window: `documents.context`) + the newest messages of the current branch that fit
 the model's context window minus the reply budget, counted with the model's
 own tokenizer and chat template (the gateway client's `count_prompt_tokens`).
 When older messages fall out of the window a Celery task folds them into the
@@ -11,7 +12,7 @@ summary, at low priority, for the next turn.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -19,6 +20,8 @@ from django.core.exceptions import ValidationError
 from conversations import tasks
 from conversations.models import Conversation, Message
 from conversations.selectors import ancestors, custom_instructions
+from documents import context as documents_context
+from documents import services as documents_services
 from gateway import client as gateway_client
 from gateway.types import ChatRequest
 from memory import services as memory_services
@@ -35,6 +38,7 @@ class Context:
     dropped: list[Message]  # older branch messages that did not fit
     prompt_tokens: int
     budget_tokens: int
+    passages: documents_context.Passages = field(default_factory=documents_context.Passages)
 
 
 def system_text(conversation: Conversation) -> str:
@@ -53,7 +57,8 @@ def build_context(*, conversation: Conversation, history: list[Message], reply_t
     model = conversation.model or None
     window = gateway.model_info(model).context_window
     budget = window - reply_tokens
-    head, candidates = _head_and_candidates(conversation, history)
+    passages = _passages(conversation, history, budget, gateway, model)
+    head, candidates = _head_and_candidates(conversation, history, passages.text)
     head = _with_system(head, _memory_block(conversation, history, reply_id, model, window))
     counted: dict[int, int] = {}
 
@@ -74,12 +79,30 @@ def build_context(*, conversation: Conversation, history: list[Message], reply_t
     window = candidates[len(candidates) - kept:]
     dropped = candidates[: len(candidates) - kept]
     messages = head + [_as_chat(m) for m in window]
-    return Context(messages=messages, window=window, dropped=dropped, prompt_tokens=count(kept), budget_tokens=budget)
+    return Context(messages=messages, window=window, dropped=dropped, prompt_tokens=count(kept), budget_tokens=budget,
+                   passages=passages)
 
 
-def _head_and_candidates(conversation: Conversation, history: list[Message]) -> tuple[list[dict], list[Message]]:
-    """The system message (instructions, prompt, running summary) and the
-    branch messages the summary does not already stand in for."""
+def _passages(conversation: Conversation, history: list[Message], budget: int, gateway, model):
+    """Passages retrieved from the chat's documents (the documents app), in
+    their own share of the budget, never crowding out the newest message."""
+    if not history or history[-1].role != "user":
+        return documents_context.Passages()
+
+    def needed() -> int:
+        head, _ = _head_and_candidates(conversation, history)
+        return gateway.count_prompt_tokens(head + [_as_chat(history[-1])], model)
+
+    return documents_context.passages_for_turn(
+        user_id=conversation.user_id, conversation_id=conversation.id, query=history[-1].content,
+        prompt_budget_tokens=budget, needed_tokens=needed,
+        count_tokens=lambda text: gateway.count_prompt_tokens([{"role": "system", "content": text}], model))
+
+
+def _head_and_candidates(conversation: Conversation, history: list[Message],
+                         passages: str = "") -> tuple[list[dict], list[Message]]:
+    """The system message (instructions, prompt, running summary, retrieved
+    passages) and the branch messages the summary does not already stand in for."""
     history = [m for m in history if m.content or m.role == "user"]  # empty failed replies say nothing
     system = system_text(conversation)
     candidates = history
@@ -88,6 +111,8 @@ def _head_and_candidates(conversation: Conversation, history: list[Message]) -> 
         cut = next(i for i, m in enumerate(history) if m.id == conversation.summary_through_id)
         candidates = history[cut + 1:]
         system = (system + "\n\n" if system else "") + SUMMARY_PREAMBLE + conversation.summary
+    if passages:
+        system = (system + "\n\n" if system else "") + passages
     return ([{"role": "system", "content": system}] if system else []), candidates
 
 
@@ -150,6 +175,7 @@ def build_request(*, reply_id=None, reply: Message | None = None):
     history = ancestors(reply)[:-1]
     ctx = build_context(conversation=conversation, history=history, reply_tokens=settings.CHAT_REPLY_MAX_TOKENS,
                         reply_id=reply.id)
+    documents_services.record_sources(reply=reply, conversation=conversation, passages=ctx.passages)
     if ctx.dropped:
         tasks.enqueue_summary(conversation_id=conversation.id, through_id=ctx.dropped[-1].id)
     return ChatRequest(

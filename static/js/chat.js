@@ -60,6 +60,7 @@
     article.querySelectorAll("[data-when-done]").forEach((el) => { el.hidden = false; });
     article.removeAttribute("data-stream");
     decorateCode(article);
+    article.dispatchEvent(new CustomEvent("chat:reply-finished", { bubbles: true }));
   }
 
   function connect(article) {
