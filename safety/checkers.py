@@ -150,6 +150,7 @@ class EmbeddingHead:
         self.labels = [str(label) for label in data["labels"]]
         self.weights, self.bias = data["weights"], data["bias"]  # [C, D], [C]
         self.flag_at, self.block_at = data["flag_at"], data["block_at"]  # [C], [C]
+        self.attack_flag_at, self.attack_block_at = float(data["attack_flag_at"]), float(data["attack_block_at"])
 
     def probabilities(self, vectors) -> np.ndarray:
         logits = np.asarray(vectors, dtype=np.float32) @ self.weights.T + self.bias  # [N, C]
@@ -200,10 +201,22 @@ class EmbeddingHeadChecker(Checker):
     def _verdicts(self, best, source) -> list[Verdict]:
         verdicts = []
         for i, label in enumerate(self.head.labels):
-            if label == BENIGN or (source == "output" and label in INJECTION_CATEGORIES):
+            if label == BENIGN or label in INJECTION_CATEGORIES:
                 continue
             score = float(best[i])
             verdicts.append(Verdict(label, score, grade(score, float(self.head.flag_at[i]),
                                                         float(self.head.block_at[i])),
                                     self.name, f"It reads as {label.replace('_', ' ')}."))
+        if source != "output":
+            verdicts.append(self._attack(best))
         return verdicts
+
+    def _attack(self, best) -> Verdict:
+        """Injection and jailbreak scored as one attack (their sum), named after
+        the likelier of the two: an attack the head splits between them is
+        still an attack."""
+        scores = {label: float(best[self.head.labels.index(label)]) for label in INJECTION_CATEGORIES}
+        label = max(scores, key=scores.get)
+        score = min(1.0, sum(scores.values()))
+        return Verdict(label, score, grade(score, self.head.attack_flag_at, self.head.attack_block_at), self.name,
+                       f"It reads as {label.replace('_', ' ')}.")

@@ -3,8 +3,9 @@
 Logistic regression (scikit-learn, multinomial, balanced class weights) over
 the all-MiniLM-L6-v2 embeddings of the labelled set's training split (the
 folded text, as the checker sees it), written to safety/data/head.npz as
-plain arrays (no pickle): weights [C, D], bias [C], the labels, and per-label
-flag/block thresholds. Prints the held-out split's figures; the full table
+plain arrays (no pickle): weights [C, D], bias [C], the labels, and
+flag/block thresholds per label and for the attack score (injection +
+jailbreak), calibrated on out-of-fold predictions of the training split. Prints the held-out split's figures; the full table
 per category is `python -m bench.safety`.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+ATTACK = ("prompt_injection", "jailbreak")
 
 # Thresholds on the head's probability of a category are calibrated on the
 # training split only, from out-of-fold predictions (5-fold): a category
@@ -37,15 +39,23 @@ def _setup_django() -> None:
     django.setup()
 
 
-def _thresholds(model, x, y, benign: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per label (flag_at, block_at) from out-of-fold probabilities of the training split."""
+def _thresholds(model, x, y, labels: list[str]) -> dict:
+    """Per label (flag_at, block_at), and the same for the attack score (the
+    sum of injection and jailbreak: an attack the head splits between the two
+    is still one attack), from out-of-fold probabilities of the training split."""
+    # sklearn: imported with the rest of training, in train().
     from sklearn.model_selection import cross_val_predict
 
     oof = cross_val_predict(model, x, y, cv=5, method="predict_proba")  # [N, C]
-    highest_benign = oof[y == benign].max(axis=0)  # [C]
-    flag_at = np.clip(highest_benign + FLAG_MARGIN, *FLAG_RANGE)
-    block_at = np.clip(flag_at + BLOCK_MARGIN, *BLOCK_RANGE)
-    return flag_at, block_at
+    benign = oof[y == labels.index("benign")]  # [B, C]
+    flag_at = np.clip(benign.max(axis=0) + FLAG_MARGIN, *FLAG_RANGE)  # [C]
+    attack = benign[:, [labels.index(c) for c in ATTACK]].sum(axis=1)  # [B]
+    attack_flag_at = float(np.clip(attack.max() + FLAG_MARGIN, *FLAG_RANGE))
+    return {
+        "flag_at": flag_at, "block_at": np.clip(flag_at + BLOCK_MARGIN, *BLOCK_RANGE),
+        "attack_flag_at": np.float32(attack_flag_at),
+        "attack_block_at": np.float32(np.clip(attack_flag_at + BLOCK_MARGIN, *BLOCK_RANGE)),
+    }
 
 
 def train(c: float, out: Path) -> None:
@@ -62,18 +72,18 @@ def train(c: float, out: Path) -> None:
     x = np.asarray(embed([fold(i.text) for i in training]), dtype=np.float32)  # [N, D]
     y = np.asarray([labels.index(i.label) for i in training])
     model = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(x, y)
-    flag_at, block_at = _thresholds(LogisticRegression(C=c, max_iter=2000, class_weight="balanced"), x, y,
-                                    labels.index("benign"))
+    thresholds = _thresholds(LogisticRegression(C=c, max_iter=2000, class_weight="balanced"), x, y, labels)
     np.savez(
         out,
         labels=np.asarray(labels),
         weights=model.coef_.astype(np.float32),  # [C, D]
         bias=model.intercept_.astype(np.float32),  # [C]
-        flag_at=flag_at.astype(np.float32),  # [C]
-        block_at=block_at.astype(np.float32),  # [C]
+        **{name: np.asarray(value, dtype=np.float32) for name, value in thresholds.items()},
     )
-    for label, f, b in zip(labels, flag_at, block_at):
+    for label, f, b in zip(labels, thresholds["flag_at"], thresholds["block_at"]):
         print(f"  {label:18s} flag at {f:.2f}, block at {b:.2f}")
+    print(f"  {'attack (sum)':18s} flag at {thresholds['attack_flag_at']:.2f}, "
+          f"block at {thresholds['attack_block_at']:.2f}")
     test_x = np.asarray(embed([fold(i.text) for i in held_out]), dtype=np.float32)
     predicted = [labels[k] for k in model.predict(test_x)]
     correct = sum(p == i.label for p, i in zip(predicted, held_out))
