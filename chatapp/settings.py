@@ -410,7 +410,7 @@ SAFETY_BLOCKED_TERMS = [t.lower() for t in env_list("SAFETY_BLOCKED_TERMS", "")]
 # The checkers, by dotted path (safety/checkers.py); the default was picked by `python -m bench.safety`.
 SAFETY_CHECKERS = env_list(
     "SAFETY_CHECKERS",
-    "safety.checkers.RulesChecker,safety.checkers.EmbeddingHeadChecker,safety.checkers.ProfanityChecker",
+    "safety.checkers.RulesChecker,safety.checkers.EmbeddingHeadChecker",
 )
 # Categories blocked when the checker covering them fails or times out; the others fail open.
 SAFETY_FAIL_CLOSED = env_list("SAFETY_FAIL_CLOSED", "blocked_term")

@@ -6,7 +6,7 @@ from safety.services import moderate_input, moderate_output
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-DEFAULT = ["safety.checkers.RulesChecker", "safety.checkers.EmbeddingHeadChecker", "safety.checkers.ProfanityChecker"]
+DEFAULT = ["safety.checkers.RulesChecker", "safety.checkers.EmbeddingHeadChecker"]
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,8 @@ async def test_every_role_of_a_request_is_checked(remote, alice, block_input, bl
     assert [(s["source"], s["category"], s["user_id"]) for s in blocked_signals] == [("input", "violence", alice.pk)]
 
 
-async def test_a_cached_reply_is_checked_before_it_is_replayed(remote, alice, blocked_signals):
+async def test_a_cached_reply_is_checked_before_it_is_replayed(remote, alice, blocked_signals, settings):
+    settings.SAFETY_OUTPUT_CHECK_CHARS = 1  # the regenerated reply is read at every token
     ask = lambda: ChatRequest(messages=[{"role": "user", "content": "hello there"}], user_id=alice.pk,  # noqa: E731
                               max_tokens=20, temperature=0)
     text, final = await collect(ask())
