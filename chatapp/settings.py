@@ -409,8 +409,33 @@ GATEWAY_MAX_REQUEST_CHARS = env_int("GATEWAY_MAX_REQUEST_CHARS", 400_000, min_va
 GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, min_value=1)
 # The same on the usage and API-key pages (served by accounts/), per user and per IP.
 GATEWAY_PAGE_RATE = env_str("GATEWAY_PAGE_RATE", "60/m")
-# Moderation (safety/): case-insensitive terms that block a prompt or a reply.
+# ---- Moderation (safety/): the pipeline every prompt (all roles), reply,
+# cached reply and retrieved passage passes; docs/SAFETY.md has the figures.
+# Terms that block a prompt or a reply, matched as words after folding (case,
+# accents, homoglyphs, zero-width characters, spacing, leetspeak).
 SAFETY_BLOCKED_TERMS = [t.lower() for t in env_list("SAFETY_BLOCKED_TERMS", "")]
+# The checkers, by dotted path (safety/checkers.py); the default was picked by `python -m bench.safety`.
+SAFETY_CHECKERS = env_list(
+    "SAFETY_CHECKERS",
+    "safety.checkers.RulesChecker,safety.checkers.EmbeddingHeadChecker",
+)
+# Categories blocked when the checker covering them fails or times out; the others fail open.
+SAFETY_FAIL_CLOSED = env_list("SAFETY_FAIL_CLOSED", "blocked_term")
+SAFETY_CHECKER_TIMEOUT_S = env_float("SAFETY_CHECKER_TIMEOUT_S", 2.0, min_value=0.001)
+# How long a process keeps the admin's rules before reading them again (edits in this process apply at once).
+SAFETY_RULES_TTL_S = env_float("SAFETY_RULES_TTL_S", 5.0, min_value=0)
+# The built-in prompt-injection and jailbreak patterns (safety/rules.py).
+SAFETY_BUILTIN_PATTERNS = env_bool("SAFETY_BUILTIN_PATTERNS", True)
+# Characters of a reply held back while an admin regex applies to replies (terms hold back 3x their length).
+SAFETY_OUTPUT_HOLD_CHARS = env_int("SAFETY_OUTPUT_HOLD_CHARS", 48, min_value=0)
+# The classifiers read a streaming reply every this many characters, and whole at its end.
+SAFETY_OUTPUT_CHECK_CHARS = env_int("SAFETY_OUTPUT_CHECK_CHARS", 400, min_value=1)
+# Verdicts remembered per text (a chat's history is checked again on every turn); 0 = none.
+SAFETY_VERDICT_CACHE = env_int("SAFETY_VERDICT_CACHE", 4096, min_value=0)
+# The model judge (a Llama Guard prompt) for texts the fast checkers flag without blocking:
+# a pool or backend name; empty = no judge.
+SAFETY_JUDGE_MODEL = env_str("SAFETY_JUDGE_MODEL", "")
+SAFETY_JUDGE_MAX_CHARS = env_int("SAFETY_JUDGE_MAX_CHARS", 8000, min_value=1)
 # Embeddings (retrieval/): a sentence-transformers model dir; empty = bundled all-MiniLM-L6-v2.
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
 # Torch threads of the embedding thread (its own, apart from the engines').

@@ -308,15 +308,19 @@ async def settle(log_: ReplyLog, outcome: Outcome) -> str:
     if usage is None and log_.parts:
         # No final event (closed early): count what was delivered, for the record.
         usage = Usage(prompt_tokens=0, completion_tokens=len(log_.parts))
+    # A blocked reply keeps none of its text, stored or shown: the terminal
+    # event replaces what had streamed with the notice (safety.services).
+    blocked = status == Status.BLOCKED
+    content = "" if blocked else outcome.text
     won = await _store_end(
-        reply_id=log_.reply_id, status=status, content=outcome.text, stream_seq=log_.seq + 1, error=error,
+        reply_id=log_.reply_id, status=status, content=content, stream_seq=log_.seq + 1, error=error,
         model=final.model if final else "", usage=usage,
     )
     if won:  # else a Stop fallback or the reaper already ended it and wrote the terminal event
         try:
             await streams.append(log_.reply_id, streams.terminal_event(
-                log_.seq + 1, status, outcome.text, error=error, usage=usage,
-                finish_reason=final.finish_reason if final else "",
+                log_.seq + 1, status, content, error=error, usage=usage,
+                finish_reason=final.finish_reason if final else "", replace=blocked,
             ))
             log_.seq += 1
         except Exception:

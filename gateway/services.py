@@ -42,11 +42,12 @@ from gateway.types import (
     Unavailable,
     Usage,
 )
-from safety.services import OutputWindow, moderate_input
+from safety.services import OutputWindow, amoderate_cached, amoderate_messages
 
 log = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant", "tool"}
+JUDGE_SOURCE = "judge"  # the safety judge's own requests (safety.judge), not moderated again
 UNLIMITED = Limits(plan="internal", tier="pro", requests_per_minute=0, tokens_per_minute=0,
                    tokens_per_day=0, tokens_per_month=0)
 
@@ -118,14 +119,6 @@ def _check_sampling(request: ChatRequest) -> None:
     if (not isinstance(stop, (tuple, list)) or len(stop) > MAX_STOP_STRINGS
             or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop)):
         raise BadRequest(f"stop must be up to {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
-
-
-def _moderate_prompt(request: ChatRequest) -> None:
-    for message in request.messages:
-        if message["role"] in ("user", "system"):
-            verdict = moderate_input(message["content"])
-            if verdict.flagged:
-                raise Blocked(verdict.reason)
 
 
 def _pieces(text: str) -> list[str]:
@@ -297,12 +290,16 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
 
 
 async def _moderate_input(request: ChatRequest) -> None:
-    try:
-        _moderate_prompt(request)
-    except Blocked as exc:
+    """Every message, whatever its role (a forged assistant turn or a tool
+    result can carry an attack too). The judge's own request is the one
+    exception: it is moderation (safety.judge), and checking it would recurse."""
+    if request.source == JUDGE_SOURCE:
+        return
+    verdict = await amoderate_messages(request.messages, user_id=request.user_id)
+    if verdict.blocked:
         # Nothing generated or charged, but the refusal is on the record.
-        await _Run(request, None).settle(status="blocked", usage=Usage(), error=exc.message, charge=False)
-        raise
+        await _Run(request, None).settle(status="blocked", usage=Usage(), error=verdict.reason, charge=False)
+        raise Blocked(verdict.reason)
 
 
 async def _plan(request: ChatRequest) -> _Run:
@@ -336,6 +333,11 @@ async def _serve(run: _Run):
     lookup = _CacheLookup()
     if cache.cacheable(run.request):
         hit = await _cache_get(run, lookup)
+        # A cached reply is checked again before it is replayed (the rules may
+        # have changed since); one that fails is a miss, and generating again
+        # goes through the output window.
+        if hit is not None and (await amoderate_cached(hit.text, user_id=run.request.user_id)).blocked:
+            hit = None
         if hit is not None:
             async for event in _replay(run, hit):
                 yield event
@@ -412,14 +414,14 @@ async def _relay(run: _Run, stream, item, text: list[str]):
     one BackendFinal. After the first token a failure ends the reply, never
     raises: the caller keeps the partial text and marks it as an error."""
     request = run.request
-    window = OutputWindow()
+    window = OutputWindow(user_id=request.user_id)
     try:
         while not isinstance(item, BackendFinal):
             run.first_token()
             text.append(item.text)
             run.completion_tokens += max(1, len(item.token_ids))
-            shown = window.push(item.text)
-            if window.verdict.flagged:
+            shown = await window.apush(item.text) if request.source != JUDGE_SOURCE else item.text
+            if window.verdict.blocked:
                 abort(request.request_id)
                 item = BackendFinal("content_filter", run.usage_so_far(), error=window.verdict.reason)
                 break
@@ -432,7 +434,10 @@ async def _relay(run: _Run, stream, item, text: list[str]):
         raise
     finally:
         await stream.aclose()
-    tail = window.flush()
+    # The whole-message check: a reply whose parts passed can still fail as a whole.
+    tail = await window.aflush() if request.source != JUDGE_SOURCE else ""
+    if window.verdict.blocked and item.finish_reason != "content_filter":
+        item = BackendFinal("content_filter", item.usage, error=window.verdict.reason)
     if tail:
         yield TokenEvent(text=tail)
     yield item

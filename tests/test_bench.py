@@ -9,7 +9,8 @@ from pathlib import Path
 from bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "retrieval"]
+MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "retrieval",
+           "safety"]
 
 
 def test_every_benchmark_module_imports():
