@@ -42,6 +42,7 @@ from gateway.types import (
     Unavailable,
     Usage,
 )
+from observability import metrics
 from safety.services import OutputWindow, moderate_input
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class _Run:
         if self.settled:
             return
         self.settled = True
+        metrics.gateway_request(backend=self.backend, source=self.request.source, status=status)
         charged = 0 if cache_hit or not charge else usage.prompt_tokens + usage.completion_tokens
         # Redis and Postgres in parallel: this sits between the last token and the final event.
         await asyncio.gather(
@@ -342,6 +344,10 @@ async def _cache_get(run: _Run, lookup: _CacheLookup) -> cache.CachedReply | Non
             except Exception:
                 # A cache is an optimisation: when it fails, generate.
                 log.exception("semantic cache lookup failed for %s", request.request_id)
+    if hit is None:
+        metrics.cache_miss()
+    else:
+        metrics.cache_hit(hit.kind)
     return hit
 
 
@@ -355,6 +361,7 @@ async def _open_with_fallback(run: _Run):
         breaker = backends.circuit(name)
         if not breaker.allow():
             hops.append(f"{name}(circuit-open)")
+            metrics.fallback(name, "circuit_open")
             continue
         try:
             opened = await _open(run.specs[name], run.request, run.prompt_ids if name == run.candidates[0] else None)
@@ -365,6 +372,7 @@ async def _open_with_fallback(run: _Run):
             else:
                 breaker.failure()
             hops.append(f"{name}({'saturated' if exc.saturated else 'failed'})")
+            metrics.fallback(name, "saturated" if exc.saturated else "failed")
             last_error = str(exc)
             log.warning("backend %s refused %s: %s", name, run.request.request_id, exc)
             continue

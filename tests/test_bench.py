@@ -9,7 +9,7 @@ from pathlib import Path
 from bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load"]
+MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "metrics"]
 
 
 def test_every_benchmark_module_imports():
@@ -19,7 +19,7 @@ def test_every_benchmark_module_imports():
 
 
 def test_no_app_package_holds_benchmark_code():
-    apps = ["accounts", "chatapp", "conversations", "gateway", "inference", "retrieval", "safety"]
+    apps = ["accounts", "chatapp", "conversations", "gateway", "inference", "observability", "retrieval", "safety"]
     assert [str(p) for app in apps for p in (ROOT / app).glob("bench*.py")] == []
 
 
