@@ -10,8 +10,11 @@ worker restarted by `serve` would lose its counters. Here every process
 its values into its own memory-mapped file, `/metrics` in the serving
 process reads them all, and the worker needs no server. The cost is a
 memory-mapped write under a process-wide lock per update instead of a
-plain float under a per-value lock, and a scrape that reads every file:
-`python -m bench.metrics` measures both (docs/BENCHMARKS.md).
+plain float under a per-value lock, and a scrape that reads every file.
+Measured (`python -m bench.metrics`, docs/BENCHMARKS.md, a loaded 2-core
+box): an update costs the same either way (counter 6.4 µs with files, 7.3 µs
+in memory; histogram 10.4 and 11.2 µs: the label lookup dominates), and a
+scrape of 4 files with the pools' stats takes about 10 ms.
 
 The directory belongs to one `serve`: at its start every file not written
 by itself is removed (`clear_stale_files`), so counters restart with the
