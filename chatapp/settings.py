@@ -134,6 +134,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "servestatic",
     "chatapp",
+    "observability",
     "accounts",
     # Not "inference": it has no models, templates or commands, and importing
     # it at django.setup() loaded torch into every process (the Celery worker,
@@ -155,12 +156,15 @@ INSTALLED_APPS = [
 # per method. ServeStatic is async (WhiteNoise is sync-only); Security stays
 # above it so that static files get its headers too.
 MIDDLEWARE = [
+    # First: the request id and metrics see every request and every response.
+    "observability.middleware.RequestContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "observability.middleware.UserContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -338,14 +342,32 @@ DEFAULT_POOL = env_str("DEFAULT_POOL", next(iter(MODEL_POOLS), "small"))
 # Tests and inference-free nodes can skip loading models at start.
 LOAD_MODELS = env_bool("LOAD_MODELS", True)
 
+# -------------------------------------------------------- observability
+# Metrics (observability.metrics) and structured logs (observability.logs).
+# METRICS_ENABLED=0 turns every metric update into an early return and
+# /metrics into a 404. Every process of a DATA_DIR writes its metric values
+# into METRICS_DIR (prometheus-client's multiprocess mode, chosen over a
+# worker-side registry in observability.multiprocess); `serve` clears it at
+# start. The variable must be set before prometheus-client is imported.
+METRICS_ENABLED = env_bool("METRICS_ENABLED", True)
+# Callers other than loopback need it as a bearer token; unset: loopback only.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "") or ""
+METRICS_DIR = DATA_DIR / "metrics"
+if METRICS_ENABLED:
+    METRICS_DIR.mkdir(exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)
+# json: one JSON object per line (request, user, conversation and reply ids
+# included); console: readable lines for a developer's terminal.
+LOG_FORMAT = env_choice("LOG_FORMAT", "json", {"json", "console"})
+
 # -------------------------------------------------------------- logging
 
 LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", {"DEBUG", "INFO", "WARNING", "ERROR"})
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {"structured": {"()": "observability.logs.formatter", "log_format": LOG_FORMAT}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "structured"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "daphne": {"level": "WARNING"},

@@ -38,6 +38,7 @@ from conversations.models import Conversation, Message
 from conversations.selectors import ancestors
 from gateway.keys import internal_api_key
 from memory import tasks as memory_tasks
+from observability import logs
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ def serving_api(**options) -> httpx.Client:
     """A client of the serving process's /v1 API, signed in as the product's
     background jobs (`options` go to httpx: tests pass a transport)."""
     headers = {"Authorization": f"Bearer {internal_api_key()}"}
+    request_id = logs.current_request_id()
+    if request_id:  # the serving process logs the task's model call under the same request id
+        headers[logs.REQUEST_ID_HEADER] = request_id
     host = httpx.URL(settings.SERVE_URL).netloc.decode()
     if not validate_host(split_domain_port(host)[0], settings.ALLOWED_HOSTS):
         # Behind a proxy ALLOWED_HOSTS names the public host, not loopback.

@@ -50,6 +50,7 @@ from conversations.models import Message
 from conversations.streams import StreamEvent
 from gateway import client as gateway_client
 from gateway.types import Blocked, ChatRequest, FinalEvent, GatewayError, Usage, try_again_in
+from observability import logs, metrics
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,7 @@ async def settle(log_: ReplyLog, outcome: Outcome) -> str:
     retried, and an end that cannot be published is still stored (readers
     check the database when their stream goes quiet)."""
     status, error = status_from_outcome(outcome)
+    metrics.chat_reply(status)
     final = outcome.final
     usage = final.usage if final else None
     if usage is None and log_.parts:
@@ -415,9 +417,12 @@ def start_reply(reply_id, request: ChatRequest | None = None) -> asyncio.Task:
     """Schedule the turn of `reply_id` on the running event loop."""
     key = str(reply_id)
     # A fresh context: the task must not inherit the request's (asgiref binds
-    # sync_to_async calls to the request's executor, which ends with it).
+    # sync_to_async calls to the request's executor, which ends with it); only
+    # the log fields (request, user, conversation ids) go with it, and its reply id.
+    context = logs.carry()
+    context.run(logs.bind, reply_id=key)
     task = asyncio.get_running_loop().create_task(
-        generate_reply(reply_id, request), name=f"reply-{key}", context=contextvars.Context()
+        generate_reply(reply_id, request), name=f"reply-{key}", context=context
     )
     _running[key] = task
     task.add_done_callback(lambda t: _running.pop(key, None))

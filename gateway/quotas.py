@@ -34,6 +34,7 @@ from chatapp import runtime
 from chatapp.runtime import REDIS_ERRORS
 from gateway.registry import Limits
 from gateway.types import BadRequest, QuotaExceeded, RateLimited, Unavailable
+from observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ return 1
 """
 
 WINDOW_NAMES = ("requests per minute", "tokens per minute", "tokens per day", "tokens per month")
+WINDOW_LABELS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month")  # metrics
 REDIS_DOWN = (
     "The quota service (Redis) is unreachable, so requests are refused until it is back; "
     "try again in a minute."
@@ -201,6 +203,7 @@ async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | Non
             f"Token limit reached: {lim[index]} {WINDOW_NAMES[index]} ({used[index]} used, this request "
             f"needs up to {tokens})."
         )
+    metrics.quota_rejected(WINDOW_LABELS[index])
     error_class = RateLimited if index <= 1 else QuotaExceeded
     raise error_class(message, headers=headers, retry_after_s=wait_s)
 

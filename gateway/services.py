@@ -42,6 +42,7 @@ from gateway.types import (
     Unavailable,
     Usage,
 )
+from observability import metrics
 from safety.services import OutputWindow, amoderate_cached, amoderate_messages
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class _Run:
         if self.settled:
             return
         self.settled = True
+        metrics.gateway_request(backend=self.backend, source=self.request.source, status=status)
         charged = 0 if cache_hit or not charge else usage.prompt_tokens + usage.completion_tokens
         # Redis and Postgres in parallel: this sits between the last token and the final event.
         await asyncio.gather(
@@ -373,6 +375,10 @@ async def _cache_get(run: _Run, lookup: _CacheLookup) -> cache.CachedReply | Non
             except Exception:
                 # A cache is an optimisation: when it fails, generate.
                 log.exception("semantic cache lookup failed for %s", request.request_id)
+    if hit is None:
+        metrics.cache_miss()
+    else:
+        metrics.cache_hit(hit.kind)
     return hit
 
 
@@ -386,6 +392,7 @@ async def _open_with_fallback(run: _Run):
         breaker = backends.circuit(name)
         if not breaker.allow():
             hops.append(f"{name}(circuit-open)")
+            metrics.fallback(name, "circuit_open")
             continue
         run.generation_started = time.monotonic()
         try:
@@ -397,6 +404,7 @@ async def _open_with_fallback(run: _Run):
             else:
                 breaker.failure()
             hops.append(f"{name}({'saturated' if exc.saturated else 'failed'})")
+            metrics.fallback(name, "saturated" if exc.saturated else "failed")
             last_error = str(exc)
             log.warning("backend %s refused %s: %s", name, run.request.request_id, exc)
             continue

@@ -10,7 +10,7 @@ from bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "retrieval",
-           "safety"]
+           "safety", "metrics"]
 
 
 def test_every_benchmark_module_imports():
@@ -20,7 +20,8 @@ def test_every_benchmark_module_imports():
 
 
 def test_no_app_package_holds_benchmark_code():
-    apps = ["accounts", "chatapp", "conversations", "documents", "gateway", "inference", "retrieval", "safety"]
+    apps = ["accounts", "chatapp", "conversations", "documents", "gateway", "inference", "observability", "retrieval",
+            "safety", "memory", "sharing", "feedback", "dashboard", "evals"]
     assert [str(p) for app in apps for p in (ROOT / app).glob("bench*.py")] == []
 
 

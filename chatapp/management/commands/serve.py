@@ -39,6 +39,7 @@ from chatapp.celery import exit_with_parent
 from conversations import turns
 from conversations.services import reap_orphaned_replies
 from gateway import quotas
+from observability import multiprocess
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # A worker that died on its own is started again at most this often.
@@ -66,6 +67,10 @@ class Command(BaseCommand):
             signal.signal(signum, self._on_stop_signal)
         try:
             self._stop_stale_workers()
+            if settings.METRICS_ENABLED:
+                # Under the DATA_DIR lock, before the worker starts: the earlier
+                # serve's and worker's values go, this process's own stay.
+                multiprocess.clear_stale_files()
             self._start_services()
             call_command("migrate", interactive=False, verbosity=0)
             self._reap()
