@@ -35,6 +35,7 @@ from gateway.types import (
     TokenEvent,
     try_again_in,
 )
+from observability import logs
 from retrieval.services import aembed
 from safety.services import amoderations
 from safety.taxonomy import CATEGORIES
@@ -241,6 +242,7 @@ async def chat_completions(request):
         return refused
     try:
         chat, stream, include_usage = parse_chat_request(body, key)
+        logs.bind(gateway_request_id=chat.request_id)  # the x-request-id this answer carries
         if _no_cache(request):
             chat = replace(chat, use_cache=False)
         events = client.current().stream(chat)

@@ -31,7 +31,11 @@ class RequestContextMiddleware:
         logs.clear()
         logs.bind(request_id=request_id)
         response = self.get_response(request)
-        response[logs.REQUEST_ID_HEADER] = request_id
+        # /v1 answers carry the gateway's own request id (OpenAI's header, the
+        # usage ledger's key, and never the caller's choice); everything else
+        # carries this one.
+        if logs.REQUEST_ID_HEADER not in response:
+            response[logs.REQUEST_ID_HEADER] = request_id
         match = request.resolver_match
         metrics.http_request(view=match.view_name if match else UNMATCHED, method=request.method,
                              status=response.status_code, duration_s=time.perf_counter() - started)

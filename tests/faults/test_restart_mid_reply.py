@@ -58,13 +58,26 @@ async def test_a_redis_restart_mid_reply_pauses_it_and_loses_no_text(alice, slow
     assert status == "complete"
 
 
-async def test_a_postgres_restart_mid_reply_keeps_the_reply_and_the_next_chat_works(
+def test_a_postgres_restart_mid_reply_keeps_the_reply_and_the_next_chat_works(
         alice, slow_reply, monkeypatch):
+    """Sync, on its own event loop (as a server keeps one): the restart also
+    kills the test's own connection, which must be closed on its thread."""
     # A restart takes seconds on a busy machine: storing the end retries for longer.
     monkeypatch.setattr(turns, "SETTLE_RETRY_DELAYS_S", (0.5, 1.0, 2.0, 4.0, 8.0, 16.0))
-    reply, status = await restart_mid_reply(alice, restart_postgres)
-    assert status == "complete"
-    stored = await load(reply.id)
-    assert (stored.status, stored.content) == ("complete", "".join(SCRIPT))
-    after, status = await restart_mid_reply(alice, lambda: None)
-    assert status == "complete" and (await load(after.id)).content == "".join(SCRIPT)
+
+    loop = asyncio.new_event_loop()
+    try:
+        reply, status = loop.run_until_complete(restart_mid_reply(alice, restart_postgres))
+        assert status == "complete"
+        stored = loop.run_until_complete(load(reply.id))
+        assert (stored.status, stored.content) == ("complete", "".join(SCRIPT))
+        after, status = loop.run_until_complete(restart_mid_reply(alice, lambda: None))
+        assert status == "complete" and loop.run_until_complete(load(after.id)).content == "".join(SCRIPT)
+    finally:
+        loop.run_until_complete(turns.wait_idle(10))
+        pending = asyncio.all_tasks(loop)  # the reply keeper, the stream fan-out
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+        connections["default"].close()  # this thread's, the fixtures': killed by the restart
