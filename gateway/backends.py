@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,8 @@ from chatapp import runtime
 from gateway.registry import BackendSpec
 from gateway.types import BadRequest, ChatRequest, TokenEvent, Usage
 from inference import EngineSaturated, PromptTooLong, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class BackendFailure(Exception):
@@ -218,7 +221,10 @@ async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSig
     try:
         if response.status_code != 200:
             body = (await response.aread()).decode(errors="replace")[:500]
-            message = f"backend '{spec.name}' answered HTTP {response.status_code}: {body}"
+            # The body is the backend's, not ours to show: it may name hosts,
+            # paths or keys. It goes to the log; users get the status.
+            log.warning("backend %s answered HTTP %s: %s", spec.name, response.status_code, body)
+            message = f"backend '{spec.name}' answered HTTP {response.status_code}"
             if response.status_code == 400:
                 raise BadRequest(message)
             raise BackendFailure(message, saturated=response.status_code == 429)
@@ -285,7 +291,8 @@ async def _remote_events(spec, request, response, abort: AbortSignal):
             except json.JSONDecodeError:
                 continue
             if chunk.get("error"):
-                yield reply.fail(f"backend '{spec.name}' error: {chunk['error']}")
+                log.warning("backend %s sent an error mid-stream: %.500s", spec.name, chunk["error"])
+                yield reply.fail(f"backend '{spec.name}' reported an error")
                 return
             for event in reply.tokens(chunk):
                 yield event

@@ -5,12 +5,13 @@
 (function () {
   "use strict";
 
-  // 422 answers carry a readable message for the composer: swap them in.
+  // 422 (and the chat's 429) answers carry a readable message for the composer: swap them in.
   if (window.htmx) {
     htmx.config.responseHandling = [
       { code: "204", swap: false },
       { code: "[23]..", swap: true },
       { code: "422", swap: true, error: false },
+      { code: "429", swap: true, error: false }, // chat rate limit: its message says when to retry
       { code: "[45]..", swap: false, error: true },
     ];
   }
