@@ -27,8 +27,9 @@ def signup(client, username, **extra_fields):
 
 def test_repeated_failed_sign_ins_lock_the_account_out_from_that_address(alice, settings):
     client = Client()
-    for _ in range(settings.AXES_FAILURE_LIMIT):
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
         assert login(client, "alice", "wrong").status_code == 200  # the form's own error
+    assert login(client, "alice", "wrong").status_code == 429  # the failure that reaches the limit
     locked = login(client, "alice", "alice-pass-123")  # even the right password now
     assert locked.status_code == 429
     assert "Too many failed sign-ins" in locked.content.decode()
@@ -49,8 +50,9 @@ def test_the_admin_login_is_locked_out_too(admin_user, settings):
 def test_a_request_without_remote_addr_is_counted_not_crashed(alice, settings):
     """Daphne on a unix socket leaves REMOTE_ADDR empty."""
     client = Client(REMOTE_ADDR="")
-    for _ in range(settings.AXES_FAILURE_LIMIT):
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
         assert login(client, "alice", "wrong").status_code == 200
+    assert login(client, "alice", "wrong").status_code == 429
     assert login(client, "alice", "alice-pass-123").status_code == 429
 
 
