@@ -1,6 +1,7 @@
 """Accounts: sign-up under the sign-up policy, the first admin, bans, review flags."""
 from __future__ import annotations
 
+from datetime import timedelta
 from importlib import import_module
 
 from django.conf import settings
@@ -13,6 +14,7 @@ from django.utils import timezone
 
 from accounts import setup
 from accounts.models import InviteCode, ReviewFlag
+from audit.models import AuditEvent
 from audit.services import Kind, audit_record
 from gateway import concurrency, keys
 
@@ -146,16 +148,24 @@ def moderation_block_recorded(*, user_id: int, source: str, category: str, check
         _raise_review_flag(user, count, category)
 
 
+def _recent_categories(user, category: str) -> list[str]:
+    """The categories of the user's blocks in the window, from the audit log."""
+    since = timezone.now() - timedelta(seconds=settings.ABUSE_REVIEW_WINDOW_S)
+    recorded = AuditEvent.objects.filter(kind=Kind.MODERATION_BLOCK, target_user=user, created_at__gte=since)
+    return sorted({category, *(c for c in recorded.values_list("data__category", flat=True) if c)})
+
+
 def _raise_review_flag(user, count: int, category: str) -> None:
+    categories = _recent_categories(user, category)
     flag = ReviewFlag.objects.filter(user=user, resolved_at__isnull=True).first()
     if flag is not None:
-        categories = sorted({*flag.categories, category})
+        categories = sorted({*flag.categories, *categories})
         ReviewFlag.objects.filter(pk=flag.pk).update(blocks=max(flag.blocks, count), categories=categories)
         return
     reason = f"{count} moderation blocks within {settings.ABUSE_REVIEW_WINDOW_S} s"
     try:
         with transaction.atomic():
-            ReviewFlag.objects.create(user=user, reason=reason, blocks=count, categories=[category])
+            ReviewFlag.objects.create(user=user, reason=reason, blocks=count, categories=categories)
     except IntegrityError:
         return  # a concurrent block raised it first
     audit_record(kind=Kind.REVIEW_FLAG, summary=f"review flag on {user.get_username()}: {reason}",
