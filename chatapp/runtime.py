@@ -33,6 +33,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, connections
 
 from inference import EngineConfig
+from observability import engine as engine_metrics
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,8 @@ class PoolUnavailable(RuntimeError):
 _engines: dict = {}
 _engine_errors: dict[str, str] = {}
 _engine_lock = threading.Lock()
+# /metrics reads the running pools' state at each scrape.
+engine_metrics.watch_pools(lambda: list(_engines.items()))
 
 
 def engine_config(spec: dict):
@@ -340,6 +343,7 @@ def start_engine(name: str, progress=print):
         except Exception as exc:
             _engine_errors[name] = f"{type(exc).__name__}: {exc}"
             raise
+        engine_metrics.instrument(name, engine)
         _engines[name] = engine
         _engine_errors.pop(name, None)
         progress(f"model pool {name!r} ready: {spec['model']}")
@@ -373,6 +377,7 @@ def loaded_engines() -> list:
 
 def register_engine(name: str, built) -> None:
     """Install an already-built engine (tests, embedding callers)."""
+    engine_metrics.instrument(name, built)
     with _engine_lock:
         _engines[name] = built
 

@@ -135,6 +135,7 @@ INSTALLED_APPS = [
     "servestatic",
     "axes",
     "chatapp",
+    "observability",
     "accounts",
     # Not "inference": it has no models, templates or commands, and importing
     # it at django.setup() loaded torch into every process (the Celery worker,
@@ -144,6 +145,12 @@ INSTALLED_APPS = [
     "safety",
     "retrieval",
     "audit",
+    "feedback",
+    "dashboard",
+    "evals",
+    "memory",
+    "sharing",
+    "documents",
 ]
 
 # Django's own classes here run as one synchronous block on the request's
@@ -151,12 +158,15 @@ INSTALLED_APPS = [
 # per method. ServeStatic is async (WhiteNoise is sync-only); Security stays
 # above it so that static files get its headers too.
 MIDDLEWARE = [
+    # First: the request id and metrics see every request and every response.
+    "observability.middleware.RequestContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "observability.middleware.UserContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # django-csp's Content-Security-Policy header; in the sync block with Django's (chatapp.apps).
@@ -164,6 +174,7 @@ MIDDLEWARE = [
     "django_htmx.middleware.HtmxMiddleware",
     # Last, as django-axes asks: it turns a locked-out sign-in into its 429 page.
     "axes.middleware.AxesMiddleware",
+    "chatapp.middleware.DatabaseTroubleMiddleware",
 ]
 
 ROOT_URLCONF = "chatapp.urls"
@@ -337,14 +348,32 @@ DEFAULT_POOL = env_str("DEFAULT_POOL", next(iter(MODEL_POOLS), "small"))
 # Tests and inference-free nodes can skip loading models at start.
 LOAD_MODELS = env_bool("LOAD_MODELS", True)
 
+# -------------------------------------------------------- observability
+# Metrics (observability.metrics) and structured logs (observability.logs).
+# METRICS_ENABLED=0 turns every metric update into an early return and
+# /metrics into a 404. Every process of a DATA_DIR writes its metric values
+# into METRICS_DIR (prometheus-client's multiprocess mode, chosen over a
+# worker-side registry in observability.multiprocess); `serve` clears it at
+# start. The variable must be set before prometheus-client is imported.
+METRICS_ENABLED = env_bool("METRICS_ENABLED", True)
+# Callers other than loopback need it as a bearer token; unset: loopback only.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "") or ""
+METRICS_DIR = DATA_DIR / "metrics"
+if METRICS_ENABLED:
+    METRICS_DIR.mkdir(exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)
+# json: one JSON object per line (request, user, conversation and reply ids
+# included); console: readable lines for a developer's terminal.
+LOG_FORMAT = env_choice("LOG_FORMAT", "json", {"json", "console"})
+
 # -------------------------------------------------------------- logging
 
 LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", {"DEBUG", "INFO", "WARNING", "ERROR"})
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {"structured": {"()": "observability.logs.formatter", "log_format": LOG_FORMAT}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "structured"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "daphne": {"level": "WARNING"},
@@ -408,12 +437,41 @@ GATEWAY_MAX_REQUEST_CHARS = env_int("GATEWAY_MAX_REQUEST_CHARS", 400_000, min_va
 GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, min_value=1)
 # The same on the usage and API-key pages (served by accounts/), per user and per IP.
 GATEWAY_PAGE_RATE = env_str("GATEWAY_PAGE_RATE", "60/m")
-# Moderation (safety/): case-insensitive terms that block a prompt or a reply.
+# ---- Moderation (safety/): the pipeline every prompt (all roles), reply,
+# cached reply and retrieved passage passes; docs/SAFETY.md has the figures.
+# Terms that block a prompt or a reply, matched as words after folding (case,
+# accents, homoglyphs, zero-width characters, spacing, leetspeak).
 SAFETY_BLOCKED_TERMS = [t.lower() for t in env_list("SAFETY_BLOCKED_TERMS", "")]
+# The checkers, by dotted path (safety/checkers.py); the default was picked by `python -m bench.safety`.
+SAFETY_CHECKERS = env_list(
+    "SAFETY_CHECKERS",
+    "safety.checkers.RulesChecker,safety.checkers.EmbeddingHeadChecker",
+)
+# Categories blocked when the checker covering them fails or times out; the others fail open.
+SAFETY_FAIL_CLOSED = env_list("SAFETY_FAIL_CLOSED", "blocked_term")
+SAFETY_CHECKER_TIMEOUT_S = env_float("SAFETY_CHECKER_TIMEOUT_S", 2.0, min_value=0.001)
+# How long a process keeps the admin's rules before reading them again (edits in this process apply at once).
+SAFETY_RULES_TTL_S = env_float("SAFETY_RULES_TTL_S", 5.0, min_value=0)
+# The built-in prompt-injection and jailbreak patterns (safety/rules.py).
+SAFETY_BUILTIN_PATTERNS = env_bool("SAFETY_BUILTIN_PATTERNS", True)
+# Characters of a reply held back while an admin regex applies to replies (terms hold back 3x their length).
+SAFETY_OUTPUT_HOLD_CHARS = env_int("SAFETY_OUTPUT_HOLD_CHARS", 48, min_value=0)
+# The classifiers read a streaming reply every this many characters, and whole at its end.
+SAFETY_OUTPUT_CHECK_CHARS = env_int("SAFETY_OUTPUT_CHECK_CHARS", 400, min_value=1)
+# Verdicts remembered per text (a chat's history is checked again on every turn); 0 = none.
+SAFETY_VERDICT_CACHE = env_int("SAFETY_VERDICT_CACHE", 4096, min_value=0)
+# The model judge (a Llama Guard prompt) for texts the fast checkers flag without blocking:
+# a pool or backend name; empty = no judge.
+SAFETY_JUDGE_MODEL = env_str("SAFETY_JUDGE_MODEL", "")
+SAFETY_JUDGE_MAX_CHARS = env_int("SAFETY_JUDGE_MAX_CHARS", 8000, min_value=1)
 # Embeddings (retrieval/): a sentence-transformers model dir; empty = bundled all-MiniLM-L6-v2.
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
 # Torch threads of the embedding thread (its own, apart from the engines').
 EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1, min_value=1)
+
+# A quota reservation's lease: renewed by its process every third of it,
+# given back in full by any process once it runs out (its process died).
+QUOTA_LEASE_S = env_float("QUOTA_LEASE_S", 30.0, min_value=0.3)
 
 # -------------------------------------------------------- conversations
 
@@ -426,6 +484,9 @@ STREAM_HEARTBEAT_S = env_float("STREAM_HEARTBEAT_S", 10.0, min_value=0.05)
 STREAM_MATERIALIZE_S = env_float("STREAM_MATERIALIZE_S", 1.0, min_value=0.05)
 # How long a reply's event log stays in Redis after it ends (for late reattach).
 STREAM_LOG_TTL_S = env_int("STREAM_LOG_TTL_S", 3600, min_value=10)
+# Waits between retries of a reply's event writes while Redis is unreachable
+# (~10 s in all, a restart's length): the reply pauses rather than fails.
+STREAM_REDIS_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0)
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16000, min_value=1)
 CHAT_REPLY_MAX_TOKENS = env_int("CHAT_REPLY_MAX_TOKENS", 512, min_value=1)
 CHAT_TEMPERATURE = env_float("CHAT_TEMPERATURE", 0.7, min_value=0.0)
@@ -534,3 +595,105 @@ CONTENT_SECURITY_POLICY = {
         "frame-ancestors": [NONE],
     },
 }
+# ------------------------------------------- cost, feedback and dashboard (issue 15)
+
+# The currency the admin's model prices (gateway.ModelPrice) are written in; shown on pages.
+COST_CURRENCY = env_str("COST_CURRENCY", "USD")
+# Per-minute rollups of the ledger (dashboard app) are kept this many days, then pruned.
+ROLLUP_RETENTION_DAYS = env_int("ROLLUP_RETENTION_DAYS", 90, min_value=1)
+# How often Celery beat folds the newest ledger rows into rollups (and prunes).
+ROLLUP_INTERVAL_S = env_float("ROLLUP_INTERVAL_S", 60.0, min_value=5.0)
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),
+    "dashboard-rollup": {"task": "dashboard.tasks.rollup", "schedule": ROLLUP_INTERVAL_S},
+}
+
+# ---------------------------------------------------------------- evals
+
+# `manage.py run_evals` and the admin's eval runs (evals/). The judge scorer
+# asks this pool or backend whether a reply meets its criterion; unset, the
+# judge's checks are skipped. Items go to the gateway this many at a time.
+EVALS_JUDGE_MODEL = env_str("EVALS_JUDGE_MODEL", "") or ""
+EVALS_CONCURRENCY = env_int("EVALS_CONCURRENCY", 4, min_value=1)
+# -------------------------------------------------------- memory, share links, temporary chats (issue 14)
+
+# Memory's own share of the context window each turn: at most this many
+# tokens, and never more than MEMORY_CONTEXT_SHARE of the window, so a small
+# model keeps room for the conversation; what memory leaves goes to history.
+MEMORY_CONTEXT_TOKENS = env_int("MEMORY_CONTEXT_TOKENS", 256, min_value=0)
+MEMORY_CONTEXT_SHARE = env_float("MEMORY_CONTEXT_SHARE", 0.125, min_value=0.0)
+if MEMORY_CONTEXT_SHARE > 0.5:
+    raise ImproperlyConfigured(f"MEMORY_CONTEXT_SHARE={MEMORY_CONTEXT_SHARE} must be at most 0.5 of the window")
+# Nearest memories considered per turn, and how alike (cosine, MiniLM) one must be.
+MEMORY_MAX_RESULTS = env_int("MEMORY_MAX_RESULTS", 5, min_value=1)
+MEMORY_MIN_SIMILARITY = env_float("MEMORY_MIN_SIMILARITY", 0.2, min_value=-1.0)
+if MEMORY_MIN_SIMILARITY > 1:
+    raise ImproperlyConfigured(f"MEMORY_MIN_SIMILARITY={MEMORY_MIN_SIMILARITY} must be between -1 and 1")
+MEMORY_MAX_CHARS = env_int("MEMORY_MAX_CHARS", 500, min_value=20)
+MEMORY_MAX_PER_USER = env_int("MEMORY_MAX_PER_USER", 1000, min_value=1)
+# After each complete reply, the model suggests up to this many facts (background priority).
+MEMORY_AUTO_EXTRACT = env_bool("MEMORY_AUTO_EXTRACT", True)
+MEMORY_SUGGESTIONS_PER_REPLY = env_int("MEMORY_SUGGESTIONS_PER_REPLY", 3, min_value=1)
+# A temporary chat is deleted this long after its last change (beat checks every 5 minutes).
+TEMPORARY_CHAT_TTL_S = env_int("TEMPORARY_CHAT_TTL_S", 3600, min_value=60)
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),
+    "purge-temporary-chats": {"task": "conversations.tasks.purge_temporary_chats", "schedule": 300.0},
+}
+# ---- documents (uploads, ingestion, retrieval in a turn) — owned by documents/
+
+# Where uploaded files live: "filesystem" (DATA_DIR/documents) or "s3" (any
+# S3-compatible object store, through django-storages and boto3).
+DOCUMENTS_STORAGE = env_choice("DOCUMENTS_STORAGE", "filesystem", {"filesystem", "s3"})
+if DOCUMENTS_STORAGE == "s3":
+    _documents_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": env_str("DOCUMENTS_S3_BUCKET"),
+            "endpoint_url": env_str("DOCUMENTS_S3_ENDPOINT_URL"),
+            "access_key": env_str("DOCUMENTS_S3_ACCESS_KEY_ID"),
+            "secret_key": env_str("DOCUMENTS_S3_SECRET_ACCESS_KEY"),
+            "region_name": env_str("DOCUMENTS_S3_REGION"),
+            "default_acl": None,
+            "file_overwrite": False,
+        },
+    }
+    if not _documents_storage["OPTIONS"]["bucket_name"]:
+        raise ImproperlyConfigured("DOCUMENTS_STORAGE=s3 needs DOCUMENTS_S3_BUCKET")
+else:
+    _documents_storage = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(DATA_DIR / "documents")},
+    }
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "documents": _documents_storage,
+}
+# Limits, checked on the file's content before anything is stored.
+DOCUMENTS_MAX_FILE_MB = env_float("DOCUMENTS_MAX_FILE_MB", 20.0, min_value=0.001)
+DOCUMENTS_MAX_PAGES = env_int("DOCUMENTS_MAX_PAGES", 500, min_value=1)
+DOCUMENTS_USER_QUOTA_MB = env_float("DOCUMENTS_USER_QUOTA_MB", 200.0, min_value=0.001)
+# A .docx is a zip: more than this unpacked, or a larger ratio, is a bomb.
+DOCUMENTS_MAX_UNZIPPED_MB = env_float("DOCUMENTS_MAX_UNZIPPED_MB", 100.0, min_value=1.0)
+DOCUMENTS_MAX_ZIP_RATIO = env_float("DOCUMENTS_MAX_ZIP_RATIO", 100.0, min_value=2.0)
+# Chunks in the embedding model's tokens (under its 256-token input).
+DOCUMENTS_CHUNK_TOKENS = env_int("DOCUMENTS_CHUNK_TOKENS", 200, min_value=16)
+DOCUMENTS_CHUNK_OVERLAP_TOKENS = env_int("DOCUMENTS_CHUNK_OVERLAP_TOKENS", 40, min_value=0)
+if DOCUMENTS_CHUNK_OVERLAP_TOKENS >= DOCUMENTS_CHUNK_TOKENS:
+    raise ImproperlyConfigured("DOCUMENTS_CHUNK_OVERLAP_TOKENS must be smaller than DOCUMENTS_CHUNK_TOKENS")
+# Ingestion embeds this many chunks per batch, with this many BLAS threads
+# in the worker (it shares the box with the engines).
+DOCUMENTS_EMBED_BATCH = env_int("DOCUMENTS_EMBED_BATCH", 32, min_value=1)
+DOCUMENTS_EMBED_THREADS = env_int("DOCUMENTS_EMBED_THREADS", 1, min_value=1)
+# Tries of an ingestion that fails for a reason other than the file itself.
+DOCUMENTS_INGEST_RETRIES = env_int("DOCUMENTS_INGEST_RETRIES", 3, min_value=0)
+DOCUMENTS_RETRY_WAIT_S = env_float("DOCUMENTS_RETRY_WAIT_S", 10.0, min_value=0)
+# Retrieval in a turn: passages given to the model, and their share of the
+# prompt (the context window minus the reply): at most DOCUMENTS_CONTEXT_TOKENS
+# and at most DOCUMENTS_CONTEXT_SHARE of it; history gets the rest.
+DOCUMENTS_TOP_K = env_int("DOCUMENTS_TOP_K", 5, min_value=1)
+DOCUMENTS_CONTEXT_TOKENS = env_int("DOCUMENTS_CONTEXT_TOKENS", 1024, min_value=0)
+DOCUMENTS_CONTEXT_SHARE = env_float("DOCUMENTS_CONTEXT_SHARE", 0.4, min_value=0.0)
+if DOCUMENTS_CONTEXT_SHARE > 0.9:
+    raise ImproperlyConfigured("DOCUMENTS_CONTEXT_SHARE must be at most 0.9: the newest message needs room")

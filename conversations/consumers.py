@@ -28,12 +28,15 @@ from conversations import streams
 from conversations.models import Message
 from conversations.selectors import access_message
 from conversations.streams import StreamEvent
+from observability import logs, metrics
 
 log = logging.getLogger(__name__)
 
 # How often, on average, a stream whose log is missing asks the database
 # whether its reply ended anyway, in heartbeats.
 DB_CHECK_EVERY_BEATS = 3
+
+VIEW_NAME = "reply_stream"  # its label in the requests-by-view metric
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -91,6 +94,11 @@ def _reload(reply_id):
 
 
 class ReplyStreamConsumer(AsyncConsumer):
+    # No channel layer: streams are fed by the reply's Redis log and the
+    # fan-out, never by channel messages. With the layer, every SSE
+    # connection kept a Redis connection in a BZPOPMIN loop for nothing, and
+    # cancelling that receive at the end of a stream could hang.
+    channel_layer_alias = None
     task: asyncio.Task | None = None
     sent_seq = 0  # the last event this response carried
 
@@ -99,6 +107,10 @@ class ReplyStreamConsumer(AsyncConsumer):
             return
         self.reply_id = self.scope["url_route"]["kwargs"]["reply_id"]
         self.connection_id = uuid.uuid4().hex
+        # Not a Django view: the request id and log context are set here.
+        headers = dict(self.scope.get("headers") or [])
+        self.request_id = logs.request_id_from(headers.get(b"x-request-id", b"").decode("latin-1"))
+        logs.bind(request_id=self.request_id, reply_id=self.reply_id)
         after = _parse_last_event_id(self.scope)
         if after is None:
             await self._plain(400, b"Last-Event-ID must be an event id: a non-negative integer, at most 2**63 - 1.")
@@ -119,9 +131,13 @@ class ReplyStreamConsumer(AsyncConsumer):
                 pass
         raise StopConsumer()
 
+    def _headers(self, headers: list) -> list:
+        return [*headers, (logs.REQUEST_ID_HEADER.lower().encode(), self.request_id.encode())]
+
     async def _plain(self, status: int, body: bytes):
+        metrics.http_request(view=VIEW_NAME, method="GET", status=status)
         await self.send({"type": "http.response.start", "status": status,
-                         "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+                         "headers": self._headers([(b"content-type", b"text/plain; charset=utf-8")])})
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _send(self, chunk: bytes, more: bool = True):
@@ -132,7 +148,15 @@ class ReplyStreamConsumer(AsyncConsumer):
         the reader lists clean."""
         reply_id = self.reply_id
         self.sent_seq = after
-        await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        metrics.http_request(view=VIEW_NAME, method="GET", status=200)
+        metrics.sse_opened(resumed=after > 0)
+        try:
+            await self.send({"type": "http.response.start", "status": 200, "headers": self._headers(SSE_HEADERS)})
+            await self._serve_stream(reply_id, after)
+        finally:
+            metrics.sse_closed()
+
+    async def _serve_stream(self, reply_id, after: int):
         # Tell the browser how long to wait before reconnecting; first bytes
         # also make proxies commit to streaming.
         await self._send(b"retry: 1000\n\n")

@@ -1,7 +1,9 @@
 """The context builder: what the model sees on each turn.
 
 system prompt (custom instructions + the conversation's own) + the running
-summary of older turns + the newest messages of the current branch that fit
+summary of older turns + remembered facts (memory, its own share of the
+window) + passages retrieved from the chat's documents (in their own share of
+the window: `documents.context`) + the newest messages of the current branch that fit
 the model's context window minus the reply budget, counted with the model's
 own tokenizer and chat template (the gateway client's `count_prompt_tokens`).
 When older messages fall out of the window a Celery task folds them into the
@@ -9,7 +11,8 @@ summary, at low priority, for the next turn.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -17,8 +20,13 @@ from django.core.exceptions import ValidationError
 from conversations import tasks
 from conversations.models import Conversation, Message
 from conversations.selectors import ancestors, custom_instructions
+from documents import context as documents_context
+from documents import services as documents_services
 from gateway import client as gateway_client
 from gateway.types import ChatRequest
+from memory import services as memory_services
+
+log = logging.getLogger(__name__)
 
 SUMMARY_PREAMBLE = "Summary of the earlier part of this conversation:\n"
 
@@ -30,6 +38,7 @@ class Context:
     dropped: list[Message]  # older branch messages that did not fit
     prompt_tokens: int
     budget_tokens: int
+    passages: documents_context.Passages = field(default_factory=documents_context.Passages)
 
 
 def system_text(conversation: Conversation) -> str:
@@ -41,12 +50,16 @@ def _as_chat(m: Message) -> dict:
     return {"role": m.role if m.role in ("user", "assistant", "system") else "user", "content": m.content}
 
 
-def build_context(*, conversation: Conversation, history: list[Message], reply_tokens: int) -> Context:
-    """`history` is the branch root → the newest user message (the reply excluded)."""
+def build_context(*, conversation: Conversation, history: list[Message], reply_tokens: int, reply_id=None) -> Context:
+    """`history` is the branch root → the newest user message (the reply excluded);
+    `reply_id`: the reply being prepared (memory is recorded on it; none without)."""
     gateway = gateway_client.current()
     model = conversation.model or None
-    budget = gateway.model_info(model).context_window - reply_tokens
-    head, candidates = _head_and_candidates(conversation, history)
+    window = gateway.model_info(model).context_window
+    budget = window - reply_tokens
+    passages = _passages(conversation, history, budget, gateway, model)
+    head, candidates = _head_and_candidates(conversation, history, passages.text)
+    head = _with_system(head, _memory_block(conversation, history, reply_id, model, window))
     counted: dict[int, int] = {}
 
     def count(k: int) -> int:
@@ -66,12 +79,30 @@ def build_context(*, conversation: Conversation, history: list[Message], reply_t
     window = candidates[len(candidates) - kept:]
     dropped = candidates[: len(candidates) - kept]
     messages = head + [_as_chat(m) for m in window]
-    return Context(messages=messages, window=window, dropped=dropped, prompt_tokens=count(kept), budget_tokens=budget)
+    return Context(messages=messages, window=window, dropped=dropped, prompt_tokens=count(kept), budget_tokens=budget,
+                   passages=passages)
 
 
-def _head_and_candidates(conversation: Conversation, history: list[Message]) -> tuple[list[dict], list[Message]]:
-    """The system message (instructions, prompt, running summary) and the
-    branch messages the summary does not already stand in for."""
+def _passages(conversation: Conversation, history: list[Message], budget: int, gateway, model):
+    """Passages retrieved from the chat's documents (the documents app), in
+    their own share of the budget, never crowding out the newest message."""
+    if not history or history[-1].role != "user":
+        return documents_context.Passages()
+
+    def needed() -> int:
+        head, _ = _head_and_candidates(conversation, history)
+        return gateway.count_prompt_tokens(head + [_as_chat(history[-1])], model)
+
+    return documents_context.passages_for_turn(
+        user_id=conversation.user_id, conversation_id=conversation.id, query=history[-1].content,
+        prompt_budget_tokens=budget, needed_tokens=needed,
+        count_tokens=lambda text: gateway.count_prompt_tokens([{"role": "system", "content": text}], model))
+
+
+def _head_and_candidates(conversation: Conversation, history: list[Message],
+                         passages: str = "") -> tuple[list[dict], list[Message]]:
+    """The system message (instructions, prompt, running summary, retrieved
+    passages) and the branch messages the summary does not already stand in for."""
     history = [m for m in history if m.content or m.role == "user"]  # empty failed replies say nothing
     system = system_text(conversation)
     candidates = history
@@ -80,7 +111,38 @@ def _head_and_candidates(conversation: Conversation, history: list[Message]) -> 
         cut = next(i for i, m in enumerate(history) if m.id == conversation.summary_through_id)
         candidates = history[cut + 1:]
         system = (system + "\n\n" if system else "") + SUMMARY_PREAMBLE + conversation.summary
+    if passages:
+        system = (system + "\n\n" if system else "") + passages
     return ([{"role": "system", "content": system}] if system else []), candidates
+
+
+def _memory_block(conversation: Conversation, history: list[Message], reply_id, model, window: int) -> str:
+    """Remembered facts nearest to the user's message, within memory's own
+    share of the window (`memory.services.budget_tokens`); they count
+    against the prompt budget like the rest of the system message, so the
+    history gets what is left. A temporary chat uses and saves none."""
+    if reply_id is None or conversation.temporary or not history or history[-1].role != Message.Role.USER:
+        return ""
+
+    def count(text: str) -> int:
+        return gateway_client.current().count_prompt_tokens([{"role": "system", "content": text}], model)
+
+    try:
+        return memory_services.turn_memory(
+            user_id=conversation.user_id, reply_id=reply_id, message=history[-1].content,
+            budget=memory_services.budget_tokens(window), count_tokens=count,
+        ).text
+    except Exception:  # memory is a help: a failing lookup must not cost the user the reply
+        log.exception("memory for reply %s", reply_id)
+        return ""
+
+
+def _with_system(head: list[dict], text: str) -> list[dict]:
+    if not text:
+        return head
+    if head:
+        return [{"role": "system", "content": head[0]["content"] + "\n\n" + text}]
+    return [{"role": "system", "content": text}]
 
 
 def _newest_that_fit(count, total: int, budget: int) -> int:
@@ -111,7 +173,9 @@ def build_request(*, reply_id=None, reply: Message | None = None):
         return None
     conversation = reply.conversation
     history = ancestors(reply)[:-1]
-    ctx = build_context(conversation=conversation, history=history, reply_tokens=settings.CHAT_REPLY_MAX_TOKENS)
+    ctx = build_context(conversation=conversation, history=history, reply_tokens=settings.CHAT_REPLY_MAX_TOKENS,
+                        reply_id=reply.id)
+    documents_services.record_sources(reply=reply, conversation=conversation, passages=ctx.passages)
     if ctx.dropped:
         tasks.enqueue_summary(conversation_id=conversation.id, through_id=ctx.dropped[-1].id)
     return ChatRequest(

@@ -28,6 +28,10 @@ class Conversation(models.Model):
     model = models.CharField(max_length=100, blank=True, help_text="empty: the gateway's default")
     system_prompt = models.TextField(blank=True)
     archived = models.BooleanField(default=False)
+    # A temporary chat is not listed or searched, uses and saves no memory,
+    # gets no model-written title, and is deleted TEMPORARY_CHAT_TTL_S after
+    # its last change (conversations.tasks.purge_temporary_chats).
+    temporary = models.BooleanField(default=False)
     current_leaf = models.ForeignKey(
         "Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -44,6 +48,7 @@ class Conversation(models.Model):
         indexes = [
             models.Index(fields=["user", "archived", "-updated_at"], name="conv_user_recent"),
             GinIndex(SearchVector("title", config="english"), name="conv_title_fts"),
+            models.Index(fields=["updated_at"], name="conv_temporary", condition=models.Q(temporary=True)),
         ]
 
     def __str__(self) -> str:

@@ -33,7 +33,7 @@ def access_message(*, user, message_id) -> Message:
 
 
 def conversation_list(*, user, archived: bool = False, query: str = ""):
-    qs = Conversation.objects.filter(user=user, archived=archived).order_by("-updated_at")
+    qs = Conversation.objects.filter(user=user, archived=archived, temporary=False).order_by("-updated_at")
     if query:
         qs = qs.filter(title__icontains=query)
     return qs
@@ -160,7 +160,7 @@ def search(*, user, query: str, limit: int = 50) -> list[SearchHit]:
     sq = SearchQuery(query, config="english", search_type="websearch")
     hits: dict = {}
     titles = (
-        Conversation.objects.filter(user=user)
+        Conversation.objects.filter(user=user, temporary=False)
         .annotate(rank=SearchRank(SearchVector("title", config="english"), sq))
         .filter(Q(rank__gt=0) | Q(title__icontains=query))
         .order_by("-rank", "-updated_at")[:limit]
@@ -168,7 +168,7 @@ def search(*, user, query: str, limit: int = 50) -> list[SearchHit]:
     for c in titles:
         hits[c.id] = SearchHit(conversation=c, snippet="")
     messages = (
-        Message.objects.filter(conversation__user=user)
+        Message.objects.filter(conversation__user=user, conversation__temporary=False)
         .annotate(search=SearchVector("content", config="english"))
         .filter(search=sq)
         .annotate(

@@ -8,6 +8,7 @@ Validation errors are ValidationError with a message meant for the user.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,6 +37,67 @@ def fallback_title(text: str) -> str:
     return title[:200] or "New chat"
 
 
+# An automatic title names the topic in a few words. A small model often
+# answers the message instead (SmolLM2-135M titled "Give me three tips for
+# growing tomatoes." as "1. Use a tomato skin to protect your plants from
+# pests"): a list item, a sentence, or words the message never used are an
+# answer, not a title, and the job names the topic from the message itself.
+TITLE_MAX_WORDS = 6
+_LIST_MARKER = re.compile(r"^\s*(?:\d+[.)]|[-*•]|step \d+)\s", re.IGNORECASE)
+_TITLE_LABEL = re.compile(r"^\s*(?:title|topic|subject)\s*:\s*", re.IGNORECASE)
+# Openings that ask rather than name: "What is the capital of France?" is
+# about "Capital of France". Stripped one after another from the first sentence.
+_ASKING = re.compile(
+    r"^(?:please|hi|hello|hey|so|ok(?:ay)?|(?:can|could|would|will) you|i(?:'d| would) like(?: you)? to|"
+    r"i (?:want|need)(?: you)? to|help me(?: to| with)?|"
+    r"what(?:'s| is) (?:a|the) (?:good|best|easiest|right) way to|how (?:do|can|should|would|to) (?:i|we|you)?|"
+    r"(?:what|who|where|when|which|why|how)(?:'s| is| are| was| were| do| does| did)?(?: the| a| an)?|"
+    r"give me|tell me(?: about)?|show me|explain(?: to me)?|describe|summari[sz]e|suggest|list)[\s,!]+",
+    re.IGNORECASE,
+)
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
+_STOPWORDS = frozenset("the a an and or of to in on for with at by from is are be do does how what why who you your "
+                       "my me i when if that which where our their this these those some any about as so but".split())
+
+
+def _stems(text: str) -> set[str]:
+    return {w[:5] for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2 and w not in _STOPWORDS}
+
+
+def clean_title(raw: str, message: str) -> str | None:
+    """The model's title made tidy, or None when it is an answer, not a title."""
+    line = next((ln for ln in (raw or "").splitlines() if ln.strip()), "")
+    if _LIST_MARKER.match(line):
+        return None
+    title = _TITLE_LABEL.sub("", " ".join(line.split())).strip(" \"'`#*.:")
+    if not title or len(title) > 80 or len(title.split()) > TITLE_MAX_WORDS or not (_stems(title) & _stems(message)):
+        return None
+    return title
+
+
+def topic_title(message: str) -> str:
+    """A title from the message's own words, without its asking: the job's
+    fallback when the model gives no usable title."""
+    text = " ".join(message.split())
+    topic = _SENTENCE_END.split(text, maxsplit=1)[0]
+    while (shorter := _ASKING.sub("", topic, count=1)) != topic:
+        topic = shorter
+    topic = topic.strip(" ?.!:;,") or text
+    first_clause = re.split(r"\s+(?:and|but|so)\s+", topic, maxsplit=1)[0]
+    if len(first_clause.split()) >= 3:  # "review my resume and make it shine": the first part names it
+        topic = first_clause
+    words = topic.split(" ")[:TITLE_MAX_WORDS]
+    while len(words) > 1 and words[-1].lower().strip(",;:") in _STOPWORDS:
+        words.pop()  # "... at home with" ends on a dangling word
+    title = " ".join(words).rstrip(" ?.!:;,")
+    return (title[:1].upper() + title[1:])[:200] or fallback_title(message)
+
+
+def title_for(raw: str, message: str) -> str:
+    """The automatic title of a chat whose first message is `message`, given the model's answer `raw`."""
+    return clean_title(raw, message) or topic_title(message)
+
+
 def check_message_text(text) -> str:
     text = (text or "").strip()
     if not text:
@@ -60,9 +122,10 @@ def check_system_prompt(system_prompt) -> str:
     return system_prompt
 
 
-def conversation_create(*, user, model: str = "", system_prompt: str = "") -> Conversation:
+def conversation_create(*, user, model: str = "", system_prompt: str = "", temporary: bool = False) -> Conversation:
     conversation = Conversation(
-        user=user, model=check_model(model, user=user), system_prompt=check_system_prompt(system_prompt)
+        user=user, model=check_model(model, user=user), system_prompt=check_system_prompt(system_prompt),
+        temporary=temporary,
     )
     # Not the user (the signed-in one) nor the uuid's uniqueness: both checks are
     # queries that cannot fail, on the path of every new chat.
@@ -72,13 +135,41 @@ def conversation_create(*, user, model: str = "", system_prompt: str = "") -> Co
 
 
 @transaction.atomic
-def conversation_start(*, user, text: str, model: str = "", system_prompt: str = "") -> Message:
+def conversation_start(*, user, text: str, model: str = "", system_prompt: str = "", temporary: bool = False) -> Message:
     """A new chat with its first message and the reply's placeholder, in one
     transaction: a bad message leaves no empty conversation behind. Returns the
     placeholder (the reply)."""
     text = check_message_text(text)
-    conversation = conversation_create(user=user, model=model, system_prompt=system_prompt)
+    conversation = conversation_create(user=user, model=model, system_prompt=system_prompt, temporary=temporary)
     return _append_turn(conversation, text, parent=None)
+
+
+@transaction.atomic
+def conversation_import(*, user, title: str, turns: list[tuple[str, str, str]]) -> Conversation:
+    """A new chat holding `turns` (role, content, model) as one finished
+    branch: a shared chat continued in the viewer's account."""
+    conversation = conversation_create(user=user)
+    parent = None
+    for role, content, model in turns:
+        parent = Message.objects.create(conversation=conversation, parent=parent, role=role, content=content,
+                                        model=model, status=Message.Status.COMPLETE)
+    conversation.title = (title or "Shared chat")[:200]
+    conversation.title_source = Conversation.TitleSource.AUTO
+    conversation.current_leaf = parent
+    conversation.save(update_fields=["title", "title_source", "current_leaf", "updated_at"])
+    return conversation
+
+
+def temporary_chats_purge(*, idle_s: float | None = None) -> int:
+    """Delete the temporary chats untouched for TEMPORARY_CHAT_TTL_S (their
+    replies have long ended: a reply touches its chat when it ends)."""
+    idle_s = settings.TEMPORARY_CHAT_TTL_S if idle_s is None else idle_s
+    cutoff = timezone.now() - timedelta(seconds=idle_s)
+    deleted = 0
+    for conversation in Conversation.objects.filter(temporary=True, updated_at__lt=cutoff):
+        conversation_delete(conversation=conversation)
+        deleted += 1
+    return deleted
 
 
 def conversation_update(
@@ -303,6 +394,19 @@ def reap_stale_replies(*, stale_s: float | None = None) -> list[Reaped]:
     )
     log.info("reaper: marked %d stale replies interrupted", len(rows))
     return [Reaped(id=id_, content=content, stream_seq=seq, error=REAPED_ERROR) for id_, content, seq in rows]
+
+
+def reply_recover_text(*, reply_id, stored_seq: int, extra: str, seq: int) -> str | None:
+    """Add to a reaped reply the text its log streamed after the last
+    materialization (`stored_seq`): a process killed mid-reply loses at most
+    what never reached Redis. Only while the row is as the reaper left it.
+    Returns the new text, or None when the row moved on."""
+    reply = Message.objects.filter(id=reply_id, status=Message.Status.INTERRUPTED, stream_seq=stored_seq)
+    content = reply.values_list("content", flat=True).first()
+    if content is None:
+        return None
+    reply.update(content=content + extra, stream_seq=seq, updated_at=timezone.now())
+    return content + extra
 
 
 async def reaped_publish(reaped: list[Reaped]) -> None:

@@ -35,6 +35,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 
@@ -169,33 +170,58 @@ class _Writer:
         while self.pending:
             batch, self.pending = self.pending, []
             now = time.monotonic()
-            ttl = settings.STREAM_LOG_TTL_S
-            grew: dict[str, None] = {}
-            async with client().pipeline(transaction=False) as pipe:
-                for reply_id, event, _ in batch:
-                    pipe.xadd(log_key(reply_id), {"e": event.event, "d": json.dumps(event.data)}, id=f"{event.seq}-0")
-                    grew[reply_id] = None
-                    local = self.state.logs.get(reply_id)
-                    # The TTL is set with the first event, renewed well before it
-                    # runs out, and restarted by the terminal event.
-                    if local is None or event.terminal or now - local.ttl_set_at > ttl / 4:
-                        pipe.expire(log_key(reply_id), ttl)
-                        if local is not None:
-                            local.ttl_set_at = now
-                pipe.publish(new_channel(), " ".join([ORIGIN, *grew]))
-                try:
-                    await pipe.execute()
-                except Exception as exc:
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
+            error = await self._write(batch, now)
+            if error is not None:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
             for reply_id, event, future in batch:
                 self.state.remember(reply_id, event, now)
                 if not future.done():
                     future.set_result(None)
-            for reply_id in grew:
+            for reply_id in {reply_id: None for reply_id, _, _ in batch}:
                 self.state.wake("new", reply_id)
+
+    async def _write(self, batch, now: float) -> Exception | None:
+        """One pipelined round trip for the batch; retried for a while when
+        the connection fails, so a Redis restart pauses the replies instead
+        of failing them (their text is in the turn's memory meanwhile). A
+        retry after a round trip that did land finds its events there: an
+        XADD refused because its id is already in the log counts as done."""
+        for delay_s in (*settings.STREAM_REDIS_RETRY_DELAYS_S, None):
+            try:
+                results = await self._pipeline(batch, now).execute(raise_on_error=False)
+            except runtime.REDIS_ERRORS as exc:
+                if delay_s is None:
+                    return exc
+                log.warning("stream writer: Redis unreachable; retrying in %s s", delay_s)
+                await asyncio.sleep(delay_s)
+                continue
+            errors = [r for r in results if isinstance(r, Exception) and not _already_in_log(r)]
+            return errors[0] if errors else None
+        return None  # unreachable: the last delay is None
+
+    def _pipeline(self, batch, now: float):
+        ttl = settings.STREAM_LOG_TTL_S
+        pipe = client().pipeline(transaction=False)
+        grew: dict[str, None] = {}
+        for reply_id, event, _ in batch:
+            pipe.xadd(log_key(reply_id), {"e": event.event, "d": json.dumps(event.data)}, id=f"{event.seq}-0")
+            grew[reply_id] = None
+            local = self.state.logs.get(reply_id)
+            # The TTL is set with the first event, renewed well before it
+            # runs out, and restarted by the terminal event.
+            if local is None or event.terminal or now - local.ttl_set_at > ttl / 4:
+                pipe.expire(log_key(reply_id), ttl)
+                if local is not None:
+                    local.ttl_set_at = now
+        pipe.publish(new_channel(), " ".join([ORIGIN, *grew]))
+        return pipe
+
+
+def _already_in_log(error: Exception) -> bool:
+    return isinstance(error, redis.exceptions.ResponseError) and "equal or smaller" in str(error)
 
 
 # ------------------------------------------------------------ per event loop
@@ -274,6 +300,24 @@ async def read_after(reply_id, after_seq: int, count: int = 1000) -> list[Stream
             return events[:count]
     entries = await client().xrange(log_key(reply_id), min=f"({after_seq}-0" if after_seq else "-", count=count)
     return [_decode(entry_id, fields) for entry_id, fields in entries]
+
+
+async def text_after(reply_id, after_seq: int) -> tuple[str, int]:
+    """The text of the token events after `after_seq` and the last seq read,
+    stopping at a terminal event: what a reply streamed since its text was
+    last stored. Token events hold only text the output moderation window
+    released, so it is safe to store."""
+    parts, seq = [], after_seq
+    while True:
+        events = await read_after(reply_id, seq)
+        for event in events:
+            if event.terminal:
+                return "".join(parts), seq
+            seq = event.seq
+            if event.event == "token":
+                parts.append(event.data.get("t", ""))
+        if not events:
+            return "".join(parts), seq
 
 
 class Fanout:

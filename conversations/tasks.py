@@ -37,13 +37,34 @@ from conversations import services
 from conversations.models import Conversation, Message
 from conversations.selectors import ancestors
 from gateway.keys import internal_api_key
+from memory import tasks as memory_tasks
+from observability import logs
 
 log = logging.getLogger(__name__)
 
-TITLE_PROMPT = (
-    "Write a short title (at most six words) for a conversation that starts with the message below. "
-    "Answer with the title only, no quotes.\n\nMessage:\n"
+# The title job's request (the evals' "titles" suite sends the same one and
+# scores what services.title_for makes of the answer). A few examples as
+# earlier turns: the bundled 135M model copies their shape, where an
+# instruction alone got it answering the message.
+TITLE_SYSTEM = (
+    "You name conversations. Reply with a short title (two to five words) that names the topic of the "
+    "user's message. Do not answer the message."
 )
+TITLE_EXAMPLES = (
+    ("How do I bake bread at home without a mixer?", "Baking Bread by Hand"),
+    ("Give me five ideas for a rainy weekend with kids.", "Rainy Weekend Ideas for Kids"),
+    ("What's the difference between TCP and UDP?", "TCP vs UDP"),
+)
+TITLE_MAX_TOKENS = 24
+
+
+def title_messages(text: str) -> list[dict]:
+    messages = [{"role": "system", "content": TITLE_SYSTEM}]
+    for example, title in TITLE_EXAMPLES:
+        messages += [{"role": "user", "content": f"Message: {example}"}, {"role": "assistant", "content": title}]
+    return messages + [{"role": "user", "content": f"Message: {text[:2000]}"}]
+
+
 SUMMARY_SYSTEM = (
     "You maintain a running summary of a conversation between a user and an assistant. "
     "Keep every fact, name, number, decision and open question. Be concise. Answer with the summary only."
@@ -79,6 +100,9 @@ def serving_api(**options) -> httpx.Client:
     """A client of the serving process's /v1 API, signed in as the product's
     background jobs (`options` go to httpx: tests pass a transport)."""
     headers = {"Authorization": f"Bearer {internal_api_key()}"}
+    request_id = logs.current_request_id()
+    if request_id:  # the serving process logs the task's model call under the same request id
+        headers[logs.REQUEST_ID_HEADER] = request_id
     host = httpx.URL(settings.SERVE_URL).netloc.decode()
     if not validate_host(split_domain_port(host)[0], settings.ALLOWED_HOSTS):
         # Behind a proxy ALLOWED_HOSTS names the public host, not loopback.
@@ -112,19 +136,19 @@ def _call(method: str, path: str, **kwargs) -> dict:
     raise Refused(f"{response.status_code}: {message}")
 
 
-def _background_model() -> str:
+def background_model() -> str:
     # The small pool when there is one: summaries and titles need no large model.
     return "small" if "small" in settings.MODEL_POOLS else settings.DEFAULT_POOL
 
 
 def _complete(messages: list[dict], max_tokens: int) -> str:
-    body = {"model": _background_model(), "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+    body = {"model": background_model(), "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
     reply = _call("POST", "/v1/chat/completions", json=body)
     return (reply["choices"][0]["message"]["content"] or "").strip()
 
 
 def _context_window() -> int:
-    return int(_call("GET", f"/v1/models/{_background_model()}")["context_window"])
+    return int(_call("GET", f"/v1/models/{background_model()}")["context_window"])
 
 
 def _retry_or_give_up(task, exc: Exception, what: str) -> None:
@@ -139,11 +163,14 @@ def _retry_or_give_up(task, exc: Exception, what: str) -> None:
 # ------------------------------------------------------------------- enqueue
 
 def enqueue_after_reply(*, reply_id) -> None:
-    reply = Message.objects.filter(id=reply_id).select_related("conversation").first()
-    if reply is None:
+    reply = Message.objects.filter(id=reply_id).select_related("conversation", "parent").first()
+    if reply is None or reply.conversation.temporary:  # a temporary chat: no title, no memory
         return
     if reply.conversation.title_source == Conversation.TitleSource.FALLBACK:
         transaction.on_commit(lambda: _delay(title_conversation, str(reply.conversation_id)))
+    if reply.parent is not None and reply.parent.role == Message.Role.USER:
+        memory_tasks.enqueue_extraction(user_id=reply.conversation.user_id, reply_id=reply.id,
+                                        message=reply.parent.content)
 
 
 def enqueue_summary(*, conversation_id, through_id) -> None:
@@ -171,16 +198,14 @@ def title_conversation(self, conversation_id: str) -> str | None:
     if first is None:
         return None
     try:
-        title = _complete([{"role": "user", "content": TITLE_PROMPT + first.content[:2000]}], max_tokens=24)
+        answer = _complete(title_messages(first.content), max_tokens=TITLE_MAX_TOKENS)
     except ServingUnavailable as exc:
         return _retry_or_give_up(self, exc, f"titling {conversation_id}")
     except (PromptTooLong, Refused) as exc:
         log.warning("titling %s: %s; keeping the first words", conversation_id, exc)
         return None
-    title = title.splitlines()[0] if title else ""
-    # A model that rambles gives no title: the first words stay.
-    if not title or len(title) > 80:
-        return None
+    # An answer instead of a title names the topic from the message's own words.
+    title = services.title_for(answer, first.content)
     services.title_update_auto(conversation_id=conversation_id, title=title)
     return title
 
@@ -212,6 +237,12 @@ def summarize_conversation(self, conversation_id: str, through_id: str) -> str |
         return None
     services.summary_update(conversation_id=conversation_id, summary=summary, through_id=through.id)
     return summary
+
+
+@shared_task(ignore_result=True)
+def purge_temporary_chats() -> int:
+    """Run by beat (CELERY_BEAT_SCHEDULE): temporary chats are deleted after use."""
+    return services.temporary_chats_purge()
 
 
 # ----------------------------------------------------------------- summaries

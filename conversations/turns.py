@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
 from contextlib import aclosing
@@ -49,6 +50,7 @@ from conversations.models import Message
 from conversations.streams import StreamEvent
 from gateway import client as gateway_client
 from gateway.types import Blocked, ChatRequest, FinalEvent, GatewayError, Usage, try_again_in
+from observability import logs, metrics
 
 log = logging.getLogger(__name__)
 
@@ -302,20 +304,25 @@ async def settle(log_: ReplyLog, outcome: Outcome) -> str:
     retried, and an end that cannot be published is still stored (readers
     check the database when their stream goes quiet)."""
     status, error = status_from_outcome(outcome)
+    metrics.chat_reply(status)
     final = outcome.final
     usage = final.usage if final else None
     if usage is None and log_.parts:
         # No final event (closed early): count what was delivered, for the record.
         usage = Usage(prompt_tokens=0, completion_tokens=len(log_.parts))
+    # A blocked reply keeps none of its text, stored or shown: the terminal
+    # event replaces what had streamed with the notice (safety.services).
+    blocked = status == Status.BLOCKED
+    content = "" if blocked else outcome.text
     won = await _store_end(
-        reply_id=log_.reply_id, status=status, content=outcome.text, stream_seq=log_.seq + 1, error=error,
+        reply_id=log_.reply_id, status=status, content=content, stream_seq=log_.seq + 1, error=error,
         model=final.model if final else "", usage=usage,
     )
     if won:  # else a Stop fallback or the reaper already ended it and wrote the terminal event
         try:
             await streams.append(log_.reply_id, streams.terminal_event(
-                log_.seq + 1, status, outcome.text, error=error, usage=usage,
-                finish_reason=final.finish_reason if final else "",
+                log_.seq + 1, status, content, error=error, usage=usage,
+                finish_reason=final.finish_reason if final else "", replace=blocked,
             ))
             log_.seq += 1
         except Exception:
@@ -381,8 +388,27 @@ async def reap_stale_replies() -> int:
     """End as interrupted (text kept) the replies whose heartbeat is older
     than REPLY_STALE_S, and close their streams. Returns how many."""
     reaped = await on_db_thread(services.reap_stale_replies)()
+    reaped = [await _recover_streamed_text(reply) for reply in reaped]
     await services.reaped_publish(reaped)
     return len(reaped)
+
+
+async def _recover_streamed_text(reply: services.Reaped) -> services.Reaped:
+    """The dead process may have streamed tokens after its last
+    materialization; its Redis log still holds them (best effort: without
+    Redis the stored text stands)."""
+    try:
+        extra, seq = await streams.text_after(reply.id, reply.stream_seq)
+        if not extra:
+            return reply
+        content = await on_db_thread(services.reply_recover_text)(
+            reply_id=reply.id, stored_seq=reply.stream_seq, extra=extra, seq=seq)
+    except Exception:
+        log.warning("reaper: could not recover the streamed text of %s", reply.id, exc_info=True)
+        return reply
+    if content is None:
+        return reply
+    return dataclasses.replace(reply, content=content, stream_seq=seq)
 
 
 # ------------------------------------------------------------ running, stopping
@@ -391,9 +417,12 @@ def start_reply(reply_id, request: ChatRequest | None = None) -> asyncio.Task:
     """Schedule the turn of `reply_id` on the running event loop."""
     key = str(reply_id)
     # A fresh context: the task must not inherit the request's (asgiref binds
-    # sync_to_async calls to the request's executor, which ends with it).
+    # sync_to_async calls to the request's executor, which ends with it); only
+    # the log fields (request, user, conversation ids) go with it, and its reply id.
+    context = logs.carry()
+    context.run(logs.bind, reply_id=key)
     task = asyncio.get_running_loop().create_task(
-        generate_reply(reply_id, request), name=f"reply-{key}", context=contextvars.Context()
+        generate_reply(reply_id, request), name=f"reply-{key}", context=context
     )
     _running[key] = task
     task.add_done_callback(lambda t: _running.pop(key, None))
@@ -415,7 +444,8 @@ def _status_of(reply_id) -> str | None:
 async def stop_reply(reply_id, *, wait_s: float = 3.0) -> str:
     """Ask the generating task (in whichever process) to stop, and wait until
     the partial reply is saved, so a quick follow-up never races it. If no task
-    answers (its process died), end the reply here with what was materialized."""
+    answers (its process died), end the reply here with what was materialized
+    and what its log streamed since."""
     await streams.request_stop(reply_id)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -424,13 +454,15 @@ async def stop_reply(reply_id, *, wait_s: float = 3.0) -> str:
             return status or GONE
         await asyncio.sleep(0.05)
     reply = await on_db_thread(Message.objects.get)(id=reply_id)
+    streamed, _ = await streams.text_after(reply_id, reply.stream_seq)  # what the dead task had streamed
+    content = reply.content + streamed
     seq = max(await streams.last_seq(reply_id), reply.stream_seq) + 1
     won = await on_db_thread(services.reply_finish)(
-        reply_id=reply_id, status=Status.STOPPED, content=reply.content, stream_seq=seq,
+        reply_id=reply_id, status=Status.STOPPED, content=content, stream_seq=seq,
         usage=Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens),
     )
     if won:
-        await streams.append(reply_id, streams.terminal_event(seq, Status.STOPPED, reply.content, replace=True))
+        await streams.append(reply_id, streams.terminal_event(seq, Status.STOPPED, content, replace=True))
     return Status.STOPPED
 
 

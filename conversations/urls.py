@@ -21,4 +21,5 @@ urlpatterns = [
     path("m/<uuid:message_id>/regenerate", views.message_regenerate, name="message_regenerate"),
     path("m/<uuid:message_id>/stop", views.message_stop, name="message_stop"),
     path("m/<uuid:message_id>/switch", views.branch_switch, name="branch_switch"),
+    path("m/<uuid:message_id>/remember", views.message_save_to_memory, name="message_save_to_memory"),
 ]

@@ -27,6 +27,7 @@ from chatapp.runtime import REDIS_ERRORS, on_db_thread
 from conversations import selectors, services, turns
 from conversations.rendering import pygments_css
 from gateway.types import try_again_in
+from memory import services as memory_services
 
 
 def _sidebar_page(user, page=None, archived: bool = False):
@@ -146,6 +147,7 @@ async def conversation_new(request):
         reply, prepared = await on_db_thread(turns.create_and_prepare)(
             services.conversation_start, user=user, text=request.POST.get("text"),
             model=request.POST.get("model", ""), system_prompt=request.POST.get("system_prompt", ""),
+            temporary=request.POST.get("temporary") == "1",
         )
     except ValidationError as exc:
         message = " ".join(exc.messages)
@@ -216,6 +218,25 @@ async def message_stop(request, message_id):
     message = await on_db_thread(selectors.access_message)(user=user, message_id=message_id)
     status = await turns.stop_reply(message.id)
     return JsonResponse({"status": status})
+
+
+@login_required
+@require_POST
+def message_save_to_memory(request, message_id):
+    """*Save to memory* on a message: the button becomes a note (htmx), or
+    the message that says why not (422)."""
+    message = selectors.access_message(user=request.user, message_id=message_id)
+    try:
+        if message.conversation.temporary:
+            raise ValidationError("This is a temporary chat: nothing from it is saved to memory.")
+        if not message.is_terminal:
+            raise ValidationError("Wait for the reply to finish, then save it.")
+        memory = memory_services.memory_save_message(user_id=request.user.id, text=message.content, message_id=message.id)
+    except ValidationError as exc:
+        return HttpResponse(f'<span class="memory-error" role="alert">{escape(" ".join(exc.messages))}</span>', status=422)
+    if not request.htmx:
+        return redirect("conversation", conversation_id=message.conversation_id)
+    return render(request, "memory/_saved.html", {"memory": memory})
 
 
 # ------------------------------------------------------------ tree & conversation edits

@@ -3,7 +3,7 @@ from django.contrib import admin, messages
 
 from audit.admin import AuditedAdmin
 from gateway import keys, registry
-from gateway.models import ApiKey, Backend, Plan, PlanAssignment, SemanticCacheEntry, UsageRecord
+from gateway.models import ApiKey, Backend, ModelPrice, Plan, PlanAssignment, SemanticCacheEntry, UsageRecord
 
 
 class InvalidatesRegistry:
@@ -90,7 +90,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
     list_display = ("created_at", "user", "source", "model", "backend", "status", "cache_hit", "prompt_tokens",
-                    "completion_tokens", "charged_tokens", "ttft_ms", "duration_ms")
+                    "completion_tokens", "charged_tokens", "cost", "ttft_ms", "itl_ms", "duration_ms")
     list_filter = ("source", "status", "cache_hit", "backend")
     list_select_related = ("user",)
     search_fields = ("request_id", "user__username", "route")
@@ -101,6 +101,16 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
+    """Prices apply to ledger rows written after the edit; past rows keep their cost."""
+
+    list_display = ("model", "basis", "prompt_per_1k", "cached_prompt_per_1k", "completion_per_1k",
+                    "hardware_per_hour")
+    list_filter = ("basis",)
+    search_fields = ("model",)
 
 
 @admin.register(SemanticCacheEntry)

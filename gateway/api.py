@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API: /v1/chat/completions and /v1/models.
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/models and /v1/moderations.
 
 Bearer API keys, errors in OpenAI's shape with the right status, and the same
 gateway path (quotas, caches, routing, moderation) as the chat pages. The
@@ -9,7 +9,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -34,6 +35,9 @@ from gateway.types import (
     TokenEvent,
     try_again_in,
 )
+from retrieval.services import aembed
+from safety.services import amoderations
+from safety.taxonomy import CATEGORIES
 
 def error_response(status: int, message: str, *, error_type: str, code: str | None, headers=None) -> JsonResponse:
     response = JsonResponse(
@@ -237,6 +241,8 @@ async def chat_completions(request):
         return refused
     try:
         chat, stream, include_usage = parse_chat_request(body, key)
+        if _no_cache(request):
+            chat = replace(chat, use_cache=False)
         events = client.current().stream(chat)
         first = await events.__anext__()
     except GatewayError as exc:
@@ -255,6 +261,12 @@ async def chat_completions(request):
     for name, value in {"x-request-id": chat.request_id, **headers}.items():
         response[name] = value
     return response
+
+
+def _no_cache(request) -> bool:
+    """`Cache-Control: no-cache` (or no-store) asks for a fresh reply: evals measure the model, not the cache."""
+    directives = {d.strip().lower() for d in request.headers.get("Cache-Control", "").split(",")}
+    return bool(directives & {"no-cache", "no-store"})
 
 
 def _reject_constant(name: str):
@@ -319,7 +331,10 @@ def _completion_response(reply: _Reply, text: str, final: FinalEvent) -> JsonRes
         "system_fingerprint": None,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
+            # A reply the content policy stopped shows none of its text (what
+            # streamed before the stop included).
+            "message": {"role": "assistant", "content": "" if final.finish_reason == "content_filter" else text,
+                        "refusal": None},
             "logprobs": None,
             "finish_reason": _finish_reason(final),
         }],
@@ -362,6 +377,74 @@ async def _sse(reply: _Reply, include_usage: bool):
         event = await events.__anext__()
 
 
+MODERATION_MODEL = "chatapp-moderation"
+
+
+def parse_moderation_input(body) -> list[str]:
+    """The texts of an OpenAI moderations body: `input` is a string, a list of
+    strings, or a list of {"type": "text", "text": ...} parts."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    raw = body.get("input")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("'model' must be a string")
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not items:
+        raise BadRequest("'input' must be a string or a non-empty list of strings")
+    if len(items) > settings.GATEWAY_MAX_MESSAGES:
+        raise BadRequest(f"'input' has {len(items):,} items; the limit is {settings.GATEWAY_MAX_MESSAGES:,}")
+    texts = []
+    for item in items:
+        if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
+            item = item["text"]
+        if not isinstance(item, str):
+            raise BadRequest("each input must be a string or a text part ({\"type\": \"text\", \"text\": ...})")
+        texts.append(item)
+    chars = sum(len(t) for t in texts)
+    if chars > settings.GATEWAY_MAX_REQUEST_CHARS:
+        raise BadRequest(f"the input is {chars:,} characters long; the limit is {settings.GATEWAY_MAX_REQUEST_CHARS:,}")
+    return texts
+
+
+def _moderation_result(decision) -> dict:
+    scores = {category: 0.0 for category in CATEGORIES}
+    flagged = {category: False for category in CATEGORIES}
+    for verdict in decision.verdicts:
+        if verdict.category in scores:
+            scores[verdict.category] = max(scores[verdict.category], round(verdict.score, 6))
+            flagged[verdict.category] = flagged[verdict.category] or verdict.flagged
+    return {
+        "flagged": any(flagged.values()),
+        "categories": flagged,
+        "category_scores": scores,
+        "category_applied_input_types": {category: ["text"] for category in CATEGORIES},
+    }
+
+
+@csrf_exempt
+async def moderations(request):
+    """OpenAI's POST /v1/moderations, answered by the same pipeline every prompt passes."""
+    if request.method != "POST":
+        return error_response(405, "Use POST.", error_type="invalid_request_error", code="method_not_allowed")
+    key, refused = await _authorize(request)
+    if refused:
+        return refused
+    body, refused = _read_json(request)
+    if refused:
+        return refused
+    try:
+        texts = parse_moderation_input(body)
+    except GatewayError as exc:
+        return gateway_error_response(exc)
+    decisions = await amoderations(texts, user_id=key.user_id)
+    return JsonResponse({
+        "id": f"modr-{uuid.uuid4().hex}",
+        "model": MODERATION_MODEL,
+        "results": [_moderation_result(d) for d in decisions],
+    })
+
+
 @csrf_exempt
 async def models(request, model_id: str | None = None):
     if request.method != "GET":
@@ -388,6 +471,38 @@ async def models(request, model_id: str | None = None):
 
 def _model_json(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "chatapp"}
+
+
+EMBEDDING_MAX_INPUTS = 256  # texts in one /v1/embeddings request
+
+
+@csrf_exempt
+async def embeddings(request):
+    """OpenAI's /v1/embeddings with the bundled sentence embedder (all-MiniLM-L6-v2,
+    or EMBEDDING_MODEL): the Celery worker holds no model, so its evals embed here."""
+    if request.method != "POST":
+        return error_response(405, "Use POST.", error_type="invalid_request_error", code="method_not_allowed")
+    key, refused = await _authorize(request)
+    if refused:
+        return refused
+    body, refused = _read_json(request)
+    if refused:
+        return refused
+    texts = body.get("input") if isinstance(body, dict) else None
+    texts = [texts] if isinstance(texts, str) else texts
+    if (not isinstance(texts, list) or not texts or len(texts) > EMBEDDING_MAX_INPUTS
+            or not all(isinstance(t, str) for t in texts)):
+        message = f"'input' must be a string or a list of 1 to {EMBEDDING_MAX_INPUTS} strings"
+        return error_response(400, message, error_type="invalid_request_error", code="invalid_request")
+    if sum(map(len, texts)) > settings.GATEWAY_MAX_REQUEST_CHARS:
+        return error_response(400, f"'input' is longer than {settings.GATEWAY_MAX_REQUEST_CHARS:,} characters",
+                              error_type="invalid_request_error", code="invalid_request")
+    vectors = await aembed(texts)
+    return JsonResponse({
+        "object": "list", "model": body.get("model") or "embedding",
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    })
 
 
 @csrf_exempt

@@ -23,6 +23,7 @@ from chatapp import runtime
 from gateway.registry import BackendSpec
 from gateway.types import BadRequest, ChatRequest, TokenEvent, Usage
 from inference import EngineSaturated, PromptTooLong, SamplingParams
+from observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,20 @@ class BackendFinal:
 
 class Circuit:
     """Per backend, per process: opens after N failures in a row, then lets one
-    probe through after the cooldown (half-open); a success closes it."""
+    probe through after the cooldown (half-open); a success closes it. Each
+    change of state is published as the backend's circuit-state gauge."""
 
-    def __init__(self):
+    def __init__(self, name: str = ""):
+        self.name = name
         self.failures = 0
         self.opened_at: float | None = None
         self.probing = False
         self.lock = threading.Lock()
+        self._publish("closed")  # every backend in use has a series, not only those that failed
+
+    def _publish(self, state: str) -> None:
+        if self.name:
+            metrics.circuit_state(self.name, state)
 
     def allow(self) -> bool:
         with self.lock:
@@ -61,10 +69,13 @@ class Circuit:
             if time.monotonic() - self.opened_at < settings.GATEWAY_CIRCUIT_COOLDOWN_S or self.probing:
                 return False
             self.probing = True  # half-open: this request is the probe
+            self._publish("half_open")
             return True
 
     def success(self) -> None:
         with self.lock:
+            if self.opened_at is not None:
+                self._publish("closed")
             self.failures, self.opened_at, self.probing = 0, None, False
 
     def failure(self) -> None:
@@ -72,6 +83,7 @@ class Circuit:
             self.failures += 1
             if self.probing or self.failures >= settings.GATEWAY_CIRCUIT_FAILURES:
                 self.opened_at = time.monotonic()
+                self._publish("open")
             self.probing = False
 
 
@@ -79,7 +91,10 @@ _circuits: dict[str, Circuit] = {}
 
 
 def circuit(name: str) -> Circuit:
-    return _circuits.setdefault(name, Circuit())
+    circuit_ = _circuits.get(name)
+    if circuit_ is None:
+        circuit_ = _circuits.setdefault(name, Circuit(name))
+    return circuit_
 
 
 @runtime.on_reset
@@ -145,6 +160,10 @@ async def local_stream(spec: BackendSpec, request: ChatRequest, prompt_ids) -> A
     async for event in handle:
         if event.finished:
             usage = event.usage
+            # In the caller's context: the line carries its request, user and reply ids.
+            log.info("pool %s ended %s: %s, %d prompt (%d cached) + %d generated tokens, first token after %s s",
+                     spec.pool, request.request_id, event.finish_reason, usage.prompt_tokens, usage.cached_tokens,
+                     usage.completion_tokens, _seconds(event.metrics.ttft_s))
             yield BackendFinal(
                 finish_reason=event.finish_reason,
                 usage=Usage(
@@ -157,6 +176,10 @@ async def local_stream(spec: BackendSpec, request: ChatRequest, prompt_ids) -> A
             return
         if event.text or event.token_ids:
             yield TokenEvent(text=event.text, token_ids=tuple(event.token_ids))
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def local_abort(spec: BackendSpec, request_id: str) -> None:
@@ -217,6 +240,7 @@ async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSig
             stream=True,
         )
     except httpx.HTTPError as exc:
+        metrics.remote_error(spec.name, "unreachable")
         raise BackendFailure(f"backend '{spec.name}' is unreachable: {type(exc).__name__} {exc}") from None
     try:
         if response.status_code != 200:
@@ -225,6 +249,7 @@ async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSig
             # paths or keys. It goes to the log; users get the status.
             log.warning("backend %s answered HTTP %s: %s", spec.name, response.status_code, body)
             message = f"backend '{spec.name}' answered HTTP {response.status_code}"
+            metrics.remote_error(spec.name, f"http_{response.status_code}")
             if response.status_code == 400:
                 raise BadRequest(message)
             raise BackendFailure(message, saturated=response.status_code == 429)
@@ -249,7 +274,8 @@ class _RemoteReply:
     def final(self, finish_reason: str, error: str | None = None) -> BackendFinal:
         return BackendFinal(finish_reason, _usage(self.request, self.usage, self.text_parts), error=error)
 
-    def fail(self, message: str) -> BackendFinal:
+    def fail(self, message: str, kind: str = "bad_stream") -> BackendFinal:
+        metrics.remote_error(self.spec.name, kind)
         if not self.started:
             raise BackendFailure(message)
         return self.final("error", message)
@@ -292,7 +318,7 @@ async def _remote_events(spec, request, response, abort: AbortSignal):
                 continue
             if chunk.get("error"):
                 log.warning("backend %s sent an error mid-stream: %.500s", spec.name, chunk["error"])
-                yield reply.fail(f"backend '{spec.name}' reported an error")
+                yield reply.fail(f"backend '{spec.name}' reported an error", "error_event")
                 return
             for event in reply.tokens(chunk):
                 yield event
@@ -313,13 +339,13 @@ async def _next_line(reply: _RemoteReply, lines, aborted: asyncio.Future) -> str
             return reply.final("abort")
         if not done:
             next_line.cancel()
-            return reply.fail(f"backend '{reply.spec.name}' sent nothing for {wait_s:g} s")
+            return reply.fail(f"backend '{reply.spec.name}' sent nothing for {wait_s:g} s", "timeout")
         try:
             line = next_line.result()
         except StopAsyncIteration:
             return None
         except httpx.HTTPError as exc:
-            return reply.fail(f"backend '{reply.spec.name}' stream broke: {type(exc).__name__} {exc}")
+            return reply.fail(f"backend '{reply.spec.name}' stream broke: {type(exc).__name__} {exc}", "stream_broken")
         if line.startswith("data:"):
             return line
 

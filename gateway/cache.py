@@ -45,7 +45,7 @@ def scope(user_id: int | None) -> str:
 
 
 def cacheable(request: ChatRequest) -> bool:
-    return request.temperature == 0 or settings.GATEWAY_CACHE_SAMPLED
+    return request.use_cache and (request.temperature == 0 or settings.GATEWAY_CACHE_SAMPLED)
 
 
 def _params(request: ChatRequest) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 from gateway import services
-from gateway.types import ChatRequest, FinalEvent, ModelInfo, TokenEvent
+from gateway.types import PRIORITY_BACKGROUND, ChatRequest, FinalEvent, ModelInfo, TokenEvent
 
 
 class GatewayClient:
@@ -56,3 +56,18 @@ def use(client) -> Iterator:
         yield client
     finally:
         _current = previous
+
+
+async def judge_complete(messages: list[dict], model: str) -> str:
+    """The safety judge's model call (`safety.judge.connect`, in GatewayConfig.ready):
+    through `current()` like every caller, at background priority, ledgered
+    as the judge's, with no user's quota; the gateway does not moderate it."""
+    request = ChatRequest(messages=messages, model=model, max_tokens=20, temperature=0.0,
+                          priority=PRIORITY_BACKGROUND, source=services.JUDGE_SOURCE)
+    parts = []
+    async for event in current().stream(request):
+        if isinstance(event, TokenEvent):
+            parts.append(event.text)
+        elif event.finish_reason == "error":
+            raise RuntimeError(event.error or "the judge's model failed")
+    return "".join(parts)

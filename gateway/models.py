@@ -7,6 +7,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator
 from django.db import models
+from django.contrib.postgres.indexes import BrinIndex
 from pgvector.django import HnswIndex, VectorField
 
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
@@ -137,10 +138,59 @@ class UsageRecord(models.Model):
     duration_ms = models.PositiveIntegerField(default=0)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Cost (issue 15), priced by ModelPrice in the finish stage; cache hits cost 0.
+    # `saved_*` is what the exact/semantic cache, the engines' prefix cache and the
+    # router kept off the bill (gateway.pricing says how each is valued).
+    cost = models.DecimalField(max_digits=18, decimal_places=9, default=0)
+    saved_cache = models.DecimalField(max_digits=18, decimal_places=9, default=0)
+    saved_prefix = models.DecimalField(max_digits=18, decimal_places=9, default=0)
+    saved_routing = models.DecimalField(max_digits=18, decimal_places=9, default=0)
+    itl_ms = models.FloatField(null=True, blank=True, help_text="mean inter-token latency (generated replies)")
+    generation_ms = models.PositiveIntegerField(null=True, blank=True, help_text="backend open to last event")
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["user", "-created_at"], name="usage_user_newest")]
+        indexes = [
+            models.Index(fields=["user", "-created_at"], name="usage_user_newest"),
+            # Rows arrive in time order: a BRIN index keeps the dashboard's
+            # time-range scans (rollups, top users) off the whole ledger for a few pages.
+            BrinIndex(fields=["created_at"], name="usage_created_brin"),
+        ]
+
+
+class ModelPrice(models.Model):
+    """What one model (a local pool or a remote backend, by its gateway name) costs.
+
+    Kept apart from Backend: local pools and GATEWAY_BACKENDS_JSON entries have
+    no Backend row, and pricing one must not mean overriding its routing.
+    """
+
+    BASIS_TOKENS = "tokens"
+    BASIS_HARDWARE = "hardware"
+    BASES = [(BASIS_TOKENS, "per 1k tokens"), (BASIS_HARDWARE, "hardware time (local pools)")]
+
+    model = models.SlugField(max_length=64, unique=True, help_text="the gateway's model name (pool or backend)")
+    basis = models.CharField(max_length=16, choices=BASES, default=BASIS_TOKENS)
+    prompt_per_1k = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    cached_prompt_per_1k = models.DecimalField(
+        max_digits=12, decimal_places=6, default=0,
+        help_text="prompt tokens served from a prefix cache (0 on our own engines; a provider's cached-input price)",
+    )
+    completion_per_1k = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    hardware_per_hour = models.DecimalField(
+        max_digits=12, decimal_places=6, default=0, help_text="hardware basis: price per hour × generation seconds"
+    )
+
+    def __str__(self):
+        return self.model
+
+    def clean(self):
+        prices = (self.prompt_per_1k, self.cached_prompt_per_1k, self.completion_per_1k, self.hardware_per_hour)
+        if any(p is not None and p < 0 for p in prices):
+            raise ValidationError("Prices cannot be negative.")
+        if self.basis == self.BASIS_HARDWARE and self.model not in settings.MODEL_POOLS:
+            if not Backend.objects.filter(name=self.model, kind=Backend.KIND_LOCAL).exists():
+                raise ValidationError({"basis": "Hardware time prices only local engine pools."})
 
 
 class SemanticCacheEntry(models.Model):

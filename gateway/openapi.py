@@ -96,6 +96,38 @@ def _chat_completions() -> dict:
     }}
 
 
+def _moderations() -> dict:
+    text_part = {"type": "object", "required": ["type", "text"],
+                 "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+    text_input = {"oneOf": [{"type": "string"}, text_part]}
+    body = {
+        "type": "object",
+        "required": ["input"],
+        "properties": {
+            "input": {"oneOf": [{"type": "string"},
+                                {"type": "array", "minItems": 1, "maxItems": settings.GATEWAY_MAX_MESSAGES,
+                                 "items": text_input}],
+                      "description": f"at most {settings.GATEWAY_MAX_REQUEST_CHARS} characters in all"},
+            "model": {"type": ["string", "null"], "description": "ignored: the deployment's pipeline answers"},
+        },
+    }
+    result = {"type": "object", "required": ["flagged", "categories", "category_scores"],
+              "properties": {"flagged": {"type": "boolean"}, "categories": {"type": "object"},
+                             "category_scores": {"type": "object"}}}
+    response = {"type": "object", "required": ["id", "model", "results"],
+                "properties": {"id": {"type": "string"}, "model": {"type": "string"},
+                               "results": {"type": "array", "items": result}}}
+    return {"post": {
+        "operationId": "createModeration",
+        "summary": "Classify texts with the moderation pipeline every prompt passes (OpenAI's format)",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {
+            "200": {"description": "One result per input", "content": {"application/json": {"schema": response}}},
+            **_errors(400, 401, 405, 413, 429, 503),
+        },
+    }}
+
+
 def _models() -> dict:
     listing = {"type": "object", "required": ["object", "data"],
                "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}}
@@ -122,7 +154,8 @@ def document() -> dict:
         "info": {"title": "Chat: OpenAI-compatible API", "version": "1"},
         "servers": [{"url": "/v1"}],
         "security": [{"bearer": []}],
-        "paths": {"/chat/completions": _chat_completions(), "/models": _models(), "/models/{model_id}": _model()},
+        "paths": {"/chat/completions": _chat_completions(), "/moderations": _moderations(), "/models": _models(),
+                  "/models/{model_id}": _model()},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "an API key (sk-chat-...) from Settings → API keys"}},

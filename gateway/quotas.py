@@ -8,21 +8,40 @@ window never exceed its limit.
 
 Windows are fixed and aligned to UTC (minute, day, month): the time a refused
 request must wait is exactly the time until the window it hit rolls over.
+
+A reservation is owned: it is recorded in Redis with a lease that the
+reserving process renews while the request runs (`_keep_leases`). When a
+process dies mid-request (kill -9), its leases run out and any process's
+keeper gives the reserved tokens back (`sweep_expired`), so a crash does not
+leave a user's day and month counters holding a worst case. Reconcile and
+sweep each act only if the record is still there: a reservation is settled
+exactly once.
 """
 from __future__ import annotations
 
+import asyncio
 import calendar
+import contextvars
+import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass
+
+from django.conf import settings
 
 from chatapp import runtime
 from chatapp.runtime import REDIS_ERRORS
 from gateway.registry import Limits
 from gateway.types import BadRequest, QuotaExceeded, RateLimited, Unavailable
+from observability import metrics
 
-# KEYS: requests/minute, tokens/minute, tokens/day, tokens/month counters.
-# ARGV: the four limits (0 = none), the token cost, the four TTLs.
+log = logging.getLogger(__name__)
+
+# KEYS: requests/minute, tokens/minute, tokens/day, tokens/month counters,
+# the open reservations (hash) and their leases (sorted set by expiry).
+# ARGV: the four limits (0 = none), the token cost, the four TTLs, the
+# reservation's id, its lease expiry and its record ("tokens key key key").
 # Returns {admitted, index of the window that refused (1-based) or 0, used1..used4}.
 RESERVE_LUA = """
 local add = {1, tonumber(ARGV[5]), tonumber(ARGV[5]), tonumber(ARGV[5])}
@@ -40,24 +59,37 @@ for i = 1, 4 do
   used[i] = redis.call('INCRBY', KEYS[i], add[i])
   redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5 + i]))
 end
+redis.call('HSET', KEYS[5], ARGV[10], ARGV[12])
+redis.call('ZADD', KEYS[6], ARGV[11], ARGV[10])
 return {1, 0, used[1], used[2], used[3], used[4]}
 """
 
-# KEYS: the token counters a reservation charged. ARGV[1]: tokens to give back
-# (negative when the reply cost more than reserved). A window that already
+# KEYS: the open reservations, the leases. ARGV[1]: the reservation's id,
+# ARGV[2]: tokens to give back (negative when the reply cost more than
+# reserved; "all" gives back the whole reservation). Only while its record is
+# there: settled once, by its request or by the sweep. A window that already
 # rolled over is left alone: its counter is gone and must not go negative.
 RECONCILE_LUA = """
-local delta = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local v = redis.call('DECRBY', KEYS[i], delta)
-    if v < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if not record then return 0 end
+local fields = {}
+for word in string.gmatch(record, '%S+') do fields[#fields + 1] = word end
+local delta = tonumber(fields[1])
+if ARGV[2] ~= 'all' then delta = tonumber(ARGV[2]) end
+if delta == 0 then return 1 end
+for i = 2, #fields do
+  if redis.call('EXISTS', fields[i]) == 1 then
+    local v = redis.call('DECRBY', fields[i], delta)
+    if v < 0 then redis.call('SET', fields[i], 0, 'KEEPTTL') end
   end
 end
 return 1
 """
 
 WINDOW_NAMES = ("requests per minute", "tokens per minute", "tokens per day", "tokens per month")
+WINDOW_LABELS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month")  # metrics
 REDIS_DOWN = (
     "The quota service (Redis) is unreachable, so requests are refused until it is back; "
     "try again in a minute."
@@ -122,7 +154,12 @@ class Reservation:
     tokens: int
     token_keys: tuple[str, ...]
     headers: dict[str, str]
+    id: str = ""
     settled: bool = False
+
+
+OPEN_KEY = "gw:q:open"  # reservation id -> "tokens key key key"
+LEASES_KEY = "gw:q:leases"  # reservation id, scored by its lease's expiry (unix s)
 
 
 def _limit_values(limits: Limits) -> tuple[int, int, int, int]:
@@ -140,15 +177,21 @@ async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | Non
                 f"{lim[index]} {WINDOW_NAMES[index]}; lower max_tokens or shorten the prompt."
             )
     w = windows(user_id, now)
+    reservation_id = uuid.uuid4().hex
+    record = " ".join([str(tokens), *w.keys[1:]])
     try:
         reserve_script, _ = _scripts(runtime.redis_async())
-        result = await reserve_script(keys=w.keys, args=[*lim, tokens, *[r + 5 for r in w.resets_s]])
+        result = await reserve_script(keys=[*w.keys, OPEN_KEY, LEASES_KEY], args=[
+            *lim, tokens, *[r + 5 for r in w.resets_s], reservation_id, _lease_expiry(), record])
     except REDIS_ERRORS:
         raise Unavailable(REDIS_DOWN) from None
     admitted, refused, *used = (int(x) for x in result)
     headers = rate_headers(limits, tuple(used), w.resets_s)
     if admitted:
-        return Reservation(user_id=user_id, tokens=tokens, token_keys=w.keys[1:], headers=headers)
+        reservation = Reservation(user_id=user_id, tokens=tokens, token_keys=w.keys[1:], headers=headers,
+                                  id=reservation_id)
+        _leases().hold(reservation)
+        return reservation
     index = refused - 1
     wait_s = w.resets_s[index]
     headers["Retry-After"] = str(wait_s)
@@ -160,6 +203,7 @@ async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | Non
             f"Token limit reached: {lim[index]} {WINDOW_NAMES[index]} ({used[index]} used, this request "
             f"needs up to {tokens})."
         )
+    metrics.quota_rejected(WINDOW_LABELS[index])
     error_class = RateLimited if index <= 1 else QuotaExceeded
     raise error_class(message, headers=headers, retry_after_s=wait_s)
 
@@ -169,15 +213,87 @@ async def reconcile(reservation: Reservation, *, charged_tokens: int) -> None:
     if reservation.settled:
         return
     reservation.settled = True
-    refund = reservation.tokens - charged_tokens
-    if refund == 0:
-        return
+    _leases().release(reservation)
     try:
         _, reconcile_script = _scripts(runtime.redis_async())
-        await reconcile_script(keys=reservation.token_keys, args=[refund])
+        await reconcile_script(keys=[OPEN_KEY, LEASES_KEY],
+                               args=[reservation.id, reservation.tokens - charged_tokens])
     except REDIS_ERRORS:
-        # The reservation then simply expires with its window: fail safe.
+        # Its lease then runs out and a sweep gives all of it back: fail open.
         pass
+
+
+# ------------------------------------------------------------ leases
+
+def _lease_expiry() -> float:
+    return time.time() + settings.QUOTA_LEASE_S
+
+
+class _Leases:
+    """The reservations this event loop holds, and the task that renews
+    their leases and sweeps the expired ones of dead processes every third
+    of a lease."""
+
+    def __init__(self):
+        self.held: dict[str, Reservation] = {}
+        self.keeper: asyncio.Task | None = None
+
+    def hold(self, reservation: Reservation) -> None:
+        self.held[reservation.id] = reservation
+        self.start()
+
+    def start(self) -> None:
+        if self.keeper is None or self.keeper.done():
+            self.keeper = asyncio.get_running_loop().create_task(
+                _keep_leases(self), name="quota-leases", context=contextvars.Context())
+
+    def release(self, reservation: Reservation) -> None:
+        self.held.pop(reservation.id, None)
+
+
+def _leases() -> _Leases:
+    return runtime.loop_local("quota-leases", _Leases)
+
+
+def start_keeper() -> None:
+    """This event loop's lease keeper, started by `serve` (so the leases of a
+    process that died are swept before anyone reserves again) and by the
+    loop's first reservation."""
+    _leases().start()
+
+
+async def _keep_leases(leases: _Leases) -> None:
+    while True:
+        await asyncio.sleep(settings.QUOTA_LEASE_S / 3)
+        try:
+            await renew(list(leases.held))
+            await sweep_expired()
+        except REDIS_ERRORS:
+            log.warning("quota leases: Redis unreachable; trying again later")
+
+
+async def renew(reservation_ids: list[str]) -> None:
+    """Push the leases of live reservations forward (XX: never re-create one
+    a sweep already settled)."""
+    if reservation_ids:
+        expiry = _lease_expiry()
+        await runtime.redis_async().zadd(LEASES_KEY, {rid: expiry for rid in reservation_ids}, xx=True)
+
+
+async def sweep_expired(now: float | None = None, batch: int = 100) -> int:
+    """Give back in full the reservations whose lease ran out (their process
+    died). Safe in every process at once: each is settled by one script run.
+    Returns how many were given back."""
+    client = runtime.redis_async()
+    expired = await client.zrangebyscore(LEASES_KEY, "-inf", time.time() if now is None else now,
+                                         start=0, num=batch)
+    _, reconcile_script = _scripts(client)
+    returned = 0
+    for reservation_id in expired:
+        returned += int(await reconcile_script(keys=[OPEN_KEY, LEASES_KEY], args=[reservation_id, "all"]))
+    if returned:
+        log.info("quota leases: gave back %d reservations of dead processes", returned)
+    return returned
 
 
 async def current_usage(user_id: int) -> tuple[int, int, int, int]:

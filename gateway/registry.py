@@ -1,4 +1,4 @@
-"""What the gateway routes to and under which limits: backends and plans.
+"""What the gateway routes to and under which limits: backends, plans and prices.
 
 Both are read on every request, so they are kept in process for
 GATEWAY_REGISTRY_TTL_S seconds (an admin edit reaches other processes within
@@ -15,7 +15,8 @@ from django.conf import settings
 
 from chatapp import runtime
 
-from gateway.models import Backend, Plan, PlanAssignment
+from gateway.models import Backend, ModelPrice, Plan, PlanAssignment
+from gateway.pricing import Price
 
 LARGE = "large"  # the pool name the router sends hard prompts to, when it exists
 
@@ -121,6 +122,19 @@ def _load_limits(user_id: int) -> Limits:
     return _limits(assignment.plan) if assignment else _default_limits()
 
 
+def _load_prices() -> dict[str, Price]:
+    return {
+        row.model: Price(
+            basis=row.basis,
+            prompt_per_1k=row.prompt_per_1k,
+            cached_prompt_per_1k=row.cached_prompt_per_1k,
+            completion_per_1k=row.completion_per_1k,
+            hardware_per_hour=row.hardware_per_hour,
+        )
+        for row in ModelPrice.objects.all()
+    }
+
+
 _lock = threading.Lock()
 _cache: dict[object, tuple[float, object]] = {}
 
@@ -167,6 +181,11 @@ async def alimits(user_id: int) -> Limits:
 
 def limits(user_id: int) -> Limits:
     return _cached(("limits", user_id), lambda: _load_limits(user_id))
+
+
+async def aprices() -> dict[str, Price]:
+    """Every model's price (ModelPrice rows, by model name): the finish stage's bill."""
+    return await _acached("prices", _load_prices)
 
 
 @runtime.on_reset

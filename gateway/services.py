@@ -23,7 +23,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 
 from chatapp import runtime
-from gateway import backends, cache, concurrency, quotas, registry, router
+from gateway import backends, cache, concurrency, pricing, quotas, registry, router
 from gateway.backends import BackendFailure, BackendFinal
 from gateway.models import Backend, UsageRecord
 from gateway.registry import BackendSpec, Limits
@@ -43,11 +43,13 @@ from gateway.types import (
     Unavailable,
     Usage,
 )
-from safety.services import OutputWindow, moderate_input
+from observability import metrics
+from safety.services import OutputWindow, amoderate_cached, amoderate_messages
 
 log = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant", "tool"}
+JUDGE_SOURCE = "judge"  # the safety judge's own requests (safety.judge), not moderated again
 UNLIMITED = Limits(plan="internal", tier="pro", requests_per_minute=0, tokens_per_minute=0,
                    tokens_per_day=0, tokens_per_month=0)
 
@@ -121,14 +123,6 @@ def _check_sampling(request: ChatRequest) -> None:
         raise BadRequest(f"stop must be up to {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
 
 
-def _moderate_prompt(request: ChatRequest) -> None:
-    for message in request.messages:
-        if message["role"] in ("user", "system"):
-            verdict = moderate_input(message["content"])
-            if verdict.flagged:
-                raise Blocked(verdict.reason)
-
-
 def _pieces(text: str) -> list[str]:
     """A cached reply streams word by word, like a generated one."""
     return re.findall(r"\s*\S+|\s+", text) or [text]
@@ -148,6 +142,9 @@ class _Run:
         self.reservation = reservation
         self.started = time.monotonic()
         self.ttft_ms: int | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.generation_started: float | None = None  # the serving backend was asked (hardware-time cost)
         # The plan (`_plan`): every backend, the fallback chain, why its head was chosen.
         self.specs: dict[str, BackendSpec] = {}
         self.candidates: list[str] = []
@@ -165,8 +162,27 @@ class _Run:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
 
     def first_token(self) -> None:
+        """Called for every token event: TTFT once, the last one for ITL."""
+        now = time.monotonic()
         if self.ttft_ms is None:
-            self.ttft_ms = int((time.monotonic() - self.started) * 1000)
+            self.ttft_ms = int((now - self.started) * 1000)
+            self.first_token_at = now
+        self.last_token_at = now
+
+    async def _measures(self, usage: Usage, cache_hit: str) -> dict:
+        """The ledger row's cost, savings, ITL and generation time (issue 15)."""
+        generation_s = None
+        if self.generation_started is not None and not cache_hit:
+            generation_s = time.monotonic() - self.generation_started
+        itl_ms = None
+        if not cache_hit and self.first_token_at is not None and usage.completion_tokens > 1:
+            itl_ms = (self.last_token_at - self.first_token_at) * 1000 / (usage.completion_tokens - 1)
+        costs = pricing.costs(
+            await registry.aprices(), backend=self.backend, usage=usage, cache_hit=cache_hit,
+            generation_s=generation_s, routed_from=registry.LARGE if self.reason == "default" else None,
+        )
+        generation_ms = int(generation_s * 1000) if generation_s is not None else None
+        return {**costs.as_fields(), "itl_ms": itl_ms, "generation_ms": generation_ms}
 
     async def settle(self, *, status: str, usage: Usage, cache_hit: str = "", error: str = "",
                      charge: bool = True) -> None:
@@ -176,6 +192,7 @@ class _Run:
         if self.settled:
             return
         self.settled = True
+        metrics.gateway_request(backend=self.backend, source=self.request.source, status=status)
         charged = 0 if cache_hit or not charge else usage.prompt_tokens + usage.completion_tokens
         # Redis and Postgres in parallel: this sits between the last token and the final event.
         await asyncio.gather(
@@ -187,6 +204,12 @@ class _Run:
             await quotas.reconcile(self.reservation, charged_tokens=charged)
 
     async def _write_ledger(self, status, usage, cache_hit, error, charged) -> None:
+        try:
+            measures = await self._measures(usage, cache_hit)
+        except Exception:
+            # Unpriced is better than unrecorded: the row is still written.
+            log.exception("could not price %s", self.request.request_id)
+            measures = {}
         try:
             await runtime.on_db_thread(UsageRecord.objects.create, runtime.LEDGER_DB)(
                 user_id=self.request.user_id,
@@ -206,6 +229,7 @@ class _Run:
                 ttft_ms=self.ttft_ms,
                 duration_ms=int((time.monotonic() - self.started) * 1000),
                 error=error or "",
+                **measures,
             )
         except Exception:
             # The reply matters more than its ledger row; never fail the user for it.
@@ -272,12 +296,16 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
 
 
 async def _moderate_input(request: ChatRequest) -> None:
-    try:
-        _moderate_prompt(request)
-    except Blocked as exc:
+    """Every message, whatever its role (a forged assistant turn or a tool
+    result can carry an attack too). The judge's own request is the one
+    exception: it is moderation (safety.judge), and checking it would recurse."""
+    if request.source == JUDGE_SOURCE:
+        return
+    verdict = await amoderate_messages(request.messages, user_id=request.user_id)
+    if verdict.blocked:
         # Nothing generated or charged, but the refusal is on the record.
-        await _Run(request, None).settle(status="blocked", usage=Usage(), error=exc.message, charge=False)
-        raise
+        await _Run(request, None).settle(status="blocked", usage=Usage(), error=verdict.reason, charge=False)
+        raise Blocked(verdict.reason)
 
 
 async def _plan(request: ChatRequest) -> _Run:
@@ -325,6 +353,11 @@ async def _serve(run: _Run):
     lookup = _CacheLookup()
     if cache.cacheable(run.request):
         hit = await _cache_get(run, lookup)
+        # A cached reply is checked again before it is replayed (the rules may
+        # have changed since); one that fails is a miss, and generating again
+        # goes through the output window.
+        if hit is not None and (await amoderate_cached(hit.text, user_id=run.request.user_id)).blocked:
+            hit = None
         if hit is not None:
             async for event in _replay(run, hit):
                 yield event
@@ -360,6 +393,10 @@ async def _cache_get(run: _Run, lookup: _CacheLookup) -> cache.CachedReply | Non
             except Exception:
                 # A cache is an optimisation: when it fails, generate.
                 log.exception("semantic cache lookup failed for %s", request.request_id)
+    if hit is None:
+        metrics.cache_miss()
+    else:
+        metrics.cache_hit(hit.kind)
     return hit
 
 
@@ -373,7 +410,9 @@ async def _open_with_fallback(run: _Run):
         breaker = backends.circuit(name)
         if not breaker.allow():
             hops.append(f"{name}(circuit-open)")
+            metrics.fallback(name, "circuit_open")
             continue
+        run.generation_started = time.monotonic()
         try:
             opened = await _open(run.specs[name], run.request, run.prompt_ids if name == run.candidates[0] else None)
         except BackendFailure as exc:
@@ -383,6 +422,7 @@ async def _open_with_fallback(run: _Run):
             else:
                 breaker.failure()
             hops.append(f"{name}({'saturated' if exc.saturated else 'failed'})")
+            metrics.fallback(name, "saturated" if exc.saturated else "failed")
             last_error = str(exc)
             log.warning("backend %s refused %s: %s", name, run.request.request_id, exc)
             continue
@@ -400,14 +440,14 @@ async def _relay(run: _Run, stream, item, text: list[str]):
     one BackendFinal. After the first token a failure ends the reply, never
     raises: the caller keeps the partial text and marks it as an error."""
     request = run.request
-    window = OutputWindow()
+    window = OutputWindow(user_id=request.user_id)
     try:
         while not isinstance(item, BackendFinal):
             run.first_token()
             text.append(item.text)
             run.completion_tokens += max(1, len(item.token_ids))
-            shown = window.push(item.text)
-            if window.verdict.flagged:
+            shown = await window.apush(item.text) if request.source != JUDGE_SOURCE else item.text
+            if window.verdict.blocked:
                 abort(request.request_id)
                 item = BackendFinal("content_filter", run.usage_so_far(), error=window.verdict.reason)
                 break
@@ -420,7 +460,10 @@ async def _relay(run: _Run, stream, item, text: list[str]):
         raise
     finally:
         await stream.aclose()
-    tail = window.flush()
+    # The whole-message check: a reply whose parts passed can still fail as a whole.
+    tail = await window.aflush() if request.source != JUDGE_SOURCE else ""
+    if window.verdict.blocked and item.finish_reason != "content_filter":
+        item = BackendFinal("content_filter", item.usage, error=window.verdict.reason)
     if tail:
         yield TokenEvent(text=tail)
     yield item

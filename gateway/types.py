@@ -49,6 +49,7 @@ class ChatRequest:
     priority: int = PRIORITY_INTERACTIVE
     source: str = "chat"  # "chat" | "api" | "task": recorded in the ledger
     api_key_id: int | None = None  # the API key that made it, for the ledger
+    use_cache: bool = True  # False: never answered from (or stored in) the reply caches (evals)
 
     @property
     def has_history(self) -> bool:

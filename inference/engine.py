@@ -7,6 +7,7 @@ runs the model, samples, and pushes events to each request's handle.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import time
@@ -54,6 +55,9 @@ class Engine:
         self.metrics = EngineMetrics()
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.step_observer = None  # callable(batch, duration_s): the benchmark's hook
+        # callable(FinishEvent), on the engine thread after the event is delivered:
+        # the metrics' hook (observability.engine); it must be cheap and not raise.
+        self.finish_observer = None
         self._engine_loop = EngineLoop(self)
         self._engine_loop.start()
 
@@ -134,6 +138,9 @@ class Engine:
         seq = Sequence(request_id, ids, params, priority=priority, cache_salt=cache_salt,
                        arrival_time=time.monotonic())
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        # The caller's context (its request id, reply id ... as the logs bind
+        # them): the engine thread logs this request's failures inside it. O(1).
+        seq.log_context = contextvars.copy_context()
         seq.sink = RequestHandle(request_id, ids, loop, self._engine_loop.wake_list, self.abort)
         self._engine_loop.inbox.add(seq, enforce_waiting_limit=enforce_waiting_limit)
         return seq.sink

@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5
 
 
+def _log_for(seq: Sequence, level: int, message: str, *, exc_info=None) -> None:
+    """A log line about one request, inside its submitter's context (request
+    id, reply id, ... when the caller's logging binds them), so the engine
+    thread's lines correlate with the web request's and the turn's."""
+    context = seq.log_context
+    if context is None:
+        log.log(level, message, seq.request_id, exc_info=exc_info)
+    else:
+        context.run(log.log, level, message, seq.request_id, exc_info=exc_info)
+
+
 class Inbox:
     """Requests and aborts from any thread, for the engine thread. Also the
     registry of live requests (for duplicate ids and aborts) and the count of
@@ -243,7 +254,7 @@ class EngineLoop:
             return self.engine.runner.execute(batch)
         except Exception as exc:
             if len(batch.seqs) == 1:
-                log.exception("the forward failed for request %s", batch.seqs[0].request_id)
+                _log_for(batch.seqs[0], logging.ERROR, "the forward failed for request %s", exc_info=True)
                 self._fail(batch.seqs[0], exc)
                 return [], None
             log.warning("a forward of %d sequences failed (%s: %s); rerunning it in halves",
@@ -274,7 +285,7 @@ class EngineLoop:
         now = time.monotonic()
         for seq, result in zip(sampled, results):
             if isinstance(result, Exception):
-                log.error("sampling failed for request %s", seq.request_id, exc_info=result)
+                _log_for(seq, logging.ERROR, "sampling failed for request %s", exc_info=result)
                 self._fail(seq, result)
             else:
                 self._isolated(seq, self._append_token, seq, result[0], result[1], now)
@@ -290,7 +301,7 @@ class EngineLoop:
         try:
             work(*args)
         except Exception as exc:
-            log.exception("request %s failed in the engine step", seq.request_id)
+            _log_for(seq, logging.ERROR, "request %s failed in the engine step", exc_info=True)
             self._fail(seq, exc)
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
@@ -336,8 +347,14 @@ class EngineLoop:
         self.engine.metrics.record_finish(seq)
         usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                       cached_tokens=seq.cached_prompt_tokens or 0)
-        seq.sink.deliver(FinishEvent(seq.request_id, reason, usage, seq.metrics, error=error,
-                                     stop_reason=stop_reason))
+        event = FinishEvent(seq.request_id, reason, usage, seq.metrics, error=error, stop_reason=stop_reason)
+        seq.sink.deliver(event)
+        observer = self.engine.finish_observer
+        if observer is not None:
+            try:
+                observer(event)
+            except Exception:  # metrics must never fail a request
+                log.exception("finish observer failed")
 
     @staticmethod
     def _release_tail(seq: Sequence) -> None:

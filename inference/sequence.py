@@ -44,6 +44,7 @@ class Sequence:
         self.detokenizer = None
         self.logprobs: list | None = [] if params.logprobs is not None else None
         self.sink = None  # the RequestHandle that receives this sequence's events
+        self.log_context = None  # contextvars.Context of the submitter, for its log lines
 
     @property
     def num_tokens(self) -> int:

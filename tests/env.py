@@ -21,3 +21,7 @@ os.environ.setdefault("DEBUG", "0")
 os.environ.setdefault("ENGINE_DTYPE", "float32")
 # Background tasks run inline in tests reach no developer's running server.
 os.environ.setdefault("SERVE_URL", "http://127.0.0.1:9")
+# Moderation runs its rules only: the model checkers are scored by
+# `python -m bench.safety`, tests/safety switches them on where it tests
+# them, and other suites' made-up prompts are not what those suites test.
+os.environ.setdefault("SAFETY_CHECKERS", "safety.checkers.RulesChecker")

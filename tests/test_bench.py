@@ -9,7 +9,8 @@ from pathlib import Path
 from bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load"]
+MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "retrieval",
+           "safety", "metrics"]
 
 
 def test_every_benchmark_module_imports():
@@ -19,7 +20,8 @@ def test_every_benchmark_module_imports():
 
 
 def test_no_app_package_holds_benchmark_code():
-    apps = ["accounts", "chatapp", "conversations", "gateway", "inference", "retrieval", "safety"]
+    apps = ["accounts", "chatapp", "conversations", "documents", "gateway", "inference", "observability", "retrieval",
+            "safety", "memory", "sharing", "feedback", "dashboard", "evals"]
     assert [str(p) for app in apps for p in (ROOT / app).glob("bench*.py")] == []
 
 

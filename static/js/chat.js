@@ -5,13 +5,16 @@
 (function () {
   "use strict";
 
-  // 422 (and the chat's 429) answers carry a readable message for the composer: swap them in.
+  // 422 (bad input), the chat's 429 (it says when to retry) and 503 (the
+  // database is full or gone) answers carry a readable message for the
+  // composer: swap them in (the text stays).
   if (window.htmx) {
     htmx.config.responseHandling = [
       { code: "204", swap: false },
       { code: "[23]..", swap: true },
       { code: "422", swap: true, error: false },
-      { code: "429", swap: true, error: false }, // chat rate limit: its message says when to retry
+      { code: "429", swap: true, error: false },
+      { code: "503", swap: true, error: false },
       { code: "[45]..", swap: false, error: true },
     ];
   }
@@ -54,8 +57,12 @@
     }
     const regen = article.querySelector(".regen");
     if (regen) regen.hidden = false;
+    const feedback = article.querySelector("[data-feedback]");
+    if (feedback) feedback.hidden = false;
+    article.querySelectorAll("[data-when-done]").forEach((el) => { el.hidden = false; });
     article.removeAttribute("data-stream");
     decorateCode(article);
+    article.dispatchEvent(new CustomEvent("chat:reply-finished", { bubbles: true }));
   }
 
   function connect(article) {

@@ -1,8 +1,10 @@
 """Bad input on the chat pages and the SSE endpoint: a clear 400/422, nothing
 lost or half-saved, never a 500. PostgreSQL text cannot hold NUL characters,
 so text carrying one is refused before it reaches a save or a query."""
+import psycopg
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import OperationalError
 
 from conversations import services
 from conversations.models import Conversation, Message
@@ -87,3 +89,25 @@ async def test_a_valid_last_event_id_still_replays(alice, fake_gateway, fast_str
     reply = await _reply(alice)
     start, body = await read_stream(open_stream(reply.id, user=alice, last_event_id=" 1 "))
     assert start["status"] == 200 and b"event: done" in body
+
+
+def _raise_from(cause):
+    def fail(*args, **kwargs):
+        raise OperationalError(str(cause)) from cause
+    return fail
+
+
+@pytest.mark.parametrize("cause, words", [
+    (psycopg.errors.DiskFull("could not extend file: No space left on device"), "out of storage space"),
+    (psycopg.OperationalError("connection refused"), "database is unreachable"),
+], ids=["disk-full", "database-down"])
+def test_a_database_that_cannot_store_answers_503_with_a_sentence_not_a_bare_500(
+        alice_client, alice, fake_gateway, monkeypatch, cause, words):
+    monkeypatch.setattr(services, "conversation_start", _raise_from(cause))
+    response = alice_client.post("/c/new", {"text": "Keep me"}, headers={"HX-Request": "true"})
+    assert response.status_code == 503 and response["Retry-After"]
+    assert words in response.content.decode() and "nothing was saved" in response.content.decode()
+    assert response["HX-Retarget"] == "#composer-error"  # shown in the composer, whose text stays
+    response = alice_client.post("/c/new", {"text": "Keep me"})
+    assert response.status_code == 503 and words in response.content.decode()
+    assert not Conversation.objects.filter(user=alice).exists()

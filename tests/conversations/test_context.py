@@ -149,17 +149,17 @@ def test_title_task_names_the_conversation_after_the_first_reply(alice, fake_gat
     conversation = services.conversation_create(user=alice)
     _turn(conversation, "How do I bake sourdough bread at home?", "Like this.")
     fake_gateway.completions = ['"Baking Sourdough at Home"']
-    assert tasks.title_conversation(str(conversation.id)) == '"Baking Sourdough at Home"'
+    assert tasks.title_conversation(str(conversation.id)) == "Baking Sourdough at Home"
     conversation.refresh_from_db()
     assert (conversation.title, conversation.title_source) == ("Baking Sourdough at Home", "auto")
     # A title is made once; a rename is never overwritten.
     assert tasks.title_conversation(str(conversation.id)) is None
 
 
-def test_title_falls_back_to_the_first_words_when_the_model_rambles(alice, fake_gateway):
+def test_title_names_the_topic_from_the_message_when_the_model_rambles(alice, fake_gateway):
     conversation = services.conversation_create(user=alice)
     _turn(conversation, "How do I bake sourdough bread at home with rye flour?", "Like this.")
     fake_gateway.completions = ["x" * 300]
-    assert tasks.title_conversation(str(conversation.id)) is None
+    assert tasks.title_conversation(str(conversation.id)) == "Bake sourdough bread at home"
     conversation.refresh_from_db()
-    assert conversation.title == "How do I bake sourdough bread at home…"
+    assert (conversation.title, conversation.title_source) == ("Bake sourdough bread at home", "auto")

@@ -99,6 +99,29 @@ async def test_the_reaper_ends_a_stale_reply_keeping_its_text_and_spares_another
     assert await turns.reap_stale_replies() == 0
 
 
+async def test_the_reaper_keeps_the_text_a_killed_process_streamed_after_its_last_checkpoint(alice, settings):
+    """A process killed between two materializations: its log in Redis still
+    holds the tokens readers saw, and the stored reply must not lose them."""
+    settings.REPLY_STALE_S = 90
+    reply = await streaming_reply(alice, text="half a rep", beat_s_ago=120)  # stored through seq 3
+    for seq, text in ((1, "half"), (2, " a"), (3, " rep"), (4, "ly,"), (5, " then")):
+        await streams.append(reply.id, streams.StreamEvent(seq=seq, event="token", data={"t": text}))
+    assert await turns.reap_stale_replies() == 1
+    stored = await load(reply.id)
+    assert (stored.status, stored.content, stored.stream_seq) == ("interrupted", "half a reply, then", 5)
+    end = (await streams.read_after(reply.id, 0))[-1]
+    assert end.seq == 6 and end.data["replace"] and "half a reply, then" in end.data["html"]
+
+
+async def test_stop_after_the_generating_process_died_keeps_what_it_streamed(alice, settings):
+    reply = await streaming_reply(alice, text="first", beat_s_ago=0)
+    for seq, text in ((1, "fir"), (2, "st"), (3, ""), (4, " and second")):
+        await streams.append(reply.id, streams.StreamEvent(seq=seq, event="token", data={"t": text}))
+    assert await turns.stop_reply(reply.id, wait_s=0.2) == "stopped"  # no task answers
+    stored = await load(reply.id)
+    assert (stored.status, stored.content) == ("stopped", "first and second")
+
+
 async def test_a_pending_reply_that_never_started_is_reaped_once_stale(alice, settings):
     settings.REPLY_STALE_S = 90
     reply = await new_reply(alice)

@@ -134,7 +134,7 @@ async def test_models_lists_what_the_plan_allows(remote, alice, alice_key):
 
 
 async def test_unknown_api_routes_are_json_404(remote, alice_key):
-    response = await AsyncClient().get("/v1/embeddings", **auth(alice_key))
+    response = await AsyncClient().get("/v1/audio/speech", **auth(alice_key))
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 

@@ -60,10 +60,12 @@ async def test_a_clean_reply_streams_whole_through_the_window(remote, alice, set
     assert text == "echo: hello there" and final.finish_reason == "stop"
 
 
-def test_the_output_window_holds_back_only_a_possible_term_prefix(settings):
+async def test_the_output_window_holds_back_only_a_possible_term(transactional_db, settings):
     settings.SAFETY_BLOCKED_TERMS = ["badword"]
     window = OutputWindow()
-    assert window.push("this is fine ") == "this is"  # 6 chars held back
-    assert window.push("and ba") == " fine "
-    assert window.push("dword") == "" and window.verdict.flagged
-    assert window.flush() == ""
+    # Three times the term's length is held back (room for a separator or a
+    # zero-width character after each letter of an obfuscated spelling).
+    assert await window.apush("this is fine, and the rest is fine too ") == "this is fine, and "
+    assert await window.apush("and ba") == "the re"
+    assert await window.apush("dword") == "" and window.verdict.blocked
+    assert await window.aflush() == ""

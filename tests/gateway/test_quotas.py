@@ -1,6 +1,7 @@
 """Token quotas: reserve before, reconcile after, and the 429 contract."""
 import asyncio
 import math
+import time
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -74,6 +75,32 @@ async def test_reconcile_refunds_what_was_not_used():
     await quotas.reconcile(reservation, charged_tokens=30)
     await quotas.reconcile(reservation, charged_tokens=30)  # settling twice changes nothing
     assert (await quotas.current_usage(905))[2] == 30
+
+
+async def test_a_dead_processes_reservation_is_given_back_once_its_lease_runs_out(settings):
+    """kill -9 mid-request: nobody reconciles. The lease runs out and a sweep
+    (any process's) gives the whole reservation back, exactly once."""
+    settings.QUOTA_LEASE_S = 60
+    done = await quotas.reserve(user_id=906, limits=LIMITS, tokens=40)
+    await quotas.reconcile(done, charged_tokens=25)
+    orphan = await quotas.reserve(user_id=906, limits=LIMITS, tokens=50)  # its process "dies" here
+    assert (await quotas.current_usage(906))[2] == 75
+    assert await quotas.sweep_expired() == 0  # its lease still runs
+    assert await quotas.sweep_expired(now=time.time() + 61) == 1
+    assert (await quotas.current_usage(906))[1:3] == (25, 25)
+    assert await quotas.sweep_expired(now=time.time() + 61) == 0
+    await quotas.reconcile(orphan, charged_tokens=10)  # a late settle: already given back
+    assert (await quotas.current_usage(906))[2] == 25
+
+
+async def test_a_live_reservations_lease_is_renewed_and_survives_the_sweep(settings):
+    settings.QUOTA_LEASE_S = 60
+    live = await quotas.reserve(user_id=907, limits=LIMITS, tokens=50)  # leased for 60 s
+    settings.QUOTA_LEASE_S = 600
+    await quotas.renew([live.id])  # what its process's keeper does while the request runs
+    assert await quotas.sweep_expired(now=time.time() + 120) == 0
+    await quotas.reconcile(live, charged_tokens=20)
+    assert (await quotas.current_usage(907))[2] == 20
 
 
 async def test_fifty_concurrent_requests_overshoot_by_at_most_one_max_tokens(remote, alice, fresh_minute):

@@ -39,6 +39,8 @@ from chatapp import embedded, runtime
 from chatapp.celery import exit_with_parent
 from conversations import turns
 from conversations.services import reap_orphaned_replies
+from gateway import quotas
+from observability import multiprocess
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # A worker that died on its own is started again at most this often.
@@ -66,6 +68,10 @@ class Command(BaseCommand):
             signal.signal(signum, self._on_stop_signal)
         try:
             self._stop_stale_workers()
+            if settings.METRICS_ENABLED:
+                # Under the DATA_DIR lock, before the worker starts: the earlier
+                # serve's and worker's values go, this process's own stay.
+                multiprocess.clear_stale_files()
             self._start_services()
             call_command("migrate", interactive=False, verbosity=0)
             self._reap()
@@ -243,6 +249,9 @@ class Command(BaseCommand):
             # Daphne's loop runs once the reactor does: the reply keeper
             # (heartbeats, the reaper of dead processes' replies) runs on it.
             asyncio.get_event_loop().call_soon(turns.start_keeper)
+            # And the quota keeper: renews this process's reservations, gives
+            # back those of dead processes.
+            asyncio.get_event_loop().call_soon(quotas.start_keeper)
             if not server.listening_addresses:
                 return  # listen_error already stopped the reactor; reported below
             bound_host, bound_port = server.listening_addresses[0]

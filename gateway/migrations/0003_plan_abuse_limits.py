@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-    dependencies = [("gateway", "0001_initial")]
+    dependencies = [("gateway", "0002_cost_and_prices")]
 
     operations = [
         migrations.AddField(

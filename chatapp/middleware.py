@@ -1,0 +1,46 @@
+"""Middleware of the whole site."""
+from __future__ import annotations
+
+from django.db import DatabaseError, InterfaceError, OperationalError
+from django.http import HttpResponse
+from django.utils.deprecation import MiddlewareMixin
+
+# SQLSTATE class 53: insufficient resources (53100 disk full, 53200 out of memory).
+OUT_OF_RESOURCES = "53"
+
+DISK_FULL = ("The server is out of storage space, so nothing was saved. "
+             "Your text is still here: try again later.")
+DB_DOWN = ("The database is unreachable right now, so nothing was saved. "
+           "Your text is still here: try again in a moment.")
+RETRY_AFTER_S = 30
+
+
+def _trouble_message(exc: Exception) -> str | None:
+    """What a user should read when `exc` means the database cannot store
+    anything right now; None for errors that are bugs (they stay 500s)."""
+    if not isinstance(exc, DatabaseError):
+        return None
+    sqlstate = getattr(exc.__cause__, "sqlstate", None) or ""
+    if sqlstate.startswith(OUT_OF_RESOURCES):
+        return DISK_FULL
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return DB_DOWN
+    return None
+
+
+class DatabaseTroubleMiddleware(MiddlewareMixin):
+    """A database that is full or gone answers 503 with a sentence the chat
+    page shows in the composer, instead of a bare "Server Error" page. The
+    write that failed was one transaction, so nothing is half-stored; the
+    page keeps the user's text because only a 200 clears the composer."""
+
+    def process_exception(self, request, exception):
+        message = _trouble_message(exception)
+        if message is None:
+            return None
+        response = HttpResponse(message, status=503, content_type="text/plain; charset=utf-8")
+        response["Retry-After"] = str(RETRY_AFTER_S)
+        if request.headers.get("HX-Request"):
+            response["HX-Retarget"] = "#composer-error"
+            response["HX-Reswap"] = "innerHTML"
+        return response

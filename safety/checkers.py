@@ -1,0 +1,222 @@
+"""The checkers the pipeline runs, named by dotted path in SAFETY_CHECKERS.
+
+A checker scores a batch of texts: `check(texts, source)` returns, for each
+text, its verdicts (one per category it scores). `source` is "input",
+"output" or "passage": a detector of prompt injection has nothing to say
+about a reply. Checkers are plain, synchronous and CPU-bound; the pipeline
+runs them on its threads with a timeout.
+
+- RulesChecker       the admin's rules, SAFETY_BLOCKED_TERMS and the
+                     built-in injection patterns, on folded text (safety.rules)
+- ProfanityChecker   alt-profanity-check: a linear SVM over TF-IDF, in its wheel
+- GuardrailChecker   prompt-guardrail: logistic regression over TF-IDF, in its wheel
+- EmbeddingHeadChecker  a logistic-regression head over all-MiniLM-L6-v2
+                     embeddings, trained by `python -m safety.train` on the
+                     labelled set (safety/data/head.npz)
+
+The libraries are imported on first use, with a comment at each: a process
+that never moderates (the Celery worker) does not load sklearn.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.services import embed
+from safety import rules
+from safety.normalize import fold
+from safety.taxonomy import ALLOW, BENIGN, BLOCK, FLAG, HEAD_LABELS, JAILBREAK, PROMPT_INJECTION
+from safety.verdicts import Verdict
+
+HEAD_PATH = Path(__file__).resolve().parent / "data" / "head.npz"
+INJECTION_CATEGORIES = (PROMPT_INJECTION, JAILBREAK)
+
+# Long texts are scored in windows: the classifiers read ~256 tokens (MiniLM)
+# or dilute one bad sentence in a page of TF-IDF; an injection in the middle
+# of a document must still count.
+WINDOW_CHARS = 1000
+MAX_WINDOWS = 16
+
+
+def windows(text: str) -> list[str]:
+    """Overlapping windows over `text`, at most MAX_WINDOWS spread evenly."""
+    if len(text) <= WINDOW_CHARS:
+        return [text]
+    step = WINDOW_CHARS * 3 // 4
+    starts = list(range(0, len(text) - WINDOW_CHARS // 4, step))
+    if len(starts) > MAX_WINDOWS:
+        starts = [starts[round(i * (len(starts) - 1) / (MAX_WINDOWS - 1))] for i in range(MAX_WINDOWS)]
+    return [text[s:s + WINDOW_CHARS] for s in starts]
+
+
+def grade(score: float, flag_at: float, block_at: float) -> str:
+    return BLOCK if score >= block_at else FLAG if score >= flag_at else ALLOW
+
+
+class Checker:
+    name = ""
+    categories: tuple[str, ...] = ()  # what a failure of this checker leaves unchecked
+    sources = ("input", "output", "passage")
+    cacheable = True  # same text, same verdicts: the pipeline may remember them
+
+    def warm(self) -> None:
+        """Load what the first check would (called once, when the pipeline
+        builds the checker, outside the checks' deadline)."""
+
+    def check(self, texts: list[str], source: str) -> list[list[Verdict]]:
+        raise NotImplementedError
+
+    def _windowed(self, texts: list[str], score_many) -> list[float]:
+        """The highest window score of each text, scoring all windows in one batch."""
+        spans, flat = [], []
+        for text in texts:
+            parts = windows(text)
+            spans.append((len(flat), len(flat) + len(parts)))
+            flat += parts
+        scores = score_many(flat) if flat else []
+        return [float(max(scores[a:b])) for a, b in spans]
+
+
+class RulesChecker(Checker):
+    name = "rules"
+    cacheable = False  # rules change in the admin
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return tuple({rule.category for rule in rules.current().rules})
+
+    def check(self, texts, source):
+        ruleset = rules.current()
+        out = []
+        for text in texts:
+            hits = rules.matches(ruleset, text, output=source == "output")
+            out.append([Verdict(rule.category, 1.0, rule.action, f"rules:{rule.source}",
+                                "It matches a rule of this deployment.") for rule in hits])
+        return out
+
+
+class ProfanityChecker(Checker):
+    """Toxic language, scored as harassment. It flags and does not block by
+    default: swearing at a compiler is not harassment, and the bench shows
+    the model cannot tell the two apart."""
+    name = "profanity"
+    categories = ("harassment",)
+    flag_at, block_at = 0.8, 1.01
+
+    def __init__(self):
+        # sklearn loads with the model, on first use (see the module docstring).
+        from profanity_check import predict_prob
+
+        self._predict_prob = predict_prob
+
+    def check(self, texts, source):
+        scores = self._windowed(texts, lambda parts: list(self._predict_prob(parts)))
+        return [[Verdict("harassment", s, grade(s, self.flag_at, self.block_at), self.name,
+                         "It reads as abusive language.")] for s in scores]
+
+
+class GuardrailChecker(Checker):
+    """prompt-guardrail's model (guardify), read through its own classes."""
+    name = "prompt_guardrail"
+    categories = (PROMPT_INJECTION,)
+    sources = ("input", "passage")
+    flag_at, block_at = 0.5, 0.9
+
+    def __init__(self):
+        from guardify.guardrails.logistic_regression import LogisticRegressionGuardrail
+
+        model = LogisticRegressionGuardrail()
+        self._classifier, self._vectorizer = model._clf, model._vectorizer
+        self._injection = list(self._classifier.classes_).index(1)
+
+    def _scores(self, parts: list[str]) -> list[float]:
+        return list(self._classifier.predict_proba(self._vectorizer.transform(parts))[:, self._injection])
+
+    def check(self, texts, source):
+        if source == "output":
+            return [[] for _ in texts]
+        scores = self._windowed(texts, self._scores)
+        return [[Verdict(PROMPT_INJECTION, s, grade(s, self.flag_at, self.block_at), self.name,
+                         "It reads as a prompt-injection attempt.")] for s in scores]
+
+
+class EmbeddingHead:
+    """A softmax layer over sentence embeddings: weights [C, D], bias [C]."""
+
+    def __init__(self, path: Path = HEAD_PATH):
+        data = np.load(path, allow_pickle=False)
+        self.labels = [str(label) for label in data["labels"]]
+        self.weights, self.bias = data["weights"], data["bias"]  # [C, D], [C]
+        self.flag_at, self.block_at = data["flag_at"], data["block_at"]  # [C], [C]
+        self.attack_flag_at, self.attack_block_at = float(data["attack_flag_at"]), float(data["attack_block_at"])
+
+    def probabilities(self, vectors) -> np.ndarray:
+        logits = np.asarray(vectors, dtype=np.float32) @ self.weights.T + self.bias  # [N, C]
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+
+_head: EmbeddingHead | None = None
+_head_lock = threading.Lock()
+
+
+def head() -> EmbeddingHead:
+    global _head
+    with _head_lock:
+        if _head is None:
+            _head = EmbeddingHead()
+    return _head
+
+
+class EmbeddingHeadChecker(Checker):
+    """The trained head on the bundled MiniLM embeddings (retrieval.services.embed,
+    on the embedding thread). Every category of the labelled set but benign."""
+    name = "embedding_head"
+    categories = tuple(label for label in HEAD_LABELS if label != BENIGN)
+
+    def __init__(self):
+        self.head = head()
+
+    def warm(self) -> None:
+        embed(["warm up"])  # loads the sentence-transformers model (seconds, once per process)
+
+    def check(self, texts, source):
+        spans, flat = [], []
+        for text in texts:
+            # Folded as in training: homoglyphs and zero-width characters
+            # would otherwise move the embedding away from the words they spell.
+            parts = windows(fold(text))
+            spans.append((len(flat), len(flat) + len(parts)))
+            flat += parts
+        probabilities = self.head.probabilities(embed(flat)) if flat else np.zeros((0, len(self.head.labels)))
+        out = []
+        for a, b in spans:
+            best = probabilities[a:b].max(axis=0)  # [C]
+            out.append(self._verdicts(best, source))
+        return out
+
+    def _verdicts(self, best, source) -> list[Verdict]:
+        verdicts = []
+        for i, label in enumerate(self.head.labels):
+            if label == BENIGN or label in INJECTION_CATEGORIES:
+                continue
+            score = float(best[i])
+            verdicts.append(Verdict(label, score, grade(score, float(self.head.flag_at[i]),
+                                                        float(self.head.block_at[i])),
+                                    self.name, f"It reads as {label.replace('_', ' ')}."))
+        if source != "output":
+            verdicts.append(self._attack(best))
+        return verdicts
+
+    def _attack(self, best) -> Verdict:
+        """Injection and jailbreak scored as one attack (their sum), named after
+        the likelier of the two: an attack the head splits between them is
+        still an attack."""
+        scores = {label: float(best[self.head.labels.index(label)]) for label in INJECTION_CATEGORIES}
+        label = max(scores, key=scores.get)
+        score = min(1.0, sum(scores.values()))
+        return Verdict(label, score, grade(score, self.head.attack_flag_at, self.head.attack_block_at), self.name,
+                       f"It reads as {label.replace('_', ' ')}.")

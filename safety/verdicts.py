@@ -1,0 +1,63 @@
+"""What checkers say about a text, and what the pipeline decides from it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from safety.taxonomy import ALLOW, BLOCK, FLAG, worse
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One checker's view of one category of one text."""
+    category: str = ""
+    score: float = 0.0  # 0..1, how sure the checker is that the text is in the category
+    action: str = ALLOW  # allow | flag (noted, let through) | block
+    checker: str = ""
+    reason: str = ""
+
+    @property
+    def blocked(self) -> bool:
+        return self.action == BLOCK
+
+    @property
+    def flagged(self) -> bool:
+        """Anything but allow: a flag or a block."""
+        return self.action != ALLOW
+
+
+ALLOWED = Verdict()
+
+
+@dataclass
+class Decision:
+    """Every checker's verdicts on one text, and the worst of them."""
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def action(self) -> str:
+        action = ALLOW
+        for verdict in self.verdicts:
+            action = worse(action, verdict.action)
+        return action
+
+    @property
+    def blocked(self) -> bool:
+        return self.action == BLOCK
+
+    @property
+    def flagged(self) -> bool:
+        return self.action in (FLAG, BLOCK)
+
+    @property
+    def top(self) -> Verdict:
+        """The verdict that decided: the worst action, then the highest score."""
+        ranked = sorted(self.verdicts, key=lambda v: ({BLOCK: 2, FLAG: 1}.get(v.action, 0), v.score), reverse=True)
+        return ranked[0] if ranked and ranked[0].flagged else ALLOWED
+
+    def scores(self) -> dict[str, float]:
+        """The highest score per category."""
+        best: dict[str, float] = {}
+        for verdict in self.verdicts:
+            if verdict.category:
+                best[verdict.category] = max(best.get(verdict.category, 0.0), verdict.score)
+        return best

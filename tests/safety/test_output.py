@@ -1,0 +1,54 @@
+"""Replies: the rules gate every token, the classifiers read the reply as it
+grows and whole at its end; nothing of a blocked reply is kept."""
+import pytest
+
+from safety.services import OutputWindow
+from tests.safety import fakes
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def _stream(window, pieces):
+    shown = ""
+    for piece in pieces:
+        shown += await window.apush(piece)
+    return shown + await window.aflush()
+
+
+async def test_an_obfuscated_term_split_across_tokens_never_shows(settings):
+    settings.SAFETY_BLOCKED_TERMS = ["secret"]
+    window = OutputWindow()
+    shown = await _stream(window, ["Here is the ", "s e", " c r", " e t", " plan"])
+    assert window.verdict.blocked and window.verdict.category == "blocked_term"
+    assert "Here is the".startswith(shown)  # nothing of the term, spaced out or not
+
+
+async def test_a_clean_reply_comes_out_whole(settings):
+    settings.SAFETY_BLOCKED_TERMS = ["secret"]
+    pieces = ["The ", "weather ", "is ", "fine ", "today."]
+    window = OutputWindow()
+    assert await _stream(window, pieces) == "".join(pieces) and not window.verdict.flagged
+
+
+async def test_with_no_terms_nothing_is_held_back():
+    window = OutputWindow()
+    assert await window.apush("Hello") == "Hello" and not window.active
+
+
+async def test_the_classifiers_read_the_growing_reply(settings):
+    settings.SAFETY_OUTPUT_CHECK_CHARS = 10
+    fakes.MARKERS["output"] = "stab"
+    window = OutputWindow(user_id=None)
+    shown = await _stream(window, ["First you take the knife ", "and then you stab", " them", " again"])
+    assert window.verdict.blocked and "stab" not in shown and "again" not in shown
+
+
+async def test_the_whole_message_check_catches_what_no_window_did(settings, blocked_signals):
+    fakes.MARKERS["output"] = "alpha omega"  # only the whole reply holds it
+    window = OutputWindow(user_id=7)
+    # What streamed already is replaced by the notice on the page (turns.settle); the tail is not released.
+    assert await window.apush("alpha ") == "alpha "
+    assert await window.apush("omega") == "omega"
+    assert await window.aflush() == ""
+    assert window.verdict.blocked and "content policy" in window.verdict.reason
+    assert [(s["source"], s["user_id"], s["text"]) for s in blocked_signals] == [("output", 7, "alpha omega")]
