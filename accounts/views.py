@@ -7,28 +7,92 @@ from functools import wraps
 
 from django.conf import settings
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 from django_ratelimit.decorators import ratelimit
 
-from accounts.forms import SignUpForm
-from accounts.services import user_sign_up
+from accounts import setup
+from accounts.forms import SetupForm, SignUpForm
+from accounts.services import admin_create_with_token, password_changed, user_sign_up
+from audit.net import client_ip
 from gateway import keys, selectors
 
 
+def _signup_rate(group, request):
+    return settings.SIGNUP_RATE_PER_IP
+
+
+def _client_ip(group, request):
+    return client_ip(request)
+
+
 @require_http_methods(["GET", "POST"])
+@ratelimit(key=_client_ip, rate=_signup_rate, method="POST", block=False)
 def signup(request):
     if request.user.is_authenticated:
         return redirect("home")
+    if settings.SIGNUP_POLICY == "closed" and not (setup.first_signup_is_admin() and not setup.any_user_exists()):
+        return render(request, "registration/signup_closed.html", status=403)
+    if getattr(request, "limited", False):
+        return _too_many(request)
     form = SignUpForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        user = user_sign_up(
-            username=form.cleaned_data["username"], password=form.cleaned_data["password1"]
-        )
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return redirect("home")
+        try:
+            user = user_sign_up(
+                username=form.cleaned_data["username"], password=form.cleaned_data["password1"],
+                invite_code=form.cleaned_data.get("invite_code", ""), request=request,
+            )
+        except ValidationError as exc:  # a bad invite code, or the model's own checks
+            form.add_error(None if hasattr(exc, "error_dict") or "invite_code" not in form.fields else "invite_code",
+                           exc)
+        except PermissionDenied:
+            return render(request, "registration/signup_closed.html", status=403)
+        else:
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            return redirect("home")
     return render(request, "registration/signup.html", {"form": form}, status=400 if form.errors else 200)
+
+
+@require_http_methods(["GET", "POST"])
+@ratelimit(key=_client_ip, rate=_signup_rate, method="POST", block=False)
+def first_admin_setup(request):
+    """/accounts/setup/: the first admin, with the token `serve` printed."""
+    if setup.admin_exists():
+        raise Http404("An admin exists already.")
+    if getattr(request, "limited", False):
+        return _too_many(request)
+    form = SetupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user = admin_create_with_token(
+                token=form.cleaned_data["setup_token"], username=form.cleaned_data["username"],
+                password=form.cleaned_data["password1"], request=request,
+            )
+        except PermissionDenied as exc:
+            form.add_error("setup_token", str(exc))
+        else:
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            return redirect("/admin/")
+    return render(request, "registration/setup.html", {"form": form}, status=400 if form.errors else 200)
+
+
+class PasswordChangeView(auth_views.PasswordChangeView):
+    """Django's, plus: with PASSWORD_CHANGE_REVOKES_KEYS the API keys go too."""
+
+    def form_valid(self, form):
+        response = super().form_valid(form)
+        password_changed(user=form.user, request=self.request)
+        return response
+
+
+def _too_many(request):
+    response = render(request, "accounts/throttled.html", status=429)
+    response["Retry-After"] = "60"
+    return response
 
 
 def _page_rate(group, request):
@@ -39,13 +103,11 @@ def throttled(view):
     """django-ratelimit per user and per IP, answered with a 429 page (its own default is a 403)."""
 
     @ratelimit(key="user_or_ip", rate=_page_rate, block=False)
-    @ratelimit(key="ip", rate=_page_rate, block=False)
+    @ratelimit(key=_client_ip, rate=_page_rate, block=False)
     @wraps(view)
     def wrapper(request, *args, **kwargs):
         if getattr(request, "limited", False):
-            response = render(request, "accounts/throttled.html", status=429)
-            response["Retry-After"] = "60"
-            return response
+            return _too_many(request)
         return view(request, *args, **kwargs)
 
     return wrapper

@@ -12,6 +12,10 @@ class ChatappConfig(AppConfig):
         run_djangos_middleware_in_one_block(settings.MIDDLEWARE)
 
 
+# django-csp's middleware is a MiddlewareMixin like Django's own, with the same cost.
+ONE_BLOCK = ("django.", "csp.")
+
+
 def run_djangos_middleware_in_one_block(paths) -> None:
     """Declare Django's own middleware classes sync-only (Django ticket #37177,
     which makes this same change in Django itself).
@@ -27,5 +31,5 @@ def run_djangos_middleware_in_one_block(paths) -> None:
     which Django's deployment checks look for."""
     for path in paths:
         cls = import_string(path)
-        if isinstance(cls, type) and issubclass(cls, MiddlewareMixin) and cls.__module__.startswith("django."):
+        if isinstance(cls, type) and issubclass(cls, MiddlewareMixin) and cls.__module__.startswith(ONE_BLOCK):
             cls.async_capable = False

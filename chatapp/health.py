@@ -36,3 +36,14 @@ def check_all() -> tuple[bool, dict]:
         "redis": {"status": "ok" if redis_ok else "down", "detail": redis_detail},
         "model_pools": pool_report,
     }
+
+
+def public_report(report: dict) -> dict:
+    """What anyone may see: up or down, per part. Exceptions, model paths and
+    engine statistics are for staff and loopback callers (chatapp.views)."""
+    return {
+        "status": report["status"],
+        "database": {"status": report["database"]["status"]},
+        "redis": {"status": report["redis"]["status"]},
+        "model_pools": {name: {"status": pool["status"]} for name, pool in report["model_pools"].items()},
+    }

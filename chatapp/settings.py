@@ -133,6 +133,7 @@ INSTALLED_APPS = [
     "channels",
     "django_htmx",
     "servestatic",
+    "axes",
     "chatapp",
     "observability",
     "accounts",
@@ -143,6 +144,7 @@ INSTALLED_APPS = [
     "gateway",
     "safety",
     "retrieval",
+    "audit",
     "feedback",
     "dashboard",
     "evals",
@@ -167,7 +169,11 @@ MIDDLEWARE = [
     "observability.middleware.UserContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # django-csp's Content-Security-Policy header; in the sync block with Django's (chatapp.apps).
+    "csp.middleware.CSPMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as django-axes asks: it turns a locked-out sign-in into its 429 page.
+    "axes.middleware.AxesMiddleware",
     "chatapp.middleware.DatabaseTroubleMiddleware",
 ]
 
@@ -510,6 +516,85 @@ if REPLY_STALE_S < 3 * REPLY_HEARTBEAT_S:
 # none: they share one pub/sub connection).
 STREAM_REDIS_CONNECTIONS = env_int("STREAM_REDIS_CONNECTIONS", 50, min_value=2)
 
+# ---- abuse controls, audit log, web hardening — owned by audit/ (docs/SECURITY.md)
+
+from datetime import timedelta  # noqa: E402  (kept inside this block for an easy merge)
+
+from csp.constants import NONE, SELF  # noqa: E402
+
+# Generations in flight per user come from the plan (Plan.max_concurrent);
+# users without a plan get this. 0 = no cap.
+ABUSE_DEFAULT_MAX_CONCURRENT = env_int("ABUSE_DEFAULT_MAX_CONCURRENT", 4, min_value=0)
+# Generations in flight in the whole deployment before requests are shed
+# (429 with Retry-After). Unset: every local pool's seats and waiting queue
+# (ENGINE_MAX_NUM_SEQS + ENGINE_MAX_WAITING each), so plans are shed by
+# priority before an engine refuses everyone alike. 0 = no deployment cap.
+ABUSE_CAPACITY = env_int(
+    "ABUSE_CAPACITY",
+    sum(int(p.get("max_num_seqs", 32)) + int(p.get("max_waiting", 256)) for p in MODEL_POOLS.values()),
+    min_value=0,
+)
+# The share of ABUSE_CAPACITY kept for the highest plan priority (100): a plan
+# of priority p is admitted while fewer than capacity × (1 − reserve × (100 − p)/100)
+# generations are in flight, so priority 0 is shed first.
+ABUSE_PRIORITY_RESERVE = env_float("ABUSE_PRIORITY_RESERVE", 0.25, min_value=0.0)
+if ABUSE_PRIORITY_RESERVE > 1:
+    raise ImproperlyConfigured("ABUSE_PRIORITY_RESERVE must be between 0 and 1")
+# A slot in flight is a Redis lease that its process renews every
+# ABUSE_LEASE_RENEW_S and that expires after ABUSE_LEASE_TTL_S: a process that
+# dies frees its users' slots by then. Renewal is also when a ban is noticed,
+# so it must stay under a second.
+ABUSE_LEASE_RENEW_S = env_float("ABUSE_LEASE_RENEW_S", 0.5, min_value=0.05)
+ABUSE_LEASE_TTL_S = env_float("ABUSE_LEASE_TTL_S", 15.0, min_value=1.0)
+if ABUSE_LEASE_TTL_S < 3 * ABUSE_LEASE_RENEW_S:
+    raise ImproperlyConfigured("ABUSE_LEASE_TTL_S must be at least three ABUSE_LEASE_RENEW_S")
+# django-ratelimit on the chat's POSTs (send, edit, regenerate, new chat), per user and per IP.
+CHAT_RATE_PER_USER = env_str("CHAT_RATE_PER_USER", "30/m")
+CHAT_RATE_PER_IP = env_str("CHAT_RATE_PER_IP", "300/m")
+# Sign-up: open, invite (a code from the admin) or closed.
+SIGNUP_POLICY = env_choice("SIGNUP_POLICY", "open", {"open", "invite", "closed"})
+SIGNUP_RATE_PER_IP = env_str("SIGNUP_RATE_PER_IP", "10/h")
+# django-axes: sign-in lockout (the chat's login and the admin's).
+AXES_ENABLED = env_bool("LOGIN_LOCKOUT", True)
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, min_value=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_float("LOGIN_LOCKOUT_MINUTES", 15.0, min_value=0.1))
+# A username from one address: a shared address (a proxy, an office) does not
+# lock everyone out, and one attacker cannot lock a user out from everywhere.
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"  # counters in Redis with the rate limits, no table
+AXES_CLIENT_IP_CALLABLE = "audit.net.client_ip"  # safe without REMOTE_ADDR (unix socket)
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "accounts/locked_out.html"
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Bans and review: N moderation blocks of one user within the window raise a review flag.
+ABUSE_REVIEW_BLOCKS = env_int("ABUSE_REVIEW_BLOCKS", 5, min_value=1)
+ABUSE_REVIEW_WINDOW_S = env_int("ABUSE_REVIEW_WINDOW_S", 3600, min_value=1)
+# A password change revokes the user's API keys.
+PASSWORD_CHANGE_REVOKES_KEYS = env_bool("PASSWORD_CHANGE_REVOKES_KEYS", True)
+# The audit log keeps the text of a blocked message only if asked (it may be personal data).
+AUDIT_STORE_BLOCKED_TEXT = env_bool("AUDIT_STORE_BLOCKED_TEXT", False)
+# Content-Security-Policy (django-csp): no inline script, no third-party
+# anything. Images only from this site (and data: for the admin's icons), so
+# nothing a reply contains can call out. Inline styles stay allowed: htmx
+# injects its indicator style, and a style cannot run code or, with img-src
+# and font-src closed, reach another host.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF, "'unsafe-inline'"],
+        "img-src": [SELF, "data:"],
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
 # ------------------------------------------- cost, feedback and dashboard (issue 15)
 
 # The currency the admin's model prices (gateway.ModelPrice) are written in; shown on pages.

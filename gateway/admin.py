@@ -1,8 +1,8 @@
 from django import forms
 from django.contrib import admin, messages
-from django.utils import timezone
 
-from gateway import registry
+from audit.admin import AuditedAdmin
+from gateway import keys, registry
 from gateway.models import ApiKey, Backend, ModelPrice, Plan, PlanAssignment, SemanticCacheEntry, UsageRecord
 
 
@@ -19,15 +19,37 @@ class InvalidatesRegistry:
 
 
 class BackendForm(forms.ModelForm):
+    """The key is write-only: it is needed in clear to call the backend, but
+    is never sent back to a browser (not even in a password field's value,
+    which the page source shows). Empty keeps the stored key."""
+
+    api_key = forms.CharField(
+        required=False, max_length=500, widget=forms.PasswordInput(render_value=False),
+        help_text="remote: bearer key, if it needs one. Write-only: leave empty to keep the current key.",
+    )
+    clear_api_key = forms.BooleanField(required=False, label="Remove the stored key")
+
     class Meta:
         model = Backend
         fields = "__all__"
-        # The key is needed in clear to call the backend, but need not sit on screen.
-        widgets = {"api_key": forms.PasswordInput(render_value=True)}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial["api_key"] = ""
+        if self.instance.pk and self.instance.api_key:
+            self.fields["api_key"].help_text = "A key is stored (not shown). Type a new one to replace it."
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("clear_api_key"):
+            cleaned["api_key"] = ""
+        elif not cleaned.get("api_key"):
+            cleaned["api_key"] = self.instance.api_key if self.instance.pk else ""
+        return cleaned
 
 
 @admin.register(Backend)
-class BackendAdmin(InvalidatesRegistry, admin.ModelAdmin):
+class BackendAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
     form = BackendForm
     list_display = ("name", "kind", "pool", "base_url", "remote_model", "fallbacks", "enabled", "listed")
     list_filter = ("kind", "enabled")
@@ -35,13 +57,13 @@ class BackendAdmin(InvalidatesRegistry, admin.ModelAdmin):
 
 
 @admin.register(Plan)
-class PlanAdmin(InvalidatesRegistry, admin.ModelAdmin):
-    list_display = ("name", "tier", "requests_per_minute", "tokens_per_minute", "tokens_per_day",
-                    "tokens_per_month", "is_default")
+class PlanAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
+    list_display = ("name", "tier", "priority", "max_concurrent", "requests_per_minute", "tokens_per_minute",
+                    "tokens_per_day", "tokens_per_month", "is_default")
 
 
 @admin.register(PlanAssignment)
-class PlanAssignmentAdmin(InvalidatesRegistry, admin.ModelAdmin):
+class PlanAssignmentAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
     list_display = ("user", "plan")
     list_select_related = ("user", "plan")
     autocomplete_fields = ("user",)
@@ -61,7 +83,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke the selected keys")
     def revoke(self, request, queryset):
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        count = keys.api_keys_revoke(queryset)
         self.message_user(request, f"Revoked {count} keys.", messages.SUCCESS)
 
 
@@ -82,7 +104,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelPrice)
-class ModelPriceAdmin(InvalidatesRegistry, admin.ModelAdmin):
+class ModelPriceAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
     """Prices apply to ledger rows written after the edit; past rows keep their cost."""
 
     list_display = ("model", "basis", "prompt_per_1k", "cached_prompt_per_1k", "completion_per_1k",

@@ -245,7 +245,10 @@ async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSig
     try:
         if response.status_code != 200:
             body = (await response.aread()).decode(errors="replace")[:500]
-            message = f"backend '{spec.name}' answered HTTP {response.status_code}: {body}"
+            # The body is the backend's, not ours to show: it may name hosts,
+            # paths or keys. It goes to the log; users get the status.
+            log.warning("backend %s answered HTTP %s: %s", spec.name, response.status_code, body)
+            message = f"backend '{spec.name}' answered HTTP {response.status_code}"
             metrics.remote_error(spec.name, f"http_{response.status_code}")
             if response.status_code == 400:
                 raise BadRequest(message)
@@ -314,7 +317,8 @@ async def _remote_events(spec, request, response, abort: AbortSignal):
             except json.JSONDecodeError:
                 continue
             if chunk.get("error"):
-                yield reply.fail(f"backend '{spec.name}' error: {chunk['error']}", "error_event")
+                log.warning("backend %s sent an error mid-stream: %.500s", spec.name, chunk["error"])
+                yield reply.fail(f"backend '{spec.name}' reported an error", "error_event")
                 return
             for event in reply.tokens(chunk):
                 yield event

@@ -55,6 +55,22 @@ def api_key_revoke(*, user, key_id: int) -> ApiKey:
     return key
 
 
+def api_keys_revoke(queryset) -> int:
+    """Revoke every live key of `queryset` (a ban, a password change, the
+    admin's action), one save each so that each revocation is audited."""
+    now = timezone.now()
+    count = 0
+    for key in queryset.filter(revoked_at__isnull=True):
+        key.revoked_at = now
+        key.save(update_fields=["revoked_at"])
+        count += 1
+    return count
+
+
+def api_keys_revoke_all(*, user) -> int:
+    return api_keys_revoke(ApiKey.objects.filter(user=user))
+
+
 async def aauthenticate(raw: str) -> ApiKey | None:
     """The live key (with its user) for a bearer token, or None."""
     if not raw or not raw.startswith(KEY_PREFIX) or len(raw) > 200:

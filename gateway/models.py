@@ -5,6 +5,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator
 from django.db import models
 from django.contrib.postgres.indexes import BrinIndex
 from pgvector.django import HnswIndex, VectorField
@@ -73,6 +74,15 @@ class Plan(models.Model):
         max_length=500, blank=True, help_text="comma-separated model names; empty allows every model"
     )
     is_default = models.BooleanField(default=False, help_text="the plan of users without one")
+    # Abuse controls (audit/ and docs/SECURITY.md): a cap on generations in
+    # flight per user, and who is shed first when the deployment is full.
+    max_concurrent = models.PositiveIntegerField(
+        default=4, help_text="generations one user may have in flight at once (chat and API together); 0 = no cap"
+    )
+    priority = models.PositiveSmallIntegerField(
+        default=0, validators=[MaxValueValidator(100)],
+        help_text="0-100: in a capacity spike lower priorities are refused first (429), 100 last",
+    )
 
     def __str__(self):
         return self.name

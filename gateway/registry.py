@@ -43,6 +43,8 @@ class Limits:
     tokens_per_day: int
     tokens_per_month: int
     allowed_models: frozenset = field(default_factory=frozenset)  # empty: all
+    max_concurrent: int = 0  # generations in flight per user; 0 = no cap
+    priority: int = 0  # 0-100: lower plans are shed first in a capacity spike
 
     def allows(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -97,6 +99,7 @@ def _default_limits() -> Limits:
         tokens_per_minute=settings.GATEWAY_DEFAULT_TPM,
         tokens_per_day=settings.GATEWAY_DEFAULT_TPD,
         tokens_per_month=settings.GATEWAY_DEFAULT_TPMONTH,
+        max_concurrent=settings.ABUSE_DEFAULT_MAX_CONCURRENT,
     )
 
 
@@ -109,6 +112,8 @@ def _limits(plan: Plan) -> Limits:
         tokens_per_day=plan.tokens_per_day,
         tokens_per_month=plan.tokens_per_month,
         allowed_models=frozenset(_split(plan.allowed_models)),
+        max_concurrent=plan.max_concurrent,
+        priority=plan.priority,
     )
 
 

@@ -9,6 +9,7 @@ then exactly one FinalEvent; a GatewayError is raised before the first token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
@@ -22,7 +23,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 
 from chatapp import runtime
-from gateway import backends, cache, pricing, quotas, registry, router
+from gateway import backends, cache, concurrency, pricing, quotas, registry, router
 from gateway.backends import BackendFailure, BackendFinal
 from gateway.models import Backend, UsageRecord
 from gateway.registry import BackendSpec, Limits
@@ -155,6 +156,7 @@ class _Run:
         self.started_generating = False  # a backend accepted the request: its prompt is paid for
         self.completion_tokens = 0  # counted while streaming, for a reply cut short
         self.settled = False
+        self.lease: concurrency.Lease | None = None  # the user's slot in flight (abuse limits)
 
     def usage_so_far(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
@@ -289,6 +291,8 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
     finally:
         _inflight.pop(request.request_id, None)
         _early_aborts.pop(request.request_id, None)
+        # Shielded: a cancelled consumer must not leave the slot taken until its lease expires.
+        await asyncio.shield(concurrency.release(run.lease))
 
 
 async def _moderate_input(request: ChatRequest) -> None:
@@ -318,17 +322,31 @@ async def _plan(request: ChatRequest) -> _Run:
             prompt_tokens = len(prompt_ids)
         except BackendFailure:
             pass  # the fallback chain will deal with it; reserve on the estimate
-    reservation = None
-    # Background work (titles, summaries) is the product's, not the user's: ledgered, never refused for quota.
-    if request.user_id is not None and request.source != "task":
-        reservation = await quotas.reserve(
-            user_id=request.user_id, limits=limits, tokens=prompt_tokens + request.max_tokens
-        )
+    request, reservation, lease = await _admit(request, limits, prompt_tokens + request.max_tokens)
     run = _Run(request, reservation)
+    run.lease = lease
     run.specs, run.candidates, run.reason = specs, router.chain(name, specs, limits), reason
     run.route = f"{reason}:{name}"
     run.prompt_ids, run.prompt_tokens = prompt_ids, prompt_tokens
     return run
+
+
+async def _admit(request: ChatRequest, limits: Limits, tokens: int):
+    """(request, quota reservation, lease): a slot in flight first (per-user
+    cap, capacity shedding, bans; gateway.concurrency), then the tokens.
+    Background work (titles, summaries) is the product's, not the user's:
+    ledgered, never refused for quota or slots."""
+    if request.user_id is None or request.source == "task":
+        return request, None, None
+    lease = await concurrency.acquire(user_id=request.user_id, request_id=request.request_id, limits=limits,
+                                      on_revoked=abort)
+    try:
+        reservation = await quotas.reserve(user_id=request.user_id, limits=limits, tokens=tokens)
+    except BaseException:
+        await concurrency.release(lease)
+        raise
+    # The fair queue: a user's extra requests wait behind other users' first ones.
+    return dataclasses.replace(request, priority=lease.fair_priority(request.priority)), reservation, lease
 
 
 async def _serve(run: _Run):

@@ -1,12 +1,14 @@
 from django.contrib import admin
 
+from audit.admin import AuditedAdmin
 from safety import rules
 from safety.models import Rule
 
 
 @admin.register(Rule)
-class RuleAdmin(admin.ModelAdmin):
-    """Edits take effect in this process at once, in others within SAFETY_RULES_TTL_S."""
+class RuleAdmin(AuditedAdmin, admin.ModelAdmin):
+    """Edits take effect in this process at once, in others within
+    SAFETY_RULES_TTL_S; each one is in the audit log."""
 
     list_display = ("pattern", "kind", "category", "action", "applies_to_output", "enabled", "updated_at")
     list_filter = ("kind", "category", "action", "enabled")

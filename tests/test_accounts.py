@@ -12,7 +12,17 @@ def signup(client, username, password=PASSWORD):
     )
 
 
-def test_first_user_becomes_admin_and_later_users_do_not(client):
+@pytest.fixture
+def loopback_serve():
+    """As `serve` bound to 127.0.0.1: the first sign-up becomes the admin (accounts.setup)."""
+    from accounts import setup
+
+    setup.set_first_signup_is_admin(True)
+    yield
+    setup.set_first_signup_is_admin(False)
+
+
+def test_first_user_becomes_admin_and_later_users_do_not(client, loopback_serve):
     assert signup(client, "first").status_code == 302
     client.post("/accounts/logout/")
     assert signup(client, "second").status_code == 302
@@ -68,6 +78,6 @@ def test_change_password(alice_client, alice):
     assert alice.check_password(PASSWORD)
 
 
-def test_admin_is_reachable_by_the_first_user(client):
+def test_admin_is_reachable_by_the_first_user(client, loopback_serve):
     signup(client, "root")
     assert client.get("/admin/").status_code == 200

@@ -60,8 +60,9 @@ def test_djangos_middleware_is_adapted_once_not_per_method(caplog, settings):
     adapted = sorted(r.getMessage() for r in caplog.records if "adapted" in r.getMessage())
     # Only where the mode changes: ServeStatic (async) between Security and
     # the run of Django's classes below it, and the async views under those.
+    # (django-csp's CSPMiddleware ends that run: it is a MiddlewareMixin like Django's own.)
     assert adapted == [
-        "Asynchronous handler adapted for middleware django.middleware.clickjacking.XFrameOptionsMiddleware.",
+        "Asynchronous handler adapted for middleware csp.middleware.CSPMiddleware.",
         "Asynchronous handler adapted for middleware django.middleware.security.SecurityMiddleware.",
         "Synchronous handler adapted for middleware servestatic.middleware.ServeStaticMiddleware.",
     ]

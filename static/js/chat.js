@@ -5,13 +5,15 @@
 (function () {
   "use strict";
 
-  // 422 (bad input) and 503 (the database is full or gone) answers carry a
-  // readable message for the composer: swap them in (the text stays).
+  // 422 (bad input), the chat's 429 (it says when to retry) and 503 (the
+  // database is full or gone) answers carry a readable message for the
+  // composer: swap them in (the text stays).
   if (window.htmx) {
     htmx.config.responseHandling = [
       { code: "204", swap: false },
       { code: "[23]..", swap: true },
       { code: "422", swap: true, error: false },
+      { code: "429", swap: true, error: false },
       { code: "503", swap: true, error: false },
       { code: "[45]..", swap: false, error: true },
     ];

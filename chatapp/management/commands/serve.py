@@ -34,6 +34,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from accounts import setup
 from chatapp import embedded, runtime
 from chatapp.celery import exit_with_parent
 from conversations import turns
@@ -76,6 +77,7 @@ class Command(BaseCommand):
             self._reap()
             if settings.LOAD_MODELS:
                 runtime.start_engines(progress=lambda msg: self.stdout.write(msg))
+            self._first_admin(host)
             self._run_daphne(host, port, with_worker=not no_worker)
         except KeyboardInterrupt:
             pass  # stopped during start-up: what did start is shut down below
@@ -91,6 +93,16 @@ class Command(BaseCommand):
             self._exit_lock.acquire()
             self.stdout.write("stopped.")
             self.stdout.flush()
+
+    def _first_admin(self, host: str):
+        """Off loopback, the first admin comes from a token printed here, not
+        from whoever signs up first (accounts.setup)."""
+        token = setup.configure_for_bind(host)
+        if token:
+            self.stdout.write(self.style.WARNING(
+                f"no admin yet: open /accounts/setup/ and enter this one-time setup token: {token}\n"
+                "(or run `manage.py createsuperuser`)"
+            ))
 
     # ------------------------------------------------------------ stopping
 
