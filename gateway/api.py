@@ -232,12 +232,7 @@ def _finish_reason(final: FinalEvent) -> str:
 
 @csrf_exempt
 async def chat_completions(request):
-    if request.method != "POST":
-        return error_response(405, "Use POST.", error_type="invalid_request_error", code="method_not_allowed")
-    key, refused = await _authorize(request)
-    if refused:
-        return refused
-    body, refused = _read_json(request)
+    key, body, refused = await _authorized_post(request)
     if refused:
         return refused
     try:
@@ -273,6 +268,19 @@ def _no_cache(request) -> bool:
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+async def _authorized_post(request):
+    """(api key, JSON body, None), or (None, None, the error response): the
+    prologue every POST endpoint of /v1 shares."""
+    if request.method != "POST":
+        return None, None, error_response(405, "Use POST.", error_type="invalid_request_error",
+                                          code="method_not_allowed")
+    key, refused = await _authorize(request)
+    if refused:
+        return None, None, refused
+    body, refused = _read_json(request)
+    return key, body, refused
 
 
 def _read_json(request):
@@ -427,12 +435,7 @@ def _moderation_result(decision) -> dict:
 @csrf_exempt
 async def moderations(request):
     """OpenAI's POST /v1/moderations, answered by the same pipeline every prompt passes."""
-    if request.method != "POST":
-        return error_response(405, "Use POST.", error_type="invalid_request_error", code="method_not_allowed")
-    key, refused = await _authorize(request)
-    if refused:
-        return refused
-    body, refused = _read_json(request)
+    key, body, refused = await _authorized_post(request)
     if refused:
         return refused
     try:
@@ -482,12 +485,7 @@ EMBEDDING_MAX_INPUTS = 256  # texts in one /v1/embeddings request
 async def embeddings(request):
     """OpenAI's /v1/embeddings with the bundled sentence embedder (all-MiniLM-L6-v2,
     or EMBEDDING_MODEL): the Celery worker holds no model, so its evals embed here."""
-    if request.method != "POST":
-        return error_response(405, "Use POST.", error_type="invalid_request_error", code="method_not_allowed")
-    key, refused = await _authorize(request)
-    if refused:
-        return refused
-    body, refused = _read_json(request)
+    key, body, refused = await _authorized_post(request)
     if refused:
         return refused
     texts = body.get("input") if isinstance(body, dict) else None
