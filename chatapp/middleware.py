@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import HttpResponse
-from django.utils.deprecation import MiddlewareMixin
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
 # SQLSTATE class 53: insufficient resources (53100 disk full, 53200 out of memory).
 OUT_OF_RESOURCES = "53"
@@ -28,11 +28,25 @@ def _trouble_message(exc: Exception) -> str | None:
     return None
 
 
-class DatabaseTroubleMiddleware(MiddlewareMixin):
+class DatabaseTroubleMiddleware:
     """A database that is full or gone answers 503 with a sentence the chat
     page shows in the composer, instead of a bare "Server Error" page. The
     write that failed was one transaction, so nothing is half-stored; the
-    page keeps the user's text because only a 200 clears the composer."""
+    page keeps the user's text because only a 200 clears the composer.
+
+    Sync and async, and not a MiddlewareMixin: it only passes the request
+    on, so it must cost no adaptation (no thread hop) in either mode."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        return self.get_response(request)  # a coroutine in async mode, awaited by the caller
 
     def process_exception(self, request, exception):
         message = _trouble_message(exception)

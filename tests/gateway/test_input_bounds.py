@@ -57,7 +57,10 @@ async def test_a_seed_beyond_64_bits_is_400_and_never_reaches_a_backend(remote, 
 async def test_requests_a_backend_rejects_as_bad_never_open_its_circuit(remote, alice_key, settings):
     await sync_to_async(add_remote)(remote, "strict", remote_model="fake-400")
     for _ in range(settings.GATEWAY_CIRCUIT_FAILURES + 2):
-        assert_400(await post(alice_key, hello(model="strict")), "context length exceeded")
+        response = await post(alice_key, hello(model="strict"))
+        # The backend's own words may name its hosts or keys: logged, not shown.
+        assert_400(response, "answered HTTP 400")
+        assert "context length exceeded" not in response.content.decode()
     assert backends.circuit("strict").failures == 0 and backends.circuit("strict").allow()
 
 
