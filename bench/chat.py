@@ -41,10 +41,12 @@ from bench import free_port, report
 from bench.report import ROOT, percentile
 from inference import Engine, SamplingParams
 from inference.bootstrap import resolve_model
-from chatapp.runtime import engine_config
 
-# Django and the apps' modules are imported inside the functions: they need
-# django.setup(), which main() runs first on a fresh DATA_DIR.
+# Django and the apps' modules (chatapp.runtime too: importing it reads the
+# settings) are imported inside the functions: they need DATA_DIR set and
+# django.setup(), which main() runs first on a fresh DATA_DIR. Imported at the
+# top, they configured the settings on the developer's own var/ first, so the
+# benchmark's users collided with the last run's.
 
 SECTION = "## Chat streaming (bench.chat)"
 TOPICS = ["a lighthouse keeper", "a lost robot", "a bakery on Mars", "a dragon who fears heights",
@@ -421,6 +423,8 @@ def local_engine(clients: int):
     from django.conf import settings
 
     spec = {**settings.ENGINE_DEFAULTS, **settings.MODEL_POOLS["small"], "max_num_seqs": max(32, clients)}
+    from chatapp.runtime import engine_config
+
     return Engine.from_pretrained(resolve_model(spec["model"], settings.MODELS_DIR), engine_config(spec))
 
 
@@ -435,12 +439,12 @@ def main(argv=None):
     port = free_port()
     print(f"starting the server on :{port} (data in {data_dir}) ...", flush=True)
     server = start_server(port, args)
-    # After the start: the server's reaper would mark the idle placeholders interrupted.
-    cookies, idle_cookie, idle_replies = make_users(args.clients, args.idle)
-    from django.db import connections  # after setup_django()
-
-    connections.close_all()
     try:
+        # After the start: the server's reaper would mark the idle placeholders interrupted.
+        cookies, idle_cookie, idle_replies = make_users(args.clients, args.idle)
+        from django.db import connections  # after setup_django()
+
+        connections.close_all()
         engine = local_engine(args.clients)
         device = f"{engine.stats()['device']} {engine.stats()['dtype']}, {os.cpu_count()} CPU cores"
         results = asyncio.run(run(args, f"http://127.0.0.1:{port}", cookies, idle_cookie, idle_replies, engine))
