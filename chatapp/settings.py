@@ -468,6 +468,8 @@ SAFETY_JUDGE_MAX_CHARS = env_int("SAFETY_JUDGE_MAX_CHARS", 8000, min_value=1)
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
 # Torch threads of the embedding thread (its own, apart from the engines').
 EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1, min_value=1)
+# Texts of callers waiting at the same time are embedded in one batch of at most this many.
+EMBEDDING_MAX_BATCH = env_int("EMBEDDING_MAX_BATCH", 64, min_value=1)
 
 # A quota reservation's lease: renewed by its process every third of it,
 # given back in full by any process once it runs out (its process died).

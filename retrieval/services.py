@@ -7,12 +7,18 @@ Embeddings run on one dedicated thread with EMBEDDING_THREADS torch threads
 (OpenMP thread counts are per OS thread, so this leaves an engine in the same
 process alone). A single short text takes milliseconds on one core, while
 two threads fighting an engine for the same cores were measured at ~500 ms.
+
+Callers that arrive while the thread is busy are encoded together in one batch
+(`_Batcher`): a burst of 32 chats moderates 32 prompts at once, and one forward
+pass over 32 short texts took 124 ms of CPU against 24 ms for each alone
+(measured in-process with process_time, 2026-12-02), so the burst's prompts
+reach the engine ~0.6 s sooner and cost the engine's cores a fifth as much.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from django.conf import settings
 
@@ -52,10 +58,60 @@ def _encode(texts: list[str]) -> list[list[float]]:
     return [v.tolist() for v in vectors]
 
 
+class _Batcher:
+    """Queues callers' texts; the embedding thread drains the queue and encodes
+    everything that waits in one call, up to EMBEDDING_MAX_BATCH texts. A lone
+    caller pays nothing extra: the thread starts on its texts at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[list[str], Future]] = []
+        self._draining = False
+
+    def submit(self, texts: list[str]) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self._waiting.append((texts, future))
+            start, self._draining = not self._draining, True
+        if start:
+            _executor.submit(self._drain)
+        return future
+
+    def _take(self) -> list[tuple[list[str], Future]]:
+        with self._lock:
+            taken, count = [], 0
+            while self._waiting and (not taken or count + len(self._waiting[0][0]) <= settings.EMBEDDING_MAX_BATCH):
+                texts, future = self._waiting.pop(0)
+                taken.append((texts, future))
+                count += len(texts)
+            if not taken:
+                self._draining = False
+            return taken
+
+    def _drain(self) -> None:
+        while taken := self._take():
+            flat = [text for texts, _ in taken for text in texts]
+            try:
+                vectors = _encode(flat)
+            except BaseException as exc:  # each caller gets the failure; the thread goes on
+                for _, future in taken:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for texts, future in taken:
+                future.set_result(vectors[start:start + len(texts)])
+                start += len(texts)
+
+
+_batcher = _Batcher()
+
+
 def embed(texts: list[str]) -> list[list[float]]:
     """Unit-length vectors (cosine similarity = dot product)."""
-    return _executor.submit(_encode, list(texts)).result()
+    texts = list(texts)
+    return _batcher.submit(texts).result() if texts else []
 
 
 async def aembed(texts: list[str]) -> list[list[float]]:
-    return await asyncio.get_running_loop().run_in_executor(_executor, _encode, list(texts))
+    texts = list(texts)
+    return await asyncio.wrap_future(_batcher.submit(texts)) if texts else []

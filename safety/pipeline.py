@@ -38,7 +38,11 @@ from safety.verdicts import Decision, Verdict
 
 log = logging.getLogger(__name__)
 
-_executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="safety")
+# Enough threads for a burst of chats to be checked at once: they mostly wait
+# on the embedding thread, which encodes whatever waits in one batch
+# (retrieval.services). With 4, a burst of 32 prompts queued here, embedded 4
+# at a time, and the queueing counted against SAFETY_CHECKER_TIMEOUT_S.
+_executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="safety")
 _lock = threading.Lock()
 _checkers: tuple[tuple[str, ...], list[Checker]] | None = None
 

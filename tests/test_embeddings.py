@@ -1,0 +1,76 @@
+"""The embedding thread: callers waiting at the same time share one batch."""
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from retrieval import services
+from tests.waiting import eventually
+
+TEXTS = [f"Write a short story about topic {i}." for i in range(8)]
+
+
+@pytest.fixture
+def gated_encode(monkeypatch):
+    """`_encode` recording each batch; the first batch waits for `gate`, so
+    the callers behind it queue up as they would behind a busy thread. Also
+    each text's vector embedded alone, before the patch."""
+    real, batches, gate = services._encode, [], threading.Event()
+    alone = {text: services.embed([text])[0] for text in TEXTS}
+
+    def encode(texts):
+        batches.append(list(texts))
+        if len(batches) == 1:
+            assert gate.wait(30), "the gate was never opened"
+        return real(texts)
+
+    monkeypatch.setattr(services, "_encode", encode)
+    return batches, gate, alone
+
+
+def _waiting_callers() -> int:
+    # The batcher's queue: the one way to know the callers have all arrived.
+    with services._batcher._lock:
+        return len(services._batcher._waiting)
+
+
+async def test_concurrent_callers_are_encoded_in_one_batch_and_each_gets_its_own(gated_encode):
+    batches, gate, alone = gated_encode
+    first = asyncio.create_task(services.aembed(["the busy thread's text"]))
+    await eventually(lambda: len(batches) == 1)
+    rest = [asyncio.create_task(services.aembed([text])) for text in TEXTS]
+    await eventually(lambda: _waiting_callers() == len(TEXTS))
+    gate.set()
+    vectors = await asyncio.gather(*rest)
+    await first
+    assert [len(b) for b in batches] == [1, len(TEXTS)]
+    for text, got in zip(TEXTS, vectors):
+        assert len(got) == 1
+        assert np.allclose(got[0], alone[text], atol=1e-5), text
+
+
+async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_call_works(monkeypatch):
+    real, gate, calls = services._encode, threading.Event(), []
+
+    def encode(texts):
+        calls.append(texts)
+        if len(calls) == 1:
+            assert gate.wait(30)
+            return real(texts)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(texts)
+
+    monkeypatch.setattr(services, "_encode", encode)
+    busy = asyncio.create_task(services.aembed(["busy"]))
+    await eventually(lambda: len(calls) == 1)
+    doomed = [asyncio.create_task(services.aembed([text])) for text in TEXTS[:3]]
+    await eventually(lambda: _waiting_callers() == 3)
+    gate.set()
+    await busy
+    for task in doomed:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await task
+    assert len(await services.aembed(["after the failure"])) == 1
+    assert services.embed([]) == []
