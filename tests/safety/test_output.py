@@ -52,3 +52,28 @@ async def test_the_whole_message_check_catches_what_no_window_did(settings, bloc
     assert await window.aflush() == ""
     assert window.verdict.blocked and "content policy" in window.verdict.reason
     assert [(s["source"], s["user_id"], s["text"]) for s in blocked_signals] == [("output", 7, "alpha omega")]
+
+
+async def test_the_classifiers_read_every_character_of_a_long_reply_at_most_twice(settings, monkeypatch):
+    from safety import pipeline
+
+    settings.SAFETY_OUTPUT_CHECK_CHARS = 400
+    read = []
+    real = pipeline.arun
+
+    async def recording(texts, *, source):
+        read.extend(texts)
+        return await real(texts, source=source)
+
+    monkeypatch.setattr(pipeline, "arun", recording)
+    words = [f"word{i:04d} " for i in range(600)]  # 6000 characters, streamed a word at a time
+    reply = "".join(words)
+    assert await _stream(OutputWindow(), words) == reply
+    assert all(text in reply for text in read)
+    covered = [False] * len(reply)
+    for text in read:
+        start = reply.index(text)
+        covered[start:start + len(text)] = [True] * len(text)
+    assert all(covered), "a part of the reply was never classified"
+    # Before, each check reread the last 500 characters and the end reread it all: about 3x.
+    assert sum(map(len, read)) <= 2 * len(reply)
