@@ -4,6 +4,7 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.contrib.auth.forms import AdminPasswordChangeForm
 
 from accounts import services
 from accounts.models import InviteCode, ReviewFlag
@@ -36,6 +37,18 @@ class OpenFlagFilter(admin.SimpleListFilter):
         return queryset
 
 
+class PasswordChangeForm(AdminPasswordChangeForm):
+    """A staff user's change of someone's password (or disabling it) follows
+    PASSWORD_CHANGE_REVOKES_KEYS as the user's own change does: whoever held
+    the old password may hold the API keys too."""
+
+    def save(self, commit=True):
+        user = super().save(commit=commit)
+        if commit:
+            services.password_changed(user=user)
+        return user
+
+
 admin.site.unregister(User)
 
 
@@ -44,6 +57,7 @@ class UserAdmin(AuditedAdmin, DjangoUserAdmin):
     list_display = ("username", "email", "is_active", "is_staff", "date_joined", "last_login")
     list_filter = ("is_active", "is_staff", "is_superuser", OpenFlagFilter)
     actions = ["ban", "unban"]
+    change_password_form = PasswordChangeForm
 
     @admin.action(description="Ban: disable the selected users (sessions, API keys, replies in flight end now)")
     def ban(self, request, queryset):

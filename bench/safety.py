@@ -4,7 +4,14 @@ Scores every checker alone, and the configured pipeline (SAFETY_CHECKERS),
 on the held-out split of the labelled set (safety/data/labelled.jsonl, see
 safety.labelled; the embedding head never saw these items): precision,
 recall and F1 per category, the share of benign items flagged, and the
-added latency per prompt (p50/p95, verdict cache off: every text is new).
+checkers' latency per prompt (p50/p95 wall and CPU time, verdict cache off:
+every text is new). Then the time moderation adds before the first token,
+through the gateway's real entry point (`stream_chat`) and a backend that
+answers at once (the loopback fake of the tests: the worst case, with no
+prefill to hide behind), three ways interleaved prompt by prompt: input
+moderation off, moderation before the other stages (the order before it ran
+beside them), and as the gateway runs it now, beside routing, quota, cache
+and the backend's start, the first token held for its verdict.
 A text counts as detected for a category when a verdict of that category
 (its top-level name) flags or blocks it; injection and jailbreak are also
 scored together as "attack", the target's unit. Writes the "Evaluation"
@@ -13,11 +20,14 @@ section of docs/SAFETY.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import statistics
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import aclosing
 
 from bench import report
 
@@ -30,6 +40,7 @@ CANDIDATES = [
     "safety.checkers.ProfanityChecker",
 ]
 ATTACK = ("prompt_injection", "jailbreak")
+TTFT_MODES = ("moderation off", "moderation before the stages", "moderation beside the stages (default)")
 
 
 def _setup() -> None:
@@ -45,6 +56,11 @@ def _setup() -> None:
     django.setup()
     from django.core.management import call_command
 
+    from django.conf import settings
+
+    from chatapp import embedded
+
+    embedded.start_redis(settings.EMBEDDED_REDIS_DIR)  # the gateway's quota and cache, for the first-token part
     call_command("migrate", interactive=False, verbosity=0)
 
 
@@ -75,14 +91,19 @@ def _score(items, found: list[set[str]]) -> dict:
     return {"rows": rows, "fpr": fpr, "benign": len(benign)}
 
 
-def _measure(run, items) -> tuple[dict, list[float]]:
-    found, latencies = [], []
+def _measure(run, items) -> tuple[dict, list[float], list[float]]:
+    """Scores, and per prompt the wall time and the process's CPU time (all
+    threads: the checkers run on the pipeline's and the embedding thread). On
+    a shared machine the wall time grows with the load; the CPU time is
+    what a prompt costs a quiet core."""
+    found, latencies, cpu = [], [], []
     for item in items:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         decision = run(item.text)
         latencies.append((time.perf_counter() - started) * 1000)
+        cpu.append((time.process_time() - cpu_started) * 1000)
         found.append(_detected(decision))
-    return _score(items, found), latencies
+    return _score(items, found), latencies, cpu
 
 
 def _evaluate(paths: list[str], items) -> list[tuple[str, dict, list[float]]]:
@@ -96,8 +117,8 @@ def _evaluate(paths: list[str], items) -> list[tuple[str, dict, list[float]]]:
                                 ("pipeline (SAFETY_CHECKERS)", list(settings.SAFETY_CHECKERS))]:
         settings.SAFETY_CHECKERS = checker_paths
         pipeline.run(["warm up the models"], source="input")  # loads them: not a prompt's cost
-        score, latencies = _measure(lambda text: pipeline.run([text], source="input")[0], items)
-        results.append((name, score, latencies))
+        score, latencies, cpu = _measure(lambda text: pipeline.run([text], source="input")[0], items)
+        results.append((name, score, latencies, cpu))
     return results
 
 
@@ -106,21 +127,88 @@ def _fmt(x: float) -> str:
 
 
 def _tables(results, label: str) -> str:
-    summary = [("checker", "attack recall", "attack precision", "benign flagged", "p50 ms", "p95 ms")]
+    summary = [("checker", "attack recall", "attack precision", "benign flagged", "p50 ms", "p95 ms", "CPU p50 ms")]
     detail = []
-    for name, score, latencies in results:
+    for name, score, latencies, cpu in results:
         attack = score["rows"].get("attack", (float("nan"),) * 4)
         summary.append((name, _fmt(attack[1]), _fmt(attack[0]), f"{score['fpr']:.1%}",
-                        f"{report.percentile(latencies, 0.5):.2f}", f"{report.percentile(latencies, 0.95):.2f}"))
+                        f"{report.percentile(latencies, 0.5):.2f}", f"{report.percentile(latencies, 0.95):.2f}",
+                        f"{report.percentile(cpu, 0.5):.2f}"))
         rows = [(category, _fmt(p), _fmt(r), _fmt(f1), n) for category, (p, r, f1, n) in score["rows"].items()]
         detail.append(f"**{name}** ({label}):\n\n" + report.table(["category", "precision", "recall", "F1", "items"], rows))
     return report.table(list(summary[0]), summary[1:]) + "\n\n" + "\n\n".join(detail)
+
+
+# ------------------------------------------------------------ before the first token
+
+async def _first_token_ms(stream) -> float:
+    """Milliseconds to the stream's first token; the rest is drained (the
+    reply's end, its output check and the ledger row must not overlap the next)."""
+    from gateway.types import TokenEvent
+
+    started, first = time.perf_counter(), None
+    async with aclosing(stream) as events:
+        async for event in events:
+            if first is None and isinstance(event, TokenEvent):
+                first = time.perf_counter()
+    return ((first or time.perf_counter()) - started) * 1000
+
+
+async def _ttft(texts: list[str]) -> dict[str, list[float]]:
+    """First-token times per mode, the modes interleaved and rotated prompt by
+    prompt. "off" and "before" send the request as the judge's (the one source
+    the gateway does not moderate), "before" after awaiting the checks itself."""
+    from bench.gateway import _bench_user
+    from gateway.services import JUDGE_SOURCE, stream_chat
+    from gateway.types import ChatRequest
+    from safety import pipeline
+    from safety.services import amoderate_messages
+    from tests.gateway.fake_openai import FakeOpenAI
+
+    # Only prompts the pipeline lets through reach a first token (a benign item it blocks is a false positive).
+    texts = [t for t in texts if not pipeline.run([t], source="input")[0].blocked]
+    fake = FakeOpenAI().start()
+    try:
+        user = await _bench_user(fake.base_url)
+
+        async def one(text: str, mode: str) -> float:
+            messages = [{"role": "user", "content": text}]
+            ask = dict(messages=messages, user_id=user.pk, temperature=0.7, max_tokens=8)
+            if mode == TTFT_MODES[2]:
+                return await _first_token_ms(stream_chat(ChatRequest(**ask)))
+            checks_ms = 0.0
+            if mode == TTFT_MODES[1]:
+                started = time.perf_counter()
+                await amoderate_messages(messages, user_id=user.pk)
+                checks_ms = (time.perf_counter() - started) * 1000
+            return checks_ms + await _first_token_ms(stream_chat(ChatRequest(**ask, source=JUDGE_SOURCE)))
+
+        await one("warm up the gateway, please", TTFT_MODES[2])
+        times: dict[str, list[float]] = {mode: [] for mode in TTFT_MODES}
+        for i, text in enumerate(texts):
+            for k in range(len(TTFT_MODES)):
+                mode = TTFT_MODES[(i + k) % len(TTFT_MODES)]
+                times[mode].append(await one(text, mode))
+        return times
+    finally:
+        fake.stop()
+
+
+def _ttft_table(times: dict[str, list[float]]) -> str:
+    off = times[TTFT_MODES[0]]
+    rows = []
+    for mode, values in times.items():
+        added = [v - o for v, o in zip(values, off)]
+        rows.append((mode, f"{report.percentile(values, 0.5):.2f}", f"{report.percentile(values, 0.95):.2f}",
+                     "–" if mode == TTFT_MODES[0] else f"{statistics.median(added):.2f}"))
+    return report.table(["input moderation", "first token p50 ms", "p95 ms", "added p50 ms (paired)"], rows)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkers", nargs="*", default=CANDIDATES, help="dotted paths to score alone")
     parser.add_argument("--no-write", action="store_true", help="do not write its section of docs/SAFETY.md")
+    parser.add_argument("--no-ttft", action="store_true", help="skip the time added before the first token")
     args = parser.parse_args(argv)
     machine = report.machine_info()
     _setup()
@@ -130,21 +218,29 @@ def main(argv=None) -> int:
 
     _, held_out = labelled.split(labelled.load())
     fresh = [i for i in held_out if "fresh" in i.tags]
+    # Benign prompts only: each must reach a first token.
+    benign = list(dict.fromkeys(i.text for i in held_out if i.label == "benign"))
     try:
         results = _evaluate(args.checkers, held_out)
         fresh_results = _evaluate(args.checkers, fresh)
+        times = None if args.no_ttft else asyncio.run(_ttft(benign))
     finally:
-        embedded.stop_configured()  # the embedded Postgres the rules were read from
+        embedded.stop_configured()  # the embedded Postgres and Redis
     body = (_tables(results, f"held-out split, {len(held_out)} items")
             + "\n\nOnly the items written after the rules and the head were settled "
             f"(tag `fresh`, {len(fresh)} items):\n\n" + _tables(fresh_results, "fresh items"))
+    if times is not None:
+        body += (f"\n\nAdded before the first token ({len(times[TTFT_MODES[0]])} held-out benign prompts the "
+                 "pipeline lets through, each three ways, "
+                 "interleaved; a backend that answers at once):\n\n" + _ttft_table(times))
     print(body)
     if not args.no_write:
         section = (
             f"{SECTION}\n\n`{report.command_line('bench.safety', argv)}`, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)}\n\n"
-            f"Latency is the time one prompt spends in `safety.pipeline.run` (sequential, verdict cache off), "
-            f"which the gateway awaits before it routes the request: the time added before the first token.\n\n"
+            f"p50/p95 ms: the wall time one prompt spends in `safety.pipeline.run` (sequential, verdict cache off); "
+            f"CPU: the process's CPU time for it, what it costs a quiet core. The time it adds before the first "
+            f"token is measured through the gateway at the end.\n\n"
             f"{body}\n"
         )
         report.write_section(section, SECTION, SAFETY_MD)

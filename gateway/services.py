@@ -157,6 +157,7 @@ class _Run:
         self.completion_tokens = 0  # counted while streaming, for a reply cut short
         self.settled = False
         self.lease: concurrency.Lease | None = None  # the user's slot in flight (abuse limits)
+        self.input_check: _InputCheck | None = None  # the input's moderation, in flight beside the stages
 
     def usage_so_far(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
@@ -271,41 +272,109 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
     """The gateway's stages, in order: check the request → moderate the input
     → route and reserve the quota → cache → open a backend (fallback chain,
     circuits) → relay its tokens through the output window → settle (bill,
-    ledger, cache the reply)."""
+    ledger, cache the reply). The input's moderation runs beside the stages
+    after it, and the first event waits for its verdict (_InputCheck)."""
     _validate(request)
-    await _moderate_input(request)
-    run = await _plan(request)
+    check = _InputCheck(request)
+    run = await _planned(request, check)
     try:
         async with aclosing(_serve(run)) as events:
             async for event in events:
+                await check.passed()
                 yield event
     except BaseException as exc:
-        # Refused before the first token (all backends down), or the consumer
-        # went away (generator closed, task cancelled): refund what was not
-        # used, keep the ledger row.
-        status = "abort" if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) else "error"
-        usage = Usage(prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens)
-        await run.settle(status=status, usage=usage, error=getattr(exc, "message", "") or str(exc),
-                         charge=run.started_generating)
+        outcome = await _settle_early_end(run, exc)
+        if outcome is not exc:
+            raise outcome from None
         raise
     finally:
+        check.cancel()
         _inflight.pop(request.request_id, None)
         _early_aborts.pop(request.request_id, None)
         # Shielded: a cancelled consumer must not leave the slot taken until its lease expires.
         await asyncio.shield(concurrency.release(run.lease))
 
 
-async def _moderate_input(request: ChatRequest) -> None:
-    """Every message, whatever its role (a forged assistant turn or a tool
-    result can carry an attack too). The judge's own request is the one
-    exception: it is moderation (safety.judge), and checking it would recurse."""
-    if request.source == JUDGE_SOURCE:
-        return
-    verdict = await amoderate_messages(request.messages, user_id=request.user_id)
-    if verdict.blocked:
+async def _planned(request: ChatRequest, check: _InputCheck) -> _Run:
+    """`_plan`, with the input's check attached; when planning refuses the
+    request (quota, capacity, unknown model), a block of its input outranks that."""
+    try:
+        run = await _plan(request)
+    except BaseException as exc:
+        outcome = await check.instead_of(exc)
+        check.cancel()
+        if outcome is exc:
+            raise
         # Nothing generated or charged, but the refusal is on the record.
-        await _Run(request, None).settle(status="blocked", usage=Usage(), error=verdict.reason, charge=False)
-        raise Blocked(verdict.reason)
+        await _Run(request, None).settle(status="blocked", usage=Usage(), error=outcome.message, charge=False)
+        raise outcome from None
+    run.input_check = check
+    return run
+
+
+async def _settle_early_end(run: _Run, exc: BaseException) -> BaseException:
+    """A request that ended by an exception: refused before the first token
+    (all backends down, the input blocked) or its consumer went away
+    (generator closed, task cancelled). Refund what was not used, keep the
+    ledger row; returns what to raise (a block outranks other refusals)."""
+    outcome = await run.input_check.instead_of(exc)
+    blocked = isinstance(outcome, Blocked)
+    if blocked:
+        abort(run.request.request_id)  # a local generation started beside the check: free its slot now
+        status, usage = "blocked", Usage()
+    else:
+        status = "abort" if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) else "error"
+        usage = Usage(prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens)
+    await run.settle(status=status, usage=usage, error=getattr(outcome, "message", "") or str(outcome),
+                     charge=run.started_generating and not blocked)
+    return outcome
+
+
+class _InputCheck:
+    """The input's moderation, started before routing and awaited only before
+    the first event is yielded: routing, the quota, the cache lookup and the
+    backend's prefill run meanwhile, so the checkers' time (mostly the
+    embedding head's) overlaps them instead of preceding them. Nothing is
+    shown before the verdict; a block ends the request as a refusal before
+    the first token (Blocked), the generation aborted and charged nothing.
+    Every message is checked, whatever its role (a forged assistant turn or a
+    tool result can carry an attack too). The judge's own request is the one
+    exception: it is moderation (safety.judge), and checking it would recurse."""
+
+    def __init__(self, request: ChatRequest):
+        self.task, self.task_request_id = None, request.request_id
+        if request.source != JUDGE_SOURCE:
+            self.task = asyncio.ensure_future(amoderate_messages(request.messages, user_id=request.user_id))
+
+    async def passed(self) -> None:
+        """Return once the input is allowed (at once after the first call); raise Blocked."""
+        if self.task is not None:
+            task, self.task = self.task, None
+            verdict = await task
+            if verdict.blocked:
+                raise Blocked(verdict.reason)
+
+    async def instead_of(self, exc: BaseException) -> BaseException:
+        """What to raise for `exc`, which ended the request before the verdict
+        was awaited: a block outranks any refusal (quota, capacity, backends
+        down). A consumer that went away needs no verdict."""
+        if self.task is None or isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+            return exc
+        try:
+            await self.passed()
+        except Blocked as blocked:
+            return blocked
+        except Exception:
+            log.exception("moderating the input of %s", self.task_request_id)
+        return exc
+
+    def cancel(self) -> None:
+        """Drop a verdict nobody will read (the consumer went away)."""
+        if self.task is None:
+            return
+        if self.task.done() and not self.task.cancelled():
+            self.task.exception()  # read, so asyncio does not log it as never retrieved
+        self.task.cancel()
 
 
 async def _plan(request: ChatRequest) -> _Run:
@@ -412,6 +481,10 @@ async def _open_with_fallback(run: _Run):
             hops.append(f"{name}(circuit-open)")
             metrics.fallback(name, "circuit_open")
             continue
+        if run.specs[name].kind != Backend.KIND_LOCAL and run.input_check is not None:
+            # A prompt leaves the deployment only once it passed: a blocked one
+            # must not reach (nor be billed by, nor flag our key at) a remote provider.
+            await run.input_check.passed()
         run.generation_started = time.monotonic()
         try:
             opened = await _open(run.specs[name], run.request, run.prompt_ids if name == run.candidates[0] else None)

@@ -3,7 +3,8 @@
 Every text a model reads or a user sees passes the pipeline (safety.pipeline)
 through one of these:
 
-- `amoderate_messages`   a request's messages, every role (the gateway, before routing)
+- `amoderate_messages`   a request's messages, every role (the gateway, beside routing;
+                         the first token waits for it)
 - `amoderate_cached`     a cached reply, before it is replayed (the gateway's cache stage)
 - `OutputWindow`         a reply while it streams, then whole at its end (the gateway's relay)
 - `screen_passages`      retrieved document chunks, before they join a prompt

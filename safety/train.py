@@ -5,8 +5,10 @@ the all-MiniLM-L6-v2 embeddings of the labelled set's training split (the
 folded text, as the checker sees it), written to safety/data/head.npz as
 plain arrays (no pickle): weights [C, D], bias [C], the labels, and
 flag/block thresholds per label and for the attack score (injection +
-jailbreak), calibrated on out-of-fold predictions of the training split. Prints the held-out split's figures; the full table
-per category is `python -m bench.safety`.
+jailbreak). The regularisation and the thresholds are chosen on out-of-fold
+predictions of the training split only (never the held-out split). Prints
+the held-out split's accuracy; the full table per category is
+`python -m bench.safety`.
 """
 from __future__ import annotations
 
@@ -21,11 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 ATTACK = ("prompt_injection", "jailbreak")
 
 # Thresholds on the head's probability of a category are calibrated on the
-# training split only, from out-of-fold predictions (5-fold): a category
-# flags just above the highest score any benign training item got for it
-# (within FLAG_RANGE), and blocks BLOCK_MARGIN higher (within BLOCK_RANGE).
-FLAG_RANGE = (0.3, 0.6)
-BLOCK_RANGE = (0.5, 0.85)
+# training split only, from out-of-fold predictions (5-fold). The attack score
+# (injection + jailbreak) flags above all but ATTACK_BENIGN_FLAGGED of the
+# benign training items' scores; each harm category flags above every benign
+# training item's score. Both flag FLAG_MARGIN above that score (within
+# FLAG_RANGE), and block BLOCK_MARGIN higher (within BLOCK_RANGE). The target
+# is at most 2% of benign chat flagged: 1% out of fold leaves room for the
+# held-out texts being new to the head. (The range's top used to be 0.6,
+# which flagged 4% of benign training items out of fold.)
+ATTACK_BENIGN_FLAGGED = 0.01
+# The regularisation is chosen the same way, on the training split: the C of
+# this grid whose out-of-fold attack recall at that threshold is highest.
+C_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+FLAG_RANGE = (0.3, 0.9)
+BLOCK_RANGE = (0.5, 0.95)
 FLAG_MARGIN, BLOCK_MARGIN = 0.02, 0.2
 
 
@@ -39,18 +50,56 @@ def _setup_django() -> None:
     django.setup()
 
 
-def _thresholds(model, x, y, labels: list[str]) -> dict:
+def _above(scores: np.ndarray, share: float) -> float:
+    """A score above all but `share` of `scores` (all of them when the share
+    rounds to no item), FLAG_MARGIN higher, within FLAG_RANGE."""
+    allowed = int(share * len(scores))
+    return float(np.clip(np.sort(scores)[::-1][allowed] + FLAG_MARGIN, *FLAG_RANGE))
+
+
+def _out_of_fold(c: float, x, y) -> np.ndarray:
+    """Probabilities [N, C] of the training items, each from a model that did not see it."""
+    # sklearn: imported with the rest of training, in train().
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    return cross_val_predict(_model(c), x, y, cv=folds, method="predict_proba")
+
+
+def _model(c: float):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+
+
+def _attack_recall(oof, y, labels: list[str]) -> float:
+    attack_index = [labels.index(c) for c in ATTACK]
+    scores = oof[:, attack_index].sum(axis=1)
+    flag_at = _above(scores[y == labels.index("benign")], ATTACK_BENIGN_FLAGGED)
+    return float((scores[np.isin(y, attack_index)] >= flag_at).mean())
+
+
+def _choose_c(x, y, labels: list[str]) -> tuple[float, np.ndarray]:
+    """(C, its out-of-fold probabilities): the best out-of-fold attack recall of C_GRID."""
+    best = None
+    for c in C_GRID:
+        oof = _out_of_fold(c, x, y)
+        recall = _attack_recall(oof, y, labels)
+        print(f"  C={c:g}: out-of-fold attack recall {recall:.2f}")
+        if best is None or recall > best[0]:
+            best = (recall, c, oof)
+    return best[1], best[2]
+
+
+def _thresholds(oof, y, labels: list[str]) -> dict:
     """Per label (flag_at, block_at), and the same for the attack score (the
     sum of injection and jailbreak: an attack the head splits between the two
     is still one attack), from out-of-fold probabilities of the training split."""
-    # sklearn: imported with the rest of training, in train().
-    from sklearn.model_selection import cross_val_predict
-
-    oof = cross_val_predict(model, x, y, cv=5, method="predict_proba")  # [N, C]
     benign = oof[y == labels.index("benign")]  # [B, C]
-    flag_at = np.clip(benign.max(axis=0) + FLAG_MARGIN, *FLAG_RANGE)  # [C]
-    attack = benign[:, [labels.index(c) for c in ATTACK]].sum(axis=1)  # [B]
-    attack_flag_at = float(np.clip(attack.max() + FLAG_MARGIN, *FLAG_RANGE))
+    flag_at = np.asarray([_above(benign[:, k], 0.0) for k in range(len(labels))])  # [C]
+    attack_index = [labels.index(c) for c in ATTACK]
+    attack_flag_at = _above(benign[:, attack_index].sum(axis=1), ATTACK_BENIGN_FLAGGED)
+    _report_out_of_fold(oof, y, labels, flag_at, attack_flag_at)
     return {
         "flag_at": flag_at, "block_at": np.clip(flag_at + BLOCK_MARGIN, *BLOCK_RANGE),
         "attack_flag_at": np.float32(attack_flag_at),
@@ -58,10 +107,19 @@ def _thresholds(model, x, y, labels: list[str]) -> dict:
     }
 
 
-def train(c: float, out: Path) -> None:
-    # Imported after django.setup(): the embedding service reads settings.
-    from sklearn.linear_model import LogisticRegression
+def _report_out_of_fold(oof, y, labels, flag_at, attack_flag_at) -> None:
+    """What the thresholds do on the training split, out of fold (the head alone)."""
+    attack_index = [labels.index(c) for c in ATTACK]
+    harm = [k for k, label in enumerate(labels) if label != "benign" and label not in ATTACK]
+    flagged = (oof[:, attack_index].sum(axis=1) >= attack_flag_at) | (oof[:, harm] >= flag_at[harm]).any(axis=1)
+    benign = y == labels.index("benign")
+    attacks = np.isin(y, attack_index)
+    print(f"  out of fold: {flagged[benign].mean():.1%} of {benign.sum()} benign items flagged, "
+          f"attack recall {flagged[attacks].mean():.2f} ({attacks.sum()} items)")
 
+
+def train(c: float | None, out: Path) -> None:
+    # Imported after django.setup(): the embedding service reads settings.
     from retrieval.services import embed
     from safety import labelled
     from safety.normalize import fold
@@ -71,8 +129,12 @@ def train(c: float, out: Path) -> None:
     labels = [label for label in HEAD_LABELS if any(i.label == label for i in training)]
     x = np.asarray(embed([fold(i.text) for i in training]), dtype=np.float32)  # [N, D]
     y = np.asarray([labels.index(i.label) for i in training])
-    model = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(x, y)
-    thresholds = _thresholds(LogisticRegression(C=c, max_iter=2000, class_weight="balanced"), x, y, labels)
+    if c is None:
+        c, oof = _choose_c(x, y, labels)
+    else:
+        oof = _out_of_fold(c, x, y)
+    model = _model(c).fit(x, y)
+    thresholds = _thresholds(oof, y, labels)
     np.savez(
         out,
         labels=np.asarray(labels),
@@ -87,13 +149,14 @@ def train(c: float, out: Path) -> None:
     test_x = np.asarray(embed([fold(i.text) for i in held_out]), dtype=np.float32)
     predicted = [labels[k] for k in model.predict(test_x)]
     correct = sum(p == i.label for p, i in zip(predicted, held_out))
-    print(f"trained on {len(training)} items, {len(labels)} labels; wrote {out}")
+    print(f"trained on {len(training)} items, {len(labels)} labels, C={c:g}; wrote {out}")
     print(f"held-out accuracy: {correct}/{len(held_out)} = {correct / len(held_out):.3f}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--c", type=float, default=4.0, help="inverse regularisation strength")
+    parser.add_argument("--c", type=float, default=None,
+                        help="inverse regularisation strength (default: chosen from C_GRID out of fold)")
     parser.add_argument("--out", type=Path, default=ROOT / "safety" / "data" / "head.npz")
     args = parser.parse_args(argv)
     _setup_django()

@@ -136,3 +136,19 @@ def test_a_password_change_revokes_api_keys_when_set(transactional_db, alice, se
     assert ApiKey.objects.filter(user=alice, revoked_at__isnull=False).exists() is revokes
     status = Client().get("/v1/models", headers={"Authorization": f"Bearer {raw}"}).status_code
     assert status == (401 if revokes else 200)
+
+
+@pytest.mark.parametrize("revokes", [True, False])
+def test_a_staff_password_change_in_the_admin_revokes_api_keys_when_set(transactional_db, alice, admin_client,
+                                                                         settings, revokes):
+    settings.PASSWORD_CHANGE_REVOKES_KEYS = revokes
+    raw = key_for(alice)
+    response = admin_client.post(f"/admin/auth/user/{alice.pk}/password/",
+                                 {"usable_password": "true", "password1": "n3w-Secret-pass!",
+                                  "password2": "n3w-Secret-pass!"})
+    assert response.status_code == 302
+    alice.refresh_from_db()
+    assert alice.check_password("n3w-Secret-pass!")
+    assert ApiKey.objects.filter(user=alice, revoked_at__isnull=False).exists() is revokes
+    status = Client().get("/v1/models", headers={"Authorization": f"Bearer {raw}"}).status_code
+    assert status == (401 if revokes else 200)

@@ -18,11 +18,13 @@ SEEN: list[tuple[str, str]] = []
 MARKERS: dict[str, str] = {}  # source -> text that blocks there
 FLAG_MARKERS: dict[str, str] = {}  # source -> text that is flagged (not blocked) there
 _lock = threading.Lock()
+GATE = threading.Event()  # Gated's input verdicts wait for it
 
 
 def reset() -> None:
     with _lock:
         SEEN.clear()
+    GATE.set()  # a gate left closed would hold the pipeline's threads
     MARKERS.clear()
     FLAG_MARKERS.clear()
 
@@ -40,6 +42,9 @@ class Recorder(Checker):
     def check(self, texts, source):
         with _lock:
             SEEN.extend((source, t) for t in texts)
+        return self._verdicts(texts, source)
+
+    def _verdicts(self, texts, source):
         out = []
         for text in texts:
             block, flag = MARKERS.get(source), FLAG_MARKERS.get(source)
@@ -96,3 +101,17 @@ class Unbuildable(Checker):
 
     def __init__(self):
         raise FileNotFoundError("head.npz")
+
+
+class Gated(Recorder):
+    """The recorder, whose verdicts on prompts wait until the test opens
+    GATE: the gateway's other stages run meanwhile (tests of moderation
+    beside them)."""
+    name = "gated"
+
+    def check(self, texts, source):
+        with _lock:
+            SEEN.extend((source, t) for t in texts)  # seen as soon as asked
+        if source == "input":
+            GATE.wait(timeout=60)
+        return self._verdicts(texts, source)

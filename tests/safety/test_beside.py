@@ -1,0 +1,115 @@
+"""The input's moderation runs beside the gateway's other stages (routing,
+quota, cache, a local engine's prefill), and the first token waits for its
+verdict: nothing of a blocked request is shown, its generation is aborted and
+charged nothing, and its prompt never reaches a remote backend.
+
+The Gated checker (tests.safety.fakes) holds its verdict on a prompt until
+the test opens the gate, so the stages after it are seen running meanwhile."""
+import asyncio
+import time
+
+import pytest
+
+from gateway import services
+from gateway.models import UsageRecord
+from gateway.types import Blocked, ChatRequest, TokenEvent
+from tests.safety import fakes
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MARK = "BLOCKME"
+
+
+@pytest.fixture
+def gated(settings):
+    settings.SAFETY_CHECKERS = ["safety.checkers.RulesChecker", "tests.safety.fakes.Gated"]
+    settings.SAFETY_CHECKER_TIMEOUT_S = 60  # the gate decides when the verdict comes, not the deadline
+    fakes.MARKERS["input"] = MARK
+    fakes.GATE.clear()
+    yield
+    fakes.GATE.set()
+
+
+@pytest.fixture
+def endless_engine(chat_engine, monkeypatch):
+    """The default pool's engine, generating until stopped (no EOS, 5 ms a step)."""
+    monkeypatch.setattr(chat_engine, "eos_token_ids", set())
+    monkeypatch.setattr(chat_engine, "step_observer", lambda batch, duration_s: time.sleep(0.005))
+    return chat_engine
+
+
+async def _until(condition, timeout_s=30.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def _consume(request: ChatRequest, events: list):
+    async for event in services.stream_chat(request):
+        events.append(event)
+
+
+def _generated(engine) -> int:
+    return engine.stats()["generation_tokens_total"]
+
+
+async def _held_while_the_engine_generates(engine, request, events) -> asyncio.Task:
+    """Start the request; return once the engine has generated tokens for it
+    while the verdict is still held (and nothing was shown)."""
+    before = _generated(engine)
+    task = asyncio.create_task(_consume(request, events))
+    await _until(lambda: _generated(engine) >= before + 5)
+    assert events == [] and not task.done()
+    return task
+
+
+async def test_a_local_generation_starts_beside_the_check_and_waits_for_it(alice, endless_engine, gated):
+    request = ChatRequest(messages=[{"role": "user", "content": "Hello there"}], user_id=alice.pk, max_tokens=40)
+    events = []
+    task = await _held_while_the_engine_generates(endless_engine, request, events)
+    fakes.GATE.set()
+    await asyncio.wait_for(task, 30)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert tokens and events[-1].finish_reason == "length"
+    assert "Hello there" in fakes.seen("input")
+
+
+async def test_a_block_aborts_the_generation_shows_nothing_and_charges_nothing(alice, endless_engine, gated,
+                                                                                blocked_signals):
+    request = ChatRequest(messages=[{"role": "user", "content": f"{MARK} please"}], user_id=alice.pk,
+                          max_tokens=1500)
+    events = []
+    task = await _held_while_the_engine_generates(endless_engine, request, events)
+    fakes.GATE.set()
+    with pytest.raises(Blocked):
+        await asyncio.wait_for(task, 30)
+    assert events == []
+    await _until(lambda: not endless_engine.stats()["running"])  # its slot is free
+    row = await UsageRecord.objects.aget(request_id=request.request_id)
+    assert row.status == "blocked" and row.charged_tokens == 0
+    assert [s["source"] for s in blocked_signals] == ["input"]
+
+
+async def test_a_prompt_reaches_a_remote_backend_only_once_it_passed(remote, alice, gated):
+    calls = remote.count()
+    request = ChatRequest(messages=[{"role": "user", "content": f"{MARK} please"}], user_id=alice.pk, max_tokens=20)
+    events = []
+    task = asyncio.create_task(_consume(request, events))
+    await _until(lambda: f"{MARK} please" in fakes.seen("input") or task.done())
+    assert not task.done() and remote.count() == calls  # the check is running; the remote waits for it
+    fakes.GATE.set()
+    with pytest.raises(Blocked):
+        await asyncio.wait_for(task, 30)
+    assert events == [] and remote.count() == calls
+    row = await UsageRecord.objects.aget(request_id=request.request_id)
+    assert row.status == "blocked" and row.charged_tokens == 0
+
+
+async def test_a_block_outranks_a_refusal_of_the_other_stages(remote, alice, gated):
+    # Routing refuses an unknown model (404) while the check is still running.
+    request = ChatRequest(messages=[{"role": "user", "content": f"{MARK} please"}], user_id=alice.pk,
+                          max_tokens=20, model="no-such-model")
+    fakes.GATE.set()
+    with pytest.raises(Blocked):
+        await services.stream_chat(request).__anext__()
