@@ -17,6 +17,7 @@ exists, and its own small fallback set otherwise.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,12 +81,24 @@ def _items(raw: dict, path: Path) -> tuple[list[dict], str]:
 
 
 def _alternate(items: list[dict]) -> list[dict]:
-    """Harmful and benign items in turn, so that --limit N keeps both kinds."""
-    harmful = [i for i in items if i.get("label", "benign") != "benign"]
+    """Harmful and benign items in turn, and the harmful ones one category at a
+    time, so that --limit N keeps both kinds and as many harm categories as N
+    allows (the labelled set is grouped by category: its first 8 items held
+    one category only)."""
+    harmful = _round_robin([i for i in items if i.get("label", "benign") != "benign"])
     benign = [i for i in items if i.get("label", "benign") == "benign"]
     mixed = [item for pair in zip(harmful, benign) for item in pair]
     rest = harmful[len(benign):] or benign[len(harmful):]
     return mixed + rest
+
+
+def _round_robin(items: list[dict]) -> list[dict]:
+    """One item of each label in turn, labels in the order they first appear."""
+    by_label: dict[str, list[dict]] = {}
+    for item in items:
+        by_label.setdefault(item.get("label", ""), []).append(item)
+    rows = itertools.zip_longest(*by_label.values())
+    return [item for row in rows for item in row if item is not None]
 
 
 def _read_jsonl(path: Path) -> list[dict]:

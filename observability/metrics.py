@@ -108,6 +108,12 @@ INGESTION_PAGES = Counter(_name("ingestion_pages_total"), "Pages ingested.")
 # ------------------------------------------------------------------- worker
 CELERY_TASKS = Counter(_name("celery_tasks_total"), "Celery tasks ended in the worker, by task and outcome.",
                        ["task", "outcome"])
+# "livesum": each live process counts 1; a process that exited stops counting
+# at the next scrape (exposition forgets dead processes' live gauges), so 0
+# means no worker is running.
+CELERY_WORKER_PROCESSES = Gauge(_name("celery_worker_processes"),
+                                "Celery worker processes alive now: the main process once ready, and each pool "
+                                "process.", multiprocess_mode="livesum")
 
 
 # ------------------------------------------------------------------ helpers
@@ -191,3 +197,9 @@ def ingestion_pages(count: int = 1) -> None:
 def celery_task(*, task: str, outcome: str) -> None:
     if settings.METRICS_ENABLED:
         CELERY_TASKS.labels(task, outcome).inc()
+
+
+def celery_worker_process_started() -> None:
+    """Called once in each worker process; its value goes with the process."""
+    if settings.METRICS_ENABLED:
+        CELERY_WORKER_PROCESSES.set(1)

@@ -19,6 +19,10 @@ def connect() -> None:
     celery_signals.before_task_publish.connect(on_task_publish, dispatch_uid="observability.publish", weak=False)
     celery_signals.task_prerun.connect(on_task_start, dispatch_uid="observability.prerun", weak=False)
     celery_signals.task_postrun.connect(on_task_end, dispatch_uid="observability.postrun", weak=False)
+    # The worker's main process once it takes tasks, and each pool process it forks.
+    celery_signals.worker_ready.connect(on_worker_process_start, dispatch_uid="observability.ready", weak=False)
+    celery_signals.worker_process_init.connect(on_worker_process_start, dispatch_uid="observability.pool",
+                                               weak=False)
 
 
 def on_content_blocked(sender=None, *, category="", checker="", source="", **kwargs) -> None:
@@ -48,3 +52,7 @@ def on_task_end(sender=None, task=None, state=None, **kwargs) -> None:
         logs.unbind("task", "task_id")  # the caller's own fields stay
     else:
         logs.clear()
+
+
+def on_worker_process_start(sender=None, **kwargs) -> None:
+    metrics.celery_worker_process_started()

@@ -144,6 +144,18 @@ def test_a_limited_safety_run_keeps_harmful_and_benign_items(monkeypatch, tmp_pa
     assert ids[:4] == ["h0", "b0", "h1", "b1"] and sorted(ids) == sorted(r["id"] for r in rows)
 
 
+def test_a_limited_safety_run_takes_one_harm_category_after_another(monkeypatch, tmp_path):
+    labelled = tmp_path / "labelled.jsonl"
+    rows = [{"id": f"{label}{i}", "text": f"{label} {i}", "label": label}
+            for label in ("violence", "hate", "illicit") for i in range(3)]
+    rows += [{"id": f"b{i}", "text": f"fine {i}", "label": "benign"} for i in range(4)]
+    labelled.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setattr(suites, "safety_labelled_path", lambda: labelled)
+    ids = [item["id"] for item in suites.load("safety").items]
+    assert ids[:8] == ["violence0", "b0", "hate0", "b1", "illicit0", "b2", "violence1", "b3"]
+    assert sorted(ids) == sorted(r["id"] for r in rows)
+
+
 def test_a_bad_line_in_the_labelled_set_names_its_line(monkeypatch, tmp_path):
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text('{"id": "a", "text": "hi", "label": "benign"}\n{not json\n')

@@ -14,6 +14,7 @@ django.setup()
 from observability import metrics
 metrics.celery_task(task="tests.another_process", outcome="success")
 metrics.ingestion_job_finished("ok")
+metrics.celery_worker_process_started()  # a live gauge: it goes with the process
 """
 
 
@@ -32,6 +33,7 @@ def test_another_processs_series_show_in_this_ones_metrics_until_a_serve_starts(
     assert value(after, "chatapp_celery_tasks_total", **labels) == value(before, "chatapp_celery_tasks_total",
                                                                          **labels) + 1
     assert value(after, "chatapp_ingestion_jobs_total", outcome="ok") >= 1
+    assert value(after, "chatapp_celery_worker_processes") == value(before, "chatapp_celery_worker_processes")
     own = value(after, "chatapp_http_requests_total", view="metrics")
     assert multiprocess.clear_stale_files() >= 1  # what serve does at start
     cleared = scrape()
