@@ -48,6 +48,7 @@ from bench import free_port, report
 from bench.report import ROOT, percentile
 
 SECTION = "## Relay to a remote backend (bench.relay)"
+RULES_ONLY = "safety.checkers.RulesChecker"
 PROMPT_TOPICS = ("tides", "volcanoes", "bread", "glaciers", "comets", "bees", "bridges", "clocks")
 
 
@@ -236,7 +237,8 @@ def _server_env(name: str, stub_port: int) -> dict:
     }
 
 
-def start_server(tree: Path, name: str, stub_port: int, profile: Path | None = None) -> tuple[subprocess.Popen, int]:
+def start_server(tree: Path, name: str, stub_port: int, profile: Path | None = None,
+                 env: dict | None = None) -> tuple[subprocess.Popen, int]:
     """`manage.py serve --no-worker` from `tree`, waited for until /healthz
     answers; under `py-spy record` (collapsed stacks into `profile`) when given."""
     from django.conf import settings
@@ -248,7 +250,7 @@ def start_server(tree: Path, name: str, stub_port: int, profile: Path | None = N
         py_spy = Path(sys.executable).parent / "py-spy"
         command = [str(py_spy), "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking", "--threads", "-o", str(profile),
                    "--", *command]
-    proc = subprocess.Popen(command, cwd=tree, env=_server_env(name, stub_port), stdout=log,
+    proc = subprocess.Popen(command, cwd=tree, env={**_server_env(name, stub_port), **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -347,6 +349,8 @@ def _parse_args(argv):
     parser.add_argument("--baseline-tree", type=Path, help="also run the relay from this checkout (before a change)")
     parser.add_argument("--baseline-label", default="before", help="what to call the baseline tree's rows")
     parser.add_argument("--no-write", action="store_true", help="do not write its section of docs/BENCHMARKS.md")
+    parser.add_argument("--rules-only", action="store_true",
+                        help="also run the relay with only the rules checker (what the classifier costs)")
     parser.add_argument("--py-spy", type=Path, help="record this tree's server with py-spy (collapsed stacks here)")
     return parser.parse_args(argv)
 
@@ -358,10 +362,12 @@ def _start(args, data_dir: Path, procs: list) -> list[Target]:
     keys = make_keys(args.streams)
     services = service_pids(data_dir)
     targets = [Target("backend alone (stub)", stub_port, "/v1/chat/completions", pids=[stub.pid])]
-    trees = [(args.baseline_tree, f"relay, {args.baseline_label}")] if args.baseline_tree else []
-    for i, (tree, label) in enumerate([*trees, (ROOT, "through the relay (/v1)")]):
-        profile = args.py_spy if tree is ROOT else None
-        server, port = start_server(tree.resolve(), f"server{i}", stub_port, profile)
+    servers = [(args.baseline_tree, f"relay, {args.baseline_label}", None)] if args.baseline_tree else []
+    if args.rules_only:
+        servers.append((ROOT, "relay, rules only (no classifier)", {"SAFETY_CHECKERS": RULES_ONLY}))
+    for i, (tree, label, env) in enumerate([*servers, (ROOT, "through the relay (/v1)", None)]):
+        profile = args.py_spy if tree is ROOT and env is None else None
+        server, port = start_server(tree.resolve(), f"server{i}", stub_port, profile, env)
         procs.append(server)
         targets.append(Target(label, port, "/v1/chat/completions", keys=keys, pids=[server.pid, *services]))
     return targets
