@@ -4,6 +4,7 @@
     bench.gil      an engine step beside threads running Python
     bench.gateway  what the gateway's policy layer costs per request
     bench.chat     chat streaming through Daphne + SSE against the engine alone
+    bench.relay    a remote backend (bench.sse_stub) alone against it through the /v1 relay
     bench.startup  a fresh clone to a serving product, and its idle memory
     bench.formats  matmul and engine speed per number format and int8
     bench.quality  perplexity and agreement with fp32 per number format and int8

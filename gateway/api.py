@@ -352,6 +352,9 @@ def _completion_response(reply: _Reply, text: str, final: FinalEvent) -> JsonRes
     })
 
 
+_TEXT_MARK = "\x00text\x00"  # a placeholder for a token's text; its last occurrence in a chunk is the delta's
+
+
 async def _sse(reply: _Reply, include_usage: bool):
     events, first, model = reply.events, reply.first, reply.chat.model
 
@@ -366,10 +369,13 @@ async def _sse(reply: _Reply, include_usage: bool):
         return f"data: {json.dumps(payload)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
+    # A token's chunk is this chunk with only its text encoded: the same
+    # bytes as chunk({"content": text}), for a fraction of the CPU per token.
+    before, _, after = chunk({"content": _TEXT_MARK}).rpartition(json.dumps(_TEXT_MARK))
     event = first
     while True:
         if isinstance(event, TokenEvent):
-            yield chunk({"content": event.text})
+            yield before + json.dumps(event.text) + after
         else:
             model = event.model or model
             if event.finish_reason == "error":

@@ -214,14 +214,25 @@ def _remote_body(spec: BackendSpec, request: ChatRequest) -> dict:
 
 
 class AbortSignal:
-    """Set from any thread (the Stop endpoint) to end a remote stream."""
+    """Set from any thread (the Stop endpoint) to end a remote stream.
+
+    While the stream waits on the backend, setting it cancels that wait (the
+    reading task's own await, turned back into an abort by `_next_chunk`):
+    racing every read against an event would cost a task and a wait per
+    token, the relay's largest per-token cost under load (bench.relay)."""
 
     def __init__(self):
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
+        self.reader: asyncio.Task | None = None  # the task waiting on the backend, while it waits
 
     def set(self) -> None:
-        self.loop.call_soon_threadsafe(self.event.set)
+        self.loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        self.event.set()
+        if self.reader is not None:
+            self.reader.cancel()
 
 
 async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSignal) -> AsyncIterator:
@@ -280,19 +291,20 @@ class _RemoteReply:
             raise BackendFailure(message)
         return self.final("error", message)
 
-    def tokens(self, chunk: dict) -> list[TokenEvent]:
+    def texts(self, chunk: dict) -> list[str]:
+        """The text pieces of one chunk (usually one); remembers usage and finish."""
         if chunk.get("usage"):
             self.usage = chunk["usage"]
-        events = []
+        texts = []
         for choice in chunk.get("choices") or ():
             content = (choice.get("delta") or {}).get("content")
             if content:
                 self.started = True
                 self.text_parts += 1
-                events.append(TokenEvent(text=content))
+                texts.append(content)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
-        return events
+        return texts
 
     def end(self) -> BackendFinal:
         if self.finish_reason is None:
@@ -301,53 +313,81 @@ class _RemoteReply:
 
 
 async def _remote_events(spec, request, response, abort: AbortSignal):
+    """The stream's events, one TokenEvent per network read: what arrived
+    together (a backend's burst, or tokens queued while this process was busy)
+    goes through moderation, encoding and the client's socket once."""
     reply = _RemoteReply(spec, request)
-    lines = response.aiter_lines()
-    aborted = asyncio.ensure_future(abort.event.wait())
-    try:
-        while True:
-            line = await _next_line(reply, lines, aborted)
-            if isinstance(line, BackendFinal):
-                yield line
-                return
-            if line is None or line[5:].strip() == "[DONE]":
-                break
-            try:
-                chunk = json.loads(line[5:].strip())
-            except json.JSONDecodeError:
-                continue
-            if chunk.get("error"):
-                log.warning("backend %s sent an error mid-stream: %.500s", spec.name, chunk["error"])
-                yield reply.fail(f"backend '{spec.name}' reported an error", "error_event")
-                return
-            for event in reply.tokens(chunk):
-                yield event
-    finally:
-        aborted.cancel()
+    reads = response.aiter_bytes()
+    pending = b""  # an incomplete last line
+    while True:
+        data = await _next_chunk(reply, reads, abort)
+        if isinstance(data, BackendFinal):
+            yield data
+            return
+        closed = data is None
+        if closed:
+            lines, pending = [pending], b""  # a last line without its newline still counts
+        else:
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()
+        texts, ended, failed = _parse_lines(reply, lines)
+        if texts:
+            yield TokenEvent(text="".join(texts), pieces=len(texts))
+        if failed:
+            log.warning("backend %s sent an error mid-stream: %.500s", spec.name, failed)
+            yield reply.fail(f"backend '{spec.name}' reported an error", "error_event")
+            return
+        if ended or closed:
+            break
     yield reply.end()
 
 
-async def _next_line(reply: _RemoteReply, lines, aborted: asyncio.Future) -> str | BackendFinal | None:
-    """The next `data:` line, None at the end of the stream, or the final
-    event of an abort, a silence past its timeout or a broken stream."""
-    while True:
-        wait_s = settings.GATEWAY_IDLE_TIMEOUT_S if reply.started else settings.GATEWAY_FIRST_TOKEN_TIMEOUT_S
-        next_line = asyncio.ensure_future(lines.__anext__())
-        done, _ = await asyncio.wait({next_line, aborted}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-        if aborted in done:
-            next_line.cancel()
-            return reply.final("abort")
-        if not done:
-            next_line.cancel()
-            return reply.fail(f"backend '{reply.spec.name}' sent nothing for {wait_s:g} s", "timeout")
+def _parse_lines(reply: _RemoteReply, lines: list[bytes]) -> tuple[list[str], bool, object]:
+    """(text pieces, [DONE] seen, the error a chunk reported) of whole SSE lines."""
+    texts: list[str] = []
+    for line in lines:
+        if not line.startswith(b"data:"):
+            continue  # comments (keep-alives), event names, blank separators
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return texts, True, None
         try:
-            line = next_line.result()
-        except StopAsyncIteration:
-            return None
-        except httpx.HTTPError as exc:
-            return reply.fail(f"backend '{reply.spec.name}' stream broke: {type(exc).__name__} {exc}", "stream_broken")
-        if line.startswith("data:"):
-            return line
+            chunk = json.loads(payload)
+        except ValueError:
+            continue
+        if not isinstance(chunk, dict):
+            continue
+        if chunk.get("error"):
+            return texts, False, chunk["error"]
+        texts += reply.texts(chunk)
+    return texts, False, None
+
+
+async def _next_chunk(reply: _RemoteReply, reads, abort: AbortSignal) -> bytes | BackendFinal | None:
+    """The next bytes from the backend, None at the end of the stream, or the
+    final event of an abort, a silence past its timeout or a broken stream."""
+    if abort.event.is_set():
+        return reply.final("abort")
+    wait_s = settings.GATEWAY_IDLE_TIMEOUT_S if reply.started else settings.GATEWAY_FIRST_TOKEN_TIMEOUT_S
+    task = asyncio.current_task()
+    abort.reader = task
+    try:
+        async with asyncio.timeout(wait_s):
+            return await reads.__anext__()
+    except TimeoutError:
+        return reply.fail(f"backend '{reply.spec.name}' sent nothing for {wait_s:g} s", "timeout")
+    except asyncio.CancelledError:
+        # The abort's cancel is turned into the abort's final event; any other
+        # cancellation (the client went away) still pending goes on.
+        if not abort.event.is_set() or task.uncancel() > 0:
+            raise
+        return reply.final("abort")
+    except StopAsyncIteration:
+        return None
+    except httpx.HTTPError as exc:
+        return reply.fail(f"backend '{reply.spec.name}' stream broke: {type(exc).__name__} {exc}", "stream_broken")
+    finally:
+        abort.reader = None
 
 
 def _usage(request: ChatRequest, usage: dict | None, chunks: int) -> Usage:

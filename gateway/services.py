@@ -518,14 +518,14 @@ async def _relay(run: _Run, stream, item, text: list[str]):
         while not isinstance(item, BackendFinal):
             run.first_token()
             text.append(item.text)
-            run.completion_tokens += max(1, len(item.token_ids))
+            run.completion_tokens += max(item.pieces, len(item.token_ids))
             shown = await window.apush(item.text) if request.source != JUDGE_SOURCE else item.text
             if window.verdict.blocked:
                 abort(request.request_id)
                 item = BackendFinal("content_filter", run.usage_so_far(), error=window.verdict.reason)
                 break
             if shown:
-                yield TokenEvent(text=shown, token_ids=() if window.active else item.token_ids)
+                yield TokenEvent(text=shown, token_ids=() if window.active else item.token_ids, pieces=item.pieces)
             item = await _next_event(run, stream)
     except BaseException:
         # Stop or disconnect while streaming: free the engine slot / remote stream now.

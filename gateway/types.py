@@ -72,6 +72,7 @@ class Usage:
 class TokenEvent:
     text: str
     token_ids: tuple[int, ...] = ()
+    pieces: int = 1  # a remote backend's chunks merged into this event (what arrived in one read)
 
 
 @dataclass(frozen=True)

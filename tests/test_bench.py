@@ -10,7 +10,7 @@ from bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "retrieval",
-           "safety", "metrics"]
+           "safety", "metrics", "relay", "sse_stub"]
 
 
 def test_every_benchmark_module_imports():
@@ -38,3 +38,19 @@ def test_table_and_machine_header():
     assert report.table(["x", "y"], [(1, "a")]) == "| x | y |\n|---|---|\n| 1 | a |"
     header = report.machine_header()
     assert header.startswith("Machine: ") and "torch " in header and "load average" in header
+
+
+def test_the_relay_benchmarks_client_reads_the_stubs_stream():
+    """bench.relay's raw SSE client against bench.sse_stub: text, usage, [DONE]."""
+    import asyncio
+
+    from bench import relay
+
+    stub, port = relay.start_stub(token_ms=1)
+    try:
+        target = relay.Target("stub", port, "/v1/chat/completions")
+        ttft_s, tokens = asyncio.run(relay.one_stream(target, 0, 5))
+    finally:
+        stub.terminate()
+        stub.wait(10)
+    assert tokens == 5 and ttft_s is not None
