@@ -38,8 +38,9 @@ class ModelRunner:
                 quantize_paged(self.net, weight_only=config.quantization == "int8_weight_only"
                                or self.device.type != "cpu")
         self.num_blocks = self._num_blocks(config)
-        shape = (self.net.num_layers, self.num_blocks, self.block_size, self.net.num_kv_heads, self.net.head_dim)
-        # [layers, num_blocks, block_size, kv_heads, D], allocated once for the engine's life.
+        shape = (self.net.num_layers, self.net.num_kv_heads, self.num_blocks, self.block_size, self.net.head_dim)
+        # [layers, kv_heads, num_blocks, block_size, D] (head-major: see inference.llama),
+        # allocated once for the engine's life.
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.max_model_len = min(max_positions, self.num_blocks * self.block_size)
@@ -127,7 +128,8 @@ class ModelRunner:
             lens = torch.tensor(decode_lens[first:last], device=self.device)
             key_pos = torch.arange(width * self.block_size, device=self.device)
             mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, C]
-            groups.append(DecodeGroup(first, last - first, torch.tensor(padded, device=self.device), mask))
+            blocks = torch.tensor([b for table in padded for b in table], device=self.device)  # [B * nb]
+            groups.append(DecodeGroup(first, last - first, blocks, mask))
         return groups
 
 
