@@ -80,11 +80,13 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * F.rms_norm(x.float(), [weight.size(0)], None, eps).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, D]; cos/sin [T, 1, D] hold each frequency twice (HF's layout).
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, D]; cos [T, 1, D] holds each frequency twice (HF's layout);
+    # signed_sin is sin with its first half negated, so HF's rotate_half(x) * sin
+    # is the two halves of x swapped (one flip) times signed_sin: three ops, not seven.
+    t, heads, dim = x.size(0), x.size(1), x.size(2)
+    swapped = x.view(t, heads, 2, dim // 2).flip(2).view(t, heads, dim)  # [x2, x1]
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -105,23 +107,35 @@ def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return torch.addmm(h, x, weight.t())
 
 
+def _decode_group(q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, group: DecodeGroup,
+                  kv_heads: int, scale: float, block_size: int) -> torch.Tensor:
+    """One decode group's attention: [B, H, D]."""
+    first, b, blocks = group.first_row, group.num_rows, group.blocks
+    ctx, dim = blocks.size(0) // b * block_size, q.size(2)
+    # index_select copies whole blocks (memcpy); cache[tables] gathered element by element.
+    keys = layer_k.index_select(1, blocks).view(kv_heads, b, ctx, dim).transpose(0, 1)  # [B, KV, C, D]
+    values = layer_v.index_select(1, blocks).view(kv_heads, b, ctx, dim).transpose(0, 1)
+    queries = q[first:first + b].unsqueeze(2)  # [B, H, 1, D]
+    o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask,
+                                       scale=scale, enable_gqa=True)  # [B, H, 1, D]
+    return o.squeeze(2)
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor,
                decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
                kv_heads: int, scale: float) -> torch.Tensor:
     # layer_k, layer_v [KV, num_blocks, block_size, D]
     num_tokens, heads, dim = q.size(0), q.size(1), q.size(2)
-    out = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
     block_size = layer_k.size(2)
+    if len(prefills) == 0 and len(decode_groups) == 1:
+        # A decode-only step in one group (always so for one stream): SDPA's own
+        # output is the result; no buffer to assemble the groups in.
+        group = decode_groups[0]
+        return _decode_group(q, layer_k, layer_v, group, kv_heads, scale, block_size).reshape(num_tokens, heads * dim)
+    out = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
     for group in decode_groups:
-        first, b, blocks = group.first_row, group.num_rows, group.blocks
-        ctx = blocks.size(0) // b * block_size
-        # index_select copies whole blocks (memcpy); cache[tables] gathered element by element.
-        keys = layer_k.index_select(1, blocks).view(kv_heads, b, ctx, dim).transpose(0, 1)  # [B, KV, C, D]
-        values = layer_v.index_select(1, blocks).view(kv_heads, b, ctx, dim).transpose(0, 1)
-        queries = q[first:first + b].unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask,
-                                           scale=scale, enable_gqa=True)  # [B, H, 1, D]
-        out[first:first + b] = o.squeeze(2)
+        out[group.first_row:group.first_row + group.num_rows] = _decode_group(
+            q, layer_k, layer_v, group, kv_heads, scale, block_size)
     for chunk in prefills:
         start, q_len, ctx_len = chunk.first_row, chunk.query_len, chunk.context_len
         # Locals, not attributes: TorchScript refines Optional only on local names.
@@ -141,7 +155,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
     return out.view(num_tokens, heads * dim)
 
 
-def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor,
             weights: List[List[torch.Tensor]], qkv_biases: List[Optional[torch.Tensor]],
             o_biases: List[Optional[torch.Tensor]], scales: List[List[torch.Tensor]], weight_only: bool,
             k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -159,7 +173,7 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.
         x = _rms_norm(h, w[0], eps)
         qkv = _linear(x, w[1], qkv_biases[index], s[0], weight_only)  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-        qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, sin)  # [T, H + KV, D]: one rotation for both
+        qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, signed_sin)  # [T, H + KV, D]: one rotation for both
         q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, KV, D]
         v = v.view(num_tokens, kv_heads, dim)
         layer_k = k_cache[index]  # [KV, num_blocks, block_size, D]
@@ -242,7 +256,9 @@ class PagedLlama:
         with torch.no_grad():
             cos, sin = rotary(self.embed[:1][None], positions)
         self.cos = cos[0].to(self.dtype)  # [max_positions, D]
-        self.sin = sin[0].to(self.dtype)
+        half = self.head_dim // 2
+        # [-sin | sin] halves: what _rotate multiplies the swapped halves by.
+        self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).to(self.dtype)
 
     @staticmethod
     def _fuse(layer) -> dict:
@@ -284,9 +300,9 @@ class PagedLlama:
         [layers, kv_heads, num_blocks, block_size, D]. Returns logits [N, V] (fp32)."""
         h = F.embedding(input_ids, self.embed)  # [T, hidden]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
+        signed_sin = self.signed_sin[positions].unsqueeze(1)
         with torch.jit.optimized_execution(False):
-            h = self.layer_stack(h, cos, sin, slots, self.weights, self.qkv_biases, self.o_biases,
+            h = self.layer_stack(h, cos, signed_sin, slots, self.weights, self.qkv_biases, self.o_biases,
                                  self.weight_scales, self.int8_weight_only, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.eps, self.scale)
