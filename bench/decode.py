@@ -46,14 +46,14 @@ def _decode_steps(engine, prompts: list[list[int]], num_tokens: int) -> list[flo
     return durations
 
 
-def worker(model_dir: str, steps: int, extra_config: dict) -> dict:
+def worker(model_dir: str, steps: int, extra_config: dict, threads: int) -> dict:
     """Runs inside the contender's tree: measure one stream and 32 sequences."""
     import torch
 
     from bench.peers import matmul_flops
     from inference import Engine, EngineConfig
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     rng = random.Random(0)
     engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_bytes=256 * 2**20, max_num_seqs=32,
                                                             **extra_config))
@@ -70,12 +70,12 @@ def worker(model_dir: str, steps: int, extra_config: dict) -> dict:
             "load": os.getloadavg()[0]}
 
 
-def _run_contender(tree: str, model_dir: str, steps: int, extra_config: dict) -> dict:
+def _run_contender(tree: str, model_dir: str, steps: int, extra_config: dict, threads: int) -> dict:
     # This file is loaded by path: an older tree has no bench/decode.py.
     code = ("import importlib.util, json; "
             f"spec = importlib.util.spec_from_file_location('decode_bench', {__file__!r}); "
             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
-            f"print('RESULT ' + json.dumps(module.worker({model_dir!r}, {steps}, {extra_config!r})))")
+            f"print('RESULT ' + json.dumps(module.worker({model_dir!r}, {steps}, {extra_config!r}, {threads})))")
     env = {**os.environ, "PYTHONPATH": tree}
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, check=True,
                          capture_output=True, text=True).stdout
@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-tree", help="a checkout of the code to compare against (git worktree add)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on an oversubscribed box: "
+                        "2 OpenMP threads that lose their cores wait on each other at every op)")
     parser.add_argument("--steps", type=int, default=48, help="decode steps at 32 sequences")
     parser.add_argument("--config", action="append", default=[],
                         help='NAME=JSON: an extra contender on this tree with EngineConfig overrides')
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     best: dict[str, dict] = {}
     for round_index in range(args.rounds):
         for name, tree, extra in contenders:
-            result = _run_contender(tree, model_dir, args.steps, extra)
+            result = _run_contender(tree, model_dir, args.steps, extra, args.threads)
             print(f"round {round_index + 1} {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
             if name not in best or result["many_step_ms"] + result["one_step_ms"] < (
                     best[name]["many_step_ms"] + best[name]["one_step_ms"]):
