@@ -26,11 +26,12 @@ class _Graph:
     """One captured decode step: static inputs, the graph, its logits."""
 
     def __init__(self, net: PagedLlama, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 rows: int, width: int, block_size: int, pool):
+                 rows: int, width: int, block_size: int, scratch_slot: int, pool):
         device = k_cache.device
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
-        self.slots = torch.zeros(rows, dtype=torch.long, device=device)
+        # The warm-up runs really write K/V: into the scratch block, never a sequence's.
+        self.slots = torch.full((rows,), scratch_slot, dtype=torch.long, device=device)
         self.blocks = torch.zeros(rows * width, dtype=torch.long, device=device)  # [B * nb]
         self.mask = torch.zeros(rows, 1, 1, width * block_size, dtype=torch.bool, device=device)
         logit_rows = torch.arange(rows, device=device)
@@ -53,10 +54,9 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(self, net: PagedLlama, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_size: int, max_rows: int, scratch_block: int):
+                 block_size: int, scratch_block: int):
         self.net, self.k_cache, self.v_cache = net, k_cache, v_cache
         self.block_size = block_size
-        self.max_rows = max_rows
         self.scratch_slot = scratch_block * block_size
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], _Graph] = {}
@@ -69,7 +69,7 @@ class DecodeGraphs:
         graph = self.graphs.get((rows, width))
         if graph is None:
             graph = self.graphs[(rows, width)] = _Graph(self.net, self.k_cache, self.v_cache, rows, width,
-                                                       self.block_size, self.pool)
+                                                       self.block_size, self.scratch_slot, self.pool)
         pad = rows - n
         blocks = [b for t in tables for b in t + [0] * (width - len(t))] + [0] * (pad * width)
         key_pos = torch.arange(width * self.block_size)

@@ -47,7 +47,7 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.max_model_len = min(max_positions, self.num_blocks * self.block_size)
-        self.graphs = (DecodeGraphs(self.net, self.k_cache, self.v_cache, self.block_size, config.max_num_seqs,
+        self.graphs = (DecodeGraphs(self.net, self.k_cache, self.v_cache, self.block_size,
                                     scratch_block=self.num_blocks) if config.cuda_graphs else None)
         self.num_params = sum(p.numel() for p in model.parameters())
         # FLOPs per token: every matmul weight once (embedding lookup is no matmul; a
