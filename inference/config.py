@@ -73,6 +73,10 @@ class EngineConfig:
     # False runs the decoder layers op by op from Python instead of as one
     # TorchScript call: only the GIL benchmark's baseline wants that (llama.py).
     script_layers: bool = True
+    # CUDA only: replay decode-only steps from captured CUDA graphs (one launch
+    # instead of hundreds; inference.cuda_graphs). Untested on the project's
+    # CPU-only machines, hence off by default.
+    cuda_graphs: bool = False
 
     CPU_DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
@@ -94,6 +98,8 @@ class EngineConfig:
             raise ValueError("kv_cache_bytes must be positive")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1 (or None for torch's default)")
 

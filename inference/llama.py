@@ -6,6 +6,14 @@ layer RMSNorm -> fused QKV -> rotary -> write K/V into cache slots -> attention
 over each sequence's block-gathered context -> o_proj, RMSNorm -> fused
 gate/up -> SiLU -> down; final norm and lm_head only at sampled positions.
 
+The KV cache is head-major, [layers, kv_heads, num_blocks, block_size, D], so
+that gathering a sequence's blocks is one index_select of whole contiguous
+blocks per head, and the gathered [kv_heads, B, context, D] hands SDPA one
+contiguous [context, D] matrix per (sequence, head) without another copy.
+Against the token-major layout indexed as cache[tables] (an element-wise
+gather, then strided keys), decode attention at 32 sequences ran about 2x
+faster (bench.decode, docs/BENCHMARKS.md "Decode step").
+
 The batch is flattened: the T new tokens of all sequences are concatenated.
 Single-token queries (decodes) share one padded attention call per layer;
 prefill chunks take one call each.
@@ -38,7 +46,7 @@ class DecodeGroup(NamedTuple):
 
     first_row: int
     num_rows: int  # B
-    block_tables: torch.Tensor  # [B, nb] int64, padded with block 0
+    blocks: torch.Tensor  # [B * nb] int64: the rows' block tables, each padded with block 0 to nb
     mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool, True = attend
 
 
@@ -72,11 +80,13 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * F.rms_norm(x.float(), [weight.size(0)], None, eps).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, D]; cos/sin [T, 1, D] hold each frequency twice (HF's layout).
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, D]; cos [T, 1, D] holds each frequency twice (HF's layout);
+    # signed_sin is sin with its first half negated, so HF's rotate_half(x) * sin
+    # is the two halves of x swapped (one flip) times signed_sin: three ops, not seven.
+    t, heads, dim = x.size(0), x.size(1), x.size(2)
+    swapped = x.view(t, heads, 2, dim // 2).flip(2).view(t, heads, dim)  # [x2, x1]
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -97,21 +107,35 @@ def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return torch.addmm(h, x, weight.t())
 
 
+def _decode_group(q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, group: DecodeGroup,
+                  kv_heads: int, scale: float, block_size: int) -> torch.Tensor:
+    """One decode group's attention: [B, H, D]."""
+    first, b, blocks = group.first_row, group.num_rows, group.blocks
+    ctx, dim = blocks.size(0) // b * block_size, q.size(2)
+    # index_select copies whole blocks (memcpy); cache[tables] gathered element by element.
+    keys = layer_k.index_select(1, blocks).view(kv_heads, b, ctx, dim).transpose(0, 1)  # [B, KV, C, D]
+    values = layer_v.index_select(1, blocks).view(kv_heads, b, ctx, dim).transpose(0, 1)
+    queries = q[first:first + b].unsqueeze(2)  # [B, H, 1, D]
+    o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask,
+                                       scale=scale, enable_gqa=True)  # [B, H, 1, D]
+    return o.squeeze(2)
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor,
                decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
                kv_heads: int, scale: float) -> torch.Tensor:
+    # layer_k, layer_v [KV, num_blocks, block_size, D]
     num_tokens, heads, dim = q.size(0), q.size(1), q.size(2)
+    block_size = layer_k.size(2)
+    if len(prefills) == 0 and len(decode_groups) == 1:
+        # A decode-only step in one group (always so for one stream): SDPA's own
+        # output is the result; no buffer to assemble the groups in.
+        group = decode_groups[0]
+        return _decode_group(q, layer_k, layer_v, group, kv_heads, scale, block_size).reshape(num_tokens, heads * dim)
     out = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
-    block_size = layer_k.size(1)
     for group in decode_groups:
-        first, b, tables = group.first_row, group.num_rows, group.block_tables
-        ctx = tables.size(1) * block_size
-        keys = layer_k[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)  # [B, KV, C, D]
-        values = layer_v[tables].view(b, ctx, kv_heads, dim).transpose(1, 2)
-        queries = q[first:first + b].unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask,
-                                           scale=scale, enable_gqa=True)  # [B, H, 1, D]
-        out[first:first + b] = o.squeeze(2)
+        out[group.first_row:group.first_row + group.num_rows] = _decode_group(
+            q, layer_k, layer_v, group, kv_heads, scale, block_size)
     for chunk in prefills:
         start, q_len, ctx_len = chunk.first_row, chunk.query_len, chunk.context_len
         # Locals, not attributes: TorchScript refines Optional only on local names.
@@ -123,15 +147,15 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
             o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
                                                scale=scale, enable_gqa=True)
         else:
-            keys = layer_k[blocks].view(-1, kv_heads, dim)[:ctx_len].transpose(0, 1).unsqueeze(0)
-            values = layer_v[blocks].view(-1, kv_heads, dim)[:ctx_len].transpose(0, 1).unsqueeze(0)
+            keys = layer_k.index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx_len].unsqueeze(0)  # [1, KV, C, D]
+            values = layer_v.index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx_len].unsqueeze(0)
             o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
                                                scale=scale, enable_gqa=True)
         out[start:start + q_len] = o[0].transpose(0, 1)
     return out.view(num_tokens, heads * dim)
 
 
-def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor,
             weights: List[List[torch.Tensor]], qkv_biases: List[Optional[torch.Tensor]],
             o_biases: List[Optional[torch.Tensor]], scales: List[List[torch.Tensor]], weight_only: bool,
             k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -149,13 +173,13 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.
         x = _rms_norm(h, w[0], eps)
         qkv = _linear(x, w[1], qkv_biases[index], s[0], weight_only)  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-        qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, sin)  # [T, H + KV, D]: one rotation for both
+        qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, signed_sin)  # [T, H + KV, D]: one rotation for both
         q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, KV, D]
         v = v.view(num_tokens, kv_heads, dim)
-        layer_k = k_cache[index]  # [num_blocks, block_size, KV, D]
+        layer_k = k_cache[index]  # [KV, num_blocks, block_size, D]
         layer_v = v_cache[index]
-        layer_k.view(-1, kv_heads, dim).index_copy_(0, slots, k)
-        layer_v.view(-1, kv_heads, dim).index_copy_(0, slots, v)
+        layer_k.view(kv_heads, -1, dim).index_copy_(1, slots, k.transpose(0, 1))  # slot = block * block_size + offset
+        layer_v.view(kv_heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
         o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale)  # [T, H * D]
         h = _residual_linear(h, o, w[2], o_biases[index], s[1], weight_only)
         x = _rms_norm(h, w[3], eps)
@@ -232,7 +256,9 @@ class PagedLlama:
         with torch.no_grad():
             cos, sin = rotary(self.embed[:1][None], positions)
         self.cos = cos[0].to(self.dtype)  # [max_positions, D]
-        self.sin = sin[0].to(self.dtype)
+        half = self.head_dim // 2
+        # [-sin | sin] halves: what _rotate multiplies the swapped halves by.
+        self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).to(self.dtype)
 
     @staticmethod
     def _fuse(layer) -> dict:
@@ -271,12 +297,12 @@ class PagedLlama:
                 plan: AttentionPlan, logit_rows: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """input_ids, positions, slots [T]; logit_rows [N]; caches
-        [layers, num_blocks, block_size, kv_heads, D]. Returns logits [N, V] (fp32)."""
+        [layers, kv_heads, num_blocks, block_size, D]. Returns logits [N, V] (fp32)."""
         h = F.embedding(input_ids, self.embed)  # [T, hidden]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
+        signed_sin = self.signed_sin[positions].unsqueeze(1)
         with torch.jit.optimized_execution(False):
-            h = self.layer_stack(h, cos, sin, slots, self.weights, self.qkv_biases, self.o_biases,
+            h = self.layer_stack(h, cos, signed_sin, slots, self.weights, self.qkv_biases, self.o_biases,
                                  self.weight_scales, self.int8_weight_only, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.eps, self.scale)

@@ -6,6 +6,7 @@ import logging
 import torch
 
 from inference.config import EngineConfig
+from inference.cuda_graphs import DecodeGraphs
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
 from inference.quantization import quantize_paged
 from inference.scheduler import ScheduledBatch
@@ -37,12 +38,17 @@ class ModelRunner:
             if config.quantization != "none":
                 quantize_paged(self.net, weight_only=config.quantization == "int8_weight_only"
                                or self.device.type != "cpu")
-        self.num_blocks = self._num_blocks(config)
-        shape = (self.net.num_layers, self.num_blocks, self.block_size, self.net.num_kv_heads, self.net.head_dim)
-        # [layers, num_blocks, block_size, kv_heads, D], allocated once for the engine's life.
+        self.num_blocks = self._num_blocks(config)  # what the block manager hands out
+        # CUDA graphs pad batches with rows that write into one scratch block past those.
+        cache_blocks = self.num_blocks + (1 if config.cuda_graphs else 0)
+        shape = (self.net.num_layers, self.net.num_kv_heads, cache_blocks, self.block_size, self.net.head_dim)
+        # [layers, kv_heads, num_blocks, block_size, D] (head-major: see inference.llama),
+        # allocated once for the engine's life.
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.max_model_len = min(max_positions, self.num_blocks * self.block_size)
+        self.graphs = (DecodeGraphs(self.net, self.k_cache, self.v_cache, self.block_size,
+                                    scratch_block=self.num_blocks) if config.cuda_graphs else None)
         self.num_params = sum(p.numel() for p in model.parameters())
         # FLOPs per token: every matmul weight once (embedding lookup is no matmul; a
         # tied lm_head is counted as the matmul it is).
@@ -100,6 +106,10 @@ class ModelRunner:
             if ctx_len == seq.num_tokens:
                 logit_rows.append(row + num_new - 1)
                 sampled.append(seq)
+        if self.graphs is not None and not prefills:
+            with torch.inference_mode():
+                logits = self.graphs.run(tokens, positions, slots, decode_tables, decode_lens)
+            return sampled, logits[torch.tensor(logit_rows, device=self.device)]
         plan = AttentionPlan(len(decode_tables), self._decode_groups(decode_tables, decode_lens), prefills)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         with torch.inference_mode():
@@ -127,7 +137,8 @@ class ModelRunner:
             lens = torch.tensor(decode_lens[first:last], device=self.device)
             key_pos = torch.arange(width * self.block_size, device=self.device)
             mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, C]
-            groups.append(DecodeGroup(first, last - first, torch.tensor(padded, device=self.device), mask))
+            blocks = torch.tensor([b for table in padded for b in table], device=self.device)  # [B * nb]
+            groups.append(DecodeGroup(first, last - first, blocks, mask))
         return groups
 
 

@@ -1,6 +1,7 @@
 """Device and dtype: "auto" and None resolved in one place."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from inference import EngineConfig, resolve_device_and_dtype
@@ -26,3 +27,8 @@ def test_engine_config_resolves_through_it():
     config = EngineConfig(device="auto")
     assert (config.device, config.dtype) == resolve_device_and_dtype("auto", None)
     assert EngineConfig(dtype=None).dtype == "float32"
+
+
+def test_cuda_graphs_are_refused_without_a_cuda_device():
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        EngineConfig(device="cpu", cuda_graphs=True)
