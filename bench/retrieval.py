@@ -14,15 +14,19 @@ fresh temporary DATA_DIR (embedded Postgres and Redis), in four parts:
    numpy embedder, DOCUMENTS_EMBED_THREADS threads) → store. Pages per second.
 3. search at scale: --chunks synthetic chunks (random unit vectors; 50 words
    each from a 20,000-word synthetic vocabulary) in one user's library, HNSW
-   built after the load; p50/p99 of each search mode.
+   built once after the load (--data-dir keeps it for later runs); p50/p99
+   of each search mode, today's and the 02:26 code (bench/retrieval_before.py)
+   alternately on the same queries.
 4. TTFT added by retrieval: `documents.context.passages_for_turn` as a turn
    runs it (embed the question, scope, hybrid search, safety screen, fit the
-   budget with the model's tokenizer), on the QA library and on the large one.
+   budget with the model's tokenizer), on the QA library and on the large one,
+   today's and the 02:26 code alternately, each cold.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -40,6 +44,7 @@ DATA = ROOT / "bench" / "data"
 CORPUS = ["pride_and_prejudice_ch1.txt", "gettysburg_address.txt", "us_constitution_opening.md",
           "declaration_of_independence_opening.html"]
 MODES = ("vector", "text", "hybrid")
+PARTS = ("quality", "ingestion", "speed", "turn")
 
 
 def _norm(text: str) -> str:
@@ -145,20 +150,26 @@ def _ingestion(user, pages: int) -> dict:
 # ------------------------------------------------------------ 3. search at scale
 
 def _synthetic_library(n: int) -> tuple:
-    """One user's library of `n` chunks; the HNSW index rebuilt after the load."""
+    """One user's library of `n` chunks; the HNSW index rebuilt after the load.
+    A library of `n` already there (a kept --data-dir) is used as it is."""
     import numpy as np
     from django.contrib.auth import get_user_model
     from django.db import connection
 
     from documents.models import Document
 
-    user = get_user_model().objects.create_user("big")
-    document = Document.objects.create(user=user, name="synthetic", kind="txt", storage_key="", size_bytes=0,
-                                       status="ready", chunks_total=n, chunks_done=n)
     rng = np.random.default_rng(0)
     vocabulary = [f"lex{i:05d}" for i in range(20000)]
     vectors = rng.standard_normal((n, 384)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    user = get_user_model().objects.filter(username="big").first()
+    if user is not None and Document.objects.filter(user=user, chunks_total=n).exists():
+        return user, vectors, vocabulary, None
+    if user is not None:
+        user.delete()
+    user = get_user_model().objects.create_user("big")
+    document = Document.objects.create(user=user, name="synthetic", kind="txt", storage_key="", size_bytes=0,
+                                       status="ready", chunks_total=n, chunks_done=n)
     with connection.cursor() as cursor:
         cursor.execute("DROP INDEX IF EXISTS chunk_embedding_hnsw")
         with cursor.copy('COPY documents_chunk (document_id, user_id, ordinal, page, heading, text, start, "end", '
@@ -176,48 +187,91 @@ def _synthetic_library(n: int) -> tuple:
     return user, vectors, vocabulary, build_s
 
 
+def _timed(fn) -> tuple[float, object]:
+    started = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - started) * 1000, out
+
+
 def _speed(user, vectors, vocabulary, queries: int) -> dict:
+    """Each mode, today's search and the 02:26 one (bench.retrieval_before)
+    on the same queries, in alternating order; and how often their top 5 agree."""
     import numpy as np
 
+    from bench import retrieval_before
     from documents import selectors
 
     rng = np.random.default_rng(1)
-    scope = selectors.Scope(user_id=user.id, conversation_id=None, use_library=True)
+    scope = selectors.sized(selectors.Scope(user_id=user.id, conversation_id=None, use_library=True))
     out = {}
     for mode in MODES:
-        times = []
+        times = {"before": [], "after": []}
+        agree = []
         for i in range(queries + 10):
             target = vectors[rng.integers(0, len(vectors))] + 0.05 * rng.standard_normal(384).astype(np.float32)
+            vector = (target / np.linalg.norm(target)).tolist()
             query = " ".join(vocabulary[j] for j in rng.integers(0, len(vocabulary), 5))
-            started = time.perf_counter()
-            selectors.search(scope=scope, query=query, vector=(target / np.linalg.norm(target)).tolist(), mode=mode)
-            if i >= 10:  # warm-up
-                times.append((time.perf_counter() - started) * 1000)
-        out[mode] = (percentile(times, 0.5), percentile(times, 0.99))
+            runs = {"before": lambda: retrieval_before.search(scope=scope, query=query, vector=vector, mode=mode),
+                    "after": lambda: selectors.search(scope=scope, query=query, vector=vector, mode=mode)}
+            hits = {}
+            for name in (("before", "after") if i % 2 else ("after", "before")):
+                ms, found = _timed(runs[name])
+                hits[name] = [h.chunk_id for h in found]
+                if i >= 10:  # warm-up
+                    times[name].append(ms)
+            agree.append(len(set(hits["before"]) & set(hits["after"])) / max(1, len(hits["before"])))
+        out[mode] = {name: (percentile(t, 0.5), percentile(t, 0.99)) for name, t in times.items()}
+        out[mode]["agree"] = sum(agree) / len(agree)
     return out
 
 
 # ------------------------------------------------------------ 4. TTFT added by retrieval
 
-def _turn_overhead(user, conversation, questions: list[str], rounds: int) -> tuple[float, float]:
+def _turn_overhead(user, conversation, questions: list[str], rounds: int, *, verdicts_kept: bool) -> dict:
+    """`passages_for_turn`, today's and the 02:26 one, alternating, with no
+    question vector kept; and no passage verdict remembered either, unless
+    `verdicts_kept` (the turn's passages were screened before in this
+    process: a chat asking about the same document again)."""
     from django.conf import settings
     from transformers import AutoTokenizer
 
+    from bench import retrieval_before
     from documents import context
     from inference.bootstrap import resolve_model
+    from retrieval import services as retrieval_services
+    from safety import pipeline
 
     count = _counter(AutoTokenizer.from_pretrained(resolve_model("bundled:smollm2", settings.MODELS_DIR)))
-    times = []
+    kwargs = {"user_id": user.id, "conversation_id": conversation.id, "prompt_budget_tokens": 8192 - 512,
+              "count_tokens": count}
+    runs = {"before": retrieval_before.passages_for_turn, "after": context.passages_for_turn}
+    times = {"before": [], "after": []}
     for i in range(rounds + 5):
-        started = time.perf_counter()
-        context.passages_for_turn(user_id=user.id, conversation_id=conversation.id, query=questions[i % len(questions)],
-                                  prompt_budget_tokens=8192 - 512, count_tokens=count)
-        if i >= 5:
-            times.append((time.perf_counter() - started) * 1000)
-    return percentile(times, 0.5), percentile(times, 0.99)
+        question = questions[i % len(questions)]
+        for name in (("before", "after") if i % 2 else ("after", "before")):
+            pipeline.forget()
+            if verdicts_kept:
+                runs[name](query=question, **kwargs)
+            retrieval_services.forget()
+            ms, _ = _timed(lambda: runs[name](query=question, **kwargs))
+            if i >= 5:
+                times[name].append(ms)
+    return {name: (percentile(t, 0.5), percentile(t, 0.99)) for name, t in times.items()}
 
 
 # ------------------------------------------------------------ the report
+
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _stop_postgres_and_redis() -> None:
+    """A kept --data-dir: its services stop, its files stay."""
+    from chatapp import embedded
+
+    embedded.stop_configured()
+
+
 
 def _measure(args) -> dict:
     from django.contrib.auth import get_user_model
@@ -226,48 +280,77 @@ def _measure(args) -> dict:
     from documents import services
 
     qas = json.loads((DATA / "retrieval_qa.json").read_text())
+    get_user_model().objects.filter(username="reader").delete()  # a kept --data-dir's last run
     reader = get_user_model().objects.create_user("reader")
     _load_corpus(reader, args.chunk_tokens)
     chat = chat_services.conversation_create(user=reader)
     services.chat_use_library(conversation_id=chat.id, on=True)
-    results = {"qa": len(qas), "quality": _quality(reader, qas)}
-    results["turn_small"] = _turn_overhead(reader, chat, [q["q"] for q in qas], args.queries // 2)
-    results["citations"] = _citations(reader, chat, random.Random(0).sample(qas, len(qas)), args.cite_sample) \
-        if args.cite_sample else None
-    results["ingestion"] = _ingestion(reader, args.pdf_pages)
-    big, vectors, vocabulary, build_s = _synthetic_library(args.chunks)
-    results["build_s"] = build_s
-    results["speed"] = _speed(big, vectors, vocabulary, args.queries)
-    big_chat = chat_services.conversation_create(user=big)
-    services.chat_use_library(conversation_id=big_chat.id, on=True)
-    results["turn_big"] = _turn_overhead(big, big_chat, [q["q"] for q in qas], args.queries // 2)
+    results = {"qa": len(qas)}
+    if "quality" in args.parts:
+        results["quality"] = _quality(reader, qas)
+        results["citations"] = _citations(reader, chat, random.Random(0).sample(qas, len(qas)), args.cite_sample) \
+            if args.cite_sample else None
+    if "turn" in args.parts:
+        for kept in (False, True):
+            results[("turn_small", kept)] = _turn_overhead(reader, chat, [q["q"] for q in qas], args.queries // 2,
+                                                           verdicts_kept=kept)
+    if "ingestion" in args.parts:
+        results["ingestion"] = _ingestion(reader, args.pdf_pages)
+    if "speed" in args.parts or "turn" in args.parts:
+        big, vectors, vocabulary, results["build_s"] = _synthetic_library(args.chunks)
+    if "speed" in args.parts:
+        results["speed"] = _speed(big, vectors, vocabulary, args.queries)
+    if "turn" in args.parts:
+        big_chat = chat_services.conversation_create(user=big)
+        services.chat_use_library(conversation_id=big_chat.id, on=True)
+        for kept in (False, True):
+            results[("turn_big", kept)] = _turn_overhead(big, big_chat, [q["q"] for q in qas], args.queries // 2,
+                                                         verdicts_kept=kept)
     return results
 
 
+def _pair(r: dict) -> tuple[str, str, str]:
+    (b50, b99), (a50, a99) = r["before"], r["after"]
+    return f"{b50:.1f} / {b99:.1f} ms", f"{a50:.1f} / {a99:.1f} ms", f"{a50 / b50:.2f}"
+
+
+def _speed_rows(r: dict, args) -> list[tuple]:
+    rows = []
+    if "ingestion" in r:
+        ing = r["ingestion"]
+        rows.append((f"ingestion, a {ing['pages']}-page PDF ({ing['mb']:.1f} MB, {ing['chunks']} chunks of 200 "
+                     f"tokens), {ing['threads']} embedding thread", "—",
+                     f"{ing['pages_per_s']:.1f} pages/s ({ing['seconds']:.1f} s; extract {ing['extract_s']:.2f} s, "
+                     f"chunk {ing['chunk_s']:.2f} s, the rest embedding and storing)", "—", "—"))
+    for mode in MODES if "speed" in r else ():
+        rows.append((f"{mode} search, {args.chunks:,} chunks in scope, p50 / p99 (same top 5 as before: "
+                     f"{r['speed'][mode]['agree']:.0%})", *_pair(r["speed"][mode]),
+                     "≤ 30 ms p50" if mode == "hybrid" else "—"))
+    if "build_s" in r:
+        rows.append((f"HNSW build after loading {args.chunks:,} chunks", "—",
+                     f"{r['build_s']:.0f} s" if r["build_s"] is not None else "(kept library, not rebuilt)", "—", "—"))
+    for key, what in (("turn_small", "QA library"), ("turn_big", f"{args.chunks:,}-chunk library")):
+        for kept, how in ((False, "passages never screened before"), (True, "passages screened before")):
+            if (key, kept) in r:
+                rows.append((f"TTFT added by retrieval in a turn, {what}, {how}, p50 / p99", *_pair(r[(key, kept)]),
+                             "≤ 50 ms p50"))
+    return rows
+
+
 def _tables(r: dict, args) -> str:
-    q = r["quality"]
-    quality = report.table(["search", "recall@5", "MRR"], [
-        (mode, f"{q[mode]['recall@5']:.2f}", f"{q[mode]['mrr']:.2f}") for mode in MODES])
-    ing = r["ingestion"]
-    s = r["speed"]
-    speed = report.table(["what", "measured", "goal"], [
-        (f"ingestion, a {ing['pages']}-page PDF ({ing['mb']:.1f} MB, {ing['chunks']} chunks of 200 tokens), "
-         f"{ing['threads']} embedding thread", f"{ing['pages_per_s']:.1f} pages/s ({ing['seconds']:.1f} s; "
-         f"extract {ing['extract_s']:.2f} s, chunk {ing['chunk_s']:.2f} s, the rest embedding and storing)", "—"),
-        *[(f"{mode} search, {args.chunks:,} chunks in scope, p50 / p99", f"{s[mode][0]:.1f} / {s[mode][1]:.1f} ms",
-           "≤ 30 ms p50" if mode == "hybrid" else "—") for mode in MODES],
-        (f"HNSW build after loading {args.chunks:,} chunks", f"{r['build_s']:.0f} s", "—"),
-        ("TTFT added by retrieval in a turn, QA library, p50 / p99", f"{r['turn_small'][0]:.1f} / {r['turn_small'][1]:.1f} ms",
-         "≤ 50 ms p50"),
-        (f"TTFT added by retrieval in a turn, {args.chunks:,}-chunk library, p50 / p99",
-         f"{r['turn_big'][0]:.1f} / {r['turn_big'][1]:.1f} ms", "≤ 50 ms p50"),
-    ])
-    c = r["citations"]
-    cites = (f"Citations with the bundled model (SmolLM2-135M-Instruct, greedy, {c['n']} questions): "
-             f"{c['cited']}/{c['n']} replies cite a passage at all, {c['right']}/{c['n']} cite a passage of the right "
-             f"file. For example: " + "; ".join(f"*{q}* → “{a}”" for q, a in c["examples"]) + "."
-             ) if c else "Citations: not measured (--cite-sample 0)."
-    return f"{quality}\n\n{cites}\n\n{speed}"
+    parts = []
+    if "quality" in r:
+        q = r["quality"]
+        parts.append(report.table(["search", "recall@5", "MRR"], [
+            (mode, f"{q[mode]['recall@5']:.2f}", f"{q[mode]['mrr']:.2f}") for mode in MODES]))
+        c = r["citations"]
+        parts.append((f"Citations with the bundled model (SmolLM2-135M-Instruct, greedy, {c['n']} questions): "
+                      f"{c['cited']}/{c['n']} replies cite a passage at all, {c['right']}/{c['n']} cite a passage of "
+                      f"the right file. For example: " + "; ".join(f"*{q}* → “{a}”" for q, a in c["examples"]) + "."
+                      ) if c else "Citations: not measured (--cite-sample 0).")
+    parts.append(report.table(["what", "before (02:26 code)", "after", "after / before", "goal"],
+                              _speed_rows(r, args)))
+    return "\n\n".join(parts)
 
 
 def main(argv=None) -> int:
@@ -277,18 +360,32 @@ def main(argv=None) -> int:
     parser.add_argument("--pdf-pages", type=int, default=40, help="pages of the ingestion PDF")
     parser.add_argument("--cite-sample", type=int, default=8, help="questions answered by the bundled model (0: skip)")
     parser.add_argument("--chunk-tokens", type=int, default=96, help="chunk size for the QA corpus")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"what to measure, comma-separated: {', '.join(PARTS)} (the section is written only "
+                             f"with all of them)")
+    parser.add_argument("--data-dir", type=Path, help="keep Postgres here: the synthetic library is loaded and "
+                        "indexed once, and later runs with the same --chunks reuse it (minutes saved)")
     parser.add_argument("--no-write", action="store_true", help="do not write its section of docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if args.parts - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(args.parts - set(PARTS)))}")
     machine = report.machine_info()
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    load = _load()
     try:
         setup_django(data_dir)
         results = _measure(args)
     finally:
-        _stop_services(data_dir)
+        if args.data_dir:
+            _stop_postgres_and_redis()
+        else:
+            _stop_services(data_dir)
     tables = _tables(results, args)
     print(tables)
-    if not args.no_write:
+    print(f"load average at the start {load}, at the end {_load()}")
+    if not args.no_write and args.parts == set(PARTS):
         section = (
             f"{SECTION}\n\n`{report.command_line('bench.retrieval', argv)}`, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)}\n\n"
@@ -296,11 +393,18 @@ def main(argv=None) -> int:
             f"four formats (txt, md, html; bench/data), {args.chunk_tokens}-token chunks; a hit is right when it is a "
             f"chunk of the question's file holding the answer's phrase. Questions are embedded with "
             f"all-MiniLM-L6-v2 (torch, as the serving process does), chunks by the worker's numpy copy of it.\n\n"
-            f"{tables}\n\nSpeed: synthetic chunks are random unit vectors and 50 words each from a 20,000-word "
-            f"vocabulary (each query word matches about 125 chunks); ef_search 100. TTFT added by retrieval is "
-            f"`documents.context.passages_for_turn` as a turn runs it before the request goes to the model "
-            f"(question embedding on one thread, scope, hybrid search, safety screen, fitting the passages' budget "
-            f"with SmolLM2's chat template).\n"
+            f"{tables}\n\nLoad average {load} at the start, {_load()} at the end. Speed: synthetic "
+            f"chunks are random unit vectors and 50 words each from a 20,000-word vocabulary (each query word "
+            f"matches about 125 chunks). *Before* is the code measured at 02:26 (bench/retrieval_before.py), "
+            f"*after* today's, run alternately on the same queries in this one run, so the ratio holds while the "
+            f"box's load moves both. TTFT added by retrieval is `documents.context.passages_for_turn` as a turn "
+            f"runs it before the request goes to the model (scope, question embedding, hybrid search, safety "
+            f"screen, fitting the passages' budget with SmolLM2's chat template), with the question's vector never "
+            f"computed before; *passages screened before*: the safety pipeline remembers their verdicts (its "
+            f"per-process LRU), as when a chat asks about the same document again. *Same top 5 as before*: random "
+            f"vectors are all about equally far from a query past its nearest one, so two HNSW walks (ef_search "
+            f"100 before, 40 now) pick different ones of those near-ties, and full text now ranks by ts_rank, "
+            f"not ts_rank_cd; the QA set above measures quality.\n"
         )
         report.write_section(section, SECTION)
         print(f"wrote its section of {report.BENCHMARKS_MD}")

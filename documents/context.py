@@ -56,11 +56,14 @@ def passages_for_turn(*, user_id, conversation_id, query: str, prompt_budget_tok
     scope = selectors.turn_scope(user_id=user_id, conversation_id=conversation_id)
     if scope is None:
         return Passages()
+    # The question is embedded on the embedding thread while this one counts
+    # what the prompt needs (a chat-template render); memory and the semantic
+    # cache then reuse the vector (retrieval.services keeps it).
+    vector = retrieval_services.embed_soon(query)
     budget = min(budget, prompt_budget_tokens - needed_tokens())
     if budget <= 0:
         return Passages()
-    vector = retrieval_services.embed([query])[0]
-    hits = selectors.search(scope=scope, query=query, vector=vector, top_k=settings.DOCUMENTS_TOP_K)
+    hits = selectors.search(scope=scope, query=query, vector=vector.result(), top_k=settings.DOCUMENTS_TOP_K)
     flags = screen([h.text for h in hits], user_id=user_id)
     kept = [h for h, flagged in zip(hits, flags) if not flagged]
     passages = _fit(kept, budget, count_tokens)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 from django.conf import settings
 
 _model = None
@@ -53,9 +55,8 @@ def _load():
     return _model
 
 
-def _encode(texts: list[str]) -> list[list[float]]:
-    vectors = _load().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    return [v.tolist() for v in vectors]
+def _encode(texts: list[str]) -> np.ndarray:
+    return _load().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
 
 
 class _Batcher:
@@ -106,12 +107,66 @@ class _Batcher:
 _batcher = _Batcher()
 
 
+# ------------------------------------------------------------ shared vectors
+# A turn embeds its user message up to three times: for the chat's documents
+# (documents.context), for memory (memory.services) and for the semantic
+# cache (gateway.cache, on a first turn). Vectors are kept per text (an LRU
+# of EMBEDDING_CACHE_ENTRIES float32 arrays, 1.5 kB each), and a text already being
+# embedded is waited for, not embedded again: the second and third caller
+# pay nothing. Errors are not kept.
+
+EMBEDDING_CACHE_ENTRIES = 1024
+_cache: OrderedDict[str, Future] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _deliver(batch: Future, texts: list[str], futures: list[Future]) -> None:
+    error = batch.exception()
+    for i, (text, future) in enumerate(zip(texts, futures)):
+        if error is None:
+            future.set_result(batch.result()[i])
+            continue
+        with _cache_lock:
+            if _cache.get(text) is future:
+                del _cache[text]
+        future.set_exception(error)
+
+
+def _futures(texts: list[str]) -> list[Future]:
+    """One future per text: kept, being computed, or submitted now (the
+    missing ones in one batch on the embedding thread)."""
+    missing: dict[str, Future] = {}
+    with _cache_lock:
+        for text in texts:
+            if text in _cache:
+                _cache.move_to_end(text)
+            else:
+                missing[text] = _cache[text] = Future()
+        found = [_cache[text] for text in texts]
+        while len(_cache) > EMBEDDING_CACHE_ENTRIES:
+            _cache.popitem(last=False)
+    if missing:
+        batch = _batcher.submit(list(missing))
+        batch.add_done_callback(lambda done: _deliver(done, list(missing), list(missing.values())))
+    return found
+
+
+def embed_soon(text: str) -> Future:
+    """Start embedding `text` now, on the embedding thread; `.result()` is its
+    vector as a float32 array (shared: do not change it)."""
+    return _futures([text])[0]
+
+
 def embed(texts: list[str]) -> list[list[float]]:
     """Unit-length vectors (cosine similarity = dot product)."""
-    texts = list(texts)
-    return _batcher.submit(texts).result() if texts else []
+    return [future.result().tolist() for future in _futures(list(texts))]
 
 
 async def aembed(texts: list[str]) -> list[list[float]]:
-    texts = list(texts)
-    return await asyncio.wrap_future(_batcher.submit(texts)) if texts else []
+    return [(await asyncio.wrap_future(future)).tolist() for future in _futures(list(texts))]
+
+
+def forget() -> None:
+    """Drop the kept vectors (after the embedding model changes)."""
+    with _cache_lock:
+        _cache.clear()

@@ -18,6 +18,7 @@ def gated_encode(monkeypatch):
     each text's vector embedded alone, before the patch."""
     real, batches, gate = services._encode, [], threading.Event()
     alone = {text: services.embed([text])[0] for text in TEXTS}
+    services.forget()  # else the callers below would get the kept vectors
 
     def encode(texts):
         batches.append(list(texts))
@@ -52,6 +53,7 @@ async def test_concurrent_callers_are_encoded_in_one_batch_and_each_gets_its_own
 
 async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_call_works(monkeypatch):
     real, gate, calls = services._encode, threading.Event(), []
+    services.forget()
 
     def encode(texts):
         calls.append(texts)

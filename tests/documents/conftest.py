@@ -7,11 +7,12 @@ import zipfile
 
 import docx
 import pytest
+from django.db import connection
 from pypdf import PdfReader, PdfWriter
 
 from bench.pdfgen import make_pdf
 from conversations import services as chat_services
-from documents import services
+from documents import selectors, services
 from documents.models import Document
 from tests.conversations.conftest import fake_gateway, serving_api_in_process  # noqa: F401  (re-exported fixtures)
 
@@ -89,3 +90,18 @@ def docx_bomb(unzipped_mb: int = 10) -> bytes:
         archive.writestr("[Content_Types].xml", "<Types/>")
         archive.writestr("word/document.xml", b"\0" * (unzipped_mb * 2**20))
     return out.getvalue()
+
+
+@pytest.fixture
+def graph_walk(monkeypatch):
+    """Every scope walks the HNSW graph, at ef_search 1: the walk comes back
+    short, and the statement must redo it exactly."""
+    monkeypatch.setattr(selectors, "HNSW_BASE_ROWS", -10**9)
+    monkeypatch.setattr(selectors, "HNSW_ROWS_PER_EF", 0)
+    monkeypatch.setattr(selectors, "HNSW_EF_SEARCH", 1)
+    monkeypatch.setattr(selectors, "HNSW_HEADROOM", 0)
+    with connection.cursor() as cursor:
+        # For the test's transaction: on tables this small the planner would
+        # rather sort the owner's few rows than walk the graph.
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("SET LOCAL enable_sort = off")

@@ -30,9 +30,17 @@ def _owners(hits):
     return {Chunk.objects.get(id=h.chunk_id).user_id for h in hits}
 
 
+@pytest.fixture(params=["exact", "graph walk"])
+def vector_plan(request):
+    """Both vector plans: every distance, and the HNSW walk redone exactly."""
+    if request.param == "graph walk":
+        request.getfixturevalue("graph_walk")
+    return request.param
+
+
 @pytest.mark.parametrize("mode", ["vector", "text", "hybrid"])
 @pytest.mark.parametrize("use_library", [False, True])
-def test_search_returns_only_the_owners_chunks(alice, bob, both, mode, use_library):
+def test_search_returns_only_the_owners_chunks(alice, bob, both, mode, use_library, vector_plan):
     alice_chat, bob_chat, docs = both
     from retrieval.services import embed
 
