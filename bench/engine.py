@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import random
 import statistics
@@ -338,6 +339,8 @@ def _parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-peers", action="store_true", help="engine rows only")
     parser.add_argument("--skip-serving", action="store_true", help="skip B, C and D")
+    parser.add_argument("--json", help="also write the raw results here (to re-render them with --render)")
+    parser.add_argument("--render", metavar="JSON", help="measure nothing: render a run saved with --json")
     parser.add_argument("--out", help="markdown file to write ('' to skip; default docs/BENCHMARKS.md, or "
                         f"{QUICK_OUT} with --quick: a smoke run's figures are no benchmark)")
     args = parser.parse_args(argv)
@@ -351,10 +354,10 @@ def _parse_args(argv):
 
 def run_sizes(quick: bool) -> dict:
     if quick:
-        return {"equal_out": 16, "hf1": 1, "chats": 1, "chat_tokens": 32, "mixed": 8, "static_mixed": 8, "cb": 4,
-                "rates": (4.0,), "B": 4, "C": 2, "D": 5}
-    return {"equal_out": 32, "hf1": 4, "chats": 3, "chat_tokens": 128, "mixed": 32, "static_mixed": 16, "cb": 16,
-            "rates": (1.0, 4.0), "B": 12, "C": 8, "D": 20}
+        return {"equal_out": 16, "hf1": 1, "chats": 1, "chat_tokens": 32, "mixed": 8, "mixed_out": (16, 64),
+                "static_mixed": 8, "cb": 4, "rates": (4.0,), "B": 4, "C": 2, "D": 5}
+    return {"equal_out": 32, "hf1": 4, "chats": 3, "chat_tokens": 128, "mixed": 32, "mixed_out": (32, 256),
+            "static_mixed": 16, "cb": 16, "rates": (1.0, 4.0), "B": 12, "C": 8, "D": 20}
 
 
 def make_setup(args) -> Setup:
@@ -375,18 +378,31 @@ def make_setup(args) -> Setup:
                   skip_peers=args.skip_peers)
     out = sizes["equal_out"]
     setup.equal = workload_requests(EQUAL_REQUESTS, rng, vocab, (out, out), (EQUAL_PROMPT_TOKENS,) * 2)
-    setup.mixed = workload_requests(sizes["mixed"], rng, vocab)
+    setup.mixed = workload_requests(sizes["mixed"], rng, vocab, sizes["mixed_out"])
     return setup
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
+    results = json.loads(Path(args.render).read_text()) if args.render else measure(args, argv)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    text = render(results, HEADING)
+    print(text)
+    if args.out:
+        report.write_section(text, HEADING, Path(args.out))
+        log(f"wrote {args.out}")
+    return 0
+
+
+def measure(args, argv) -> dict:
     started, machine = time.perf_counter(), report.machine_info()
     torch.set_num_threads(args.threads)
     setup = make_setup(args)
     results = {"machine": machine, "threads": args.threads, "device": setup.device,
                "gpu": torch.cuda.get_device_name(setup.device) if setup.device.startswith("cuda") else None,
-               "sizes": setup.sizes, "config": setup.config, "equal_prompt_tokens": EQUAL_PROMPT_TOKENS,
+               "sizes": setup.sizes, "config": dataclasses.asdict(setup.config),
+               "equal_prompt_tokens": EQUAL_PROMPT_TOKENS,
                "command": report.command_line("bench.engine", argv), "rows": []}
     wanted = args.formats.split(",")
     for label, dtype, quantization in format_specs(setup.device):
@@ -401,12 +417,7 @@ def main(argv=None) -> int:
     results["peaks"] = setup.peaks
     results["load_average_end"] = report.machine_info()["load_average"]
     results["wall_s"] = time.perf_counter() - started
-    text = render(results, HEADING)
-    print(text)
-    if args.out:
-        report.write_section(text, HEADING, Path(args.out))
-        log(f"wrote {args.out}")
-    return 0
+    return results
 
 
 def bundled_model_dir() -> str:
