@@ -93,7 +93,7 @@ def _render_gains(r: dict) -> list[str]:
                      _tok_s(static), _times(static_gain), f"{row['chat']['tok_s']:.1f}",
                      _times(_ratio(row["chat"], base["chat"]))))
     return ["### Format gains: each format against the same contender in fp32", "",
-            report.table(["format", "engine 32×32 tok/s", "vs engine fp32", "HF static tok/s", "vs HF static fp32",
+            report.table(["format", "engine equal-length tok/s", "vs engine fp32", "HF static tok/s", "vs HF static fp32",
                           "one chat tok/s", "vs one chat fp32"], rows), ""]
 
 
@@ -179,11 +179,12 @@ def _render_serving(r: dict) -> list[str]:
 
 def _render_targets(r: dict) -> list[str]:
     rows = r["rows"]
+    shape = f"{rows[0]['engine']['requests']} × {r['sizes']['equal_out']}"
     lines = [report.table(
         ["target", *(_format(row) for row in rows)],
-        [("32 × 32: engine ÷ HF static batching, same format, ≥ 1.5×",
+        [(f"{shape}: engine ÷ HF static batching, same format, ≥ 1.5×",
           *(_verdict(_ratio(row["engine"], row["peers"].get("static")), TARGETS["static"]) for row in rows)),
-         ("32 × 32: engine ÷ HF one at a time, same format, ≥ 8×",
+         (f"{shape}: engine ÷ HF one at a time, same format, ≥ 8×",
           *(_verdict(_ratio(row["engine"], row["peers"].get("hf1")), TARGETS["hf1"]) for row in rows)),
          ("decode at 32 sequences ≥ 40% of the format's roofline (median step)",
           *(_verdict(row["roofline"].get("roofline_pct"), TARGETS["roofline_pct"], "%", 1) for row in rows)),
