@@ -1,6 +1,6 @@
 """Benchmarks, each runnable as `python -m bench.<name>`; none is imported by the product.
 
-    bench.engine   the engine against the Hugging Face peers (docs/BENCHMARKS.md, "Engine")
+    bench.engine   the engine in each number format against same-format HF peers (docs/BENCHMARKS.md, "Engine")
     bench.gil      an engine step beside threads running Python
     bench.gateway  what the gateway's policy layer costs per request
     bench.chat     chat streaming through Daphne + SSE against the engine alone
@@ -10,7 +10,8 @@
     bench.quality  perplexity and agreement with fp32 per number format and int8
 
 bench.report holds what they share (machine header, tables, writing their
-section of docs/BENCHMARKS.md); bench.peers the engine benchmark's HF peers.
+section of docs/BENCHMARKS.md); bench.peers the engine benchmark's HF peers and
+bench.engine_report its markdown.
 """
 from __future__ import annotations
 

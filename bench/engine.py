@@ -1,16 +1,28 @@
-"""python -m bench.engine: the engine against the Hugging Face peers on SmolLM2.
+"""python -m bench.engine: the engine against the Hugging Face peers, side by side in one run.
 
-Workloads (one process, one run, same model, dtype and threads for everyone):
-  A offline throughput, B Poisson arrivals with streaming, C shared-prefix TTFT
-  with prefix caching on/off, D 20% of streams aborted midway; plus the decode
-  step at 32 concurrent sequences against the measured matmul roofline.
-Prints markdown tables and writes the engine section of docs/BENCHMARKS.md.
+One process, one model (SmolLM2), one device (CUDA when present, else the
+CPU), the same torch threads for every contender. For each number format the
+engine runs in (fp32, bf16, int8, and "auto": what the engine picks by
+measuring), the HF peers run in that same format:
+  - 32 equal-length requests x 32 output tokens: the engine, HF static batching
+    (one batch of 32) and HF generate one request at a time; the decode steps
+    with all 32 sequences running give the step time against the roofline,
+    with the peak matmul rate measured in that format;
+  - one chat at a time (engine alone).
+Format gains are their own table (each format against the engine in fp32), not
+folded into the engine-versus-peer ratios. Then, in the format "auto" chose:
+mixed lengths against HF static batching and transformers' continuous
+batching; and on the engine's default format: B Poisson arrivals, C shared
+prefix with prefix caching on/off, D 20% of streams aborted.
+Every row carries the 1-minute load average at its start and end.
+Prints markdown and writes the engine section of docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import random
 import statistics
@@ -19,24 +31,82 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from bench import peers, report
+from bench.engine_report import render
+from bench.formats import engine_shapes
 from inference import Engine, EngineConfig, SamplingParams
 from inference.bootstrap import resolve_model
 
 HEADING = "## Engine (bench.engine)"
+QUICK_OUT = "bench/scratch/engine_quick.md"
+EQUAL_REQUESTS, EQUAL_PROMPT_TOKENS = 32, 128
+CHAT_QUESTIONS = ("Explain in a few paragraphs how a bicycle's gears make climbing a hill easier.",
+                  "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+                  "What should I check before buying a used car? Give me a detailed list.")
 
 
-def workload_requests(count: int, rng: random.Random, vocab: int, out_range=(32, 256)) -> list[tuple[list[int], int]]:
-    """Prompt and output lengths uniform in [32, 256]; random token ids (EOS is ignored)."""
-    return [([rng.randrange(100, vocab) for _ in range(rng.randint(32, 256))], rng.randint(*out_range))
+@dataclasses.dataclass
+class Setup:
+    """What every row shares: the model, the device, the workloads, and the
+    measurements more than one row uses (peaks, HF peers of one format)."""
+    model_dir: str
+    tokenizer: object
+    device: str
+    config: EngineConfig  # dtype and quantization are replaced per row
+    sizes: dict
+    matmul_params: int  # per token, every layer weight and the lm_head
+    vocab: int  # random prompt ids are drawn below it
+    skip_peers: bool = False
+    equal: list = dataclasses.field(default_factory=list)  # [(prompt ids, output tokens)]
+    mixed: list = dataclasses.field(default_factory=list)
+    peaks: dict = dataclasses.field(default_factory=dict)  # {"float32" | "bfloat16" | "float16" | "int8": FLOP/s}
+    peer_rows: dict = dataclasses.field(default_factory=dict)  # {(dtype, quantization): {"static", "hf1"}}
+
+
+def format_specs(device: str) -> list[tuple[str, str, str]]:
+    """(label, EngineConfig.dtype, EngineConfig.quantization). int8 on the CPU
+    computes in int8 (fp32 around it); on CUDA it is weight-only, so it is
+    paired with bf16 activations there."""
+    int8_dtype = "float32" if device == "cpu" else "bfloat16"
+    return [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("int8", int8_dtype, "int8"),
+            ("auto", "auto", "none")]
+
+
+def workload_requests(count: int, rng: random.Random, vocab: int, out_range=(32, 256),
+                      prompt_range=(32, 256)) -> list[tuple[list[int], int]]:
+    """Random token ids (EOS is ignored) with lengths uniform in the ranges."""
+    return [([rng.randrange(100, vocab) for _ in range(rng.randint(*prompt_range))], rng.randint(*out_range))
             for _ in range(count)]
 
 
 def exact(num_tokens: int, **extra) -> SamplingParams:
     return SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True, **extra)
 
+
+def log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def measured(fn, *args, **kwargs) -> dict:
+    """One row with the 1-minute load average at its start and end: the box is
+    shared, and a load above our thread count means other work slowed the row."""
+    load_start = os.getloadavg()[0]
+    result = fn(*args, **kwargs)
+    result.update(load_start=load_start, load_end=os.getloadavg()[0])
+    return result
+
+
+def peer_row(fn, *args, **kwargs) -> dict:
+    try:
+        return measured(fn, *args, **kwargs)
+    except Exception as error:  # a peer broken by a transformers change must not lose a long run's other rows
+        log(f"peer {fn.__name__} failed: {error!r}")
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+# ------------------------------------------------------------ engine workloads
 
 def run_offline(engine: Engine, requests) -> dict:
     started = time.perf_counter()
@@ -45,6 +115,124 @@ def run_offline(engine: Engine, requests) -> dict:
     tokens = sum(len(c.token_ids) for c in completions)
     return {"requests": len(requests), "output_tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
 
+
+def run_equal(engine: Engine, requests) -> dict:
+    """Offline throughput, timing on the side every step whose batch is exactly
+    one decode token for each of the requests (all of them running)."""
+    steps: list[float] = []
+
+    def observe(batch, duration_s):
+        if len(batch.seqs) == len(requests) and batch.num_tokens == len(requests):
+            steps.append(duration_s)
+
+    engine.step_observer = observe
+    try:
+        result = run_offline(engine, requests)
+    finally:
+        engine.step_observer = None
+    return {**result, "decode_steps_s": steps}
+
+
+def run_chats(engine: Engine, prompts: list[list[int]], num_tokens: int) -> dict:
+    """One chat at a time, back to back; tok/s over the whole wall time, TTFT included."""
+    ttfts, tokens, started = [], 0, time.perf_counter()
+    for prompt in prompts:
+        completion = engine.generate([prompt], exact(num_tokens))[0]
+        tokens += len(completion.token_ids)
+        ttfts.append(completion.metrics.ttft_s)
+    elapsed = time.perf_counter() - started
+    return {"chats": len(prompts), "output_tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
+            "ttft_p50": report.percentile(ttfts, 0.5)}
+
+
+def roofline(steps_s: list[float], matmul_params: int, batch: int, peak: float) -> dict:
+    """2 x matmul parameters x tokens per step over the peak of the format in use."""
+    if not steps_s:
+        return {"decode_steps": 0}
+    flops = 2 * matmul_params * batch
+    step_s, best_s = statistics.median(steps_s), min(steps_s)
+    return {"decode_steps": len(steps_s), "step_ms": step_s * 1000, "best_step_ms": best_s * 1000,
+            "achieved_gflops": flops / step_s / 1e9, "peak_gflops": peak / 1e9,
+            "roofline_pct": 100 * flops / step_s / peak, "best_roofline_pct": 100 * flops / best_s / peak}
+
+
+def peak(setup: Setup, kernel: str) -> float:
+    """The square-matmul peak of one format, measured once per run."""
+    if kernel not in setup.peaks:
+        log(f"peak matmul rate, {kernel} ...")
+        setup.peaks[kernel] = peers.matmul_flops(kernel, setup.device)
+    return setup.peaks[kernel]
+
+
+def peak_kernel(dtype: str, quantization: str, device: str) -> str:
+    # On the CPU int8 multiplies in int8 (torch._int_mm); elsewhere the weights
+    # are dequantized and the matmul runs in the activation dtype.
+    return "int8" if quantization == "int8" and device == "cpu" else dtype
+
+
+# ------------------------------------------------------------ rows
+
+def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
+    """The engine in one format: 32 x 32 equal lengths (with its decode steps
+    against the roofline) and one chat at a time."""
+    log(f"{label}: engine ...")
+    config = dataclasses.replace(setup.config, dtype=dtype, quantization=quantization)
+    with Engine.from_pretrained(setup.model_dir, config) as engine:
+        engine.generate([setup.equal[0][0]], exact(4))  # warm-up
+        chats = [engine.apply_chat_template([{"role": "user", "content": q}])
+                 for q in CHAT_QUESTIONS[:setup.sizes["chats"]]]
+        row = {"label": label, "dtype": engine.config.dtype, "quantization": quantization,
+               "choice": engine.format_report.summary() if engine.format_report else None,
+               "engine": measured(run_equal, engine, setup.equal)}
+        log(f"{label}: one chat at a time ...")
+        row["chat"] = measured(run_chats, engine, chats, setup.sizes["chat_tokens"])
+    kernel = peak_kernel(row["dtype"], quantization, setup.device)
+    row["roofline"] = {"kernel": kernel, **roofline(row["engine"].pop("decode_steps_s"), setup.matmul_params,
+                                                    len(setup.equal), peak(setup, kernel))}
+    return row
+
+
+def equal_peers(setup: Setup, dtype: str, quantization: str) -> dict:
+    """HF static batching (one batch of all 32) and HF one at a time in the same
+    format; run once per format ("auto" shares the row of the format it chose)."""
+    key = (dtype, quantization)
+    if key in setup.peer_rows:
+        return {**setup.peer_rows[key], "shared": True}
+    model = peers.load_model(setup.model_dir, dtype, quantization, setup.device)
+    if model is None:
+        missing = {"error": f"no HF {quantization} path on {setup.device}"}
+        result = {"static": missing, "hf1": missing}
+    else:
+        log(f"peers in {dtype}/{quantization}: HF static batch of {len(setup.equal)} ...")
+        result = {"static": peer_row(peers.hf_static_batches, model, setup.equal, batch_size=len(setup.equal),
+                                     device=setup.device)}
+        log(f"peers in {dtype}/{quantization}: HF generate one at a time ...")
+        result["hf1"] = peer_row(peers.hf_one_at_a_time, model, setup.equal[:setup.sizes["hf1"]],
+                                 device=setup.device)
+    setup.peer_rows[key] = result
+    return result
+
+
+def run_mixed(setup: Setup, dtype: str) -> dict:
+    """Mixed lengths in one format: the engine against HF static batches of 16
+    and transformers' continuous batching (each on the first N requests)."""
+    log(f"mixed lengths in {dtype}: engine ...")
+    config = dataclasses.replace(setup.config, dtype=dtype, quantization="none")
+    with Engine.from_pretrained(setup.model_dir, config) as engine:
+        engine.generate([setup.mixed[0][0]], exact(4))  # warm-up
+        result = {"dtype": dtype, "engine": measured(run_offline, engine, setup.mixed)}
+    if setup.skip_peers:
+        return result
+    model = peers.load_model(setup.model_dir, dtype, "none", setup.device)
+    log(f"mixed lengths in {dtype}: HF static batches of 16 ...")
+    result["static"] = peer_row(peers.hf_static_batches, model, setup.mixed[:setup.sizes["static_mixed"]],
+                                batch_size=16, device=setup.device)
+    log(f"mixed lengths in {dtype}: transformers continuous batching ...")
+    result["cb"] = peer_row(peers.hf_continuous_batching, model, setup.mixed[:setup.sizes["cb"]])
+    return result
+
+
+# ------------------------------------------------------------ B, C, D: serving behaviour
 
 async def _stream(engine: Engine, prompt, params, delay_s: float, abort_after: int | None = None) -> dict:
     await asyncio.sleep(delay_s)
@@ -80,27 +268,22 @@ def run_online(engine: Engine, requests, rate: float, rng: random.Random) -> dic
     tokens = sum(len(r["tokens"]) for r in results)
     return {"rate": rate, "requests": len(requests), "ttft_p50": report.percentile(ttfts, 0.5),
             "ttft_p99": report.percentile(ttfts, 0.99), "itl_p50": report.percentile(itls, 0.5),
-            "itl_p99": report.percentile(itls, 0.99),
-            "tok_s": tokens / elapsed, "seconds": elapsed}
+            "itl_p99": report.percentile(itls, 0.99), "tok_s": tokens / elapsed, "seconds": elapsed}
 
 
-def run_prefix(model, tokenizer, config: EngineConfig, count: int, enable: bool) -> dict:
+def run_prefix(setup: Setup, count: int, enable: bool) -> dict:
     """A shared 256-token system prompt plus a unique question; requests one after
     another so TTFT is pure prefill latency."""
+    tokenizer = setup.tokenizer
     system = tokenizer.encode("You are a helpful, careful assistant for a small company. " * 40)[:256]
     questions = [f"Question {i}: what is {i} times {i + 3}, and why does it matter for the team?" for i in range(count)]
-    engine = Engine(model, tokenizer, dataclasses.replace(config, enable_prefix_caching=enable, kv_cache_bytes=256 * 2**20))
-    try:
+    config = dataclasses.replace(setup.config, enable_prefix_caching=enable, kv_cache_bytes=256 * 2**20)
+    with Engine.from_pretrained(setup.model_dir, config) as engine:
         engine.generate([system[:64] + [5]], exact(1))  # warm-up on an unrelated prefix
-        ttfts = []
-        for question in questions:
-            completion = engine.generate([system + tokenizer.encode(question)], exact(16))[0]
-            ttfts.append(completion.metrics.ttft_s)
-        stats = engine.stats()
-    finally:
-        engine.shutdown()
+        ttfts = [engine.generate([system + tokenizer.encode(q)], exact(16))[0].metrics.ttft_s for q in questions]
+        hit_rate = engine.stats()["prefix_cache_hit_rate"]
     return {"prefix_caching": "on" if enable else "off", "requests": count, "ttft_mean": statistics.mean(ttfts),
-            "ttft_p50": report.percentile(ttfts, 0.5), "hit_rate": stats["prefix_cache_hit_rate"]}
+            "ttft_p50": report.percentile(ttfts, 0.5), "hit_rate": hit_rate}
 
 
 def run_abort(engine: Engine, requests, rng: random.Random) -> dict:
@@ -125,128 +308,21 @@ def run_abort(engine: Engine, requests, rng: random.Random) -> dict:
             "waiting_after": stats["waiting"], "tok_s": sum(len(r["tokens"]) for r in results) / elapsed}
 
 
-def run_roofline(engine: Engine, peak_flops: float, rng: random.Random, steps: int) -> dict:
-    """Engine steps whose batch is exactly 32 decode tokens (32 running sequences)."""
-    durations = []
-
-    def observe(batch, duration_s):
-        if len(batch.seqs) == 32 and batch.num_tokens == 32:
-            durations.append(duration_s)
-
-    engine.step_observer = observe
-    engine.generate([[rng.randrange(100, 40000) for _ in range(128)] for _ in range(32)], exact(steps))
-    engine.step_observer = None
-    step_s = statistics.median(durations)
-    achieved = 2 * engine.runner.matmul_params * 32 / step_s
-    best_s = min(durations)
-    flops_per_step = 2 * engine.runner.matmul_params * 32
-    return {"decode_steps": len(durations), "step_ms": step_s * 1000, "achieved_gflops": achieved / 1e9,
-            "peak_gflops": peak_flops / 1e9, "roofline_pct": 100 * achieved / peak_flops,
-            "best_step_ms": best_s * 1000, "best_roofline_pct": 100 * flops_per_step / best_s / peak_flops}
-
-
-def with_load(result: dict) -> dict:
-    """Tag a result with the 1-minute load average at its end: the box is shared,
-    and a load well above our own thread count means someone else was running."""
-    result["load_1m"] = os.getloadavg()[0]
-    return result
-
-
-# ------------------------------------------------------------ the report
-
-def _verdict(value: float, target: float) -> str:
-    return f"{value:.2f}× (target ≥ {target}×: {'met' if value >= target else 'missed'})"
-
-
-def _render_header(r: dict) -> list[str]:
-    cfg = r["config"]
-    return [HEADING, "",
-            f"Command: `{r['command'].strip()}`", "",
-            f"{report.machine_header(r['machine'])} {r['threads']} torch threads; load average at the end "
-            f"{r['load_average_end']} (other work shared the box).", "",
-            f"Model SmolLM2-135M-Instruct, fp32 on CPU for every contender. Engine: block size {cfg.block_size}, "
-            f"max_num_seqs {cfg.max_num_seqs}, max_num_batched_tokens {cfg.max_num_batched_tokens}, "
-            f"KV cache {cfg.kv_cache_bytes // 2**20} MiB. Measured peak matmul rate: "
-            f"{r['peak_flops'] / 1e9:.1f} GFLOP/s (best fp32 square matmul).", ""]
-
-
-def _render_offline(r: dict, verdicts: list[str]) -> list[str]:
-    a = r["A_engine"]
-    rows = [("engine (this)", a["requests"], a["output_tokens"], f"{a['seconds']:.1f}", f"{a['tok_s']:.1f}", "1.00×",
-             f"{a['load_1m']:.1f}")]
-    targets = {"A_hf1": ("HF generate, one request at a time", 8), "A_static": ("HF static batching, padded batches of 16", 1.3),
-               "A_cb": ("transformers continuous batching (generate_batch manager)", 3)}
-    for key, (name, target) in targets.items():
-        if key in r:
-            peer = r[key]
-            speedup = a["tok_s"] / peer["tok_s"]
-            rows.append((name, peer["requests"], peer["output_tokens"], f"{peer['seconds']:.1f}",
-                         f"{peer['tok_s']:.1f}", f"{speedup:.2f}×", f"{peer['load_1m']:.1f}"))
-            verdicts.append(f"- A vs {name}: {_verdict(speedup, target)}")
-    return ["### A: offline throughput (prompt and output lengths uniform in [32, 256], EOS ignored)", "",
-            report.table(["contender", "requests", "output tokens", "seconds", "output tok/s", "engine speed-up",
-                          "load 1m after"], rows),
-            "", "The slow peers run a subset of the same requests (the first N of A; their rate is output "
-            "tokens per second, which extrapolates per token, not per request). HF static batching counts only "
-            "each request's own tokens although every batch runs to its longest output. The continuous-batching "
-            "peer uses each request's own max_new_tokens with EOS disabled. `load 1m after` is the 1-minute load "
-            "average when the run ended: about the thread count means the box was ours; more means other "
-            "processes shared the two cores and the row is slowed by them.", ""]
-
-
-def _render_online_prefix_abort(r: dict, verdicts: list[str]) -> list[str]:
-    lines = ["### B: online, Poisson arrivals, streaming (prompts [32, 256], outputs [32, 128])", "",
-             report.table(["rate req/s", "requests", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms",
-                           "output tok/s"],
-                          [(b["rate"], b["requests"], f"{b['ttft_p50']:.3f}", f"{b['ttft_p99']:.3f}",
-                            f"{b['itl_p50'] * 1000:.0f}", f"{b['itl_p99'] * 1000:.0f}", f"{b['tok_s']:.1f}")
-                           for b in r["B"]])]
-    off, on = r["C"]
-    ratio = off["ttft_mean"] / on["ttft_mean"]
-    lines += ["", "### C: shared 256-token system prompt + unique question, one request at a time", "",
-              report.table(["prefix caching", "requests", "TTFT mean s", "TTFT p50 s", "prefix hit rate"],
-                           [(c["prefix_caching"], c["requests"], f"{c['ttft_mean']:.3f}", f"{c['ttft_p50']:.3f}",
-                             f"{c['hit_rate']:.2f}") for c in r["C"]])]
-    verdicts.append(f"- C: prefix caching cuts mean TTFT {ratio:.2f}× (target ≥ 2×: {'met' if ratio >= 2 else 'missed'})")
-    d = r["D"]
-    lines += ["", "### D: 20% of streams aborted midway", "",
-              report.table(["streams", "aborted", "ended 'abort'", "others exact", "KV blocks used after",
-                            "running/waiting after", "output tok/s"],
-                           [(d["streams"], d["aborted"], d["aborted_final"], f"{d['others_exact']}/{d['others']}",
-                             d["kv_blocks_used_after"], f"{d['running_after']}/{d['waiting_after']}",
-                             f"{d['tok_s']:.1f}")])]
-    return lines
-
-
-def _render_roofline(r: dict, verdicts: list[str]) -> list[str]:
-    roof = r["roofline"]
-    verdicts.append(f"- Decode at 32 sequences: {roof['roofline_pct']:.1f}% of roofline "
-                    f"(target ≥ 40%: {'met' if roof['roofline_pct'] >= 40 else 'missed'})")
-    return ["", "### Decode step at 32 concurrent sequences (prompts of 128 tokens)", "",
-            report.table(["decode steps", "median step ms", "fastest step ms", "achieved GFLOP/s (median)",
-                          "peak GFLOP/s", "% of roofline (median)", "% of roofline (fastest)", "load 1m after"],
-                         [(roof["decode_steps"], f"{roof['step_ms']:.1f}", f"{roof['best_step_ms']:.1f}",
-                           f"{roof['achieved_gflops']:.1f}", f"{roof['peak_gflops']:.1f}",
-                           f"{roof['roofline_pct']:.1f}%", f"{roof['best_roofline_pct']:.1f}%",
-                           f"{roof['load_1m']:.1f}")]),
-            "", "Roofline: 2 × matmul parameters (every layer weight and the lm_head) × 32 tokens per step, "
-            "over the measured peak matmul rate.", ""]
-
-
-def render(r: dict) -> str:
-    verdicts: list[str] = []
-    lines = (_render_header(r) + _render_offline(r, verdicts) + _render_online_prefix_abort(r, verdicts)
-             + _render_roofline(r, verdicts))
-    lines += ["### Targets", ""] + verdicts + ["",
-              "Where a decode step's time goes (torch profiler, 32 sequences, ~160-token contexts, on this box): "
-              "about 55% in the weight GEMMs (at 32 rows a GEMM runs at roughly 60-70% of the square-matmul "
-              "peak; the 49152-row lm_head is memory-bound), about 35% in attention, of which gathering each "
-              "sequence's KV blocks is half, and the rest in norms, rotary and Python. That caps this design near "
-              "30-35% of the square-matmul roofline at 32 sequences; 64 sequences (workload A) amortise the weights "
-              "better. transformers' continuous batching is a real batching engine, so the gap to it is what "
-              "paged decode batching, chunked prefill and no per-step cache copies buy on a CPU, not a "
-              "batch-of-one handicap.", ""]
-    return "\n".join(lines)
+def run_serving(setup: Setup, rng: random.Random) -> dict:
+    """B and D on one engine in its default format, C on engines of its own."""
+    sizes, results = setup.sizes, {"B": []}
+    with Engine.from_pretrained(setup.model_dir, dataclasses.replace(setup.config)) as engine:
+        engine.generate([setup.mixed[0][0]], exact(4))  # warm-up
+        results["dtype"] = engine.config.dtype
+        for rate in sizes["rates"]:
+            log(f"B: {rate} req/s ...")
+            requests = workload_requests(sizes["B"], rng, setup.vocab, out_range=(32, 128))
+            results["B"].append(measured(run_online, engine, requests, rate, rng))
+        log("D: aborts ...")
+        results["D"] = run_abort(engine, workload_requests(sizes["D"], rng, setup.vocab, out_range=(32, 128)), rng)
+    log("C: shared prefix ...")
+    results["C"] = [run_prefix(setup, sizes["C"], enable) for enable in (False, True)]
+    return results
 
 
 # ------------------------------------------------------------ main
@@ -254,82 +330,94 @@ def render(r: dict) -> str:
 def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model dir (default: the bundled SmolLM2, converted once under var/models)")
-    parser.add_argument("--quick", action="store_true", help="small request counts: a smoke run in ~3 minutes")
+    parser.add_argument("--quick", action="store_true", help="small request counts: a smoke run in a few minutes")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for everyone")
+    parser.add_argument("--formats", default="fp32,bf16,int8,auto", help="engine formats to run, comma-separated")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-batched-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-peers", action="store_true", help="engine workloads only")
-    parser.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown file to write ('' to skip)")
-    return parser.parse_args(argv)
+    parser.add_argument("--skip-peers", action="store_true", help="engine rows only")
+    parser.add_argument("--skip-serving", action="store_true", help="skip B, C and D")
+    parser.add_argument("--json", help="also write the raw results here (to re-render them with --render)")
+    parser.add_argument("--render", metavar="JSON", help="measure nothing: render a run saved with --json")
+    parser.add_argument("--out", help="markdown file to write ('' to skip; default docs/BENCHMARKS.md, or "
+                        f"{QUICK_OUT} with --quick: a smoke run's figures are no benchmark)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else "docs/BENCHMARKS.md"
+    unknown = set(args.formats.split(",")) - {label for label, _, _ in format_specs("cpu")}
+    if unknown:
+        parser.error(f"unknown formats {sorted(unknown)}: choose from fp32, bf16, int8, auto")
+    return args
 
 
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
+def run_sizes(quick: bool) -> dict:
+    if quick:
+        return {"equal_out": 16, "hf1": 1, "chats": 1, "chat_tokens": 32, "mixed": 8, "mixed_out": (16, 64),
+                "static_mixed": 8, "cb": 4, "rates": (4.0,), "B": 4, "C": 2, "D": 5}
+    return {"equal_out": 32, "hf1": 4, "chats": 3, "chat_tokens": 128, "mixed": 32, "mixed_out": (32, 256),
+            "static_mixed": 16, "cb": 16, "rates": (1.0, 4.0), "B": 12, "C": 8, "D": 20}
 
 
-def run_engine_workloads(results: dict, model, tokenizer, config: EngineConfig, a_requests, sizes: dict,
-                         rng: random.Random, vocab: int) -> None:
-    """A, the roofline, B and D on one engine; C on engines of its own."""
-    engine = Engine(model, tokenizer, config)
-    try:
-        engine.generate([a_requests[0][0]], exact(4))  # warm-up
-        log("A: engine ...")
-        results["A_engine"] = with_load(run_offline(engine, a_requests))
-        log("roofline at 32 decoding sequences ...")
-        results["roofline"] = with_load(run_roofline(engine, results["peak_flops"], rng, sizes["roof_steps"]))
-        results["B"] = []
-        for rate in (0.5, 1.0, 2.0, 4.0):
-            log(f"B: {rate} req/s ...")
-            b_requests = workload_requests(sizes["B"], rng, vocab, out_range=(32, 128))
-            results["B"].append(run_online(engine, b_requests, rate, rng))
-        log("D: aborts ...")
-        results["D"] = run_abort(engine, workload_requests(sizes["D"], rng, vocab, out_range=(32, 128)), rng)
-    finally:
-        engine.shutdown()
-    log("C: shared prefix ...")
-    results["C"] = [run_prefix(model, tokenizer, config, sizes["C"], enable) for enable in (False, True)]
-
-
-def run_peers(results: dict, model, a_requests, sizes: dict) -> None:
-    log("peer: HF generate one at a time ...")
-    results["A_hf1"] = with_load(peers.hf_one_at_a_time(model, a_requests[:sizes["hf1"]]))
-    log("peer: HF static batches of 16 ...")
-    results["A_static"] = with_load(peers.hf_static_batches(model, a_requests[:sizes["static"]]))
-    log("peer: transformers continuous batching ...")
-    results["A_cb"] = with_load(peers.hf_continuous_batching(model, a_requests[:sizes["cb"]]))
+def make_setup(args) -> Setup:
+    device = args.device
+    if device == "auto":  # chosen once, at start: every row runs on it
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_dir = args.model or bundled_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    vocab = min(tokenizer.vocab_size, hf_config.vocab_size)
+    sizes = run_sizes(args.quick)
+    rng = random.Random(args.seed)
+    config = EngineConfig(device=device, kv_cache_bytes=2**30, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_batched_tokens, num_threads=args.threads,
+                          model_name=Path(model_dir).name)
+    setup = Setup(model_dir, tokenizer, device, config, sizes,
+                  sum(n_in * n_out * count for n_in, n_out, count in engine_shapes(hf_config).values()), vocab,
+                  skip_peers=args.skip_peers)
+    out = sizes["equal_out"]
+    setup.equal = workload_requests(EQUAL_REQUESTS, rng, vocab, (out, out), (EQUAL_PROMPT_TOKENS,) * 2)
+    setup.mixed = workload_requests(sizes["mixed"], rng, vocab, sizes["mixed_out"])
+    return setup
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model_dir = args.model or bundled_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    vocab = min(tokenizer.vocab_size, model.config.vocab_size)
-    quick = args.quick
-    sizes = {"A": 16 if quick else 64, "hf1": 2 if quick else 4, "static": 16 if quick else 32,
-             "cb": 8 if quick else 32, "B": 6 if quick else 16, "C": 4 if quick else 12,
-             "D": 10 if quick else 30, "roof_steps": 16 if quick else 48}
-    rng = random.Random(args.seed)
-    config = EngineConfig(kv_cache_bytes=2 * 2**30, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_batched_tokens, num_threads=args.threads,
-                          model_name=Path(model_dir).name)
-    results = {"machine": report.machine_info(), "threads": args.threads, "sizes": sizes, "config": config,
-               "command": report.command_line("bench.engine", argv)}
-    log("measuring matmul FLOP/s ...")
-    results["peak_flops"] = peers.matmul_flops()
-    a_requests = workload_requests(sizes["A"], rng, vocab)
-    run_engine_workloads(results, model, tokenizer, config, a_requests, sizes, rng, vocab)
-    if not args.skip_peers:
-        run_peers(results, model, a_requests, sizes)
-    results["load_average_end"] = report.machine_info()["load_average"]
-    text = render(results)
+    results = json.loads(Path(args.render).read_text()) if args.render else measure(args, argv)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    text = render(results, HEADING)
     print(text)
     if args.out:
         report.write_section(text, HEADING, Path(args.out))
         log(f"wrote {args.out}")
     return 0
+
+
+def measure(args, argv) -> dict:
+    started, machine = time.perf_counter(), report.machine_info()
+    torch.set_num_threads(args.threads)
+    setup = make_setup(args)
+    results = {"machine": machine, "threads": args.threads, "device": setup.device,
+               "gpu": torch.cuda.get_device_name(setup.device) if setup.device.startswith("cuda") else None,
+               "sizes": setup.sizes, "config": dataclasses.asdict(setup.config),
+               "equal_prompt_tokens": EQUAL_PROMPT_TOKENS,
+               "command": report.command_line("bench.engine", argv), "rows": []}
+    wanted = args.formats.split(",")
+    for label, dtype, quantization in format_specs(setup.device):
+        if label in wanted:
+            row = run_format(setup, label, dtype, quantization)  # its engine is gone before the peers load
+            row["peers"] = {} if setup.skip_peers else equal_peers(setup, row["dtype"], quantization)
+            results["rows"].append(row)
+    auto = [row["dtype"] for row in results["rows"] if row["label"] == "auto"]
+    results["mixed"] = run_mixed(setup, auto[0] if auto else results["rows"][0]["dtype"])
+    if not args.skip_serving:
+        results["serving"] = run_serving(setup, random.Random(args.seed + 1))
+    results["peaks"] = setup.peaks
+    results["load_average_end"] = report.machine_info()["load_average"]
+    results["wall_s"] = time.perf_counter() - started
+    return results
 
 
 def bundled_model_dir() -> str:

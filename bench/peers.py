@@ -1,27 +1,65 @@
-"""The engine benchmark's yardsticks: the machine's matmul FLOP/s and the Hugging
-Face peers (generate one at a time, static padded batches, transformers'
-continuous batching)."""
+"""The engine benchmark's yardsticks: the machine's matmul rate in each number
+format and the Hugging Face peers (generate one at a time, static padded
+batches, transformers' continuous batching), in any dtype, on CPU or CUDA.
+"""
 from __future__ import annotations
 
 import time
 
 import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def matmul_flops(dtype=torch.float32, seconds_per_size: float = 1.5) -> float:
-    """The best fp32 matmul rate over a few square sizes (FLOP/s): the compute roofline."""
+def sync(device: str) -> None:
+    """CUDA runs asynchronously: a timer must wait for the queued kernels."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _square_operands(size: int, dtype: str, device: str):
+    if dtype == "int8":
+        # The kernel the engine's CPU int8 path runs (inference.quantization).
+        a = torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device)
+        b = torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device)
+        return lambda: torch._int_mm(a, b)
+    a = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
+    b = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
+    return lambda: a @ b
+
+
+def matmul_flops(dtype: str = "float32", device: str = "cpu", seconds_per_size: float = 1.0) -> float:
+    """The best square-matmul rate in one format (FLOP/s, or int8 OP/s): the
+    compute roofline a decode step is measured against. CUDA gets larger sizes,
+    as small ones leave most of a GPU idle."""
+    sizes = (4096, 8192) if device.startswith("cuda") else (1024, 2048, 3072)
     best = 0.0
-    for size in (1024, 2048, 3072):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # warm-up
+    for size in sizes:
+        product = _square_operands(size, dtype, device)
+        product()  # warm-up: oneDNN builds its kernel, CUDA loads its library
+        sync(device)
         runs, started = 0, time.perf_counter()
         while runs < 3 or time.perf_counter() - started < seconds_per_size:
             fastest = time.perf_counter()
-            a @ b
-            fastest = time.perf_counter() - fastest
-            best = max(best, 2 * size**3 / fastest)
+            product()
+            sync(device)
+            best = max(best, 2 * size**3 / (time.perf_counter() - fastest))
             runs += 1
     return best
+
+
+def load_model(model_dir: str, dtype: str, quantization: str, device: str):
+    """A fresh HF model in the engine row's format. int8 on CPU is torch's
+    dynamic quantization of every nn.Linear (fbgemm/oneDNN int8 GEMMs with
+    int8 activations, as the engine's int8 does); None where HF has no int8
+    path to compare with (CUDA)."""
+    if quantization != "none" and device != "cpu":
+        return None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
+    if quantization != "none":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
 
 
 def _exact_length_kwargs(model, num_tokens: int) -> dict:
@@ -30,22 +68,31 @@ def _exact_length_kwargs(model, num_tokens: int) -> dict:
             "pad_token_id": 0, "eos_token_id": model.generation_config.eos_token_id}
 
 
-@torch.inference_mode()
-def hf_one_at_a_time(model, requests: list[tuple[list[int], int]]) -> dict:
-    model.generate(torch.tensor([requests[0][0][:8]]), **_exact_length_kwargs(model, 4))  # warm-up
-    tokens, started = 0, time.perf_counter()
-    for prompt, num_out in requests:
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             **_exact_length_kwargs(model, num_out))
-        tokens += out.shape[1] - len(prompt)
-    elapsed = time.perf_counter() - started
+def _result(requests: list, tokens: int, elapsed: float) -> dict:
     return {"requests": len(requests), "output_tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
 
 
 @torch.inference_mode()
-def hf_static_batches(model, requests: list[tuple[list[int], int]], batch_size: int = 16) -> dict:
+def hf_one_at_a_time(model, requests: list[tuple[list[int], int]], device: str = "cpu") -> dict:
+    model.generate(torch.tensor([requests[0][0][:8]], device=device), **_exact_length_kwargs(model, 4))  # warm-up
+    sync(device)
+    tokens, started = 0, time.perf_counter()
+    for prompt, num_out in requests:
+        out = model.generate(torch.tensor([prompt], device=device),
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
+                             **_exact_length_kwargs(model, num_out))
+        tokens += out.shape[1] - len(prompt)
+    sync(device)
+    return _result(requests, tokens, time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def hf_static_batches(model, requests: list[tuple[list[int], int]], batch_size: int = 16,
+                      device: str = "cpu") -> dict:
     """Left-padded batches; each batch runs to its longest output, so shorter
     requests cost steps they do not use. Counts useful tokens only."""
+    model.generate(torch.tensor([requests[0][0][:8]] * 2, device=device), **_exact_length_kwargs(model, 2))
+    sync(device)
     useful, started = 0, time.perf_counter()
     for first in range(0, len(requests), batch_size):
         chunk = requests[first:first + batch_size]
@@ -55,18 +102,17 @@ def hf_static_batches(model, requests: list[tuple[list[int], int]], batch_size: 
         for row, (prompt, _) in enumerate(chunk):
             ids[row, width - len(prompt):] = torch.tensor(prompt)
             mask[row, width - len(prompt):] = 1
-        model.generate(ids, attention_mask=mask, **_exact_length_kwargs(model, max(n for _, n in chunk)))
+        model.generate(ids.to(device), attention_mask=mask.to(device),
+                       **_exact_length_kwargs(model, max(n for _, n in chunk)))
         useful += sum(n for _, n in chunk)
-    elapsed = time.perf_counter() - started
-    return {"requests": len(requests), "output_tokens": useful, "seconds": elapsed, "tok_s": useful / elapsed}
+    sync(device)
+    return _result(requests, useful, time.perf_counter() - started)
 
 
 @torch.inference_mode()
 def hf_continuous_batching(model, requests: list[tuple[list[int], int]]) -> dict:
     """transformers' own continuous batching manager (what generate_batch drives),
     with each request's own max_new_tokens and EOS disabled."""
-    from transformers import GenerationConfig
-
     config = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in requests),
                               eos_token_id=None, pad_token_id=0)
     with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=600) as manager:
@@ -82,5 +128,4 @@ def hf_continuous_batching(model, requests: list[tuple[list[int], int]]) -> dict
             if result.is_finished():
                 done[result.request_id] = len(result.generated_tokens)
         elapsed = time.perf_counter() - started
-    tokens = sum(done.values())
-    return {"requests": len(requests), "output_tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+    return _result(requests, sum(done.values()), elapsed)
