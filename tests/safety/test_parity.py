@@ -93,7 +93,10 @@ async def test_a_streamed_api_reply_is_cut_before_the_blocked_text(remote, alice
     body = b"".join([chunk async for chunk in response.streaming_content]).decode()
     chunks = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert "there" not in text and text.startswith("echo")
+    # What streamed is the part before the blocked word, or none of it: the
+    # relay moderates what one network read brings as one piece, and on a
+    # busy box "echo: hello there" can arrive in a single read.
+    assert "there" not in text and "echo: hello ".startswith(text)
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "content_filter"
 
 
