@@ -16,6 +16,10 @@ bench.engine_report its markdown.
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+
+import httpx
 
 
 def free_port() -> int:
@@ -23,3 +27,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, log_name: str, timeout_s: float = 300) -> None:
+    """Until a started `serve` answers /healthz; it is killed if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited; see {log_name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server never became healthy")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import free_port, report
+from bench import free_port, report, wait_healthy
 from bench.report import ROOT, percentile
 from inference import Engine, SamplingParams
 from inference.bootstrap import resolve_model
@@ -152,18 +152,8 @@ def start_server(port: int, args) -> subprocess.Popen:
         [sys.executable, "manage.py", "serve", "--no-worker", "--port", str(port)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited; see {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server never became healthy")
+    wait_healthy(proc, port, log.name)
+    return proc
 
 
 # ------------------------------------------------------------ engine alone

@@ -41,10 +41,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psutil
 
-from bench import free_port, report
+from bench import free_port, report, wait_healthy
 from bench.report import ROOT, percentile
 
 SECTION = "## Relay to a remote backend (bench.relay)"
@@ -252,18 +251,8 @@ def start_server(tree: Path, name: str, stub_port: int, profile: Path | None = N
                    "--", *command]
     proc = subprocess.Popen(command, cwd=tree, env={**_server_env(name, stub_port), **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited; see {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server never became healthy")
+    wait_healthy(proc, port, log.name)
+    return proc, port
 
 
 def service_pids(data_dir: Path) -> list[int]:
