@@ -257,6 +257,20 @@ def kill_tree(proc: psutil.Process, sig: int, *, grace_s: float) -> None:
     psutil.wait_procs(family, timeout=grace_s)
 
 
+def kill_children_of(pid: int) -> None:
+    """SIGKILL every process below `pid` (SIGKILL also ends a stopped one)."""
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return
+    for each in family:
+        try:
+            each.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(family, timeout=3.0)
+
+
 def kill_configured(grace_s: float = 3.0) -> None:
     """End the embedded Postgres and Redis now, for a shutdown that overran
     or was forced. Postgres gets an immediate shutdown (SIGQUIT: crash

@@ -19,8 +19,11 @@ Every way out ends with nothing left running (docs/RELIABILITY.md):
 from __future__ import annotations
 
 import asyncio
+import atexit
+import faulthandler
 import fcntl
 import functools
+import logging
 import os
 import signal
 import subprocess
@@ -93,6 +96,7 @@ class Command(BaseCommand):
             self._exit_lock.acquire()
             self.stdout.write("stopped.")
             self.stdout.flush()
+        _exit_without_waiting_for_stray_threads()
 
     def _first_admin(self, host: str):
         """Off loopback, the first admin comes from a token printed here, not
@@ -136,12 +140,20 @@ class Command(BaseCommand):
         process with status 0 meanwhile."""
         self._exit_lock.acquire(blocking=False)
         os.write(2, f"serve: {why}: killing what is left\n".encode())
+        if not why.startswith("second"):
+            # Where it was stuck, for the bug report: a shutdown that overran
+            # is a bug (a second Ctrl-C is only impatience).
+            faulthandler.dump_traceback(all_threads=True)
         if self._worker is not None:
             try:
                 os.killpg(self._worker.pid, signal.SIGKILL)  # its own session: all of it
             except OSError:
                 pass  # already gone
         embedded.kill_configured()
+        # Then whatever else this process started and still waits on: a
+        # `pg_ctl stop` that polls a killed postmaster's pid file would run
+        # on for a minute after we are gone.
+        embedded.kill_children_of(os.getpid())
         os._exit(1)
 
     # ------------------------------------------------------------ steps
@@ -279,6 +291,21 @@ class Command(BaseCommand):
         server.run()
         if not server.listening_addresses:
             raise CommandError(f"could not listen on {host}:{port} (is the port already in use?)")
+
+
+def _exit_without_waiting_for_stray_threads() -> None:
+    """Exit 0 now that everything is stopped, without the interpreter's join
+    of executor threads. A request that Daphne cancelled at shutdown can leave
+    asgiref's thread blocked for good in `async_to_sync`, waiting for the
+    event loop that has stopped, and Python's exit would wait on it forever
+    (seen on busy boxes: the watchdog then killed a clean shutdown with
+    status 1). Whatever those threads could touch, Postgres and Redis
+    included, is stopped by now. The exit handlers still run."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _loopback_if_any(host: str) -> str:
