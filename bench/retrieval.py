@@ -321,7 +321,7 @@ def _speed_rows(r: dict, args) -> list[tuple]:
         rows.append((f"ingestion, a {ing['pages']}-page PDF ({ing['mb']:.1f} MB, {ing['chunks']} chunks of 200 "
                      f"tokens), {ing['threads']} embedding thread", "—",
                      f"{ing['pages_per_s']:.1f} pages/s ({ing['seconds']:.1f} s; extract {ing['extract_s']:.2f} s, "
-                     f"chunk {ing['chunk_s']:.2f} s, the rest embedding and storing)", "—", "—"))
+                     f"chunk {ing["chunk_s"]:.2f} s, the rest embedding, screening and storing)", "—", "—"))
     for mode in MODES if "speed" in r else ():
         rows.append((f"{mode} search, {args.chunks:,} chunks in scope, p50 / p99 (same top 5 as before: "
                      f"{r['speed'][mode]['agree']:.0%})", *_pair(r["speed"][mode]),

@@ -1,6 +1,8 @@
 """Middleware of the whole site."""
 from __future__ import annotations
 
+import functools
+
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import HttpResponse
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -58,3 +60,24 @@ class DatabaseTroubleMiddleware:
             response["HX-Retarget"] = "#composer-error"
             response["HX-Reswap"] = "innerHTML"
         return response
+
+
+class LoadedUserMiddleware:
+    """After AuthenticationMiddleware, in Django's synchronous block: loads
+    the signed-in user there, on the request's thread, and gives async views
+    that same object through `request.auser()`. Django's own `auser` queries
+    the user again (its cache is separate from `request.user`'s), through a
+    thread hop, on every async view behind login_required."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        request.user.is_authenticated  # evaluates the lazy user here
+        request.auser = functools.partial(_loaded_user, request)
+        return self.get_response(request)
+
+
+async def _loaded_user(request):
+    return request.user
+

@@ -123,6 +123,13 @@ def check_system_prompt(system_prompt) -> str:
 
 
 def conversation_create(*, user, model: str = "", system_prompt: str = "", temporary: bool = False) -> Conversation:
+    conversation = _new_conversation(user=user, model=model, system_prompt=system_prompt, temporary=temporary)
+    conversation.save()
+    return conversation
+
+
+def _new_conversation(*, user, model: str, system_prompt: str, temporary: bool) -> Conversation:
+    """Checked, not saved."""
     conversation = Conversation(
         user=user, model=check_model(model, user=user), system_prompt=check_system_prompt(system_prompt),
         temporary=temporary,
@@ -130,7 +137,6 @@ def conversation_create(*, user, model: str = "", system_prompt: str = "", tempo
     # Not the user (the signed-in one) nor the uuid's uniqueness: both checks are
     # queries that cannot fail, on the path of every new chat.
     conversation.full_clean(exclude=["user", "current_leaf", "summary_through"], validate_unique=False)
-    conversation.save()
     return conversation
 
 
@@ -140,8 +146,18 @@ def conversation_start(*, user, text: str, model: str = "", system_prompt: str =
     transaction: a bad message leaves no empty conversation behind. Returns the
     placeholder (the reply)."""
     text = check_message_text(text)
-    conversation = conversation_create(user=user, model=model, system_prompt=system_prompt, temporary=temporary)
-    return _append_turn(conversation, text, parent=None)
+    conversation = _new_conversation(user=user, model=model, system_prompt=system_prompt, temporary=temporary)
+    conversation.title, conversation.title_source = fallback_title(text), Conversation.TitleSource.FALLBACK
+    user_message = Message(conversation=conversation, role=Message.Role.USER, content=text)
+    reply = _new_placeholder(conversation, user_message)
+    # The leaf is set before the reply exists: Django's foreign keys are
+    # checked at commit on PostgreSQL (DEFERRABLE INITIALLY DEFERRED), which
+    # saves the UPDATE that a new chat's first turn otherwise needs.
+    conversation.current_leaf_id = reply.id
+    conversation.save()
+    user_message.save()
+    reply.save()
+    return reply
 
 
 @transaction.atomic
@@ -214,7 +230,13 @@ def preferences_update(*, user, custom_instructions: str) -> ChatPreferences:
 
 
 def _placeholder(conversation: Conversation, parent: Message) -> Message:
-    return Message.objects.create(
+    reply = _new_placeholder(conversation, parent)
+    reply.save()
+    return reply
+
+
+def _new_placeholder(conversation: Conversation, parent: Message) -> Message:
+    return Message(
         conversation=conversation,
         parent=parent,
         role=Message.Role.ASSISTANT,

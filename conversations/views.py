@@ -8,10 +8,12 @@ every sync view on asgiref's single thread.
 from __future__ import annotations
 
 from functools import wraps
+from inspect import iscoroutinefunction
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth.decorators import login_required
+from django.contrib.auth.decorators import login_required as django_login_required
+from django.contrib.auth.decorators import user_passes_test
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse, HttpResponseBadRequest, JsonResponse
@@ -58,6 +60,20 @@ def _chat_context(request, conversation=None, error: str = "", draft: str = "") 
     return {**_main_context(request, conversation), "sidebar": _sidebar_page(request.user), "error": error, "draft": draft}
 
 
+async def _is_authenticated(user) -> bool:
+    return user.is_authenticated
+
+
+def login_required(view):
+    """Django's, without its thread hop for async views: its test is a sync
+    lambda, which it runs through `sync_to_async` on every request; the user
+    is already loaded (chatapp.middleware.LoadedUserMiddleware), so an async
+    test is a plain attribute read."""
+    if iscoroutinefunction(view):
+        return user_passes_test(_is_authenticated)(view)
+    return django_login_required(view)
+
+
 def _composer_error(message: str, status: int = 422) -> HttpResponse:
     """The message, swapped by htmx into the composer's error slot. htmx
     swaps it as HTML whatever its content type, and the message may echo
@@ -75,22 +91,29 @@ def _plain_error(exc: ValidationError) -> HttpResponse:
 async def _chat_rate_limited(request, user) -> HttpResponse | None:
     """The API's kind of HTTP rate limit on the chat's POSTs that start a
     reply, per user and per client address (django-ratelimit's counters in
-    Redis; its calls block, so they run on a worker thread)."""
+    Redis; its calls block, so both run on one trip to a worker thread)."""
+    try:
+        usage = await sync_to_async(_rate_usage, thread_sensitive=False)(request, user)
+    except REDIS_ERRORS:
+        return _composer_error("The rate limiter (Redis) is unreachable; try again in a minute.", status=503)
+    if usage is None:
+        return None
+    wait_s = max(1, int(usage["time_left"]))
+    response = _composer_error(f"You are sending messages too fast. {try_again_in(wait_s)}", status=429)
+    response["Retry-After"] = str(wait_s)
+    return response
+
+
+def _rate_usage(request, user) -> dict | None:
+    """The first of the chat's limits that this POST exceeds, or None."""
     checks = (
         ("chat-user", lambda group, req: str(user.pk), settings.CHAT_RATE_PER_USER),
         ("chat-ip", lambda group, req: client_ip(req), settings.CHAT_RATE_PER_IP),
     )
     for group, key, rate in checks:
-        try:
-            usage = await sync_to_async(get_usage, thread_sensitive=False)(
-                request, group=group, key=key, rate=rate, increment=True)
-        except REDIS_ERRORS:
-            return _composer_error("The rate limiter (Redis) is unreachable; try again in a minute.", status=503)
+        usage = get_usage(request, group=group, key=key, rate=rate, increment=True)
         if usage is not None and usage["should_limit"]:
-            wait_s = max(1, int(usage["time_left"]))
-            response = _composer_error(f"You are sending messages too fast. {try_again_in(wait_s)}", status=429)
-            response["Retry-After"] = str(wait_s)
-            return response
+            return usage
     return None
 
 

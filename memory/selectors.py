@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db.models import Exists, Subquery
 from django.http import Http404
 from pgvector.django import CosineDistance
 
@@ -29,8 +31,17 @@ def memory_list(*, user, status: str) -> list[Memory]:
     return list(Memory.objects.filter(user=user, status=status).order_by("-created_at"))
 
 
-def has_active(*, user_id) -> bool:
-    return Memory.objects.filter(user_id=user_id, status=Memory.Status.ACTIVE).exists()
+def turn_state(*, user_id) -> tuple[bool, bool]:
+    """(memory enabled, any active memory): a turn's two questions in one
+    query, on the path of every reply."""
+    enabled = MemorySettings.objects.filter(user_id=user_id).values("enabled")[:1]
+    active = Memory.objects.filter(user_id=user_id, status=Memory.Status.ACTIVE)
+    row = (get_user_model().objects.filter(pk=user_id)
+           .annotate(enabled=Subquery(enabled), any_active=Exists(active))
+           .values_list("enabled", "any_active").first())
+    if row is None:
+        return False, False
+    return (True if row[0] is None else row[0]), row[1]
 
 
 def relevant(*, user_id, vector: list[float], limit: int) -> list[Memory]:

@@ -164,14 +164,17 @@ def turn_memory(*, user_id, reply_id, message: str, budget: int, count_tokens: C
     """Save an explicit "remember that …" of `message`, then pick the active
     memories nearest to it that fit `budget` tokens (`count_tokens` counts
     a system text with the model's tokenizer), and record both on the reply."""
-    if not selectors.memory_enabled(user_id=user_id):
+    enabled, any_active = selectors.turn_state(user_id=user_id)
+    if not enabled:
         return TurnMemory()
     turn = TurnMemory(saved=_remember_explicit(user_id, message, reply_id))
     notes = [SAVED_NOTE.format(fact=turn.saved.text)] if turn.saved else []
     if notes and count_tokens(notes[0]) > budget:
         notes = []  # the reply's "saved to memory" line still confirms it
     lines: list[str] = []
-    for memory in _nearest(user_id, message, exclude=turn.saved):
+    # None active before this turn: no embedding to compute (most turns); a
+    # memory saved just now is left out of the nearest anyway.
+    for memory in (_nearest(user_id, message, exclude=turn.saved) if any_active else []):
         text = _block(notes, lines + [f"- {memory.text}"])
         if count_tokens(text) > budget:
             break  # nearest first: the rest matter less
@@ -201,8 +204,6 @@ def _remember_explicit(user_id, message: str, reply_id) -> Memory | None:
 
 
 def _nearest(user_id, message: str, *, exclude: Memory | None) -> list[Memory]:
-    if not selectors.has_active(user_id=user_id):
-        return []  # no embedding to compute on most turns
     vector = _vector(message[:QUERY_MAX_CHARS])
     nearest = selectors.relevant(user_id=user_id, vector=vector, limit=settings.MEMORY_MAX_RESULTS + 1)
     return [m for m in nearest if exclude is None or m.id != exclude.id][: settings.MEMORY_MAX_RESULTS]

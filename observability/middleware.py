@@ -1,12 +1,17 @@
 """Request id, log context and requests by view and status.
 
-Both classes are sync-only on purpose: Django's own middleware runs as one
-synchronous block (chatapp.apps), and a class of ours that is async-capable
-would split it with a thread hop. Measured overhead: `python -m bench.metrics`.
+RequestContextMiddleware comes first and runs in whichever mode its caller
+does (under ASGI, on the event loop, before ServeStatic), so that Django's
+own middleware after it stays one synchronous block (chatapp.apps): each
+switch between async and sync code is a thread hop. UserContextMiddleware
+sits inside that block and is sync-only for the same reason. Measured
+overhead: `python -m bench.metrics`.
 """
 from __future__ import annotations
 
 import time
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
 from observability import logs, metrics
 
@@ -18,10 +23,27 @@ class RequestContextMiddleware:
     sane) for every log line of the request, sends it back as a header, and
     counts the request by resolved view name, method and status."""
 
+    sync_capable = True
+    async_capable = True
+
     def __init__(self, get_response):
         self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
 
     def __call__(self, request):
+        if self.async_mode:
+            return self._acall(request)
+        started = self._start(request)
+        return self._finish(request, self.get_response(request), started)
+
+    async def _acall(self, request):
+        started = self._start(request)
+        return self._finish(request, await self.get_response(request), started)
+
+    @staticmethod
+    def _start(request) -> float:
         started = time.perf_counter()
         request_id = logs.request_id_from(request.headers.get(logs.REQUEST_ID_HEADER))
         request.request_id = request_id
@@ -30,13 +52,16 @@ class RequestContextMiddleware:
         # ASGI request runs in a context of its own, so nothing leaks.
         logs.clear()
         logs.bind(request_id=request_id)
-        response = self.get_response(request)
+        return started
+
+    @staticmethod
+    def _finish(request, response, started: float):
         # /v1 answers carry the gateway's own request id (OpenAI's header, the
         # usage ledger's key, and never the caller's choice); everything else
         # carries this one.
         if logs.REQUEST_ID_HEADER not in response:
-            response[logs.REQUEST_ID_HEADER] = request_id
-        match = request.resolver_match
+            response[logs.REQUEST_ID_HEADER] = request.request_id
+        match = getattr(request, "resolver_match", None)
         metrics.http_request(view=match.view_name if match else UNMATCHED, method=request.method,
                              status=response.status_code, duration_s=time.perf_counter() - started)
         return response

@@ -58,14 +58,50 @@ def test_djangos_middleware_is_adapted_once_not_per_method(caplog, settings):
     with caplog.at_level("DEBUG", logger="django.request"):
         ASGIHandler()  # loads the middleware, in async mode
     adapted = sorted(r.getMessage() for r in caplog.records if "adapted" in r.getMessage())
-    # Only where the mode changes: ServeStatic (async) between Security and
-    # the run of Django's classes below it, and the async views under those.
-    # (django-csp's CSPMiddleware ends that run: it is a MiddlewareMixin like Django's own.)
+    # Only where the mode changes: ServeStatic (async, under the request
+    # context) calls the one run of Django's classes (SecurityMiddleware
+    # first), which calls the async middleware and views under it. (Django
+    # names the middleware that is given the adapted handler; django-csp's
+    # CSPMiddleware ends that run: it is a MiddlewareMixin like Django's own.)
     assert adapted == [
         "Asynchronous handler adapted for middleware csp.middleware.CSPMiddleware.",
-        "Asynchronous handler adapted for middleware django.middleware.security.SecurityMiddleware.",
         "Synchronous handler adapted for middleware servestatic.middleware.ServeStaticMiddleware.",
     ]
+
+
+async def test_a_new_chat_costs_a_few_thread_hops(alice, monkeypatch):
+    """The chat's busiest POST: the one sync block, CSRF's process_view, the
+    rate limit (both counters in one trip), saving the turn and rendering the
+    new chat (one trip each), the signals. No hop to re-read the user for
+    login_required, none for its test."""
+    from asgiref.sync import SyncToAsync, sync_to_async
+
+    from conversations import turns
+
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(alice)
+    await client.get("/")
+    hops = []
+    real_call = SyncToAsync.__call__
+
+    async def counting_call(self, *args, **kwargs):
+        hops.append(getattr(self.func, "__qualname__", repr(self.func)))
+        return await real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(turns, "start_reply", lambda *args, **kwargs: None)
+    monkeypatch.setattr(SyncToAsync, "__call__", counting_call)
+    response = await client.post("/c/new", {"text": "hello"}, headers={"HX-Request": "true"})
+    assert response.status_code == 200, response.content[:300]
+    assert not any("login_required" in hop or "QuerySet" in hop for hop in hops), hops
+    assert hops.count("convert_exception_to_response.<locals>.inner") == 1, hops
+    assert len(hops) <= 8, hops
+
+
+def test_static_files_carry_the_security_headers(client):
+    response = client.get("/static/js/chat.js")
+    assert response.status_code == 200
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert response["Referrer-Policy"] == "same-origin"
 
 
 async def test_a_page_costs_a_few_thread_hops_not_one_per_middleware_method(alice, monkeypatch):
