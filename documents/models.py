@@ -87,9 +87,10 @@ class Chunk(models.Model):
     # The safety screen's verdict, judged at ingestion (or written back by the
     # turn that screened it) under `verdict_version`, safety's policy version:
     # a turn trusts it only while that is still the current one ("" : never screened).
-    verdict_flagged = models.BooleanField(default=False)
-    verdict_category = models.CharField(max_length=32, blank=True)
-    verdict_version = models.CharField(max_length=32, blank=True)
+    # (Defaults in the database too: chunks loaded by COPY, as bench.retrieval does, start unscreened.)
+    verdict_flagged = models.BooleanField(default=False, db_default=False)
+    verdict_category = models.CharField(max_length=32, blank=True, default="", db_default="")
+    verdict_version = models.CharField(max_length=32, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["document", "ordinal"]
