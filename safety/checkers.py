@@ -15,7 +15,9 @@ runs them on its threads with a timeout.
                      labelled set (safety/data/head.npz)
 
 The libraries are imported on first use, with a comment at each: a process
-that never moderates (the Celery worker) does not load sklearn.
+that never moderates does not load sklearn. (The Celery worker judges chunks
+at ingestion: it loads what SAFETY_CHECKERS names, and the head embeds there
+with documents' numpy MiniLM through `embedding`, never torch.)
 """
 from __future__ import annotations
 
