@@ -363,7 +363,7 @@ def _speed_rows(r: dict, args) -> list[tuple]:
         rows.append((f"ingestion, a {ing['pages']}-page PDF ({ing['mb']:.1f} MB, {ing['chunks']} chunks of 200 "
                      f"tokens), {ing['threads']} embedding thread", "—",
                      f"{ing['pages_per_s']:.1f} pages/s ({ing['seconds']:.1f} s; extract {ing['extract_s']:.2f} s, "
-                     f"chunk {ing['chunk_s']:.2f} s, the rest embedding and storing)", "—", "—"))
+                     f"chunk {ing['chunk_s']:.2f} s, the rest embedding, screening and storing)", "—", "—"))
     for mode in MODES if "speed" in r else ():
         rows.append((f"{mode} search, {args.chunks:,} chunks in scope, p50 / p99 (same top 5 as before: "
                      f"{r['speed'][mode]['agree']:.0%})", *_pair(r["speed"][mode]),
@@ -448,7 +448,9 @@ def main(argv=None) -> int:
             f"four formats (txt, md, html; bench/data), {args.chunk_tokens}-token chunks; a hit is right when it is a "
             f"chunk of the question's file holding the answer's phrase. Questions are embedded with "
             f"all-MiniLM-L6-v2 (torch, as the serving process does), chunks by the worker's numpy copy of it.\n\n"
-            f"{tables}\n\nLoad average {load} at the start, {_load()} at the end. Speed: synthetic "
+            f"{tables}\n\nLoad average {load} at the start, {_load()} at the end. Ingestion judges each "
+            f"batch of chunks with the safety screen as well as embedding it (the head reads each chunk's windows "
+            f"through the same numpy MiniLM), so its verdicts are stored for the turns. Speed: synthetic "
             f"chunks are random unit vectors and 50 words each from a 20,000-word vocabulary (each query word "
             f"matches about 125 chunks). *Before* is the code measured at 02:26 (bench/retrieval_before.py), "
             f"*after* today's, run alternately on the same queries in this one run, so the ratio holds while the "
