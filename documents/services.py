@@ -28,6 +28,7 @@ from chatapp import runtime
 from documents import formats, storage, tasks
 from documents.models import ChatSources, Chunk, Document, ReplySources
 from documents.storage import delete_key
+from safety.services import PassageVerdict
 
 log = logging.getLogger(__name__)
 MB = 2**20
@@ -114,8 +115,8 @@ def record_sources(*, reply, conversation, passages) -> None:
 
 # ------------------------------------------------------------ verdicts
 
-def chunk_verdicts_store(*, verdicts: list[tuple[int, object]]) -> None:
-    """(chunk id, safety PassageVerdict) pairs onto their chunks; a verdict
+def chunk_verdicts_store(*, verdicts: list[tuple[int, PassageVerdict]]) -> None:
+    """(chunk id, verdict) pairs onto their chunks; a verdict
     with no policy version (the screen could not finish) is not stored."""
     groups: dict[tuple, list[int]] = {}
     for chunk_id, verdict in verdicts:
@@ -126,7 +127,7 @@ def chunk_verdicts_store(*, verdicts: list[tuple[int, object]]) -> None:
                                                 verdict_version=version)
 
 
-def chunk_verdicts_store_soon(*, verdicts: list[tuple[int, object]]):
+def chunk_verdicts_store_soon(*, verdicts: list[tuple[int, PassageVerdict]]):
     """`chunk_verdicts_store` on a ledger database thread (commits unsynced:
     a verdict lost in a crash is only screened again), so the turn that
     screened them does not wait. Returns the future."""
