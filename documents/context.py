@@ -4,7 +4,10 @@ The chat's attachments, and the user's library when the chat's "use my
 library" is on, are searched with the turn's newest user message (hybrid,
 `selectors.search`), always scoped to the chat's owner. Passages are
 untrusted input: each goes through the safety pipeline first (`screen`), and
-a flagged one is left out and counted (the sources panel says so). What is
+a flagged one is left out and counted (the sources panel says so). A chunk
+judged before (at ingestion, or by an earlier turn) under the current policy
+version keeps its stored verdict and skips the screen; the others are
+screened now and their verdicts written back off the turn's path. What is
 left is numbered [1]..[n] for citations and cut to the passages' own share
 of the window (`passage_budget`; docs/ARCHITECTURE.md has the whole split).
 """
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from documents import selectors
+from documents import selectors, services
 from retrieval import services as retrieval_services
 from safety import services as safety_services
 
@@ -45,6 +48,26 @@ def screen(texts: list[str], *, user_id) -> list[bool]:
     return [verdict.flagged for verdict in safety_services.screen_passages(texts, user_id=user_id)]
 
 
+def screen_hits(hits: list[selectors.Hit], *, user_id) -> list[bool]:
+    """`screen` for search hits: those whose stored verdict is of the current
+    policy version are not screened again (a flagged one is still left out
+    and told); the rest are, and their verdicts are stored for the next turn."""
+    version = safety_services.policy_version()
+    current = [i for i, h in enumerate(hits) if h.verdict_version == version]
+    stale = [i for i, h in enumerate(hits) if h.verdict_version != version]
+    flags = [False] * len(hits)
+    stored = safety_services.stored_passage_verdicts(
+        [(hits[i].text, hits[i].verdict_flagged, hits[i].verdict_category) for i in current], user_id=user_id)
+    for i, verdict in zip(current, stored):
+        flags[i] = verdict.flagged
+    if stale:
+        fresh = safety_services.screen_passages([hits[i].text for i in stale], user_id=user_id)
+        for i, verdict in zip(stale, fresh):
+            flags[i] = verdict.flagged
+        services.chunk_verdicts_store_soon(verdicts=[(hits[i].chunk_id, v) for i, v in zip(stale, fresh)])
+    return flags
+
+
 def passages_for_turn(*, user_id, conversation_id, query: str, prompt_budget_tokens: int,
                       count_tokens: Callable[[str], int], needed_tokens: Callable[[], int] = lambda: 0) -> Passages:
     """`count_tokens(text)`: the model's tokens for `text` as a system message;
@@ -64,7 +87,7 @@ def passages_for_turn(*, user_id, conversation_id, query: str, prompt_budget_tok
     if budget <= 0:
         return Passages()
     hits = selectors.search(scope=scope, query=query, vector=vector.result(), top_k=settings.DOCUMENTS_TOP_K)
-    flags = screen([h.text for h in hits], user_id=user_id)
+    flags = screen_hits(hits, user_id=user_id)
     kept = [h for h, flagged in zip(hits, flags) if not flagged]
     passages = _fit(kept, budget, count_tokens)
     passages.flagged = sum(flags)

@@ -5,8 +5,9 @@ with no chat, to the user's library. Its file lives in the "documents"
 storage (the file system under DATA_DIR, or an S3-compatible bucket); its
 text lives here, a page per row, and its chunks carry the vector (pgvector,
 HNSW) and the full-text vector (a generated tsvector column with a GIN
-index, created by migration 0001 in SQL: the ORM never writes it). Every
-chunk repeats its owner so each search filters on one indexed column.
+index, created by migration 0001 in SQL: the ORM never writes it), and the
+safety screen's stored verdict. Every chunk repeats its owner so each
+search filters on one indexed column.
 """
 from __future__ import annotations
 
@@ -83,6 +84,13 @@ class Chunk(models.Model):
     tokens = models.PositiveIntegerField()
     embedding = VectorField(dimensions=DIMENSIONS, null=True)
     embedding_model = models.CharField(max_length=300, blank=True)
+    # The safety screen's verdict, judged at ingestion (or written back by the
+    # turn that screened it) under `verdict_version`, safety's policy version:
+    # a turn trusts it only while that is still the current one ("" : never screened).
+    # (Defaults in the database too: chunks loaded by COPY, as bench.retrieval does, start unscreened.)
+    verdict_flagged = models.BooleanField(default=False, db_default=False)
+    verdict_category = models.CharField(max_length=32, blank=True, default="", db_default="")
+    verdict_version = models.CharField(max_length=32, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["document", "ordinal"]

@@ -140,6 +140,10 @@ class Hit:
     heading: str
     text: str
     score: float
+    # The stored safety verdict (`Chunk.verdict_*`): current when `verdict_version` is safety's policy version.
+    verdict_flagged: bool = False
+    verdict_category: str = ""
+    verdict_version: str = ""
 
 
 def _vector_plan(scope: Scope) -> int | None:
@@ -213,7 +217,8 @@ def _search_sql(scope: Scope, *, vector: bool, text: bool, ef_search: int | None
     ctes.append(f"""f AS (SELECT id, sum(1.0::float8 / ({RRF_K} + rank)) AS score
                           FROM ({" UNION ALL ".join(rankings)}) u GROUP BY id ORDER BY score DESC, id LIMIT %(top_k)s)""")
     return f"""WITH {", ".join(ctes)}
-               SELECT f.id, c.document_id, d.name, c.page, c.heading, c.text, f.score
+               SELECT f.id, c.document_id, d.name, c.page, c.heading, c.text, f.score,
+                      c.verdict_flagged, c.verdict_category, c.verdict_version
                FROM f JOIN documents_chunk c ON c.id = f.id AND c.user_id = %(user)s JOIN docs d ON d.id = c.document_id
                ORDER BY f.score DESC, f.id"""
 
@@ -248,5 +253,5 @@ def search(*, scope: Scope, query: str, vector: list[float] | None, top_k: int =
             cursor.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(ef_search)])
         cursor.execute(sql, params)
         rows = cursor.fetchall()
-    return [Hit(chunk_id=r[0], document_id=r[1], document=r[2], page=r[3], heading=r[4], text=r[5], score=r[6])
-            for r in rows]
+    return [Hit(chunk_id=r[0], document_id=r[1], document=r[2], page=r[3], heading=r[4], text=r[5], score=r[6],
+                verdict_flagged=r[7], verdict_category=r[8], verdict_version=r[9]) for r in rows]

@@ -6,7 +6,8 @@ quota limits before anything is stored; then its file is saved in the
 the row fails, so a refused or failed upload leaves nothing behind and
 touches no other file. Ingestion (`document_ingest`, run by the Celery task
 or by `manage.py ingest`) extracts, chunks and embeds in batches, updating
-the progress the pages poll.
+the progress the pages poll. A verdict a turn had to screen is written back
+to its chunk (`chunk_verdicts_store_soon`), off the turn's path.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from django.db.models.signals import post_delete
 from django.dispatch import receiver
 from django.utils.text import get_valid_filename
 
+from chatapp import runtime
 from documents import formats, storage, tasks
-from documents.models import ChatSources, Document, ReplySources
+from documents.models import ChatSources, Chunk, Document, ReplySources
 from documents.storage import delete_key
+from safety.services import PassageVerdict
 
 log = logging.getLogger(__name__)
 MB = 2**20
@@ -108,3 +111,31 @@ def record_sources(*, reply, conversation, passages) -> None:
         ReplySources.objects.update_or_create(reply_id=reply.id, defaults={
             "conversation_id": conversation.id, "user_id": conversation.user_id,
             "items": passages.items, "flagged": passages.flagged})
+
+
+# ------------------------------------------------------------ verdicts
+
+def chunk_verdicts_store(*, verdicts: list[tuple[int, PassageVerdict]]) -> None:
+    """(chunk id, verdict) pairs onto their chunks; a verdict
+    with no policy version (the screen could not finish) is not stored."""
+    groups: dict[tuple, list[int]] = {}
+    for chunk_id, verdict in verdicts:
+        if verdict.policy_version:
+            groups.setdefault((verdict.flagged, verdict.category, verdict.policy_version), []).append(chunk_id)
+    for (flagged, category, version), ids in groups.items():
+        Chunk.objects.filter(id__in=ids).update(verdict_flagged=flagged, verdict_category=category,
+                                                verdict_version=version)
+
+
+def chunk_verdicts_store_soon(*, verdicts: list[tuple[int, PassageVerdict]]):
+    """`chunk_verdicts_store` on a ledger database thread (commits unsynced:
+    a verdict lost in a crash is only screened again), so the turn that
+    screened them does not wait. Returns the future."""
+    future = runtime.db_threads(runtime.LEDGER_DB).submit(chunk_verdicts_store, verdicts=verdicts)
+    future.add_done_callback(_log_failure)
+    return future
+
+
+def _log_failure(future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("storing passage verdicts failed", exc_info=future.exception())

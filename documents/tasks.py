@@ -1,4 +1,4 @@
-"""Ingestion in the Celery worker: a file's text → chunks → vectors.
+"""Ingestion in the Celery worker: a file's text → chunks → vectors and safety verdicts.
 
 The worker embeds with `documents.embedder` (numpy, no torch: the worker
 stays free of the chat model's stack; that module says why). A file that has

@@ -15,14 +15,22 @@ runs them on its threads with a timeout.
                      labelled set (safety/data/head.npz)
 
 The libraries are imported on first use, with a comment at each: a process
-that never moderates (the Celery worker) does not load sklearn.
+that never moderates does not load sklearn. (The Celery worker judges chunks
+at ingestion: it loads what SAFETY_CHECKERS names, and the head embeds there
+with documents' numpy MiniLM through `embedding`, never torch.)
 """
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import threading
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import numpy as np
+from django.conf import settings
 
 from retrieval.services import embed
 from safety import rules
@@ -51,6 +59,22 @@ def windows(text: str) -> list[str]:
     return [text[s:s + WINDOW_CHARS] for s in starts]
 
 
+# What the embedding head embeds with, when not `retrieval.services.embed`
+# (torch): the Celery worker cannot import torch, so its ingestion screens
+# with documents' numpy MiniLM, the same model (`services.judge_passages`).
+embedding: contextvars.ContextVar = contextvars.ContextVar("safety_embedding", default=None)
+
+
+def _embed(texts: list[str]):
+    return (embedding.get() or embed)(texts)
+
+
+@lru_cache(maxsize=8)
+def file_digest(path: Path, mtime_ns: int, size: int) -> str:
+    """A model file's digest (cached per path, modification time and size)."""
+    return hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
+
+
 def grade(score: float, flag_at: float, block_at: float) -> str:
     return BLOCK if score >= block_at else FLAG if score >= flag_at else ALLOW
 
@@ -60,6 +84,20 @@ class Checker:
     categories: tuple[str, ...] = ()  # what a failure of this checker leaves unchecked
     sources = ("input", "output", "passage")
     cacheable = True  # same text, same verdicts: the pipeline may remember them
+    model_package = ""  # the distribution whose bundled model it runs (its version is in `policy_key`)
+
+    @classmethod
+    def policy_key(cls) -> str:
+        """What decides this checker's verdicts, for `safety.policy.version`
+        (no model is loaded): its class, thresholds and model's version."""
+        parts = [f"{cls.__module__}.{cls.__qualname__}", repr(getattr(cls, "flag_at", None)),
+                 repr(getattr(cls, "block_at", None)), ",".join(cls.sources)]
+        if cls.model_package:
+            try:
+                parts.append(package_version(cls.model_package))
+            except PackageNotFoundError:
+                parts.append("missing")
+        return "|".join(parts)
 
     def warm(self) -> None:
         """Load what the first check would (called once, when the pipeline
@@ -103,6 +141,7 @@ class ProfanityChecker(Checker):
     the model cannot tell the two apart."""
     name = "profanity"
     categories = ("harassment",)
+    model_package = "alt-profanity-check"
     flag_at, block_at = 0.8, 1.01
 
     def __init__(self):
@@ -121,6 +160,7 @@ class GuardrailChecker(Checker):
     """prompt-guardrail's model (guardify), read through its own classes."""
     name = "prompt_guardrail"
     categories = (PROMPT_INJECTION,)
+    model_package = "prompt-guardrail"
     sources = ("input", "passage")
     flag_at, block_at = 0.5, 0.9
 
@@ -180,8 +220,16 @@ class EmbeddingHeadChecker(Checker):
     def __init__(self):
         self.head = head()
 
+    @classmethod
+    def policy_key(cls) -> str:
+        # The head's file holds its weights and thresholds; the embedding
+        # model is whatever EMBEDDING_MODEL names (the bundled one if unset).
+        stat = HEAD_PATH.stat() if HEAD_PATH.exists() else None
+        digest = file_digest(HEAD_PATH, stat.st_mtime_ns, stat.st_size) if stat else "missing"
+        return "|".join((super().policy_key(), digest, settings.EMBEDDING_MODEL or "bundled"))
+
     def warm(self) -> None:
-        embed(["warm up"])  # loads the sentence-transformers model (seconds, once per process)
+        _embed(["warm up"])  # loads the sentence-transformers model (seconds, once per process)
 
     def check(self, texts, source):
         spans, flat = [], []
@@ -191,7 +239,7 @@ class EmbeddingHeadChecker(Checker):
             parts = windows(fold(text))
             spans.append((len(flat), len(flat) + len(parts)))
             flat += parts
-        probabilities = self.head.probabilities(embed(flat)) if flat else np.zeros((0, len(self.head.labels)))
+        probabilities = self.head.probabilities(_embed(flat)) if flat else np.zeros((0, len(self.head.labels)))
         out = []
         for a, b in spans:
             best = probabilities[a:b].max(axis=0)  # [C]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import hashlib
 import logging
 import threading
@@ -159,8 +160,8 @@ def _expand(texts: list[str]) -> tuple[list[str], list[int]]:
     return flat, owners
 
 
-def _fold(count: int, owners: list[int], per_checker: list[list[list[Verdict]]]) -> list[Decision]:
-    decisions = [Decision() for _ in range(count)]
+def _fold(count: int, owners: list[int], per_checker: list[list[list[Verdict]]], complete: bool) -> list[Decision]:
+    decisions = [Decision(complete=complete) for _ in range(count)]
     for results in per_checker:
         for owner, verdicts in zip(owners, results):
             decisions[owner].verdicts.extend(verdicts)
@@ -173,23 +174,30 @@ def _applicable(source: str) -> list[Checker]:
 
 # ------------------------------------------------------------ entry points
 
-def run(texts: list[str], *, source: str) -> list[Decision]:
-    """Decisions for `texts`, blocking the calling thread (not the judge)."""
+def run(texts: list[str], *, source: str, timeout_s: float | None = None) -> list[Decision]:
+    """Decisions for `texts`, blocking the calling thread (not the judge);
+    the checkers' deadline is SAFETY_CHECKER_TIMEOUT_S unless `timeout_s`."""
     flat, owners = _expand(texts)
     active = _applicable(source)
-    futures = [_executor.submit(_run_checker, c, flat, source) for c in active]
-    deadline = time.monotonic() + settings.SAFETY_CHECKER_TIMEOUT_S
-    results = []
+    # Each checker's thread runs in a copy of the caller's context (one
+    # copy each: a context cannot be entered by two threads at once), so a
+    # caller's `checkers.embedding` reaches the embedding head.
+    futures = [_executor.submit(contextvars.copy_context().run, _run_checker, c, flat, source) for c in active]
+    timeout_s = settings.SAFETY_CHECKER_TIMEOUT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    results, complete = [], True
     for checker, future in zip(active, futures):
         try:
             results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            continue
         except concurrent.futures.TimeoutError:
-            log.warning("safety checker %s timed out after %s s", checker.name, settings.SAFETY_CHECKER_TIMEOUT_S)
+            log.warning("safety checker %s timed out after %s s", checker.name, timeout_s)
             results.append(_fallback(checker, len(flat), "timed out"))
         except Exception:
             log.exception("safety checker %s failed", checker.name)
             results.append(_fallback(checker, len(flat), "failed"))
-    return _fold(len(texts), owners, results)
+        complete = False
+    return _fold(len(texts), owners, results, complete)
 
 
 async def arun(texts: list[str], *, source: str) -> list[Decision]:
@@ -201,7 +209,7 @@ async def arun(texts: list[str], *, source: str) -> list[Decision]:
     futures = [asyncio.wrap_future(_executor.submit(_run_checker, c, flat, source), loop=loop) for c in active]
     if futures:
         await asyncio.wait(futures, timeout=settings.SAFETY_CHECKER_TIMEOUT_S)
-    results = []
+    results, complete = [], True
     for checker, future in zip(active, futures):
         if not future.done():
             future.cancel()
@@ -212,7 +220,9 @@ async def arun(texts: list[str], *, source: str) -> list[Decision]:
             results.append(_fallback(checker, len(flat), "failed"))
         else:
             results.append(future.result())
-    decisions = _fold(len(texts), owners, results)
+            continue
+        complete = False
+    decisions = _fold(len(texts), owners, results, complete)
     if settings.SAFETY_JUDGE_MODEL:
         await _second_stage(texts, decisions, source)
     return decisions

@@ -7,10 +7,12 @@ sees it at once, the others within the TTL), as the gateway's registry does.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 from django.conf import settings
 
@@ -84,6 +86,16 @@ class CompiledRule:
 @dataclass(frozen=True)
 class RuleSet:
     rules: tuple[CompiledRule, ...]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The rules' content, hashed (`safety.policy.version`): an admin's
+        edit, a changed SAFETY_BLOCKED_TERMS or built-in pattern changes it."""
+        digest = hashlib.blake2b(digest_size=8)
+        for r in self.rules:
+            digest.update(repr((r.category, r.action, r.regex.pattern, r.regex.flags, r.source, r.output,
+                                r.squashed)).encode())
+        return digest.hexdigest()
 
     @property
     def output_rules(self) -> tuple[CompiledRule, ...]:

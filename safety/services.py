@@ -9,6 +9,10 @@ through one of these:
 - `OutputWindow`         a reply while it streams, then whole at its end (the gateway's relay)
 - `screen_passages`      retrieved document chunks, before they join a prompt
                          (flagged chunks are left out and the user is told)
+- `judge_passages`       chunks at ingestion, their verdicts to store with
+                         `policy_version()`; `stored_passage_verdicts` turns a
+                         stored verdict of the current version into a turn's
+                         (docs/ARCHITECTURE.md, "Passage verdicts")
 - `amoderations`         the /v1/moderations API
 
 Replies are moderated while they stream: the rules (blocked terms, admin
@@ -31,10 +35,11 @@ Each block sends `safety.signals.content_blocked` once.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from django.conf import settings
 
-from safety import pipeline, rules
+from safety import checkers, pipeline, policy, rules
 from safety.checkers import WINDOW_CHARS
 from safety.signals import content_blocked
 from safety.verdicts import ALLOWED, Decision, Verdict
@@ -44,6 +49,10 @@ log = logging.getLogger(__name__)
 INPUT_BLOCKED = "This message was blocked by the content policy ({category})."
 OUTPUT_BLOCKED = "The reply was stopped by the content policy ({category})."
 PASSAGE_LEFT_OUT = "A passage of a document was left out: it looks like {category}."
+# The checkers' deadline for a batch judged in the background (ingestion, a
+# re-screen): no one waits on it, and a batch cut short by the turn's
+# deadline would store nothing (a fallback is never stored).
+JUDGE_TIMEOUT_S = 300.0
 # What a classifier rereads before the new text of a reply: enough context
 # for a sentence cut at the last check (a quarter of a classifier's window).
 OUTPUT_OVERLAP_CHARS = WINDOW_CHARS // 4
@@ -196,40 +205,85 @@ class OutputWindow:
 
 # ------------------------------------------------------------ documents
 
-def _passage_verdicts(texts: list[str], decisions: list[Decision], user_id) -> list[tuple[Verdict, str | None]]:
+@dataclass(frozen=True)
+class PassageVerdict(Verdict):
+    """A passage's verdict and the policy version it may be stored under:
+    "" when a checker failed or timed out (a fallback, to act on now and
+    never to store)."""
+    policy_version: str = ""
+
+
+def policy_version() -> str:
+    """A short hash of what decides a passage's verdict (checkers, their
+    thresholds and models, the rules): a stored verdict of another version
+    is screened again. Cheap: kept until the rules are reloaded."""
+    return policy.version()
+
+
+def _passage_verdicts(decisions: list[Decision], version: str) -> list[PassageVerdict]:
     out = []
-    for text, decision in zip(texts, decisions):
+    for decision in decisions:
+        stored = version if decision.complete else ""
         # A passage is data: anything flagged is left out, not only what would block a prompt.
         if decision.flagged:
             verdict = decision.top
-            out.append((Verdict(verdict.category, verdict.score, "block", verdict.checker,
-                                PASSAGE_LEFT_OUT.format(category=verdict.category.replace("_", " "))), text))
+            out.append(PassageVerdict(verdict.category, verdict.score, "block", verdict.checker,
+                                      PASSAGE_LEFT_OUT.format(category=verdict.category.replace("_", " ")), stored))
         else:
-            out.append((ALLOWED, None))
+            out.append(PassageVerdict(policy_version=stored))
     return out
 
 
-def screen_passages(texts: list[str], user_id=None) -> list[Verdict]:
+def screen_passages(texts: list[str], user_id=None) -> list[PassageVerdict]:
     """One verdict per retrieved chunk, in order. Leave out of the prompt every
     chunk whose verdict is `.blocked` (any flag counts for a passage: it is
     data, and instructions inside it are an indirect injection), and tell the
     user with the verdict's `.reason`. Sends `content_blocked` (source
     "passage") for each one. Sync; `ascreen_passages` from async code."""
-    decisions = pipeline.run(list(texts), source="passage")
-    results = _passage_verdicts(list(texts), decisions, user_id)
-    for verdict, text in results:
-        if text is not None:
+    version = policy_version()  # before the screen: a policy changed meanwhile is not claimed
+    verdicts = _passage_verdicts(pipeline.run(list(texts), source="passage"), version)
+    for text, verdict in zip(texts, verdicts):
+        if verdict.blocked:
             _signal(verdict, user_id=user_id, source="passage", text=text)
-    return [verdict for verdict, _ in results]
+    return verdicts
 
 
-async def ascreen_passages(texts: list[str], user_id=None) -> list[Verdict]:
-    decisions = await pipeline.arun(list(texts), source="passage")
-    results = _passage_verdicts(list(texts), decisions, user_id)
-    for verdict, text in results:
-        if text is not None:
+async def ascreen_passages(texts: list[str], user_id=None) -> list[PassageVerdict]:
+    # The judge may decide here, and it is not part of the version: nothing to store.
+    verdicts = _passage_verdicts(await pipeline.arun(list(texts), source="passage"), "")
+    for text, verdict in zip(texts, verdicts):
+        if verdict.blocked:
             await _asignal(verdict, user_id=user_id, source="passage", text=text)
-    return [verdict for verdict, _ in results]
+    return verdicts
+
+
+def judge_passages(texts: list[str], *, embed=None) -> list[PassageVerdict]:
+    """`screen_passages` for chunks no one has asked about yet (ingestion, a
+    re-screen): the verdicts to store, and no signal (no user was shown
+    anything). `embed(texts) -> unit vectors` stands in for the torch
+    embeddings where torch is not allowed (the Celery worker)."""
+    version = policy_version()
+    token = checkers.embedding.set(embed) if embed is not None else None
+    try:
+        return _passage_verdicts(pipeline.run(list(texts), source="passage", timeout_s=JUDGE_TIMEOUT_S), version)
+    finally:
+        if token is not None:
+            checkers.embedding.reset(token)
+
+
+def stored_passage_verdicts(stored: list[tuple[str, bool, str]], *, user_id=None) -> list[Verdict]:
+    """A turn's verdicts from stored ones of the current version, as
+    (text, flagged, category): a flagged one is left out and told as
+    `screen_passages` would (and sends `content_blocked`), with no screen."""
+    out = []
+    for text, flagged, category in stored:
+        if not flagged:
+            out.append(ALLOWED)
+            continue
+        verdict = _notice(PASSAGE_LEFT_OUT, Verdict(category, 1.0, "block", "stored"))
+        _signal(verdict, user_id=user_id, source="passage", text=text)
+        out.append(verdict)
+    return out
 
 
 # ------------------------------------------------------------ the API

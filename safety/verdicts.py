@@ -32,6 +32,9 @@ ALLOWED = Verdict()
 class Decision:
     """Every checker's verdicts on one text, and the worst of them."""
     verdicts: list[Verdict] = field(default_factory=list)
+    # False when a checker failed or timed out and the policy's fallback
+    # stands in for it: a verdict to act on now, never one to store.
+    complete: bool = True
 
     @property
     def action(self) -> str:
