@@ -1,11 +1,12 @@
 """Train the embedding head: `python -m safety.train`.
 
 Logistic regression (scikit-learn, multinomial, balanced class weights) over
-the all-MiniLM-L6-v2 embeddings of the labelled set's training split (the
-folded text, as the checker sees it), written to safety/data/head.npz as
-plain arrays (no pickle): weights [C, D], bias [C], the labels, and
-flag/block thresholds per label and for the attack score (injection +
-jailbreak). The regularisation and the thresholds are chosen on out-of-fold
+the vectors of the labelled set's training split (the folded text, as the
+checker sees it) by one featurizer (safety.featurizer; `--featurizer static`,
+the default, or `minilm`), written to safety/data/head.npz (static) or
+head-minilm.npz as plain arrays (no pickle): weights [C, D], bias [C], the
+labels, the featurizer's name, and flag/block thresholds per label and for
+the attack score (injection + jailbreak). The regularisation and the thresholds are chosen on out-of-fold
 predictions of the training split only (never the held-out split). Prints
 the held-out split's accuracy; the full table per category is
 `python -m bench.safety`.
@@ -33,8 +34,10 @@ ATTACK = ("prompt_injection", "jailbreak")
 # which flagged 4% of benign training items out of fold.)
 ATTACK_BENIGN_FLAGGED = 0.01
 # The regularisation is chosen the same way, on the training split: the C of
-# this grid whose out-of-fold attack recall at that threshold is highest.
-C_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+# this grid whose out-of-fold attack recall at that threshold is highest. The
+# grid reaches 256: with 32 at its top, the best C of both featurizers was that
+# top (out of fold, training split only).
+C_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 FLAG_RANGE = (0.3, 0.9)
 BLOCK_RANGE = (0.5, 0.95)
 FLAG_MARGIN, BLOCK_MARGIN = 0.02, 0.2
@@ -118,16 +121,16 @@ def _report_out_of_fold(oof, y, labels, flag_at, attack_flag_at) -> None:
           f"attack recall {flagged[attacks].mean():.2f} ({attacks.sum()} items)")
 
 
-def train(c: float | None, out: Path) -> None:
+def train(c: float | None, featurizer_name: str, out: Path) -> None:
     # Imported after django.setup(): the embedding service reads settings.
-    from retrieval.services import embed
     from safety import labelled
+    from safety.featurizer import vectors
     from safety.normalize import fold
     from safety.taxonomy import HEAD_LABELS
 
     training, held_out = labelled.split(labelled.load())
     labels = [label for label in HEAD_LABELS if any(i.label == label for i in training)]
-    x = np.asarray(embed([fold(i.text) for i in training]), dtype=np.float32)  # [N, D]
+    x = vectors([fold(i.text) for i in training], featurizer_name)  # [N, D]
     y = np.asarray([labels.index(i.label) for i in training])
     if c is None:
         c, oof = _choose_c(x, y, labels)
@@ -138,6 +141,7 @@ def train(c: float | None, out: Path) -> None:
     np.savez(
         out,
         labels=np.asarray(labels),
+        featurizer=np.asarray(featurizer_name),
         weights=model.coef_.astype(np.float32),  # [C, D]
         bias=model.intercept_.astype(np.float32),  # [C]
         **{name: np.asarray(value, dtype=np.float32) for name, value in thresholds.items()},
@@ -146,10 +150,10 @@ def train(c: float | None, out: Path) -> None:
         print(f"  {label:18s} flag at {f:.2f}, block at {b:.2f}")
     print(f"  {'attack (sum)':18s} flag at {thresholds['attack_flag_at']:.2f}, "
           f"block at {thresholds['attack_block_at']:.2f}")
-    test_x = np.asarray(embed([fold(i.text) for i in held_out]), dtype=np.float32)
+    test_x = vectors([fold(i.text) for i in held_out], featurizer_name)
     predicted = [labels[k] for k in model.predict(test_x)]
     correct = sum(p == i.label for p, i in zip(predicted, held_out))
-    print(f"trained on {len(training)} items, {len(labels)} labels, C={c:g}; wrote {out}")
+    print(f"trained on {len(training)} {featurizer_name} vectors, {len(labels)} labels, C={c:g}; wrote {out}")
     print(f"held-out accuracy: {correct}/{len(held_out)} = {correct / len(held_out):.3f}")
 
 
@@ -157,10 +161,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--c", type=float, default=None,
                         help="inverse regularisation strength (default: chosen from C_GRID out of fold)")
-    parser.add_argument("--out", type=Path, default=ROOT / "safety" / "data" / "head.npz")
+    parser.add_argument("--featurizer", choices=("static", "minilm"), default="static",
+                        help="the vectors the head reads (safety.featurizer; default: static)")
+    parser.add_argument("--out", type=Path, default=None, help="default: the featurizer's head in safety/data/")
     args = parser.parse_args(argv)
     _setup_django()
-    train(args.c, args.out)
+    # Imported after django.setup(), as in train().
+    from safety.featurizer import HEAD_PATHS
+
+    train(args.c, args.featurizer, args.out or HEAD_PATHS[args.featurizer])
     return 0
 
 
