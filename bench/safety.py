@@ -36,6 +36,7 @@ SECTION = "## Evaluation (bench.safety)"
 CANDIDATES = [
     "safety.checkers.RulesChecker",
     "safety.checkers.EmbeddingHeadChecker",
+    "safety.checkers.EmbeddingHeadChecker:minilm",
     "safety.checkers.GuardrailChecker",
     "safety.checkers.ProfanityChecker",
 ]
@@ -106,19 +107,47 @@ def _measure(run, items) -> tuple[dict, list[float], list[float]]:
     return _score(items, found), latencies, cpu
 
 
+def _runs(paths: list[str]) -> list[tuple[str, list[str], str]]:
+    """(name, checker paths, head featurizer) of each run: each path alone
+    ("PATH:minilm" with the head on MiniLM vectors), then the configured
+    pipeline with each head."""
+    from django.conf import settings
+
+    default = settings.SAFETY_HEAD_FEATURIZER
+    runs = []
+    for spec in paths:
+        path, _, featurizer = spec.partition(":")
+        name = path.rsplit(".", 1)[1]
+        if name == "EmbeddingHeadChecker":
+            name += f" ({featurizer or default})"
+        runs.append((name, [path], featurizer or default))
+    pipeline_paths = list(settings.SAFETY_CHECKERS)
+    runs.append((f"pipeline (SAFETY_CHECKERS, {default} head)", pipeline_paths, default))
+    for other in sorted({"static", "minilm"} - {default}):
+        runs.append((f"pipeline ({other} head)", pipeline_paths, other))
+    return runs
+
+
 def _evaluate(paths: list[str], items) -> list[tuple[str, dict, list[float]]]:
     from django.conf import settings
 
+    from retrieval.services import forget as forget_vectors
     from safety import pipeline
+    from safety.featurizer import vectors as featurizer_vectors
 
     settings.SAFETY_VERDICT_CACHE = 0  # every prompt is new: the latency of a first sight
+    checkers, default = list(settings.SAFETY_CHECKERS), settings.SAFETY_HEAD_FEATURIZER
     results = []
-    for name, checker_paths in [*[(p.rsplit(".", 1)[1], [p]) for p in paths],
-                                ("pipeline (SAFETY_CHECKERS)", list(settings.SAFETY_CHECKERS))]:
-        settings.SAFETY_CHECKERS = checker_paths
+    for name, checker_paths, featurizer in _runs(paths):
+        settings.SAFETY_CHECKERS, settings.SAFETY_HEAD_FEATURIZER = checker_paths, featurizer
+        pipeline.forget()  # no verdict of another head is remembered
+        forget_vectors()  # nor a MiniLM vector of an earlier run (retrieval keeps them per text)
+        featurizer_vectors(["warm up"], featurizer)  # its model loads here, not within a check's deadline
         pipeline.run(["warm up the models"], source="input")  # loads them: not a prompt's cost
         score, latencies, cpu = _measure(lambda text: pipeline.run([text], source="input")[0], items)
         results.append((name, score, latencies, cpu))
+    settings.SAFETY_CHECKERS, settings.SAFETY_HEAD_FEATURIZER = checkers, default
+    pipeline.forget()
     return results
 
 

@@ -189,8 +189,11 @@ class EmbeddingHeadChecker(Checker):
     name = "embedding_head"
     categories = tuple(label for label in HEAD_LABELS if label != BENIGN)
 
-    def __init__(self):
-        self.head = head()
+    @property
+    def head(self) -> EmbeddingHead:
+        # Looked up on each use (a dict read): the checker follows
+        # SAFETY_HEAD_FEATURIZER as the other settings are followed.
+        return head()
 
     def warm(self) -> None:
         self.head.probabilities(["warm up"])  # loads the featurizer's model (once per process)

@@ -39,12 +39,13 @@ def test_the_static_model_loads_offline_and_gives_unit_vectors(offline):
 @pytest.mark.parametrize("name", ["static", "minilm"])
 def test_each_head_blocks_clear_attacks_and_passes_plain_chat(settings, offline, name):
     settings.SAFETY_HEAD_FEATURIZER = name
-    pipeline.forget()  # the checkers are built again, with this head
+    checkers.head().probabilities(["warm up"])  # its model loads outside the checks' deadline, as at start
     attacks = pipeline.run(ATTACKS, source="input")
     for text, decision in zip(ATTACKS, attacks):
         assert decision.flagged and decision.top.category in ("prompt_injection", "jailbreak"), (name, text, decision)
     for text, decision in zip(BENIGN, pipeline.run(BENIGN, source="input")):
         assert not decision.flagged, (name, text, decision)
+    assert checkers.head().featurizer == name
 
 
 def test_the_default_head_reads_static_vectors():
