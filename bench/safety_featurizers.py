@@ -6,8 +6,8 @@ the head's out-of-fold attack recall and benign share flagged on the
 TRAINING split only (safety.train's C grid and thresholds; the held-out split
 is not read). Candidates: MiniLM as retrieval runs it (fp32), MiniLM with
 bf16 weights and under torch.autocast(bf16), int8 dynamic quantization, its
-first 3 layers, and the static embeddings distilled from it
-(safety/data/static/). Prints a Markdown table for docs/SAFETY.md.
+first 3, 2 (safety.featurizer's minilm2) or 1 layers, and the static
+embeddings distilled from it (safety/data/static/). Prints a Markdown table for docs/SAFETY.md.
 """
 from __future__ import annotations
 
@@ -44,16 +44,22 @@ def _candidates() -> dict:
             return out.float().numpy()
         return encode
 
-    fp32, bf16, layers3 = minilm(), minilm().to(torch.bfloat16), minilm()
-    layers3[0].auto_model.encoder.layer = layers3[0].auto_model.encoder.layer[:3]
+    def first_layers(n):
+        model = minilm()
+        model[0].auto_model.encoder.layer = model[0].auto_model.encoder.layer[:n]
+        return model
+
+    fp32, bf16 = minilm(), minilm().to(torch.bfloat16)
     int8 = torch.ao.quantization.quantize_dynamic(minilm(), {torch.nn.Linear}, dtype=torch.qint8)
     return {
         "MiniLM fp32 (retrieval's)": encoder(fp32),
         "MiniLM bf16 weights": encoder(bf16),
         "MiniLM fp32 under autocast(bf16)": encoder(fp32, autocast=True),
         "MiniLM int8 dynamic quantization": encoder(int8),
-        "MiniLM first 3 of 6 layers": encoder(layers3),
-        "static, distilled (safety/data/static)": lambda texts: vectors(texts, "static"),
+        "MiniLM first 3 of 6 layers": encoder(first_layers(3)),
+        "MiniLM first 2 of 6 layers (minilm2)": lambda texts: vectors(texts, "minilm2"),
+        "MiniLM first layer": encoder(first_layers(1)),
+        "static, distilled (static)": lambda texts: vectors(texts, "static"),
     }
 
 

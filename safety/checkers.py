@@ -11,10 +11,10 @@ runs them on its threads with a timeout.
 - ProfanityChecker   alt-profanity-check: a linear SVM over TF-IDF, in its wheel
 - GuardrailChecker   prompt-guardrail: logistic regression over TF-IDF, in its wheel
 - EmbeddingHeadChecker  a logistic-regression head over text vectors
-                     (safety.featurizer: static embeddings distilled from
-                     all-MiniLM-L6-v2, or MiniLM itself), trained by
-                     `python -m safety.train` on the labelled set
-                     (safety/data/head.npz, head-minilm.npz)
+                     (safety.featurizer: the first 2 layers of
+                     all-MiniLM-L6-v2, static embeddings distilled from it,
+                     or the whole of it), trained by `python -m safety.train`
+                     on the labelled set (safety/data/head-*.npz)
 
 The libraries are imported on first use, with a comment at each: a process
 that never moderates (the Celery worker) does not load sklearn.

@@ -2,9 +2,9 @@
 
 Logistic regression (scikit-learn, multinomial, balanced class weights) over
 the vectors of the labelled set's training split (the folded text, as the
-checker sees it) by one featurizer (safety.featurizer; `--featurizer static`,
-the default, or `minilm`), written to safety/data/head.npz (static) or
-head-minilm.npz as plain arrays (no pickle): weights [C, D], bias [C], the
+checker sees it) by one featurizer (safety.featurizer; `--featurizer
+minilm`, the default, `minilm2` or `static`), written to
+safety/data/head-NAME.npz as plain arrays (no pickle): weights [C, D], bias [C], the
 labels, the featurizer's name, and flag/block thresholds per label and for
 the attack score (injection + jailbreak). The regularisation and the thresholds are chosen on out-of-fold
 predictions of the training split only (never the held-out split). Prints
@@ -162,8 +162,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--c", type=float, default=None,
                         help="inverse regularisation strength (default: chosen from C_GRID out of fold)")
-    parser.add_argument("--featurizer", choices=("static", "minilm"), default="static",
-                        help="the vectors the head reads (safety.featurizer; default: static)")
+    parser.add_argument("--featurizer", choices=("static", "minilm", "minilm2"), default="minilm",
+                        help="the vectors the head reads (safety.featurizer; default: minilm)")
     parser.add_argument("--out", type=Path, default=None, help="default: the featurizer's head in safety/data/")
     args = parser.parse_args(argv)
     _setup_django()

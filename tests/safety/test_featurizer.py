@@ -36,7 +36,7 @@ def test_the_static_model_loads_offline_and_gives_unit_vectors(offline):
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["static", "minilm"])
+@pytest.mark.parametrize("name", ["static", "minilm", "minilm2"])
 def test_each_head_blocks_clear_attacks_and_passes_plain_chat(settings, offline, name):
     settings.SAFETY_HEAD_FEATURIZER = name
     checkers.head().probabilities(["warm up"])  # its model loads outside the checks' deadline, as at start
@@ -48,9 +48,11 @@ def test_each_head_blocks_clear_attacks_and_passes_plain_chat(settings, offline,
     assert checkers.head().featurizer == name
 
 
-def test_the_default_head_reads_static_vectors():
-    assert checkers.head().featurizer == "static"
-    assert checkers.head().weights.shape[1] == featurizer.vectors(["x"], "static").shape[1]
+@pytest.mark.parametrize("name", ["minilm", "minilm2", "static"])
+def test_each_head_reads_vectors_of_its_own_featurizer(settings, name):
+    settings.SAFETY_HEAD_FEATURIZER = name
+    assert checkers.head().featurizer == name
+    assert checkers.head().weights.shape[1] == featurizer.vectors(["x"], name).shape[1]
 
 
 def test_a_head_trained_on_other_vectors_is_refused(tmp_path, monkeypatch):
