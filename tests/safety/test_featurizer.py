@@ -1,6 +1,6 @@
-"""The embedding head's featurizers with their real, shipped models: the
-static one distilled from MiniLM (the default) and MiniLM itself. Obvious
-cases only; the figures are bench.safety's."""
+"""The embedding head's featurizers with their real, shipped models: MiniLM
+(the default), its first 2 layers, and the static embeddings distilled from
+it. Obvious cases only; the figures are bench.safety's."""
 import numpy as np
 import pytest
 
@@ -36,8 +36,8 @@ def test_the_static_model_loads_offline_and_gives_unit_vectors(offline):
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["static", "minilm", "minilm2"])
-def test_each_head_blocks_clear_attacks_and_passes_plain_chat(settings, offline, name):
+@pytest.mark.parametrize("name", ["minilm", "minilm2", "static"])
+def test_each_head_flags_clear_attacks_and_passes_plain_chat(settings, offline, name):
     settings.SAFETY_HEAD_FEATURIZER = name
     checkers.head().probabilities(["warm up"])  # its model loads outside the checks' deadline, as at start
     attacks = pipeline.run(ATTACKS, source="input")
