@@ -35,7 +35,9 @@ SAFETY_MD = report.ROOT / "docs" / "SAFETY.md"
 SECTION = "## Evaluation (bench.safety)"
 CANDIDATES = [
     "safety.checkers.RulesChecker",
-    "safety.checkers.EmbeddingHeadChecker",
+    "safety.checkers.EmbeddingHeadChecker:minilm2",
+    "safety.checkers.EmbeddingHeadChecker:static",
+    "safety.checkers.EmbeddingHeadChecker:minilm",
     "safety.checkers.GuardrailChecker",
     "safety.checkers.ProfanityChecker",
 ]
@@ -106,19 +108,47 @@ def _measure(run, items) -> tuple[dict, list[float], list[float]]:
     return _score(items, found), latencies, cpu
 
 
+def _runs(paths: list[str]) -> list[tuple[str, list[str], str]]:
+    """(name, checker paths, head featurizer) of each run: each path alone
+    ("PATH:NAME" with the head on the vectors of featurizer NAME), then the
+    configured pipeline with each head."""
+    from django.conf import settings
+
+    default = settings.SAFETY_HEAD_FEATURIZER
+    runs = []
+    for spec in paths:
+        path, _, featurizer = spec.partition(":")
+        name = path.rsplit(".", 1)[1]
+        if name == "EmbeddingHeadChecker":
+            name += f" ({featurizer or default})"
+        runs.append((name, [path], featurizer or default))
+    pipeline_paths = list(settings.SAFETY_CHECKERS)
+    runs.append((f"pipeline (SAFETY_CHECKERS, {default} head)", pipeline_paths, default))
+    for other in sorted({"static", "minilm", "minilm2"} - {default}):
+        runs.append((f"pipeline ({other} head)", pipeline_paths, other))
+    return runs
+
+
 def _evaluate(paths: list[str], items) -> list[tuple[str, dict, list[float]]]:
     from django.conf import settings
 
+    from retrieval.services import forget as forget_vectors
     from safety import pipeline
+    from safety.featurizer import vectors as featurizer_vectors
 
     settings.SAFETY_VERDICT_CACHE = 0  # every prompt is new: the latency of a first sight
+    checkers, default = list(settings.SAFETY_CHECKERS), settings.SAFETY_HEAD_FEATURIZER
     results = []
-    for name, checker_paths in [*[(p.rsplit(".", 1)[1], [p]) for p in paths],
-                                ("pipeline (SAFETY_CHECKERS)", list(settings.SAFETY_CHECKERS))]:
-        settings.SAFETY_CHECKERS = checker_paths
+    for name, checker_paths, featurizer in _runs(paths):
+        settings.SAFETY_CHECKERS, settings.SAFETY_HEAD_FEATURIZER = checker_paths, featurizer
+        pipeline.forget()  # no verdict of another head is remembered
+        forget_vectors()  # nor a MiniLM vector of an earlier run (retrieval keeps them per text)
+        featurizer_vectors(["warm up"], featurizer)  # its model loads here, not within a check's deadline
         pipeline.run(["warm up the models"], source="input")  # loads them: not a prompt's cost
         score, latencies, cpu = _measure(lambda text: pipeline.run([text], source="input")[0], items)
         results.append((name, score, latencies, cpu))
+    settings.SAFETY_CHECKERS, settings.SAFETY_HEAD_FEATURIZER = checkers, default
+    pipeline.forget()
     return results
 
 
@@ -161,6 +191,7 @@ async def _ttft(texts: list[str]) -> dict[str, list[float]]:
     from bench.gateway import _bench_user
     from gateway.services import JUDGE_SOURCE, stream_chat
     from gateway.types import ChatRequest
+    from retrieval.services import forget as forget_vectors
     from safety import pipeline
     from safety.services import amoderate_messages
     from tests.gateway.fake_openai import FakeOpenAI
@@ -188,6 +219,9 @@ async def _ttft(texts: list[str]) -> dict[str, list[float]]:
         for i, text in enumerate(texts):
             for k in range(len(TTFT_MODES)):
                 mode = TTFT_MODES[(i + k) % len(TTFT_MODES)]
+                # A first sight of the prompt: no MiniLM vector kept from the
+                # filter above or the previous mode (retrieval keeps them per text).
+                forget_vectors()
                 times[mode].append(await one(text, mode))
         return times
     finally:

@@ -10,9 +10,11 @@ runs them on its threads with a timeout.
                      built-in injection patterns, on folded text (safety.rules)
 - ProfanityChecker   alt-profanity-check: a linear SVM over TF-IDF, in its wheel
 - GuardrailChecker   prompt-guardrail: logistic regression over TF-IDF, in its wheel
-- EmbeddingHeadChecker  a logistic-regression head over all-MiniLM-L6-v2
-                     embeddings, trained by `python -m safety.train` on the
-                     labelled set (safety/data/head.npz)
+- EmbeddingHeadChecker  a logistic-regression head over text vectors
+                     (safety.featurizer: the first 2 layers of
+                     all-MiniLM-L6-v2, static embeddings distilled from it,
+                     or the whole of it), trained by `python -m safety.train`
+                     on the labelled set (safety/data/head-*.npz)
 
 The libraries are imported on first use, with a comment at each: a process
 that never moderates does not load sklearn. (The Celery worker judges chunks
@@ -32,13 +34,11 @@ from pathlib import Path
 import numpy as np
 from django.conf import settings
 
-from retrieval.services import embed
-from safety import rules
+from safety import featurizer, rules
 from safety.normalize import fold
 from safety.taxonomy import ALLOW, BENIGN, BLOCK, FLAG, HEAD_LABELS, JAILBREAK, PROMPT_INJECTION
 from safety.verdicts import Verdict
 
-HEAD_PATH = Path(__file__).resolve().parent / "data" / "head.npz"
 INJECTION_CATEGORIES = (PROMPT_INJECTION, JAILBREAK)
 
 # Long texts are scored in windows: the classifiers read ~256 tokens (MiniLM)
@@ -59,14 +59,11 @@ def windows(text: str) -> list[str]:
     return [text[s:s + WINDOW_CHARS] for s in starts]
 
 
-# What the embedding head embeds with, when not `retrieval.services.embed`
-# (torch): the Celery worker cannot import torch, so its ingestion screens
-# with documents' numpy MiniLM, the same model (`services.judge_passages`).
-embedding: contextvars.ContextVar = contextvars.ContextVar("safety_embedding", default=None)
-
-
-def _embed(texts: list[str]):
-    return (embedding.get() or embed)(texts)
+# What the embedding head's MiniLM vectors come from, when not
+# `retrieval.services.embed` (torch): the Celery worker cannot import torch,
+# so its ingestion screens with documents' numpy MiniLM, the same model
+# (`services.judge_passages`). Kept in safety.featurizer, which reads it.
+embedding: contextvars.ContextVar = featurizer.embedding
 
 
 @lru_cache(maxsize=8)
@@ -183,53 +180,70 @@ class GuardrailChecker(Checker):
 
 
 class EmbeddingHead:
-    """A softmax layer over sentence embeddings: weights [C, D], bias [C]."""
+    """A softmax layer over text vectors: weights [C, D], bias [C], trained on
+    the vectors of `featurizer` (the head file says which)."""
 
-    def __init__(self, path: Path = HEAD_PATH):
+    def __init__(self, featurizer_name: str):
+        path = featurizer.HEAD_PATHS.get(featurizer_name)
+        if path is None:
+            raise ValueError(f"SAFETY_HEAD_FEATURIZER={featurizer_name!r}: use one of {sorted(featurizer.HEAD_PATHS)}")
         data = np.load(path, allow_pickle=False)
+        trained_on = str(data["featurizer"]) if "featurizer" in data else "minilm"
+        if trained_on != featurizer_name:
+            raise ValueError(f"{path} was trained on {trained_on!r} vectors, not {featurizer_name!r}: "
+                             f"run python -m safety.train --featurizer {featurizer_name}")
+        self.featurizer = featurizer_name
         self.labels = [str(label) for label in data["labels"]]
         self.weights, self.bias = data["weights"], data["bias"]  # [C, D], [C]
         self.flag_at, self.block_at = data["flag_at"], data["block_at"]  # [C], [C]
         self.attack_flag_at, self.attack_block_at = float(data["attack_flag_at"]), float(data["attack_block_at"])
 
-    def probabilities(self, vectors) -> np.ndarray:
-        logits = np.asarray(vectors, dtype=np.float32) @ self.weights.T + self.bias  # [N, C]
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        """[N, C] of `texts` (folded already)."""
+        logits = featurizer.vectors(texts, self.featurizer) @ self.weights.T + self.bias  # [N, C]
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
 
 
-_head: EmbeddingHead | None = None
+_heads: dict[str, EmbeddingHead] = {}
 _head_lock = threading.Lock()
 
 
 def head() -> EmbeddingHead:
-    global _head
+    """The head of SAFETY_HEAD_FEATURIZER, loaded once per process."""
+    name = settings.SAFETY_HEAD_FEATURIZER
     with _head_lock:
-        if _head is None:
-            _head = EmbeddingHead()
-    return _head
+        if name not in _heads:
+            _heads[name] = EmbeddingHead(name)
+        return _heads[name]
 
 
 class EmbeddingHeadChecker(Checker):
-    """The trained head on the bundled MiniLM embeddings (retrieval.services.embed,
-    on the embedding thread). Every category of the labelled set but benign."""
+    """The trained head on the vectors of SAFETY_HEAD_FEATURIZER (safety.featurizer).
+    Every category of the labelled set but benign."""
     name = "embedding_head"
     categories = tuple(label for label in HEAD_LABELS if label != BENIGN)
 
-    def __init__(self):
-        self.head = head()
+    @property
+    def head(self) -> EmbeddingHead:
+        # Looked up on each use (a dict read): the checker follows
+        # SAFETY_HEAD_FEATURIZER as the other settings are followed.
+        return head()
 
     @classmethod
     def policy_key(cls) -> str:
-        # The head's file holds its weights and thresholds; the embedding
-        # model is whatever EMBEDDING_MODEL names (the bundled one if unset).
-        stat = HEAD_PATH.stat() if HEAD_PATH.exists() else None
-        digest = file_digest(HEAD_PATH, stat.st_mtime_ns, stat.st_size) if stat else "missing"
-        return "|".join((super().policy_key(), digest, settings.EMBEDDING_MODEL or "bundled"))
+        # The head's file holds its weights and thresholds; its vectors come
+        # from SAFETY_HEAD_FEATURIZER, whose MiniLM is whatever EMBEDDING_MODEL
+        # names (the bundled one if unset).
+        name = settings.SAFETY_HEAD_FEATURIZER
+        path = featurizer.HEAD_PATHS.get(name)
+        stat = path.stat() if path is not None and path.exists() else None
+        digest = file_digest(path, stat.st_mtime_ns, stat.st_size) if stat else "missing"
+        return "|".join((super().policy_key(), name, digest, settings.EMBEDDING_MODEL or "bundled"))
 
     def warm(self) -> None:
-        _embed(["warm up"])  # loads the sentence-transformers model (seconds, once per process)
+        self.head.probabilities(["warm up"])  # loads the featurizer's model (once per process)
 
     def check(self, texts, source):
         spans, flat = [], []
@@ -239,7 +253,7 @@ class EmbeddingHeadChecker(Checker):
             parts = windows(fold(text))
             spans.append((len(flat), len(flat) + len(parts)))
             flat += parts
-        probabilities = self.head.probabilities(_embed(flat)) if flat else np.zeros((0, len(self.head.labels)))
+        probabilities = self.head.probabilities(flat) if flat else np.zeros((0, len(self.head.labels)))
         out = []
         for a, b in spans:
             best = probabilities[a:b].max(axis=0)  # [C]

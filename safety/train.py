@@ -1,11 +1,12 @@
 """Train the embedding head: `python -m safety.train`.
 
 Logistic regression (scikit-learn, multinomial, balanced class weights) over
-the all-MiniLM-L6-v2 embeddings of the labelled set's training split (the
-folded text, as the checker sees it), written to safety/data/head.npz as
-plain arrays (no pickle): weights [C, D], bias [C], the labels, and
-flag/block thresholds per label and for the attack score (injection +
-jailbreak). The regularisation and the thresholds are chosen on out-of-fold
+the vectors of the labelled set's training split (the folded text, as the
+checker sees it) by one featurizer (safety.featurizer; `--featurizer
+minilm`, the default, `minilm2` or `static`), written to
+safety/data/head-NAME.npz as plain arrays (no pickle): weights [C, D], bias [C], the
+labels, the featurizer's name, and flag/block thresholds per label and for
+the attack score (injection + jailbreak). The regularisation and the thresholds are chosen on out-of-fold
 predictions of the training split only (never the held-out split). Prints
 the held-out split's accuracy; the full table per category is
 `python -m bench.safety`.
@@ -32,9 +33,14 @@ ATTACK = ("prompt_injection", "jailbreak")
 # held-out texts being new to the head. (The range's top used to be 0.6,
 # which flagged 4% of benign training items out of fold.)
 ATTACK_BENIGN_FLAGGED = 0.01
-# The regularisation is chosen the same way, on the training split: the C of
-# this grid whose out-of-fold attack recall at that threshold is highest.
-C_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+# The regularisation is chosen the same way, on the training split: of this
+# grid's values whose out-of-fold share of benign items flagged (at their
+# thresholds) meets the target, MAX_BENIGN_FLAGGED, the C whose out-of-fold
+# attack recall is highest. The grid reaches 256: with 32 at its top, the best
+# C of both featurizers was that top; beyond it the probabilities saturate,
+# the attack threshold reaches FLAG_RANGE's top and more benign items pass it.
+C_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+MAX_BENIGN_FLAGGED = 0.02
 FLAG_RANGE = (0.3, 0.9)
 BLOCK_RANGE = (0.5, 0.95)
 FLAG_MARGIN, BLOCK_MARGIN = 0.02, 0.2
@@ -72,22 +78,20 @@ def _model(c: float):
     return LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
 
 
-def _attack_recall(oof, y, labels: list[str]) -> float:
-    attack_index = [labels.index(c) for c in ATTACK]
-    scores = oof[:, attack_index].sum(axis=1)
-    flag_at = _above(scores[y == labels.index("benign")], ATTACK_BENIGN_FLAGGED)
-    return float((scores[np.isin(y, attack_index)] >= flag_at).mean())
-
-
 def _choose_c(x, y, labels: list[str]) -> tuple[float, np.ndarray]:
-    """(C, its out-of-fold probabilities): the best out-of-fold attack recall of C_GRID."""
+    """(C, its out-of-fold probabilities): of the C_GRID values whose
+    out-of-fold share of benign items flagged meets MAX_BENIGN_FLAGGED, the
+    one with the best out-of-fold attack recall (the lowest share when none
+    meets it)."""
     best = None
     for c in C_GRID:
         oof = _out_of_fold(c, x, y)
-        recall = _attack_recall(oof, y, labels)
-        print(f"  C={c:g}: out-of-fold attack recall {recall:.2f}")
-        if best is None or recall > best[0]:
-            best = (recall, c, oof)
+        recall, benign = _out_of_fold_rates(oof, y, labels, _thresholds(oof, y, labels))
+        print(f"  C={c:g}: out of fold, attack recall {recall:.2f}, {benign:.1%} of benign items flagged")
+        meets = benign <= MAX_BENIGN_FLAGGED
+        key = (meets, recall if meets else -benign)
+        if best is None or key > best[0]:
+            best = (key, c, oof)
     return best[1], best[2]
 
 
@@ -99,7 +103,6 @@ def _thresholds(oof, y, labels: list[str]) -> dict:
     flag_at = np.asarray([_above(benign[:, k], 0.0) for k in range(len(labels))])  # [C]
     attack_index = [labels.index(c) for c in ATTACK]
     attack_flag_at = _above(benign[:, attack_index].sum(axis=1), ATTACK_BENIGN_FLAGGED)
-    _report_out_of_fold(oof, y, labels, flag_at, attack_flag_at)
     return {
         "flag_at": flag_at, "block_at": np.clip(flag_at + BLOCK_MARGIN, *BLOCK_RANGE),
         "attack_flag_at": np.float32(attack_flag_at),
@@ -107,27 +110,26 @@ def _thresholds(oof, y, labels: list[str]) -> dict:
     }
 
 
-def _report_out_of_fold(oof, y, labels, flag_at, attack_flag_at) -> None:
-    """What the thresholds do on the training split, out of fold (the head alone)."""
+def _out_of_fold_rates(oof, y, labels, thresholds) -> tuple[float, float]:
+    """(attack recall, share of benign items flagged) of the head alone at
+    `thresholds`, on out-of-fold probabilities of the training split."""
     attack_index = [labels.index(c) for c in ATTACK]
     harm = [k for k, label in enumerate(labels) if label != "benign" and label not in ATTACK]
-    flagged = (oof[:, attack_index].sum(axis=1) >= attack_flag_at) | (oof[:, harm] >= flag_at[harm]).any(axis=1)
-    benign = y == labels.index("benign")
-    attacks = np.isin(y, attack_index)
-    print(f"  out of fold: {flagged[benign].mean():.1%} of {benign.sum()} benign items flagged, "
-          f"attack recall {flagged[attacks].mean():.2f} ({attacks.sum()} items)")
+    flagged = ((oof[:, attack_index].sum(axis=1) >= thresholds["attack_flag_at"])
+               | (oof[:, harm] >= thresholds["flag_at"][harm]).any(axis=1))
+    return float(flagged[np.isin(y, attack_index)].mean()), float(flagged[y == labels.index("benign")].mean())
 
 
-def train(c: float | None, out: Path) -> None:
+def train(c: float | None, featurizer_name: str, out: Path) -> None:
     # Imported after django.setup(): the embedding service reads settings.
-    from retrieval.services import embed
     from safety import labelled
+    from safety.featurizer import vectors
     from safety.normalize import fold
     from safety.taxonomy import HEAD_LABELS
 
     training, held_out = labelled.split(labelled.load())
     labels = [label for label in HEAD_LABELS if any(i.label == label for i in training)]
-    x = np.asarray(embed([fold(i.text) for i in training]), dtype=np.float32)  # [N, D]
+    x = vectors([fold(i.text) for i in training], featurizer_name)  # [N, D]
     y = np.asarray([labels.index(i.label) for i in training])
     if c is None:
         c, oof = _choose_c(x, y, labels)
@@ -135,9 +137,12 @@ def train(c: float | None, out: Path) -> None:
         oof = _out_of_fold(c, x, y)
     model = _model(c).fit(x, y)
     thresholds = _thresholds(oof, y, labels)
+    recall, benign = _out_of_fold_rates(oof, y, labels, thresholds)
+    print(f"  out of fold at C={c:g}: {benign:.1%} of benign items flagged, attack recall {recall:.2f}")
     np.savez(
         out,
         labels=np.asarray(labels),
+        featurizer=np.asarray(featurizer_name),
         weights=model.coef_.astype(np.float32),  # [C, D]
         bias=model.intercept_.astype(np.float32),  # [C]
         **{name: np.asarray(value, dtype=np.float32) for name, value in thresholds.items()},
@@ -146,10 +151,10 @@ def train(c: float | None, out: Path) -> None:
         print(f"  {label:18s} flag at {f:.2f}, block at {b:.2f}")
     print(f"  {'attack (sum)':18s} flag at {thresholds['attack_flag_at']:.2f}, "
           f"block at {thresholds['attack_block_at']:.2f}")
-    test_x = np.asarray(embed([fold(i.text) for i in held_out]), dtype=np.float32)
+    test_x = vectors([fold(i.text) for i in held_out], featurizer_name)
     predicted = [labels[k] for k in model.predict(test_x)]
     correct = sum(p == i.label for p, i in zip(predicted, held_out))
-    print(f"trained on {len(training)} items, {len(labels)} labels, C={c:g}; wrote {out}")
+    print(f"trained on {len(training)} {featurizer_name} vectors, {len(labels)} labels, C={c:g}; wrote {out}")
     print(f"held-out accuracy: {correct}/{len(held_out)} = {correct / len(held_out):.3f}")
 
 
@@ -157,10 +162,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--c", type=float, default=None,
                         help="inverse regularisation strength (default: chosen from C_GRID out of fold)")
-    parser.add_argument("--out", type=Path, default=ROOT / "safety" / "data" / "head.npz")
+    parser.add_argument("--featurizer", choices=("static", "minilm", "minilm2"), default="minilm",
+                        help="the vectors the head reads (safety.featurizer; default: minilm)")
+    parser.add_argument("--out", type=Path, default=None, help="default: the featurizer's head in safety/data/")
     args = parser.parse_args(argv)
     _setup_django()
-    train(args.c, args.out)
+    # Imported after django.setup(), as in train().
+    from safety.featurizer import HEAD_PATHS
+
+    train(args.c, args.featurizer, args.out or HEAD_PATHS[args.featurizer])
     return 0
 
 
