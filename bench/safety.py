@@ -184,11 +184,16 @@ async def _first_token_ms(stream) -> float:
     return ((first or time.perf_counter()) - started) * 1000
 
 
-async def _ttft(texts: list[str]) -> dict[str, list[float]]:
+async def _ttft(texts: list[str], local: bool = False) -> dict[str, list[float]]:
     """First-token times per mode, the modes interleaved and rotated prompt by
     prompt. "off" and "before" send the request as the judge's (the one source
-    the gateway does not moderate), "before" after awaiting the checks itself."""
+    the gateway does not moderate), "before" after awaiting the checks itself.
+    `local`: the default deployment's backend, the in-process engine with the
+    bundled model, whose prefill the check runs beside (both on these cores)."""
+    from django.conf import settings
+
     from bench.gateway import _bench_user
+    from gateway import registry
     from gateway.services import JUDGE_SOURCE, stream_chat
     from gateway.types import ChatRequest
     from retrieval.services import forget as forget_vectors
@@ -200,11 +205,15 @@ async def _ttft(texts: list[str]) -> dict[str, list[float]]:
     texts = [t for t in texts if not pipeline.run([t], source="input")[0].blocked]
     fake = FakeOpenAI().start()
     try:
+        default_pool = settings.DEFAULT_POOL
         user = await _bench_user(fake.base_url)
+        if local:
+            settings.DEFAULT_POOL = default_pool
+            registry.invalidate()
 
         async def one(text: str, mode: str) -> float:
             messages = [{"role": "user", "content": text}]
-            ask = dict(messages=messages, user_id=user.pk, temperature=0.7, max_tokens=8)
+            ask = dict(messages=messages, user_id=user.pk, temperature=0.7, max_tokens=2 if local else 8)
             if mode == TTFT_MODES[2]:
                 return await _first_token_ms(stream_chat(ChatRequest(**ask)))
             checks_ms = 0.0
@@ -238,12 +247,41 @@ def _ttft_table(times: dict[str, list[float]]) -> str:
     return report.table(["input moderation", "first token p50 ms", "p95 ms", "added p50 ms (paired)"], rows)
 
 
+def _local_ttft_only() -> int:
+    """The first-token part alone, against the in-process engine: the check
+    runs beside the prompt's prefill there, on the same cores."""
+    os.environ["LOAD_MODELS"] = "1"
+    _setup()
+    # Imported here: after django.setup().
+    from chatapp import embedded, runtime
+    from safety import labelled
+
+    _, held_out = labelled.split(labelled.load())
+    benign = list(dict.fromkeys(i.text for i in held_out if i.label == "benign"))
+    try:
+        runtime.start_engines(progress=lambda msg: None)
+        times = asyncio.run(_ttft(benign, local=True))
+    finally:
+        runtime.shutdown_engines()
+        embedded.stop_configured()
+    print(f"Added before the first token ({len(times[TTFT_MODES[0]])} held-out benign prompts, each three ways, "
+          f"interleaved; the in-process engine, SmolLM2-135M, its prefill beside the check):\n")
+    print(_ttft_table(times))
+    print(f"load average {os.getloadavg()}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkers", nargs="*", default=CANDIDATES, help="dotted paths to score alone")
     parser.add_argument("--no-write", action="store_true", help="do not write its section of docs/SAFETY.md")
     parser.add_argument("--no-ttft", action="store_true", help="skip the time added before the first token")
+    parser.add_argument("--local-engine", action="store_true",
+                        help="measure the first token against the in-process engine (the default deployment) "
+                             "instead of a backend that answers at once; prints, writes nothing")
     args = parser.parse_args(argv)
+    if args.local_engine:
+        return _local_ttft_only()
     machine = report.machine_info()
     _setup()
     # Imported here: after django.setup().
