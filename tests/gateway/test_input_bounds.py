@@ -170,10 +170,16 @@ def recording_pool(settings):
     runtime.unregister_engine("rec")
 
 
-async def test_the_chat_template_and_tokenizer_run_off_the_event_loop(recording_pool):
-    ids = await backends.local_prompt_ids(recording_pool, [{"role": "user", "content": "hi"}])
+async def test_a_long_prompt_is_tokenized_off_the_event_loop_a_short_one_on_it(recording_pool):
+    """Milliseconds to seconds of tokenizer work would hold back every stream
+    of the process; a chat turn's few hundred characters cost less than the
+    thread hop."""
+    long_text = "x" * (backends.INLINE_TOKENIZE_CHARS + 1)
+    ids = await backends.local_prompt_ids(recording_pool, [{"role": "user", "content": long_text}])
     assert ids == [1, 2, 3]
     assert runtime.engine("rec").threads[0] is not threading.current_thread()
+    await backends.local_prompt_ids(recording_pool, [{"role": "user", "content": "hi"}])
+    assert runtime.engine("rec").threads[1] is threading.current_thread()
 
 
 async def test_an_over_long_prompt_is_refused_before_the_tokenizer_sees_it(recording_pool, settings, db):
