@@ -111,3 +111,18 @@ def chat_engine(smollm2_dir):
     yield engine
     runtime.unregister_engine("small")
     engine.shutdown()
+
+
+@pytest.fixture
+def blocked_signals():
+    """Every content_blocked sent during the test, as dicts of its keyword arguments."""
+    from safety.signals import content_blocked
+
+    sent = []
+
+    def receiver(sender, **kwargs):
+        sent.append(kwargs)
+
+    content_blocked.connect(receiver, weak=False)
+    yield sent
+    content_blocked.disconnect(receiver)

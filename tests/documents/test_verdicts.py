@@ -42,20 +42,6 @@ def screens(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def blocked_signals():
-    from safety.signals import content_blocked
-
-    sent = []
-
-    def receiver(sender, **kwargs):
-        sent.append(kwargs)
-
-    content_blocked.connect(receiver, weak=False)
-    yield sent
-    content_blocked.disconnect(receiver)
-
-
 def _turn(chat, text: str) -> tuple[str, ReplySources]:
     reply = chat_services.message_send(conversation=chat, text=text)
     block = _passages_block(chat_context.build_request(reply_id=reply.id))

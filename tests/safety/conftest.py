@@ -21,18 +21,3 @@ def _fresh_safety_state(settings):
     yield
     fakes.reset()
     runtime.reset()
-
-
-@pytest.fixture
-def blocked_signals():
-    """Every content_blocked sent during the test, as dicts of its keyword arguments."""
-    from safety.signals import content_blocked
-
-    sent = []
-
-    def receiver(sender, **kwargs):
-        sent.append(kwargs)
-
-    content_blocked.connect(receiver, weak=False)
-    yield sent
-    content_blocked.disconnect(receiver)
