@@ -39,7 +39,7 @@ def wait_healthy(proc: subprocess.Popen, port: int, log_name: str, timeout_s: fl
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
-            pass
+            pass  # not listening yet
         time.sleep(0.5)
     proc.kill()
     raise SystemExit("the server never became healthy")

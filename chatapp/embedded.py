@@ -267,7 +267,7 @@ def kill_children_of(pid: int) -> None:
         try:
             each.kill()
         except psutil.Error:
-            pass
+            pass  # already gone
     psutil.wait_procs(family, timeout=3.0)
 
 
