@@ -32,6 +32,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, connections
 
+from chatapp.redis_connections import pool_options
 from inference import EngineConfig
 from observability import engine as engine_metrics
 
@@ -251,10 +252,10 @@ def loop_local(name: str, factory: Callable[[], object]):
 def _new_redis() -> aredis.Redis:
     # A blocking pool: a burst of streams queues for a connection instead of
     # failing with "Too many connections".
-    pool = aredis.BlockingConnectionPool.from_url(
+    pool = aredis.BlockingConnectionPool(**pool_options(
         settings.REDIS_URL, max_connections=settings.STREAM_REDIS_CONNECTIONS, timeout=10,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-    )
+    ))
     return aredis.Redis(connection_pool=pool)
 
 
@@ -266,7 +267,8 @@ def redis_async() -> aredis.Redis:
 def redis_pubsub_connection() -> aredis.Redis:
     """A client for one long-lived subscription: no socket timeout (it waits
     for messages), its own connection."""
-    return aredis.from_url(settings.REDIS_URL, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=None)
+    return aredis.Redis(connection_pool=aredis.ConnectionPool(**pool_options(
+        settings.REDIS_URL, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=None)))
 
 
 _sync_redis: redis.Redis | None = None

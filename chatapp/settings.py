@@ -14,6 +14,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from chatapp.embedded import redis_socket_path
+from chatapp.redis_connections import pool_options
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -266,7 +267,8 @@ CHANNEL_LAYERS = {
         # Every consumer (each SSE stream) waits on the layer with a 5 s
         # BZPOPMIN; redis-py 8's default 5 s socket timeout raced it, and
         # under load about 1% of streams ended with a TimeoutError.
-        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_S}]},
+        # Hosts as pool arguments, not an address: see chatapp.redis_connections.
+        "CONFIG": {"hosts": [pool_options(REDIS_URL, socket_timeout=CHANNEL_LAYER_SOCKET_TIMEOUT_S)]},
     }
 }
 # kombu spells a unix-socket Redis differently from redis-py.

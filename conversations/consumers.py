@@ -203,9 +203,12 @@ class ReplyStreamConsumer(AsyncConsumer):
             remaining = heartbeat_s - (time.monotonic() - last_beat)
             if remaining > 0:
                 try:
-                    await asyncio.wait_for(wake.wait(), remaining)
+                    # Not wait_for: on Python 3.11 it drops a disconnect's
+                    # cancellation that lands as the wake-up does.
+                    async with asyncio.timeout(remaining):
+                        await wake.wait()
                     continue
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             last_beat = time.monotonic()
             await self._send(b": heartbeat\n\n")

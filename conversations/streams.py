@@ -366,7 +366,8 @@ class Fanout:
                 self.ready = None
                 raise
             self.reader = asyncio.create_task(self._read(), name="stream-fanout")
-        await asyncio.wait_for(asyncio.shield(self.ready), 10)
+        async with asyncio.timeout(10):  # not wait_for: on 3.11 it can drop a cancellation
+            await asyncio.shield(self.ready)
 
     async def _read(self) -> None:
         confirmed: set = set()

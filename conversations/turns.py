@@ -257,8 +257,11 @@ async def _watch(reply_id, request_id: str, outcome: Outcome) -> None:
                 gateway_client.current().abort(request_id)
                 return
             try:
-                await asyncio.wait_for(wake.wait(), poll_s)  # a Stop pokes it at once
-            except asyncio.TimeoutError:
+                # A Stop pokes it at once. Not wait_for: on Python 3.11 it
+                # drops a cancellation that lands as the wake-up does.
+                async with asyncio.timeout(poll_s):
+                    await wake.wait()
+            except TimeoutError:
                 pass
     finally:
         fanout.unwatch("ctl", reply_id, wake)

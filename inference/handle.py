@@ -96,7 +96,10 @@ class RequestHandle:
             try:
                 # The timeout only guards the moment a handle moves to a new loop,
                 # when a wake-up may have been sent to the old one.
-                await asyncio.wait_for(self._wake.wait(), _WAKE_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for
+                # drops a cancellation (a client gone) that lands as the wake-up does.
+                async with asyncio.timeout(_WAKE_TIMEOUT_S):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
         if event.finished:
