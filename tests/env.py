@@ -6,6 +6,7 @@ point at external servers. The converted SmolLM2 is shared across runs
 through MODELS_DIR, because converting it takes ~20 s.
 """
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -25,3 +26,13 @@ os.environ.setdefault("SERVE_URL", "http://127.0.0.1:9")
 # `python -m bench.safety`, tests/safety switches them on where it tests
 # them, and other suites' made-up prompts are not what those suites test.
 os.environ.setdefault("SAFETY_CHECKERS", "safety.checkers.RulesChecker")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A run ended by SIGTERM (`timeout`, a CI job cancelled) tears down as a
+# Ctrl-C does: the session fixtures stop the embedded Postgres and Redis,
+# which otherwise outlive the run (found: two clusters left by `timeout 600`).
+signal.signal(signal.SIGTERM, _interrupt)
