@@ -8,7 +8,7 @@ checkers' latency per prompt (p50/p95 wall and CPU time, verdict cache off:
 every text is new). Then the time moderation adds before the first token,
 through the gateway's real entry point (`stream_chat`) and a backend that
 answers at once (the loopback fake of the tests: the worst case, with no
-prefill to hide behind), three ways interleaved prompt by prompt: input
+prefill to hide behind), interleaved prompt by prompt: input
 moderation off, moderation before the other stages (the order before it ran
 beside them), and as the gateway runs it now, beside routing, quota, cache
 and the backend's start, the first token held for its verdict.
@@ -38,11 +38,16 @@ CANDIDATES = [
     "safety.checkers.EmbeddingHeadChecker:minilm2",
     "safety.checkers.EmbeddingHeadChecker:static",
     "safety.checkers.EmbeddingHeadChecker:minilm",
+    "safety.checkers.EmbeddingHeadChecker:cascade",
     "safety.checkers.GuardrailChecker",
     "safety.checkers.ProfanityChecker",
 ]
 ATTACK = ("prompt_injection", "jailbreak")
-TTFT_MODES = ("moderation off", "moderation before the stages", "moderation beside the stages (default)")
+# The heads whose time before the first token is compared, beside the stages
+# (as the gateway runs moderation), interleaved with "off" and "before".
+TTFT_HEADS = ("minilm", "cascade")
+TTFT_MODES = ("moderation off", "moderation before the stages",
+              *(f"moderation beside the stages, {name} head" for name in TTFT_HEADS))
 
 
 def _setup() -> None:
@@ -124,7 +129,7 @@ def _runs(paths: list[str]) -> list[tuple[str, list[str], str]]:
         runs.append((name, [path], featurizer or default))
     pipeline_paths = list(settings.SAFETY_CHECKERS)
     runs.append((f"pipeline (SAFETY_CHECKERS, {default} head)", pipeline_paths, default))
-    for other in sorted({"static", "minilm", "minilm2"} - {default}):
+    for other in sorted({"static", "minilm", "minilm2", "cascade"} - {default}):
         runs.append((f"pipeline ({other} head)", pipeline_paths, other))
     return runs
 
@@ -134,7 +139,7 @@ def _evaluate(paths: list[str], items) -> list[tuple[str, dict, list[float]]]:
 
     from retrieval.services import forget as forget_vectors
     from safety import pipeline
-    from safety.featurizer import vectors as featurizer_vectors
+    from safety.checkers import EmbeddingHeadChecker
 
     settings.SAFETY_VERDICT_CACHE = 0  # every prompt is new: the latency of a first sight
     checkers, default = list(settings.SAFETY_CHECKERS), settings.SAFETY_HEAD_FEATURIZER
@@ -143,7 +148,7 @@ def _evaluate(paths: list[str], items) -> list[tuple[str, dict, list[float]]]:
         settings.SAFETY_CHECKERS, settings.SAFETY_HEAD_FEATURIZER = checker_paths, featurizer
         pipeline.forget()  # no verdict of another head is remembered
         forget_vectors()  # nor a MiniLM vector of an earlier run (retrieval keeps them per text)
-        featurizer_vectors(["warm up"], featurizer)  # its model loads here, not within a check's deadline
+        EmbeddingHeadChecker().warm()  # its models load here, not within a check's deadline
         pipeline.run(["warm up the models"], source="input")  # loads them: not a prompt's cost
         score, latencies, cpu = _measure(lambda text: pipeline.run([text], source="input")[0], items)
         results.append((name, score, latencies, cpu))
@@ -211,11 +216,17 @@ async def _ttft(texts: list[str], local: bool = False) -> dict[str, list[float]]
             settings.DEFAULT_POOL = default_pool
             registry.invalidate()
 
+        default_head = settings.SAFETY_HEAD_FEATURIZER
+
         async def one(text: str, mode: str) -> float:
             messages = [{"role": "user", "content": text}]
             ask = dict(messages=messages, user_id=user.pk, temperature=0.7, max_tokens=2 if local else 8)
-            if mode == TTFT_MODES[2]:
-                return await _first_token_ms(stream_chat(ChatRequest(**ask)))
+            if mode in TTFT_MODES[2:]:
+                settings.SAFETY_HEAD_FEATURIZER = TTFT_HEADS[TTFT_MODES.index(mode) - 2]
+                try:
+                    return await _first_token_ms(stream_chat(ChatRequest(**ask)))
+                finally:
+                    settings.SAFETY_HEAD_FEATURIZER = default_head
             checks_ms = 0.0
             if mode == TTFT_MODES[1]:
                 started = time.perf_counter()
@@ -223,7 +234,14 @@ async def _ttft(texts: list[str], local: bool = False) -> dict[str, list[float]]
                 checks_ms = (time.perf_counter() - started) * 1000
             return checks_ms + await _first_token_ms(stream_chat(ChatRequest(**ask, source=JUDGE_SOURCE)))
 
-        await one("warm up the gateway, please", TTFT_MODES[2])
+        from safety.checkers import EmbeddingHeadChecker
+
+        for name in TTFT_HEADS:  # each head's models load here
+            settings.SAFETY_HEAD_FEATURIZER = name
+            EmbeddingHeadChecker().warm()
+        settings.SAFETY_HEAD_FEATURIZER = default_head
+        for mode in TTFT_MODES[2:]:
+            await one("warm up the gateway, please", mode)
         times: dict[str, list[float]] = {mode: [] for mode in TTFT_MODES}
         for i, text in enumerate(texts):
             for k in range(len(TTFT_MODES)):
@@ -267,7 +285,8 @@ def _local_ttft_only() -> int:
     finally:
         runtime.shutdown_engines()
         embedded.stop_configured()
-    print(f"Added before the first token ({len(times[TTFT_MODES[0]])} held-out benign prompts, each three ways, "
+    print(f"Added before the first token ({len(times[TTFT_MODES[0]])} held-out benign prompts, each "
+          f"{len(TTFT_MODES)} ways, "
           f"interleaved; the in-process engine, SmolLM2-135M, its prefill beside the check):\n")
     print(_ttft_table(times))
     print(f"load average {os.getloadavg()}")
@@ -306,7 +325,7 @@ def main(argv=None) -> int:
             f"(tag `fresh`, {len(fresh)} items):\n\n" + _tables(fresh_results, "fresh items"))
     if times is not None:
         body += (f"\n\nAdded before the first token ({len(times[TTFT_MODES[0]])} held-out benign prompts the "
-                 "pipeline lets through, each three ways, "
+                 f"pipeline lets through, each {len(TTFT_MODES)} ways, "
                  "interleaved; a backend that answers at once):\n\n" + _ttft_table(times))
     print(body)
     if not args.no_write:

@@ -486,8 +486,10 @@ SAFETY_JUDGE_MAX_CHARS = env_int("SAFETY_JUDGE_MAX_CHARS", 8000, min_value=1)
 # ---- Moderation featurizer (safety/featurizer.py): the vectors the embedding head reads.
 # "minilm": the full MiniLM pass shared with retrieval (~11-20 ms of CPU a prompt);
 # "minilm2": its first 2 layers on a thread of its own (~5 ms: better on attacks, worse
-# on self-harm and harassment); "static": distilled from it (~0.6 ms). docs/SAFETY.md.
-SAFETY_HEAD_FEATURIZER = env_choice("SAFETY_HEAD_FEATURIZER", "minilm", {"static", "minilm", "minilm2"})
+# on self-harm and harassment); "static": distilled from it (~0.6 ms); "cascade"
+# (default): minilm2's head clears plain prompts, the minilm head judges the rest
+# (and every reply and passage). docs/SAFETY.md.
+SAFETY_HEAD_FEATURIZER = env_choice("SAFETY_HEAD_FEATURIZER", "cascade", {"static", "minilm", "minilm2", "cascade"})
 # Embeddings (retrieval/): a sentence-transformers model dir; empty = bundled all-MiniLM-L6-v2.
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
 # Torch threads of the embedding thread (its own, apart from the engines').

@@ -197,6 +197,9 @@ class EmbeddingHead:
         self.weights, self.bias = data["weights"], data["bias"]  # [C, D], [C]
         self.flag_at, self.block_at = data["flag_at"], data["block_at"]  # [C], [C]
         self.attack_flag_at, self.attack_block_at = float(data["attack_flag_at"]), float(data["attack_block_at"])
+        # As a cascade's first stage it clears texts whose risk is below this
+        # (safety.train); 0 (a head trained before it existed) clears none.
+        self.clear_below = float(data["clear_below"]) if "clear_below" in data else 0.0
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         """[N, C] of `texts` (folded already)."""
@@ -210,9 +213,12 @@ _heads: dict[str, EmbeddingHead] = {}
 _head_lock = threading.Lock()
 
 
-def head() -> EmbeddingHead:
-    """The head of SAFETY_HEAD_FEATURIZER, loaded once per process."""
-    name = settings.SAFETY_HEAD_FEATURIZER
+def head(name: str | None = None) -> EmbeddingHead:
+    """The head on `name`'s vectors (default: SAFETY_HEAD_FEATURIZER's, the
+    final one for "cascade"), loaded once per process."""
+    name = name or settings.SAFETY_HEAD_FEATURIZER
+    if name == featurizer.CASCADE:
+        name = featurizer.CASCADE_FINAL
     with _head_lock:
         if name not in _heads:
             _heads[name] = EmbeddingHead(name)
@@ -221,7 +227,18 @@ def head() -> EmbeddingHead:
 
 class EmbeddingHeadChecker(Checker):
     """The trained head on the vectors of SAFETY_HEAD_FEATURIZER (safety.featurizer).
-    Every category of the labelled set but benign."""
+    Every category of the labelled set but benign.
+
+    "cascade" (the default) scores a prompt with the cheap `minilm2` head
+    first and clears it when its risk (1 - P(benign)) is below the lowest
+    that head gave any harmful training item out of fold (`clear_below`);
+    every other prompt is scored by the `minilm` head, whose verdicts stand.
+    So it flags and blocks what `minilm` does, less any harmful text that
+    `minilm2` finds safer than every harmful training item, and a prompt it
+    clears costs the shallow pass only. Only prompts ("input") go through
+    the first stage: its threshold was set on prompts, and replies and
+    passages are off the first token's path (and a Celery worker screening
+    passages must not load torch)."""
     name = "embedding_head"
     categories = tuple(label for label in HEAD_LABELS if label != BENIGN)
 
@@ -237,12 +254,19 @@ class EmbeddingHeadChecker(Checker):
         # from SAFETY_HEAD_FEATURIZER, whose MiniLM is whatever EMBEDDING_MODEL
         # names (the bundled one if unset).
         name = settings.SAFETY_HEAD_FEATURIZER
-        path = featurizer.HEAD_PATHS.get(name)
-        stat = path.stat() if path is not None and path.exists() else None
-        digest = file_digest(path, stat.st_mtime_ns, stat.st_size) if stat else "missing"
-        return "|".join((super().policy_key(), name, digest, settings.EMBEDDING_MODEL or "bundled"))
+        names = (featurizer.CASCADE_FIRST, featurizer.CASCADE_FINAL) if name == featurizer.CASCADE else (name,)
+        digests = []
+        for head_name in names:
+            path = featurizer.HEAD_PATHS.get(head_name)
+            stat = path.stat() if path is not None and path.exists() else None
+            digests.append(file_digest(path, stat.st_mtime_ns, stat.st_size) if stat else "missing")
+        return "|".join((super().policy_key(), name, *digests, settings.EMBEDDING_MODEL or "bundled"))
 
     def warm(self) -> None:
+        # Not where MiniLM comes from a stand-in (the Celery worker, which
+        # must not load torch): it screens passages, never the first stage.
+        if settings.SAFETY_HEAD_FEATURIZER == featurizer.CASCADE and featurizer.embedding.get() is None:
+            head(featurizer.CASCADE_FIRST).probabilities(["warm up"])
         self.head.probabilities(["warm up"])  # loads the featurizer's model (once per process)
 
     def check(self, texts, source):
@@ -253,32 +277,48 @@ class EmbeddingHeadChecker(Checker):
             parts = windows(fold(text))
             spans.append((len(flat), len(flat) + len(parts)))
             flat += parts
-        probabilities = self.head.probabilities(flat) if flat else np.zeros((0, len(self.head.labels)))
-        out = []
-        for a, b in spans:
-            best = probabilities[a:b].max(axis=0)  # [C]
-            out.append(self._verdicts(best, source))
+        final = self.head
+        if settings.SAFETY_HEAD_FEATURIZER == featurizer.CASCADE and source == "input" and flat:
+            return self._cascade(final, flat, spans, source)
+        probabilities = final.probabilities(flat) if flat else np.zeros((0, len(final.labels)))
+        return [self._verdicts(final, probabilities[a:b].max(axis=0), source) for a, b in spans]
+
+    def _cascade(self, final: EmbeddingHead, flat: list[str], spans, source) -> list[list[Verdict]]:
+        first = head(featurizer.CASCADE_FIRST)
+        shallow = first.probabilities(flat)  # [W, C]
+        risk = 1.0 - shallow[:, first.labels.index(BENIGN)]  # [W]
+        onward = [i for i, (a, b) in enumerate(spans) if risk[a:b].max() >= first.clear_below]
+        deep = final.probabilities([part for i in onward for part in flat[slice(*spans[i])]]) if onward else None
+        onward = set(onward)
+        out, row = [], 0
+        for i, (a, b) in enumerate(spans):
+            if i in onward:
+                out.append(self._verdicts(final, deep[row:row + b - a].max(axis=0), source))
+                row += b - a
+            else:
+                out.append(self._verdicts(first, shallow[a:b].max(axis=0), source, cleared=True))
         return out
 
-    def _verdicts(self, best, source) -> list[Verdict]:
+    def _verdicts(self, head: EmbeddingHead, best, source, cleared: bool = False) -> list[Verdict]:
+        """Verdicts of `head`'s probabilities [C]; all allow when a cascade's
+        first stage `cleared` the text (its scores are reported as they are)."""
         verdicts = []
-        for i, label in enumerate(self.head.labels):
+        for i, label in enumerate(head.labels):
             if label == BENIGN or label in INJECTION_CATEGORIES:
                 continue
             score = float(best[i])
-            verdicts.append(Verdict(label, score, grade(score, float(self.head.flag_at[i]),
-                                                        float(self.head.block_at[i])),
-                                    self.name, f"It reads as {label.replace('_', ' ')}."))
+            action = ALLOW if cleared else grade(score, float(head.flag_at[i]), float(head.block_at[i]))
+            verdicts.append(Verdict(label, score, action, self.name, f"It reads as {label.replace('_', ' ')}."))
         if source != "output":
-            verdicts.append(self._attack(best))
+            verdicts.append(self._attack(head, best, cleared))
         return verdicts
 
-    def _attack(self, best) -> Verdict:
+    def _attack(self, head: EmbeddingHead, best, cleared: bool = False) -> Verdict:
         """Injection and jailbreak scored as one attack (their sum), named after
         the likelier of the two: an attack the head splits between them is
         still an attack."""
-        scores = {label: float(best[self.head.labels.index(label)]) for label in INJECTION_CATEGORIES}
+        scores = {label: float(best[head.labels.index(label)]) for label in INJECTION_CATEGORIES}
         label = max(scores, key=scores.get)
         score = min(1.0, sum(scores.values()))
-        return Verdict(label, score, grade(score, self.head.attack_flag_at, self.head.attack_block_at), self.name,
-                       f"It reads as {label.replace('_', ' ')}.")
+        action = ALLOW if cleared else grade(score, head.attack_flag_at, head.attack_block_at)
+        return Verdict(label, score, action, self.name, f"It reads as {label.replace('_', ' ')}.")

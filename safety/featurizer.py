@@ -6,14 +6,16 @@
   transformer pass. About 0.6 ms of CPU per short prompt against 16-22 ms for
   the MiniLM pass, on any CPU (numpy only: no AMX or bf16 needed). Run on the
   pipeline's own threads: it is too cheap to queue for the embedding thread.
-- "minilm" (default): the MiniLM sentence embeddings of
+- "minilm": the MiniLM sentence embeddings of
   retrieval.services.embed, on the embedding thread, shared with the
   documents, memory and semantic cache.
 - "minilm2": the first 2 of the bundled MiniLM's 6 layers, mean-pooled: its
   own model and thread (its vectors are not retrieval's). About 5 ms of CPU
   per short prompt; out of fold and held out it separates attacks best, but
-  blocks less self-harm and harassment than "minilm" (docs/SAFETY.md), so it
-  is not the default yet.
+  blocks less self-harm and harassment than "minilm" (docs/SAFETY.md), so
+  by default it only clears prompts, as the cascade's first stage.
+- "cascade" (default): not a featurizer but two heads, "minilm2" first and
+  "minilm" for the prompts it does not clear (safety.checkers.EmbeddingHeadChecker).
 
 A head is trained on one featurizer's vectors (`python -m safety.train
 --featurizer NAME`) and records its name; SAFETY_HEAD_FEATURIZER picks which
@@ -37,6 +39,10 @@ STATIC_PATH = DATA / "static"
 HEAD_PATHS = {"static": DATA / "head-static.npz", "minilm": DATA / "head-minilm.npz",
               "minilm2": DATA / "head-minilm2.npz"}
 SHALLOW_LAYERS = 2
+# SAFETY_HEAD_FEATURIZER="cascade": the minilm2 head first, the minilm head
+# for what it does not clear (safety.checkers.EmbeddingHeadChecker).
+CASCADE, CASCADE_FIRST, CASCADE_FINAL = "cascade", "minilm2", "minilm"
+HEADS = (*HEAD_PATHS, CASCADE)
 
 # Where "minilm" vectors come from when not `retrieval.services.embed`
 # (torch): set by the Celery worker's ingestion, which cannot import torch,

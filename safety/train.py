@@ -6,7 +6,8 @@ checker sees it) by one featurizer (safety.featurizer; `--featurizer
 minilm`, the default, `minilm2` or `static`), written to
 safety/data/head-NAME.npz as plain arrays (no pickle): weights [C, D], bias [C], the
 labels, the featurizer's name, and flag/block thresholds per label and for
-the attack score (injection + jailbreak). The regularisation and the thresholds are chosen on out-of-fold
+the attack score (injection + jailbreak), and the risk below which it clears
+a text as the first stage of the "cascade" head. The regularisation and the thresholds are chosen on out-of-fold
 predictions of the training split only (never the held-out split). Prints
 the held-out split's accuracy; the full table per category is
 `python -m bench.safety`.
@@ -110,6 +111,15 @@ def _thresholds(oof, y, labels: list[str]) -> dict:
     }
 
 
+def _clear_below(oof, y, labels: list[str]) -> float:
+    """The lowest out-of-fold risk (1 - P(benign)) of any harmful training
+    item: as the first stage of the "cascade" head, this head clears a text
+    whose risk is below it, and every other text goes to the next head. No
+    harmful training item would have been cleared."""
+    risk = 1.0 - oof[:, labels.index("benign")]
+    return float(risk[y != labels.index("benign")].min())
+
+
 def _out_of_fold_rates(oof, y, labels, thresholds) -> tuple[float, float]:
     """(attack recall, share of benign items flagged) of the head alone at
     `thresholds`, on out-of-fold probabilities of the training split."""
@@ -139,6 +149,9 @@ def train(c: float | None, featurizer_name: str, out: Path) -> None:
     thresholds = _thresholds(oof, y, labels)
     recall, benign = _out_of_fold_rates(oof, y, labels, thresholds)
     print(f"  out of fold at C={c:g}: {benign:.1%} of benign items flagged, attack recall {recall:.2f}")
+    clear_below = _clear_below(oof, y, labels)
+    cleared = float(((1.0 - oof[:, labels.index("benign")]) < clear_below)[y == labels.index("benign")].mean())
+    print(f"  as a cascade's first stage: clears below risk {clear_below:.3f}, {cleared:.0%} of benign items out of fold")
     np.savez(
         out,
         labels=np.asarray(labels),
@@ -146,6 +159,7 @@ def train(c: float | None, featurizer_name: str, out: Path) -> None:
         weights=model.coef_.astype(np.float32),  # [C, D]
         bias=model.intercept_.astype(np.float32),  # [C]
         **{name: np.asarray(value, dtype=np.float32) for name, value in thresholds.items()},
+        clear_below=np.float32(clear_below),
     )
     for label, f, b in zip(labels, thresholds["flag_at"], thresholds["block_at"]):
         print(f"  {label:18s} flag at {f:.2f}, block at {b:.2f}")

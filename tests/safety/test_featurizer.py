@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from safety import checkers, featurizer, pipeline
+from safety.normalize import fold
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -62,3 +63,34 @@ def test_a_head_trained_on_other_vectors_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(featurizer.HEAD_PATHS, "static", tmp_path / "head.npz")
     with pytest.raises(ValueError, match="trained on 'minilm' vectors"):
         checkers.EmbeddingHead("static")
+
+
+def test_the_cascade_clears_plain_chat_shallowly_and_sends_the_rest_to_minilm(settings, offline, monkeypatch):
+    settings.SAFETY_HEAD_FEATURIZER = "cascade"
+    first, final = checkers.head("minilm2"), checkers.head("minilm")
+    assert checkers.head() is final and 0 < first.clear_below < 0.5
+    deep = []
+    probabilities = final.probabilities
+    monkeypatch.setattr(final, "probabilities", lambda texts: deep.extend(texts) or probabilities(texts))
+    harm = "What's the most painless way to kill myself tonight?"  # minilm2 alone only flags it
+
+    decisions = pipeline.run(ATTACKS + [harm] + BENIGN, source="input")
+    for text, decision in zip(ATTACKS, decisions):
+        assert decision.flagged and decision.top.category in ("prompt_injection", "jailbreak"), (text, decision)
+    assert decisions[len(ATTACKS)].blocked and decisions[len(ATTACKS)].top.category == "self-harm"
+    assert not any(d.flagged for d in decisions[len(ATTACKS) + 1:])
+    # Every attack and the harm went on to the minilm head; plain chat stopped at the first stage.
+    assert {fold(t) for t in ATTACKS + [harm]} <= set(deep)
+    assert fold("What's a good recipe for banana bread?") not in deep
+
+    # A reply is scored by the minilm head alone: the first stage's threshold was set on prompts.
+    deep.clear()
+    pipeline.run(["What's a good recipe for banana bread?"], source="output")
+    assert deep == [fold("What's a good recipe for banana bread?")]
+
+
+def test_a_cleared_prompt_gets_allow_verdicts_with_the_shallow_scores(settings):
+    settings.SAFETY_HEAD_FEATURIZER = "cascade"
+    [verdicts] = checkers.EmbeddingHeadChecker().check(["What's a good recipe for banana bread?"], "input")
+    assert verdicts and all(v.action == "allow" for v in verdicts)
+    assert all(v.score < checkers.head("minilm2").clear_below for v in verdicts)
