@@ -34,15 +34,15 @@ class _DeliversCancellation:
 
 
 class Connection(_DeliversCancellation, aredis.Connection):
-    pass
+    """TCP (redis://)."""
 
 
 class UnixDomainSocketConnection(_DeliversCancellation, aredis.UnixDomainSocketConnection):
-    pass
+    """A unix socket (unix://): the embedded Redis."""
 
 
 class SSLConnection(_DeliversCancellation, aredis.SSLConnection):
-    pass
+    """TLS (rediss://)."""
 
 
 _CLASSES = {aredis.Connection: Connection, aredis.UnixDomainSocketConnection: UnixDomainSocketConnection,

@@ -111,13 +111,16 @@ def _thresholds(oof, y, labels: list[str]) -> dict:
     }
 
 
-def _clear_below(oof, y, labels: list[str]) -> float:
-    """The lowest out-of-fold risk (1 - P(benign)) of any harmful training
-    item: as the first stage of the "cascade" head, this head clears a text
-    whose risk is below it, and every other text goes to the next head. No
-    harmful training item would have been cleared."""
+def _clear_below(oof, y, labels: list[str]) -> tuple[float, float]:
+    """(the lowest out-of-fold risk, 1 - P(benign), of any harmful training
+    item; the share of benign training items below it). As the first stage of
+    the "cascade" head, this head clears a text whose risk is below it, and
+    every other text goes to the next head: no harmful training item would
+    have been cleared."""
     risk = 1.0 - oof[:, labels.index("benign")]
-    return float(risk[y != labels.index("benign")].min())
+    benign = y == labels.index("benign")
+    threshold = float(risk[~benign].min())
+    return threshold, float((risk[benign] < threshold).mean())
 
 
 def _out_of_fold_rates(oof, y, labels, thresholds) -> tuple[float, float]:
@@ -149,8 +152,7 @@ def train(c: float | None, featurizer_name: str, out: Path) -> None:
     thresholds = _thresholds(oof, y, labels)
     recall, benign = _out_of_fold_rates(oof, y, labels, thresholds)
     print(f"  out of fold at C={c:g}: {benign:.1%} of benign items flagged, attack recall {recall:.2f}")
-    clear_below = _clear_below(oof, y, labels)
-    cleared = float(((1.0 - oof[:, labels.index("benign")]) < clear_below)[y == labels.index("benign")].mean())
+    clear_below, cleared = _clear_below(oof, y, labels)
     print(f"  as a cascade's first stage: clears below risk {clear_below:.3f}, {cleared:.0%} of benign items out of fold")
     np.savez(
         out,
