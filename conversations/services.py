@@ -392,10 +392,44 @@ class Reaped:
 REAPED_ERROR = "The server stopped while this reply was being written."
 
 
+def _stale(stale_s: float | None):
+    cutoff = timezone.now() - timedelta(seconds=settings.REPLY_STALE_S if stale_s is None else stale_s)
+    return Message.objects.filter(status__in=Message.UNFINISHED, role=Message.Role.ASSISTANT).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, updated_at__lt=cutoff)
+    )
+
+
+def stale_replies(*, stale_s: float | None = None) -> list[tuple]:
+    """(id, stream_seq) of the unfinished replies whose heartbeat is older
+    than `stale_s` (REPLY_STALE_S): what the reaper will end. Read only."""
+    return list(_stale(stale_s).values_list("id", "stream_seq"))
+
+
+async def streamed_since(replies: list[tuple]) -> dict:
+    """For each (id, stream_seq): (stream_seq, the text its Redis log holds
+    after that checkpoint, the last seq read). A dead process may have
+    streamed tokens after its last materialization. Best effort: a reply
+    whose log cannot be read is left out."""
+    streamed = {}
+    for reply_id, stored_seq in replies:
+        try:
+            extra, seq = await streams.text_after(reply_id, stored_seq)
+        except Exception:
+            log.warning("reaper: could not read the streamed text of %s", reply_id, exc_info=True)
+            continue
+        streamed[reply_id] = (stored_seq, extra, seq)
+    return streamed
+
+
 @transaction.atomic
-def reap_stale_replies(*, stale_s: float | None = None) -> list[Reaped]:
+def reap_stale_replies(*, stale_s: float | None = None, streamed: dict | None = None) -> list[Reaped]:
     """End as `interrupted`, keeping their text, the unfinished replies whose
     heartbeat is older than `stale_s` (REPLY_STALE_S): their process died.
+
+    `streamed` (from `streamed_since`) is what each one's log held after its
+    stored text; it joins the text in the same update that ends the reply,
+    so nobody reads the ended reply without it. It is used only where the
+    row still stands at the checkpoint the log was read from.
 
     Safe with several processes on one database: a live reply is beaten by
     its own process well within `stale_s`, and rows are locked (skipping
@@ -403,24 +437,24 @@ def reap_stale_replies(*, stale_s: float | None = None) -> list[Reaped]:
     landing meanwhile finds the reply already ended and two reapers never
     end one reply twice. A reply never beaten (pending) counts from its
     last update."""
-    cutoff = timezone.now() - timedelta(seconds=settings.REPLY_STALE_S if stale_s is None else stale_s)
-    stale = Message.objects.filter(status__in=Message.UNFINISHED, role=Message.Role.ASSISTANT).filter(
-        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, updated_at__lt=cutoff)
-    )
-    rows = list(stale.select_for_update(skip_locked=True).values_list("id", "content", "stream_seq"))
-    if not rows:
-        return []
-    now = timezone.now()
-    Message.objects.filter(id__in=[row[0] for row in rows]).update(
-        status=Message.Status.INTERRUPTED, error=REAPED_ERROR, finished_at=now, updated_at=now,
-    )
-    log.info("reaper: marked %d stale replies interrupted", len(rows))
-    return [Reaped(id=id_, content=content, stream_seq=seq, error=REAPED_ERROR) for id_, content, seq in rows]
+    rows = list(_stale(stale_s).select_for_update(skip_locked=True).values_list("id", "content", "stream_seq"))
+    now, reaped = timezone.now(), []
+    for id_, content, seq in rows:
+        read_at, extra, last = (streamed or {}).get(id_, (None, "", seq))
+        if read_at == seq and extra:
+            content, seq = content + extra, last
+        Message.objects.filter(id=id_).update(status=Message.Status.INTERRUPTED, error=REAPED_ERROR,
+                                              content=content, stream_seq=seq, finished_at=now, updated_at=now)
+        reaped.append(Reaped(id=id_, content=content, stream_seq=seq, error=REAPED_ERROR))
+    if reaped:
+        log.info("reaper: marked %d stale replies interrupted", len(reaped))
+    return reaped
 
 
 def reply_recover_text(*, reply_id, stored_seq: int, extra: str, seq: int) -> str | None:
     """Add to a reaped reply the text its log streamed after the last
-    materialization (`stored_seq`): a process killed mid-reply loses at most
+    materialization (`stored_seq`), for a reply that went stale after
+    `streamed_since` read the logs: a process killed mid-reply loses at most
     what never reached Redis. Only while the row is as the reaper left it.
     Returns the new text, or None when the row moved on."""
     reply = Message.objects.filter(id=reply_id, status=Message.Status.INTERRUPTED, stream_seq=stored_seq)
@@ -447,7 +481,8 @@ def reap_orphaned_replies() -> int:
     the periodic reaper (`turns.reap_stale_replies`), not "everything
     unfinished", since another `serve` on the same database may be
     generating right now. Returns how many were ended."""
-    reaped = reap_stale_replies()
+    streamed = async_to_sync(streamed_since)(stale_replies())
+    reaped = reap_stale_replies(streamed=streamed)
     async_to_sync(reaped_publish)(reaped)
     return len(reaped)
 

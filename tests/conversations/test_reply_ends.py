@@ -113,6 +113,51 @@ async def test_the_reaper_keeps_the_text_a_killed_process_streamed_after_its_las
     assert end.seq == 6 and end.data["replace"] and "half a reply, then" in end.data["html"]
 
 
+async def test_the_reaper_ends_a_reply_with_its_streamed_text_in_one_update(alice, settings, monkeypatch):
+    """Nobody reads the ended reply without the text its log held: the
+    status and the recovered text change together (a reader that saw
+    `interrupted` first and the text a moment later once failed CI)."""
+    settings.REPLY_STALE_S = 90
+    reply = await streaming_reply(alice, text="half a rep", beat_s_ago=120)
+    for seq, text in ((1, "half"), (2, " a"), (3, " rep"), (4, "ly")):
+        await streams.append(reply.id, streams.StreamEvent(seq=seq, event="token", data={"t": text}))
+    seen = []
+    real = services.reap_stale_replies
+
+    def reap_and_look(**kwargs):
+        reaped = real(**kwargs)
+        seen.append(Message.objects.values_list("status", "content").get(id=reply.id))
+        return reaped
+
+    monkeypatch.setattr(services, "reap_stale_replies", reap_and_look)
+    assert await turns.reap_stale_replies() == 1
+    assert seen == [("interrupted", "half a reply")]
+
+
+async def test_the_start_up_reaper_keeps_the_text_a_killed_process_streamed(alice, settings):
+    settings.REPLY_STALE_S = 90
+    reply = await streaming_reply(alice, text="half a rep", beat_s_ago=120)  # stored through seq 3
+    for seq, text in ((1, "half"), (2, " a"), (3, " rep"), (4, "ly,"), (5, " then")):
+        await streams.append(reply.id, streams.StreamEvent(seq=seq, event="token", data={"t": text}))
+    assert await sync_to_async(services.reap_orphaned_replies)() == 1
+    stored = await load(reply.id)
+    assert (stored.status, stored.content, stored.stream_seq) == ("interrupted", "half a reply, then", 5)
+
+
+async def test_the_reaper_adds_a_log_read_before_a_later_checkpoint_only_once(alice, settings):
+    """A log read at one checkpoint is not added to a row that was
+    materialized past it meanwhile (its text already holds those tokens)."""
+    settings.REPLY_STALE_S = 90
+    reply = await streaming_reply(alice, text="half a rep", beat_s_ago=120)
+    for seq, text in ((1, "half"), (2, " a"), (3, " rep"), (4, "ly")):
+        await streams.append(reply.id, streams.StreamEvent(seq=seq, event="token", data={"t": text}))
+    streamed = await services.streamed_since(await sync_to_async(services.stale_replies)())
+    await sync_to_async(Message.objects.filter(id=reply.id).update)(content="half a reply", stream_seq=4)
+    await sync_to_async(services.reap_stale_replies)(streamed=streamed)
+    stored = await load(reply.id)
+    assert (stored.status, stored.content, stored.stream_seq) == ("interrupted", "half a reply", 4)
+
+
 async def test_stop_after_the_generating_process_died_keeps_what_it_streamed(alice, settings):
     reply = await streaming_reply(alice, text="first", beat_s_ago=0)
     for seq, text in ((1, "fir"), (2, "st"), (3, ""), (4, " and second")):
