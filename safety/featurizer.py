@@ -122,8 +122,8 @@ class _MeanPooled:
                 return torch.nn.functional.normalize(mean, dim=1)
 
         # Traced on a padded batch: the graph is recorded on the path a
-        # burst's padded batch takes (a lone text gives the same graph,
-        # tested, but that is the model code's choice, not ours).
+        # burst's padded batch takes. (Traced on a lone text it gave the
+        # same vectors too, checked once; that is the model code's choice.)
         example = self._ids(["a short example", "and a somewhat longer example sentence"])
         with torch.inference_mode(), warnings.catch_warnings():
             # The model code's shape checks become constants in the trace; the
