@@ -391,10 +391,11 @@ async def reap_stale_replies() -> int:
     """End as interrupted (text kept) the replies whose heartbeat is older
     than REPLY_STALE_S, and close their streams. Returns how many."""
     # The logs are read first, so each reply ends with its streamed text in
-    # one update; one that went stale after the read gets it added after.
+    # one update. Read again after: a reply that went stale after the first
+    # read gets its text then (for the others it finds nothing more).
     streamed = await services.streamed_since(await on_db_thread(services.stale_replies)())
     reaped = await on_db_thread(services.reap_stale_replies)(streamed=streamed)
-    reaped = [reply if reply.id in streamed else await _recover_streamed_text(reply) for reply in reaped]
+    reaped = [await _recover_streamed_text(reply) for reply in reaped]
     await services.reaped_publish(reaped)
     return len(reaped)
 
