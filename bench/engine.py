@@ -2,7 +2,7 @@
 
 One process, one model (SmolLM2), one device (CUDA when present, else the
 CPU), the same torch threads for every contender. For each number format the
-engine runs in (fp32, bf16, int8, and "auto": what the engine picks by
+engine runs in (fp32, bf16, int8, int8 weight-only, and "auto": what the engine picks by
 measuring), the HF peers run in that same format:
   - 32 equal-length requests x 32 output tokens: the engine, HF static batching
     (one batch of 32) and HF generate one request at a time; the decode steps
@@ -67,11 +67,12 @@ class Setup:
 
 def format_specs(device: str) -> list[tuple[str, str, str]]:
     """(label, EngineConfig.dtype, EngineConfig.quantization). int8 on the CPU
-    computes in int8 (fp32 around it); on CUDA it is weight-only, so it is
-    paired with bf16 activations there."""
+    computes in int8 (fp32 around it); int8-wo (weight-only) multiplies bf16
+    activations by int8 weights there (fp32 around it); on CUDA both are
+    weight-only, so they are paired with bf16 activations there."""
     int8_dtype = "float32" if device == "cpu" else "bfloat16"
     return [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("int8", int8_dtype, "int8"),
-            ("auto", "auto", "none")]
+            ("int8-wo", int8_dtype, "int8_weight_only"), ("auto", "auto", "none")]
 
 
 def workload_requests(count: int, rng: random.Random, vocab: int, out_range=(32, 256),
@@ -165,9 +166,12 @@ def peak(setup: Setup, kernel: str) -> float:
 
 
 def peak_kernel(dtype: str, quantization: str, device: str) -> str:
-    # On the CPU int8 multiplies in int8 (torch._int_mm); elsewhere the weights
-    # are dequantized and the matmul runs in the activation dtype.
-    return "int8" if quantization == "int8" and device == "cpu" else dtype
+    # On the CPU int8 multiplies in int8 (torch._int_mm) and int8-wo in the
+    # int8-weight kernel (aten._weight_int8pack_mm); elsewhere the weights are
+    # dequantized and the matmul runs in the activation dtype.
+    if device == "cpu" and quantization in ("int8", "int8_weight_only"):
+        return quantization
+    return dtype
 
 
 # ------------------------------------------------------------ rows
@@ -333,7 +337,8 @@ def _parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="small request counts: a smoke run in a few minutes")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for everyone")
-    parser.add_argument("--formats", default="fp32,bf16,int8,auto", help="engine formats to run, comma-separated")
+    parser.add_argument("--formats", default="fp32,bf16,int8,int8-wo,auto",
+                        help="engine formats to run, comma-separated")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-batched-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -348,7 +353,7 @@ def _parse_args(argv):
         args.out = QUICK_OUT if args.quick else "docs/BENCHMARKS.md"
     unknown = set(args.formats.split(",")) - {label for label, _, _ in format_specs("cpu")}
     if unknown:
-        parser.error(f"unknown formats {sorted(unknown)}: choose from fp32, bf16, int8, auto")
+        parser.error(f"unknown formats {sorted(unknown)}: choose from fp32, bf16, int8, int8-wo, auto")
     return args
 
 

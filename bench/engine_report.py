@@ -5,7 +5,8 @@ from __future__ import annotations
 from bench import report
 
 TARGETS = {"static": 1.5, "hf1": 8.0, "roofline_pct": 40.0, "chat_tok_s": 60.0, "prefix": 2.0}
-PEAK_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8 (torch._int_mm)"}
+PEAK_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8 (torch._int_mm)",
+              "int8_weight_only": "int8 weights × bf16 (aten._weight_int8pack_mm)"}
 
 
 def _load(result: dict) -> str:
@@ -16,6 +17,8 @@ def _format(row: dict) -> str:
     """The row's label and what it ran as ("auto → bfloat16", "int8 (float32 around int8)")."""
     if row["label"] == "auto":
         return f"auto → {row['dtype']}"
+    if row["quantization"] == "int8_weight_only" and row.get("roofline", {}).get("kernel") == "int8_weight_only":
+        return f"{row['label']} (int8 weights × bf16 in the matmuls, {row['dtype']} elsewhere)"
     if row["quantization"] != "none":
         return f"{row['label']} ({row['dtype']} activations, {row['quantization']} weights)"
     return row["label"]
@@ -58,7 +61,7 @@ def _header(r: dict, heading: str) -> list[str]:
             f"{cfg['kv_cache_bytes'] // 2**20} MiB. "
             f"Peak square-matmul rate measured in each format, GFLOP/s (GOP/s for int8): {peaks}. The HF peers "
             "run in the same format as the engine row they are compared with (int8 on the CPU: torch's dynamic "
-            "int8 quantization of every nn.Linear). Greedy, EOS ignored, random prompt ids.", ""]
+            "int8 quantization of every nn.Linear; int8-wo: every nn.Linear on the engine's weight-only kernel). Greedy, EOS ignored, random prompt ids.", ""]
 
 
 def _render_equal(r: dict) -> list[str]:

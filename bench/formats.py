@@ -4,9 +4,10 @@
 
 1. Matmul timings at the engine's own SmolLM2 shapes (fused QKV, o_proj, fused
    gate/up, down_proj, lm_head) at 1 and 32 rows: fp32, bf16, fp16, the
-   engine's int8 kernels (per-token int8 activations; weight-only), and for the
-   record two int8 kernels the engine does not use (torch's dynamic
-   quantization through fbgemm, and aten._weight_int8pack_mm).
+   engine's int8 kernels (per-token int8 activations; weight-only on CPU, with
+   bf16 activations; the dequantizing CUDA path), and for the record two int8
+   kernels the engine does not use (torch's dynamic quantization through
+   fbgemm, and aten._weight_int8pack_mm with fp32 activations).
 2. The engine's throughput on a small offline workload (32 requests of 64
    prompt tokens x 32 output tokens, EOS ignored) for each setting, the
    settings interleaved over --rounds rounds, best round kept: the box is
@@ -31,14 +32,15 @@ from bench.sections import replace_section
 from inference import Engine, EngineConfig, SamplingParams
 from inference.bootstrap import resolve_model
 from inference.formats import REPORTED_FLAGS, ROWS, cpu_info
-from inference.quantization import int8_linear, quantize_weight
+from inference.quantization import dequantized_linear, int8_linear, quantize_weight
 
 HEADING = "## Number formats and int8 on CPU (bench.formats)"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 TEXT = Path(__file__).parent / "data" / "pride_and_prejudice_ch1.txt"
 NUM_REQUESTS, PROMPT_TOKENS, OUTPUT_TOKENS = 32, 64, 32
 SETTINGS = [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("fp16", "float16", "none"),
-            ("int8", "float32", "int8"), ("int8 + bf16", "bfloat16", "int8"), ("auto", "auto", "none")]
+            ("int8", "float32", "int8"), ("int8 + bf16", "bfloat16", "int8"),
+            ("int8 weight-only", "float32", "int8_weight_only"), ("auto", "auto", "none")]
 
 
 def engine_shapes(config) -> dict[str, tuple[int, int, int]]:
@@ -62,9 +64,10 @@ def kernels(weight: torch.Tensor, rows: int) -> dict:
                                    torch.qint8), None)
     return {"fp32": lambda: F.linear(x, weight), "bf16": lambda: F.linear(xb, wb), "fp16": lambda: F.linear(xh, wh),
             "int8 (engine, CPU)": lambda: int8_linear(x, q, scale, None, False),
-            "int8 weight-only (engine, CUDA path)": lambda: int8_linear(x, q, scale, None, True),
+            "int8 weight-only (engine, CPU: bf16 activations)": lambda: int8_linear(x, q, scale, None, True),
+            "int8 weight-only (engine, CUDA path)": lambda: dequantized_linear(x, q, scale),
             "fbgemm dynamic int8 (not used)": lambda: torch.ops.quantized.linear_dynamic(x, packed, True),
-            "_weight_int8pack_mm bf16 (not used)": lambda: torch.ops.aten._weight_int8pack_mm(xb, q, scale.bfloat16())}
+            "_weight_int8pack_mm, fp32 activations (not used)": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale)}
 
 
 def time_kernels(shapes: dict, rounds: int = 30) -> dict:

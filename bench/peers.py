@@ -24,6 +24,12 @@ def _square_operands(size: int, dtype: str, device: str):
         a = torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device)
         b = torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device)
         return lambda: torch._int_mm(a, b)
+    if dtype == "int8_weight_only":
+        # The CPU weight-only kernel: bf16 activations times int8 weights.
+        a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+        b = torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device)
+        scales = torch.rand(size, dtype=torch.bfloat16, device=device)
+        return lambda: torch.ops.aten._weight_int8pack_mm(a, b, scales)
     a = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
     b = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
     return lambda: a @ b
@@ -52,11 +58,17 @@ def matmul_flops(dtype: str = "float32", device: str = "cpu", seconds_per_size: 
 def load_model(model_dir: str, dtype: str, quantization: str, device: str):
     """A fresh HF model in the engine row's format. int8 on CPU is torch's
     dynamic quantization of every nn.Linear (fbgemm/oneDNN int8 GEMMs with
-    int8 activations, as the engine's int8 does); None where HF has no int8
-    path to compare with (CUDA)."""
+    int8 activations, as the engine's int8 does); int8 weight-only on CPU
+    swaps every nn.Linear for the engine's own weight-only kernel (torchao,
+    HF's route to it, is not installed; it calls the same aten op); None where
+    HF has no int8 path to compare with (CUDA)."""
     if quantization != "none" and device != "cpu":
         return None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
+    if quantization == "int8_weight_only":
+        from bench.quality import hf_variant  # noqa: PLC0415 - only this peer needs it
+
+        return hf_variant(model, dtype, quantization)
     if quantization != "none":
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return model

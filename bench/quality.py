@@ -2,8 +2,8 @@
 
     python -m bench.quality [--models-dir var/models] [--no-write]
 
-For fp32, bf16, fp16 and int8 weights (CPU path; and the CUDA path,
-int8_weight_only, run on CPU) it measures
+For fp32, bf16, fp16 and int8 weights (the CPU paths of int8 and
+int8_weight_only, and the CUDA path, dequantized weights, run on CPU) it measures
 
 - perplexity on a public-domain text shipped here (bench/data), teacher-forced
   through the HF model cast to the format; the int8 rows swap every nn.Linear
@@ -34,7 +34,7 @@ from inference import Engine, EngineConfig, SamplingParams
 from inference.bootstrap import resolve_model
 from inference.formats import cpu_info
 from inference.model_runner import DTYPES
-from inference.quantization import int8_linear, quantize_weight
+from inference.quantization import dequantized_linear, int8_linear, quantize_weight
 
 HEADING = "## Quality of number formats (bench.quality)"
 TEXT = Path(__file__).parent / "data" / "pride_and_prejudice_ch1.txt"
@@ -43,7 +43,8 @@ MAX_TOKENS = 48
 # (label, EngineConfig dtype, quantization)
 VARIANTS = [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("fp16", "float16", "none"),
             ("int8 (fp32 activations)", "float32", "int8"), ("int8 + bf16", "bfloat16", "int8"),
-            ("int8 weight-only (CUDA path)", "float32", "int8_weight_only")]
+            ("int8 weight-only (bf16 activations)", "float32", "int8_weight_only"),
+            ("int8 weight-only, CUDA path (dequantized)", "float32", "dequantized")]
 # A format may be a default only if, on the text and against fp32, perplexity
 # rises by at most 1% (0.01 nats of cross-entropy per token) and the most
 # likely next token stays fp32's at 95% of positions or more. Both are
@@ -75,15 +76,20 @@ HELD_OUT_PROMPTS = [
 class Int8Linear(torch.nn.Module):
     """An nn.Linear replaced by the engine's int8 kernel (same weights, same math)."""
 
-    def __init__(self, linear: torch.nn.Linear, weight_only: bool):
+    def __init__(self, linear: torch.nn.Linear, quantization: str):
         super().__init__()
         self.weight_int8, self.scale = quantize_weight(linear.weight)
         self.bias = linear.bias
-        self.weight_only = weight_only
+        self.quantization = quantization
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = int8_linear(x.reshape(-1, shape[-1]), self.weight_int8, self.scale, self.bias, self.weight_only)
+        x = x.reshape(-1, shape[-1])
+        if self.quantization == "dequantized":
+            out = dequantized_linear(x, self.weight_int8, self.scale)
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = int8_linear(x, self.weight_int8, self.scale, self.bias, self.quantization == "int8_weight_only")
         return out.view(*shape[:-1], -1)  # [..., out]
 
 
@@ -93,7 +99,7 @@ def hf_variant(model, dtype: str, quantization: str):
         for parent in list(variant.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, Int8Linear(child, quantization == "int8_weight_only"))
+                    setattr(parent, name, Int8Linear(child, quantization))
     return variant.eval()
 
 
@@ -128,22 +134,30 @@ def measure(model_dir: str) -> list[dict]:
     for label, dtype, quantization in VARIANTS:
         logits = text_logits(hf_variant(model, dtype, quantization), text_ids)
         ppl, top1 = perplexity(logits, text_ids), logits.argmax(-1)
-        outputs = greedy_outputs(model_dir, dtype, quantization, prompts)
+        # The dequantized (CUDA) path has no CPU engine to run: the CPU takes the int8-weight kernel.
+        outputs = None if quantization == "dequantized" else greedy_outputs(model_dir, dtype, quantization, prompts)
         reference = reference or {"ppl": ppl, "top1": top1, "outputs": outputs}
-        prefixes = [common_prefix(o, r) / len(r) for o, r in zip(outputs, reference["outputs"])]
+        prefixes = [common_prefix(o, r) / len(r) for o, r in zip(outputs or [], reference["outputs"])] or [None]
         row = {"label": label, "dtype": dtype, "quantization": quantization, "ppl": ppl,
                "ppl_rise": ppl / reference["ppl"] - 1,
                "top1_agreement": (top1 == reference["top1"]).float().mean().item(),
                "accuracy": (top1 == torch.tensor(text_ids[1:])).float().mean().item(),
-               "identical": sum(o == r for o, r in zip(outputs, reference["outputs"])),
-               "mean_prefix": sum(prefixes) / len(prefixes), "text_tokens": len(text_ids)}
+               "identical": None if outputs is None else sum(o == r for o, r in zip(outputs, reference["outputs"])),
+               "mean_prefix": None if outputs is None else sum(prefixes) / len(prefixes),
+               "text_tokens": len(text_ids)}
         row["within_bound"] = (row["ppl_rise"] <= QUALITY_BOUND["max_perplexity_rise"]
                                and row["top1_agreement"] >= QUALITY_BOUND["min_top1_agreement"])
         rows.append(row)
         print(f"{label:30s} ppl {ppl:7.3f} ({row['ppl_rise']:+.2%})  top-1 agreement {row['top1_agreement']:.1%}  "
-              f"next-token accuracy {row['accuracy']:.1%}  identical {row['identical']}/{len(prompts)}  "
-              f"mean prefix {row['mean_prefix']:.0%}  within bound: {row['within_bound']}", flush=True)
+              f"next-token accuracy {row['accuracy']:.1%}  greedy: {_greedy_cells(row)}  "
+              f"within bound: {row['within_bound']}", flush=True)
     return rows
+
+
+def _greedy_cells(row: dict) -> str:
+    if row["identical"] is None:
+        return "— (no CPU engine path) | —"
+    return f"{row['identical']}/{len(HELD_OUT_PROMPTS)} | {row['mean_prefix']:.0%}"
 
 
 def render(rows: list[dict], command: str) -> str:
@@ -158,8 +172,7 @@ def render(rows: list[dict], command: str) -> str:
              "| within bound |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['ppl']:.3f} | {r['ppl_rise']:+.2%} | {r['top1_agreement']:.1%} | "
-                     f"{r['accuracy']:.1%} | {r['identical']}/{len(HELD_OUT_PROMPTS)} | {r['mean_prefix']:.0%} | "
-                     f"{'yes' if r['within_bound'] else 'no'} |")
+                     f"{r['accuracy']:.1%} | {_greedy_cells(r)} | {'yes' if r['within_bound'] else 'no'} |")
     lines += ["", f"Bound for a default (bench/quality.py QUALITY_BOUND): on the text, perplexity at most "
               f"{QUALITY_BOUND['max_perplexity_rise']:.0%} above fp32 (0.01 nats of cross-entropy per token) and "
               f"fp32's most likely next token kept at {QUALITY_BOUND['min_top1_agreement']:.0%} of positions or "

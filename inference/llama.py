@@ -113,8 +113,22 @@ def _decode_group(q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor,
     first, b, blocks = group.first_row, group.num_rows, group.blocks
     ctx, dim = blocks.size(0) // b * block_size, q.size(2)
     # index_select copies whole blocks (memcpy); cache[tables] gathered element by element.
-    keys = layer_k.index_select(1, blocks).view(kv_heads, b, ctx, dim).transpose(0, 1)  # [B, KV, C, D]
-    values = layer_v.index_select(1, blocks).view(kv_heads, b, ctx, dim).transpose(0, 1)
+    keys = layer_k.index_select(1, blocks).view(kv_heads, b, ctx, dim)  # [KV, B, C, D]
+    values = layer_v.index_select(1, blocks).view(kv_heads, b, ctx, dim)
+    if q.dtype != torch.float32:
+        # Half precision: SDPA's CPU flash kernel ran a one-query step 10-20x
+        # slower in bf16 than in fp32 (2.7 ms against 0.24 ms for 32 sequences
+        # of 160 tokens; docs/BENCHMARKS.md), more than the step's matmuls.
+        # Two batched matmuls over [KV, B] with the softmax in fp32 do it
+        # directly; fp32 keeps SDPA, whose sums HF generate's match.
+        heads = q.size(1)
+        queries = q[first:first + b].view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [KV, B, G, D]
+        # As HF's eager attention does it: scores in the model's dtype, softmax in fp32.
+        scores = torch.matmul(queries, keys.transpose(2, 3)) * scale  # [KV, B, G, C]
+        scores = scores.masked_fill(group.mask.view(1, b, 1, ctx).logical_not(), float("-inf"))
+        o = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), values)  # [KV, B, G, D]
+        return o.transpose(0, 1).reshape(b, heads, dim)
+    keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [B, KV, C, D]
     queries = q[first:first + b].unsqueeze(2)  # [B, H, 1, D]
     o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask,
                                        scale=scale, enable_gqa=True)  # [B, H, 1, D]

@@ -3,7 +3,7 @@
 Every matmul weight (fused QKV, o_proj, fused gate/up, down_proj and the
 lm_head) becomes int8 with one fp32 scale per output row (symmetric, absmax).
 
-- CPU: the activations are quantized too, one scale per token row, and the
+- "int8" on CPU: the activations are quantized too, one scale per token row, and the
   product runs as an int8 x int8 -> int32 GEMM (torch._int_mm). The int32 sum
   is exact, so a row's result depends on nothing else in the batch: batched and
   alone give the same tokens, as the engine promises. torch's own dynamic
@@ -12,13 +12,19 @@ lm_head) becomes int8 with one fp32 scale per output row (symmetric, absmax).
   activation scale for the whole [T, hidden] input: a sequence's result would
   change with whatever else is batched, and one outlier row (LLMs put huge
   activations on the first token) would coarsen every other row's
-  quantization. aten._weight_int8pack_mm (weight-only, bf16 activations) was
-  the fastest at one row (3x this) and 1.6x slower at 32 rows, where a busy
-  server spends its steps (docs/BENCHMARKS.md, bench.formats).
-- CUDA, and "int8_weight_only" anywhere: weight-only, dequantized on the fly
-  into the activation dtype (torch._int_mm on CUDA needs more than 16 rows,
-  which a decode step rarely has). On CPU this path is slower than fp32; it
-  is selectable there so the CUDA path runs in the CPU test suite.
+  quantization. The weight-only kernel below is as fast as this at one row
+  and about 2x slower at 32 rows, where a busy server spends its steps
+  (docs/BENCHMARKS.md, bench.formats).
+- "int8_weight_only": the weights alone are int8, the activations keep
+  their precision. On CPU the product runs in oneDNN's int8-weight kernel
+  (aten._weight_int8pack_mm), which streams the int8 weight and widens it in
+  registers, with bf16 activations: it is the fastest one-row (one chat)
+  matmul measured here, 4x fp32 and 1.1x the int8 x int8 path on the EPYC,
+  near fp32 at 32 rows (docs/BENCHMARKS.md), and it loses almost nothing
+  (bench.quality). Each row is summed on its own, so batched equals alone.
+  On CUDA (and on "int8" there: torch._int_mm on CUDA needs more than 16
+  rows, which a decode step rarely has) the weight is dequantized on the fly
+  into the activation dtype (dequantized_linear).
 
 No Django here; the functions below are TorchScript-compatible because the
 scripted layer stack in inference.llama calls them.
@@ -41,11 +47,21 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
+def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weight-only product off the CPU: the int8 weight widened to x's dtype."""
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor], weight_only: bool) -> torch.Tensor:
     """x [T, in] float, weight [out, in] int8, scale [out] fp32 -> [T, out] in x's dtype."""
-    if weight_only:
-        y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    if weight_only and x.is_cpu:
+        # It takes bf16 activations and scales (with fp32 ones it ran 5-40x
+        # slower here), so an fp32 model casts around it; quantize_paged keeps
+        # the scales in bf16 already.
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale.to(torch.bfloat16)).to(x.dtype)
+    elif weight_only:
+        y = dequantized_linear(x, weight, scale)
     else:
         xf = x.float()
         x_scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # [T, 1]
@@ -62,12 +78,15 @@ def quantize_paged(net, weight_only: bool) -> None:
     (the engine never calls it), so only the scripted stack sees int8."""
     net.int8_weight_only = weight_only
     scales = []
+    # The CPU weight-only kernel takes its scales in bf16: cast once here, not per step.
+    scale_dtype = torch.bfloat16 if weight_only and net.device.type == "cpu" else torch.float32
     for index, w in enumerate(net.weights):
         layer_scales = []
         for slot in (1, 2, 4, 5):  # qkv, o, gate_up, down (see llama._layers)
             q, s = quantize_weight(w[slot])
             w[slot] = q
-            layer_scales.append(s.to(w[0].device))
+            layer_scales.append(s.to(device=w[0].device, dtype=scale_dtype))
         scales.append(layer_scales)
     net.weight_scales = scales
-    net.lm_head_int8 = quantize_weight(net.lm_head)
+    q, s = quantize_weight(net.lm_head)
+    net.lm_head_int8 = (q, s.to(device=q.device, dtype=scale_dtype))

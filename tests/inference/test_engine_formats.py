@@ -9,7 +9,8 @@ import torch
 
 from inference import EngineConfig, SamplingParams
 from inference import formats
-from inference.quantization import int8_linear, quantize_weight
+from inference.llama import DecodeGroup, _decode_group
+from inference.quantization import dequantized_linear, int8_linear, quantize_weight
 
 from .conftest import make_prompts
 
@@ -20,7 +21,8 @@ REDUCED = [
     pytest.param({"dtype": "float16"}, id="fp16"),
     pytest.param({"quantization": "int8"}, id="int8"),
     pytest.param({"dtype": "bfloat16", "quantization": "int8"}, id="bf16-int8"),
-    pytest.param({"quantization": "int8_weight_only"}, id="int8-weight-only"),  # the CUDA path, run on CPU
+    pytest.param({"quantization": "int8_weight_only"}, id="int8-weight-only"),
+    pytest.param({"dtype": "bfloat16", "quantization": "int8_weight_only"}, id="bf16-int8-weight-only"),
 ]
 
 
@@ -59,12 +61,16 @@ def test_int8_kernels_agree_with_the_float_matmul():
     weight, x = torch.randn(96, 64), torch.randn(5, 64)
     q, scale = quantize_weight(weight)
     exact = x @ weight.t()
+    outputs = {"int8": int8_linear(x, q, scale, None, False), "weight-only": int8_linear(x, q, scale, None, True),
+               "dequantized (off the CPU)": dequantized_linear(x, q, scale)}
+    for name, out in outputs.items():
+        assert out.shape == exact.shape and out.dtype == x.dtype, name
+        assert (out - exact).abs().max() < 0.05 * exact.abs().max(), name
+    # Per-token activation scales, and the weight-only kernel's per-row sums:
+    # a row's result does not depend on its batch.
     for weight_only in (False, True):
-        out = int8_linear(x, q, scale, None, weight_only)
-        assert out.shape == exact.shape
-        assert (out - exact).abs().max() < 0.05 * exact.abs().max()
-    # Per-token activation scales: a row's result does not depend on its batch.
-    assert torch.equal(int8_linear(x[:1], q, scale, None, False), int8_linear(x, q, scale, None, False)[:1])
+        assert torch.equal(int8_linear(x[:1], q, scale, None, weight_only),
+                           int8_linear(x, q, scale, None, weight_only)[:1])
 
 
 def test_quantization_is_validated():
@@ -118,3 +124,27 @@ def test_stats_report_the_quantization(make_engine, prompts, greedy):
     engine = make_engine(quantization="int8")
     assert engine.stats()["quantization"] == "int8"
     assert engine.generate(prompts[0], greedy)[0].usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decode_attention_matches_fp32_sdpa(dtype):
+    """A half-precision decode step takes two matmuls instead of SDPA's CPU
+    flash kernel (slow in bf16); its heads map to their KV heads as SDPA's GQA
+    does, and padded keys are masked out."""
+    torch.manual_seed(0)
+    kv_heads, heads, dim, block_size, num_blocks = 2, 6, 16, 4, 12
+    k_cache, v_cache = torch.randn(2, kv_heads, num_blocks, block_size, dim).unbind(0)
+    tables, lens = [[3, 7, 1], [5, 0, 0]], [10, 3]  # the second row is padded with block 0
+    width = 3 * block_size
+    mask = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
+    group = DecodeGroup(0, 2, torch.tensor([b for t in tables for b in t]), mask)
+    q = torch.randn(2, heads, dim)
+    exact = _decode_group(q, k_cache, v_cache, group, kv_heads, dim ** -0.5, block_size)
+    half = _decode_group(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), group, kv_heads, dim ** -0.5, block_size)
+    assert half.dtype == dtype and half.shape == exact.shape == (2, heads, dim)
+    assert (half.float() - exact).abs().max() < 0.05
+    # The padded row is the same as that row alone with no padding.
+    alone = DecodeGroup(0, 1, torch.tensor([5]), (torch.arange(block_size) < lens[1]).view(1, 1, 1, block_size))
+    alone_out = _decode_group(q[1:].to(dtype), k_cache.to(dtype), v_cache.to(dtype), alone, kv_heads, dim ** -0.5,
+                              block_size)
+    assert (alone_out.float() - half[1:].float()).abs().max() < 0.02
