@@ -90,7 +90,8 @@ def main(argv=None) -> int:
                         "2 OpenMP threads that lose their cores wait on each other at every op)")
     parser.add_argument("--steps", type=int, default=48, help="decode steps at 32 sequences")
     parser.add_argument("--config", action="append", default=[],
-                        help='NAME=JSON: an extra contender on this tree with EngineConfig overrides')
+                        help='NAME=JSON: an extra contender with EngineConfig overrides, on this tree and '
+                             '(as "baseline NAME") on the baseline tree')
     args = parser.parse_args(argv)
     from inference.bootstrap import resolve_model
 
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
         contenders.insert(0, ("baseline", str(Path(args.baseline_tree).resolve()), {}))
     for spec in args.config:
         name, _, overrides = spec.partition("=")
+        if args.baseline_tree:
+            contenders.append((f"baseline {name}", str(Path(args.baseline_tree).resolve()), json.loads(overrides)))
         contenders.append((name, str(ROOT), json.loads(overrides)))
     best: dict[str, dict] = {}
     for round_index in range(args.rounds):

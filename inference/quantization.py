@@ -12,15 +12,16 @@ lm_head) becomes int8 with one fp32 scale per output row (symmetric, absmax).
   activation scale for the whole [T, hidden] input: a sequence's result would
   change with whatever else is batched, and one outlier row (LLMs put huge
   activations on the first token) would coarsen every other row's
-  quantization. The weight-only kernel below is as fast as this at one row
-  and about 2x slower at 32 rows, where a busy server spends its steps
+  quantization. The weight-only kernel below is faster than this at one row
+  and 1.4x slower at 32 rows, where a busy server spends its steps
   (docs/BENCHMARKS.md, bench.formats).
 - "int8_weight_only": the weights alone are int8, the activations keep
   their precision. On CPU the product runs in oneDNN's int8-weight kernel
   (aten._weight_int8pack_mm), which streams the int8 weight and widens it in
   registers, with bf16 activations: it is the fastest one-row (one chat)
-  matmul measured here, 4x fp32 and 1.1x the int8 x int8 path on the EPYC,
-  near fp32 at 32 rows (docs/BENCHMARKS.md), and it loses almost nothing
+  matmul measured here (one forward's matmuls at one row on the EPYC: 7.7 ms,
+  fp32 36.4, int8 x int8 12.4; at 32 rows between fp32 and bf16;
+  docs/BENCHMARKS.md, bench.formats), and it loses almost nothing
   (bench.quality). Each row is summed on its own, so batched equals alone.
   On CUDA (and on "int8" there: torch._int_mm on CUDA needs more than 16
   rows, which a decode step rarely has) the weight is dequantized on the fly
