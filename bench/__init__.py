@@ -15,11 +15,25 @@ bench.engine_report its markdown.
 """
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A benchmark stopped with SIGTERM (`timeout`, `kill`) tears down as Ctrl-C
+# does: its finally blocks stop the server and the embedded Postgres and Redis
+# it started, which otherwise outlive it (found: a bench.chat ended by pkill
+# left its Postgres cluster and Redis running).
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def free_port() -> int:
