@@ -1,7 +1,8 @@
 """Int8 weights for the paged forward (EngineConfig.quantization).
 
 Every matmul weight (fused QKV, o_proj, fused gate/up, down_proj and the
-lm_head) becomes int8 with one fp32 scale per output row (symmetric, absmax).
+lm_head) becomes int8 with one scale per output row (symmetric, absmax; fp32,
+or bf16 for the CPU weight-only kernel, which takes no other).
 
 - "int8" on CPU: the activations are quantized too, one scale per token row, and the
   product runs as an int8 x int8 -> int32 GEMM (torch._int_mm). The int32 sum
@@ -55,7 +56,7 @@ def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor], weight_only: bool) -> torch.Tensor:
-    """x [T, in] float, weight [out, in] int8, scale [out] fp32 -> [T, out] in x's dtype."""
+    """x [T, in] float, weight [out, in] int8, scale [out] -> [T, out] in x's dtype."""
     if weight_only and x.is_cpu:
         # It takes bf16 activations and scales (with fp32 ones it ran 5-40x
         # slower here), so an fp32 model casts around it; quantize_paged keeps
