@@ -316,6 +316,7 @@ def engine_config(spec: dict):
         max_num_batched_tokens=int(spec["max_num_batched_tokens"]),
         max_waiting=int(spec["max_waiting"]),
         num_threads=int(spec["num_threads"]) or None,
+        one_thread_rows=settings.ENGINE_ONE_THREAD_ROWS,
     )
 
 
@@ -399,6 +400,7 @@ def engines_health() -> dict:
                 report[name] = {"status": "ok", "model": spec["model"], "stats": running.stats()}
                 if running.format_report is not None:  # how dtype "auto" was chosen on this CPU
                     report[name]["number_format"] = running.format_report.as_dict()
+                report[name]["step_threads"] = running.step_threads.as_dict()  # inference.threads
             except Exception as exc:
                 report[name] = {"status": "down", "model": spec["model"], "detail": str(exc)}
         elif name in _engine_errors:

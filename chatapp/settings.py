@@ -353,6 +353,12 @@ ENGINE_DEFAULTS = {
 # to win it back while they run Python. Python's 5 ms made a 12-token prefill
 # step 2-4x slower beside busy threads; 0.5 ms keeps it near its idle time
 # (docs/BENCHMARKS.md, bench.gil). 0 leaves Python's default.
+# Engine steps of at most this many token rows run on one CPU thread (half
+# precision only; inference.threads): "auto" measures it at start, 0 never.
+# Waking the engine's second OpenMP thread for each of a one-row step's ~250
+# tiny ops cost more than it saved on the 2-core VM (docs/BENCHMARKS.md).
+ENGINE_ONE_THREAD_ROWS = (None if env_str("ENGINE_ONE_THREAD_ROWS", "auto") == "auto"
+                          else env_int("ENGINE_ONE_THREAD_ROWS", 0, min_value=0))
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
 MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}
 if env_str("MODEL_LARGE"):

@@ -70,6 +70,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the cache
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    # Steps of at most this many token rows run on one thread (CPU, half
+    # precision only; inference.threads). None: measured at start; 0: never.
+    one_thread_rows: int | None = None
     model_name: str | None = None  # reported by stats(); defaults to the model's name_or_path
     # False runs the decoder layers op by op from Python instead of as one
     # TorchScript call: only the GIL benchmark's baseline wants that (llama.py).
@@ -101,6 +104,8 @@ class EngineConfig:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device!r}")
+        if self.one_thread_rows is not None and self.one_thread_rows < 0:
+            raise ValueError("one_thread_rows must be >= 0 (or None to measure it)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1 (or None for torch's default)")
 

@@ -160,6 +160,11 @@ class Engine:
         """End a request at the next step boundary (no-op when unknown or done)."""
         self._engine_loop.inbox.abort(request_id)
 
+    @property
+    def step_threads(self):
+        """Which steps run on one thread, and the timings that chose it (inference.threads)."""
+        return self.runner.step_threads
+
     def stats(self) -> dict:
         """Raises RuntimeError when the engine thread has died (health reports the pool down)."""
         down = self._engine_loop.down_reason
@@ -171,6 +176,7 @@ class Engine:
             "device": str(self.runner.device),
             "dtype": self.config.dtype,
             "quantization": self.config.quantization,
+            "one_thread_rows": self.runner.step_threads.one_thread_rows,
             "running": len(self.scheduler.running),
             "waiting": self._engine_loop.inbox.num_unscheduled + sum(1 for s in list(self.scheduler.waiting) if s.metrics.preemptions),
             "kv_blocks_total": bm.num_blocks,

@@ -11,6 +11,7 @@ from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
 from inference.quantization import quantize_paged
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
+from inference.threads import choose_step_threads
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class ModelRunner:
         # tied lm_head is counted as the matmul it is).
         self.matmul_params = sum(w["qkv"].numel() + w["o"].numel() + w["gate_up"].numel() + w["down"].numel()
                                  for w in self.net.layers) + self.net.lm_head.numel()
+        # Which steps run on one thread (inference.threads); measured here, on
+        # the weights and cache the steps will use.
+        self.step_threads = choose_step_threads(self, config.one_thread_rows)
 
     @property
     def bytes_per_block(self) -> int:
@@ -106,6 +110,9 @@ class ModelRunner:
             if ctx_len == seq.num_tokens:
                 logit_rows.append(row + num_new - 1)
                 sampled.append(seq)
+        threads = self.step_threads.threads_for(len(tokens))
+        if threads != torch.get_num_threads():  # the engine thread's own count (OpenMP's is per thread)
+            torch.set_num_threads(threads)
         if self.graphs is not None and not prefills:
             with torch.inference_mode():
                 logits = self.graphs.run(tokens, positions, slots, decode_tables, decode_lens)

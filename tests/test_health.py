@@ -27,3 +27,12 @@ def test_healthz_is_503_when_redis_is_down(client, settings, tmp_path):
 
 def test_healthz_rejects_post(client):
     assert client.post("/healthz").status_code == 405
+
+
+def test_healthz_says_which_engine_steps_run_on_one_thread(client, chat_engine):
+    pool = client.get("/healthz").json()["model_pools"]["small"]
+    assert pool["status"] == "ok"
+    # The test engine is fp32: every step keeps the engine's thread count, and says why.
+    assert pool["step_threads"]["one_thread_rows"] == 0
+    assert pool["step_threads"]["reason"] == chat_engine.step_threads.reason
+    assert pool["stats"]["one_thread_rows"] == 0

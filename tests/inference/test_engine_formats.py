@@ -11,8 +11,9 @@ from inference import EngineConfig, SamplingParams
 from inference import formats
 from inference.llama import DecodeGroup, _decode_group
 from inference.quantization import dequantized_linear, int8_linear, quantize_weight
+from inference.threads import CANDIDATE_ROWS
 
-from .conftest import make_prompts
+from .conftest import MAX_NEW_TOKENS, make_prompts
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,6 +34,67 @@ def test_greedy_batched_equals_alone(make_engine, prompts, greedy, settings):
     alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
     assert batched == alone
     assert all(len(tokens) > 0 for tokens in batched)
+
+
+# Half-precision activations: the formats whose small steps may run on one thread (inference.threads).
+HALF = [
+    pytest.param({"dtype": "bfloat16"}, id="bf16"),
+    pytest.param({"dtype": "float16"}, id="fp16"),
+    pytest.param({"dtype": "bfloat16", "quantization": "int8"}, id="bf16-int8"),
+    pytest.param({"dtype": "bfloat16", "quantization": "int8_weight_only"}, id="bf16-int8-weight-only"),
+]
+
+needs_two_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one CPU thread: nothing to compare")
+
+
+@needs_two_threads
+@pytest.mark.parametrize("settings", HALF)
+def test_one_thread_steps_give_the_same_bits_as_the_team(make_engine, prompts, settings):
+    """Each prompt alone (one sequence: the same step shapes in every run),
+    every step on one thread or every step on the team: the same tokens and
+    logprobs to the last bit, so a sequence's output does not depend on which
+    its steps got. (Batched runs are not compared bit for bit: which requests
+    share a step depends on when they arrive.)"""
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=0)
+    runs = {}
+    for rows in (0, 1024):
+        engine = make_engine(one_thread_rows=rows, **settings)
+        threads: set[int] = set()
+        engine.step_observer = lambda _batch, _duration: threads.add(torch.get_num_threads())
+        runs[rows] = [(c.token_ids, [lp.logprob for lp in c.logprobs])
+                      for c in (engine.generate([p], params)[0] for p in prompts[:6])]
+        assert threads == ({1} if rows else {engine.step_threads.threads}), threads
+    assert runs[0] == runs[1024]
+
+
+@needs_two_threads
+@pytest.mark.parametrize("settings", HALF)
+def test_small_steps_run_on_one_thread_and_batched_still_equals_alone(make_engine, prompts, greedy, settings):
+    engine = make_engine(one_thread_rows=1, **settings)
+    seen: list[tuple[int, int]] = []
+    engine.step_observer = lambda batch, _duration: seen.append((batch.num_tokens, torch.get_num_threads()))
+    batched = [c.token_ids for c in engine.generate(prompts, greedy)]
+    alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
+    assert batched == alone
+    assert {threads for rows, threads in seen if rows == 1} == {1}
+    assert {threads for rows, threads in seen if rows > 1} == {engine.step_threads.threads} == {torch.get_num_threads()}
+    assert engine.stats()["one_thread_rows"] == 1
+
+
+@needs_two_threads
+def test_step_threads_are_measured_for_half_precision_and_fp32_keeps_its_count(make_engine):
+    engine = make_engine(dtype="bfloat16")
+    plan = engine.step_threads
+    assert plan.reason == "measured" and plan.threads == torch.get_num_threads()
+    assert 1 in plan.measured_ms and set(plan.measured_ms) <= set(CANDIDATE_ROWS)
+    assert all(m["one"] > 0 and m["team"] > 0 for m in plan.measured_ms.values())
+    assert plan.one_thread_rows in (0, *plan.measured_ms)
+    # The synthetic steps' blocks are handed back clean.
+    assert not engine.runner.k_cache.any() and not engine.runner.v_cache.any()
+    fp32 = make_engine(one_thread_rows=8)
+    assert fp32.step_threads.one_thread_rows == 0 and "fp32" in fp32.step_threads.reason
+    with pytest.raises(ValueError, match="one_thread_rows"):
+        EngineConfig(one_thread_rows=-1)
 
 
 @pytest.mark.parametrize("settings", REDUCED)
