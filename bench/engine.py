@@ -38,7 +38,6 @@ from bench.engine_report import render
 from bench.formats import engine_shapes
 from inference import Engine, EngineConfig, SamplingParams
 from inference.bootstrap import resolve_model
-from inference.threads import on_a_thread_of_its_own
 
 HEADING = "## Engine (bench.engine)"
 QUICK_OUT = "bench/scratch/engine_quick.md"
@@ -101,11 +100,8 @@ def measured(fn, *args, **kwargs) -> dict:
 
 
 def peer_row(fn, *args, **kwargs) -> dict:
-    # Each peer on a thread of its own, as the engine's steps run: torch work
-    # left on this (main) thread would keep an OpenMP team that slows every
-    # engine built after it (inference.threads.on_a_thread_of_its_own).
     try:
-        return on_a_thread_of_its_own(measured, fn, *args, **kwargs)
+        return measured(fn, *args, **kwargs)
     except Exception as error:  # a peer broken by a transformers change must not lose a long run's other rows
         log(f"peer {fn.__name__} failed: {error!r}")
         return {"error": f"{type(error).__name__}: {error}"}
@@ -165,7 +161,7 @@ def peak(setup: Setup, kernel: str) -> float:
     """The square-matmul peak of one format, measured once per run."""
     if kernel not in setup.peaks:
         log(f"peak matmul rate, {kernel} ...")
-        setup.peaks[kernel] = on_a_thread_of_its_own(peers.matmul_flops, kernel, setup.device)
+        setup.peaks[kernel] = peers.matmul_flops(kernel, setup.device)
     return setup.peaks[kernel]
 
 
@@ -206,7 +202,7 @@ def equal_peers(setup: Setup, dtype: str, quantization: str) -> dict:
     key = (dtype, quantization)
     if key in setup.peer_rows:
         return {**setup.peer_rows[key], "shared": True}
-    model = on_a_thread_of_its_own(peers.load_model, setup.model_dir, dtype, quantization, setup.device)
+    model = peers.load_model(setup.model_dir, dtype, quantization, setup.device)
     if model is None:
         missing = {"error": f"no HF {quantization} path on {setup.device}"}
         result = {"static": missing, "hf1": missing}
@@ -231,7 +227,7 @@ def run_mixed(setup: Setup, dtype: str) -> dict:
         result = {"dtype": dtype, "engine": measured(run_offline, engine, setup.mixed)}
     if setup.skip_peers:
         return result
-    model = on_a_thread_of_its_own(peers.load_model, setup.model_dir, dtype, "none", setup.device)
+    model = peers.load_model(setup.model_dir, dtype, "none", setup.device)
     log(f"mixed lengths in {dtype}: HF static batches of 16 ...")
     result["static"] = peer_row(peers.hf_static_batches, model, setup.mixed[:setup.sizes["static_mixed"]],
                                 batch_size=16, device=setup.device)

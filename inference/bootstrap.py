@@ -66,10 +66,6 @@ def resolve_model(name: str, models_dir: Path, progress=print) -> str:
         out_dir = Path(models_dir) / dirname
         if not (out_dir / "model.safetensors").exists():
             out_dir.parent.mkdir(parents=True, exist_ok=True)
-            from inference.threads import on_a_thread_of_its_own  # torch: only when converting
-
-            # On a short-lived thread: no OpenMP team is left behind in the
-            # caller's thread to slow the engine's steps (inference.threads).
-            on_a_thread_of_its_own(convert_gguf, bundled_gguf_path(package, filename), out_dir, progress=progress)
+            convert_gguf(bundled_gguf_path(package, filename), out_dir, progress=progress)
         return str(out_dir)
     return name

@@ -27,7 +27,6 @@ from inference.outputs import Completion, PromptTooLong
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler
 from inference.sequence import Sequence
-from inference.threads import on_a_thread_of_its_own
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +63,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: EngineConfig | None = None, **load_kwargs) -> Engine:
-        """A local dir, a hub id, or a GGUF file in a dir (gguf_file="name.gguf").
-
-        Loaded and built on a short-lived thread, so that the caller's thread
-        (a server's main thread) is left without an OpenMP team that would
-        slow every engine step (inference.threads.on_a_thread_of_its_own)."""
-        return on_a_thread_of_its_own(cls._load, name_or_path, config, load_kwargs)
-
-    @classmethod
-    def _load(cls, name_or_path: str, config: EngineConfig | None, load_kwargs: dict) -> Engine:
+        """A local dir, a hub id, or a GGUF file in a dir (gguf_file="name.gguf")."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         config = config or EngineConfig()

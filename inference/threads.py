@@ -13,13 +13,8 @@ OpenMP threads than CPUs; the engine thread's team is never the only one
 each wake-up cost 40-120 us here against ~5 us for the work. The same tiny
 bmm took 25 us from a process's only team and 45-150 us from a second one.
 
-The first remedy is to leave no other team: Engine.from_pretrained loads and
-builds on a short-lived thread (on_a_thread_of_its_own), whose team ends
-with it; that alone took the one-row step to 24-27 ms on two threads. But a
-caller may hold a team of its own (a process that ran torch before building
-the engine, a benchmark's Hugging Face peers), and whether one thread wins,
-and up to how many rows, depends on that, on the CPU, the hypervisor and the
-format, so it is measured at start (choose_step_threads):
+Whether one thread wins, and up to how many rows, depends on the CPU, the
+hypervisor and the format, so it is measured at start (choose_step_threads):
 synthetic decode steps of 1, 2, 4, ... rows through the real forward, on one
 thread and on the engine's count, interleaved, best of a few, on a thread of
 its own as the engine's steps are. One thread keeps the rows where it is at
@@ -76,33 +71,6 @@ class StepThreads:
                 f"({self.reason}{'; one/' + str(self.threads) + ' threads: ' + times if times else ''})")
 
 
-def on_a_thread_of_its_own(fn, *args, **kwargs):
-    """fn(*args, **kwargs) on a short-lived thread; its result, or its exception
-    raised here. For heavy torch work outside the engine's steps (loading,
-    converting, measuring): a thread that has run a parallel torch op keeps an
-    OpenMP team for its whole life, and while the process holds more OpenMP
-    threads than CPUs libgomp stops letting the engine thread's workers spin
-    between ops, so each of a step's ~250 parallel regions waits 40-120 us for
-    a sleeping worker (2-core VM: a bf16 decode step of 32 sequences took
-    124-138 ms with the loader's team left in the main thread and 76 ms
-    without). A thread's team goes with it when it ends."""
-    box: list = []
-
-    def run() -> None:
-        try:
-            box.append((True, fn(*args, **kwargs)))
-        except BaseException as exc:  # re-raised in the caller's thread
-            box.append((False, exc))
-
-    worker = threading.Thread(target=run, name=getattr(fn, "__name__", "torch-work"))
-    worker.start()
-    worker.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
 def choose_step_threads(runner, one_thread_rows: int | None) -> StepThreads:
     """The runner's thread plan: one_thread_rows None measures it (where it can apply)."""
     threads = torch.get_num_threads()
@@ -118,13 +86,17 @@ def choose_step_threads(runner, one_thread_rows: int | None) -> StepThreads:
     if runner.num_blocks < CONTEXT_BLOCKS or runner.max_model_len < CONTEXT_BLOCKS * runner.block_size:
         return StepThreads(threads, 0, "cache too small to measure")
     started = time.monotonic()
-    try:
-        # On a thread of its own, as the engine's steps run (not the caller's,
-        # whose OpenMP team, if it has one, behaves differently).
-        measured = on_a_thread_of_its_own(_measure, runner, threads)
-    except Exception:
-        log.warning("measuring step threads failed; every step uses %d threads", threads, exc_info=True)
+    result: list = []
+    # On a thread of its own, like the engine's steps: the main thread's
+    # OpenMP team behaves differently (see the module docstring).
+    worker = threading.Thread(target=lambda: result.append(_measure(runner, threads)), name="step-threads")
+    worker.start()
+    worker.join()
+    if not result or isinstance(result[0], BaseException):
+        log.warning("measuring step threads failed; every step uses %d threads", threads,
+                    exc_info=result[0] if result else None)
         return StepThreads(threads, 0, "measurement failed")
+    measured = result[0]
     rows = 0
     for candidate, ms in measured.items():
         if ms["one"] * MIN_GAIN > ms["team"]:
@@ -137,26 +109,29 @@ def choose_step_threads(runner, one_thread_rows: int | None) -> StepThreads:
 
 def _measure(runner, threads: int, repeats: int = 3):
     """{rows: {"one": ms, "team": ms}} for CANDIDATE_ROWS until one thread stops winning."""
-    measured: dict[int, dict[str, float]] = {}
-    with torch.inference_mode():
-        for rows in CANDIDATE_ROWS:
-            step = _synthetic_decode(runner, rows)
-            best = {"one": float("inf"), "team": float("inf")}
-            for round_index in range(repeats + 1):  # round 0 warms each count up and is dropped
-                for name, count in (("one", 1), ("team", threads)):
-                    torch.set_num_threads(count)
-                    began = time.perf_counter()
-                    step()
-                    if round_index > 0:
-                        best[name] = min(best[name], (time.perf_counter() - began) * 1000)
-            measured[rows] = {name: round(ms, 2) for name, ms in best.items()}
-            if best["one"] * MIN_GAIN > best["team"]:
-                break
-        # The blocks the steps wrote into: zeroed, though every sequence
-        # writes its positions before it attends to them.
-        runner.k_cache[:, :, :CONTEXT_BLOCKS].zero_()
-        runner.v_cache[:, :, :CONTEXT_BLOCKS].zero_()
-    return measured
+    try:
+        measured: dict[int, dict[str, float]] = {}
+        with torch.inference_mode():
+            for rows in CANDIDATE_ROWS:
+                step = _synthetic_decode(runner, rows)
+                best = {"one": float("inf"), "team": float("inf")}
+                for round_index in range(repeats + 1):  # round 0 warms each count up and is dropped
+                    for name, count in (("one", 1), ("team", threads)):
+                        torch.set_num_threads(count)
+                        began = time.perf_counter()
+                        step()
+                        if round_index > 0:
+                            best[name] = min(best[name], (time.perf_counter() - began) * 1000)
+                measured[rows] = {name: round(ms, 2) for name, ms in best.items()}
+                if best["one"] * MIN_GAIN > best["team"]:
+                    break
+            # The blocks the steps wrote into: zeroed, though every sequence
+            # writes its positions before it attends to them.
+            runner.k_cache[:, :, :CONTEXT_BLOCKS].zero_()
+            runner.v_cache[:, :, :CONTEXT_BLOCKS].zero_()
+        return measured
+    except BaseException as exc:  # handed back to the constructing thread
+        return exc
 
 
 def _synthetic_decode(runner, rows: int):

@@ -210,20 +210,3 @@ def test_half_precision_decode_attention_matches_fp32_sdpa(dtype):
     alone_out = _decode_group(q[1:].to(dtype), k_cache.to(dtype), v_cache.to(dtype), alone, kv_heads, dim ** -0.5,
                               block_size)
     assert (alone_out.float() - half[1:].float()).abs().max() < 0.02
-
-
-def test_heavy_torch_work_runs_on_a_thread_of_its_own():
-    import threading
-
-    from inference.threads import on_a_thread_of_its_own
-
-    caller = threading.get_ident()
-    ran_on = on_a_thread_of_its_own(lambda: threading.get_ident())
-    assert ran_on != caller
-    assert on_a_thread_of_its_own(lambda a, b=0: a + b, 2, b=3) == 5
-
-    def broken():
-        raise KeyError("no such weight")
-
-    with pytest.raises(KeyError, match="no such weight"):
-        on_a_thread_of_its_own(broken)
