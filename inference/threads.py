@@ -9,9 +9,11 @@ small bmm and softmax, the norms) of a few microseconds of work each, and the
 engine thread's OpenMP worker must be woken for every one of them. libgomp
 lets a worker spin between regions only while the process has no more
 OpenMP threads than CPUs; the engine thread's team is never the only one
-(the thread that loaded the model keeps its own), so the worker sleeps, and
-each wake-up cost 40-120 us here against ~5 us for the work. The same tiny
-bmm took 25 us from a process's only team and 45-150 us from a second one.
+(`import torch` already starts one in the importing thread), so the worker
+mostly sleeps, and each wake-up cost 40-120 us here against ~5 us for the
+work. The same tiny bmm took 25 us from a process's only team and 45-150 us
+from a second one. Steps on the team also varied a lot between identical
+runs (one bf16 stream 30-49 ms); steps on one thread did not.
 
 Whether one thread wins, and up to how many rows, depends on the CPU, the
 hypervisor and the format, so it is measured at start (choose_step_threads):
