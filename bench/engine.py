@@ -187,6 +187,7 @@ def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
                  for q in CHAT_QUESTIONS[:setup.sizes["chats"]]]
         row = {"label": label, "dtype": engine.config.dtype, "quantization": quantization,
                "choice": engine.format_report.summary() if engine.format_report else None,
+               "step_threads": engine.step_threads.summary(),  # which steps ran on one thread
                "engine": measured(run_equal, engine, setup.equal)}
         log(f"{label}: one chat at a time ...")
         row["chat"] = measured(run_chats, engine, chats, setup.sizes["chat_tokens"])
