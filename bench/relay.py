@@ -236,23 +236,27 @@ def _server_env(name: str, stub_port: int) -> dict:
     }
 
 
-def start_server(tree: Path, name: str, stub_port: int, profile: Path | None = None,
-                 env: dict | None = None) -> tuple[subprocess.Popen, int]:
-    """`manage.py serve --no-worker` from `tree`, waited for until /healthz
-    answers; under `py-spy record` (collapsed stacks into `profile`) when given."""
+def start_server(tree: Path, name: str, stub_port: int, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """`manage.py serve --no-worker` from `tree`, waited for until /healthz answers."""
     from django.conf import settings
 
     port = free_port()
     log = open(Path(settings.DATA_DIR) / f"{name}.log", "w")
     command = [sys.executable, "manage.py", "serve", "--no-worker", "--port", str(port)]
-    if profile is not None:
-        py_spy = Path(sys.executable).parent / "py-spy"
-        command = [str(py_spy), "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking", "--threads", "-o", str(profile),
-                   "--", *command]
     proc = subprocess.Popen(command, cwd=tree, env={**_server_env(name, stub_port), **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT)
     wait_healthy(proc, port, log.name)
     return proc, port
+
+
+def start_profiler(pid: int, out: Path) -> subprocess.Popen:
+    """`py-spy record` attached to a running server: collapsed stacks of the
+    threads holding the GIL into `out`, written when it gets SIGINT. Attached
+    after the warm-up round, so imports and model loads stay out of it."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    return subprocess.Popen([str(py_spy), "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
+                             "--threads", "--pid", str(pid), "-o", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def service_pids(data_dir: Path) -> list[int]:
@@ -274,8 +278,10 @@ async def measure(targets: list[Target], args) -> dict[str, dict[str, dict]]:
     each round, so a change in the machine's load hits them all alike."""
     singles: dict[str, list[dict]] = {t.label: [] for t in targets}
     bursts: dict[str, list[dict]] = {t.label: [] for t in targets}
-    index = 0
+    index, profiler = 0, None
     for round_ in range(args.rounds + 1):  # round 0 warms up (connections, imports, the checkers)
+        if round_ == 1 and args.py_spy:
+            profiler = start_profiler(targets[-1].pids[0], args.py_spy)
         for target in targets:
             runs = [await burst(target, index + k, 1, args.tokens) for k in range(args.singles)]
             index += args.singles
@@ -285,6 +291,9 @@ async def measure(targets: list[Target], args) -> dict[str, dict[str, dict]]:
                 singles[target.label] += runs
                 bursts[target.label].append(many)
         print(f"round {round_} done", flush=True)
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(60)
     return {"1": {k: merge(v) for k, v in singles.items()}, "N": {k: merge(v) for k, v in bursts.items()}}
 
 
@@ -340,7 +349,8 @@ def _parse_args(argv):
     parser.add_argument("--no-write", action="store_true", help="do not write its section of docs/BENCHMARKS.md")
     parser.add_argument("--rules-only", action="store_true",
                         help="also run the relay with only the rules checker (what the classifier costs)")
-    parser.add_argument("--py-spy", type=Path, help="record this tree's server with py-spy (collapsed stacks here)")
+    parser.add_argument("--py-spy", type=Path,
+                        help="profile this tree's server over the measured rounds with py-spy (collapsed stacks here)")
     return parser.parse_args(argv)
 
 
@@ -355,8 +365,7 @@ def _start(args, data_dir: Path, procs: list) -> list[Target]:
     if args.rules_only:
         servers.append((ROOT, "relay, rules only (no classifier)", {"SAFETY_CHECKERS": RULES_ONLY}))
     for i, (tree, label, env) in enumerate([*servers, (ROOT, "through the relay (/v1)", None)]):
-        profile = args.py_spy if tree is ROOT and env is None else None
-        server, port = start_server(tree.resolve(), f"server{i}", stub_port, profile, env)
+        server, port = start_server(tree.resolve(), f"server{i}", stub_port, env)
         procs.append(server)
         targets.append(Target(label, port, "/v1/chat/completions", keys=keys, pids=[server.pid, *services]))
     return targets
@@ -364,7 +373,6 @@ def _start(args, data_dir: Path, procs: list) -> list[Target]:
 
 def _stop(procs: list, data_dir: Path) -> None:
     for proc in reversed(procs):
-        # SIGINT: py-spy (--py-spy) writes its profile on it, then ends the server it runs.
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(30)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -71,6 +72,14 @@ def env_choice(name: str, default: str, choices: set[str]) -> str:
     value = env_str(name, default)
     if value not in choices:
         raise ImproperlyConfigured(f"{name}={value!r} must be one of {sorted(choices)}")
+    return value
+
+
+def env_rate(name: str, default: str) -> str:
+    """A request rate, "requests/period" as django-ratelimit writes it: 600/m, 10/5s, 100/h, 1000/d."""
+    value = env_str(name, default)
+    if not re.fullmatch(r"\s*\d+\s*/\s*\d*\s*[smhd]\s*", value):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a rate: write requests/period, e.g. 600/m or 10/5s")
     return value
 
 
@@ -450,8 +459,8 @@ GATEWAY_CACHE_SAMPLED = env_bool("GATEWAY_CACHE_SAMPLED", False)
 # prompts between users; "user" salts them per user (no cross-user timing).
 GATEWAY_PREFIX_CACHE_SCOPE = env_choice("GATEWAY_PREFIX_CACHE_SCOPE", "deployment", {"deployment", "user"})
 # django-ratelimit on the HTTP API, on top of the token quotas.
-GATEWAY_API_RATE_PER_USER = env_str("GATEWAY_API_RATE_PER_USER", "600/m")
-GATEWAY_API_RATE_PER_IP = env_str("GATEWAY_API_RATE_PER_IP", "1200/m")
+GATEWAY_API_RATE_PER_USER = env_rate("GATEWAY_API_RATE_PER_USER", "600/m")
+GATEWAY_API_RATE_PER_IP = env_rate("GATEWAY_API_RATE_PER_IP", "1200/m")
 # Bounds on every request to a model, whoever makes it (API, chat, tasks):
 # checked before the prompt is tokenized or any quota reserved. Characters are
 # those of all messages together (~4 per token): 400,000 take a local pool's
@@ -461,7 +470,7 @@ GATEWAY_MAX_MESSAGES = env_int("GATEWAY_MAX_MESSAGES", 2048, min_value=1)
 GATEWAY_MAX_REQUEST_CHARS = env_int("GATEWAY_MAX_REQUEST_CHARS", 400_000, min_value=1)
 GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, min_value=1)
 # The same on the usage and API-key pages (served by accounts/), per user and per IP.
-GATEWAY_PAGE_RATE = env_str("GATEWAY_PAGE_RATE", "60/m")
+GATEWAY_PAGE_RATE = env_rate("GATEWAY_PAGE_RATE", "60/m")
 # ---- Moderation (safety/): the pipeline every prompt (all roles), reply,
 # cached reply and retrieved passage passes; docs/SAFETY.md has the figures.
 # Terms that block a prompt or a reply, matched as words after folding (case,
@@ -583,11 +592,11 @@ ABUSE_LEASE_TTL_S = env_float("ABUSE_LEASE_TTL_S", 15.0, min_value=1.0)
 if ABUSE_LEASE_TTL_S < 3 * ABUSE_LEASE_RENEW_S:
     raise ImproperlyConfigured("ABUSE_LEASE_TTL_S must be at least three ABUSE_LEASE_RENEW_S")
 # django-ratelimit on the chat's POSTs (send, edit, regenerate, new chat), per user and per IP.
-CHAT_RATE_PER_USER = env_str("CHAT_RATE_PER_USER", "30/m")
-CHAT_RATE_PER_IP = env_str("CHAT_RATE_PER_IP", "300/m")
+CHAT_RATE_PER_USER = env_rate("CHAT_RATE_PER_USER", "30/m")
+CHAT_RATE_PER_IP = env_rate("CHAT_RATE_PER_IP", "300/m")
 # Sign-up: open, invite (a code from the admin) or closed.
 SIGNUP_POLICY = env_choice("SIGNUP_POLICY", "open", {"open", "invite", "closed"})
-SIGNUP_RATE_PER_IP = env_str("SIGNUP_RATE_PER_IP", "10/h")
+SIGNUP_RATE_PER_IP = env_rate("SIGNUP_RATE_PER_IP", "10/h")
 # django-axes: sign-in lockout (the chat's login and the admin's).
 AXES_ENABLED = env_bool("LOGIN_LOCKOUT", True)
 AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, min_value=1)

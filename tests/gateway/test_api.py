@@ -72,6 +72,61 @@ async def test_a_revoked_key_is_401(remote, alice, alice_key):
     assert (await post(alice_key, hello())).status_code == 401
 
 
+async def models_status(key) -> int:
+    return (await AsyncClient().get("/v1/models", **auth(key))).status_code
+
+
+async def test_a_known_key_is_answered_from_the_key_cache(remote, alice, alice_key):
+    """Verified once, a key is not looked up again for a while: a change made
+    behind the product's back (a bulk update sends no signal) is not seen."""
+    assert await models_status(alice_key) == 200
+    await ApiKey.objects.filter(user=alice).aupdate(revoked_at="2026-01-01T00:00:00Z")
+    assert await models_status(alice_key) == 200
+
+
+async def test_a_key_revoked_after_use_is_refused_at_once(remote, alice, alice_key):
+    from gateway.keys import api_key_revoke
+
+    assert await models_status(alice_key) == 200
+    key = await ApiKey.objects.aget(user=alice)
+    await sync_to_async(api_key_revoke)(user=alice, key_id=key.pk)
+    assert await models_status(alice_key) == 401
+
+
+async def test_a_deleted_key_is_refused_at_once(remote, alice, alice_key):
+    assert await models_status(alice_key) == 200
+    await (await ApiKey.objects.aget(user=alice)).adelete()
+    assert await models_status(alice_key) == 401
+
+
+async def test_a_deactivated_users_key_is_refused_at_once_and_back_on_reactivation(remote, alice, alice_key):
+    assert await models_status(alice_key) == 200
+    alice.is_active = False
+    await alice.asave(update_fields=["is_active"])
+    assert await models_status(alice_key) == 401
+    alice.is_active = True
+    await alice.asave()
+    assert await models_status(alice_key) == 200
+
+
+async def test_a_revocation_that_rolls_back_leaves_the_key_working(remote, alice, alice_key):
+    from django.db import transaction
+
+    from gateway.keys import api_key_revoke
+
+    assert await models_status(alice_key) == 200
+    key = await ApiKey.objects.aget(user=alice)
+
+    def revoke_then_fail():
+        with transaction.atomic():
+            api_key_revoke(user=alice, key_id=key.pk)
+            raise RuntimeError("the rest of the change failed")
+
+    with pytest.raises(RuntimeError):
+        await sync_to_async(revoke_then_fail)()
+    assert await models_status(alice_key) == 200
+
+
 async def test_an_unknown_model_is_404(remote, alice_key):
     response = await post(alice_key, hello(model="gpt-17"))
     assert response.status_code == 404
@@ -188,3 +243,18 @@ def test_complete_works_from_sync_code_like_a_celery_task(remote, alice):
                                        temperature=0, priority=PRIORITY_BACKGROUND, source="task"))
     assert text == "echo: a title please" and final.finish_reason == "stop"
     assert UsageRecord.objects.get(request_id__isnull=False).source == "task"
+
+
+async def test_a_rate_window_of_several_seconds_counts_and_resets(remote, alice_key, settings):
+    """The API's counters take every rate the settings accept: 2 requests per 3 s here."""
+    import asyncio
+
+    settings.GATEWAY_API_RATE_PER_USER = "2/3s"
+    client = AsyncClient()
+    # A window opens with its first request and lasts 3 s.
+    statuses = [(await client.get("/v1/models", **auth(alice_key))).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    refused = await client.get("/v1/models", **auth(alice_key))
+    assert refused.status_code == 429 and 1 <= int(refused["Retry-After"]) <= 3
+    await asyncio.sleep(int(refused["Retry-After"]) + 0.05)
+    assert (await client.get("/v1/models", **auth(alice_key))).status_code == 200
