@@ -59,12 +59,14 @@ def _encode(texts: list[str]) -> np.ndarray:
     return _load().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
 
 
-class _Batcher:
-    """Queues callers' texts; the embedding thread drains the queue and encodes
-    everything that waits in one call, up to EMBEDDING_MAX_BATCH texts. A lone
-    caller pays nothing extra: the thread starts on its texts at once."""
+class Batcher:
+    """Queues callers' texts; `executor`'s thread drains the queue and
+    encodes everything that waits in one `encode` call, up to
+    EMBEDDING_MAX_BATCH texts. A lone caller pays nothing extra: the thread
+    starts on its texts at once. `encode(texts)` returns one row per text."""
 
-    def __init__(self):
+    def __init__(self, executor: ThreadPoolExecutor, encode):
+        self._executor, self._encode = executor, encode
         self._lock = threading.Lock()
         self._waiting: list[tuple[list[str], Future]] = []
         self._draining = False
@@ -75,7 +77,7 @@ class _Batcher:
             self._waiting.append((texts, future))
             start, self._draining = not self._draining, True
         if start:
-            _executor.submit(self._drain)
+            self._executor.submit(self._drain)
         return future
 
     def _take(self) -> list[tuple[list[str], Future]]:
@@ -93,7 +95,7 @@ class _Batcher:
         while taken := self._take():
             flat = [text for texts, _ in taken for text in texts]
             try:
-                vectors = _encode(flat)
+                vectors = self._encode(flat)
             except BaseException as exc:  # each caller gets the failure; the thread goes on
                 for _, future in taken:
                     future.set_exception(exc)
@@ -104,7 +106,7 @@ class _Batcher:
                 start += len(texts)
 
 
-_batcher = _Batcher()
+_batcher = Batcher(_executor, lambda texts: _encode(texts))  # looked up per call: tests replace _encode
 
 
 # ------------------------------------------------------------ shared vectors

@@ -114,3 +114,35 @@ def test_minilm2_vectors_are_sentence_transformers_mean_pooled_first_two_layers(
     np.testing.assert_allclose(batched, expected, atol=1e-5)
     # Not the full model's vectors: the layers really are cut.
     assert np.abs(batched - featurizer.vectors(texts, "minilm")).max() > 0.05
+
+
+def test_concurrent_minilm2_checks_are_encoded_together_and_each_gets_its_own(monkeypatch):
+    """While the shallow model encodes one caller's texts, the others queue;
+    the next encode takes them all, and each caller gets its own rows."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches, gate = [], threading.Event()
+
+    class Recording:
+        def encode(self, texts):
+            batches.append(list(texts))
+            if len(batches) == 1:
+                gate.wait(10)
+            return np.asarray([[float(len(t)), 0.0] for t in texts], dtype=np.float32)
+
+    monkeypatch.setattr(featurizer, "_shallow_model", Recording)
+    texts = [["first"], ["a", "bb"], ["ccc"], ["dddd", "eeeee", "ffffff"]]
+    with ThreadPoolExecutor(len(texts)) as callers:
+        first = callers.submit(featurizer.vectors, texts[0], "minilm2")
+        while not batches:
+            time.sleep(0.01)
+        rest = [callers.submit(featurizer.vectors, t, "minilm2") for t in texts[1:]]
+        time.sleep(0.2)  # all three are queued behind the gated encode
+        gate.set()
+        results = [first.result(10), *(f.result(10) for f in rest)]
+    assert len(batches) == 2 and batches[0] == ["first"]  # the callers reach the queue in any order
+    assert sorted(batches[1]) == ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
+    for mine, got in zip(texts, results):
+        assert got[:, 0].tolist() == [float(len(t)) for t in mine]
