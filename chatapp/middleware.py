@@ -5,6 +5,7 @@ import functools
 
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import HttpResponse
+from django.middleware.security import SecurityMiddleware
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
 # SQLSTATE class 53: insufficient resources (53100 disk full, 53200 out of memory).
@@ -81,3 +82,19 @@ class LoadedUserMiddleware:
 async def _loaded_user(request):
     return request.user
 
+
+
+class InlineSecurityMiddleware(SecurityMiddleware):
+    """SecurityMiddleware (the https redirect, HSTS, nosniff, Referrer-Policy,
+    COOP), run on the event loop: its methods only read settings and set
+    headers, so the API's stack (settings.API_MIDDLEWARE) need not hop to a
+    thread for them as MiddlewareMixin's async path does."""
+
+    sync_capable = False
+    async_capable = True
+
+    async def __acall__(self, request):
+        response = self.process_request(request)
+        if response is None:
+            response = await self.get_response(request)
+        return self.process_response(request, response)

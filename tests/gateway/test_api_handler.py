@@ -1,0 +1,53 @@
+"""/v1 through the product's ASGI application, which gives it a handler of
+its own (settings.API_MIDDLEWARE): what the API keeps of the site's
+middleware, and what it leaves to the pages."""
+import pytest
+from channels.testing import ApplicationCommunicator
+
+from chatapp.asgi import ApiHandler, application
+from gateway.keys import api_key_create
+
+
+@pytest.fixture
+def alice_key(alice):
+    return api_key_create(user=alice, name="test")[1]
+
+
+async def get(path: str, headers=(), scheme="http", app=application):
+    scope = {"type": "http", "http_version": "1.1", "method": "GET", "scheme": scheme, "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "server": ("testserver", 80),
+             "client": ("127.0.0.1", 50000), "headers": [(b"host", b"testserver"), *headers]}
+    communicator = ApplicationCommunicator(app, scope)
+    await communicator.send_input({"type": "http.request", "body": b""})
+    start = await communicator.receive_output(10)
+    body = b""
+    while True:
+        message = await communicator.receive_output(10)
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, body
+
+
+async def test_the_api_keeps_request_ids_and_security_headers_but_not_the_pages_middleware(remote, alice_key):
+    status, headers, _ = await get("/v1/models", [(b"authorization", f"Bearer {alice_key}".encode())])
+    assert status == 200
+    assert headers["x-request-id"] and headers["x-content-type-options"] == "nosniff"
+    assert "referrer-policy" in headers
+    # The pages' own: a CSP for HTML, sessions and CSRF cookies, frame options.
+    assert "content-security-policy" not in headers and "set-cookie" not in headers
+    assert "x-frame-options" not in headers
+    status, headers, _ = await get("/accounts/login/")
+    assert status == 200 and "content-security-policy" in headers and "x-frame-options" in headers
+
+
+async def test_the_api_still_redirects_to_https_when_the_site_does(remote, alice_key, settings):
+    settings.SECURE_SSL_REDIRECT = True  # read when a handler is built, as Django's middleware does
+    status, headers, _ = await get("/v1/models", [(b"authorization", f"Bearer {alice_key}".encode())],
+                                   app=ApiHandler())
+    assert status == 301 and headers["location"] == "https://testserver/v1/models"
+
+
+async def test_an_unknown_api_route_is_a_json_404_through_the_api_handler(remote, alice_key):
+    status, headers, body = await get("/v1/audio/speech", [(b"authorization", f"Bearer {alice_key}".encode())])
+    assert status == 404 and b'"not_found"' in body and headers["content-type"] == "application/json"
