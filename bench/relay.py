@@ -24,7 +24,8 @@ Aggregate tok/s is the completion tokens of every reply over the wall time
 from the first send to the last `[DONE]`; TTFT runs from the send (connect
 included, for both) to the first chunk with text. `server CPU` is what the
 server process (Daphne, the gateway) and the embedded Redis and Postgres
-burned per reply: the least noisy figure on a shared machine.
+burned per reply: the least noisy figure on a shared machine. `client CPU`
+is this process's, which reads every stream on the same cores.
 """
 from __future__ import annotations
 
@@ -305,7 +306,8 @@ def _row(name: str, r: dict, base: dict | None) -> tuple:
         share = f"{100 * tok_s / (base['tokens'] / base['wall_s']):.1f}%"
         added = f"{p50 - 1000 * percentile(base['ttfts'], 0.5):+.1f}"
     return (name, r["replies"], r["tokens"], f"{tok_s:.0f}", share, f"{p50:.1f}", f"{p99:.1f}", added,
-            f"{1000 * r['cpu_s'] / r['replies']:.1f}", f"{1e6 * r['cpu_s'] / max(1, r['tokens']):.0f}")
+            f"{1000 * r['cpu_s'] / r['replies']:.1f}", f"{1e6 * r['cpu_s'] / max(1, r['tokens']):.0f}",
+            f"{1000 * r['client_cpu_s'] / r['replies']:.1f}")
 
 
 def render(results: dict, targets: list[Target], args) -> str:
@@ -317,7 +319,8 @@ def render(results: dict, targets: list[Target], args) -> str:
             r = rows[target.label]
             cells.append(_row(f"{label}: {target.label}", r, None if target is targets[0] else base))
     table = report.table(["run", "replies", "tokens", "tok/s", "share of backend's tok/s", "TTFT p50 ms",
-                          "TTFT p99 ms", "TTFT added p50 ms", "server CPU ms / reply", "server CPU µs / token"],
+                          "TTFT p99 ms", "TTFT added p50 ms", "server CPU ms / reply", "server CPU µs / token",
+                          "client CPU ms / reply"],
                          cells)
     return table + "\n\n" + _verdicts(results, targets[-1].label, targets[0].label, args)
 
