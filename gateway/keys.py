@@ -8,7 +8,7 @@ worker asks the serving process for titles and summaries (conversations.tasks).
 It is an HMAC of SECRET_KEY, so every process of a deployment derives the same
 one and none stores it; it is accepted only on an exact, constant-time match.
 
-A verified key is remembered in Redis for a minute (`aauthenticate`), so a
+A verified key is remembered in Redis for about a minute (`aauthenticate`), so a
 burst of API calls does not queue one database lookup each on the ledger
 threads: with 32 requests at once those lookups took about 90 ms of each
 one's time to first token. Whatever ends a key's validity (revoked, deleted,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,8 +41,11 @@ KEY_PREFIX = "sk-chat-"
 INTERNAL_KEY_PREFIX = "sk-internal-"
 # last_used_at is a hint for the owner, not an audit log: write it at most once a minute.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-# As long as last_used_at's resolution: a cached key still updates it about once a minute.
+# About last_used_at's resolution: a cached key still updates it about once a
+# minute. Each entry lives a random 45-75 s, so keys first used together (a
+# burst of clients) do not all go back to the database in the same instant.
 KEY_CACHE_TTL_S = 60
+KEY_CACHE_JITTER_S = 15
 _TOMBSTONE = b"-"
 
 
@@ -121,7 +125,8 @@ async def aauthenticate(raw: str) -> VerifiedKey | None:
         return None
     if redis is not None:
         try:
-            await redis.set(_cache_key(key_hash), f"{key.pk}:{key.user_id}", ex=KEY_CACHE_TTL_S, nx=True)
+            ttl_s = KEY_CACHE_TTL_S + random.randint(-KEY_CACHE_JITTER_S, KEY_CACHE_JITTER_S)
+            await redis.set(_cache_key(key_hash), f"{key.pk}:{key.user_id}", ex=ttl_s, nx=True)
         except runtime.REDIS_ERRORS:
             pass
     return VerifiedKey(pk=key.pk, user_id=key.user_id)
@@ -139,10 +144,10 @@ def forget(key_hashes) -> None:
         try:
             pipe = runtime.redis_sync().pipeline(transaction=False)
             for key_hash in key_hashes:
-                pipe.set(_cache_key(key_hash), _TOMBSTONE, ex=KEY_CACHE_TTL_S)
+                pipe.set(_cache_key(key_hash), _TOMBSTONE, ex=KEY_CACHE_TTL_S + KEY_CACHE_JITTER_S)
             pipe.execute()
         except runtime.REDIS_ERRORS:
-            # Without Redis no key is served from it; entries it kept expire within KEY_CACHE_TTL_S.
+            # Without Redis no key is served from it; entries it kept expire within 75 s.
             log.exception("could not drop %d API keys from the key cache", len(key_hashes))
 
     transaction.on_commit(write)
