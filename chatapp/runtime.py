@@ -18,6 +18,7 @@ own caches must go with it register them through `on_reset`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import sys
@@ -45,6 +46,19 @@ REDIS_CONNECT_TIMEOUT_S = 2.0
 REDIS_SOCKET_TIMEOUT_S = 5.0
 
 _reset_hooks: list[Callable[[], None]] = []
+
+
+def freeze_long_lived() -> None:
+    """Take every object alive now out of the garbage collector's walks.
+
+    After start-up (Django, the engines, the moderation models) a process
+    holds about 600,000 objects that live as long as it does; a full
+    collection walked them all and held the event loop, and every stream on
+    it, for 140-430 ms (measured beside bench.relay's load). Frozen, the
+    same collection took 14 ms. Called when big loads finish: serve's start,
+    the moderation checkers' first build."""
+    gc.collect()
+    gc.freeze()
 
 
 def on_reset(hook: Callable[[], None]) -> Callable[[], None]:

@@ -85,7 +85,10 @@ def checkers() -> list[Checker]:
     paths = tuple(settings.SAFETY_CHECKERS)
     with _lock:
         if _checkers is None or _checkers[0] != paths:
+            first = _checkers is None
             _checkers = (paths, [_build(path) for path in paths])
+            if first:
+                runtime.freeze_long_lived()  # their models stay for the process's life
         return _checkers[1]
 
 

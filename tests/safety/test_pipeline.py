@@ -107,3 +107,16 @@ def test_a_checker_that_cannot_be_built_fails_per_policy_on_every_call(settings,
     assert "could not be built" in caplog.text
     settings.SAFETY_FAIL_CLOSED = []
     assert not pipeline.run(["hello"], source="input")[0].flagged
+
+
+def test_the_first_build_of_the_checkers_freezes_what_it_loaded(settings, monkeypatch):
+    """The moderation models live as long as the process: the garbage
+    collector's full walks skip them (chatapp.runtime.freeze_long_lived)."""
+    import gc
+
+    from safety import pipeline
+
+    monkeypatch.setattr(pipeline, "_checkers", None)
+    gc.unfreeze()
+    pipeline.checkers()
+    assert gc.get_freeze_count() > 0

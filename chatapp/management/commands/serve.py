@@ -81,6 +81,7 @@ class Command(BaseCommand):
             if settings.LOAD_MODELS:
                 runtime.start_engines(progress=lambda msg: self.stdout.write(msg))
             self._first_admin(host)
+            runtime.freeze_long_lived()
             self._run_daphne(host, port, with_worker=not no_worker)
         except KeyboardInterrupt:
             pass  # stopped during start-up: what did start is shut down below
