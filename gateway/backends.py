@@ -345,28 +345,15 @@ async def _remote_events(spec, request, response, abort: AbortSignal):
             log.warning("backend %s sent an error mid-stream: %.500s", spec.name, failed)
             yield reply.fail(f"backend '{spec.name}' reported an error", "error_event")
             return
-        if ended:
-            await _drain(reads)
-            break
-        if closed:
+        if ended or closed:
+            # The response's last chunk is left unread, so httpx drops the
+            # connection rather than pooling it. Pooled connections were
+            # slower: a burst's requests are all handed the same idle
+            # connection and all but one go back to wait (httpcore #822), and
+            # 32 at once took 133-142 ms to their first chunk against 33-39
+            # on new connections (bench.admission, 2026-12-03).
             break
     yield reply.end()
-
-
-# After [DONE] the backend ends its response (a chunked body's last chunk)
-# at once; waiting that long for it is what lets httpx put the connection
-# back in its pool. Closed early, the connection is dropped instead, and the
-# next request to that backend pays a new TCP (and TLS) handshake.
-DRAIN_AFTER_DONE_S = 0.25
-
-
-async def _drain(reads) -> None:
-    try:
-        async with asyncio.timeout(DRAIN_AFTER_DONE_S):
-            async for _ in reads:
-                pass
-    except (TimeoutError, httpx.HTTPError):
-        pass  # a backend that keeps the response open: its connection is closed, as before
 
 
 def _parse_lines(reply: _RemoteReply, lines: list[bytes]) -> tuple[list[str], bool, object]:
