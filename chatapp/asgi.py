@@ -14,7 +14,6 @@ from django.urls import re_path  # noqa: E402
 from chatapp.routing import http_stream_patterns  # noqa: E402
 
 
-
 class ApiHandler(ASGIHandler):
     """Django for /v1, with settings.API_MIDDLEWARE in place of MIDDLEWARE
     (the same URLs, views and error handling)."""

@@ -83,7 +83,6 @@ async def _loaded_user(request):
     return request.user
 
 
-
 class InlineSecurityMiddleware(SecurityMiddleware):
     """SecurityMiddleware (the https redirect, HSTS, nosniff, Referrer-Policy,
     COOP), run on the event loop: its methods only read settings and set

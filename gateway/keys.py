@@ -106,7 +106,7 @@ def _cache_key(key_hash: str) -> str:
 
 async def aauthenticate(raw: str) -> VerifiedKey | None:
     """The live key for a bearer token, or None: from Redis when it was
-    verified in the last minute, else from the database."""
+    verified in the last minute or so, else from the database."""
     if not raw or not raw.startswith(KEY_PREFIX) or len(raw) > 200:
         return None
     key_hash = _hash(raw)
@@ -128,7 +128,7 @@ async def aauthenticate(raw: str) -> VerifiedKey | None:
             ttl_s = KEY_CACHE_TTL_S + random.randint(-KEY_CACHE_JITTER_S, KEY_CACHE_JITTER_S)
             await redis.set(_cache_key(key_hash), f"{key.pk}:{key.user_id}", ex=ttl_s, nx=True)
         except runtime.REDIS_ERRORS:
-            pass
+            pass  # the key is valid all the same; it is looked up again next time
     return VerifiedKey(pk=key.pk, user_id=key.user_id)
 
 
@@ -136,34 +136,34 @@ def forget(key_hashes) -> None:
     """Refuse these keys from the cache on, once the current transaction
     commits (a rolled-back revocation must not refuse a live key). The
     tombstones outlive any entry written before them."""
-    key_hashes = list(key_hashes)
-    if not key_hashes:
-        return
+    def write(redis) -> None:
+        pipe = redis.pipeline(transaction=False)
+        for key_hash in key_hashes:
+            pipe.set(_cache_key(key_hash), _TOMBSTONE, ex=KEY_CACHE_TTL_S + KEY_CACHE_JITTER_S)
+        pipe.execute()
 
-    def write() -> None:
-        try:
-            pipe = runtime.redis_sync().pipeline(transaction=False)
-            for key_hash in key_hashes:
-                pipe.set(_cache_key(key_hash), _TOMBSTONE, ex=KEY_CACHE_TTL_S + KEY_CACHE_JITTER_S)
-            pipe.execute()
-        except runtime.REDIS_ERRORS:
-            # Without Redis no key is served from it; entries it kept expire within 75 s.
-            log.exception("could not drop %d API keys from the key cache", len(key_hashes))
-
-    transaction.on_commit(write)
+    _after_commit(list(key_hashes), write)
 
 
 def remember_again(key_hashes) -> None:
     """Drop these keys' tombstones (their user was reactivated): the database decides again."""
     key_hashes = list(key_hashes)
-    if key_hashes:
-        def delete() -> None:
-            try:
-                runtime.redis_sync().delete(*[_cache_key(h) for h in key_hashes])
-            except runtime.REDIS_ERRORS:
-                log.exception("could not clear %d API keys in the key cache", len(key_hashes))
+    _after_commit(key_hashes, lambda redis: redis.delete(*[_cache_key(h) for h in key_hashes]))
 
-        transaction.on_commit(delete)
+
+def _after_commit(key_hashes: list[str], command) -> None:
+    """`command(redis)` once the current transaction commits, when there are keys to change."""
+    if not key_hashes:
+        return
+
+    def run() -> None:
+        try:
+            command(runtime.redis_sync())
+        except runtime.REDIS_ERRORS:
+            # Without Redis no key is served from it, and what it kept expires within 75 s.
+            log.exception("could not update %d API keys in the key cache", len(key_hashes))
+
+    transaction.on_commit(run)
 
 
 def _authenticate(key_hash: str) -> ApiKey | None:
