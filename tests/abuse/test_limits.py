@@ -152,13 +152,26 @@ async def test_a_live_lease_is_renewed_past_its_ttl(settings):
 async def test_chat_posts_are_rate_limited_per_user_with_retry_after(alice, fake_gateway, settings):
     from django.test import AsyncClient as Client
 
+    from django.contrib.auth import get_user_model
+
     settings.CHAT_RATE_PER_USER = "2/m"
-    client = Client()
-    await sync_to_async(client.force_login)(alice)
-    statuses = []
-    for i in range(3):
-        response = await client.post("/c/new", {"text": f"hello {i}"}, headers={"HX-Request": "true"})
-        statuses.append(response.status_code)
+
+    async def three_posts(user):
+        client = Client()
+        await sync_to_async(client.force_login)(user)
+        statuses = []
+        for i in range(3):
+            response = await client.post("/c/new", {"text": f"hello {i}"}, headers={"HX-Request": "true"})
+            statuses.append(response.status_code)
+        return statuses, response
+
+    statuses, response = await three_posts(alice)
+    if statuses == [200, 200, 200]:
+        # The posts straddled the end of alice's window (django-ratelimit ends
+        # each key's minute at a second of its own): once more, as a user
+        # whose counter starts empty. Seen once in CI on a loaded box.
+        other = await sync_to_async(get_user_model().objects.create_user)("carol", password="carol-pass-123")
+        statuses, response = await three_posts(other)
     assert statuses[:2] == [200, 200] and statuses[2] == 429
     assert int(response["Retry-After"]) >= 1
     assert "too fast" in response.content.decode()
