@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import jinja2
 from django.conf import settings
 
@@ -246,36 +246,69 @@ class AbortSignal:
 async def remote_stream(spec: BackendSpec, request: ChatRequest, abort: AbortSignal) -> AsyncIterator:
     url = spec.base_url.rstrip("/") + "/chat/completions"
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-    timeout = httpx.Timeout(
+    # The silences of the body are _next_chunk's to time (first token, then
+    # idle); sock_read bounds the response head and backs those up.
+    timeout = aiohttp.ClientTimeout(
+        total=None,
         connect=settings.GATEWAY_CONNECT_TIMEOUT_S,
-        read=settings.GATEWAY_FIRST_TOKEN_TIMEOUT_S,
-        write=settings.GATEWAY_CONNECT_TIMEOUT_S,
-        pool=settings.GATEWAY_CONNECT_TIMEOUT_S,
+        sock_read=max(settings.GATEWAY_FIRST_TOKEN_TIMEOUT_S, settings.GATEWAY_IDLE_TIMEOUT_S),
     )
-    client = runtime.http()
     try:
-        response = await client.send(
-            client.build_request("POST", url, json=_remote_body(spec, request), headers=headers, timeout=timeout),
-            stream=True,
-        )
-    except httpx.HTTPError as exc:
+        response = await runtime.http().post(url, json=_remote_body(spec, request), headers=headers, timeout=timeout)
+    except (aiohttp.ClientError, TimeoutError) as exc:
         metrics.remote_error(spec.name, "unreachable")
         raise BackendFailure(f"backend '{spec.name}' is unreachable: {type(exc).__name__} {exc}") from None
+    reply = None
     try:
-        if response.status_code != 200:
-            body = (await response.aread()).decode(errors="replace")[:500]
+        if response.status != 200:
+            body = (await response.content.read(500)).decode(errors="replace")
             # The body is the backend's, not ours to show: it may name hosts,
             # paths or keys. It goes to the log; users get the status.
-            log.warning("backend %s answered HTTP %s: %s", spec.name, response.status_code, body)
-            message = f"backend '{spec.name}' answered HTTP {response.status_code}"
-            metrics.remote_error(spec.name, f"http_{response.status_code}")
-            if response.status_code == 400:
+            log.warning("backend %s answered HTTP %s: %s", spec.name, response.status, body)
+            message = f"backend '{spec.name}' answered HTTP {response.status}"
+            metrics.remote_error(spec.name, f"http_{response.status}")
+            if response.status == 400:
                 raise BadRequest(message)
-            raise BackendFailure(message, saturated=response.status_code == 429)
-        async for item in _remote_events(spec, request, response, abort):
+            raise BackendFailure(message, saturated=response.status == 429)
+        reply = _RemoteReply(spec, request)
+        async for item in _remote_events(reply, response, abort):
             yield item
     finally:
-        await response.aclose()
+        if reply is not None and reply.done and not response.content.at_eof():
+            _finish_body(response)
+        else:
+            # Back to the pool when the body was read to its end, closed
+            # otherwise (an abort, a broken stream, a body left unread).
+            response.release()
+
+
+# A response's [DONE] is the reply's end; the chunked body's last bytes often
+# arrive a write later. Reading them off the reply's path lets the connection
+# go back to the pool instead of being closed: a new one is a TCP (and, for a
+# hosted backend, a TLS) handshake before the next first token.
+_FINISH_BODY_S = 1.0
+_finishing: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+
+
+def _finish_body(response: aiohttp.ClientResponse) -> None:
+    try:
+        task = asyncio.get_running_loop().create_task(_read_to_end(response))
+    except RuntimeError:  # the stream was finalized off its loop: nothing left to reuse
+        response.release()
+        return
+    _finishing.add(task)
+    task.add_done_callback(_finishing.discard)
+
+
+async def _read_to_end(response: aiohttp.ClientResponse) -> None:
+    try:
+        async with asyncio.timeout(_FINISH_BODY_S):
+            while await response.content.readany():
+                pass
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # a backend that keeps the stream open after [DONE]: the connection is closed below
+    finally:
+        response.release()
 
 
 class _RemoteReply:
@@ -289,6 +322,7 @@ class _RemoteReply:
         self.text_parts = 0
         self.usage: dict | None = None
         self.finish_reason: str | None = None
+        self.done = False  # [DONE] was read: the body holds nothing more the reply needs
 
     def final(self, finish_reason: str, error: str | None = None) -> BackendFinal:
         return BackendFinal(finish_reason, _usage(self.request, self.usage, self.text_parts), error=error)
@@ -320,12 +354,12 @@ class _RemoteReply:
         return self.final(self.finish_reason)
 
 
-async def _remote_events(spec, request, response, abort: AbortSignal):
+async def _remote_events(reply: _RemoteReply, response: aiohttp.ClientResponse, abort: AbortSignal):
     """The stream's events, one TokenEvent per network read: what arrived
     together (a backend's burst, or tokens queued while this process was busy)
     goes through moderation, encoding and the client's socket once."""
-    reply = _RemoteReply(spec, request)
-    reads = response.aiter_bytes()
+    spec = reply.spec
+    reads = response.content.iter_any()
     pending = b""  # an incomplete last line
     while True:
         data = await _next_chunk(reply, reads, abort)
@@ -346,12 +380,7 @@ async def _remote_events(spec, request, response, abort: AbortSignal):
             yield reply.fail(f"backend '{spec.name}' reported an error", "error_event")
             return
         if ended or closed:
-            # The response's last chunk is left unread, so httpx drops the
-            # connection rather than pooling it. Pooled connections were
-            # slower: a burst's requests are all handed the same idle
-            # connection and all but one go back to wait (httpcore #822), and
-            # 32 at once took 133-142 ms to their first chunk against 33-39
-            # on new connections (bench.admission, 2026-12-03).
+            reply.done = ended  # what follows [DONE] is read off the reply's path (_finish_body)
             break
     yield reply.end()
 
@@ -398,7 +427,7 @@ async def _next_chunk(reply: _RemoteReply, reads, abort: AbortSignal) -> bytes |
         return reply.final("abort")
     except StopAsyncIteration:
         return None
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         return reply.fail(f"backend '{reply.spec.name}' stream broke: {type(exc).__name__} {exc}", "stream_broken")
     finally:
         abort.reader = None

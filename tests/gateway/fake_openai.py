@@ -11,6 +11,8 @@ backend and a broken one at the same time:
   fake-stall   one token, then silence
   fake-400     HTTP 400 (the backend rejects the request itself)
   fake-nousage like fake-ok, but no usage chunk (older servers)
+  fake-keepalive like fake-ok, chunked and kept alive (as uvicorn serves vLLM),
+               the body's last chunk written 50 ms after [DONE]
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class FakeOpenAI:
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.active = 0
+        self.connections = 0  # TCP connections accepted
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -54,6 +57,11 @@ class FakeOpenAI:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                with fake.lock:
+                    fake.connections += 1
 
             def handle(self):
                 try:
@@ -89,9 +97,13 @@ class FakeOpenAI:
                         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                                   "total_tokens": prompt_tokens + len(words)},
                     })
+                self.chunked = model == "fake-keepalive"
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
+                if self.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Connection", "close")
                 self.end_headers()
                 if model == "fake-hang":
                     time.sleep(30)
@@ -114,8 +126,11 @@ class FakeOpenAI:
                     self._event({"choices": [], "usage": {"prompt_tokens": prompt_tokens,
                                                           "completion_tokens": len(words),
                                                           "total_tokens": prompt_tokens + len(words)}})
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
+                self._write(b"data: [DONE]\n\n")
+                if self.chunked:
+                    time.sleep(0.05)
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
 
             def _reply_words(self, body):
                 # A prompt may hold no user message at all (only a system one): echo nothing then.
@@ -127,10 +142,15 @@ class FakeOpenAI:
 
             def _event(self, payload):
                 try:
-                    self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-                    self.wfile.flush()
+                    self._write(f"data: {json.dumps(payload)}\n\n".encode())
                 except OSError:
                     pass
+
+            def _write(self, data: bytes):
+                if getattr(self, "chunked", False):
+                    data = b"%x\r\n%s\r\n" % (len(data), data)
+                self.wfile.write(data)
+                self.wfile.flush()
 
             def _json(self, status, payload):
                 data = json.dumps(payload).encode()

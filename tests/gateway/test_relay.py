@@ -7,7 +7,7 @@ from asgiref.sync import sync_to_async
 from gateway import client
 from gateway.services import stream_chat
 from gateway.types import ChatRequest, TokenEvent
-from tests.gateway.helpers import add_remote
+from tests.gateway.helpers import add_remote, give_plan
 
 
 def ask(user, model, text="hello", max_tokens=64):
@@ -42,3 +42,50 @@ async def test_a_stop_while_the_backend_is_silent_ends_the_reply_as_aborted(remo
             await asyncio.to_thread(client.current().abort, request.request_id)
     assert [e.text for e in events[:-1]] == ["echo:"]
     assert events[-1].finish_reason == "abort"
+
+
+async def _reply_text(request) -> str:
+    parts = []
+    async for event in stream_chat(request):
+        if isinstance(event, TokenEvent):
+            parts.append(event.text)
+        else:
+            assert event.finish_reason == "stop", event
+    return "".join(parts)
+
+
+async def test_a_finished_stream_leaves_its_connection_for_the_next(remote, alice):
+    # A kept-alive backend writes its body's end 50 ms after [DONE]: the reply
+    # does not wait for it, and the connection still goes back to the pool.
+    await sync_to_async(add_remote)(remote, "kept", remote_model="fake-keepalive")
+    before = remote.connections
+    for i in range(3):
+        assert await _reply_text(ask(alice, "kept", f"turn {i}")) == f"echo: turn {i}"
+        await asyncio.sleep(0.2)  # the body's end arrives and is read off the reply's path
+    assert remote.connections - before == 1
+
+
+async def test_a_burst_on_a_kept_connection_gets_a_connection_each(remote, alice):
+    await sync_to_async(add_remote)(remote, "kept", remote_model="fake-keepalive")
+    await sync_to_async(give_plan)(alice, max_concurrent=16)
+    assert await _reply_text(ask(alice, "kept", "warm")) == "echo: warm"
+    await asyncio.sleep(0.2)
+    texts = await asyncio.gather(*(_reply_text(ask(alice, "kept", f"n{i}")) for i in range(8)))
+    assert texts == [f"echo: n{i}" for i in range(8)]
+
+
+def test_the_http_client_of_a_closed_loop_is_closed_when_the_next_loop_asks(caplog):
+    from chatapp import runtime
+
+    async def client():
+        return runtime.http()
+
+    first = asyncio.run(client())
+    assert not first.closed
+    second = asyncio.run(client())
+    assert second is not first and first.closed
+    del first
+    import gc
+
+    gc.collect()
+    assert "Unclosed" not in caplog.text
