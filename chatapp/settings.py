@@ -443,7 +443,10 @@ if not isinstance(GATEWAY_FALLBACKS, dict) or not all(isinstance(v, list) for v 
 # Routing when no model is named: prompts longer than this, or with code or
 # maths markers, go to the large pool (if there is one and the plan allows it).
 GATEWAY_ROUTE_LONG_PROMPT_TOKENS = env_int("GATEWAY_ROUTE_LONG_PROMPT_TOKENS", 1500, min_value=1)
-GATEWAY_REGISTRY_TTL_S = env_float("GATEWAY_REGISTRY_TTL_S", 5.0, min_value=0)
+# How long a process keeps backends, plans and prices at most; edits reach every
+# process within about a second through a Redis counter (gateway.registry), so
+# this bounds only what that counter cannot announce (Redis down, raw SQL).
+GATEWAY_REGISTRY_TTL_S = env_float("GATEWAY_REGISTRY_TTL_S", 300.0, min_value=0)
 # Default plan for users without one (0 = unlimited); admins edit plans in the admin.
 GATEWAY_DEFAULT_RPM = env_int("GATEWAY_DEFAULT_RPM", 60, min_value=0)
 GATEWAY_DEFAULT_TPM = env_int("GATEWAY_DEFAULT_TPM", 40000, min_value=0)

@@ -2,20 +2,8 @@ from django import forms
 from django.contrib import admin, messages
 
 from audit.admin import AuditedAdmin
-from gateway import keys, registry
+from gateway import keys
 from gateway.models import ApiKey, Backend, ModelPrice, Plan, PlanAssignment, SemanticCacheEntry, UsageRecord
-
-
-class InvalidatesRegistry:
-    """Edits take effect in this process at once (others within GATEWAY_REGISTRY_TTL_S)."""
-
-    def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        registry.invalidate()
-
-    def delete_model(self, request, obj):
-        super().delete_model(request, obj)
-        registry.invalidate()
 
 
 class BackendForm(forms.ModelForm):
@@ -49,7 +37,7 @@ class BackendForm(forms.ModelForm):
 
 
 @admin.register(Backend)
-class BackendAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
+class BackendAdmin(AuditedAdmin, admin.ModelAdmin):
     form = BackendForm
     list_display = ("name", "kind", "pool", "base_url", "remote_model", "fallbacks", "enabled", "listed")
     list_filter = ("kind", "enabled")
@@ -57,13 +45,13 @@ class BackendAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
 
 
 @admin.register(Plan)
-class PlanAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
+class PlanAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ("name", "tier", "priority", "max_concurrent", "requests_per_minute", "tokens_per_minute",
                     "tokens_per_day", "tokens_per_month", "is_default")
 
 
 @admin.register(PlanAssignment)
-class PlanAssignmentAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
+class PlanAssignmentAdmin(AuditedAdmin, admin.ModelAdmin):
     list_display = ("user", "plan")
     list_select_related = ("user", "plan")
     autocomplete_fields = ("user",)
@@ -104,7 +92,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelPrice)
-class ModelPriceAdmin(AuditedAdmin, InvalidatesRegistry, admin.ModelAdmin):
+class ModelPriceAdmin(AuditedAdmin, admin.ModelAdmin):
     """Prices apply to ledger rows written after the edit; past rows keep their cost."""
 
     list_display = ("model", "basis", "prompt_per_1k", "cached_prompt_per_1k", "completion_per_1k",

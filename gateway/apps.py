@@ -13,6 +13,24 @@ class GatewayConfig(AppConfig):
 
         judge.connect(judge_complete)
         _connect_key_cache()
+        _connect_registry()
+
+
+def _connect_registry() -> None:
+    """Any saved or deleted backend, plan, assignment or price reaches every
+    process's registry (gateway.registry.changed): the admin, scripts, fixtures."""
+    from django.db.models.signals import post_delete, post_save
+
+    from gateway import registry
+    from gateway.models import Backend, ModelPrice, Plan, PlanAssignment
+
+    def edited(sender, **kwargs):
+        registry.changed()
+
+    for model in (Backend, Plan, PlanAssignment, ModelPrice):
+        for signal, verb in ((post_save, "saved"), (post_delete, "deleted")):
+            signal.connect(edited, sender=model, dispatch_uid=f"gateway.registry.{model.__name__}.{verb}",
+                           weak=False)
 
 
 def _connect_key_cache() -> None:

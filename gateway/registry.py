@@ -1,24 +1,41 @@
 """What the gateway routes to and under which limits: backends, plans and prices.
 
-Both are read on every request, so they are kept in process for
-GATEWAY_REGISTRY_TTL_S seconds (an admin edit reaches other processes within
-that time; `invalidate()` makes this process see it at once).
+They are read on every request, so each process keeps them. A saved or deleted
+Backend, Plan, PlanAssignment or ModelPrice drops them in this process at once
+and, once its transaction commits, bumps a generation counter in Redis
+(`changed`, connected in gateway.apps); every process reads the counter at most
+once every GENERATION_CHECK_S and drops what it kept when the counter moved.
+GATEWAY_REGISTRY_TTL_S bounds what is kept when the counter cannot be read or
+the tables were written outside the ORM.
+
+Before the counter, the TTL (5 s) was the only way edits spread, and it cost a
+database query on the ledger threads for nearly every API request: a user
+seldom comes back within 5 s (4.4% of the relay's py-spy samples at 32
+streams, bench.relay).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 from django.conf import settings
+from django.db import transaction
 
 from chatapp import runtime
 
 from gateway.models import Backend, ModelPrice, Plan, PlanAssignment
 from gateway.pricing import Price
 
+log = logging.getLogger(__name__)
+
 LARGE = "large"  # the pool name the router sends hard prompts to, when it exists
+# How stale another process's edit may be here, at most, while Redis answers.
+GENERATION_CHECK_S = 1.0
+# Users' limits kept at most; past it the oldest half is dropped.
+MAX_ENTRIES = 50_000
 
 
 @dataclass(frozen=True)
@@ -137,33 +154,90 @@ def _load_prices() -> dict[str, Price]:
 
 _lock = threading.Lock()
 _cache: dict[object, tuple[float, object]] = {}
+_epoch = 0  # moves at every invalidation: a load that straddles one is not kept
+_UNSEEN = object()
+_generation: object = _UNSEEN  # the Redis counter's value when last read
+_checked_at = float("-inf")
+
+
+def _generation_key() -> str:
+    return f"{settings.CACHES['default']['KEY_PREFIX']}:gw-registry-generation"
+
+
+def _fresh(key, now: float):
+    hit = _cache.get(key)
+    if hit is not None and now - hit[0] < settings.GATEWAY_REGISTRY_TTL_S:
+        return hit
+    return None
+
+
+def _keep(key, stamp: float, value, epoch: int) -> None:
+    with _lock:
+        if epoch != _epoch:
+            return  # invalidated while it loaded: it may predate the edit
+        if len(_cache) >= MAX_ENTRIES:
+            for old in sorted(_cache, key=lambda k: _cache[k][0])[:MAX_ENTRIES // 2]:
+                del _cache[old]
+        _cache[key] = (stamp, value)
+
+
+def _observe(generation) -> None:
+    global _generation
+    if generation != _generation:
+        moved = _generation is not _UNSEEN
+        _generation = generation
+        if moved:
+            _forget()
+
+
+def _due() -> bool:
+    """Whether to read the counter now; claims the read, so a burst reads it once."""
+    global _checked_at
+    now = time.monotonic()
+    if now - _checked_at < GENERATION_CHECK_S:
+        return False
+    _checked_at = now
+    return True
 
 
 def _cached(key, loader):
-    now = time.monotonic()
-    hit = _cache.get(key)
-    if hit is not None and now - hit[0] < settings.GATEWAY_REGISTRY_TTL_S:
-        return hit[1]
     try:
         asyncio.get_running_loop()
         in_loop = True
     except RuntimeError:
         in_loop = False
+    # On a loop's thread a blocking Redis read could hold the loop (a dead
+    # Redis: its connect timeout); the async callers there read the counter.
+    if not in_loop and _due():
+        try:
+            _observe(runtime.redis_sync().get(_generation_key()))
+        except runtime.REDIS_ERRORS:
+            pass  # the TTL still bounds what is kept
+    now = time.monotonic()
+    hit = _fresh(key, now)
+    if hit is not None:
+        return hit[1]
+    epoch = _epoch
     # The ORM refuses to run on an event loop's thread: a sync caller there
     # (model_info from async code) gets the gateway's DB thread.
     value = runtime.run_on_db_thread_sync(loader) if in_loop else loader()
-    with _lock:
-        _cache[key] = (now, value)
+    _keep(key, now, value, epoch)
     return value
 
 
 async def _acached(key, loader):
-    hit = _cache.get(key)
-    if hit is not None and time.monotonic() - hit[0] < settings.GATEWAY_REGISTRY_TTL_S:
+    if _due():
+        try:
+            _observe(await runtime.redis_async().get(_generation_key()))
+        except runtime.REDIS_ERRORS:
+            pass  # the TTL still bounds what is kept
+    now = time.monotonic()
+    hit = _fresh(key, now)
+    if hit is not None:
         return hit[1]
+    epoch = _epoch
     value = await runtime.on_db_thread(loader, runtime.LEDGER_DB)()
-    with _lock:
-        _cache[key] = (time.monotonic(), value)
+    _keep(key, now, value, epoch)
     return value
 
 
@@ -188,8 +262,32 @@ async def aprices() -> dict[str, Price]:
     return await _acached("prices", _load_prices)
 
 
-@runtime.on_reset
-def invalidate() -> None:
-    """Forget the cached backends and plans (an admin edit, tests)."""
+def _forget() -> None:
+    global _epoch
     with _lock:
         _cache.clear()
+        _epoch += 1
+
+
+@runtime.on_reset
+def invalidate() -> None:
+    """Forget the cached backends, plans and prices in this process (tests; `changed`)."""
+    global _checked_at
+    _forget()
+    _checked_at = float("-inf")  # the next lookup reads the counter again
+
+
+def changed() -> None:
+    """A backend, plan, assignment or price was saved or deleted: this process
+    forgets them now, every other one within GENERATION_CHECK_S once the
+    transaction commits."""
+    invalidate()
+
+    def bump() -> None:
+        try:
+            runtime.redis_sync().incr(_generation_key())
+        except runtime.REDIS_ERRORS:
+            log.exception("could not tell other processes of a registry change; "
+                          "they see it within GATEWAY_REGISTRY_TTL_S")
+
+    transaction.on_commit(bump)
