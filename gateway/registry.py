@@ -156,6 +156,7 @@ _lock = threading.Lock()
 _cache: dict[object, tuple[float, object]] = {}
 _epoch = 0  # moves at every invalidation: a load that straddles one is not kept
 _UNSEEN = object()
+_MISS = object()
 _generation: object = _UNSEEN  # the Redis counter's value when last read
 _checked_at = float("-inf")
 
@@ -164,11 +165,13 @@ def _generation_key() -> str:
     return f"{settings.CACHES['default']['KEY_PREFIX']}:gw-registry-generation"
 
 
-def _fresh(key, now: float):
+def _lookup(key) -> tuple[object, float, int]:
+    """(the kept value or _MISS, and the time and epoch a load is to be kept under)."""
+    now = time.monotonic()
     hit = _cache.get(key)
     if hit is not None and now - hit[0] < settings.GATEWAY_REGISTRY_TTL_S:
-        return hit
-    return None
+        return hit[1], now, _epoch
+    return _MISS, now, _epoch
 
 
 def _keep(key, stamp: float, value, epoch: int) -> None:
@@ -213,15 +216,12 @@ def _cached(key, loader):
             _observe(runtime.redis_sync().get(_generation_key()))
         except runtime.REDIS_ERRORS:
             pass  # the TTL still bounds what is kept
-    now = time.monotonic()
-    hit = _fresh(key, now)
-    if hit is not None:
-        return hit[1]
-    epoch = _epoch
-    # The ORM refuses to run on an event loop's thread: a sync caller there
-    # (model_info from async code) gets the gateway's DB thread.
-    value = runtime.run_on_db_thread_sync(loader) if in_loop else loader()
-    _keep(key, now, value, epoch)
+    value, now, epoch = _lookup(key)
+    if value is _MISS:
+        # The ORM refuses to run on an event loop's thread: a sync caller there
+        # (model_info from async code) gets the gateway's DB thread.
+        value = runtime.run_on_db_thread_sync(loader) if in_loop else loader()
+        _keep(key, now, value, epoch)
     return value
 
 
@@ -231,13 +231,10 @@ async def _acached(key, loader):
             _observe(await runtime.redis_async().get(_generation_key()))
         except runtime.REDIS_ERRORS:
             pass  # the TTL still bounds what is kept
-    now = time.monotonic()
-    hit = _fresh(key, now)
-    if hit is not None:
-        return hit[1]
-    epoch = _epoch
-    value = await runtime.on_db_thread(loader, runtime.LEDGER_DB)()
-    _keep(key, now, value, epoch)
+    value, now, epoch = _lookup(key)
+    if value is _MISS:
+        value = await runtime.on_db_thread(loader, runtime.LEDGER_DB)()
+        _keep(key, now, value, epoch)
     return value
 
 
