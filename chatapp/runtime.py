@@ -33,7 +33,7 @@ import redis
 import redis.asyncio as aredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, connections
+from django.db import InterfaceError, OperationalError, connection, connections, transaction
 
 from chatapp.redis_connections import pool_options
 from inference import EngineConfig
@@ -364,6 +364,19 @@ def _close_http(session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop)
             # it returns has nothing to wait for and is dropped here.
             warnings.simplefilter("ignore")
             connector.close()
+
+
+def redis_after_commit(command: Callable[[redis.Redis], object], failure: str) -> None:
+    """`command(redis_sync())` once the current transaction commits (at once
+    outside one): what Redis tells other processes must not announce a change
+    that was rolled back. A Redis that cannot be reached is logged as `failure`."""
+    def run() -> None:
+        try:
+            command(redis_sync())
+        except REDIS_ERRORS:
+            log.exception("%s", failure)
+
+    transaction.on_commit(run)
 
 
 # ---------------------------------------------------------- engine pools

@@ -20,22 +20,18 @@ before a revocation cannot bring the key back.
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
 from django.http import Http404
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare, salted_hmac
 
 from chatapp import runtime
 from gateway.models import ApiKey
-
-log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-chat-"
 INTERNAL_KEY_PREFIX = "sk-internal-"
@@ -153,17 +149,9 @@ def remember_again(key_hashes) -> None:
 
 def _after_commit(key_hashes: list[str], command) -> None:
     """`command(redis)` once the current transaction commits, when there are keys to change."""
-    if not key_hashes:
-        return
-
-    def run() -> None:
-        try:
-            command(runtime.redis_sync())
-        except runtime.REDIS_ERRORS:
-            # Without Redis no key is served from it, and what it kept expires within 75 s.
-            log.exception("could not update %d API keys in the key cache", len(key_hashes))
-
-    transaction.on_commit(run)
+    if key_hashes:
+        # Without Redis no key is served from it, and what it kept expires within 75 s.
+        runtime.redis_after_commit(command, f"could not update {len(key_hashes)} API keys in the key cache")
 
 
 def _authenticate(key_hash: str) -> ApiKey | None:

@@ -16,20 +16,16 @@ streams, bench.relay).
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import transaction
 
 from chatapp import runtime
 
 from gateway.models import Backend, ModelPrice, Plan, PlanAssignment
 from gateway.pricing import Price
-
-log = logging.getLogger(__name__)
 
 LARGE = "large"  # the pool name the router sends hard prompts to, when it exists
 # How stale another process's edit may be here, at most, while Redis answers.
@@ -279,12 +275,6 @@ def changed() -> None:
     forgets them now, every other one within GENERATION_CHECK_S once the
     transaction commits."""
     invalidate()
-
-    def bump() -> None:
-        try:
-            runtime.redis_sync().incr(_generation_key())
-        except runtime.REDIS_ERRORS:
-            log.exception("could not tell other processes of a registry change; "
-                          "they see it within GATEWAY_REGISTRY_TTL_S")
-
-    transaction.on_commit(bump)
+    runtime.redis_after_commit(lambda redis: redis.incr(_generation_key()),
+                               "could not tell other processes of a registry change; "
+                               "they see it within GATEWAY_REGISTRY_TTL_S")
