@@ -10,8 +10,10 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import threading
 import time
 import uuid
+from typing import Callable
 
 import torch
 
@@ -34,16 +36,43 @@ _TOKENIZER_KWARGS = ("gguf_file", "revision", "trust_remote_code", "local_files_
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, model: torch.nn.Module | Callable[[], torch.nn.Module], tokenizer=None,
+                 config: EngineConfig | None = None):
+        """model: the HF module, or a function that loads it (from_pretrained
+        passes one, so that the load too runs on the engine thread)."""
         self.config = config or EngineConfig()
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
+        self.tokenizer = tokenizer
+        self.step_observer = None  # callable(batch, duration_s): the benchmark's hook
+        # callable(FinishEvent), on the engine thread after the event is delivered:
+        # the metrics' hook (observability.engine); it must be cheap and not raise.
+        self.finish_observer = None
+        self._engine_loop = EngineLoop(self)
+        # Every torch op of the engine runs on its own thread, the build (load,
+        # format choice, quantization, the thread measurement) as well as the
+        # steps, so that the engine thread holds the process's only OpenMP team.
+        # libgomp lets a team's idle workers spin between parallel regions only
+        # while it counts no more OpenMP threads than CPUs; a second team (the
+        # constructing thread's, from the load's parallel copies) puts the
+        # engine's workers to sleep after every region, and a one-row decode step
+        # is ~250 regions of a few microseconds each. Built on the calling
+        # thread, one fp32 stream's forward took 101 ms on the 2-core box; built
+        # on the thread that runs it, 41 ms (docs/BENCHMARKS.md, "One OpenMP team").
+        # The thread count is the caller's unless configured: torch keeps one
+        # per OS thread, and a new thread starts from whatever count any thread
+        # set last (an engine's one-thread step, say).
+        threads = self.config.num_threads or torch.get_num_threads()
+        self._engine_loop.start(lambda: self._build(model, threads))
+
+    def _build(self, model, threads: int) -> None:
+        """On the engine thread, before its loop: everything that runs torch work."""
+        torch.set_num_threads(threads)
+        if not isinstance(model, torch.nn.Module):
+            model = model()
         # dtype "auto" is left unresolved only on CPU: measure and choose (inference.formats).
         self.format_report = None
         if self.config.dtype == "auto":
-            self.format_report = choose_cpu_format(model, tokenizer)
+            self.format_report = choose_cpu_format(model, self.tokenizer)
             self.config = dataclasses.replace(self.config, dtype=self.format_report.dtype)
-        self.tokenizer = tokenizer
         self.model_name = self.config.model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.runner = ModelRunner(model, self.config)
         self.max_model_len = self.runner.max_model_len
@@ -53,13 +82,8 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.sampler = Sampler()
         self.metrics = EngineMetrics()
-        self.eos_token_ids = self._eos_ids(model, tokenizer)
-        self.step_observer = None  # callable(batch, duration_s): the benchmark's hook
-        # callable(FinishEvent), on the engine thread after the event is delivered:
-        # the metrics' hook (observability.engine); it must be cheap and not raise.
-        self.finish_observer = None
-        self._engine_loop = EngineLoop(self)
-        self._engine_loop.start()
+        self.eos_token_ids = self._eos_ids(model, self.tokenizer)
+        threading.current_thread().name = f"engine-{self.model_name}"
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: EngineConfig | None = None, **load_kwargs) -> Engine:
@@ -70,12 +94,12 @@ class Engine:
         tokenizer_kwargs = {k: v for k, v in load_kwargs.items() if k in _TOKENIZER_KWARGS}
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
         load_kwargs.setdefault("dtype", DTYPES.get(config.dtype, torch.float32))  # "auto": fp32, then measured
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs)
         if config.model_name is None:
             gguf_file = load_kwargs.get("gguf_file")
             config.model_name = (str(gguf_file).rsplit(".", 1)[0] if gguf_file
                                  else str(name_or_path).rstrip("/").split("/")[-1])
-        return cls(model, tokenizer, config)
+        # The weights load on the engine thread (see __init__).
+        return cls(lambda: AutoModelForCausalLM.from_pretrained(name_or_path, **load_kwargs), tokenizer, config)
 
     @staticmethod
     def _eos_ids(model, tokenizer) -> set[int]:

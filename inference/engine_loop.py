@@ -139,10 +139,21 @@ class EngineLoop:
         self.engine = engine
         self.inbox = Inbox(engine.config.max_waiting)
         self.wake_list = WakeList()
-        self._thread = threading.Thread(target=self.run, name=f"engine-{engine.model_name}", daemon=True)
+        self._thread = threading.Thread(target=self.run, name=f"engine-{engine.config.model_name or 'model'}",
+                                        daemon=True)
+        self._build = None
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
 
-    def start(self) -> None:
+    def start(self, build) -> None:
+        """Run build() on the engine thread, then serve; returns once build is
+        done and re-raises what it raised (the thread then ends)."""
+        self._build = build
         self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            self._thread.join()
+            raise self._build_error
 
     @property
     def down_reason(self) -> str | None:
@@ -158,6 +169,14 @@ class EngineLoop:
             self._thread.join(timeout_s)
 
     def run(self) -> None:
+        try:
+            self._build()
+        except BaseException as exc:  # handed to the constructing thread
+            self._build_error = exc
+            return
+        finally:
+            self._build = None  # the model it may hold is the engine's now, or garbage
+            self._built.set()
         try:
             with torch.inference_mode():
                 self._serve()

@@ -8,12 +8,15 @@ step"). Such a step is ~250 parallel regions (the matmuls, the attention's
 small bmm and softmax, the norms) of a few microseconds of work each, and the
 engine thread's OpenMP worker must be woken for every one of them. libgomp
 lets a worker spin between regions only while the process has no more
-OpenMP threads than CPUs; the engine thread's team is never the only one
-(`import torch` already starts one in the importing thread), so the worker
-mostly sleeps, and each wake-up cost 40-120 us here against ~5 us for the
-work. The same tiny bmm took 25 us from a process's only team and 45-150 us
-from a second one. Steps on the team also varied a lot between identical
-runs (one bf16 stream 30-49 ms); steps on one thread did not.
+OpenMP threads than CPUs. The engine now builds on its own thread so that
+its team is the process's only one (inference.engine), but any other thread
+that runs multi-threaded torch work (a test's HF reference, a benchmark's
+peers, a host application) starts a second team, and then the worker mostly
+sleeps: each wake-up cost 40-120 us here against ~5 us for the work. The
+same tiny bmm took 25 us from a process's only team and 45-150 us from a
+second one. With the engine's team alone, one thread no longer won on the
+2-core Xeon (bf16 + int8 weights, one row: 43.6 ms on one thread, 29.2 on
+two), and the measurement below keeps the team there.
 
 Whether one thread wins, and up to how many rows, depends on the CPU, the
 hypervisor and the format, so it is measured at start (choose_step_threads):
@@ -35,7 +38,6 @@ No Django here.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -88,17 +90,12 @@ def choose_step_threads(runner, one_thread_rows: int | None) -> StepThreads:
     if runner.num_blocks < CONTEXT_BLOCKS or runner.max_model_len < CONTEXT_BLOCKS * runner.block_size:
         return StepThreads(threads, 0, "cache too small to measure")
     started = time.monotonic()
-    result: list = []
-    # On a thread of its own, like the engine's steps: the main thread's
-    # OpenMP team behaves differently (see the module docstring).
-    worker = threading.Thread(target=lambda: result.append(_measure(runner, threads)), name="step-threads")
-    worker.start()
-    worker.join()
-    if not result or isinstance(result[0], BaseException):
-        log.warning("measuring step threads failed; every step uses %d threads", threads,
-                    exc_info=result[0] if result else None)
+    # On the engine thread, which builds the runner (inference.engine): the
+    # steps measured run on the same OpenMP team as the real ones will.
+    measured = _measure(runner, threads)
+    if isinstance(measured, BaseException):
+        log.warning("measuring step threads failed; every step uses %d threads", threads, exc_info=measured)
         return StepThreads(threads, 0, "measurement failed")
-    measured = result[0]
     rows = 0
     for candidate, ms in measured.items():
         if ms["one"] * MIN_GAIN > ms["team"]:
@@ -132,7 +129,7 @@ def _measure(runner, threads: int, repeats: int = 3):
             runner.k_cache[:, :, :CONTEXT_BLOCKS].zero_()
             runner.v_cache[:, :, :CONTEXT_BLOCKS].zero_()
         return measured
-    except BaseException as exc:  # handed back to the constructing thread
+    except Exception as exc:  # a failed measurement leaves the default plan
         return exc
 
 

@@ -4,11 +4,13 @@ and the engine goes on serving. A value that could break a step never gets
 past submit."""
 from __future__ import annotations
 
+import copy
 import math
+import threading
 
 import pytest
 
-from inference import SamplingParams
+from inference import Engine, EngineConfig, SamplingParams
 from inference.detokenizer import IncrementalDetokenizer
 
 from .conftest import make_prompts
@@ -241,3 +243,32 @@ def test_a_long_stop_string_holds_back_at_most_its_own_length():
         shown.append(detokenizer.release())
         assert len(detokenizer.pending) <= 256
     assert "".join(shown) + detokenizer.release(final=True) == text
+
+
+def test_the_engine_is_built_on_the_thread_that_runs_its_steps(reference_model):
+    """Loading, quantizing and measuring run on the engine thread, so that its
+    OpenMP team is the process's only one (inference.engine)."""
+    seen: dict[str, threading.Thread] = {}
+
+    def load():
+        seen["load"] = threading.current_thread()
+        return copy.deepcopy(reference_model)
+
+    engine = Engine(load, None, EngineConfig(kv_cache_bytes=4 * 2**20, quantization="int8_weight_only"))
+    try:
+        engine.step_observer = lambda _batch, _duration: seen.setdefault("step", threading.current_thread())
+        assert engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0))[0].token_ids
+        assert seen["load"] is seen["step"] is not threading.current_thread()
+        assert seen["step"].name == f"engine-{engine.model_name}"
+    finally:
+        engine.shutdown()
+
+
+def test_a_failing_build_raises_in_the_caller_and_leaves_no_engine_thread():
+    def load():
+        raise OSError("weights missing")
+
+    before = set(threading.enumerate())
+    with pytest.raises(OSError, match="weights missing"):
+        Engine(load, None, EngineConfig(kv_cache_bytes=4 * 2**20))
+    assert set(threading.enumerate()) <= before
