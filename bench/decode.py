@@ -1,6 +1,7 @@
 """The engine's decode step, this tree against another checkout, side by side.
 
     python -m bench.decode [--baseline-tree /tmp/old-checkout] [--rounds 3] [--steps 48]
+        [--config NAME=JSON ...] [--new-config NAME=JSON ...]
 
 Each contender runs in its own subprocess (its tree first on sys.path), the
 contenders interleaved over --rounds rounds and the best round kept per
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", action="append", default=[],
                         help='NAME=JSON: an extra contender with EngineConfig overrides, on this tree and '
                              '(as "baseline NAME") on the baseline tree')
+    parser.add_argument("--new-config", action="append", default=[],
+                        help="NAME=JSON: a contender on this tree only (a setting the baseline does not have)")
     args = parser.parse_args(argv)
     from inference.bootstrap import resolve_model
 
@@ -103,6 +106,9 @@ def main(argv=None) -> int:
         name, _, overrides = spec.partition("=")
         if args.baseline_tree:
             contenders.append((f"baseline {name}", str(Path(args.baseline_tree).resolve()), json.loads(overrides)))
+        contenders.append((name, str(ROOT), json.loads(overrides)))
+    for spec in args.new_config:
+        name, _, overrides = spec.partition("=")
         contenders.append((name, str(ROOT), json.loads(overrides)))
     best: dict[str, dict] = {}
     for round_index in range(args.rounds):

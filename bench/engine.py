@@ -68,11 +68,13 @@ class Setup:
 def format_specs(device: str) -> list[tuple[str, str, str]]:
     """(label, EngineConfig.dtype, EngineConfig.quantization). int8 on the CPU
     computes in int8 (fp32 around it); int8-wo (weight-only) multiplies bf16
-    activations by int8 weights there (fp32 around it); on CUDA both are
+    activations by int8 weights there (fp32 around it), int4-wo by 4-bit
+    weights (the same way); on CUDA all three are
     weight-only, so they are paired with bf16 activations there."""
     int8_dtype = "float32" if device == "cpu" else "bfloat16"
     return [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("int8", int8_dtype, "int8"),
-            ("int8-wo", int8_dtype, "int8_weight_only"), ("auto", "auto", "none")]
+            ("int8-wo", int8_dtype, "int8_weight_only"), ("int4-wo", int8_dtype, "int4_weight_only"),
+            ("auto", "auto", "none")]
 
 
 def workload_requests(count: int, rng: random.Random, vocab: int, out_range=(32, 256),
@@ -169,7 +171,7 @@ def peak_kernel(dtype: str, quantization: str, device: str) -> str:
     # On the CPU int8 multiplies in int8 (torch._int_mm) and int8-wo in the
     # int8-weight kernel (aten._weight_int8pack_mm); elsewhere the weights are
     # dequantized and the matmul runs in the activation dtype.
-    if device == "cpu" and quantization in ("int8", "int8_weight_only"):
+    if device == "cpu" and quantization in ("int8", "int8_weight_only", "int4_weight_only"):
         return quantization
     return dtype
 
@@ -338,7 +340,7 @@ def _parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="small request counts: a smoke run in a few minutes")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for everyone")
-    parser.add_argument("--formats", default="fp32,bf16,int8,int8-wo,auto",
+    parser.add_argument("--formats", default="fp32,bf16,int8,int8-wo,int4-wo,auto",
                         help="engine formats to run, comma-separated")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-batched-tokens", type=int, default=512)
@@ -354,7 +356,7 @@ def _parse_args(argv):
         args.out = QUICK_OUT if args.quick else "docs/BENCHMARKS.md"
     unknown = set(args.formats.split(",")) - {label for label, _, _ in format_specs("cpu")}
     if unknown:
-        parser.error(f"unknown formats {sorted(unknown)}: choose from fp32, bf16, int8, int8-wo, auto")
+        parser.error(f"unknown formats {sorted(unknown)}: choose from fp32, bf16, int8, int8-wo, int4-wo, auto")
     return args
 
 

@@ -6,7 +6,8 @@ from bench import report
 
 TARGETS = {"static": 1.5, "hf1": 8.0, "roofline_pct": 40.0, "chat_tok_s": 60.0, "prefix": 2.0}
 PEAK_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8 (torch._int_mm)",
-              "int8_weight_only": "int8 weights × bf16 (aten._weight_int8pack_mm)"}
+              "int8_weight_only": "int8 weights × bf16 (aten._weight_int8pack_mm)",
+              "int4_weight_only": "int4 weights × bf16 (aten._weight_int4pack_mm_for_cpu)"}
 
 
 def _load(result: dict) -> str:
@@ -19,6 +20,8 @@ def _format(row: dict) -> str:
         return f"auto → {row['dtype']}"
     if row["quantization"] == "int8_weight_only" and row.get("roofline", {}).get("kernel") == "int8_weight_only":
         return f"{row['label']} (int8 weights × bf16 in the matmuls, {row['dtype']} elsewhere)"
+    if row["quantization"] == "int4_weight_only" and row.get("roofline", {}).get("kernel") == "int4_weight_only":
+        return f"{row['label']} (int4 weights × bf16 in the matmuls, {row['dtype']} elsewhere)"
     if row["quantization"] != "none":
         return f"{row['label']} ({row['dtype']} activations, {row['quantization']} weights)"
     return row["label"]
@@ -61,7 +64,9 @@ def _header(r: dict, heading: str) -> list[str]:
             f"{cfg['kv_cache_bytes'] // 2**20} MiB. "
             f"Peak square-matmul rate measured in each format, GFLOP/s (GOP/s for int8): {peaks}. The HF peers "
             "run in the same format as the engine row they are compared with (int8 on the CPU: torch's dynamic "
-            "int8 quantization of every nn.Linear; int8-wo: every nn.Linear on the engine's weight-only kernel). Greedy, EOS ignored, random prompt ids.", ""]
+            "int8 quantization of every nn.Linear; int8-wo and int4-wo: every nn.Linear on the engine's weight-only "
+            "kernel, the lm_head at int8 weight-only under int4-wo as in the engine). Greedy, EOS ignored, random "
+            "prompt ids.", ""]
 
 
 def _render_equal(r: dict) -> list[str]:

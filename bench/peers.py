@@ -30,6 +30,13 @@ def _square_operands(size: int, dtype: str, device: str):
         b = torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device)
         scales = torch.rand(size, dtype=torch.bfloat16, device=device)
         return lambda: torch.ops.aten._weight_int8pack_mm(a, b, scales)
+    if dtype == "int4_weight_only":
+        # The CPU int4 kernel: bf16 activations times 4-bit weights in groups of 32.
+        from inference.quantization import pack_int4, quantize_weight_int4  # noqa: PLC0415
+
+        a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+        packed, scales_offsets = pack_int4(*quantize_weight_int4(torch.randn(size, size)), torch.device(device))
+        return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, 32, scales_offsets)
     a = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
     b = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
     return lambda: a @ b
@@ -60,12 +67,13 @@ def load_model(model_dir: str, dtype: str, quantization: str, device: str):
     dynamic quantization of every nn.Linear (fbgemm/oneDNN int8 GEMMs with
     int8 activations, as the engine's int8 does); int8 weight-only on CPU
     swaps every nn.Linear for the engine's own weight-only kernel (torchao,
-    HF's route to it, is not installed; it calls the same aten op); None where
+    HF's route to it, is not installed; it calls the same aten op), and int4
+    weight-only likewise (its lm_head at int8 weight-only, as the engine); None where
     HF has no int8 path to compare with (CUDA)."""
     if quantization != "none" and device != "cpu":
         return None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
-    if quantization == "int8_weight_only":
+    if quantization in ("int8_weight_only", "int4_weight_only"):
         from bench.quality import hf_variant  # noqa: PLC0415 - only this peer needs it
 
         return hf_variant(model, dtype, quantization)

@@ -10,6 +10,8 @@ import operator
 from dataclasses import dataclass, field
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# inference.quantization.QUANTIZATIONS (that module imports torch; this one may not).
+QUANTIZATIONS = ("none", "int8", "int8_weight_only", "int4_weight_only")
 
 # Seeds are what a signed 64-bit integer holds, non-negative: torch's generator
 # takes them, and a seed of 2**64 once made a whole engine step raise.
@@ -55,6 +57,9 @@ class EngineConfig:
     # "int8": int8 matmul weights, int8 activations on CPU, weight-only on CUDA;
     # "int8_weight_only": int8 weights only; on CPU oneDNN's int8-weight kernel
     # with bf16 activations, the fastest for one chat and near-lossless;
+    # "int4_weight_only": 4-bit layer weights in groups of 32 (bf16 activations
+    # on CPU), about twice int8 weight-only's one-row speed, with a measured
+    # quality loss (docs/BENCHMARKS.md);
     # "none": weights as loaded (inference.quantization, docs/BENCHMARKS.md).
     quantization: str = "none"
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
@@ -88,8 +93,8 @@ class EngineConfig:
         self.device, self.dtype = resolve_device_and_dtype(self.device, self.dtype)
         if self.dtype not in (*DTYPE_NAMES, "auto"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-        if self.quantization not in ("none", "int8", "int8_weight_only"):
-            raise ValueError(f"quantization must be none, int8 or int8_weight_only, not {self.quantization!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.outputs import UnsupportedModel
-from inference.quantization import int8_linear
+from inference.quantization import quantized_linear
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +90,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            scale: Optional[torch.Tensor], weight_only: bool) -> torch.Tensor:
-    # scale is set when the weight is int8 (EngineConfig.quantization, inference.quantization).
+            scale: Optional[torch.Tensor], quant_mode: int) -> torch.Tensor:
+    # scale is set when the weight is quantized (EngineConfig.quantization,
+    # inference.quantization; quant_mode is one of its QUANT_* modes).
     if scale is not None:
-        return int8_linear(x, weight, scale, bias, weight_only)
+        return quantized_linear(x, weight, scale, bias, quant_mode)
     return F.linear(x, weight, bias)
 
 
 def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                     bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight_only: bool) -> torch.Tensor:
+                     bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], quant_mode: int) -> torch.Tensor:
     # h + x @ W^T in one GEMM (the residual is the accumulator): one pass fewer over h.
     if scale is not None:
-        return h + int8_linear(x, weight, scale, bias, weight_only)
+        return h + quantized_linear(x, weight, scale, bias, quant_mode)
     if bias is not None:
         return h + F.linear(x, weight, bias)
     return torch.addmm(h, x, weight.t())
@@ -171,13 +172,13 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
 
 def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor,
             weights: List[List[torch.Tensor]], qkv_biases: List[Optional[torch.Tensor]],
-            o_biases: List[Optional[torch.Tensor]], scales: List[List[torch.Tensor]], weight_only: bool,
+            o_biases: List[Optional[torch.Tensor]], scales: List[List[torch.Tensor]], quant_mode: int,
             k_cache: torch.Tensor, v_cache: torch.Tensor,
             decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
             heads: int, kv_heads: int, dim: int, eps: float, scale: float) -> torch.Tensor:
     """Every decoder layer; weights[i] = [input_norm, qkv, o, post_norm, gate_up, down];
-    scales[i] = the int8 scales of [qkv, o, gate_up, down], or scales is empty (float weights);
-    weight_only picks inference.quantization's weight-only int8 path."""
+    scales[i] = the quantized weights' scales of [qkv, o, gate_up, down], or scales is empty
+    (float weights); quant_mode is their inference.quantization QUANT_* mode."""
     num_tokens = h.size(0)
     for index, w in enumerate(weights):
         s: List[Optional[torch.Tensor]] = [None, None, None, None]
@@ -185,7 +186,7 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
             for j in range(4):
                 s[j] = scales[index][j]
         x = _rms_norm(h, w[0], eps)
-        qkv = _linear(x, w[1], qkv_biases[index], s[0], weight_only)  # [T, (H + 2 KV) * D]
+        qkv = _linear(x, w[1], qkv_biases[index], s[0], quant_mode)  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, signed_sin)  # [T, H + KV, D]: one rotation for both
         q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, KV, D]
@@ -195,10 +196,10 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         layer_k.view(kv_heads, -1, dim).index_copy_(1, slots, k.transpose(0, 1))  # slot = block * block_size + offset
         layer_v.view(kv_heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
         o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale)  # [T, H * D]
-        h = _residual_linear(h, o, w[2], o_biases[index], s[1], weight_only)
+        h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode)
         x = _rms_norm(h, w[3], eps)
-        gate, up = _linear(x, w[4], None, s[2], weight_only).chunk(2, dim=-1)
-        h = _residual_linear(h, F.silu(gate) * up, w[5], None, s[3], weight_only)
+        gate, up = _linear(x, w[4], None, s[2], quant_mode).chunk(2, dim=-1)
+        h = _residual_linear(h, F.silu(gate) * up, w[5], None, s[3], quant_mode)
     return h
 
 
@@ -255,10 +256,11 @@ class PagedLlama:
         self.o_biases = [w["o_bias"] for w in self.layers]
         # The eager stack is only the GIL benchmark's baseline (EngineConfig.script_layers).
         self.layer_stack = scripted_layer_stack() if script_layers else _layers
-        # Set by inference.quantization.quantize_paged when the weights are int8.
+        # Set by inference.quantization.quantize_paged when the weights are quantized.
         self.weight_scales: list[list[torch.Tensor]] = []
-        self.lm_head_int8: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.int8_weight_only = False
+        # (weight, scale, QUANT_* mode) when the lm_head is quantized.
+        self.lm_head_quantized: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.quant_mode = -1  # no quantized weights
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # Rotary tables from the model's own rotary module, so every rope
@@ -317,12 +319,13 @@ class PagedLlama:
         signed_sin = self.signed_sin[positions].unsqueeze(1)
         with torch.jit.optimized_execution(False):
             h = self.layer_stack(h, cos, signed_sin, slots, self.weights, self.qkv_biases, self.o_biases,
-                                 self.weight_scales, self.int8_weight_only, k_cache, v_cache,
+                                 self.weight_scales, self.quant_mode, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.eps, self.scale)
         h = _rms_norm(h[logit_rows], self.final_norm, self.eps)  # [N, hidden]
-        if self.lm_head_int8 is not None:
-            return int8_linear(h, *self.lm_head_int8, None, self.int8_weight_only).float()  # [N, V]
+        if self.lm_head_quantized is not None:
+            weight, scale, mode = self.lm_head_quantized
+            return quantized_linear(h, weight, scale, None, mode).float()  # [N, V]
         if self.device.type == "cpu":
             # MKL runs the tall lm_head GEMM ([V, hidden] with V ~ 50k) about 30%
             # faster as W @ h^T than as h @ W^T at 8-64 rows (measured on the

@@ -37,8 +37,7 @@ class ModelRunner:
         with torch.inference_mode():
             self.net = PagedLlama(model, max_positions, config.script_layers)
             if config.quantization != "none":
-                quantize_paged(self.net, weight_only=config.quantization == "int8_weight_only"
-                               or self.device.type != "cpu")
+                quantize_paged(self.net, config.quantization)
         self.num_blocks = self._num_blocks(config)  # what the block manager hands out
         # CUDA graphs pad batches with rows that write into one scratch block past those.
         cache_blocks = self.num_blocks + (1 if config.cuda_graphs else 0)

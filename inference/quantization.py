@@ -28,6 +28,21 @@ or bf16 for the CPU weight-only kernel, which takes no other).
   rows, which a decode step rarely has) the weight is dequantized on the fly
   into the activation dtype (dequantized_linear).
 
+- "int4_weight_only": the layers' weights are 4-bit, one scale and one offset
+  per group of INT4_GROUP_SIZE input columns (asymmetric, as llama.cpp's Q4_1),
+  activations in bf16. On CPU the product runs in torch's int4 kernel
+  (aten._weight_int4pack_mm_for_cpu), which reads half the bytes of int8: one
+  forward's layer matmuls at one row took 5.2 ms against 11.7 for int8
+  weight-only and 23.9 in fp32 on the 2-core Xeon (docs/BENCHMARKS.md). With
+  fp32 activations that kernel ran 30-100x slower, hence bf16 around it. The
+  lm_head stays int8 weight-only: it is a fifth of the weights, the last
+  matmul before the token is chosen, and int4 saved it 0.4 ms a step. Each row
+  is summed on its own (batched equals alone, tested). Off the CPU the
+  weight is dequantized on the fly (dequantized_int4_linear): correct, not fast.
+
+The quantized matmuls take a mode: QUANT_INT8 (int8 weights and activations),
+QUANT_INT8_WEIGHT_ONLY or QUANT_INT4_WEIGHT_ONLY.
+
 No Django here; the functions below are TorchScript-compatible because the
 scripted layer stack in inference.llama calls them.
 """
@@ -38,7 +53,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-QUANTIZATIONS = ("none", "int8", "int8_weight_only")
+from inference.config import QUANTIZATIONS  # noqa: F401  (the names, validated in EngineConfig)
+QUANT_INT8 = 0
+QUANT_INT8_WEIGHT_ONLY = 1
+QUANT_INT4_WEIGHT_ONLY = 2
+# 32 columns share a scale and an offset, as in llama.cpp's Q4_0/Q4_1 blocks:
+# larger groups lost more on the quality check (bench.quality) and ran no faster.
+INT4_GROUP_SIZE = 32
+# The CPU kernel's packing interleaves this many 16-column tiles.
+_INT4_INNER_K_TILES = 2
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,21 +97,95 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return y
 
 
-def quantize_paged(net, weight_only: bool) -> None:
-    """Swap a PagedLlama's matmul weights for int8 in place; norms and the
-    embedding stay in the model's dtype. The HF module keeps its float weights
-    (the engine never calls it), so only the scripted stack sees int8."""
-    net.int8_weight_only = weight_only
+def quantize_weight_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float -> ([out, in] int32 codes in 0..15, [in / group, out, 2]
+    fp32 (scale, offset)); a weight is (code - 8) * scale + offset, the layout
+    torch's int4 kernels take. Asymmetric: each group's 16 levels span its own
+    min to max."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"int4 weights need in_features divisible by {group_size}, not {in_features}")
+    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
+    scale = (high - low).clamp_min(1e-12) / 15.0
+    codes = torch.round((w - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
+    offset = low + 8.0 * scale  # the value of code 8
+    scales_offsets = torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
+    return codes.reshape(out_features, in_features).contiguous(), scales_offsets
+
+
+def pack_int4(codes: torch.Tensor, scales_offsets: torch.Tensor,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 weight as the device's matmul takes it: on CPU packed two codes
+    a byte for aten._weight_int4pack_mm_for_cpu, with bf16 scales; elsewhere the
+    codes as uint8 for dequantized_int4_linear."""
+    if device.type == "cpu":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INT4_INNER_K_TILES)
+        return packed, scales_offsets.to(torch.bfloat16)
+    return codes.to(device=device, dtype=torch.uint8), scales_offsets.to(device)
+
+
+def dequantized_int4_linear(x: torch.Tensor, codes: torch.Tensor, scales_offsets: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ the int4 weight^T, widened to x's dtype first (off the CPU)."""
+    out_features, in_features = codes.size(0), codes.size(1)
+    groups = scales_offsets.size(0)
+    centred = (codes.to(x.dtype) - 8.0).view(out_features, groups, in_features // groups)
+    scale = scales_offsets[:, :, 0].t().to(x.dtype).unsqueeze(-1)  # [out, groups, 1]
+    offset = scales_offsets[:, :, 1].t().to(x.dtype).unsqueeze(-1)
+    return F.linear(x, (centred * scale + offset).view(out_features, in_features))
+
+
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [T, in] float, weight from pack_int4 -> [T, out] in x's dtype."""
+    if x.is_cpu:
+        group_size = x.size(-1) // scales_offsets.size(0)  # (TorchScript reads no module globals)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, group_size,
+                                                       scales_offsets).to(x.dtype)
+    else:
+        y = dequantized_int4_linear(x, weight, scales_offsets)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     bias: Optional[torch.Tensor], mode: int) -> torch.Tensor:
+    """The matmul of a quantized weight in the given QUANT_* mode (literals
+    below: TorchScript reads no module globals)."""
+    if mode == 2:  # QUANT_INT4_WEIGHT_ONLY
+        return int4_linear(x, weight, scale, bias)
+    return int8_linear(x, weight, scale, bias, mode == 1)  # QUANT_INT8_WEIGHT_ONLY
+
+
+def quantize_paged(net, quantization: str) -> None:
+    """Swap a PagedLlama's matmul weights for quantized ones in place; norms
+    and the embedding stay in the model's dtype. The HF module keeps its float
+    weights (the engine never calls it), so only the scripted stack sees them.
+    Off the CPU "int8" is weight-only (see the module docstring)."""
+    cpu = net.device.type == "cpu"
+    if quantization == "int4_weight_only":
+        mode = QUANT_INT4_WEIGHT_ONLY
+    elif quantization == "int8_weight_only" or not cpu:
+        mode = QUANT_INT8_WEIGHT_ONLY
+    else:
+        mode = QUANT_INT8
+    net.quant_mode = mode
+    # The CPU weight-only kernels take their scales in bf16: cast once here, not per step.
+    int8_scale_dtype = torch.bfloat16 if mode != QUANT_INT8 and cpu else torch.float32
     scales = []
-    # The CPU weight-only kernel takes its scales in bf16: cast once here, not per step.
-    scale_dtype = torch.bfloat16 if weight_only and net.device.type == "cpu" else torch.float32
     for index, w in enumerate(net.weights):
         layer_scales = []
         for slot in (1, 2, 4, 5):  # qkv, o, gate_up, down (see llama._layers)
-            q, s = quantize_weight(w[slot])
+            if mode == QUANT_INT4_WEIGHT_ONLY:
+                q, s = pack_int4(*quantize_weight_int4(w[slot]), net.device)
+            else:
+                q, s = quantize_weight(w[slot])
+                s = s.to(device=w[0].device, dtype=int8_scale_dtype)
             w[slot] = q
-            layer_scales.append(s.to(device=w[0].device, dtype=scale_dtype))
+            layer_scales.append(s)
         scales.append(layer_scales)
     net.weight_scales = scales
     q, s = quantize_weight(net.lm_head)
-    net.lm_head_int8 = (q, s.to(device=q.device, dtype=scale_dtype))
+    head_mode = QUANT_INT8_WEIGHT_ONLY if mode == QUANT_INT4_WEIGHT_ONLY else mode
+    net.lm_head_quantized = (q, s.to(device=q.device, dtype=int8_scale_dtype), head_mode)

@@ -10,7 +10,8 @@ import torch
 from inference import EngineConfig, SamplingParams
 from inference import formats
 from inference.llama import DecodeGroup, _decode_group
-from inference.quantization import dequantized_linear, int8_linear, quantize_weight
+from inference.quantization import (dequantized_int4_linear, dequantized_linear, int4_linear, int8_linear, pack_int4,
+                                    quantize_weight, quantize_weight_int4)
 from inference.threads import CANDIDATE_ROWS
 
 from .conftest import MAX_NEW_TOKENS, make_prompts
@@ -24,6 +25,8 @@ REDUCED = [
     pytest.param({"dtype": "bfloat16", "quantization": "int8"}, id="bf16-int8"),
     pytest.param({"quantization": "int8_weight_only"}, id="int8-weight-only"),
     pytest.param({"dtype": "bfloat16", "quantization": "int8_weight_only"}, id="bf16-int8-weight-only"),
+    pytest.param({"quantization": "int4_weight_only"}, id="int4-weight-only"),
+    pytest.param({"dtype": "bfloat16", "quantization": "int4_weight_only"}, id="bf16-int4-weight-only"),
 ]
 
 
@@ -42,6 +45,7 @@ HALF = [
     pytest.param({"dtype": "float16"}, id="fp16"),
     pytest.param({"dtype": "bfloat16", "quantization": "int8"}, id="bf16-int8"),
     pytest.param({"dtype": "bfloat16", "quantization": "int8_weight_only"}, id="bf16-int8-weight-only"),
+    pytest.param({"dtype": "bfloat16", "quantization": "int4_weight_only"}, id="bf16-int4-weight-only"),
 ]
 
 needs_two_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one CPU thread: nothing to compare")
@@ -133,6 +137,31 @@ def test_int8_kernels_agree_with_the_float_matmul():
     for weight_only in (False, True):
         assert torch.equal(int8_linear(x[:1], q, scale, None, weight_only),
                            int8_linear(x, q, scale, None, weight_only)[:1])
+
+
+def test_int4_weights_round_to_their_group_and_the_kernels_agree():
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64), torch.randn(5, 64)
+    weight[3, 40] = 30.0  # an outlier coarsens its own group of 32 only
+    codes, scales_offsets = quantize_weight_int4(weight)
+    assert codes.shape == weight.shape and scales_offsets.shape == (2, 96, 2)
+    assert codes.min() >= 0 and codes.max() <= 15
+    scale, offset = scales_offsets[..., 0].t(), scales_offsets[..., 1].t()  # [96, groups]
+    rebuilt = ((codes.float() - 8).view(96, 2, 32) * scale[..., None] + offset[..., None]).view(96, 64)
+    error = (rebuilt - weight).abs().view(96, 2, 32)
+    assert (error <= scale[..., None] / 2 + 1e-5).all()  # each weight within half a step of its group
+    assert error[3, 1].max() > 0.5 and error[3, 0].max() < 0.2 and error[4].max() < 0.2
+    exact = x @ rebuilt.t()
+    cpu = int4_linear(x, *pack_int4(codes, scales_offsets, torch.device("cpu")), None)
+    off_cpu = dequantized_int4_linear(x, codes.to(torch.uint8), scales_offsets)
+    for name, out in {"CPU kernel (bf16 activations)": cpu, "dequantized (off the CPU)": off_cpu}.items():
+        assert out.shape == exact.shape and out.dtype == x.dtype, name
+        assert (out - exact).abs().max() < 0.02 * exact.abs().max(), name
+    # Each row sums on its own: a row's result does not depend on its batch.
+    packed = pack_int4(codes, scales_offsets, torch.device("cpu"))
+    assert torch.equal(int4_linear(x[:1], *packed, None), int4_linear(x, *packed, None)[:1])
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quantize_weight_int4(torch.randn(8, 48))
 
 
 def test_quantization_is_validated():
