@@ -103,7 +103,8 @@ def measured(fn, *args, **kwargs) -> dict:
 
 def peer_row(fn, *args, **kwargs) -> dict:
     try:
-        return measured(fn, *args, **kwargs)
+        # On a thread of its own: see peers.on_own_thread.
+        return measured(peers.on_own_thread, fn, *args, **kwargs)
     except Exception as error:  # a peer broken by a transformers change must not lose a long run's other rows
         log(f"peer {fn.__name__} failed: {error!r}")
         return {"error": f"{type(error).__name__}: {error}"}
@@ -163,7 +164,7 @@ def peak(setup: Setup, kernel: str) -> float:
     """The square-matmul peak of one format, measured once per run."""
     if kernel not in setup.peaks:
         log(f"peak matmul rate, {kernel} ...")
-        setup.peaks[kernel] = peers.matmul_flops(kernel, setup.device)
+        setup.peaks[kernel] = peers.on_own_thread(peers.matmul_flops, kernel, setup.device)
     return setup.peaks[kernel]
 
 
@@ -205,7 +206,7 @@ def equal_peers(setup: Setup, dtype: str, quantization: str) -> dict:
     key = (dtype, quantization)
     if key in setup.peer_rows:
         return {**setup.peer_rows[key], "shared": True}
-    model = peers.load_model(setup.model_dir, dtype, quantization, setup.device)
+    model = peers.on_own_thread(peers.load_model, setup.model_dir, dtype, quantization, setup.device)
     if model is None:
         missing = {"error": f"no HF {quantization} path on {setup.device}"}
         result = {"static": missing, "hf1": missing}
@@ -230,7 +231,7 @@ def run_mixed(setup: Setup, dtype: str) -> dict:
         result = {"dtype": dtype, "engine": measured(run_offline, engine, setup.mixed)}
     if setup.skip_peers:
         return result
-    model = peers.load_model(setup.model_dir, dtype, "none", setup.device)
+    model = peers.on_own_thread(peers.load_model, setup.model_dir, dtype, "none", setup.device)
     log(f"mixed lengths in {dtype}: HF static batches of 16 ...")
     result["static"] = peer_row(peers.hf_static_batches, model, setup.mixed[:setup.sizes["static_mixed"]],
                                 batch_size=16, device=setup.device)

@@ -4,12 +4,41 @@ batches, transformers' continuous batching), in any dtype, on CPU or CUDA.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def on_own_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on a short-lived thread with the caller's torch
+    thread count; returns its result or raises its exception.
+
+    The engine under test must keep the process's only lasting OpenMP team, as
+    it does in the server: a team started on the main thread (an HF load, a
+    peer's generate, a peak matmul) stays for the process's life and puts the
+    engine thread's workers to sleep between parallel regions (one fp32
+    stream's step 44 ms before the main thread's team existed, 62 ms after;
+    inference.engine). A thread's team ends with the thread."""
+    threads = torch.get_num_threads()
+    outcome: dict = {}
+
+    def run():
+        torch.set_num_threads(threads)
+        try:
+            outcome["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised on the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"bench-{getattr(fn, '__name__', 'work')}")
+    worker.start()
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def sync(device: str) -> None:
