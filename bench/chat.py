@@ -436,7 +436,9 @@ def main(argv=None):
 
         connections.close_all()
         engine = local_engine(args.clients)
-        device = f"{engine.stats()['device']} {engine.stats()['dtype']}, {os.cpu_count()} CPU cores"
+        stats = engine.stats()
+        weights = "" if stats["quantization"] == "none" else f", {stats['quantization']} weights"
+        device = f"{stats['device']} {stats['dtype']}{weights}, {os.cpu_count()} CPU cores"
         results = asyncio.run(run(args, f"http://127.0.0.1:{port}", cookies, idle_cookie, idle_replies, engine))
         engine.shutdown()
     finally:
