@@ -10,7 +10,7 @@ import operator
 from dataclasses import dataclass, field
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-# inference.quantization.QUANTIZATIONS (that module imports torch; this one may not).
+# EngineConfig.quantization's values; inference.quantization implements them.
 QUANTIZATIONS = ("none", "int8", "int8_weight_only", "int4_weight_only")
 
 # Seeds are what a signed 64-bit integer holds, non-negative: torch's generator
