@@ -61,11 +61,11 @@ def _square_operands(size: int, dtype: str, device: str):
         return lambda: torch.ops.aten._weight_int8pack_mm(a, b, scales)
     if dtype == "int4_weight_only":
         # The CPU int4 kernel: bf16 activations times 4-bit weights in groups of 32.
-        from inference.quantization import pack_int4, quantize_weight_int4  # noqa: PLC0415
+        from inference.quantization import INT4_GROUP_SIZE, pack_int4, quantize_weight_int4  # noqa: PLC0415
 
         a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
         packed, scales_offsets = pack_int4(*quantize_weight_int4(torch.randn(size, size)), torch.device(device))
-        return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, 32, scales_offsets)
+        return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, INT4_GROUP_SIZE, scales_offsets)
     a = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
     b = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
     return lambda: a @ b
