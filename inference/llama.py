@@ -73,11 +73,14 @@ class AttentionPlan:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # HF's LlamaRMSNorm takes its statistics in fp32 and scales after casting back;
-    # one fused kernel does the same for fp32, half precision goes through fp32.
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, [weight.size(0)], weight, eps)
-    return weight * F.rms_norm(x.float(), [weight.size(0)], None, eps).to(x.dtype)
+    # HF's LlamaRMSNorm op for op: statistics in fp32, scaled after casting back.
+    # F.rms_norm is no single kernel on CPU (its fallback runs pow, sum, div,
+    # where, add...): at one row it took ~30 us a call, and a step has 61 of
+    # them; these five ops were 0.7-0.9 ms a one-row step faster (int4 weights,
+    # 2-core Xeon, docs/BENCHMARKS.md) and are HF's own sums.
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
