@@ -56,7 +56,7 @@ class ModelRunner:
                                  for w in self.net.layers) + self.net.lm_head.numel()
         # Which steps run on one thread (inference.threads); measured here, on
         # the weights and cache the steps will use.
-        self.step_threads = choose_step_threads(self, config.one_thread_rows)
+        self.step_threads = choose_step_threads(self, config.one_thread_rows, config.follow_cpu_load)
 
     @property
     def bytes_per_block(self) -> int:

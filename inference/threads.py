@@ -25,12 +25,27 @@ thread and on the engine's count, interleaved, best of a few, on a thread of
 its own as the engine's steps are. One thread keeps the rows where it is at
 least MIN_GAIN faster; the first row count where it is not ends the search.
 
-Only half precision (bf16, fp16, int8 with half activations): those kernels
-(oneDNN's matmuls, the int8 kernels, the half attention) return the same bits
-on one thread as on several, so a sequence's tokens do not depend on whether
-its step ran alone or batched (tests/inference/test_engine_formats.py checks
-it). fp32's MKL GEMMs and SDPA do not (logits moved by ~2e-5 between one and
-two threads), and fp32 promises Hugging Face generate's exact tokens, so fp32
+A busy machine changes the answer for every step, not just small ones. The
+team's worker spins between regions, and while another process wants that
+core the worker is descheduled in the middle of a step, so the engine thread
+waits at the next region's barrier for a timeslice. With one CPU-bound
+neighbour process on the 2-core Xeon (int4 weights, one stream, 45 s each,
+docs/BENCHMARKS.md "A busy neighbour"), the team streamed 10.9-14.1 tok/s and
+cut the neighbour's rate by 27-35%, where one thread streamed 36.0 tok/s and
+left the neighbour alone (49.2 and 35.2 tok/s without the neighbour).
+OMP_WAIT_POLICY=PASSIVE helped under load (25-30 tok/s) but cost 60% alone.
+So, with EngineConfig.follow_cpu_load, steps run on as many threads as other
+processes leave cores free (CpuLoad: /proc/stat less this process's own CPU
+time, re-read every LOAD_INTERVAL_S; half a free core counts as one), at
+least one, and on the whole team again once the cores are free.
+
+Only formats whose steps give the same bits on any thread count (half
+precision, and the weight-only int8/int4 kernels, which run in bf16 around
+fp32 norms, rotary and SDPA that split work by row and head): a sequence's
+tokens then do not depend on whether its step ran alone or batched, nor on
+what else the machine was doing (tests/inference/test_engine_formats.py checks
+it). fp32's MKL GEMMs do not (logits moved by ~2e-5 between one and two
+threads), and fp32 promises Hugging Face generate's exact tokens, so fp32
 keeps the engine's thread count for every step.
 
 No Django here.
@@ -38,12 +53,14 @@ No Django here.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from inference.llama import AttentionPlan, DecodeGroup
+from inference.quantization import QUANT_INT4_WEIGHT_ONLY, QUANT_INT8_WEIGHT_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +69,57 @@ CANDIDATE_ROWS = (1, 2, 4, 8, 16)
 # would flip between restarts.
 MIN_GAIN = 1.05
 CONTEXT_BLOCKS = 4  # the synthetic steps attend over this many blocks (64 tokens at block size 16)
+# How often the other processes' CPU load is re-read: often enough to give way
+# within a second, rarely enough that reading /proc/stat costs nothing.
+LOAD_INTERVAL_S = 0.5
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class CpuLoad:
+    """How many cores other processes keep busy: /proc/stat's busy time for the
+    whole machine less this process's own CPU time, over the last interval_s
+    (Linux; None elsewhere, or until two samples exist). The engine's own
+    threads are left out, so whatever the engine does with its threads does
+    not feed back into the reading."""
+
+    def __init__(self, interval_s: float = LOAD_INTERVAL_S, read_machine=None, read_own=None, clock=time.monotonic):
+        self.interval_s = interval_s
+        self._read_machine = read_machine or _machine_busy_s
+        self._read_own = read_own or _own_cpu_s
+        self._clock = clock
+        self._last: tuple[float, float, float] | None = None  # (wall, machine busy, own) at the last sample
+        self.others_busy: float | None = None  # cores, from the last complete interval
+
+    def sample(self) -> float | None:
+        """Cores busy with other processes' work; re-read at most every interval_s."""
+        now = self._clock()
+        if self._last is not None and now - self._last[0] < self.interval_s:
+            return self.others_busy
+        machine, own = self._read_machine(), self._read_own()
+        if machine is None:
+            return None
+        if self._last is not None:
+            wall, last_machine, last_own = self._last
+            self.others_busy = max(0.0, ((machine - last_machine) - (own - last_own)) / (now - wall))
+        self._last = (now, machine, own)
+        return self.others_busy
+
+
+def _machine_busy_s() -> float | None:
+    """Seconds of CPU the whole machine has spent busy since boot (/proc/stat's
+    user, nice, system, irq and softirq; idle, iowait and steal are not busy)."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / _TICKS_PER_S
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 @dataclass
@@ -62,27 +130,74 @@ class StepThreads:
     # {rows: {"one": ms, "team": ms}}: best synthetic decode step on one thread and on `threads`.
     measured_ms: dict[int, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    # Set when the team gives way to other processes' load (EngineConfig.follow_cpu_load).
+    load: CpuLoad | None = None
+    cpus: int = 0  # the cores this process may run on
+    yielding: int = 0  # threads given up now because other processes keep their cores busy
+    yielded_steps: int = 0
 
     def threads_for(self, rows: int) -> int:
-        return 1 if rows <= self.one_thread_rows else self.threads
+        if rows <= self.one_thread_rows:
+            return 1
+        if self.load is None:
+            return self.threads
+        others = self.load.sample()
+        current = self.threads - self.yielding
+        if others is not None:
+            # As many threads as there are cores free, rounding half a core up;
+            # back up only once three quarters of the next core are free, so
+            # that a reading near the edge does not flip the count every interval.
+            free = self.cpus - others
+            fits = int(free + 0.5)
+            if fits > current:
+                fits = max(current, int(free + 0.25))
+            self.yielding = self.threads - max(1, min(self.threads, fits))
+        if self.yielding:
+            self.yielded_steps += 1
+        return self.threads - self.yielding
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        report = {name: getattr(self, name) for name in
+                  ("threads", "one_thread_rows", "reason", "measured_ms", "seconds", "yielding", "yielded_steps")}
+        report["follows_cpu_load"] = self.load is not None
+        report["others_busy_cores"] = None if self.load is None or self.load.others_busy is None \
+            else round(self.load.others_busy, 2)
+        return report
 
     def summary(self) -> str:
         times = ", ".join(f"{rows} rows {m['one']:.1f}/{m['team']:.1f} ms" for rows, m in self.measured_ms.items())
+        follows = "; fewer threads while other processes keep cores busy" if self.load is not None else ""
         return (f"steps of <= {self.one_thread_rows} rows on one thread, others on {self.threads} "
-                f"({self.reason}{'; one/' + str(self.threads) + ' threads: ' + times if times else ''})")
+                f"({self.reason}{'; one/' + str(self.threads) + ' threads: ' + times if times else ''}){follows}")
 
 
-def choose_step_threads(runner, one_thread_rows: int | None) -> StepThreads:
-    """The runner's thread plan: one_thread_rows None measures it (where it can apply)."""
+def thread_invariant(runner) -> bool:
+    """Whether the runner's steps give the same bits on any thread count: half
+    precision, or fp32 activations around the weight-only kernels (int8 and
+    int4), whose matmuls run in bf16 and whose fp32 ops (norms, rotary, SDPA)
+    split work by row and head, never inside one sum (tests/inference/
+    test_engine_formats.py checks both). fp32 matmuls (MKL) do not."""
+    return runner.dtype != torch.float32 or runner.net.quant_mode in (QUANT_INT8_WEIGHT_ONLY, QUANT_INT4_WEIGHT_ONLY)
+
+
+def choose_step_threads(runner, one_thread_rows: int | None, follow_cpu_load: bool = False) -> StepThreads:
+    """The runner's thread plan: one_thread_rows None measures it (where it
+    can apply); follow_cpu_load lets the team give way to other processes."""
+    plan = _choose(runner, one_thread_rows)
+    if follow_cpu_load and plan.threads > 1 and runner.device.type == "cpu" and thread_invariant(runner):
+        plan.load = CpuLoad()
+        plan.cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        plan.load.sample()  # the first reading: the interval starts now
+    return plan
+
+
+def _choose(runner, one_thread_rows: int | None) -> StepThreads:
     threads = torch.get_num_threads()
     if runner.device.type != "cpu":
         return StepThreads(threads, 0, "not on CPU")
     if threads == 1:
         return StepThreads(1, 0, "the engine has one thread")
-    if runner.dtype == torch.float32:
+    if not thread_invariant(runner):
         # See the module docstring: fp32 kernels differ in the last bits with the thread count.
         return StepThreads(threads, 0, "fp32 keeps its thread count (HF-identical tokens)")
     if one_thread_rows is not None:

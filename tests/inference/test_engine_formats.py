@@ -39,13 +39,16 @@ def test_greedy_batched_equals_alone(make_engine, prompts, greedy, settings):
     assert all(len(tokens) > 0 for tokens in batched)
 
 
-# Half-precision activations: the formats whose small steps may run on one thread (inference.threads).
+# The formats whose steps may run on one thread (inference.threads.thread_invariant).
 HALF = [
     pytest.param({"dtype": "bfloat16"}, id="bf16"),
     pytest.param({"dtype": "float16"}, id="fp16"),
     pytest.param({"dtype": "bfloat16", "quantization": "int8"}, id="bf16-int8"),
     pytest.param({"dtype": "bfloat16", "quantization": "int8_weight_only"}, id="bf16-int8-weight-only"),
     pytest.param({"dtype": "bfloat16", "quantization": "int4_weight_only"}, id="bf16-int4-weight-only"),
+    # fp32 activations around the weight-only kernels (bf16 inside them).
+    pytest.param({"quantization": "int8_weight_only"}, id="int8-weight-only"),
+    pytest.param({"quantization": "int4_weight_only"}, id="int4-weight-only"),
 ]
 
 needs_two_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one CPU thread: nothing to compare")
@@ -62,7 +65,7 @@ def test_one_thread_steps_give_the_same_bits_as_the_team(make_engine, prompts, s
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=0)
     runs = {}
     for rows in (0, 1024):
-        engine = make_engine(one_thread_rows=rows, **settings)
+        engine = make_engine(one_thread_rows=rows, follow_cpu_load=False, **settings)
         threads: set[int] = set()
         engine.step_observer = lambda _batch, _duration: threads.add(torch.get_num_threads())
         runs[rows] = [(c.token_ids, [lp.logprob for lp in c.logprobs])
@@ -74,7 +77,7 @@ def test_one_thread_steps_give_the_same_bits_as_the_team(make_engine, prompts, s
 @needs_two_threads
 @pytest.mark.parametrize("settings", HALF)
 def test_small_steps_run_on_one_thread_and_batched_still_equals_alone(make_engine, prompts, greedy, settings):
-    engine = make_engine(one_thread_rows=1, **settings)
+    engine = make_engine(one_thread_rows=1, follow_cpu_load=False, **settings)
     seen: list[tuple[int, int]] = []
     engine.step_observer = lambda batch, _duration: seen.append((batch.num_tokens, torch.get_num_threads()))
     batched = [c.token_ids for c in engine.generate(prompts, greedy)]

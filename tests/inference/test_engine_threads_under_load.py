@@ -1,0 +1,122 @@
+"""Engine steps give way to other processes' CPU load (EngineConfig.follow_cpu_load,
+inference.threads.CpuLoad): as many threads as cores are free, at least one,
+the whole team again once they are; fp32 never changes its count."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+
+from inference import SamplingParams
+from inference.threads import CpuLoad, StepThreads
+
+from .conftest import make_prompts
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class FakeMachine:
+    """/proc/stat and os.times() as the test says: busy seconds of the machine and of this process."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.machine = 100.0
+        self.own = 10.0
+
+    def run(self, seconds: float, others_cores: float, own_cores: float) -> None:
+        self.now += seconds
+        self.machine += seconds * (others_cores + own_cores)
+        self.own += seconds * own_cores
+
+    def load(self) -> CpuLoad:
+        return CpuLoad(interval_s=0.5, read_machine=lambda: self.machine, read_own=lambda: self.own,
+                       clock=lambda: self.now)
+
+
+def test_cpu_load_counts_other_processes_only():
+    fake = FakeMachine()
+    load = fake.load()
+    assert load.sample() is None  # one reading is no interval yet
+    fake.run(1.0, others_cores=0.8, own_cores=2.0)  # the engine's own team does not count
+    assert load.sample() == pytest.approx(0.8)
+    fake.run(0.2, others_cores=2.0, own_cores=0.0)
+    assert load.sample() == pytest.approx(0.8)  # re-read at most every interval
+    fake.run(0.4, others_cores=2.0, own_cores=0.0)
+    assert load.sample() == pytest.approx(2.0 * 0.6 / 0.6)
+
+
+def test_steps_give_way_while_others_keep_the_cores_busy_and_take_them_back():
+    fake = FakeMachine()
+    plan = StepThreads(threads=2, one_thread_rows=0, reason="measured", load=fake.load(), cpus=2)
+    assert plan.threads_for(32) == 2  # no interval yet: the team
+    fake.run(1.0, others_cores=1.0, own_cores=1.5)  # a busy neighbour leaves one core
+    assert plan.threads_for(32) == 1 and plan.yielding == 1
+    fake.run(1.0, others_cores=0.4, own_cores=1.0)  # within the hysteresis band: keep giving way
+    assert plan.threads_for(1) == 1
+    fake.run(1.0, others_cores=0.1, own_cores=1.0)  # the neighbour is gone
+    assert plan.threads_for(32) == 2 and not plan.yielding
+    fake.run(1.0, others_cores=0.4, own_cores=1.0)  # under half a core busy elsewhere: the team still fits
+    assert plan.threads_for(32) == 2
+    report = plan.as_dict()
+    assert report["follows_cpu_load"] and report["others_busy_cores"] == 0.4 and report["yielded_steps"] == 2
+
+
+def test_a_large_team_gives_up_only_the_cores_others_take():
+    fake = FakeMachine()
+    plan = StepThreads(threads=16, one_thread_rows=0, reason="measured", load=fake.load(), cpus=16)
+    plan.threads_for(32)
+    fake.run(1.0, others_cores=3.0, own_cores=12.0)
+    assert plan.threads_for(32) == 13
+    fake.run(1.0, others_cores=16.0, own_cores=0.0)
+    assert plan.threads_for(32) == 1  # never none
+    fake.run(1.0, others_cores=0.0, own_cores=16.0)
+    assert plan.threads_for(32) == 16
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_the_real_reading_sees_a_busy_neighbour():
+    load = CpuLoad(interval_s=0.0)
+    load.sample()
+    ctx = multiprocessing.get_context("spawn")
+    neighbour = ctx.Process(target=_spin, args=(1.5,))
+    neighbour.start()
+    try:
+        time.sleep(1.0)  # the interval measured: the neighbour spun for most of it
+        others = load.sample()
+    finally:
+        neighbour.join()
+    # Most of one core, whatever else the machine ran, and never this process's own time.
+    assert others is not None and 0.5 <= others <= len(os.sched_getaffinity(0)) + 0.1
+
+
+needs_two_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one CPU thread: nothing to give way")
+
+
+@needs_two_threads
+def test_an_engine_follows_the_load_where_its_bits_allow(make_engine, greedy):
+    int4 = make_engine(quantization="int4_weight_only", one_thread_rows=0)
+    assert int4.step_threads.load is not None
+    assert int4.step_threads.as_dict()["follows_cpu_load"] is True
+    # A neighbour that takes every core: the engine's steps give way, and the tokens are the same.
+    prompts = make_prompts(3, seed=7, min_len=6, max_len=10)
+    quiet = [c.token_ids for c in int4.generate(prompts, greedy)]
+    fake = FakeMachine()
+    int4.step_threads.load = fake.load()
+    fake.run(1.0, others_cores=float(int4.step_threads.cpus), own_cores=0.0)
+    int4.step_threads.load.sample()
+    fake.run(1.0, others_cores=float(int4.step_threads.cpus), own_cores=0.0)
+    seen: set[int] = set()
+    int4.step_observer = lambda _batch, _duration: seen.add(torch.get_num_threads())
+    assert [c.token_ids for c in int4.generate(prompts, greedy)] == quiet
+    assert seen == {1}
+    # fp32 keeps its count (HF generate's exact tokens), and so does a config that says no.
+    assert make_engine().step_threads.load is None
+    assert make_engine(quantization="int4_weight_only", follow_cpu_load=False).step_threads.load is None
