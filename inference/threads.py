@@ -72,6 +72,9 @@ CONTEXT_BLOCKS = 4  # the synthetic steps attend over this many blocks (64 token
 # How often the other processes' CPU load is re-read: often enough to give way
 # within a second, rarely enough that reading /proc/stat costs nothing.
 LOAD_INTERVAL_S = 0.5
+# Other processes' busy cores during the start-up measurement beyond which its
+# verdict for small steps is not kept (see choose_step_threads).
+BUSY_DURING_MEASUREMENT = 0.5
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -183,11 +186,27 @@ def thread_invariant(runner) -> bool:
 def choose_step_threads(runner, one_thread_rows: int | None, follow_cpu_load: bool = False) -> StepThreads:
     """The runner's thread plan: one_thread_rows None measures it (where it
     can apply); follow_cpu_load lets the team give way to other processes."""
+    follows = follow_cpu_load and runner.device.type == "cpu" and thread_invariant(runner)
+    load = CpuLoad(interval_s=0.0) if follows else None
+    if load is not None:
+        load.sample()  # the interval the measurement below runs in starts now
     plan = _choose(runner, one_thread_rows)
-    if follow_cpu_load and plan.threads > 1 and runner.device.type == "cpu" and thread_invariant(runner):
-        plan.load = CpuLoad()
-        plan.cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        plan.load.sample()  # the first reading: the interval starts now
+    if load is None or plan.threads < 2:
+        if plan.measured_ms:
+            log.info("step threads: %s", plan.summary())
+        return plan
+    others = load.sample()
+    if plan.reason == "measured" and plan.one_thread_rows and others is not None and others >= BUSY_DURING_MEASUREMENT:
+        # Measured while other processes kept a core busy: one thread won
+        # because the team could not have its cores, which the load follower
+        # handles step by step; fixed now, it would hold after the load is gone.
+        plan.one_thread_rows = 0
+        plan.reason = (f"measured while other processes kept {others:.1f} cores busy: "
+                       "small steps left to the load follower")
+    load.interval_s = LOAD_INTERVAL_S
+    plan.load = load
+    plan.cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    log.info("step threads: %s", plan.summary())
     return plan
 
 
@@ -216,9 +235,7 @@ def _choose(runner, one_thread_rows: int | None) -> StepThreads:
         if ms["one"] * MIN_GAIN > ms["team"]:
             break
         rows = candidate
-    plan = StepThreads(threads, rows, "measured", measured, round(time.monotonic() - started, 2))
-    log.info("step threads: %s", plan.summary())
-    return plan
+    return StepThreads(threads, rows, "measured", measured, round(time.monotonic() - started, 2))
 
 
 def _measure(runner, threads: int, repeats: int = 3):

@@ -92,7 +92,7 @@ def test_small_steps_run_on_one_thread_and_batched_still_equals_alone(make_engin
 def test_step_threads_are_measured_for_half_precision_and_fp32_keeps_its_count(make_engine):
     engine = make_engine(dtype="bfloat16")
     plan = engine.step_threads
-    assert plan.reason == "measured" and plan.threads == torch.get_num_threads()
+    assert plan.reason.startswith("measured") and plan.threads == torch.get_num_threads()
     assert 1 in plan.measured_ms and set(plan.measured_ms) <= set(CANDIDATE_ROWS)
     assert all(m["one"] > 0 and m["team"] > 0 for m in plan.measured_ms.values())
     assert plan.one_thread_rows in (0, *plan.measured_ms)

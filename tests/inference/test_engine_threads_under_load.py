@@ -120,3 +120,34 @@ def test_an_engine_follows_the_load_where_its_bits_allow(make_engine, greedy):
     # fp32 keeps its count (HF generate's exact tokens), and so does a config that says no.
     assert make_engine().step_threads.load is None
     assert make_engine(quantization="int4_weight_only", follow_cpu_load=False).step_threads.load is None
+
+
+class _Busy:
+    """A CpuLoad whose readings are given: None (the first), then `others` cores."""
+
+    def __init__(self, others: float):
+        self.others, self.readings, self.interval_s, self.others_busy = others, 0, 0.0, None
+
+    def sample(self):
+        self.readings += 1
+        if self.readings > 1:
+            self.others_busy = self.others
+        return self.others_busy
+
+
+@pytest.mark.parametrize("others, kept", [(0.1, 4), (1.2, 0)])
+def test_a_measurement_taken_on_a_busy_machine_is_not_kept(monkeypatch, others, kept):
+    """One thread wins the start-up measurement when other processes hold the
+    team's cores; fixed, that verdict would outlast the load, so it is left
+    to the load follower instead."""
+    from types import SimpleNamespace
+
+    from inference import threads
+
+    monkeypatch.setattr(threads, "CpuLoad", lambda interval_s: _Busy(others))
+    monkeypatch.setattr(threads, "thread_invariant", lambda runner: True)
+    monkeypatch.setattr(threads, "_choose", lambda runner, rows: StepThreads(
+        2, 4, "measured", {1: {"one": 20.0, "team": 30.0}}))
+    plan = threads.choose_step_threads(SimpleNamespace(device=torch.device("cpu")), None, follow_cpu_load=True)
+    assert plan.one_thread_rows == kept and plan.load is not None
+    assert (plan.reason == "measured") if kept else ("cores busy" in plan.reason)
