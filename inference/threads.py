@@ -80,7 +80,7 @@ _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 class CpuLoad:
     """How many cores other processes keep busy: /proc/stat's busy time for the
-    whole machine less this process's own CPU time, over the last interval_s
+    cores this process may run on, less its own CPU time, over the last interval_s
     (Linux; None elsewhere, or until two samples exist). The engine's own
     threads are left out, so whatever the engine does with its threads does
     not feed back into the reading."""
@@ -108,16 +108,28 @@ class CpuLoad:
         return self.others_busy
 
 
-def _machine_busy_s() -> float | None:
-    """Seconds of CPU the whole machine has spent busy since boot (/proc/stat's
-    user, nice, system, irq and softirq; idle, iowait and steal are not busy)."""
+def _machine_busy_s(stat: bytes | None = None) -> float | None:
+    """Seconds of CPU that the cores this process may run on have spent busy
+    since boot (/proc/stat's user, nice, system, irq and softirq; idle, iowait
+    and steal are not busy). Only those cores: in a container pinned to a few
+    cores of a big host, /proc/stat still lists every core of the host."""
     try:
-        with open("/proc/stat", "rb") as stat:
-            fields = stat.readline().split()
+        if stat is None:
+            with open("/proc/stat", "rb") as handle:
+                stat = handle.read()
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     except OSError:
         return None
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
-    return (user + nice + system + irq + softirq) / _TICKS_PER_S
+    ticks = 0
+    for line in stat.splitlines():
+        if not line.startswith(b"cpu") or line[3:4] in (b" ", b""):
+            continue  # not a core's line, or the all-cores total
+        fields = line.split()
+        if allowed is not None and int(fields[0][3:]) not in allowed:
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+        ticks += user + nice + system + irq + softirq
+    return ticks / _TICKS_PER_S
 
 
 def _own_cpu_s() -> float:

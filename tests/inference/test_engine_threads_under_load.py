@@ -151,3 +151,17 @@ def test_a_measurement_taken_on_a_busy_machine_is_not_kept(monkeypatch, others, 
     plan = threads.choose_step_threads(SimpleNamespace(device=torch.device("cpu")), None, follow_cpu_load=True)
     assert plan.one_thread_rows == kept and plan.load is not None
     assert (plan.reason == "measured") if kept else ("cores busy" in plan.reason)
+
+
+def test_only_the_cores_this_process_may_use_are_read():
+    """A container pinned to a few cores of a big host still sees every core
+    in /proc/stat: the other cores' load is not this engine's business."""
+    from inference.threads import _TICKS_PER_S, _machine_busy_s
+
+    allowed = sorted(os.sched_getaffinity(0))
+    outside = max(allowed) + 1
+    lines = [b"cpu  999999 0 999999 5 0 0 0 0 0 0"]  # the total: ignored
+    lines += [f"cpu{core} 100 0 50 1000 7 3 2 9 0 0".encode() for core in allowed]
+    lines += [f"cpu{outside} 800000 0 800000 1 0 0 0 0 0 0".encode(), b"intr 12345", b"ctxt 678"]
+    assert _machine_busy_s(b"\n".join(lines)) == pytest.approx(len(allowed) * 155 / _TICKS_PER_S)
+    assert _machine_busy_s() > 0  # the real file parses
