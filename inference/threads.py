@@ -31,7 +31,7 @@ core the worker is descheduled in the middle of a step, so the engine thread
 waits at the next region's barrier for a timeslice. With one CPU-bound
 neighbour process on the 2-core Xeon (int4 weights, one stream, 45 s each,
 docs/BENCHMARKS.md "A busy neighbour"), the team streamed 10.9-14.1 tok/s and
-cut the neighbour's rate by 27-35%, where one thread streamed 36.0 tok/s and
+cut the neighbour's rate by 26-36%, where one thread streamed 36.0 tok/s and
 left the neighbour alone (49.2 and 35.2 tok/s without the neighbour).
 OMP_WAIT_POLICY=PASSIVE helped under load (25-30 tok/s) but cost 60% alone.
 So, with EngineConfig.follow_cpu_load, steps run on as many threads as other
