@@ -37,7 +37,12 @@ OMP_WAIT_POLICY=PASSIVE helped under load (25-30 tok/s) but cost 60% alone.
 So, with EngineConfig.follow_cpu_load, steps run on as many threads as other
 processes leave cores free (CpuLoad: /proc/stat less this process's own CPU
 time, re-read every LOAD_INTERVAL_S; half a free core counts as one), at
-least one, and on the whole team again once the cores are free.
+least one, and on the whole team again once the cores are free. It is off by
+default: through the chat page the serve's own helpers (its Redis and
+Postgres, the clients reading the stream) are other processes too, and
+giving way to them cut one int4 chat from 51 to 24 tok/s (bench.chat).
+Whatever the setting, a start-up measurement taken while other processes
+kept half a core busy does not fix small steps to one thread.
 
 Only formats whose steps give the same bits on any thread count (half
 precision, and the weight-only int8/int4 kernels, which run in bf16 around
@@ -198,27 +203,25 @@ def thread_invariant(runner) -> bool:
 def choose_step_threads(runner, one_thread_rows: int | None, follow_cpu_load: bool = False) -> StepThreads:
     """The runner's thread plan: one_thread_rows None measures it (where it
     can apply); follow_cpu_load lets the team give way to other processes."""
-    follows = follow_cpu_load and runner.device.type == "cpu" and thread_invariant(runner)
-    load = CpuLoad(interval_s=0.0) if follows else None
+    eligible = runner.device.type == "cpu" and thread_invariant(runner)
+    load = CpuLoad(interval_s=0.0) if eligible else None
     if load is not None:
         load.sample()  # the interval the measurement below runs in starts now
     plan = _choose(runner, one_thread_rows)
-    if load is None or plan.threads < 2:
-        if plan.measured_ms:
-            log.info("step threads: %s", plan.summary())
-        return plan
-    others = load.sample()
+    others = load.sample() if load is not None else None
     if plan.reason == "measured" and plan.one_thread_rows and others is not None and others >= BUSY_DURING_MEASUREMENT:
         # Measured while other processes kept a core busy: one thread won
-        # because the team could not have its cores, which the load follower
-        # handles step by step; fixed now, it would hold after the load is gone.
+        # because the team could not have its cores. Fixed now, that verdict
+        # would hold after the load is gone (an int4 stream at 35 tok/s on a
+        # quiet box instead of 51); the team keeps small steps instead.
         plan.one_thread_rows = 0
-        plan.reason = (f"measured while other processes kept {others:.1f} cores busy: "
-                       "small steps left to the load follower")
-    load.interval_s = LOAD_INTERVAL_S
-    plan.load = load
-    plan.cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    log.info("step threads: %s", plan.summary())
+        plan.reason = f"measured while other processes kept {others:.1f} cores busy: not kept"
+    if load is not None and follow_cpu_load and plan.threads > 1:
+        load.interval_s = LOAD_INTERVAL_S
+        plan.load = load
+        plan.cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if plan.measured_ms or plan.load is not None:
+        log.info("step threads: %s", plan.summary())
     return plan
 
 

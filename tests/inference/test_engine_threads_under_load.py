@@ -102,7 +102,7 @@ needs_two_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one 
 
 @needs_two_threads
 def test_an_engine_follows_the_load_where_its_bits_allow(make_engine, greedy):
-    int4 = make_engine(quantization="int4_weight_only", one_thread_rows=0)
+    int4 = make_engine(quantization="int4_weight_only", one_thread_rows=0, follow_cpu_load=True)
     assert int4.step_threads.load is not None
     assert int4.step_threads.as_dict()["follows_cpu_load"] is True
     # A neighbour that takes every core: the engine's steps give way, and the tokens are the same.
@@ -117,9 +117,9 @@ def test_an_engine_follows_the_load_where_its_bits_allow(make_engine, greedy):
     int4.step_observer = lambda _batch, _duration: seen.add(torch.get_num_threads())
     assert [c.token_ids for c in int4.generate(prompts, greedy)] == quiet
     assert seen == {1}
-    # fp32 keeps its count (HF generate's exact tokens), and so does a config that says no.
-    assert make_engine().step_threads.load is None
-    assert make_engine(quantization="int4_weight_only", follow_cpu_load=False).step_threads.load is None
+    # fp32 keeps its count (HF generate's exact tokens), and so does the default config.
+    assert make_engine(follow_cpu_load=True).step_threads.load is None
+    assert make_engine(quantization="int4_weight_only", one_thread_rows=0).step_threads.load is None
 
 
 class _Busy:
@@ -135,11 +135,12 @@ class _Busy:
         return self.others_busy
 
 
+@pytest.mark.parametrize("follow", [True, False])
 @pytest.mark.parametrize("others, kept", [(0.1, 4), (1.2, 0)])
-def test_a_measurement_taken_on_a_busy_machine_is_not_kept(monkeypatch, others, kept):
+def test_a_measurement_taken_on_a_busy_machine_is_not_kept(monkeypatch, others, kept, follow):
     """One thread wins the start-up measurement when other processes hold the
-    team's cores; fixed, that verdict would outlast the load, so it is left
-    to the load follower instead."""
+    team's cores; fixed, that verdict would outlast the load, so it is not
+    kept, whether or not the steps follow the load."""
     from types import SimpleNamespace
 
     from inference import threads
@@ -148,8 +149,8 @@ def test_a_measurement_taken_on_a_busy_machine_is_not_kept(monkeypatch, others, 
     monkeypatch.setattr(threads, "thread_invariant", lambda runner: True)
     monkeypatch.setattr(threads, "_choose", lambda runner, rows: StepThreads(
         2, 4, "measured", {1: {"one": 20.0, "team": 30.0}}))
-    plan = threads.choose_step_threads(SimpleNamespace(device=torch.device("cpu")), None, follow_cpu_load=True)
-    assert plan.one_thread_rows == kept and plan.load is not None
+    plan = threads.choose_step_threads(SimpleNamespace(device=torch.device("cpu")), None, follow_cpu_load=follow)
+    assert plan.one_thread_rows == kept and (plan.load is not None) == follow
     assert (plan.reason == "measured") if kept else ("cores busy" in plan.reason)
 
 
