@@ -38,9 +38,11 @@ So, with EngineConfig.follow_cpu_load, steps run on as many threads as other
 processes leave cores free (CpuLoad: /proc/stat less this process's own CPU
 time, re-read every LOAD_INTERVAL_S; half a free core counts as one), at
 least one, and on the whole team again once the cores are free. It is off by
-default: through the chat page the serve's own helpers (its Redis and
-Postgres, the clients reading the stream) are other processes too, and
-giving way to them cut one int4 chat from 51 to 24 tok/s (bench.chat).
+default: through the chat page, following the load cut one int4 chat from
+51 to 24 tok/s (bench.chat). The serve's own helpers (its Redis and Postgres,
+the clients reading the stream) are other processes too, but a later probe
+read them at 0-0.4 cores and saw steps give way only briefly, so the cause
+is not settled (docs/BENCHMARKS.md, "Why it is off by default").
 Whatever the setting, a start-up measurement taken while other processes
 kept half a core busy does not fix small steps to one thread.
 
