@@ -41,8 +41,11 @@ least one, and on the whole team again once the cores are free. It is off by
 default: through the chat page, following the load cut one int4 chat from
 51 to 24 tok/s (bench.chat). The serve's own helpers (its Redis and Postgres,
 the clients reading the stream) are other processes too, but a later probe
-read them at 0-0.4 cores and saw steps give way only briefly, so the cause
-is not settled (docs/BENCHMARKS.md, "Why it is off by default").
+read them at 0-0.4 cores and saw steps give way only briefly; in that probe
+the server's start-up measurement, taken while another process started
+beside it, had put one-row steps on one thread, unnoticed by the
+BUSY_DURING_MEASUREMENT guard (docs/BENCHMARKS.md, "Why it is off by
+default").
 Whatever the setting, a start-up measurement taken while other processes
 kept half a core busy does not fix small steps to one thread.
 
