@@ -154,6 +154,45 @@ def test_a_measurement_taken_on_a_busy_machine_is_not_kept(monkeypatch, others, 
     assert (plan.reason == "measured") if kept else ("cores busy" in plan.reason)
 
 
+@pytest.mark.parametrize("second, kept", [
+    ({1: {"one": 20.0, "team": 30.0}, 2: {"one": 24.0, "team": 20.0}}, 1),  # agrees: one thread keeps 1 row
+    ({1: {"one": 20.0, "team": 14.0}}, 0),  # the team wins: the first verdict was a burst of load
+])
+def test_one_thread_must_win_a_second_measurement(monkeypatch, second, kept):
+    """A burst of load during the team's half of the start-up measurement would
+    fix one-row steps to one thread for the engine's life: one thread is kept
+    only where a second measurement, a moment later, agrees."""
+    from types import SimpleNamespace
+
+    from inference import threads
+
+    first = {1: {"one": 20.9, "team": 35.6}, 2: {"one": 25.0, "team": 17.6}}  # the benchmark server's, 20:14
+    results = [first, second]
+    monkeypatch.setattr(threads, "_measure", lambda runner, count: results.pop(0))
+    monkeypatch.setattr(threads, "thread_invariant", lambda runner: True)
+    monkeypatch.setattr(threads, "CONFIRM_AFTER_S", 0.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    runner = SimpleNamespace(device=torch.device("cpu"), num_blocks=64, max_model_len=2048, block_size=16)
+    plan = threads._choose(runner, None)
+    assert not results, "measured twice"
+    assert plan.one_thread_rows == kept
+    assert plan.reason == ("measured twice" if kept else "measured; a second measurement kept 0 rows of 1 on one thread")
+
+
+def test_a_team_that_wins_the_first_measurement_is_not_measured_again(monkeypatch):
+    from types import SimpleNamespace
+
+    from inference import threads
+
+    results = [{1: {"one": 20.0, "team": 14.0}}]
+    monkeypatch.setattr(threads, "_measure", lambda runner, count: results.pop(0))
+    monkeypatch.setattr(threads, "thread_invariant", lambda runner: True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    runner = SimpleNamespace(device=torch.device("cpu"), num_blocks=64, max_model_len=2048, block_size=16)
+    plan = threads._choose(runner, None)
+    assert plan.one_thread_rows == 0 and plan.reason == "measured"
+
+
 def test_only_the_cores_this_process_may_use_are_read():
     """A container pinned to a few cores of a big host still sees every core
     in /proc/stat: the other cores' load is not this engine's business."""
