@@ -34,6 +34,13 @@ def _init_thread() -> None:
     # never embed anything (seconds of import and hundreds of MB avoided).
     import torch
 
+    # get_num_threads first: torch sets a thread's count lazily, at its first
+    # parallel op, from the process-wide count the last set_num_threads left
+    # (any thread's). Unread, this thread took the engine's 2 back whenever the
+    # engine restored its team (ENGINE_FOLLOW_CPU_LOAD, one-thread small steps),
+    # and its second OpenMP team made the engine's steps 2-3x slower
+    # (docs/BENCHMARKS.md, "Why it is off by default").
+    torch.get_num_threads()
     torch.set_num_threads(settings.EMBEDDING_THREADS)
 
 
