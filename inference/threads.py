@@ -264,14 +264,9 @@ def _choose(runner, one_thread_rows: int | None) -> StepThreads:
         time.sleep(CONFIRM_AFTER_S)
         again = _measure(runner, threads)
         confirmed = 0 if isinstance(again, BaseException) else _one_thread_rows(again)
-        if confirmed < rows:
-            reason = f"measured; a second measurement kept {confirmed} rows of {rows} on one thread"
-            rows = confirmed
-            if not isinstance(again, BaseException):
-                measured = {row: {**ms, **{f"{name} again": value for name, value in again.get(row, {}).items()}}
-                            for row, ms in measured.items()}
-        else:
-            reason = "measured twice"
+        reason = "measured twice" if confirmed >= rows else \
+            f"measured; a second measurement kept {confirmed} rows of {rows} on one thread"
+        rows = min(rows, confirmed)
     return StepThreads(threads, rows, reason, measured, round(time.monotonic() - started, 2))
 
 
