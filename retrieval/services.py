@@ -28,7 +28,9 @@ _model = None
 _lock = threading.Lock()
 
 
-def _init_thread() -> None:
+def init_torch_thread() -> None:
+    """A model thread's set-up: EMBEDDING_THREADS torch threads, apart from the
+    engines' (this embedding thread, and moderation's shallow MiniLM thread)."""
     # torch and sentence-transformers are imported on first use, not with the
     # module: the gateway imports this module in every process, and most
     # never embed anything (seconds of import and hundreds of MB avoided).
@@ -44,7 +46,7 @@ def _init_thread() -> None:
     torch.set_num_threads(settings.EMBEDDING_THREADS)
 
 
-_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings", initializer=_init_thread)
+_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings", initializer=init_torch_thread)
 
 
 def _load():

@@ -31,9 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from django.conf import settings
-
-from retrieval.services import Batcher, embed
+from retrieval.services import Batcher, embed, init_torch_thread
 
 DATA = Path(__file__).resolve().parent / "data"
 STATIC_PATH = DATA / "static"
@@ -75,24 +73,10 @@ def _static_vectors(texts: list[str]) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
 
 
-def _init_shallow_thread() -> None:
-    # torch is imported on first use (see _static_model); OpenMP thread counts
-    # are per OS thread, so this thread keeps to EMBEDDING_THREADS as
-    # retrieval's embedding thread does, apart from the engines' threads.
-    import torch
-
-    # get_num_threads first: torch sets a thread's count lazily, at its first
-    # parallel op, from the process-wide count the last set_num_threads left
-    # (any thread's). Unread, this thread took the engine's 2 back whenever the
-    # engine restored its team (ENGINE_FOLLOW_CPU_LOAD, one-thread small steps),
-    # and its second OpenMP team made the engine's steps 2-3x slower
-    # (docs/BENCHMARKS.md, "Why it is off by default").
-    torch.get_num_threads()
-    torch.set_num_threads(settings.EMBEDDING_THREADS)
-
-
+# OpenMP thread counts are per OS thread: this one keeps to EMBEDDING_THREADS
+# as retrieval's embedding thread does, apart from the engines' threads.
 _shallow_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-minilm2",
-                                       initializer=_init_shallow_thread)
+                                       initializer=init_torch_thread)
 _shallow = None
 
 

@@ -13,7 +13,9 @@ from retrieval import services as retrieval_services
 from safety import featurizer
 
 
-@pytest.mark.parametrize("initializer", [retrieval_services._init_thread, featurizer._init_shallow_thread])
+# Both model threads: retrieval's embedding thread and moderation's shallow MiniLM thread.
+@pytest.mark.parametrize("initializer", [retrieval_services._executor._initializer,
+                                         featurizer._shallow_executor._initializer])
 def test_a_helper_thread_keeps_its_count_when_the_engine_restores_its_team(initializer):
     ready, engine_done = threading.Event(), threading.Event()
     seen = []
