@@ -25,10 +25,10 @@ HEADING = "## Engine beside a busy neighbour (bench.neighbour)"
 INT4 = {"quantization": "int4_weight_only"}
 # (name, EngineConfig overrides, extra environment)
 CONTENDERS = [
-    ("int4, the team (the default)", INT4, {}),
-    ("int4, the team, OMP_WAIT_POLICY=PASSIVE", INT4, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("int4, the team (ENGINE_FOLLOW_CPU_LOAD=false)", {**INT4, "follow_cpu_load": False}, {}),
+    ("int4, the team, OMP_WAIT_POLICY=PASSIVE", {**INT4, "follow_cpu_load": False}, {"OMP_WAIT_POLICY": "PASSIVE"}),
     ("int4, one thread (ENGINE_THREADS=1)", {**INT4, "num_threads": 1}, {}),
-    ("int4, ENGINE_FOLLOW_CPU_LOAD=true", {**INT4, "follow_cpu_load": True}, {}),
+    ("int4, following the load (the default)", {**INT4, "follow_cpu_load": True}, {}),
     ("fp32 (keeps its team: HF-identical tokens)", {}, {}),
 ]
 

@@ -379,13 +379,13 @@ ENGINE_DEFAULTS = {
 ENGINE_ONE_THREAD_ROWS = (None if env_str("ENGINE_ONE_THREAD_ROWS", "auto") == "auto"
                           else env_int("ENGINE_ONE_THREAD_ROWS", 0, min_value=0))
 # Engine steps run on the CPU cores other processes leave free, and on all of
-# them again once they are (the same formats as above; inference.threads).
-# Beside one CPU-bound process on the 2-core VM the two-thread team streamed
-# 11-15 tok/s and slowed the neighbour by a third; following the load, 35-44.
-# Off by default: through the chat page the serve's own Redis, Postgres and
-# clients count as other processes, and one int4 chat fell from 51 to 24 tok/s
-# (docs/BENCHMARKS.md "A busy neighbour"). For a box shared with CPU-bound work.
-ENGINE_FOLLOW_CPU_LOAD = env_bool("ENGINE_FOLLOW_CPU_LOAD", False)
+# them again once they are (the same formats as above; inference.threads; fp32
+# keeps its team). Beside one CPU-bound process on the 2-core VM the
+# two-thread team streamed 14 tok/s and slowed the neighbour by a fifth to a
+# quarter; following the load, 44-46, the neighbour untouched; alone, the
+# same 69-77 either way, and through the chat page the same share of the
+# engine's rate (docs/BENCHMARKS.md "Engine beside a busy neighbour").
+ENGINE_FOLLOW_CPU_LOAD = env_bool("ENGINE_FOLLOW_CPU_LOAD", True)
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
 MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}
 if env_str("MODEL_LARGE"):

@@ -80,11 +80,10 @@ class EngineConfig:
     # precision only; inference.threads). None: measured at start; 0: never.
     one_thread_rows: int | None = None
     # Steps run on the cores other processes leave free (CPU, the same formats
-    # as one_thread_rows; inference.threads). Off by default: beside a
-    # CPU-bound process it streamed 2.8x faster, but through the chat page the
-    # serve's own helpers (Redis, Postgres, the client) count as others and one
-    # chat fell from 51 to 24 tok/s (docs/BENCHMARKS.md "A busy neighbour").
-    follow_cpu_load: bool = False
+    # as one_thread_rows; inference.threads). Beside a CPU-bound process one
+    # int4 stream went 14 -> 44 tok/s; alone it changed nothing
+    # (docs/BENCHMARKS.md "Engine beside a busy neighbour").
+    follow_cpu_load: bool = True
     model_name: str | None = None  # reported by stats(); defaults to the model's name_or_path
     # False runs the decoder layers op by op from Python instead of as one
     # TorchScript call: only the GIL benchmark's baseline wants that (llama.py).

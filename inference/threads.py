@@ -40,13 +40,14 @@ OMP_WAIT_POLICY=PASSIVE helped under load (25-30 tok/s) but cost 60% alone.
 So, with EngineConfig.follow_cpu_load, steps run on as many threads as other
 processes leave cores free (CpuLoad: /proc/stat less this process's own CPU
 time, re-read every LOAD_INTERVAL_S; half a free core counts as one), at
-least one, and on the whole team again once the cores are free. It is off by
-default. Through the chat page it once cut one int4 chat from 51 to 24 tok/s
-(bench.chat): not by giving way, but because the moderation and embedding
+least one, and on the whole team again once the cores are free. It is on
+by default: alone it changes nothing, and beside a busy process it streamed
+3x the team's rate. Through the chat page it once cut one int4 chat from 51
+to 24 tok/s (bench.chat): not by giving way, but because the moderation and embedding
 threads, whose torch thread count is settled lazily from the process-wide
 count, took the engine's 2 whenever the engine restored its team, and a
 second OpenMP team stops the engine's worker from spinning. Those threads
-now settle their count first (docs/BENCHMARKS.md, "Why it is off by default").
+now settle their count first (docs/BENCHMARKS.md, "Why it was off by default").
 Whatever the setting, a start-up measurement taken while other processes
 kept half a core busy does not fix small steps to one thread.
 
@@ -91,7 +92,7 @@ BUSY_DURING_MEASUREMENT = 0.5
 # one measurement: the chat benchmark's server, measuring while the benchmark
 # started its own engine beside it, timed the team at 35.6 ms against 20.9 on
 # one thread (~14 ms for the team on a quiet box) and ran every one-row step on
-# one thread for its whole life (docs/BENCHMARKS.md, "Why it is off by default").
+# one thread for its whole life (docs/BENCHMARKS.md, "Why it was off by default").
 CONFIRM_AFTER_S = 1.0
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 

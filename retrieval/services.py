@@ -41,7 +41,7 @@ def init_torch_thread() -> None:
     # (any thread's). Unread, this thread took the engine's 2 back whenever the
     # engine restored its team (ENGINE_FOLLOW_CPU_LOAD, one-thread small steps),
     # and its second OpenMP team made the engine's steps 2-3x slower
-    # (docs/BENCHMARKS.md, "Why it is off by default").
+    # (docs/BENCHMARKS.md, "Why it was off by default").
     torch.get_num_threads()
     torch.set_num_threads(settings.EMBEDDING_THREADS)
 

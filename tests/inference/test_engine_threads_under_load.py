@@ -117,9 +117,12 @@ def test_an_engine_follows_the_load_where_its_bits_allow(make_engine, greedy):
     int4.step_observer = lambda _batch, _duration: seen.add(torch.get_num_threads())
     assert [c.token_ids for c in int4.generate(prompts, greedy)] == quiet
     assert seen == {1}
-    # fp32 keeps its count (HF generate's exact tokens), and so does the default config.
+    # fp32 keeps its count (HF generate's exact tokens); the other formats follow
+    # the load by default, and keep their team when told not to.
     assert make_engine(follow_cpu_load=True).step_threads.load is None
-    assert make_engine(quantization="int4_weight_only", one_thread_rows=0).step_threads.load is None
+    assert make_engine(quantization="int4_weight_only", one_thread_rows=0).step_threads.load is not None
+    assert make_engine(quantization="int4_weight_only", one_thread_rows=0,
+                       follow_cpu_load=False).step_threads.load is None
 
 
 class _Busy:
