@@ -62,6 +62,7 @@ class Setup:
     equal: list = dataclasses.field(default_factory=list)  # [(prompt ids, output tokens)]
     mixed: list = dataclasses.field(default_factory=list)
     peaks: dict = dataclasses.field(default_factory=dict)  # {"float32" | "bfloat16" | "float16" | "int8": FLOP/s}
+    bandwidth: float = 0.0  # bytes/s read from memory (peers.read_bandwidth), measured once
     peer_rows: dict = dataclasses.field(default_factory=dict)  # {(dtype, quantization): {"static", "hf1"}}
 
 
@@ -149,15 +150,49 @@ def run_chats(engine: Engine, prompts: list[list[int]], num_tokens: int) -> dict
             "ttft_p50": report.percentile(ttfts, 0.5)}
 
 
-def roofline(steps_s: list[float], matmul_params: int, batch: int, peak: float) -> dict:
-    """2 x matmul parameters x tokens per step over the peak of the format in use."""
+def roofline(steps_s: list[float], matmul_params: int, batch: int, peak: float,
+             bytes_read: int = 0, read_rate: float = 0.0) -> dict:
+    """A decode step against its roofline: the longer of its FLOPs (2 x matmul
+    parameters x tokens per step) at the format's matmul peak and the bytes it
+    must read (every matmul weight in its stored format, and each sequence's
+    KV) at the memory bandwidth. compute_pct is the step against the peak
+    alone (the figure before the memory ceiling was measured)."""
     if not steps_s:
         return {"decode_steps": 0}
     flops = 2 * matmul_params * batch
     step_s, best_s = statistics.median(steps_s), min(steps_s)
+    compute_s = flops / peak
+    memory_s = bytes_read / read_rate if read_rate else 0.0
+    roof_s = max(compute_s, memory_s)
     return {"decode_steps": len(steps_s), "step_ms": step_s * 1000, "best_step_ms": best_s * 1000,
             "achieved_gflops": flops / step_s / 1e9, "peak_gflops": peak / 1e9,
-            "roofline_pct": 100 * flops / step_s / peak, "best_roofline_pct": 100 * flops / best_s / peak}
+            "compute_pct": 100 * compute_s / step_s, "best_compute_pct": 100 * compute_s / best_s,
+            "step_mb": bytes_read / 1e6, "bandwidth_gbs": read_rate / 1e9,
+            "compute_ms": compute_s * 1000, "memory_ms": memory_s * 1000,
+            "bound": "memory" if memory_s > compute_s else "compute",
+            "roofline_pct": 100 * roof_s / step_s, "best_roofline_pct": 100 * roof_s / best_s}
+
+
+def step_bytes(engine: Engine, batch: int, context: int) -> int:
+    """What one decode step of `batch` sequences of `context` tokens must read:
+    every matmul weight as stored (quantized codes with their scales, or the
+    float weight; the lm_head included) and each sequence's K and V."""
+    net, runner = engine.runner.net, engine.runner
+    weights = sum(layer[slot].nbytes for layer in net.weights for slot in (1, 2, 4, 5))
+    weights += sum(scale.nbytes for layer in net.weight_scales for scale in layer)
+    if net.lm_head_quantized is not None:
+        weights += net.lm_head_quantized[0].nbytes + net.lm_head_quantized[1].nbytes
+    else:
+        weights += net.lm_head.nbytes
+    return weights + batch * context * runner.bytes_per_block // runner.block_size
+
+
+def bandwidth(setup: Setup) -> float:
+    """The memory's read rate, measured once per run."""
+    if not setup.bandwidth:
+        log("memory read bandwidth ...")
+        setup.bandwidth = peers.on_own_thread(peers.read_bandwidth, setup.device)
+    return setup.bandwidth
 
 
 def peak(setup: Setup, kernel: str) -> float:
@@ -192,11 +227,15 @@ def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
                "choice": engine.format_report.summary() if engine.format_report else None,
                "step_threads": engine.step_threads.summary(),  # which steps ran on one thread
                "engine": measured(run_equal, engine, setup.equal)}
+        # The decode steps measured have all 32 sequences running, contexts from the
+        # prompt to the prompt plus the output: the middle one stands for them.
+        bytes_per_step = step_bytes(engine, len(setup.equal), EQUAL_PROMPT_TOKENS + setup.sizes["equal_out"] // 2)
         log(f"{label}: one chat at a time ...")
         row["chat"] = measured(run_chats, engine, chats, setup.sizes["chat_tokens"])
     kernel = peak_kernel(row["dtype"], quantization, setup.device)
     row["roofline"] = {"kernel": kernel, **roofline(row["engine"].pop("decode_steps_s"), setup.matmul_params,
-                                                    len(setup.equal), peak(setup, kernel))}
+                                                    len(setup.equal), peak(setup, kernel),
+                                                    bytes_per_step, bandwidth(setup))}
     return row
 
 
@@ -424,6 +463,7 @@ def measure(args, argv) -> dict:
     if not args.skip_serving:
         results["serving"] = run_serving(setup, random.Random(args.seed + 1))
     results["peaks"] = setup.peaks
+    results["bandwidth"] = setup.bandwidth
     results["load_average_end"] = report.machine_info()["load_average"]
     results["wall_s"] = time.perf_counter() - started
     return results

@@ -91,6 +91,28 @@ def matmul_flops(dtype: str = "float32", device: str = "cpu", seconds_per_size: 
     return best
 
 
+def read_bandwidth(device: str = "cpu", seconds: float = 1.0) -> float:
+    """The best rate at which the torch threads read a buffer far larger than
+    the caches (bytes/s): the memory ceiling of the roofline. A decode step
+    reads every matmul weight and each sequence's KV once; when those bytes
+    take longer at this rate than the FLOPs at the matmul peak, the step is
+    memory-bound and this, not the peak, is its ceiling. A sum reads each
+    element once and writes nothing (1 GiB: four times the largest L3 seen
+    here, 260 MiB; CUDA gets 4 GiB, past any GPU's L2)."""
+    size = (4 if device.startswith("cuda") else 1) * 2**30
+    buffer = torch.ones(size // 4, dtype=torch.float32, device=device)
+    buffer.sum()  # warm-up: pages touched, threads up
+    sync(device)
+    best, runs, started = 0.0, 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - started < seconds:
+        fastest = time.perf_counter()
+        buffer.sum()
+        sync(device)
+        best = max(best, size / (time.perf_counter() - fastest))
+        runs += 1
+    return best
+
+
 def load_model(model_dir: str, dtype: str, quantization: str, device: str):
     """A fresh HF model in the engine row's format. int8 on CPU is torch's
     dynamic quantization of every nn.Linear (fbgemm/oneDNN int8 GEMMs with

@@ -54,3 +54,38 @@ def test_the_relay_benchmarks_client_reads_the_stubs_stream():
         stub.terminate()
         stub.wait(10)
     assert tokens == 5 and ttft_s is not None
+
+
+def test_the_roofline_is_the_longer_of_compute_and_memory():
+    from bench.engine import roofline
+
+    # 1e9 parameters x 32 tokens x 2 = 64 GFLOP: 0.16 s at 400 GFLOP/s.
+    compute = roofline([0.4, 0.5, 0.6], 10**9, 32, 400e9, bytes_read=10**9, read_rate=10e9)
+    assert compute["bound"] == "compute"
+    assert compute["roofline_pct"] == compute["compute_pct"] == 100 * 0.16 / 0.5
+    # 8 GB at 10 GB/s is 0.8 s: longer than the FLOPs, so memory bounds the step.
+    memory = roofline([0.4, 0.5, 0.6], 10**9, 32, 400e9, bytes_read=8 * 10**9, read_rate=10e9)
+    assert memory["bound"] == "memory"
+    assert memory["memory_ms"] == 800.0
+    assert memory["roofline_pct"] == 100 * 0.8 / 0.5 and memory["best_roofline_pct"] == 100 * 0.8 / 0.4
+    assert memory["compute_pct"] == compute["compute_pct"]
+    assert roofline([], 10**9, 32, 400e9) == {"decode_steps": 0}
+
+
+def test_a_decode_steps_bytes_count_the_stored_weights_and_the_kv():
+    from bench.engine import step_bytes
+    from inference import Engine, EngineConfig
+    from tests.inference.conftest import tiny_llama
+
+    model = tiny_llama()
+    # hidden 64, intermediate 160, 3 layers, 4 heads of 16, 2 KV heads, vocab 512.
+    layer = 64 * (64 + 2 * 32) + 64 * 64 + 2 * 160 * 64 + 64 * 160
+    params = 3 * layer + 512 * 64
+    kv_per_token = 3 * 2 * 2 * 16  # layers x (K, V) x KV heads x head dim
+    with Engine(model, None, EngineConfig(kv_cache_bytes=2**20)) as engine:
+        assert step_bytes(engine, 4, 10) == 4 * params + 4 * 4 * 10 * kv_per_token
+    with Engine(tiny_llama(), None, EngineConfig(kv_cache_bytes=2**20, quantization="int8")) as engine:
+        net = engine.runner.net
+        scales = sum(s.nbytes for layer_scales in net.weight_scales for s in layer_scales)
+        scales += net.lm_head_quantized[1].nbytes
+        assert step_bytes(engine, 1, 0) == params + scales  # one byte a weight
