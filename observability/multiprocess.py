@@ -33,13 +33,117 @@ first for each live gauge file whose process is gone (`forget_dead_processes`).
 """
 from __future__ import annotations
 
+import errno
+import logging
+import mmap
 import os
 from pathlib import Path
 
 import psutil
 from django.conf import settings
+from prometheus_client import mmap_dict
 from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client import values
+
+log = logging.getLogger(__name__)
+
+
+class AllocatedMmapedDict(mmap_dict.MmapedDict):
+    """prometheus-client's value file, with its disk blocks allocated before
+    they are mapped, so that a full disk costs metrics and never the process.
+
+    The library grows a file with truncate, which on most file systems
+    (ext4, xfs, tmpfs) leaves a hole, and then writes through the memory map:
+    with no block left for the hole, the kernel sends SIGBUS and the process
+    dies on the spot, without a traceback. That is how a full DATA_DIR took
+    `serve` down (tests/faults/test_disk_full.py, beside a benchmark: a new
+    label value at the wrong moment). Here posix_fallocate reserves the blocks
+    first and fails with ENOSPC instead; the update is then dropped, with one
+    warning a file, and so are the file's later new keys (values already in
+    it keep being written: their blocks exist). A file that cannot even be
+    created keeps its values in memory only (/metrics does not show them)."""
+
+    def __init__(self, filename, read_mode=False):
+        self._full = False
+        if not read_mode:
+            try:
+                _allocate(filename, mmap_dict._INITIAL_MMAP_SIZE)
+            except OSError as exc:
+                self._disk_full(filename, exc)
+                self._in_memory(filename)
+                return
+        super().__init__(filename, read_mode)
+
+    def _in_memory(self, filename) -> None:
+        self._f, self._fname = None, filename
+        self._capacity = mmap_dict._INITIAL_MMAP_SIZE
+        self._m = mmap.mmap(-1, self._capacity)
+        self._positions = {}
+        self._used = 8
+        mmap_dict._pack_integer(self._m, 0, self._used)
+
+    def _init_value(self, key):
+        if self._full:
+            raise OSError(errno.ENOSPC, "metrics file full", self._fname)
+        # The size the library's own loop will grow to, for the entry it packs
+        # (a 4-byte length, the key padded to 8 bytes, two doubles).
+        encoded = len(key.encode("utf-8"))
+        needed = self._used + 4 + encoded + (8 - (encoded + 4) % 8) + 16
+        capacity = self._capacity
+        while needed > capacity:
+            capacity *= 2
+        if capacity != self._capacity:
+            if self._f is None:  # in memory only: it does not grow
+                self._full = True
+                raise OSError(errno.ENOSPC, "metrics kept in memory are full", self._fname)
+            try:
+                os.posix_fallocate(self._f.fileno(), 0, capacity)
+            except OSError:
+                self._full = True
+                raise
+        super()._init_value(key)  # its truncate to `capacity` keeps the blocks
+
+    def read_value(self, key):
+        try:
+            return super().read_value(key)
+        except OSError as exc:
+            self._disk_full(self._fname, exc)
+            return 0.0, 0.0
+
+    def write_value(self, key, value, timestamp):
+        try:
+            super().write_value(key, value, timestamp)
+        except OSError as exc:
+            self._disk_full(self._fname, exc)
+
+    def close(self):
+        if self._f is None and self._m is not None:  # in memory only
+            self._m.close()
+            self._m = None
+            return
+        super().close()
+
+    def _disk_full(self, filename, exc: OSError) -> None:
+        if not getattr(self, "_warned", False):
+            self._warned = True
+            log.warning("metrics: cannot grow %s (%s); new metric values of this process are dropped",
+                        filename, exc.strerror or exc)
+
+
+def _allocate(filename, size: int) -> None:
+    """Create the file with `size` bytes of real blocks (ENOSPC if there is no
+    room; a file created here is then removed, as /metrics cannot read an
+    empty one)."""
+    with open(filename, "a+b") as f:
+        existing = os.fstat(f.fileno()).st_size
+        if existing >= size:
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError:
+            if existing == 0:
+                Path(filename).unlink(missing_ok=True)
+            raise
 
 
 def use_files() -> None:
@@ -52,6 +156,9 @@ def use_files() -> None:
     if not settings.METRICS_ENABLED:
         return
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.METRICS_DIR)
+    # The multiprocess value class opens its files through this module-level
+    # name at each new file (prometheus-client 0.26, pinned).
+    values.MmapedDict = AllocatedMmapedDict
     if not getattr(values.ValueClass, "_multiprocess", False):
         values.ValueClass = values.get_value_class()
 
