@@ -58,13 +58,13 @@ class AllocatedMmapedDict(mmap_dict.MmapedDict):
     dies on the spot, without a traceback. That is how a full DATA_DIR took
     `serve` down (tests/faults/test_disk_full.py, beside a benchmark: a new
     label value at the wrong moment). Here posix_fallocate reserves the blocks
-    first and fails with ENOSPC instead; the update is then dropped, with one
-    warning a file, and so are the file's later new keys (values already in
-    it keep being written: their blocks exist). A file that cannot even be
-    created keeps its values in memory only (/metrics does not show them)."""
+    first and fails with ENOSPC instead; the update is then dropped (one
+    warning a file), and a later new key tries again, so metrics come back
+    once there is room (values already in the file keep being written: their
+    blocks exist). A file that cannot even be created keeps its values in
+    memory only (/metrics does not show them)."""
 
     def __init__(self, filename, read_mode=False):
-        self._full = False
         if not read_mode:
             try:
                 _allocate(filename, mmap_dict._INITIAL_MMAP_SIZE)
@@ -83,8 +83,6 @@ class AllocatedMmapedDict(mmap_dict.MmapedDict):
         mmap_dict._pack_integer(self._m, 0, self._used)
 
     def _init_value(self, key):
-        if self._full:
-            raise OSError(errno.ENOSPC, "metrics file full", self._fname)
         # The size the library's own loop will grow to, for the entry it packs
         # (a 4-byte length, the key padded to 8 bytes, two doubles).
         encoded = len(key.encode("utf-8"))
@@ -94,13 +92,8 @@ class AllocatedMmapedDict(mmap_dict.MmapedDict):
             capacity *= 2
         if capacity != self._capacity:
             if self._f is None:  # in memory only: it does not grow
-                self._full = True
                 raise OSError(errno.ENOSPC, "metrics kept in memory are full", self._fname)
-            try:
-                os.posix_fallocate(self._f.fileno(), 0, capacity)
-            except OSError:
-                self._full = True
-                raise
+            os.posix_fallocate(self._f.fileno(), 0, capacity)
         super()._init_value(key)  # its truncate to `capacity` keeps the blocks
 
     def read_value(self, key):

@@ -43,7 +43,13 @@ CHILD = textwrap.dedent("""
     text = generate_latest(registry).decode()
     assert 'chatapp_probe_total{name="before"} 2.0' in text, text[:500]
     assert "chatapp_probe_gauge" not in text
-    print("alive", text.count("chatapp_probe_total{"))
+    kept = text.count("chatapp_probe_total{")
+    # Room again: new keys are stored again, no restart needed.
+    import os
+    os.unlink(sys.argv[1] + "/filler")
+    counter.labels("after").inc()
+    assert 'chatapp_probe_total{name="after"} 1.0' in generate_latest(registry).decode()
+    print("alive", kept)
 """)
 
 
