@@ -383,7 +383,7 @@ ENGINE_ONE_THREAD_ROWS = (None if env_str("ENGINE_ONE_THREAD_ROWS", "auto") == "
 # keeps its team). Beside one CPU-bound process on the 2-core VM the
 # two-thread team streamed 14 tok/s and slowed the neighbour by a fifth to a
 # quarter; following the load, 44-46, the neighbour untouched; alone, the
-# same 69-77 either way, and through the chat page the same share of the
+# same 68-77 either way, and through the chat page the same share of the
 # engine's rate (docs/BENCHMARKS.md "Engine beside a busy neighbour").
 ENGINE_FOLLOW_CPU_LOAD = env_bool("ENGINE_FOLLOW_CPU_LOAD", True)
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
