@@ -38,6 +38,7 @@ from bench.engine_report import render
 from bench.formats import engine_shapes
 from inference import Engine, EngineConfig, SamplingParams
 from inference.bootstrap import resolve_model
+from inference.quantization import QUANT_PACKED_FP32
 
 HEADING = "## Engine (bench.engine)"
 QUICK_OUT = "bench/scratch/engine_quick.md"
@@ -178,6 +179,12 @@ def step_bytes(engine: Engine, batch: int, context: int) -> int:
     every matmul weight as stored (quantized codes with their scales, or the
     float weight; the lm_head included) and each sequence's K and V."""
     net, runner = engine.runner.net, engine.runner
+    if net.quant_mode == QUANT_PACKED_FP32:
+        # Packed for MKL (inference.packing): the packed copy is read, the
+        # unpacked weight beside it (in the scale slot) only for its shape;
+        # the copy is the weight's size.
+        weights = sum(w.nbytes for layer in net.weight_scales for w in layer) + net.lm_head.nbytes
+        return weights + batch * context * runner.bytes_per_block // runner.block_size
     weights = sum(layer[slot].nbytes for layer in net.weights for slot in (1, 2, 4, 5))
     weights += sum(scale.nbytes for layer in net.weight_scales for scale in layer)
     if net.lm_head_quantized is not None:

@@ -406,6 +406,7 @@ def engine_config(spec: dict):
         num_threads=int(spec["num_threads"]) or None,
         one_thread_rows=settings.ENGINE_ONE_THREAD_ROWS,
         follow_cpu_load=settings.ENGINE_FOLLOW_CPU_LOAD,
+        pack_weights=settings.ENGINE_PACK_WEIGHTS,
     )
 
 

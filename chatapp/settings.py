@@ -386,6 +386,11 @@ ENGINE_ONE_THREAD_ROWS = (None if env_str("ENGINE_ONE_THREAD_ROWS", "auto") == "
 # same 68-77 either way, and through the chat page the same share of the
 # engine's rate (docs/BENCHMARKS.md "Engine beside a busy neighbour").
 ENGINE_FOLLOW_CPU_LOAD = env_bool("ENGINE_FOLLOW_CPU_LOAD", True)
+# fp32 on a CPU whose torch has MKL: the matmul weights are packed once for
+# MKL's sgemm rather than repacked by it on every call (inference.packing),
+# for 1.4-1.6x faster decode-batch matmuls on the 2-core Xeon, at the memory of
+# a second copy of the float weights (docs/BENCHMARKS.md).
+ENGINE_PACK_WEIGHTS = env_bool("ENGINE_PACK_WEIGHTS", True)
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
 MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}
 if env_str("MODEL_LARGE"):

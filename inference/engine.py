@@ -71,7 +71,8 @@ class Engine:
         # dtype "auto" is left unresolved only on CPU: measure and choose (inference.formats).
         self.format_report = None
         if self.config.dtype == "auto":
-            self.format_report = choose_cpu_format(model, self.tokenizer)
+            self.format_report = choose_cpu_format(
+                model, self.tokenizer, pack_fp32=self.config.pack_weights and self.config.quantization == "none")
             self.config = dataclasses.replace(self.config, dtype=self.format_report.dtype)
         self.model_name = self.config.model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.runner = ModelRunner(model, self.config)
@@ -200,6 +201,7 @@ class Engine:
             "device": str(self.runner.device),
             "dtype": self.config.dtype,
             "quantization": self.config.quantization,
+            "packed_weights": self.runner.packed_weights,
             "one_thread_rows": self.runner.step_threads.one_thread_rows,
             "running": len(self.scheduler.running),
             "waiting": self._engine_loop.inbox.num_unscheduled + sum(1 for s in list(self.scheduler.waiting) if s.metrics.preemptions),

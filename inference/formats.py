@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.model_runner import DTYPES
+from inference.packing import MKL_PACKING, pack_weight, packed_linear
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class FormatReport:
     matmul_us: dict[str, dict[int, float]] = field(default_factory=dict)
     quality: dict[str, dict] = field(default_factory=dict)  # {format: {agreement, mean_kl, passed}}
     skipped: dict[str, str] = field(default_factory=dict)  # {format: why it was not tried}
+    fp32_packed: bool = False  # fp32 timed (and run) with weights packed for MKL (inference.packing)
     seconds: float = 0.0  # how long choosing took
 
     def as_dict(self) -> dict:
@@ -82,7 +84,8 @@ class FormatReport:
     def summary(self) -> str:
         times = ", ".join(f"{name} " + "/".join(f"{us / 1000:.2f}" for us in by_rows.values())
                           for name, by_rows in self.matmul_us.items())
-        return (f"{self.dtype} (matmul ms per forward at {'/'.join(map(str, ROWS))} rows: {times}; "
+        packed = " (fp32 packed for MKL)" if self.fp32_packed else ""
+        return (f"{self.dtype} (matmul ms per forward at {'/'.join(map(str, ROWS))} rows{packed}: {times}; "
                 f"quality {self.quality}; skipped {self.skipped}; CPU {self.cpu} {' '.join(self.flags)}; "
                 f"chosen in {self.seconds:.1f}s)")
 
@@ -108,27 +111,36 @@ def linear_shapes(model: torch.nn.Module) -> Counter:
     return Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def _matmul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight) if packed is None else packed_linear(x, packed, weight, None)
+
+
 def time_matmuls(shapes: Counter, dtypes: list[str], rows=ROWS, rounds: int = 20,
-                 budget_s: float = 0.3) -> dict[str, dict[int, float]]:
+                 budget_s: float = 0.3, pack_fp32: bool = False) -> dict[str, dict[int, float]]:
     """Summed best time of x @ W^T over the shapes, per format and row count (us).
     Formats are interleaved within each round, so a burst of other load on the
     machine slows them alike rather than one of them, and the best of many
     rounds (up to `rounds`, at least 3, about budget_s per shape) filters out
-    the bursts: on a shared 2-core box single timings varied 10-100x."""
+    the bursts: on a shared 2-core box single timings varied 10-100x.
+    pack_fp32 times fp32 as the engine will run it, packed for MKL
+    (inference.packing), so that a half format is weighed against that."""
     best: dict[tuple, float] = {}
     for (n_in, n_out) in shapes:
         weight = torch.randn(n_out, n_in) * 0.02
-        cases = [(name, n, weight.to(DTYPES[name]), torch.randn(n, n_in, dtype=DTYPES[name]))
-                 for name in dtypes for n in rows]
-        for _name, _n, w, x in cases:  # warm-up: oneDNN builds its kernels on first use
-            F.linear(x, w)
+        cases = []
+        for name in dtypes:
+            w = weight.to(DTYPES[name])
+            packed = pack_weight(w) if pack_fp32 and name == "float32" and MKL_PACKING else None
+            cases += [(name, n, w, packed, torch.randn(n, n_in, dtype=DTYPES[name])) for n in rows]
+        for _name, _n, w, packed, x in cases:  # warm-up: oneDNN builds its kernels on first use
+            _matmul(x, w, packed)
         deadline = time.perf_counter() + budget_s
         for done in range(rounds):
             if done >= 3 and time.perf_counter() > deadline:
                 break
-            for name, n, w, x in cases:
+            for name, n, w, packed, x in cases:
                 started = time.perf_counter()
-                F.linear(x, w)
+                _matmul(x, w, packed)
                 elapsed = time.perf_counter() - started
                 key = (name, n, n_in, n_out)
                 best[key] = min(best.get(key, elapsed), elapsed)
@@ -172,18 +184,22 @@ def candidate_order(matmul_us: dict[str, dict[int, float]]) -> list[str]:
     return sorted(faster, key=total.get)
 
 
-def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Path("/proc/cpuinfo")) -> FormatReport:
-    """Measure and choose; `model` is the fp32 model the engine will run (left unchanged)."""
+def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Path("/proc/cpuinfo"),
+                      pack_fp32: bool = False) -> FormatReport:
+    """Measure and choose; `model` is the fp32 model the engine will run (left
+    unchanged). pack_fp32: the engine will pack fp32 weights for MKL
+    (EngineConfig.pack_weights), so fp32 is timed packed."""
     started = time.monotonic()
     cpu, flags = cpu_info(cpuinfo)
-    report = FormatReport("float32", cpu, sorted(f for f in REPORTED_FLAGS if flags and f in flags))
+    report = FormatReport("float32", cpu, sorted(f for f in REPORTED_FLAGS if flags and f in flags),
+                          fp32_packed=pack_fp32 and MKL_PACKING)
     tried = ["float32"]
     for name, native in NATIVE_FLAGS.items():
         if flags is None or any(f in flags for f in native):
             tried.append(name)
         else:
             report.skipped[name] = f"no native support (none of {', '.join(native)})"
-    report.matmul_us = time_matmuls(linear_shapes(model), tried)
+    report.matmul_us = time_matmuls(linear_shapes(model), tried, pack_fp32=report.fp32_packed)
     order = candidate_order(report.matmul_us)
     if order:
         prompts = fixed_prompts(model, tokenizer)

@@ -8,7 +8,8 @@ import torch
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
-from inference.quantization import quantize_paged
+from inference.packing import can_pack, pack_paged
+from inference.quantization import QUANT_PACKED_FP32, quantize_paged
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
 from inference.threads import choose_step_threads
@@ -38,6 +39,9 @@ class ModelRunner:
             self.net = PagedLlama(model, max_positions, config.script_layers)
             if config.quantization != "none":
                 quantize_paged(self.net, config.quantization)
+            elif config.pack_weights and can_pack(self.device, self.dtype):
+                pack_paged(self.net)
+        self.packed_weights = self.net.quant_mode == QUANT_PACKED_FP32  # for stats() and /healthz
         self.num_blocks = self._num_blocks(config)  # what the block manager hands out
         # CUDA graphs pad batches with rows that write into one scratch block past those.
         cache_blocks = self.num_blocks + (1 if config.cuda_graphs else 0)

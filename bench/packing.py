@@ -1,0 +1,119 @@
+"""fp32 layer matmuls packed for MKL against F.linear, by the row count packed for.
+
+    python -m bench.packing [--rounds 7] [--pack-rows 1,32,128,256] [--rows 1,4,8,16,32,64,128,512] [--no-write]
+
+Over one forward's layer matmuls at SmolLM2-135M's shapes (fused QKV, o_proj,
+fused gate/up, down_proj, each x30 with its own weight, as the engine's decode
+step streams them) and the lm_head: `F.linear` (what the engine runs
+unpacked; for the lm_head `torch.mm(W, x.T)`, which MKL ran faster), and `mkl._mkl_linear` on weights packed by
+`mkl._mkl_reorder_linear_weight` for each --pack-rows, run at each --rows. The
+contenders are interleaved in every round and the median of --rounds kept (the
+box is shared). Prints a table (ms per forward) and writes the section
+"fp32 weights packed for MKL (bench.packing)" of docs/BENCHMARKS.md, which
+also says which PACK_ROWS inference.packing uses and why.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig
+
+from bench import report
+from bench.formats import engine_shapes
+from inference.bootstrap import resolve_model
+from inference.packing import MKL_PACKING, PACK_ROWS
+
+HEADING = "## fp32 weights packed for MKL (bench.packing)"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int) -> dict:
+    """{(contender, rows): median ms of one forward's layer matmuls, and of the lm_head}."""
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: [torch.randn(n_out, n_in, generator=generator) * 0.02 for _ in range(count)]
+               for name, (n_in, n_out, count) in shapes.items()}
+    packs = {p: {name: [torch.ops.mkl._mkl_reorder_linear_weight(w, p) for w in ws] for name, ws in weights.items()}
+             for p in pack_rows}
+    contenders = ["F.linear"] + [f"packed for {p}" for p in pack_rows]
+    results: dict = {}
+    for n in rows:
+        inputs = {name: torch.randn(n, n_in, generator=generator) for name, (n_in, _o, _c) in shapes.items()}
+        samples: dict = {(c, part): [] for c in contenders for part in ("layers", "lm_head")}
+        for _round in range(rounds + 1):  # the first round warms up and is dropped
+            for contender in contenders:
+                pack = None if contender == "F.linear" else packs[int(contender.rsplit(" ", 1)[1])]
+                for part in ("layers", "lm_head"):
+                    names = ["lm_head"] if part == "lm_head" else [k for k in shapes if k != "lm_head"]
+                    started = time.perf_counter()
+                    for name in names:
+                        x = inputs[name]
+                        for index, w in enumerate(weights[name]):
+                            if pack is None and name == "lm_head":
+                                torch.mm(w, x.t()).t().contiguous()  # the engine's unpacked lm_head
+                            elif pack is None:
+                                F.linear(x, w)
+                            else:
+                                torch.ops.mkl._mkl_linear(x, pack[name][index], w, None, n)
+                    if _round:
+                        samples[(contender, part)].append((time.perf_counter() - started) * 1e3)
+        for (contender, part), values in samples.items():
+            results[(contender, part, n)] = statistics.median(values)
+        print(n, {f"{c} {p}": round(results[(c, p, n)], 2) for c in contenders for p in ("layers", "lm_head")},
+              flush=True)
+    return results
+
+
+def render(results: dict, pack_rows: list[int], rows: list[int], command: str, info: dict) -> str:
+    contenders = ["F.linear"] + [f"packed for {p}" for p in pack_rows]
+    labels = ["unpacked"] + contenders[1:]
+    lines = [HEADING, "", f"Command: `{command}`.", "", report.machine_header(info), "",
+             "Median ms of one forward's matmuls at SmolLM2-135M's shapes, each weight its own tensor (as a decode "
+             "step streams them), contenders interleaved in every round; in brackets, the unpacked time over the "
+             "contender's. Unpacked is what the engine runs with ENGINE_PACK_WEIGHTS=false: F.linear, and for the "
+             f"lm_head W @ xᵀ. inference.packing packs for {PACK_ROWS} rows.", ""]
+    for part, title in (("layers", "layer matmuls (QKV, o_proj, gate/up, down; ×30)"), ("lm_head", "lm_head")):
+        lines += [f"**{title}**", "", report.row("rows", *labels), "|" + "---|" * (len(contenders) + 1)]
+        for n in rows:
+            base = results[("F.linear", part, n)]
+            cells = [f"{base:.2f}"] + [f"{results[(c, part, n)]:.2f} ({base / results[(c, part, n)]:.2f}×)"
+                                       for c in contenders[1:]]
+            lines.append(report.row(n, *cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models-dir", default="var/models")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--pack-rows", type=_ints, default=[1, 32, 128, 256])
+    parser.add_argument("--rows", type=_ints, default=[1, 4, 8, 16, 32, 64, 128, 512])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+    if not MKL_PACKING:
+        raise SystemExit("this torch has no MKL sgemm packing: nothing to measure")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = report.machine_info()
+    model_dir = resolve_model("bundled:smollm2", Path(args.models_dir))
+    shapes = engine_shapes(AutoConfig.from_pretrained(model_dir))
+    with torch.inference_mode():
+        results = measure(shapes, args.pack_rows, args.rows, args.rounds)
+    markdown = render(results, args.pack_rows, args.rows, report.command_line("bench.packing", argv), info)
+    print(markdown)
+    if not args.no_write:
+        report.write_section(markdown, HEADING)
+        print(f"wrote the section to {report.BENCHMARKS_MD}")
+
+
+if __name__ == "__main__":
+    main()
