@@ -388,8 +388,9 @@ ENGINE_ONE_THREAD_ROWS = (None if env_str("ENGINE_ONE_THREAD_ROWS", "auto") == "
 ENGINE_FOLLOW_CPU_LOAD = env_bool("ENGINE_FOLLOW_CPU_LOAD", True)
 # fp32 on a CPU whose torch has MKL: the matmul weights are packed once for
 # MKL's sgemm rather than repacked by it on every call (inference.packing),
-# for 1.4-1.6x faster decode-batch matmuls on the 2-core Xeon, at the memory of
-# a second copy of the float weights (docs/BENCHMARKS.md).
+# for 1.4-1.8x faster decode-batch matmuls on the 2-core Xeon, at the memory of
+# a second, padded copy of the float weights (+760 MiB for SmolLM2-135M in
+# fp32; docs/BENCHMARKS.md "fp32 weights packed for MKL, in the engine").
 ENGINE_PACK_WEIGHTS = env_bool("ENGINE_PACK_WEIGHTS", True)
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
 MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}

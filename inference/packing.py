@@ -6,9 +6,9 @@ that copy is a large part of the matmul. MKL's pack API does the copy once
 (`cblas_sgemm_pack`, exposed by torch as `mkl._mkl_reorder_linear_weight`,
 the op inductor's freezing pass uses), and `mkl._mkl_linear` then runs
 `cblas_sgemm_compute` on it. Measured on the 2-core Xeon over SmolLM2-135M's
-layer matmuls (docs/BENCHMARKS.md "fp32 weights packed for MKL"): 1.4-1.6x
-faster at 8-64 rows, 1.1-1.3x at one row and in prefill chunks; the lm_head
-1.3x.
+layer matmuls (docs/BENCHMARKS.md "fp32 weights packed for MKL"): 1.4-1.8x
+faster at 4-64 rows, 1.05-1.3x at one row and in prefill chunks; the lm_head
+1.3-2.2x.
 
 - **One pack serves every row count.** The packed bytes do not depend on the
   row count given to the pack (the same results for any), but its speed does:
@@ -21,9 +21,10 @@ faster at 8-64 rows, 1.1-1.3x at one row and in prefill chunks; the lm_head
   below that they differ in the last bits, as `F.linear` at 8 rows already
   differs from `F.linear` at one (MKL picks its kernel by shape). The engine's
   promise is HF generate's tokens, which the engine tests check with packing on.
-- **Memory.** The packed copy is the size of the weight, and the unpacked
-  weight stays (the HF module holds it, and `_mkl_linear` reads its shape), so
-  the float weights take twice their size, as quantized weights add theirs.
+- **Memory.** The unpacked weight stays (the HF module holds it, and
+  `_mkl_linear` reads its shape), and MKL's packed layout pads: an engine on
+  SmolLM2-135M in fp32 (540 MB of weights) grew by 760 MiB more packed than
+  unpacked. Quantized weights add their copy the same way.
 - **Where.** fp32 on the CPU, unquantized, in a torch built with MKL (x86
   builds from PyPI); elsewhere packed_linear is plain `F.linear` and nothing
   is packed.
