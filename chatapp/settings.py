@@ -392,6 +392,11 @@ ENGINE_FOLLOW_CPU_LOAD = env_bool("ENGINE_FOLLOW_CPU_LOAD", True)
 # a second, padded copy of the float weights (+760 MiB for SmolLM2-135M in
 # fp32; docs/BENCHMARKS.md "fp32 weights packed for MKL, in the engine").
 ENGINE_PACK_WEIGHTS = env_bool("ENGINE_PACK_WEIGHTS", True)
+# CPU decode attention over the paged KV cache in place, in a C++ library built
+# at the first start with the system compiler and kept under DATA_DIR/kernels
+# (inference.kernels); without a compiler the engine gathers blocks as before.
+ENGINE_ATTENTION_KERNEL = env_bool("ENGINE_ATTENTION_KERNEL", True)
+ENGINE_KERNEL_DIR = DATA_DIR / "kernels"
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
 MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}
 if env_str("MODEL_LARGE"):

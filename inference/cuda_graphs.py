@@ -35,7 +35,9 @@ class _Graph:
         self.blocks = torch.zeros(rows * width, dtype=torch.long, device=device)  # [B * nb]
         self.mask = torch.zeros(rows, 1, 1, width * block_size, dtype=torch.bool, device=device)
         logit_rows = torch.arange(rows, device=device)
-        plan = AttentionPlan(rows, [DecodeGroup(0, rows, self.blocks, self.mask)], [])
+        # Read only by the CPU kernel; the graphs run the torch path (masked).
+        self.context_lens = torch.ones(rows, dtype=torch.long, device=device)
+        plan = AttentionPlan(rows, [DecodeGroup(0, rows, self.blocks, self.mask, self.context_lens)], [])
 
         def step() -> torch.Tensor:
             return net.forward(self.tokens, self.positions, self.slots, plan, logit_rows, k_cache, v_cache)

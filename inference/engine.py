@@ -202,6 +202,7 @@ class Engine:
             "dtype": self.config.dtype,
             "quantization": self.config.quantization,
             "packed_weights": self.runner.packed_weights,
+            "attention_kernel": self.runner.net.attention_kernel,
             "one_thread_rows": self.runner.step_threads.one_thread_rows,
             "running": len(self.scheduler.running),
             "waiting": self._engine_loop.inbox.num_unscheduled + sum(1 for s in list(self.scheduler.waiting) if s.metrics.preemptions),

@@ -33,6 +33,7 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from inference import kernels  # noqa: F401  (defines torch.ops.chatapp.paged_decode_attention's schema)
 from inference.outputs import UnsupportedModel
 from inference.quantization import quantized_linear
 
@@ -47,7 +48,8 @@ class DecodeGroup(NamedTuple):
     first_row: int
     num_rows: int  # B
     blocks: torch.Tensor  # [B * nb] int64: the rows' block tables, each padded with block 0 to nb
-    mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool, True = attend
+    mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool, True = attend (unused by the kernel: may be empty)
+    context_lens: torch.Tensor  # [B] int64: each row's context, its new token included
 
 
 class PrefillChunk(NamedTuple):
@@ -112,9 +114,13 @@ def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 def _decode_group(q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, group: DecodeGroup,
-                  kv_heads: int, scale: float, block_size: int) -> torch.Tensor:
+                  kv_heads: int, scale: float, block_size: int, attention_kernel: bool) -> torch.Tensor:
     """One decode group's attention: [B, H, D]."""
     first, b, blocks = group.first_row, group.num_rows, group.blocks
+    if attention_kernel:
+        # The blocks read in place, each row only up to its own context (inference.kernels).
+        return torch.ops.chatapp.paged_decode_attention(q[first:first + b].contiguous(), layer_k, layer_v,
+                                                        blocks.view(b, -1), group.context_lens, scale)
     ctx, dim = blocks.size(0) // b * block_size, q.size(2)
     # index_select copies whole blocks (memcpy); cache[tables] gathered element by element.
     keys = layer_k.index_select(1, blocks).view(kv_heads, b, ctx, dim)  # [KV, B, C, D]
@@ -141,7 +147,7 @@ def _decode_group(q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor,
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor,
                decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
-               kv_heads: int, scale: float) -> torch.Tensor:
+               kv_heads: int, scale: float, attention_kernel: bool) -> torch.Tensor:
     # layer_k, layer_v [KV, num_blocks, block_size, D]
     num_tokens, heads, dim = q.size(0), q.size(1), q.size(2)
     block_size = layer_k.size(2)
@@ -149,11 +155,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
         # A decode-only step in one group (always so for one stream): SDPA's own
         # output is the result; no buffer to assemble the groups in.
         group = decode_groups[0]
-        return _decode_group(q, layer_k, layer_v, group, kv_heads, scale, block_size).reshape(num_tokens, heads * dim)
+        return _decode_group(q, layer_k, layer_v, group, kv_heads, scale, block_size,
+                             attention_kernel).reshape(num_tokens, heads * dim)
     out = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
     for group in decode_groups:
         out[group.first_row:group.first_row + group.num_rows] = _decode_group(
-            q, layer_k, layer_v, group, kv_heads, scale, block_size)
+            q, layer_k, layer_v, group, kv_heads, scale, block_size, attention_kernel)
     for chunk in prefills:
         start, q_len, ctx_len = chunk.first_row, chunk.query_len, chunk.context_len
         # Locals, not attributes: TorchScript refines Optional only on local names.
@@ -178,10 +185,12 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
             o_biases: List[Optional[torch.Tensor]], scales: List[List[torch.Tensor]], quant_mode: int,
             k_cache: torch.Tensor, v_cache: torch.Tensor,
             decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
-            heads: int, kv_heads: int, dim: int, eps: float, scale: float) -> torch.Tensor:
+            heads: int, kv_heads: int, dim: int, eps: float, scale: float,
+            attention_kernel: bool) -> torch.Tensor:
     """Every decoder layer; weights[i] = [input_norm, qkv, o, post_norm, gate_up, down];
     scales[i] = the quantized weights' scales of [qkv, o, gate_up, down], or scales is empty
-    (float weights); quant_mode is their inference.quantization QUANT_* mode."""
+    (float weights); quant_mode is their inference.quantization QUANT_* mode; attention_kernel
+    runs decode attention in inference.kernels' library instead of gathering blocks."""
     num_tokens = h.size(0)
     for index, w in enumerate(weights):
         s: List[Optional[torch.Tensor]] = [None, None, None, None]
@@ -198,7 +207,8 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         layer_v = v_cache[index]
         layer_k.view(kv_heads, -1, dim).index_copy_(1, slots, k.transpose(0, 1))  # slot = block * block_size + offset
         layer_v.view(kv_heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
-        o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale)  # [T, H * D]
+        o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale,
+                       attention_kernel)  # [T, H * D]
         h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode)
         x = _rms_norm(h, w[3], eps)
         gate, up = _linear(x, w[4], None, s[2], quant_mode).chunk(2, dim=-1)
@@ -264,6 +274,8 @@ class PagedLlama:
         # (weight, scale, QUANT_* mode) when the lm_head is quantized.
         self.lm_head_quantized: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.quant_mode = -1  # no quantized weights
+        # Set by the model runner once inference.kernels' library is loaded (CPU only).
+        self.attention_kernel = False
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # Rotary tables from the model's own rotary module, so every rope
@@ -324,7 +336,7 @@ class PagedLlama:
             h = self.layer_stack(h, cos, signed_sin, slots, self.weights, self.qkv_biases, self.o_biases,
                                  self.weight_scales, self.quant_mode, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
-                                 self.head_dim, self.eps, self.scale)
+                                 self.head_dim, self.eps, self.scale, self.attention_kernel)
         h = _rms_norm(h[logit_rows], self.final_norm, self.eps)  # [N, hidden]
         if self.lm_head_quantized is not None:
             weight, scale, mode = self.lm_head_quantized

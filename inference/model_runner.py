@@ -7,6 +7,7 @@ import torch
 
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
+from inference.kernels import load_paged_attention
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
 from inference.packing import can_pack, pack_paged
 from inference.quantization import QUANT_PACKED_FP32, quantize_paged
@@ -42,6 +43,10 @@ class ModelRunner:
             elif config.pack_weights and can_pack(self.device, self.dtype):
                 pack_paged(self.net)
         self.packed_weights = self.net.quant_mode == QUANT_PACKED_FP32  # for stats() and /healthz
+        # Decode attention reads the paged cache in place (inference.kernels) where
+        # its library builds; CUDA keeps the torch path (and its graphs).
+        self.net.attention_kernel = (config.attention_kernel and self.device.type == "cpu"
+                                     and load_paged_attention(config.kernel_dir))
         self.num_blocks = self._num_blocks(config)  # what the block manager hands out
         # CUDA graphs pad batches with rows that write into one scratch block past those.
         cache_blocks = self.num_blocks + (1 if config.cuda_graphs else 0)
@@ -139,16 +144,25 @@ class ModelRunner:
         return PrefillChunk(row, num_new, ctx_len, blocks, mask)
 
     def _decode_groups(self, decode_tables: list[list[int]], decode_lens: list[int]) -> list[DecodeGroup]:
-        """Decode rows (sorted by context length) in padded groups."""
+        """Decode rows (sorted by context length) in padded groups. The kernel
+        reads each row only up to its own context, so padding costs it nothing:
+        one group, no mask."""
+        if self.net.attention_kernel:
+            spans = [(0, len(decode_tables))] if decode_tables else []
+        else:
+            spans = _split_groups([len(t) for t in decode_tables], 0, len(decode_tables))
         groups = []
-        for first, last in _split_groups([len(t) for t in decode_tables], 0, len(decode_tables)):
+        for first, last in spans:
             width = len(decode_tables[last - 1])  # sorted: the group's longest is its last
             padded = [t + [0] * (width - len(t)) for t in decode_tables[first:last]]
             lens = torch.tensor(decode_lens[first:last], device=self.device)
-            key_pos = torch.arange(width * self.block_size, device=self.device)
-            mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, C]
+            if self.net.attention_kernel:
+                mask = torch.empty(0, dtype=torch.bool, device=self.device)
+            else:
+                key_pos = torch.arange(width * self.block_size, device=self.device)
+                mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, C]
             blocks = torch.tensor([b for table in padded for b in table], device=self.device)  # [B * nb]
-            groups.append(DecodeGroup(first, last - first, blocks, mask))
+            groups.append(DecodeGroup(first, last - first, blocks, mask, lens))
         return groups
 
 

@@ -315,7 +315,8 @@ def _synthetic_decode(runner, rows: int):
     context = CONTEXT_BLOCKS * bs
     blocks = torch.arange(CONTEXT_BLOCKS, device=device).repeat(rows)  # [rows * nb]
     mask = torch.ones(rows, 1, 1, context, dtype=torch.bool, device=device)
-    plan = AttentionPlan(rows, [DecodeGroup(0, rows, blocks, mask)], [])
+    lens = torch.full((rows,), context, dtype=torch.long, device=device)
+    plan = AttentionPlan(rows, [DecodeGroup(0, rows, blocks, mask, lens)], [])
     tokens = torch.zeros(rows, dtype=torch.long, device=device)
     positions = torch.full((rows,), context - 1, dtype=torch.long, device=device)
     slots = torch.full((rows,), context - 1, dtype=torch.long, device=device)  # last slot of block nb-1

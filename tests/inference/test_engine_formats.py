@@ -241,14 +241,16 @@ def test_half_precision_decode_attention_matches_fp32_sdpa(dtype):
     tables, lens = [[3, 7, 1], [5, 0, 0]], [10, 3]  # the second row is padded with block 0
     width = 3 * block_size
     mask = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
-    group = DecodeGroup(0, 2, torch.tensor([b for t in tables for b in t]), mask)
+    group = DecodeGroup(0, 2, torch.tensor([b for t in tables for b in t]), mask, torch.tensor(lens))
     q = torch.randn(2, heads, dim)
-    exact = _decode_group(q, k_cache, v_cache, group, kv_heads, dim ** -0.5, block_size)
-    half = _decode_group(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), group, kv_heads, dim ** -0.5, block_size)
+    exact = _decode_group(q, k_cache, v_cache, group, kv_heads, dim ** -0.5, block_size, False)
+    half = _decode_group(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), group, kv_heads, dim ** -0.5, block_size,
+                         False)
     assert half.dtype == dtype and half.shape == exact.shape == (2, heads, dim)
     assert (half.float() - exact).abs().max() < 0.05
     # The padded row is the same as that row alone with no padding.
-    alone = DecodeGroup(0, 1, torch.tensor([5]), (torch.arange(block_size) < lens[1]).view(1, 1, 1, block_size))
+    alone = DecodeGroup(0, 1, torch.tensor([5]), (torch.arange(block_size) < lens[1]).view(1, 1, 1, block_size),
+                        torch.tensor(lens[1:]))
     alone_out = _decode_group(q[1:].to(dtype), k_cache.to(dtype), v_cache.to(dtype), alone, kv_heads, dim ** -0.5,
-                              block_size)
+                              block_size, False)
     assert (alone_out.float() - half[1:].float()).abs().max() < 0.02

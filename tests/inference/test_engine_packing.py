@@ -63,10 +63,15 @@ def test_auto_format_times_fp32_as_the_engine_runs_it(reference_model):
 @pytest.mark.timeout(300)
 def test_smollm2_batched_and_packed_gives_hf_generate_tokens(smollm2_engine, smollm2_dir):
     """The real model, whose logits are closer together than the tiny one's:
-    four chats decoded together on packed weights against HF generate, one at a time."""
+    four chats decoded together on packed weights, their decode attention read
+    in place from the paged cache (inference.kernels), against HF generate, one
+    at a time."""
     from transformers import AutoModelForCausalLM
 
+    from inference import kernels
+
     assert smollm2_engine.stats()["packed_weights"] is packing.MKL_PACKING
+    assert smollm2_engine.stats()["attention_kernel"] is (kernels._compiler() is not None)
     questions = ["What is the capital of France?", "Write a haiku about autumn.",
                  "Explain what a prime number is.", "Name three colours of the rainbow."]
     prompts = [smollm2_engine.apply_chat_template([{"role": "user", "content": q}]) for q in questions]

@@ -1,0 +1,160 @@
+"""Decode attention read in place from the paged cache (EngineConfig.attention_kernel,
+inference.kernels): the op computes what the gather and SDPA compute, each row
+alone whatever the batch, it rejects tables that point outside the cache, the
+engine uses it on the CPU by default and keeps HF generate's greedy tokens with
+it, and without a compiler the engine keeps the torch path. SmolLM2 against HF
+generate with the kernel on: test_engine_packing's batched SmolLM2 test."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from inference import kernels
+
+has_compiler = kernels._compiler() is not None
+needs_kernel = pytest.mark.skipif(not has_compiler, reason="no C++ compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def kernel_ready(tmp_path_factory):
+    # A compiler present and the library not built is a failure, not a skip.
+    assert kernels.load_paged_attention(tmp_path_factory.mktemp("kernels"))
+    return torch.ops.chatapp.paged_decode_attention
+
+
+def _case(generator, dtype, batch, kv_heads, group, dim, block_size, lens, num_blocks=64):
+    heads = kv_heads * group
+    width = max(-(-n // block_size) for n in lens)
+    # Distinct blocks per row, in no order, each row padded with block 0 as the runner pads.
+    perm = torch.randperm(num_blocks - 1, generator=generator) + 1
+    table = torch.zeros(batch, width, dtype=torch.long)
+    taken = 0
+    for row, n in enumerate(lens):
+        used = -(-n // block_size)
+        table[row, :used] = perm[taken:taken + used]
+        taken += used
+    q = torch.randn(batch, heads, dim, generator=generator).to(dtype)
+    k = torch.randn(kv_heads, num_blocks, block_size, dim, generator=generator).to(dtype)
+    v = torch.randn(kv_heads, num_blocks, block_size, dim, generator=generator).to(dtype)
+    return q, k, v, table, torch.tensor(lens)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("kv_heads,group,dim,block_size,lens", [
+    (3, 3, 64, 16, [1, 15, 16, 17, 150, 160]),  # SmolLM2's heads; block edges
+    (2, 1, 16, 4, [9, 3, 12]),  # no grouping, a small head
+    (1, 8, 128, 8, [33, 1]),  # one KV head for eight query heads
+])
+def test_the_kernel_computes_what_the_gather_and_sdpa_compute(kernel_ready, dtype, tolerance, kv_heads, group,
+                                                              dim, block_size, lens):
+    generator = torch.Generator().manual_seed(len(lens) * dim)
+    q, k, v, table, context_lens = _case(generator, dtype, len(lens), kv_heads, group, dim, block_size, lens)
+    got = kernel_ready(q, k, v, table, context_lens, dim ** -0.5)
+    want = kernels.reference_decode_attention(q, k, v, table, context_lens, dim ** -0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+@needs_kernel
+def test_each_row_is_computed_alone_whatever_the_batch(kernel_ready):
+    # Bit for bit: a sequence's attention does not depend on who shares its step.
+    generator = torch.Generator().manual_seed(3)
+    q, k, v, table, lens = _case(generator, torch.float32, 5, 3, 3, 64, 16, [40, 3, 160, 17, 99])
+    batched = kernel_ready(q, k, v, table, lens, 0.125)
+    for row in range(5):
+        width = -(-int(lens[row]) // 16)
+        alone = kernel_ready(q[row:row + 1].contiguous(), k, v, table[row:row + 1, :width].contiguous(),
+                             lens[row:row + 1], 0.125)
+        assert torch.equal(alone[0], batched[row])
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", ["block out of range", "negative block", "context past the table", "empty context",
+                                 "int32 table", "dtype mismatch"])
+def test_the_kernel_rejects_arguments_that_would_read_outside_the_cache(kernel_ready, bad):
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, table, lens = _case(generator, torch.float32, 2, 2, 2, 16, 4, [5, 8], num_blocks=8)
+    if bad == "block out of range":
+        table[1, 0] = 8
+    elif bad == "negative block":
+        table[0, 1] = -1
+    elif bad == "context past the table":
+        lens[0] = 9
+    elif bad == "empty context":
+        lens[1] = 0
+    elif bad == "int32 table":
+        table = table.int()
+    else:
+        q = q.double()
+    with pytest.raises(RuntimeError):
+        kernel_ready(q, k, v, table, lens, 0.25)
+
+
+@needs_kernel
+def test_the_engine_reads_the_cache_in_place_by_default(make_engine, kernel_ready):
+    assert make_engine().stats()["attention_kernel"] is True
+    assert make_engine(attention_kernel=False).stats()["attention_kernel"] is False
+
+
+@needs_kernel
+@pytest.mark.parametrize("settings", [
+    pytest.param({}, id="fp32"),
+    pytest.param({"pack_weights": False}, id="fp32-unpacked"),
+    pytest.param({"enable_prefix_caching": True, "kv_cache_bytes": 2**20}, id="small-cache-preempts"),
+])
+def test_with_the_kernel_the_engine_keeps_hf_greedy_tokens(make_engine, prompts, expected, greedy, settings,
+                                                           kernel_ready):
+    # All prompts at once: decode batches of every size beside prefill chunks;
+    # the small cache makes the scheduler preempt and recompute.
+    engine = make_engine(max_num_batched_tokens=128, **settings)
+    assert engine.stats()["attention_kernel"] is True
+    got = [c.token_ids for c in engine.generate(prompts, greedy)]
+    assert got == expected
+
+
+@needs_kernel
+def test_half_precision_with_the_kernel_is_the_same_batched_or_alone(make_engine, prompts, kernel_ready):
+    from inference import SamplingParams
+
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    engine = make_engine(dtype="bfloat16", max_num_batched_tokens=128)
+    assert engine.stats()["attention_kernel"] is True
+    batched = [c.token_ids for c in engine.generate(prompts[:8], params)]
+    alone = [engine.generate(p, params)[0].token_ids for p in prompts[:8]]
+    assert batched == alone
+
+
+def test_without_a_compiler_the_engine_keeps_the_torch_path(make_engine, prompts, expected, greedy,
+                                                            monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="inference.kernels"):
+        assert kernels._load.__wrapped__(str(tmp_path)) is False
+    assert "no C++ compiler" in caplog.text
+    engine = make_engine(attention_kernel=False)
+    assert [c.token_ids for c in engine.generate(prompts[:4], greedy)] == expected[:4]
+
+
+@needs_kernel
+def test_a_failed_build_is_logged_and_leaves_the_torch_path(monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "paged_attention.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "SOURCE", broken)
+    with caplog.at_level(logging.WARNING, logger="inference.kernels"):
+        assert kernels._load.__wrapped__(str(tmp_path / "build")) is False
+    assert "paged attention kernel unavailable" in caplog.text
+    assert not list((tmp_path / "build").glob("*.so"))  # no half-written library left behind
+
+
+@needs_kernel
+def test_the_built_library_is_reused(tmp_path, kernel_ready):
+    # The key is the source, torch, flags, compiler and CPU: a second start finds the same file.
+    compiler = kernels._compiler()
+    assert kernels._build_key(compiler) == kernels._build_key(compiler)
+    target = tmp_path / f"paged_attention-{kernels._build_key(compiler)}.so"
+    kernels._build(compiler, target)
+    assert target.exists() and not list(tmp_path.glob(".*"))
+
