@@ -38,7 +38,7 @@ from bench.engine_report import render
 from bench.formats import engine_shapes
 from inference import Engine, EngineConfig, SamplingParams
 from inference.bootstrap import resolve_model
-from inference.quantization import QUANT_PACKED_FP32
+from inference.quantization import QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN
 
 HEADING = "## Engine (bench.engine)"
 QUICK_OUT = "bench/scratch/engine_quick.md"
@@ -179,10 +179,11 @@ def step_bytes(engine: Engine, batch: int, context: int) -> int:
     every matmul weight as stored (quantized codes with their scales, or the
     float weight; the lm_head included) and each sequence's K and V."""
     net, runner = engine.runner.net, engine.runner
-    if net.quant_mode == QUANT_PACKED_FP32:
-        # Packed for MKL (inference.packing): the packed copy is read, the
-        # unpacked weight beside it (in the scale slot) only for its shape;
-        # the copy is the weight's size.
+    if net.quant_mode in (QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN):
+        # Packed for MKL or oneDNN (inference.packing): the packed copy is
+        # read, the unpacked weight beside it (in the scale slot) only for its
+        # shape; the copy holds the weight's values (MKL's pads, but padding
+        # is not read as weights), counted as the weight's size.
         weights = sum(w.nbytes for layer in net.weight_scales for w in layer) + net.lm_head.nbytes
         return weights + batch * context * runner.bytes_per_block // runner.block_size
     weights = sum(layer[slot].nbytes for layer in net.weights for slot in (1, 2, 4, 5))

@@ -1,4 +1,4 @@
-"""fp32 layer matmuls packed for MKL against F.linear, by the row count packed for.
+"""fp32 layer matmuls packed for MKL (by the row count packed for) or oneDNN, against F.linear.
 
     python -m bench.packing [--rounds 7] [--pack-rows 1,32,128,256] [--rows 1,4,8,16,32,64,128,512] [--no-write]
 
@@ -6,10 +6,12 @@ Over one forward's layer matmuls at SmolLM2-135M's shapes (fused QKV, o_proj,
 fused gate/up, down_proj, each x30 with its own weight, as the engine's decode
 step streams them) and the lm_head: `F.linear` (what the engine runs
 unpacked; for the lm_head `torch.mm(W, x.T)`, which MKL ran faster), and `mkl._mkl_linear` on weights packed by
-`mkl._mkl_reorder_linear_weight` for each --pack-rows, run at each --rows. The
+`mkl._mkl_reorder_linear_weight` for each --pack-rows, and oneDNN's
+`mkldnn._linear_pointwise` on weights packed by `mkldnn._reorder_linear_weight`
+for PACK_ROWS, run at each --rows. The
 contenders are interleaved in every round and the median of --rounds kept (the
 box is shared). Prints a table (ms per forward) and writes the section
-"fp32 weights packed for MKL (bench.packing)" of docs/BENCHMARKS.md, which
+"fp32 weights packed for MKL or oneDNN (bench.packing)" of docs/BENCHMARKS.md, which
 also says which PACK_ROWS inference.packing uses and why.
 """
 from __future__ import annotations
@@ -26,13 +28,22 @@ from transformers import AutoConfig
 from bench import report
 from bench.formats import engine_shapes
 from inference.bootstrap import resolve_model
-from inference.packing import MKL_PACKING, PACK_ROWS
+from inference.packing import MKL_PACKING, ONEDNN_PACKING, PACK_ROWS, pack_weight, packed_matmul
 
-HEADING = "## fp32 weights packed for MKL (bench.packing)"
+HEADING = "## fp32 weights packed for MKL or oneDNN (bench.packing)"
+ONEDNN = "oneDNN"
 
 
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
+
+
+def _contenders(pack_rows: list[int]) -> list[str]:
+    return ["F.linear"] + [f"packed for {p}" for p in pack_rows] + ([ONEDNN] if ONEDNN_PACKING else [])
+
+
+def _pack_key(contender: str):
+    return ONEDNN if contender == ONEDNN else int(contender.rsplit(" ", 1)[1])
 
 
 def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int) -> dict:
@@ -42,14 +53,16 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int) ->
                for name, (n_in, n_out, count) in shapes.items()}
     packs = {p: {name: [torch.ops.mkl._mkl_reorder_linear_weight(w, p) for w in ws] for name, ws in weights.items()}
              for p in pack_rows}
-    contenders = ["F.linear"] + [f"packed for {p}" for p in pack_rows]
+    if ONEDNN_PACKING:
+        packs[ONEDNN] = {name: [pack_weight(w, "onednn") for w in ws] for name, ws in weights.items()}
+    contenders = _contenders(pack_rows)
     results: dict = {}
     for n in rows:
         inputs = {name: torch.randn(n, n_in, generator=generator) for name, (n_in, _o, _c) in shapes.items()}
         samples: dict = {(c, part): [] for c in contenders for part in ("layers", "lm_head")}
         for _round in range(rounds + 1):  # the first round warms up and is dropped
             for contender in contenders:
-                pack = None if contender == "F.linear" else packs[int(contender.rsplit(" ", 1)[1])]
+                pack = None if contender == "F.linear" else packs[_pack_key(contender)]
                 for part in ("layers", "lm_head"):
                     names = ["lm_head"] if part == "lm_head" else [k for k in shapes if k != "lm_head"]
                     started = time.perf_counter()
@@ -60,6 +73,8 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int) ->
                                 torch.mm(w, x.t()).t().contiguous()  # the engine's unpacked lm_head
                             elif pack is None:
                                 F.linear(x, w)
+                            elif contender == ONEDNN:
+                                packed_matmul(x, pack[name][index], w, "onednn")
                             else:
                                 torch.ops.mkl._mkl_linear(x, pack[name][index], w, None, n)
                     if _round:
@@ -72,13 +87,15 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int) ->
 
 
 def render(results: dict, pack_rows: list[int], rows: list[int], command: str, info: dict) -> str:
-    contenders = ["F.linear"] + [f"packed for {p}" for p in pack_rows]
-    labels = ["unpacked"] + contenders[1:]
+    contenders = _contenders(pack_rows)
+    labels = ["unpacked"] + [c.replace("packed for", "MKL packed for") if c != ONEDNN
+                             else f"oneDNN packed for {PACK_ROWS}" for c in contenders[1:]]
     lines = [HEADING, "", f"Command: `{command}`.", "", report.machine_header(info), "",
              "Median ms of one forward's matmuls at SmolLM2-135M's shapes, each weight its own tensor (as a decode "
              "step streams them), contenders interleaved in every round; in brackets, the unpacked time over the "
              "contender's. Unpacked is what the engine runs with ENGINE_PACK_WEIGHTS=false: F.linear, and for the "
-             f"lm_head W @ xᵀ. inference.packing packs for {PACK_ROWS} rows.", ""]
+             f"lm_head W @ xᵀ. inference.packing packs for {PACK_ROWS} rows, for the packer it measures faster "
+             "at start (EngineConfig.pack_backend).", ""]
     for part, title in (("layers", "layer matmuls (QKV, o_proj, gate/up, down; ×30)"), ("lm_head", "lm_head")):
         lines += [f"**{title}**", "", report.row("rows", *labels), "|" + "---|" * (len(contenders) + 1)]
         for n in rows:
@@ -100,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     if not MKL_PACKING:
-        raise SystemExit("this torch has no MKL sgemm packing: nothing to measure")
+        raise SystemExit("this torch has no MKL sgemm packing: nothing to measure")  # oneDNN is only beside it
     if args.threads:
         torch.set_num_threads(args.threads)
     info = report.machine_info()

@@ -407,6 +407,7 @@ def engine_config(spec: dict):
         one_thread_rows=settings.ENGINE_ONE_THREAD_ROWS,
         follow_cpu_load=settings.ENGINE_FOLLOW_CPU_LOAD,
         pack_weights=settings.ENGINE_PACK_WEIGHTS,
+        pack_backend=settings.ENGINE_PACK_BACKEND,
         attention_kernel=settings.ENGINE_ATTENTION_KERNEL,
         kernel_dir=str(settings.ENGINE_KERNEL_DIR),
     )

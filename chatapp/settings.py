@@ -386,12 +386,14 @@ ENGINE_ONE_THREAD_ROWS = (None if env_str("ENGINE_ONE_THREAD_ROWS", "auto") == "
 # same 68-77 either way, and through the chat page the same share of the
 # engine's rate (docs/BENCHMARKS.md "Engine beside a busy neighbour").
 ENGINE_FOLLOW_CPU_LOAD = env_bool("ENGINE_FOLLOW_CPU_LOAD", True)
-# fp32 on a CPU whose torch has MKL: the matmul weights are packed once for
-# MKL's sgemm rather than repacked by it on every call (inference.packing),
-# for 1.4-1.8x faster decode-batch matmuls on the 2-core Xeon, at the memory of
-# a second, padded copy of the float weights (+760 MiB for SmolLM2-135M in
-# fp32; docs/BENCHMARKS.md "fp32 weights packed for MKL, in the engine").
+# fp32 on the CPU: the matmul weights are packed once for MKL's or oneDNN's
+# GEMM rather than repacked by MKL on every call (inference.packing). "auto"
+# times both on the model's shapes at start and keeps the faster: MKL's gave
+# 1.4-1.8x faster decode-batch matmuls on the 2-core Xeon and nothing on the
+# EPYC, where oneDNN's gave 1.8-2.5x. Costs a second copy of the float
+# weights (MKL's padded: +760 MiB for SmolLM2-135M in fp32; oneDNN's +540 MB).
 ENGINE_PACK_WEIGHTS = env_bool("ENGINE_PACK_WEIGHTS", True)
+ENGINE_PACK_BACKEND = env_choice("ENGINE_PACK_BACKEND", "auto", {"auto", "mkl", "onednn"})
 # CPU decode attention over the paged KV cache in place, in a C++ library built
 # at the first start with the system compiler and kept under DATA_DIR/kernels
 # (inference.kernels); without a compiler the engine gathers blocks as before.

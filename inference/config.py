@@ -84,12 +84,16 @@ class EngineConfig:
     # int4 stream went 14 -> 44 tok/s; alone it changed nothing
     # (docs/BENCHMARKS.md "Engine beside a busy neighbour").
     follow_cpu_load: bool = True
-    # fp32 on a CPU with MKL: pack the matmul weights once for MKL's sgemm
-    # instead of letting it repack them on every call (inference.packing):
-    # 1.4-1.8x faster layer matmuls at 4-32 rows on the 2-core Xeon, at the
-    # cost of a second, padded copy of the float weights (+760 MiB for
-    # SmolLM2-135M). Ignored elsewhere.
+    # fp32 on the CPU: pack the matmul weights once for MKL's or oneDNN's GEMM
+    # instead of letting MKL repack them on every call (inference.packing).
+    # pack_backend "auto" times both on the model's shapes at start and keeps
+    # the faster, or neither if F.linear is as fast: on the 2-core Xeon MKL's
+    # packed sgemm ran layer matmuls 1.4-1.8x faster at 4-32 rows; on the
+    # 2-core EPYC it gained nothing and oneDNN's ran 1.8-2.5x faster. Costs a
+    # second copy of the float weights (MKL's padded: +760 MiB for
+    # SmolLM2-135M; oneDNN's their size). Ignored in other formats.
     pack_weights: bool = True
+    pack_backend: str = "auto"  # "auto", "mkl" or "onednn"
     # CPU: decode attention reads the paged KV cache in place, in a small C++
     # library compiled at the first start for this CPU (inference.kernels),
     # instead of gathering every sequence's blocks into new tensors each step:
@@ -113,6 +117,8 @@ class EngineConfig:
         self.device, self.dtype = resolve_device_and_dtype(self.device, self.dtype)
         if self.dtype not in (*DTYPE_NAMES, "auto"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.pack_backend not in ("auto", "mkl", "onednn"):
+            raise ValueError(f"pack_backend must be auto, mkl or onednn, not {self.pack_backend!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
         if self.block_size < 1:

@@ -25,6 +25,7 @@ from inference.formats import choose_cpu_format
 from inference.handle import RequestHandle
 from inference.metrics import EngineMetrics
 from inference.model_runner import DTYPES, ModelRunner
+from inference.packing import can_pack, resolve_packer
 from inference.outputs import Completion, PromptTooLong
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler
@@ -71,8 +72,12 @@ class Engine:
         # dtype "auto" is left unresolved only on CPU: measure and choose (inference.formats).
         self.format_report = None
         if self.config.dtype == "auto":
-            self.format_report = choose_cpu_format(
-                model, self.tokenizer, pack_fp32=self.config.pack_weights and self.config.quantization == "none")
+            packer = "none"
+            if self.config.pack_weights and self.config.quantization == "none" and can_pack(
+                    torch.device("cpu"), torch.float32):
+                packer, _choice = resolve_packer(self.config.pack_backend, model.config)
+            self.format_report = choose_cpu_format(model, self.tokenizer,
+                                                   pack_fp32="" if packer == "none" else packer)
             self.config = dataclasses.replace(self.config, dtype=self.format_report.dtype)
         self.model_name = self.config.model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.runner = ModelRunner(model, self.config)
@@ -202,6 +207,7 @@ class Engine:
             "dtype": self.config.dtype,
             "quantization": self.config.quantization,
             "packed_weights": self.runner.packed_weights,
+            "weight_packing": self.runner.weight_packing,
             "attention_kernel": self.runner.net.attention_kernel,
             "one_thread_rows": self.runner.step_threads.one_thread_rows,
             "running": len(self.scheduler.running),

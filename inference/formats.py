@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.model_runner import DTYPES
-from inference.packing import MKL_PACKING, pack_weight, packed_linear
+from inference.packing import pack_weight, packed_matmul
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class FormatReport:
     matmul_us: dict[str, dict[int, float]] = field(default_factory=dict)
     quality: dict[str, dict] = field(default_factory=dict)  # {format: {agreement, mean_kl, passed}}
     skipped: dict[str, str] = field(default_factory=dict)  # {format: why it was not tried}
-    fp32_packed: bool = False  # fp32 timed (and run) with weights packed for MKL (inference.packing)
+    fp32_packed: str = ""  # the packer fp32 was timed (and runs) with (inference.packing), or ""
     seconds: float = 0.0  # how long choosing took
 
     def as_dict(self) -> dict:
@@ -84,7 +84,7 @@ class FormatReport:
     def summary(self) -> str:
         times = ", ".join(f"{name} " + "/".join(f"{us / 1000:.2f}" for us in by_rows.values())
                           for name, by_rows in self.matmul_us.items())
-        packed = " (fp32 packed for MKL)" if self.fp32_packed else ""
+        packed = f" (fp32 packed for {self.fp32_packed})" if self.fp32_packed else ""
         return (f"{self.dtype} (matmul ms per forward at {'/'.join(map(str, ROWS))} rows{packed}: {times}; "
                 f"quality {self.quality}; skipped {self.skipped}; CPU {self.cpu} {' '.join(self.flags)}; "
                 f"chosen in {self.seconds:.1f}s)")
@@ -111,36 +111,36 @@ def linear_shapes(model: torch.nn.Module) -> Counter:
     return Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def _matmul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, weight) if packed is None else packed_linear(x, packed, weight, None)
+def _matmul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, packer: str) -> torch.Tensor:
+    return F.linear(x, weight) if packed is None else packed_matmul(x, packed, weight, packer)
 
 
 def time_matmuls(shapes: Counter, dtypes: list[str], rows=ROWS, rounds: int = 20,
-                 budget_s: float = 0.3, pack_fp32: bool = False) -> dict[str, dict[int, float]]:
+                 budget_s: float = 0.3, pack_fp32: str = "") -> dict[str, dict[int, float]]:
     """Summed best time of x @ W^T over the shapes, per format and row count (us).
     Formats are interleaved within each round, so a burst of other load on the
     machine slows them alike rather than one of them, and the best of many
     rounds (up to `rounds`, at least 3, about budget_s per shape) filters out
     the bursts: on a shared 2-core box single timings varied 10-100x.
-    pack_fp32 times fp32 as the engine will run it, packed for MKL
-    (inference.packing), so that a half format is weighed against that."""
+    pack_fp32 names the packer fp32 runs with in the engine (inference.packing),
+    so that a half format is weighed against fp32 as it will run."""
     best: dict[tuple, float] = {}
     for (n_in, n_out) in shapes:
         weight = torch.randn(n_out, n_in) * 0.02
         cases = []
         for name in dtypes:
             w = weight.to(DTYPES[name])
-            packed = pack_weight(w) if pack_fp32 and name == "float32" and MKL_PACKING else None
+            packed = pack_weight(w, pack_fp32) if pack_fp32 and name == "float32" else None
             cases += [(name, n, w, packed, torch.randn(n, n_in, dtype=DTYPES[name])) for n in rows]
         for _name, _n, w, packed, x in cases:  # warm-up: oneDNN builds its kernels on first use
-            _matmul(x, w, packed)
+            _matmul(x, w, packed, pack_fp32)
         deadline = time.perf_counter() + budget_s
         for done in range(rounds):
             if done >= 3 and time.perf_counter() > deadline:
                 break
             for name, n, w, packed, x in cases:
                 started = time.perf_counter()
-                _matmul(x, w, packed)
+                _matmul(x, w, packed, pack_fp32)
                 elapsed = time.perf_counter() - started
                 key = (name, n, n_in, n_out)
                 best[key] = min(best.get(key, elapsed), elapsed)
@@ -185,14 +185,14 @@ def candidate_order(matmul_us: dict[str, dict[int, float]]) -> list[str]:
 
 
 def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Path("/proc/cpuinfo"),
-                      pack_fp32: bool = False) -> FormatReport:
+                      pack_fp32: str = "") -> FormatReport:
     """Measure and choose; `model` is the fp32 model the engine will run (left
-    unchanged). pack_fp32: the engine will pack fp32 weights for MKL
-    (EngineConfig.pack_weights), so fp32 is timed packed."""
+    unchanged). pack_fp32: the packer the engine will pack fp32 weights for
+    (EngineConfig.pack_weights, inference.packing), so fp32 is timed packed."""
     started = time.monotonic()
     cpu, flags = cpu_info(cpuinfo)
     report = FormatReport("float32", cpu, sorted(f for f in REPORTED_FLAGS if flags and f in flags),
-                          fp32_packed=pack_fp32 and MKL_PACKING)
+                          fp32_packed=pack_fp32)
     tried = ["float32"]
     for name, native in NATIVE_FLAGS.items():
         if flags is None or any(f in flags for f in native):

@@ -9,8 +9,8 @@ from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
 from inference.kernels import load_paged_attention
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
-from inference.packing import can_pack, pack_paged
-from inference.quantization import QUANT_PACKED_FP32, quantize_paged
+from inference.packing import can_pack, pack_paged, resolve_packer
+from inference.quantization import quantize_paged
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
 from inference.threads import choose_step_threads
@@ -36,13 +36,16 @@ class ModelRunner:
             max_positions = min(max_positions, window)
         if config.max_model_len:
             max_positions = min(max_positions, config.max_model_len)
+        self.weight_packing = "none"  # or the inference.packing packer the fp32 weights were packed for
         with torch.inference_mode():
             self.net = PagedLlama(model, max_positions, config.script_layers)
             if config.quantization != "none":
                 quantize_paged(self.net, config.quantization)
             elif config.pack_weights and can_pack(self.device, self.dtype):
-                pack_paged(self.net)
-        self.packed_weights = self.net.quant_mode == QUANT_PACKED_FP32  # for stats() and /healthz
+                self.weight_packing = self._packer(config)
+                if self.weight_packing != "none":
+                    pack_paged(self.net, self.weight_packing)
+        self.packed_weights = self.weight_packing != "none"  # for stats() and /healthz
         # Decode attention reads the paged cache in place (inference.kernels) where
         # its library builds; CUDA keeps the torch path (and its graphs).
         self.net.attention_kernel = (config.attention_kernel and self.device.type == "cpu"
@@ -66,6 +69,12 @@ class ModelRunner:
         # Which steps run on one thread (inference.threads); measured here, on
         # the weights and cache the steps will use.
         self.step_threads = choose_step_threads(self, config.one_thread_rows, config.follow_cpu_load)
+
+    def _packer(self, config: EngineConfig) -> str:
+        packer, choice = resolve_packer(config.pack_backend, self.model.config)
+        if choice is not None:
+            log.info("fp32 weight packing: %s", choice.summary())
+        return packer
 
     @property
     def bytes_per_block(self) -> int:

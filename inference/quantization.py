@@ -41,8 +41,9 @@ or bf16 for the CPU weight-only kernel, which takes no other).
   weight is dequantized on the fly (dequantized_int4_linear): correct, not fast.
 
 The quantized matmuls take a mode: QUANT_INT8 (int8 weights and activations),
-QUANT_INT8_WEIGHT_ONLY or QUANT_INT4_WEIGHT_ONLY; QUANT_PACKED_FP32 is no
-quantization but fp32 weights packed for MKL (inference.packing).
+QUANT_INT8_WEIGHT_ONLY or QUANT_INT4_WEIGHT_ONLY; QUANT_PACKED_FP32 and
+QUANT_PACKED_ONEDNN are no quantization but fp32 weights packed for MKL or
+oneDNN (inference.packing).
 
 No Django here; the functions below are TorchScript-compatible because the
 scripted layer stack in inference.llama calls them.
@@ -54,14 +55,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from inference.packing import QUANT_PACKED_FP32, packed_linear  # noqa: F401 (re-exported)
+from inference.packing import (  # noqa: F401 (re-exported)
+    QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, onednn_linear, packed_linear)
 
 QUANT_INT8 = 0
 QUANT_INT8_WEIGHT_ONLY = 1
 QUANT_INT4_WEIGHT_ONLY = 2
-# Not a quantization, QUANT_PACKED_FP32 (3, defined in inference.packing): fp32
-# weights packed for MKL, riding the same slots (the packed copy as the weight,
-# the unpacked weight as its "scale").
+# Not quantizations, QUANT_PACKED_FP32 and QUANT_PACKED_ONEDNN (3 and 4,
+# defined in inference.packing): fp32 weights packed for MKL or oneDNN, riding
+# the same slots (the packed copy as the weight, the unpacked weight as its "scale").
 # 32 columns share a scale and an offset, as in llama.cpp's Q4_0/Q4_1 blocks
 # (the bundled GGUF's): groups of 64 ran no faster at one row (a forward's layer
 # matmuls 5.6 ms against 5.2), and smaller groups keep the rounding error lower.
@@ -159,8 +161,10 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                      bias: Optional[torch.Tensor], mode: int) -> torch.Tensor:
     """The matmul of a quantized weight in the given QUANT_* mode (literals
     below: TorchScript reads no module globals)."""
-    if mode == 3:  # QUANT_PACKED_FP32
+    if mode == 3:  # QUANT_PACKED_FP32 (MKL)
         return packed_linear(x, weight, scale, bias)
+    if mode == 4:  # QUANT_PACKED_ONEDNN
+        return onednn_linear(x, weight, bias)
     if mode == 2:  # QUANT_INT4_WEIGHT_ONLY
         return int4_linear(x, weight, scale, bias)
     return int8_linear(x, weight, scale, bias, mode == 1)  # QUANT_INT8_WEIGHT_ONLY

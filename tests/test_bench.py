@@ -81,9 +81,11 @@ def test_a_decode_steps_bytes_count_the_stored_weights_and_the_kv():
     layer = 64 * (64 + 2 * 32) + 64 * 64 + 2 * 160 * 64 + 64 * 160
     params = 3 * layer + 512 * 64
     kv_per_token = 3 * 2 * 2 * 16  # layers x (K, V) x KV heads x head dim
-    # Packed for MKL or not (inference.packing), an fp32 step reads each weight once.
-    for pack in (True, False):
-        with Engine(tiny_llama(), None, EngineConfig(kv_cache_bytes=2**20, pack_weights=pack)) as engine:
+    # Packed for MKL, oneDNN or not (inference.packing), an fp32 step reads each weight once.
+    from inference.packing import PACKERS
+
+    for settings in [{"pack_backend": p} for p in PACKERS] + [{"pack_weights": False}]:
+        with Engine(tiny_llama(), None, EngineConfig(kv_cache_bytes=2**20, **settings)) as engine:
             assert step_bytes(engine, 4, 10) == 4 * params + 4 * 4 * 10 * kv_per_token
     with Engine(tiny_llama(), None, EngineConfig(kv_cache_bytes=2**20, quantization="int8")) as engine:
         net = engine.runner.net
@@ -102,8 +104,10 @@ def test_the_packing_benchmark_times_every_contender_at_every_row_count():
         pytest.skip("this torch has no MKL sgemm packing")
     shapes = {"qkv": (32, 48, 2), "down": (40, 32, 2), "lm_head": (32, 100, 1)}
     results = packing.measure(shapes, [1, 8], [1, 3], rounds=1)
-    assert set(results) == {(c, part, n) for c in ("F.linear", "packed for 1", "packed for 8")
+    contenders = ("F.linear", "packed for 1", "packed for 8") + (("oneDNN",) if packing.ONEDNN_PACKING else ())
+    assert set(results) == {(c, part, n) for c in contenders
                             for part in ("layers", "lm_head") for n in (1, 3)}
     assert all(ms > 0 for ms in results.values())
     markdown = packing.render(results, [1, 8], [1, 3], "python -m bench.packing", report.machine_info())
-    assert markdown.startswith(packing.HEADING) and "| 3 | " in markdown and "packed for 8" in markdown
+    assert markdown.startswith(packing.HEADING) and "| 3 | " in markdown and "MKL packed for 8" in markdown
+    assert ("oneDNN packed for" in markdown) is packing.ONEDNN_PACKING
