@@ -391,7 +391,8 @@ ENGINE_FOLLOW_CPU_LOAD = env_bool("ENGINE_FOLLOW_CPU_LOAD", True)
 # times both on the model's shapes at start and keeps the faster: MKL's gave
 # 1.4-1.8x faster decode-batch matmuls on the 2-core Xeon and nothing on the
 # EPYC, where oneDNN's gave 1.8-2.5x. Costs a second copy of the float
-# weights (MKL's padded: +760 MiB for SmolLM2-135M in fp32; oneDNN's +540 MB).
+# weights (measured for SmolLM2-135M in fp32: +760 MiB for MKL's on the Xeon;
+# +920 MiB for MKL's and +760 MiB for oneDNN's on the EPYC).
 ENGINE_PACK_WEIGHTS = env_bool("ENGINE_PACK_WEIGHTS", True)
 ENGINE_PACK_BACKEND = env_choice("ENGINE_PACK_BACKEND", "auto", {"auto", "mkl", "onednn"})
 # CPU decode attention over the paged KV cache in place, in a C++ library built

@@ -11,13 +11,10 @@ can take the weight in their own layout once, at start:
   (docs/BENCHMARKS.md "fp32 weights packed for MKL"): 1.4-1.8x faster than
   F.linear at 4-64 rows, 1.05-1.3x at one row and in prefill chunks; the
   lm_head 1.3-2.2x. On the 2-core AMD EPYC it was no faster than F.linear.
-  Its layout pads: an engine on SmolLM2-135M (540 MB of fp32 weights) grew by
-  760 MiB more packed than unpacked.
 - **oneDNN** (`mkldnn._reorder_linear_weight` into an opaque oneDNN tensor,
   `mkldnn._linear_pointwise`; inductor's path for bf16 linears). On the EPYC,
   1.8-2.5x faster than F.linear and MKL's packed sgemm from 4 to 128 rows
-  (docs/BENCHMARKS.md "fp32 weights packed for oneDNN"), and its copy is the
-  weights' own size.
+  (docs/BENCHMARKS.md "fp32 weights packed for MKL or oneDNN").
 
 Which is faster depends on the CPU (MKL picks slower paths on AMD), so
 PACKERS are timed at start on the model's own layer shapes (choose_packer,
@@ -39,7 +36,10 @@ one instead.
   in the last bits. The engine's promise is HF generate's tokens, which the
   engine tests check with each packer.
 - **Memory.** The unpacked weight stays (the HF module holds it, and
-  `_mkl_linear` reads its shape). Quantized weights add their copy the same way.
+  `_mkl_linear` reads its shape). An engine on SmolLM2-135M in fp32 (540 MB of
+  weights) grew by 760 MiB more packed for MKL than unpacked on the Xeon; on
+  the EPYC by 920 MiB for MKL and 760 MiB for oneDNN. Quantized weights add
+  their copy the same way.
 - **Where.** fp32 on the CPU, unquantized, in a torch built with MKL or
   oneDNN (x86 builds from PyPI); elsewhere packed_linear is plain `F.linear`
   and nothing is packed.
