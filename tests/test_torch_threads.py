@@ -37,4 +37,3 @@ def test_a_helper_thread_keeps_its_count_when_the_engine_restores_its_team(initi
         thread.join(10)
         torch.set_num_threads(previous)
     assert seen == [settings.EMBEDDING_THREADS]
-

@@ -9,11 +9,13 @@
 // Built at engine start for the machine at hand (-march=native) and cached;
 // inference.kernels checks it against the torch path before the engine uses it.
 //
-// One task per (sequence, KV head), run on torch's own intra-op thread pool
-// (at::parallel_for), so the engine's thread count holds for it as for the
+// One task per (sequence, KV head), run on the OpenMP runtime torch loaded, with
+// the calling thread's torch count (at::get_num_threads), so the engine's
+// thread count holds for it as for the
 // matmuls. Sums in fp32 whatever the cache's dtype; the softmax subtracts the
 // row's max, as SDPA and HF's eager attention do.
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
@@ -36,9 +38,16 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
                       const int64_t* context_lens, T* out, int64_t batch, int64_t heads, int64_t kv_heads,
                       int64_t dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t group = heads / kv_heads;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Not at::parallel_for: that header inlines torch's lazy per-thread init,
+  // whose flag this library would hold a second copy of, so its first call on
+  // each thread reset the thread's count to whatever count any thread set last
+  // (an engine measured on one thread after another engine's one-thread step).
+  const int threads = at::get_num_threads();
+#pragma omp parallel num_threads(threads)
+  {
     std::vector<float> query(group * dim), acc(group * dim), scores;
-    for (int64_t task = begin; task < end; ++task) {
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < batch * kv_heads; ++task) {
       const int64_t b = task / kv_heads, kvh = task % kv_heads;
       const int64_t ctx = context_lens[b];
       const int64_t* blocks = table + b * max_blocks;
@@ -90,7 +99,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
         for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<T>(acc[g * dim + d] * inv_sum[g]);
       }
     }
-  });
+  }
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -158,3 +158,30 @@ def test_the_built_library_is_reused(tmp_path, kernel_ready):
     kernels._build(compiler, target)
     assert target.exists() and not list(tmp_path.glob(".*"))
 
+
+
+@needs_kernel
+def test_the_kernel_leaves_the_calling_threads_count_alone(kernel_ready):
+    # Its first call on a thread once reset that thread's count to whatever any
+    # thread set last: an engine thread took another engine's one-thread count.
+    import threading
+
+    generator = torch.Generator().manual_seed(9)
+    q, k, v, table, lens = _case(generator, torch.float32, 3, 2, 3, 32, 8, [9, 20, 1])
+    seen = []
+
+    def engine_thread():
+        torch.set_num_threads(2)
+        torch.ones(2**20).sum()  # torch's own per-thread start-up done
+        other = threading.Thread(target=torch.set_num_threads, args=(1,))  # another engine's one-thread step
+        other.start()
+        other.join()
+        kernel_ready(q, k, v, table, lens, 0.125)
+        seen.append(torch.get_num_threads())
+
+    previous = torch.get_num_threads()
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    thread.join(60)
+    torch.set_num_threads(previous)
+    assert seen == [2]
