@@ -54,7 +54,11 @@ async def test_new_chat_creates_the_conversation_and_redirects(alice, fake_gatew
     # The main pane, the page title and the chat's sidebar entry; not the whole page.
     html = response.content.decode()
     assert response["HX-Retarget"] == "#main" and response["HX-Reswap"] == "innerHTML"
-    assert "data-stream=" in html and "<title>Plan a trip to Lisbon · Chat</title>" in html
+    assert "<title>Plan a trip to Lisbon · Chat</title>" in html
+    # The reply: streaming (the element htmx's SSE extension attaches to) or,
+    # where the instant fake gateway finished it before the page was rendered
+    # (seen on a loaded CI box), already whole.
+    assert "data-stream=" in html or 'class="msg assistant status-complete"' in html
     entry = re.search(r'<ul hx-swap-oob="afterbegin:#conversation-list"><li><a href="([^"]+)" class="current"', html)
     assert entry and entry.group(1) == f"/c/{conversation.id}/"
     assert "sidebar-footer" not in html and html.count("<li>") == 1
