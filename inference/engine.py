@@ -25,8 +25,8 @@ from inference.formats import choose_cpu_format
 from inference.handle import RequestHandle
 from inference.metrics import EngineMetrics
 from inference.model_runner import DTYPES, ModelRunner
-from inference.packing import can_pack, resolve_packer
 from inference.outputs import Completion, PromptTooLong
+from inference.packing import can_pack, resolve_packer
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler
 from inference.sequence import Sequence
