@@ -59,13 +59,12 @@ def default_kernel_dir() -> Path:
 
 
 def _cpu_flags() -> str:
+    # Not inference.formats.cpu_info: formats imports the model runner, which imports this module.
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: the build is not tried there (see _load)
+        return ""
+    return next((line for line in text.splitlines() if line.startswith("flags")), "")
 
 
 def _compiler() -> str | None:
