@@ -5,7 +5,7 @@ from __future__ import annotations
 from bench import report
 
 TARGETS = {"static": 1.5, "hf1": 8.0, "roofline_pct": 40.0, "chat_tok_s": 60.0, "prefix": 2.0}
-PEAK_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8 (torch._int_mm)",
+PEAK_NAMES = {"float32": "fp32 (the best of torch.mm and the weights packed for MKL or oneDNN)", "bfloat16": "bf16", "float16": "fp16", "int8": "int8 (torch._int_mm)",
               "int8_weight_only": "int8 weights × bf16 (aten._weight_int8pack_mm)",
               "int4_weight_only": "int4 weights × bf16 (aten._weight_int4pack_mm_for_cpu)"}
 

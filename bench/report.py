@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def machine_header(info: dict | None = None) -> str:
 def command_line(module: str, argv: list[str] | None) -> str:
     """The command that produced a section, as a reader would retype it."""
     args = argv if argv is not None else sys.argv[1:]
-    return " ".join(["python -m", module, *args])
+    # shlex quotes what the shell would lose: `--out ''` stays retypable.
+    return " ".join(["python -m", module, shlex.join(args)]).rstrip()
 
 
 def row(*cells) -> str:

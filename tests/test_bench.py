@@ -40,6 +40,26 @@ def test_table_and_machine_header():
     assert header.startswith("Machine: ") and "torch " in header and "load average" in header
 
 
+def test_a_sections_command_can_be_retyped():
+    assert report.command_line("bench.engine", ["--out", "", "--json", "a b.json"]) == (
+        "python -m bench.engine --out '' --json 'a b.json'")
+    assert report.command_line("bench.engine", []) == "python -m bench.engine"
+
+
+def test_the_fp32_peak_includes_the_engines_packed_matmuls():
+    """The fp32 roofline's peak is the best of torch.mm and every packer the
+    engine may run, so the engine's share is not measured against a slower kernel."""
+    from bench import peers
+    from inference import packing
+
+    products = peers._square_products(64, "float32", "cpu")
+    assert len(products) == 1 + len(packing.PACKERS)
+    results = [product() for product in products]
+    for result in results[1:]:
+        assert result.shape == results[0].shape == (64, 64)
+    assert len(peers._square_products(64, "bfloat16", "cpu")) == 1
+
+
 def test_the_relay_benchmarks_client_reads_the_stubs_stream():
     """bench.relay's raw SSE client against bench.sse_stub: text, usage, [DONE]."""
     import asyncio
