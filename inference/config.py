@@ -89,10 +89,11 @@ class EngineConfig:
     # pack_backend "auto" times both on the model's shapes at start and keeps
     # the faster, or neither if F.linear is as fast: on the 2-core Xeon MKL's
     # packed sgemm ran layer matmuls 1.4-1.8x faster at 4-32 rows; on the
-    # 2-core EPYC it gained nothing and oneDNN's ran 1.8-2.5x faster. Costs a
-    # second copy of the float weights (SmolLM2-135M: +760 MiB for MKL's on the
-    # Xeon; +920 MiB for MKL's, +760 for oneDNN's on the EPYC). Ignored in
-    # other formats.
+    # 2-core EPYC it gained nothing and oneDNN's ran 1.8-2.5x faster. The
+    # unpacked copies are freed once the engine has started when it loaded the
+    # model itself; SmolLM2-135M's RSS then grows by 1275 MiB packed for
+    # oneDNN against 1019 unpacked on the EPYC (1539 before the copies were
+    # freed). Ignored in other formats.
     pack_weights: bool = True
     pack_backend: str = "auto"  # "auto", "mkl" or "onednn"
     # CPU: decode attention reads the paged KV cache in place, in a small C++

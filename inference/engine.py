@@ -40,7 +40,10 @@ class Engine:
     def __init__(self, model: torch.nn.Module | Callable[[], torch.nn.Module], tokenizer=None,
                  config: EngineConfig | None = None):
         """model: the HF module, or a function that loads it (from_pretrained
-        passes one, so that the load too runs on the engine thread)."""
+        passes one, so that the load too runs on the engine thread). A model
+        the engine loads is its own: once the layer stack runs on quantized or
+        packed copies, the float layer weights are freed and the HF module is
+        left hollow. A module passed in stays whole."""
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
         self.step_observer = None  # callable(batch, duration_s): the benchmark's hook
@@ -67,7 +70,8 @@ class Engine:
     def _build(self, model, threads: int) -> None:
         """On the engine thread, before its loop: everything that runs torch work."""
         torch.set_num_threads(threads)
-        if not isinstance(model, torch.nn.Module):
+        owns_model = not isinstance(model, torch.nn.Module)  # loaded here: nobody else holds it
+        if owns_model:
             model = model()
         # dtype "auto" is left unresolved only on CPU: measure and choose (inference.formats).
         self.format_report = None
@@ -81,6 +85,10 @@ class Engine:
             self.config = dataclasses.replace(self.config, dtype=self.format_report.dtype)
         self.model_name = self.config.model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.runner = ModelRunner(model, self.config)
+        self.released_weight_bytes = self.runner.release_float_weights() if owns_model else 0
+        if self.released_weight_bytes:
+            log.info("freed %.0f MB of float layer weights the quantized or packed copies replace",
+                     self.released_weight_bytes / 1e6)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.net.embed.shape[0]
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,

@@ -9,7 +9,7 @@ from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
 from inference.kernels import load_paged_attention
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
-from inference.packing import can_pack, pack_paged, resolve_packer
+from inference.packing import QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged, resolve_packer
 from inference.quantization import quantize_paged
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
@@ -69,6 +69,40 @@ class ModelRunner:
         # Which steps run on one thread (inference.threads); measured here, on
         # the weights and cache the steps will use.
         self.step_threads = choose_step_threads(self, config.one_thread_rows, config.follow_cpu_load)
+
+    def release_float_weights(self) -> int:
+        """Free the float copies of the layers' matmul weights once the layer
+        stack runs on copies of its own (quantized, or packed for MKL or
+        oneDNN); returns the bytes freed. The HF module and PagedLlama.layers
+        held them only for the engine's start: the stack never reads them
+        again (MKL's packed matmul reads the unpacked weight's shape alone, as
+        packed_linear always passes the input's own row count). For SmolLM2-135M
+        that is the 427 MB of fp32 layer weights, which packing or quantizing had
+        doubled. The embedding (and the lm_head tied to it) stays. Only for a
+        model the engine loaded itself (Engine._build): a module the caller
+        passed in stays whole, as its owner may still run it."""
+        net = self.net
+        if net.quant_mode < 0:
+            return 0  # the stack multiplies by the float weights themselves
+
+        def shape_only(t: torch.Tensor) -> torch.Tensor:
+            # One element, seen at the weight's shape: what reads only the shape keeps working.
+            return torch.zeros((1, 1), dtype=t.dtype, device=t.device).expand(t.shape)
+
+        freed = sum(w[name].untyped_storage().nbytes() for w in net.layers
+                    for name in ("qkv", "o", "gate_up", "down"))
+        if net.quant_mode in (QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN):
+            net.weight_scales = [[shape_only(w) for w in layer] for layer in net.weight_scales]
+        for w in net.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                w[name] = shape_only(w[name])
+        for layer in self.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                           mlp.down_proj):
+                # Empty, not zeros: the hollow HF module fails loudly if anything calls it.
+                linear.weight.data = torch.empty(0, dtype=self.dtype, device=self.device)
+        return freed
 
     def _packer(self, config: EngineConfig) -> str:
         packer, choice = resolve_packer(config.pack_backend, self.model.config)

@@ -35,11 +35,17 @@ one instead.
   `F.linear` at 8 rows already differs from `F.linear` at one; oneDNN's differ
   in the last bits. The engine's promise is HF generate's tokens, which the
   engine tests check with each packer.
-- **Memory.** The unpacked weight stays (the HF module holds it, and
-  `_mkl_linear` reads its shape). An engine on SmolLM2-135M in fp32 (540 MB of
-  weights) grew by 760 MiB more packed for MKL than unpacked on the Xeon; on
-  the EPYC by 920 MiB for MKL and 760 MiB for oneDNN. Quantized weights add
-  their copy the same way.
+- **Memory.** A second copy of the layer weights, while the unpacked ones
+  stay for the engine's start. An engine that loaded its model itself then
+  frees them (ModelRunner.release_float_weights; `_mkl_linear` reads the
+  unpacked weight's shape only, and gets a one-element stand-in of that
+  shape). SmolLM2-135M in fp32 (540 MB of weights, 427 MB of them in the
+  layers) on the 2-core EPYC, RSS growth of one engine: 1019 MiB unpacked,
+  1539 packed for oneDNN and 1693 for MKL while the unpacked weights stayed;
+  1275 and 1428 freed. What is left above unpacked is mostly the safetensors
+  file's pages, mapped and clean, which the kernel drops under pressure
+  (anonymous memory, packed for oneDNN: 978 MiB kept, 715 freed). Quantized
+  weights free their float copies the same way.
 - **Where.** fp32 on the CPU, unquantized, in a torch built with MKL or
   oneDNN (x86 builds from PyPI); elsewhere packed_linear is plain `F.linear`
   and nothing is packed.

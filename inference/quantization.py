@@ -172,8 +172,9 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def quantize_paged(net, quantization: str) -> None:
     """Swap a PagedLlama's matmul weights for quantized ones in place; norms
-    and the embedding stay in the model's dtype. The HF module keeps its float
-    weights (the engine never calls it), so only the scripted stack sees them.
+    and the embedding stay in the model's dtype. The float weights stay until
+    the engine has started (ModelRunner.release_float_weights frees them when
+    the engine loaded the model itself); only the scripted stack sees these.
     Off the CPU "int8" is weight-only (see the module docstring)."""
     cpu = net.device.type == "cpu"
     if quantization == "int4_weight_only":
