@@ -8,7 +8,8 @@ step streams them) and the lm_head: `F.linear` (what the engine runs
 unpacked; for the lm_head `torch.mm(W, x.T)`, which MKL ran faster), and `mkl._mkl_linear` on weights packed by
 `mkl._mkl_reorder_linear_weight` for each --pack-rows, and oneDNN's
 `mkldnn._linear_pointwise` on weights packed by `mkldnn._reorder_linear_weight`
-for PACK_ROWS, run at each --rows. The
+for PACK_ROWS, and at up to 8 rows inference.kernels' small_linear on the plain
+weights (one pass over each weight row), run at each --rows. The
 contenders are interleaved in every round and the median of --rounds kept (the
 box is shared). Prints a table (ms per forward) and writes the section
 "fp32 weights packed for MKL or oneDNN (bench.packing)" of docs/BENCHMARKS.md, which
@@ -28,26 +29,30 @@ from transformers import AutoConfig
 from bench import report
 from bench.formats import engine_shapes
 from inference.bootstrap import resolve_model
+from inference import kernels
 from inference.packing import MKL_PACKING, ONEDNN_PACKING, PACK_ROWS, pack_weight, packed_matmul
 
 HEADING = "## fp32 weights packed for MKL or oneDNN (bench.packing)"
 ONEDNN = "oneDNN"
+SMALL = "small_linear"  # inference.kernels' few-row op on the plain weights
 
 
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
-def _contenders(pack_rows: list[int]) -> list[str]:
-    return ["F.linear"] + [f"packed for {p}" for p in pack_rows] + ([ONEDNN] if ONEDNN_PACKING else [])
+def _contenders(pack_rows: list[int], small_linear: bool = False) -> list[str]:
+    return (["F.linear"] + [f"packed for {p}" for p in pack_rows] + ([ONEDNN] if ONEDNN_PACKING else [])
+            + ([SMALL] if small_linear else []))
 
 
 def _pack_key(contender: str):
     return ONEDNN if contender == ONEDNN else int(contender.rsplit(" ", 1)[1])
 
 
-def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int) -> dict:
-    """{(contender, rows): median ms of one forward's layer matmuls, and of the lm_head}."""
+def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, small_linear: bool = False) -> dict:
+    """{(contender, rows): median ms of one forward's layer matmuls, and of the lm_head}; small_linear
+    (inference.kernels' op, its library loaded) only at the rows it takes."""
     generator = torch.Generator().manual_seed(0)
     weights = {name: [torch.randn(n_out, n_in, generator=generator) * 0.02 for _ in range(count)]
                for name, (n_in, n_out, count) in shapes.items()}
@@ -55,21 +60,23 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int) ->
              for p in pack_rows}
     if ONEDNN_PACKING:
         packs[ONEDNN] = {name: [pack_weight(w, "onednn") for w in ws] for name, ws in weights.items()}
-    contenders = _contenders(pack_rows)
     results: dict = {}
     for n in rows:
+        contenders = _contenders(pack_rows, small_linear and n <= kernels.SMALL_LINEAR_MAX_ROWS)
         inputs = {name: torch.randn(n, n_in, generator=generator) for name, (n_in, _o, _c) in shapes.items()}
         samples: dict = {(c, part): [] for c in contenders for part in ("layers", "lm_head")}
         for _round in range(rounds + 1):  # the first round warms up and is dropped
             for contender in contenders:
-                pack = None if contender == "F.linear" else packs[_pack_key(contender)]
+                pack = None if contender in ("F.linear", SMALL) else packs[_pack_key(contender)]
                 for part in ("layers", "lm_head"):
                     names = ["lm_head"] if part == "lm_head" else [k for k in shapes if k != "lm_head"]
                     started = time.perf_counter()
                     for name in names:
                         x = inputs[name]
                         for index, w in enumerate(weights[name]):
-                            if pack is None and name == "lm_head":
+                            if contender == SMALL:
+                                torch.ops.chatapp.small_linear(x, w, None)
+                            elif pack is None and name == "lm_head":
                                 torch.mm(w, x.t()).t().contiguous()  # the engine's unpacked lm_head
                             elif pack is None:
                                 F.linear(x, w)
@@ -87,9 +94,11 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int) ->
 
 
 def render(results: dict, pack_rows: list[int], rows: list[int], command: str, info: dict) -> str:
-    contenders = _contenders(pack_rows)
-    labels = ["unpacked"] + [c.replace("packed for", "MKL packed for") if c != ONEDNN
-                             else f"oneDNN packed for {PACK_ROWS}" for c in contenders[1:]]
+    contenders = _contenders(pack_rows, any(key[0] == SMALL for key in results))
+    labels = ["unpacked"] + [c.replace("packed for", "MKL packed for") if c not in (ONEDNN, SMALL)
+                             else f"oneDNN packed for {PACK_ROWS}" if c == ONEDNN
+                             else f"small_linear (plain weights, ≤ {kernels.SMALL_LINEAR_MAX_ROWS} rows)"
+                             for c in contenders[1:]]
     lines = [HEADING, "", f"Command: `{command}`.", "", report.machine_header(info), "",
              "Median ms of one forward's matmuls at SmolLM2-135M's shapes, each weight its own tensor (as a decode "
              "step streams them), contenders interleaved in every round; in brackets, the unpacked time over the "
@@ -101,7 +110,7 @@ def render(results: dict, pack_rows: list[int], rows: list[int], command: str, i
         for n in rows:
             base = results[("F.linear", part, n)]
             cells = [f"{base:.2f}"] + [f"{results[(c, part, n)]:.2f} ({base / results[(c, part, n)]:.2f}×)"
-                                       for c in contenders[1:]]
+                                       if (c, part, n) in results else "—" for c in contenders[1:]]
             lines.append(report.row(n, *cells))
         lines.append("")
     return "\n".join(lines)
@@ -123,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     info = report.machine_info()
     model_dir = resolve_model("bundled:smollm2", Path(args.models_dir))
     shapes = engine_shapes(AutoConfig.from_pretrained(model_dir))
+    small_linear = kernels.load_kernels()
     with torch.inference_mode():
-        results = measure(shapes, args.pack_rows, args.rows, args.rounds)
+        results = measure(shapes, args.pack_rows, args.rows, args.rounds, small_linear)
     markdown = render(results, args.pack_rows, args.rows, report.command_line("bench.packing", argv), info)
     print(markdown)
     if not args.no_write:

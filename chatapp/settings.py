@@ -37,7 +37,7 @@ def env_bool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
 
 
-def env_int(name: str, default: int, *, min_value: int | None = None) -> int:
+def env_int(name: str, default: int, *, min_value: int | None = None, max_value: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -47,6 +47,8 @@ def env_int(name: str, default: int, *, min_value: int | None = None) -> int:
         raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
     if min_value is not None and number < min_value:
         raise ImproperlyConfigured(f"{name}={number} must be >= {min_value}")
+    if max_value is not None and number > max_value:
+        raise ImproperlyConfigured(f"{name}={number} must be <= {max_value}")
     return number
 
 
@@ -399,6 +401,9 @@ ENGINE_PACK_BACKEND = env_choice("ENGINE_PACK_BACKEND", "auto", {"auto", "mkl", 
 # at the first start with the system compiler and kept under DATA_DIR/kernels
 # (inference.kernels); without a compiler the engine gathers blocks as before.
 ENGINE_ATTENTION_KERNEL = env_bool("ENGINE_ATTENTION_KERNEL", True)
+# fp32 steps of at most this many tokens multiply in the same library's
+# small_linear (one pass over each plain weight row); 0 turns it off. At most 8.
+ENGINE_SMALL_LINEAR_ROWS = env_int("ENGINE_SMALL_LINEAR_ROWS", 4, min_value=0, max_value=8)
 ENGINE_KERNEL_DIR = DATA_DIR / "kernels"
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
 MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}

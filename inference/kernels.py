@@ -8,7 +8,14 @@ lies, through the block table. At 32 sequences of 128-160 tokens on the
 2-core Xeon, 30 layers' decode attention took 7.7 ms against 26-48 ms for the
 gather and SDPA (docs/BENCHMARKS.md "Decode attention in place").
 
-No wheel ships such a kernel for the pinned CPU torch, so it is built here:
+fp32 matmuls of a few rows (EngineConfig.small_linear_rows): one chat's decode
+step multiplies one row by every weight, a stream of the model's weights that
+torch's GEMM libraries read at about 17 GB/s on the 2-core EPYC (oneDNN on
+packed weights; MKL unpacked about the same). csrc/small_linear.cpp reads each
+plain weight row once and takes its dot product with each input row, at about
+34 GB/s (docs/BENCHMARKS.md "One stream's matmuls").
+
+No wheel ships such kernels for the pinned CPU torch, so they are built here:
 the first engine in a process compiles the source with the system's C++
 compiler against the installed torch's headers (about 8 s on 2 cores), keyed
 by the source, torch version, flags and CPU, and later starts load the cached
@@ -37,7 +44,10 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+# One library of every source: decode attention in place, and fp32 matmuls of a few rows.
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "small_linear.cpp")]
+# The most rows small_linear takes (csrc/small_linear.cpp's kMaxRows).
+SMALL_LINEAR_MAX_ROWS = 8
 # -ffast-math lets the compiler vectorise the dot products' sums and call
 # glibc's vector exp; it is given to the compile step only, since at the link
 # step GCC 12 would add crtfastmath.o, which turns on flush-to-zero for the
@@ -46,12 +56,14 @@ SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++20", "-w"]
 BUILD_TIMEOUT_S = 600
 
-# The op's schema lives here, not in the library: the scripted layer stack
+# The ops' schemas live here, not in the library: the scripted layer stack
 # (inference.llama) refers to torch.ops.chatapp.paged_decode_attention and
-# compiles against this schema whether or not the library could be built.
+# small_linear and compiles against these schemas whether or not the library
+# could be built.
 _LIBRARY = torch.library.Library("chatapp", "DEF")
 _LIBRARY.define("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
                 "Tensor context_lens, float scale) -> Tensor")
+_LIBRARY.define("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
 def default_kernel_dir() -> Path:
@@ -74,7 +86,7 @@ def _compiler() -> str | None:
 def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
+    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
                  " ".join(COMPILE_FLAGS).encode(), version.encode(), _cpu_flags().encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -82,20 +94,20 @@ def _build_key(compiler: str) -> str:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile SOURCE into target (atomically: concurrent builders each write their own temporary)."""
+    """Compile SOURCES into target (atomically: concurrent builders each write their own temporary)."""
     from torch.utils import cpp_extension  # the installed torch's include and library paths
 
     target.parent.mkdir(parents=True, exist_ok=True)
     stem = target.parent / f".{target.stem}.{os.getpid()}"
-    obj, lib = stem.with_suffix(".o"), stem.with_suffix(".so")
+    objects = [stem.with_suffix(f".{source.stem}.o") for source in SOURCES]
+    lib = stem.with_suffix(".so")
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     libdirs = cpp_extension.library_paths()
-    commands = [
-        [compiler, *COMPILE_FLAGS, abi, *includes, "-c", str(SOURCE), "-o", str(obj)],
-        [compiler, "-shared", "-fopenmp", str(obj), "-o", str(lib), *(f"-L{d}" for d in libdirs),
-         *(f"-Wl,-rpath,{d}" for d in libdirs), "-lc10", "-ltorch_cpu"],
-    ]
+    commands = [[compiler, *COMPILE_FLAGS, abi, *includes, "-c", str(source), "-o", str(obj)]
+                for source, obj in zip(SOURCES, objects)]
+    commands.append([compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(lib),
+                     *(f"-L{d}" for d in libdirs), *(f"-Wl,-rpath,{d}" for d in libdirs), "-lc10", "-ltorch_cpu"])
     try:
         for command in commands:
             done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
@@ -103,7 +115,8 @@ def _build(compiler: str, target: Path) -> None:
                 raise RuntimeError(f"{' '.join(command[:2])} ... failed: {done.stderr[-2000:]}")
         os.replace(lib, target)
     finally:
-        obj.unlink(missing_ok=True)
+        for obj in objects:
+            obj.unlink(missing_ok=True)
         lib.unlink(missing_ok=True)
 
 
@@ -136,6 +149,13 @@ def _self_check() -> None:
         error = (got - want).abs().max().item()
         if not error <= tolerance:  # also catches NaN
             raise RuntimeError(f"paged_decode_attention differs from the torch path by {error} in {dtype}")
+    weight, bias = torch.randn(40, 96, generator=generator), torch.randn(40, generator=generator)
+    for rows in range(1, SMALL_LINEAR_MAX_ROWS + 1):
+        x = torch.randn(rows, 96, generator=generator)
+        for b in (None, bias):
+            error = (torch.ops.chatapp.small_linear(x, weight, b) - F.linear(x, weight, b)).abs().max().item()
+            if not error <= 1e-4:
+                raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows")
 
 
 _loaded = False  # a library loaded stays loaded, for every later engine of the process
@@ -146,14 +166,16 @@ def _load(kernel_dir: str) -> bool:
     # Tried once per process and directory.
     global _loaded
     if not sys.platform.startswith("linux"):
-        log.info("paged attention kernel: not built on %s; decode attention gathers blocks", sys.platform)
+        log.info("native kernels: not built on %s; decode attention gathers blocks, few-row matmuls run in torch",
+                 sys.platform)
         return False
     compiler = _compiler()
     if compiler is None:
-        log.warning("paged attention kernel: no C++ compiler found; decode attention gathers blocks")
+        log.warning("native kernels: no C++ compiler found; decode attention gathers blocks, few-row matmuls run "
+                    "in torch")
         return False
     try:
-        target = Path(kernel_dir) / f"paged_attention-{_build_key(compiler)}.so"
+        target = Path(kernel_dir) / f"kernels-{_build_key(compiler)}.so"
         if target.exists():
             how = f"cached {target}"
         else:
@@ -163,13 +185,18 @@ def _load(kernel_dir: str) -> bool:
         torch.ops.load_library(str(target))
         _self_check()
     except Exception as exc:  # any failure leaves the torch path, which is correct
-        log.warning("paged attention kernel unavailable (%s); decode attention gathers blocks", exc)
+        log.warning("native kernels unavailable (%s); decode attention gathers blocks, few-row matmuls run in torch",
+                    exc)
         return False
-    log.info("paged attention kernel: %s", how)
+    log.info("native kernels (paged attention, small_linear): %s", how)
     _loaded = True
     return True
 
 
-def load_paged_attention(kernel_dir: str | os.PathLike | None = None) -> bool:
-    """Build or load the paged decode attention library; True when the op is ready to run."""
+def load_kernels(kernel_dir: str | os.PathLike | None = None) -> bool:
+    """Build or load the library (paged decode attention, small_linear); True
+    when its ops are ready to run."""
     return _loaded or _load(str(Path(kernel_dir) if kernel_dir else default_kernel_dir()))
+
+
+load_paged_attention = load_kernels  # its first op's name, as the tests and callers know it

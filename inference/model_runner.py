@@ -7,7 +7,7 @@ import torch
 
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
-from inference.kernels import load_paged_attention
+from inference.kernels import SMALL_LINEAR_MAX_ROWS, load_kernels
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
 from inference.packing import QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged, resolve_packer
 from inference.quantization import quantize_paged
@@ -48,8 +48,14 @@ class ModelRunner:
         self.packed_weights = self.weight_packing != "none"  # for stats() and /healthz
         # Decode attention reads the paged cache in place (inference.kernels) where
         # its library builds; CUDA keeps the torch path (and its graphs).
-        self.net.attention_kernel = (config.attention_kernel and self.device.type == "cpu"
-                                     and load_paged_attention(config.kernel_dir))
+        kernels_ready = (self.device.type == "cpu" and (config.attention_kernel or config.small_linear_rows > 0)
+                         and load_kernels(config.kernel_dir))
+        self.net.attention_kernel = bool(config.attention_kernel and kernels_ready)
+        # Few-row fp32 steps multiply by the plain weights in small_linear:
+        # unpacked, or packed with the plain copy kept (see release_float_weights).
+        plain_fp32 = self.dtype == torch.float32 and self.net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
+        self.net.small_rows = (min(config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
+                               if kernels_ready and plain_fp32 else 0)
         self.num_blocks = self._num_blocks(config)  # what the block manager hands out
         # CUDA graphs pad batches with rows that write into one scratch block past those.
         cache_blocks = self.num_blocks + (1 if config.cuda_graphs else 0)
@@ -80,10 +86,11 @@ class ModelRunner:
         that is the 427 MB of fp32 layer weights, which packing or quantizing had
         doubled. The embedding (and the lm_head tied to it) stays. Only for a
         model the engine loaded itself (Engine._build): a module the caller
-        passed in stays whole, as its owner may still run it."""
+        passed in stays whole, as its owner may still run it. Nor when few-row
+        fp32 steps multiply by the plain weights (EngineConfig.small_linear_rows)."""
         net = self.net
-        if net.quant_mode < 0:
-            return 0  # the stack multiplies by the float weights themselves
+        if net.quant_mode < 0 or net.small_rows > 0:
+            return 0  # the stack multiplies by the float weights themselves (at few rows, or always)
 
         def shape_only(t: torch.Tensor) -> torch.Tensor:
             # One element, seen at the weight's shape: what reads only the shape keeps working.

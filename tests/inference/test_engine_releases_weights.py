@@ -1,7 +1,8 @@
 """An engine that loads its own model frees the float copies of the layer
 weights once the layer stack runs on quantized or packed copies
 (ModelRunner.release_float_weights), and its tokens do not change; a module
-the caller passes in stays whole."""
+the caller passes in stays whole, and so do the plain weights few-row fp32
+steps multiply by (EngineConfig.small_linear_rows)."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,9 @@ pytestmark = pytest.mark.timeout(180)
 LAYER_PARAMS = 64 * (64 + 2 * 32) + 64 * 64 + 2 * 160 * 64 + 64 * 160
 LAYER_BYTES = 3 * LAYER_PARAMS * 4  # fp32
 
-RELEASED = [pytest.param({"pack_backend": name}, id=f"packed-{name}",
+# Packed, with few-row steps on the packed copies too (small_linear_rows=0): with
+# small_linear on, the plain weights stay (test_engine_small_linear).
+RELEASED = [pytest.param({"pack_backend": name, "small_linear_rows": 0}, id=f"packed-{name}",
                          marks=pytest.mark.skipif(name not in packing.PACKERS, reason=f"no {name} in this torch"))
             for name in ("mkl", "onednn")] + [
     pytest.param({"quantization": "int8"}, id="int8"),

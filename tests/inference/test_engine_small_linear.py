@@ -1,0 +1,109 @@
+"""fp32 matmuls of a few rows in the native library (EngineConfig.small_linear_rows,
+inference.kernels' small_linear): the op computes F.linear's product and
+rejects what it cannot take, the engine runs few-row fp32 steps through it
+(keeping the plain weights beside packed copies) and keeps HF generate's
+greedy tokens, and the other formats never use it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inference import Engine, EngineConfig, SamplingParams, kernels, packing
+
+from .conftest import hf_greedy, make_prompts, tiny_llama
+
+needs_kernel = pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine")
+pytestmark = [needs_kernel, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def small_linear(tmp_path_factory):
+    # A compiler present and the library not built is a failure, not a skip.
+    assert kernels.load_kernels(tmp_path_factory.mktemp("kernels"))
+    return torch.ops.chatapp.small_linear
+
+
+@pytest.mark.parametrize("rows", range(0, kernels.SMALL_LINEAR_MAX_ROWS + 1))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("out_features,in_features", [(96, 80), (3, 1536), (1000, 7)])
+def test_small_linear_computes_the_linear_product(small_linear, rows, with_bias, out_features, in_features):
+    generator = torch.Generator().manual_seed(rows * 31 + in_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    x = torch.randn(rows, in_features, generator=generator)
+    got = small_linear(x, weight, bias)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    # One fp32 dot product per element, summed in another order.
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=2e-5)
+
+
+def test_each_row_is_computed_alone(small_linear):
+    generator = torch.Generator().manual_seed(3)
+    weight, x = torch.randn(200, 300, generator=generator), torch.randn(8, 300, generator=generator)
+    together = small_linear(x, weight, None)
+    for row in range(8):
+        assert torch.equal(small_linear(x[row:row + 1], weight, None)[0], together[row])
+
+
+def test_small_linear_rejects_what_it_cannot_take(small_linear):
+    weight = torch.randn(16, 32)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        small_linear(torch.randn(9, 32), weight, None)
+    with pytest.raises(RuntimeError, match="fp32 expected"):
+        small_linear(torch.randn(2, 32).bfloat16(), weight.bfloat16(), None)
+    with pytest.raises(RuntimeError, match=r"x \[M, K\] and weight \[N, K\]"):
+        small_linear(torch.randn(2, 31), weight, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        small_linear(torch.randn(2, 32), torch.randn(32, 16).t(), None)
+    with pytest.raises(RuntimeError, match="bias"):
+        small_linear(torch.randn(2, 32), weight, torch.randn(15))
+
+
+def _engine(model, **settings) -> Engine:
+    return Engine(model, None, EngineConfig(kv_cache_bytes=2**20, max_num_batched_tokens=128, **settings))
+
+
+@pytest.mark.parametrize("settings", [{"pack_weights": False}] + [
+    pytest.param({"pack_backend": name}, id=f"packed-{name}",
+                 marks=pytest.mark.skipif(name not in packing.PACKERS, reason=f"no {name} in this torch"))
+    for name in ("mkl", "onednn")])
+def test_one_stream_in_fp32_keeps_hf_generates_tokens(small_linear, reference_model, settings):
+    """One sequence decodes one row a step: every matmul after its prompt runs in small_linear."""
+    prompts = make_prompts(4, seed=5, max_len=30)
+    expected = [hf_greedy(reference_model, p, 16) for p in prompts]
+    loaded = []
+
+    def load():  # an engine-owned model: with small_linear on, packing keeps the plain weights
+        loaded.append(tiny_llama())
+        return loaded[0]
+
+    with _engine(load, **settings) as engine:
+        assert engine.stats()["small_linear_rows"] == 4
+        assert engine.released_weight_bytes == 0
+        got = [engine.generate([p], SamplingParams(max_tokens=16, temperature=0.0))[0].token_ids for p in prompts]
+    assert got == expected
+
+
+def test_it_is_off_when_set_to_zero_and_in_other_formats(small_linear):
+    with _engine(tiny_llama(), small_linear_rows=0) as engine:
+        assert engine.stats()["small_linear_rows"] == 0
+    for settings in ({"dtype": "bfloat16"}, {"quantization": "int8"}, {"quantization": "int4_weight_only"}):
+        with _engine(tiny_llama(), **settings) as engine:
+            assert engine.stats()["small_linear_rows"] == 0
+
+
+def test_a_mutated_small_linear_changes_the_tokens(small_linear, reference_model, monkeypatch):
+    """The engine's one-stream tokens really come from small_linear: a wrong
+    product there (checked through the layer stack run eagerly) changes them."""
+    prompt = make_prompts(1, seed=9, max_len=20)[0]
+    expected = hf_greedy(reference_model, prompt, 12)
+
+    def off_by_a_little(x, weight, bias):
+        out = F.linear(x, weight, bias)
+        return out + 0.5 * out.abs().max()  # every product shifted: a broken kernel
+
+    monkeypatch.setattr(torch.ops.chatapp, "small_linear", off_by_a_little)
+    with _engine(tiny_llama(), pack_weights=False, script_layers=False) as engine:
+        got = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))[0].token_ids
+    assert got != expected
