@@ -72,9 +72,7 @@ def postgres_socket_dir(pgdata: Path) -> str:
     return str(info.socket_dir)
 
 
-def postgres_running(pgdata: Path) -> bool:
-    info = PostmasterInfo.read_from_pgdata(Path(pgdata))
-    return info is not None and info.is_running()
+POSTMASTER_EXIT_WAIT_S = 30.0
 
 
 def stop_postgres(pgdata: Path) -> None:
@@ -88,12 +86,21 @@ def stop_postgres(pgdata: Path) -> None:
     handle = PostgresServer._instances.pop(pgdata, None)
     if handle is not None:
         atexit.unregister(handle._cleanup)
-    if postgres_running(pgdata):
+    postmaster = _postmaster(pgdata)
+    if postmaster is not None:
         user = "pgserver" if os.geteuid() == 0 else None
         try:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
         except subprocess.CalledProcessError:
             log.warning("pg_ctl stop failed for %s", pgdata)
+        # pg_ctl returns once postmaster.pid is gone, which the postmaster
+        # removes just before it exits: on a loaded box the process was still
+        # there when serve returned (a CI run beside a benchmark). Stopped
+        # means gone.
+        _gone, alive = psutil.wait_procs([postmaster], timeout=POSTMASTER_EXIT_WAIT_S)
+        if alive:
+            log.warning("the embedded Postgres (pid %d) has not exited %.0f s after its stop",
+                        postmaster.pid, POSTMASTER_EXIT_WAIT_S)
     handles = pgdata / ".handle_pids.json"
     if handles.exists():
         handles.write_text("[]")
