@@ -103,14 +103,16 @@ class EngineConfig:
     # Falls back to the gather where no compiler is found. kernel_dir keeps the
     # built library (None: a folder in the system's temporary directory).
     attention_kernel: bool = True
-    # CPU, fp32: steps of at most this many tokens (one chat, a few) run their
+    # CPU, fp32: steps of at most this many tokens (one chat, two) run their
     # matmuls, lm_head included, in the same library's small_linear, one pass
-    # over each plain weight row, instead of the GEMM library: oneDNN and MKL
-    # read the weights at about 17 GB/s at one row on the 2-core EPYC, this at
-    # about 34. The plain weights then stay beside packed copies (the memory
-    # ModelRunner.release_float_weights would have freed). 0 turns it off;
-    # at most inference.kernels.SMALL_LINEAR_MAX_ROWS.
-    small_linear_rows: int = 4
+    # over each plain weight row, instead of the GEMM library. On the 2-core
+    # EPYC one forward's layer matmuls took 19.7 ms at one row and 20.8 at two
+    # against 25.0 and 28.0 for oneDNN on packed weights; at three rows they
+    # were even, at four oneDNN was faster (bench.packing). The plain weights
+    # then stay beside packed copies (the memory ModelRunner.
+    # release_float_weights would have freed). 0 turns it off; at most
+    # inference.kernels.SMALL_LINEAR_MAX_ROWS.
+    small_linear_rows: int = 2
     kernel_dir: str | None = None
     model_name: str | None = None  # reported by stats(); defaults to the model's name_or_path
     # False runs the decoder layers op by op from Python instead of as one
