@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -104,15 +105,23 @@ def _build(compiler: str, target: Path) -> None:
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     libdirs = cpp_extension.library_paths()
-    commands = [[compiler, *COMPILE_FLAGS, abi, *includes, "-c", str(source), "-o", str(obj)]
+    compiles = [[compiler, *COMPILE_FLAGS, abi, *includes, "-c", str(source), "-o", str(obj)]
                 for source, obj in zip(SOURCES, objects)]
-    commands.append([compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(lib),
-                     *(f"-L{d}" for d in libdirs), *(f"-Wl,-rpath,{d}" for d in libdirs), "-lc10", "-ltorch_cpu"])
+    link = [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(lib),
+            *(f"-L{d}" for d in libdirs), *(f"-Wl,-rpath,{d}" for d in libdirs), "-lc10", "-ltorch_cpu"]
+
+    def run(command: list[str]) -> None:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command[:2])} ... failed: {done.stderr[-2000:]}")
+
     try:
-        for command in commands:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(command[:2])} ... failed: {done.stderr[-2000:]}")
+        # The sources compile side by side (each is seconds of one core, mostly
+        # torch's headers); the first failure is raised.
+        with ThreadPoolExecutor(max_workers=len(compiles)) as pool:
+            for finished in [pool.submit(run, command) for command in compiles]:
+                finished.result()
+        run(link)
         os.replace(lib, target)
     finally:
         for obj in objects:
