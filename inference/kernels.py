@@ -17,7 +17,7 @@ plain weight row once and takes its dot product with each input row, at about
 
 No wheel ships such kernels for the pinned CPU torch, so they are built here:
 the first engine in a process compiles the sources with the system's C++
-compiler against the installed torch's headers (about 15 s on 2 cores), keyed
+compiler against the installed torch's headers (about 8 s on 2 quiet cores), keyed
 by the source, torch version, flags and CPU, and later starts load the cached
 library. Built with -march=native, hence for this CPU only: the key holds the
 CPU's flags. Where there is no compiler, the build fails, or the library's
