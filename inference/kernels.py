@@ -10,10 +10,11 @@ gather and SDPA (docs/BENCHMARKS.md "Decode attention in place").
 
 fp32 matmuls of a few rows (EngineConfig.small_linear_rows): one chat's decode
 step multiplies one row by every weight, a stream of the model's weights that
-torch's GEMM libraries read at about 17 GB/s on the 2-core EPYC (oneDNN on
+torch's GEMM libraries read at about 17-18 GB/s on the 2-core EPYC (oneDNN on
 packed weights; MKL unpacked about the same). csrc/small_linear.cpp reads each
-plain weight row once and takes its dot product with each input row, at about
-34 GB/s (docs/BENCHMARKS.md "One stream's matmuls").
+plain weight row once and takes its dot product with each input row, at 22-24
+GB/s, the rate a plain sum over the same weights reaches (docs/BENCHMARKS.md
+"One stream's matmuls").
 
 No wheel ships such kernels for the pinned CPU torch, so they are built here:
 the first engine in a process compiles the sources with the system's C++
@@ -53,7 +54,7 @@ SMALL_LINEAR_MAX_ROWS = 8
 # glibc's vector exp; it is given to the compile step only, since at the link
 # step GCC 12 would add crtfastmath.o, which turns on flush-to-zero for the
 # whole process. The library links the OpenMP runtime torch already loaded
-# (same soname), so at::parallel_for runs on torch's own threads.
+# (same soname), so the ops' OpenMP regions run on torch's own threads.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++20", "-w"]
 BUILD_TIMEOUT_S = 600
 
@@ -87,8 +88,9 @@ def _compiler() -> str | None:
 def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
-                 " ".join(COMPILE_FLAGS).encode(), version.encode(), _cpu_flags().encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(),
+                 str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), " ".join(COMPILE_FLAGS).encode(),
+                 version.encode(), _cpu_flags().encode()):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -206,6 +208,3 @@ def load_kernels(kernel_dir: str | os.PathLike | None = None) -> bool:
     """Build or load the library (paged decode attention, small_linear); True
     when its ops are ready to run."""
     return _loaded or _load(str(Path(kernel_dir) if kernel_dir else default_kernel_dir()))
-
-
-load_paged_attention = load_kernels  # its first op's name, as the tests and callers know it

@@ -3,10 +3,10 @@
 // One chat's decode step multiplies a single row by every weight: the step is
 // a stream of ~540 MB of fp32 weights for SmolLM2-135M, read once each. The
 // GEMM libraries torch calls treat that as a thin GEMM (oneDNN, on weights
-// packed for batches) or an sgemv (MKL) and read the weights at about 17 GB/s
-// on the 2-core EPYC; one pass over each weight row with a dot product per
-// input row read them at about 34 GB/s (docs/BENCHMARKS.md "One stream's
-// matmuls"). Each output element is still one fp32 dot product over the input
+// packed for batches) or an sgemv (MKL) and read the weights at about 17-18
+// GB/s on the 2-core EPYC; one pass over each weight row with a dot product per
+// input row read them at 22-24 GB/s, as fast as a plain sum over the same
+// weights (docs/BENCHMARKS.md "One stream's matmuls"). Each output element is still one fp32 dot product over the input
 // row, summed in another order (vector lanes, then across them).
 //
 // Output rows are split between the calling thread's torch count of OpenMP

@@ -20,7 +20,7 @@ needs_kernel = pytest.mark.skipif(not has_compiler, reason="no C++ compiler on t
 @pytest.fixture(scope="module")
 def kernel_ready(tmp_path_factory):
     # A compiler present and the library not built is a failure, not a skip.
-    assert kernels.load_paged_attention(tmp_path_factory.mktemp("kernels"))
+    assert kernels.load_kernels(tmp_path_factory.mktemp("kernels"))
     return torch.ops.chatapp.paged_decode_attention
 
 
