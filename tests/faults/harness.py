@@ -28,6 +28,12 @@ PASSWORD = "alice-pass-123"
 # 10 to 30 tokens/s here), short enough that a whole reply ends in a minute.
 LONG_REPLY_TOKENS = 400
 LONG_PROMPT = "Write a long, detailed essay on the history of bread, with many sections."
+# Greedy replies: sampled at 0.7, about one reply in 500 to LONG_PROMPT ends
+# after ten tokens ("Spreading the Bread by Hugging Face"), before a test can
+# stop it. Greedy, it runs to LONG_REPLY_TOKENS in fp32, bf16, int8 and int4.
+# With greedy replies cacheable, the response caches are off, so every turn
+# reaches the engine.
+DETERMINISTIC = {"CHAT_TEMPERATURE": "0", "GATEWAY_EXACT_CACHE": "0", "GATEWAY_SEMANTIC_CACHE": "0"}
 
 
 def wait_for(condition, *, timeout_s: float, what: str, poll_s: float = 0.25):
@@ -55,7 +61,7 @@ class Serve:
             "CHAT_REPLY_MAX_TOKENS": str(LONG_REPLY_TOKENS), "SHUTDOWN_TIMEOUT_S": "30",
             # A killed serve's replies are reaped within a test's patience,
             # yet a live one's heartbeat has room for a busy box's delays.
-            "REPLY_HEARTBEAT_S": "2", "REPLY_STALE_S": "15", **env,
+            "REPLY_HEARTBEAT_S": "2", "REPLY_STALE_S": "15", **DETERMINISTIC, **env,
         }
         self.worker = worker
         self.proc: subprocess.Popen | None = None
