@@ -72,11 +72,13 @@ def format_specs(device: str) -> list[tuple[str, str, str]]:
     computes in int8 (fp32 around it); int8-wo (weight-only) multiplies bf16
     activations by int8 weights there (fp32 around it), int4-wo by 4-bit
     weights (the same way); on CUDA all three are
-    weight-only, so they are paired with bf16 activations there."""
+    weight-only, so they are paired with bf16 activations there. bf16-w
+    (CPU only) rounds the weights to bf16 and keeps fp32 everywhere else."""
     int8_dtype = "float32" if device == "cpu" else "bfloat16"
+    cpu_only = [("bf16-w", "float32", "bf16_weight_only")] if device == "cpu" else []
     return [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("int8", int8_dtype, "int8"),
             ("int8-wo", int8_dtype, "int8_weight_only"), ("int4-wo", int8_dtype, "int4_weight_only"),
-            ("auto", "auto", "none")]
+            *cpu_only, ("auto", "auto", "none")]
 
 
 def workload_requests(count: int, rng: random.Random, vocab: int, out_range=(32, 256),

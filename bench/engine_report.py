@@ -22,6 +22,8 @@ def _format(row: dict) -> str:
         return f"{row['label']} (int8 weights × bf16 in the matmuls, {row['dtype']} elsewhere)"
     if row["quantization"] == "int4_weight_only" and row.get("roofline", {}).get("kernel") == "int4_weight_only":
         return f"{row['label']} (int4 weights × bf16 in the matmuls, {row['dtype']} elsewhere)"
+    if row["quantization"] == "bf16_weight_only":
+        return f"{row['label']} (weights rounded to bf16, read as bf16 at one or two rows; fp32 elsewhere)"
     if row["quantization"] != "none":
         return f"{row['label']} ({row['dtype']} activations, {row['quantization']} weights)"
     return row["label"]

@@ -142,7 +142,7 @@ def load_model(model_dir: str, dtype: str, quantization: str, device: str):
     if quantization != "none" and device != "cpu":
         return None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
-    if quantization in ("int8_weight_only", "int4_weight_only"):
+    if quantization in ("int8_weight_only", "int4_weight_only", "bf16_weight_only"):
         from bench.quality import hf_variant  # noqa: PLC0415 - only this peer needs it
 
         return hf_variant(model, dtype, quantization)

@@ -29,6 +29,7 @@ import platform
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.sections import replace_section
@@ -49,7 +50,8 @@ VARIANTS = [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("fp16", 
             ("int8 weight-only (bf16 activations)", "float32", "int8_weight_only"),
             ("int8 weight-only, CUDA path (dequantized)", "float32", "dequantized"),
             ("int4 weight-only, groups of 32 (bf16 activations)", "float32", "int4_weight_only"),
-            ("int4 weight-only, CUDA path (dequantized)", "float32", "int4_dequantized")]
+            ("int4 weight-only, CUDA path (dequantized)", "float32", "int4_dequantized"),
+            ("bf16 weights (fp32 activations and sums)", "float32", "bf16_weight_only")]
 # The rows with no CPU engine path of their own (the engine on CPU runs the CPU kernels).
 NO_ENGINE = ("dequantized", "int4_dequantized")
 # A format may be a default only if, on the text and against fp32, perplexity
@@ -87,7 +89,9 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         self.bias = linear.bias
         self.quantization = quantization
-        if quantization in ("int4_weight_only", "int4_dequantized"):
+        if quantization == "bf16_weight_only":
+            self.weight_rounded = linear.weight.detach().bfloat16().float()  # a copy: a tied embedding stays fp32
+        elif quantization in ("int4_weight_only", "int4_dequantized"):
             codes, scales_offsets = quantize_weight_int4(linear.weight)
             if quantization == "int4_weight_only":
                 self.weight_int4, self.scales_offsets = pack_int4(codes, scales_offsets, torch.device("cpu"))
@@ -99,7 +103,9 @@ class QuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.quantization == "int4_weight_only":
+        if self.quantization == "bf16_weight_only":
+            out = F.linear(x, self.weight_rounded, self.bias)
+        elif self.quantization == "int4_weight_only":
             out = int4_linear(x, self.weight_int4, self.scales_offsets, self.bias)
         elif self.quantization == "int4_dequantized":
             out = dequantized_int4_linear(x, self.weight_int4, self.scales_offsets)

@@ -361,7 +361,7 @@ MODELS_DIR = Path(env_str("MODELS_DIR", str(DATA_DIR / "models"))).resolve()
 ENGINE_DEVICE = env_choice("ENGINE_DEVICE", "auto", {"auto", "cpu", "cuda"})
 ENGINE_DTYPE = env_choice("ENGINE_DTYPE", "auto", {"auto", "float32", "bfloat16", "float16"})
 # int8 loses 2.4% perplexity on SmolLM2 (docs/BENCHMARKS.md): opt-in, not the default.
-ENGINE_QUANTIZATION = env_choice("ENGINE_QUANTIZATION", "none", {"none", "int8", "int8_weight_only", "int4_weight_only"})
+ENGINE_QUANTIZATION = env_choice("ENGINE_QUANTIZATION", "none", {"none", "int8", "int8_weight_only", "int4_weight_only", "bf16_weight_only"})
 ENGINE_DEFAULTS = {
     "kv_cache_mb": env_int("ENGINE_KV_CACHE_MB", 512, min_value=1),
     "max_num_seqs": env_int("ENGINE_MAX_NUM_SEQS", 32, min_value=1),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # EngineConfig.quantization's values; inference.quantization implements them.
-QUANTIZATIONS = ("none", "int8", "int8_weight_only", "int4_weight_only")
+QUANTIZATIONS = ("none", "int8", "int8_weight_only", "int4_weight_only", "bf16_weight_only")
 
 # Seeds are what a signed 64-bit integer holds, non-negative: torch's generator
 # takes them, and a seed of 2**64 once made a whole engine step raise.
@@ -61,6 +61,10 @@ class EngineConfig:
     # "int4_weight_only": 4-bit layer weights in groups of 32 (bf16 activations
     # on CPU), about twice int8 weight-only's one-row speed, with a measured
     # quality loss (docs/BENCHMARKS.md);
+    # "bf16_weight_only" (CPU, fp32): every matmul weight rounded to bf16,
+    # activations and sums in fp32; one- and two-token steps read the bf16
+    # copies in small_linear (half the bytes of fp32), larger steps multiply the
+    # rounded weights in fp32, so batched still equals alone as in fp32;
     # "none": weights as loaded (inference.quantization, docs/BENCHMARKS.md).
     quantization: str = "none"
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
@@ -110,8 +114,9 @@ class EngineConfig:
     # against 25.0 and 28.0 for oneDNN on packed weights; at three rows they
     # were even, at four oneDNN was faster (bench.packing). The plain weights
     # then stay beside packed copies (the memory ModelRunner.
-    # release_float_weights would have freed). 0 turns it off; at most
-    # inference.kernels.SMALL_LINEAR_MAX_ROWS.
+    # release_float_weights would have freed), except under quantization
+    # "bf16_weight_only", where these steps read bf16 copies. 0 turns it off;
+    # at most inference.kernels.SMALL_LINEAR_MAX_ROWS.
     small_linear_rows: int = 2
     kernel_dir: str | None = None
     model_name: str | None = None  # reported by stats(); defaults to the model's name_or_path
@@ -133,6 +138,15 @@ class EngineConfig:
             raise ValueError(f"pack_backend must be auto, mkl or onednn, not {self.pack_backend!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
+        if self.quantization == "bf16_weight_only":
+            # fp32 activations over bf16 weights: nothing to measure for "auto".
+            if not self.device.startswith("cpu"):
+                raise ValueError("quantization bf16_weight_only is for the CPU; on CUDA use dtype bfloat16")
+            if self.dtype == "auto":
+                self.dtype = "float32"
+            if self.dtype != "float32":
+                raise ValueError(f"quantization bf16_weight_only keeps fp32 activations: dtype must be float32 "
+                                 f"or auto, not {self.dtype}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1:

@@ -22,6 +22,7 @@ from inference.config import EngineConfig, SamplingParams
 from inference.detokenizer import IncrementalDetokenizer
 from inference.engine_loop import EngineLoop
 from inference.formats import choose_cpu_format
+from inference.kernels import SMALL_LINEAR_MAX_ROWS, load_kernels
 from inference.handle import RequestHandle
 from inference.metrics import EngineMetrics
 from inference.model_runner import DTYPES, ModelRunner
@@ -76,13 +77,20 @@ class Engine:
         # dtype "auto" is left unresolved only on CPU: measure and choose (inference.formats).
         self.format_report = None
         if self.config.dtype == "auto":
-            packer = "none"
-            if self.config.pack_weights and self.config.quantization == "none" and can_pack(
-                    torch.device("cpu"), torch.float32):
-                packer, _choice = resolve_packer(self.config.pack_backend, model.config)
+            packer, small_rows = "none", 0
+            if self.config.quantization == "none":
+                if self.config.pack_weights and can_pack(torch.device("cpu"), torch.float32):
+                    packer, _choice = resolve_packer(self.config.pack_backend, model.config)
+                # The runner loads the same library (once per process) and runs these rows there.
+                if self.config.small_linear_rows > 0 and load_kernels(self.config.kernel_dir):
+                    small_rows = min(self.config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
             self.format_report = choose_cpu_format(model, self.tokenizer,
-                                                   pack_fp32="" if packer == "none" else packer)
-            self.config = dataclasses.replace(self.config, dtype=self.format_report.dtype)
+                                                   pack_fp32="" if packer == "none" else packer,
+                                                   small_rows=small_rows)
+            # quantization is "none" here whenever small_rows is set: only then may the report pick bf16 weights.
+            self.config = dataclasses.replace(self.config, dtype=self.format_report.dtype,
+                                              quantization=self.format_report.quantization
+                                              if small_rows else self.config.quantization)
         self.model_name = self.config.model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.runner = ModelRunner(model, self.config)
         self.released_weight_bytes = self.runner.release_float_weights() if owns_model else 0

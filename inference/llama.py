@@ -95,15 +95,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            scale: Optional[torch.Tensor], quant_mode: int, small_rows: int) -> torch.Tensor:
+            scale: Optional[torch.Tensor], quant_mode: int, small_rows: int,
+            small_weight: Optional[torch.Tensor]) -> torch.Tensor:
     # scale is set when the weight is quantized (EngineConfig.quantization,
     # inference.quantization; quant_mode is one of its QUANT_* modes) or
     # packed, where it holds the plain weight (inference.packing).
-    if x.size(0) <= small_rows:
-        # A few fp32 rows: one pass over the plain weight (inference.kernels'
-        # small_linear). small_rows is 0 unless the weights are fp32 and plain
-        # or packed, with the plain copy kept (ModelRunner).
-        return torch.ops.chatapp.small_linear(x.contiguous(), weight if scale is None else scale, bias)
+    if x.size(0) <= small_rows and small_weight is not None:
+        # A few fp32 rows: one pass over the plain fp32 weight, or its bf16
+        # copy under "bf16_weight_only" (inference.kernels' small_linear;
+        # small_rows is 0 unless ModelRunner set the small weights).
+        return torch.ops.chatapp.small_linear(x.contiguous(), small_weight, bias)
     if scale is not None:
         return quantized_linear(x, weight, scale, bias, quant_mode)
     return F.linear(x, weight, bias)
@@ -111,10 +112,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                      bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], quant_mode: int,
-                     small_rows: int) -> torch.Tensor:
+                     small_rows: int, small_weight: Optional[torch.Tensor]) -> torch.Tensor:
     # h + x @ W^T in one GEMM (the residual is the accumulator): one pass fewer over h.
-    if x.size(0) <= small_rows:  # see _linear
-        return h + torch.ops.chatapp.small_linear(x.contiguous(), weight if scale is None else scale, bias)
+    if x.size(0) <= small_rows and small_weight is not None:  # see _linear
+        return h + torch.ops.chatapp.small_linear(x.contiguous(), small_weight, bias)
     if scale is not None:
         return h + quantized_linear(x, weight, scale, bias, quant_mode)
     if bias is not None:
@@ -195,20 +196,25 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
             k_cache: torch.Tensor, v_cache: torch.Tensor,
             decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
             heads: int, kv_heads: int, dim: int, eps: float, scale: float,
-            attention_kernel: bool, small_rows: int) -> torch.Tensor:
+            attention_kernel: bool, small_rows: int, small_weights: List[List[torch.Tensor]]) -> torch.Tensor:
     """Every decoder layer; weights[i] = [input_norm, qkv, o, post_norm, gate_up, down];
     scales[i] = the quantized weights' scales of [qkv, o, gate_up, down], or scales is empty
     (float weights); quant_mode is their inference.quantization QUANT_* mode; attention_kernel
     runs decode attention in inference.kernels' library instead of gathering blocks; steps of
-    at most small_rows tokens run their matmuls in its small_linear (0: never)."""
+    at most small_rows tokens run their matmuls in its small_linear (0: never), on
+    small_weights[i] = [qkv, o, gate_up, down] as small_linear reads them."""
     num_tokens = h.size(0)
     for index, w in enumerate(weights):
         s: List[Optional[torch.Tensor]] = [None, None, None, None]
         if len(scales) > 0:
             for j in range(4):
                 s[j] = scales[index][j]
+        sw: List[Optional[torch.Tensor]] = [None, None, None, None]
+        if len(small_weights) > 0:
+            for j in range(4):
+                sw[j] = small_weights[index][j]
         x = _rms_norm(h, w[0], eps)
-        qkv = _linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows)  # [T, (H + 2 KV) * D]
+        qkv = _linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows, sw[0])  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, signed_sin)  # [T, H + KV, D]: one rotation for both
         q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, KV, D]
@@ -219,10 +225,10 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         layer_v.view(kv_heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
         o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale,
                        attention_kernel)  # [T, H * D]
-        h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode, small_rows)
+        h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1])
         x = _rms_norm(h, w[3], eps)
-        gate, up = _linear(x, w[4], None, s[2], quant_mode, small_rows).chunk(2, dim=-1)
-        h = _residual_linear(h, F.silu(gate) * up, w[5], None, s[3], quant_mode, small_rows)
+        gate, up = _linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2]).chunk(2, dim=-1)
+        h = _residual_linear(h, F.silu(gate) * up, w[5], None, s[3], quant_mode, small_rows, sw[3])
     return h
 
 
@@ -286,7 +292,11 @@ class PagedLlama:
         self.quant_mode = -1  # no quantized weights
         # Set by the model runner once inference.kernels' library is loaded (CPU only).
         self.attention_kernel = False
-        self.small_rows = 0  # steps of at most this many tokens multiply in small_linear (fp32 only)
+        self.small_rows = 0  # fp32 steps of at most this many tokens multiply in small_linear
+        # What small_linear multiplies by, set with small_rows (ModelRunner):
+        # per layer [qkv, o, gate_up, down], and the lm_head.
+        self.small_weights: list[list[torch.Tensor]] = []
+        self.lm_head_small: torch.Tensor | None = None
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # Rotary tables from the model's own rotary module, so every rope
@@ -347,10 +357,11 @@ class PagedLlama:
             h = self.layer_stack(h, cos, signed_sin, slots, self.weights, self.qkv_biases, self.o_biases,
                                  self.weight_scales, self.quant_mode, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
-                                 self.head_dim, self.eps, self.scale, self.attention_kernel, self.small_rows)
+                                 self.head_dim, self.eps, self.scale, self.attention_kernel, self.small_rows,
+                                 self.small_weights)
         h = _rms_norm(h[logit_rows], self.final_norm, self.eps)  # [N, hidden]
-        if h.size(0) <= self.small_rows:  # the lm_head's plain weight, as the layers' (see _linear)
-            return torch.ops.chatapp.small_linear(h.contiguous(), self.lm_head, None)  # [N, V]
+        if h.size(0) <= self.small_rows and self.lm_head_small is not None:  # as the layers' (see _linear)
+            return torch.ops.chatapp.small_linear(h.contiguous(), self.lm_head_small, None)  # [N, V]
         if self.lm_head_quantized is not None:
             weight, scale, mode = self.lm_head_quantized
             return quantized_linear(h, weight, scale, None, mode).float()  # [N, V]

@@ -10,7 +10,7 @@ from inference.cuda_graphs import DecodeGraphs
 from inference.kernels import SMALL_LINEAR_MAX_ROWS, load_kernels
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
 from inference.packing import QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged, resolve_packer
-from inference.quantization import quantize_paged
+from inference.quantization import quantize_paged, round_paged_to_bf16
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
 from inference.threads import choose_step_threads
@@ -37,11 +37,17 @@ class ModelRunner:
         if config.max_model_len:
             max_positions = min(max_positions, config.max_model_len)
         self.weight_packing = "none"  # or the inference.packing packer the fp32 weights were packed for
+        self.quantization = config.quantization
+        bf16_weights: tuple[list[list[torch.Tensor]], torch.Tensor] | None = None
         with torch.inference_mode():
             self.net = PagedLlama(model, max_positions, config.script_layers)
-            if config.quantization != "none":
+            if config.quantization == "bf16_weight_only":
+                # Rounded, then packed as fp32 is: the bf16 copies serve few-row steps.
+                bf16_weights = round_paged_to_bf16(self.net)
+            elif config.quantization != "none":
                 quantize_paged(self.net, config.quantization)
-            elif config.pack_weights and can_pack(self.device, self.dtype):
+            if config.quantization in ("none", "bf16_weight_only") and config.pack_weights and can_pack(
+                    self.device, self.dtype):
                 self.weight_packing = self._packer(config)
                 if self.weight_packing != "none":
                     pack_paged(self.net, self.weight_packing)
@@ -51,11 +57,20 @@ class ModelRunner:
         kernels_ready = (self.device.type == "cpu" and (config.attention_kernel or config.small_linear_rows > 0)
                          and load_kernels(config.kernel_dir))
         self.net.attention_kernel = bool(config.attention_kernel and kernels_ready)
-        # Few-row fp32 steps multiply by the plain weights in small_linear:
-        # unpacked, or packed with the plain copy kept (see release_float_weights).
-        plain_fp32 = self.dtype == torch.float32 and self.net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
-        self.net.small_rows = (min(config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
-                               if kernels_ready and plain_fp32 else 0)
+        # Few-row fp32 steps multiply in small_linear: by the bf16 copies under
+        # "bf16_weight_only", else by the plain weights, unpacked or packed
+        # with the plain copy kept (see release_float_weights).
+        plain = self.dtype == torch.float32 and self.net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
+        if kernels_ready and plain and config.small_linear_rows > 0:
+            self.net.small_rows = min(config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
+            if bf16_weights is not None:
+                self.net.small_weights, self.net.lm_head_small = bf16_weights
+            elif self.net.quant_mode < 0:
+                self.net.small_weights = [[w[1], w[2], w[4], w[5]] for w in self.net.weights]
+                self.net.lm_head_small = self.net.lm_head
+            else:  # packed: the scale slots hold the plain weights (inference.packing)
+                self.net.small_weights = [list(layer) for layer in self.net.weight_scales]
+                self.net.lm_head_small = self.net.lm_head
         self.num_blocks = self._num_blocks(config)  # what the block manager hands out
         # CUDA graphs pad batches with rows that write into one scratch block past those.
         cache_blocks = self.num_blocks + (1 if config.cuda_graphs else 0)
@@ -87,9 +102,13 @@ class ModelRunner:
         doubled. The embedding (and the lm_head tied to it) stays. Only for a
         model the engine loaded itself (Engine._build): a module the caller
         passed in stays whole, as its owner may still run it. Nor when few-row
-        fp32 steps multiply by the plain weights (EngineConfig.small_linear_rows)."""
+        fp32 steps multiply by the plain weights (EngineConfig.small_linear_rows).
+        Under "bf16_weight_only" the stack runs on rounded copies (and few-row
+        steps on bf16 ones), so the loaded weights always go, and the rounded
+        fp32 ones too once packed."""
         net = self.net
-        if net.quant_mode < 0 or net.small_rows > 0:
+        rounded = self.quantization == "bf16_weight_only"
+        if not rounded and (net.quant_mode < 0 or net.small_rows > 0):
             return 0  # the stack multiplies by the float weights themselves (at few rows, or always)
 
         def shape_only(t: torch.Tensor) -> torch.Tensor:
@@ -99,6 +118,8 @@ class ModelRunner:
         freed = sum(w[name].untyped_storage().nbytes() for w in net.layers
                     for name in ("qkv", "o", "gate_up", "down"))
         if net.quant_mode in (QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN):
+            if rounded:  # the rounded copies, not the loaded weights counted above
+                freed += sum(w.untyped_storage().nbytes() for layer in net.weight_scales for w in layer)
             net.weight_scales = [[shape_only(w) for w in layer] for layer in net.weight_scales]
         for w in net.layers:
             for name in ("qkv", "o", "gate_up", "down"):

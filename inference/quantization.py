@@ -170,6 +170,27 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return int8_linear(x, weight, scale, bias, mode == 1)  # QUANT_INT8_WEIGHT_ONLY
 
 
+def round_paged_to_bf16(net) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """"bf16_weight_only": every matmul weight of a fp32 PagedLlama (layers
+    and lm_head) rounded to bf16. The stack's fp32 weights become the bf16
+    values widened back (new tensors: the loaded ones stay for their owner,
+    until ModelRunner.release_float_weights), so steps of many rows multiply
+    exactly the weights the bf16 copies hold; returns those copies, per layer
+    [qkv, o, gate_up, down], and the lm_head's, for small_linear. The
+    embedding stays fp32 (a lookup, no matmul), even when tied to the lm_head."""
+    small: list[list[torch.Tensor]] = []
+    for w in net.weights:
+        layer = []
+        for slot in (1, 2, 4, 5):  # qkv, o, gate_up, down (see llama._layers)
+            half = w[slot].to(torch.bfloat16).contiguous()
+            w[slot] = half.float()
+            layer.append(half)
+        small.append(layer)
+    head = net.lm_head.to(torch.bfloat16).contiguous()
+    net.lm_head = head.float()
+    return small, head
+
+
 def quantize_paged(net, quantization: str) -> None:
     """Swap a PagedLlama's matmul weights for quantized ones in place; norms
     and the embedding stay in the model's dtype. The float weights stay until

@@ -1,4 +1,4 @@
-// fp32 matmuls of a few rows against a plain row-major weight (inference/kernels.py).
+// fp32 matmuls of a few rows against a plain row-major fp32 or bf16 weight (inference/kernels.py).
 //
 // One chat's decode step multiplies a single row by every weight: the step is
 // a stream of ~540 MB of fp32 weights for SmolLM2-135M, read once each. The
@@ -6,8 +6,14 @@
 // packed for batches) or an sgemv (MKL) and read the weights at about 17-18
 // GB/s on the 2-core EPYC; one pass over each weight row with a dot product per
 // input row read them at 22-24 GB/s, as fast as a plain sum over the same
-// weights (docs/BENCHMARKS.md "One stream's matmuls"). Each output element is still one fp32 dot product over the input
-// row, summed in another order (vector lanes, then across them).
+// weights (docs/BENCHMARKS.md "One stream's matmuls"). Each output element
+// is still one fp32 dot product over the input row, summed in another order
+// (vector lanes, then across them).
+//
+// bf16 weights (EngineConfig.quantization "bf16_weight_only") halve the bytes:
+// each weight is widened to fp32 in registers (a shift, which vectorizes) and
+// the product is summed in fp32 with the fp32 input rows, so only the weights'
+// rounding to bf16 is lost, never an activation or a sum.
 //
 // Output rows are split between the calling thread's torch count of OpenMP
 // threads (not at::parallel_for: see paged_attention.cpp), statically, so a
@@ -16,27 +22,39 @@
 #include <omp.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstring>
 #include <optional>
 
 namespace {
 
 constexpr int64_t kMaxRows = 8;
 
-// y [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]).
-template <int M>
-void rows_times_weight(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t k) {
+inline float widen(float v) { return v; }
+inline float widen(c10::BFloat16 v) {
+  // bf16 is the top half of an fp32.
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// y [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), in fp32 whatever w is stored in.
+template <int M, typename W>
+void rows_times_weight(const float* x, const W* w, const float* bias, float* y, int64_t n, int64_t k) {
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t j = 0; j < n; ++j) {
-    const float* row = w + j * k;
+    const W* row = w + j * k;
     float dots[M];
     for (int m = 0; m < M; ++m) {
       const float* xm = x + m * k;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < k; ++i) dot += xm[i] * row[i];
+      for (int64_t i = 0; i < k; ++i) dot += xm[i] * widen(row[i]);
       dots[m] = dot;
     }
     const float b = bias ? bias[j] : 0.f;
@@ -44,10 +62,27 @@ void rows_times_weight(const float* x, const float* w, const float* bias, float*
   }
 }
 
+template <typename W>
+void dispatch_rows(int64_t m, const float* x, const W* w, const float* b, float* y, int64_t n, int64_t k) {
+  switch (m) {
+    case 0: break;  // a step that samples nothing
+    case 1: rows_times_weight<1>(x, w, b, y, n, k); break;
+    case 2: rows_times_weight<2>(x, w, b, y, n, k); break;
+    case 3: rows_times_weight<3>(x, w, b, y, n, k); break;
+    case 4: rows_times_weight<4>(x, w, b, y, n, k); break;
+    case 5: rows_times_weight<5>(x, w, b, y, n, k); break;
+    case 6: rows_times_weight<6>(x, w, b, y, n, k); break;
+    case 7: rows_times_weight<7>(x, w, b, y, n, k); break;
+    default: rows_times_weight<8>(x, w, b, y, n, k); break;
+  }
+}
+
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "x [M, K] and weight [N, K] expected");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "fp32 expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "fp32 x expected");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "fp32 or bf16 weight expected");
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous x and weight expected");
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK(m <= kMaxRows, "small_linear takes at most ", kMaxRows, " rows, got ", m);
@@ -58,19 +93,10 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
     b = bias->data_ptr<float>();
   }
   at::Tensor y = at::empty({m, n}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (m) {
-    case 0: break;  // a step that samples nothing
-    case 1: rows_times_weight<1>(xp, wp, b, yp, n, k); break;
-    case 2: rows_times_weight<2>(xp, wp, b, yp, n, k); break;
-    case 3: rows_times_weight<3>(xp, wp, b, yp, n, k); break;
-    case 4: rows_times_weight<4>(xp, wp, b, yp, n, k); break;
-    case 5: rows_times_weight<5>(xp, wp, b, yp, n, k); break;
-    case 6: rows_times_weight<6>(xp, wp, b, yp, n, k); break;
-    case 7: rows_times_weight<7>(xp, wp, b, yp, n, k); break;
-    default: rows_times_weight<8>(xp, wp, b, yp, n, k); break;
+  if (weight.scalar_type() == at::kFloat) {
+    dispatch_rows(m, x.data_ptr<float>(), weight.data_ptr<float>(), b, y.data_ptr<float>(), n, k);
+  } else {
+    dispatch_rows(m, x.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), b, y.data_ptr<float>(), n, k);
   }
   return y;
 }

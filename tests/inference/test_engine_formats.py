@@ -27,6 +27,7 @@ REDUCED = [
     pytest.param({"dtype": "bfloat16", "quantization": "int8_weight_only"}, id="bf16-int8-weight-only"),
     pytest.param({"quantization": "int4_weight_only"}, id="int4-weight-only"),
     pytest.param({"dtype": "bfloat16", "quantization": "int4_weight_only"}, id="bf16-int4-weight-only"),
+    pytest.param({"quantization": "bf16_weight_only"}, id="bf16-weights"),
 ]
 
 

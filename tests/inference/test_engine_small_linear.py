@@ -1,8 +1,9 @@
-"""fp32 matmuls of a few rows in the native library (EngineConfig.small_linear_rows,
-inference.kernels' small_linear): the op computes F.linear's product and
-rejects what it cannot take, the engine runs few-row fp32 steps through it
-(keeping the plain weights beside packed copies) and keeps HF generate's
-greedy tokens, and the other formats never use it."""
+"""fp32 and bf16 matmuls of a few rows in the native library
+(EngineConfig.small_linear_rows, inference.kernels' small_linear): the op
+computes F.linear's product and rejects what it cannot take, the engine runs
+few-row fp32 and bf16 steps through it (keeping the fp32 plain weights beside
+packed copies), fp32 keeps HF generate's greedy tokens, and the quantized
+formats never use it."""
 from __future__ import annotations
 
 import pytest
@@ -38,6 +39,20 @@ def test_small_linear_computes_the_linear_product(small_linear, rows, with_bias,
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("rows", range(0, kernels.SMALL_LINEAR_MAX_ROWS + 1))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("out_features,in_features", [(96, 80), (3, 1536), (1000, 7)])
+def test_bf16_weights_are_multiplied_widened_in_fp32(small_linear, rows, with_bias, out_features, in_features):
+    generator = torch.Generator().manual_seed(rows * 17 + in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    x = torch.randn(rows, in_features, generator=generator)
+    got = small_linear(x, weight, bias)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    # The bf16 values exactly, summed in fp32: as close as the fp32 case.
+    torch.testing.assert_close(got, F.linear(x, weight.float(), bias), rtol=1e-5, atol=2e-5)
+
+
 def test_each_row_is_computed_alone(small_linear):
     generator = torch.Generator().manual_seed(3)
     weight, x = torch.randn(200, 300, generator=generator), torch.randn(8, 300, generator=generator)
@@ -50,14 +65,18 @@ def test_small_linear_rejects_what_it_cannot_take(small_linear):
     weight = torch.randn(16, 32)
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         small_linear(torch.randn(9, 32), weight, None)
-    with pytest.raises(RuntimeError, match="fp32 expected"):
+    with pytest.raises(RuntimeError, match="fp32 x expected"):
         small_linear(torch.randn(2, 32).bfloat16(), weight.bfloat16(), None)
+    with pytest.raises(RuntimeError, match="fp32 or bf16 weight expected"):
+        small_linear(torch.randn(2, 32), weight.half(), None)
     with pytest.raises(RuntimeError, match=r"x \[M, K\] and weight \[N, K\]"):
         small_linear(torch.randn(2, 31), weight, None)
     with pytest.raises(RuntimeError, match="contiguous"):
         small_linear(torch.randn(2, 32), torch.randn(32, 16).t(), None)
     with pytest.raises(RuntimeError, match="bias"):
         small_linear(torch.randn(2, 32), weight, torch.randn(15))
+    with pytest.raises(RuntimeError, match="bias"):
+        small_linear(torch.randn(2, 32), weight.bfloat16(), torch.randn(16).bfloat16())
 
 
 def _engine(model, **settings) -> Engine:
@@ -88,9 +107,10 @@ def test_one_stream_in_fp32_keeps_hf_generates_tokens(small_linear, reference_mo
 def test_it_is_off_when_set_to_zero_and_in_other_formats(small_linear):
     with _engine(tiny_llama(), small_linear_rows=0) as engine:
         assert engine.stats()["small_linear_rows"] == 0
-    for settings in ({"dtype": "bfloat16"}, {"quantization": "int8"}, {"quantization": "int4_weight_only"}):
+    for settings in ({"dtype": "bfloat16"}, {"dtype": "float16"}, {"quantization": "int8"},
+                     {"quantization": "int4_weight_only"}, {"dtype": "bfloat16", "quantization": "int8_weight_only"}):
         with _engine(tiny_llama(), **settings) as engine:
-            assert engine.stats()["small_linear_rows"] == 0
+            assert engine.stats()["small_linear_rows"] == 0, settings
 
 
 def test_a_mutated_small_linear_changes_the_tokens(small_linear, reference_model, monkeypatch):
