@@ -233,7 +233,8 @@ def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
         engine.generate([setup.equal[0][0]], exact(4))  # warm-up
         chats = [engine.apply_chat_template([{"role": "user", "content": q}])
                  for q in CHAT_QUESTIONS[:setup.sizes["chats"]]]
-        row = {"label": label, "dtype": engine.config.dtype, "quantization": quantization,
+        # What the engine ran: "auto" may also have chosen bf16 weights (inference.formats).
+        row = {"label": label, "dtype": engine.config.dtype, "quantization": engine.config.quantization,
                "choice": engine.format_report.summary() if engine.format_report else None,
                "step_threads": engine.step_threads.summary(),  # which steps ran on one thread
                "engine": measured(run_equal, engine, setup.equal)}
@@ -242,7 +243,7 @@ def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
         bytes_per_step = step_bytes(engine, len(setup.equal), EQUAL_PROMPT_TOKENS + setup.sizes["equal_out"] // 2)
         log(f"{label}: one chat at a time ...")
         row["chat"] = measured(run_chats, engine, chats, setup.sizes["chat_tokens"])
-    kernel = peak_kernel(row["dtype"], quantization, setup.device)
+    kernel = peak_kernel(row["dtype"], row["quantization"], setup.device)
     row["roofline"] = {"kernel": kernel, **roofline(row["engine"].pop("decode_steps_s"), setup.matmul_params,
                                                     len(setup.equal), peak(setup, kernel),
                                                     bytes_per_step, bandwidth(setup))}
@@ -270,14 +271,17 @@ def equal_peers(setup: Setup, dtype: str, quantization: str) -> dict:
     return result
 
 
-def run_mixed(setup: Setup, dtype: str) -> dict:
+def run_mixed(setup: Setup, dtype: str, quantization: str = "none") -> dict:
     """Mixed lengths in one format: the engine against HF static batches of 16
-    and transformers' continuous batching (each on the first N requests)."""
+    and transformers' continuous batching (each on the first N requests). The
+    peers run the dtype with the weights as loaded: under bf16_weight_only
+    batches multiply fp32 weights too, so rounding them would not change the
+    peers' speed."""
     log(f"mixed lengths in {dtype}: engine ...")
-    config = dataclasses.replace(setup.config, dtype=dtype, quantization="none")
+    config = dataclasses.replace(setup.config, dtype=dtype, quantization=quantization)
     with Engine.from_pretrained(setup.model_dir, config) as engine:
         engine.generate([setup.mixed[0][0]], exact(4))  # warm-up
-        result = {"dtype": dtype, "engine": measured(run_offline, engine, setup.mixed)}
+        result = {"dtype": dtype, "quantization": quantization, "engine": measured(run_offline, engine, setup.mixed)}
     if setup.skip_peers:
         return result
     model = peers.on_own_thread(peers.load_model, setup.model_dir, dtype, "none", setup.device)
@@ -390,8 +394,8 @@ def _parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="small request counts: a smoke run in a few minutes")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for everyone")
-    parser.add_argument("--formats", default="fp32,bf16,int8,int8-wo,int4-wo,auto",
-                        help="engine formats to run, comma-separated")
+    parser.add_argument("--formats", default=",".join(label for label, _, _ in format_specs("cpu")),
+                        help="engine formats to run, comma-separated (bf16-w runs on the CPU only)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-batched-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -404,9 +408,10 @@ def _parse_args(argv):
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = QUICK_OUT if args.quick else "docs/BENCHMARKS.md"
-    unknown = set(args.formats.split(",")) - {label for label, _, _ in format_specs("cpu")}
+    known = [label for label, _, _ in format_specs("cpu")]
+    unknown = set(args.formats.split(",")) - set(known)
     if unknown:
-        parser.error(f"unknown formats {sorted(unknown)}: choose from fp32, bf16, int8, int8-wo, int4-wo, auto")
+        parser.error(f"unknown formats {sorted(unknown)}: choose from {', '.join(known)}")
     return args
 
 
@@ -466,10 +471,10 @@ def measure(args, argv) -> dict:
     for label, dtype, quantization in format_specs(setup.device):
         if label in wanted:
             row = run_format(setup, label, dtype, quantization)  # its engine is gone before the peers load
-            row["peers"] = {} if setup.skip_peers else equal_peers(setup, row["dtype"], quantization)
+            row["peers"] = {} if setup.skip_peers else equal_peers(setup, row["dtype"], row["quantization"])
             results["rows"].append(row)
-    auto = [row["dtype"] for row in results["rows"] if row["label"] == "auto"]
-    results["mixed"] = run_mixed(setup, auto[0] if auto else results["rows"][0]["dtype"])
+    auto = [row for row in results["rows"] if row["label"] == "auto"] or results["rows"][:1]
+    results["mixed"] = run_mixed(setup, auto[0]["dtype"], auto[0]["quantization"])
     if not args.skip_serving:
         results["serving"] = run_serving(setup, random.Random(args.seed + 1))
     results["peaks"] = setup.peaks

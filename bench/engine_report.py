@@ -17,7 +17,8 @@ def _load(result: dict) -> str:
 def _format(row: dict) -> str:
     """The row's label and what it ran as ("auto → bfloat16", "int8 (float32 around int8)")."""
     if row["label"] == "auto":
-        return f"auto → {row['dtype']}"
+        weights = "" if row["quantization"] == "none" else f" with {row['quantization']}"
+        return f"auto → {row['dtype']}{weights}"
     if row["quantization"] == "int8_weight_only" and row.get("roofline", {}).get("kernel") == "int8_weight_only":
         return f"{row['label']} (int8 weights × bf16 in the matmuls, {row['dtype']} elsewhere)"
     if row["quantization"] == "int4_weight_only" and row.get("roofline", {}).get("kernel") == "int4_weight_only":
@@ -67,7 +68,8 @@ def _header(r: dict, heading: str) -> list[str]:
             f"Peak square-matmul rate measured in each format, GFLOP/s (GOP/s for int8): {peaks}. The HF peers "
             "run in the same format as the engine row they are compared with (int8 on the CPU: torch's dynamic "
             "int8 quantization of every nn.Linear; int8-wo and int4-wo: every nn.Linear on the engine's weight-only "
-            "kernel, the lm_head at int8 weight-only under int4-wo as in the engine). Greedy, EOS ignored, random "
+            "kernel, the lm_head at int8 weight-only under int4-wo as in the engine; bf16 weights: every nn.Linear's "
+            "weight rounded to bf16, in fp32). Greedy, EOS ignored, random "
             "prompt ids.", ""]
 
 
@@ -172,7 +174,8 @@ def _render_mixed(r: dict) -> list[str]:
         elif peer:
             rows.append((name, "—", "—", "—", _tok_s(peer), "—", "—"))
     low, high = r["sizes"]["mixed_out"]
-    return [f"### Mixed lengths in {m['dtype']} (prompts uniform in [32, 256], outputs in [{low}, {high}])", "",
+    weights = "" if m.get("quantization", "none") == "none" else f" with {m['quantization']}"
+    return [f"### Mixed lengths in {m['dtype']}{weights} (prompts uniform in [32, 256], outputs in [{low}, {high}])", "",
             report.table(["contender", "requests", "output tokens", "seconds", "output tok/s", "engine ÷ peer",
                           "load 1m"], rows), "",
             "The format is the one \"auto\" chose. The peers run the first N of the engine's requests (their rate "

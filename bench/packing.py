@@ -9,7 +9,8 @@ unpacked; for the lm_head `torch.mm(W, x.T)`, which MKL ran faster), and `mkl._m
 `mkl._mkl_reorder_linear_weight` for each --pack-rows, and oneDNN's
 `mkldnn._linear_pointwise` on weights packed by `mkldnn._reorder_linear_weight`
 for PACK_ROWS, and at up to 8 rows inference.kernels' small_linear on the plain
-weights (one pass over each weight row), run at each --rows. The
+weights (one pass over each weight row) and on bf16 copies of them (what
+quantization "bf16_weight_only" reads), run at each --rows. The
 contenders are interleaved in every round and the median of --rounds kept (the
 box is shared). Prints a table (ms per forward) and writes the section
 "fp32 weights packed for MKL or oneDNN (bench.packing)" of docs/BENCHMARKS.md, which
@@ -35,6 +36,7 @@ from inference.packing import MKL_PACKING, ONEDNN_PACKING, PACK_ROWS, pack_weigh
 HEADING = "## fp32 weights packed for MKL or oneDNN (bench.packing)"
 ONEDNN = "oneDNN"
 SMALL = "small_linear"  # inference.kernels' few-row op on the plain weights
+SMALL_BF16 = "small_linear bf16"  # the same op on bf16 copies (quantization "bf16_weight_only")
 
 
 def _ints(text: str) -> list[int]:
@@ -43,7 +45,7 @@ def _ints(text: str) -> list[int]:
 
 def _contenders(pack_rows: list[int], small_linear: bool = False) -> list[str]:
     return (["F.linear"] + [f"packed for {p}" for p in pack_rows] + ([ONEDNN] if ONEDNN_PACKING else [])
-            + ([SMALL] if small_linear else []))
+            + ([SMALL, SMALL_BF16] if small_linear else []))
 
 
 def _pack_key(contender: str):
@@ -60,6 +62,7 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, sm
              for p in pack_rows}
     if ONEDNN_PACKING:
         packs[ONEDNN] = {name: [pack_weight(w, "onednn") for w in ws] for name, ws in weights.items()}
+    halves = {name: [w.bfloat16() for w in ws] for name, ws in weights.items()} if small_linear else {}
     results: dict = {}
     for n in rows:
         contenders = _contenders(pack_rows, small_linear and n <= kernels.SMALL_LINEAR_MAX_ROWS)
@@ -67,7 +70,7 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, sm
         samples: dict = {(c, part): [] for c in contenders for part in ("layers", "lm_head")}
         for _round in range(rounds + 1):  # the first round warms up and is dropped
             for contender in contenders:
-                pack = None if contender in ("F.linear", SMALL) else packs[_pack_key(contender)]
+                pack = None if contender in ("F.linear", SMALL, SMALL_BF16) else packs[_pack_key(contender)]
                 for part in ("layers", "lm_head"):
                     names = ["lm_head"] if part == "lm_head" else [k for k in shapes if k != "lm_head"]
                     started = time.perf_counter()
@@ -76,6 +79,8 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, sm
                         for index, w in enumerate(weights[name]):
                             if contender == SMALL:
                                 torch.ops.chatapp.small_linear(x, w, None)
+                            elif contender == SMALL_BF16:
+                                torch.ops.chatapp.small_linear(x, halves[name][index], None)
                             elif pack is None and name == "lm_head":
                                 torch.mm(w, x.t()).t().contiguous()  # the engine's unpacked lm_head
                             elif pack is None:
@@ -95,9 +100,10 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, sm
 
 def render(results: dict, pack_rows: list[int], rows: list[int], command: str, info: dict) -> str:
     contenders = _contenders(pack_rows, any(key[0] == SMALL for key in results))
-    labels = ["unpacked"] + [c.replace("packed for", "MKL packed for") if c not in (ONEDNN, SMALL)
+    labels = ["unpacked"] + [c.replace("packed for", "MKL packed for") if c not in (ONEDNN, SMALL, SMALL_BF16)
                              else f"oneDNN packed for {PACK_ROWS}" if c == ONEDNN
-                             else f"small_linear (plain weights, ≤ {kernels.SMALL_LINEAR_MAX_ROWS} rows)"
+                             else f"small_linear (plain weights, ≤ {kernels.SMALL_LINEAR_MAX_ROWS} rows)" if c == SMALL
+                             else "small_linear (bf16 copies: bf16_weight_only)"
                              for c in contenders[1:]]
     lines = [HEADING, "", f"Command: `{command}`.", "", report.machine_header(info), "",
              "Median ms of one forward's matmuls at SmolLM2-135M's shapes, each weight its own tensor (as a decode "

@@ -9,7 +9,8 @@ from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
 from inference.kernels import SMALL_LINEAR_MAX_ROWS, load_kernels
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
-from inference.packing import QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged, resolve_packer
+from inference.packing import (QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged, resolve_packer,
+                               shape_only)
 from inference.quantization import quantize_paged, round_paged_to_bf16
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
@@ -41,16 +42,16 @@ class ModelRunner:
         bf16_weights: tuple[list[list[torch.Tensor]], torch.Tensor] | None = None
         with torch.inference_mode():
             self.net = PagedLlama(model, max_positions, config.script_layers)
-            if config.quantization == "bf16_weight_only":
-                # Rounded, then packed as fp32 is: the bf16 copies serve few-row steps.
-                bf16_weights = round_paged_to_bf16(self.net)
-            elif config.quantization != "none":
-                quantize_paged(self.net, config.quantization)
             if config.quantization in ("none", "bf16_weight_only") and config.pack_weights and can_pack(
                     self.device, self.dtype):
                 self.weight_packing = self._packer(config)
-                if self.weight_packing != "none":
-                    pack_paged(self.net, self.weight_packing)
+            if config.quantization == "bf16_weight_only":
+                # Rounded (and packed as fp32 is, weight by weight): the bf16 copies serve few-row steps.
+                bf16_weights = round_paged_to_bf16(self.net, self.weight_packing)
+            elif config.quantization != "none":
+                quantize_paged(self.net, config.quantization)
+            elif self.weight_packing != "none":
+                pack_paged(self.net, self.weight_packing)
         self.packed_weights = self.weight_packing != "none"  # for stats() and /healthz
         # Decode attention reads the paged cache in place (inference.kernels) where
         # its library builds; CUDA keeps the torch path (and its graphs).
@@ -103,23 +104,15 @@ class ModelRunner:
         model the engine loaded itself (Engine._build): a module the caller
         passed in stays whole, as its owner may still run it. Nor when few-row
         fp32 steps multiply by the plain weights (EngineConfig.small_linear_rows).
-        Under "bf16_weight_only" the stack runs on rounded copies (and few-row
-        steps on bf16 ones), so the loaded weights always go, and the rounded
-        fp32 ones too once packed."""
+        Under "bf16_weight_only" the stack runs on rounded copies of its own
+        (and few-row steps on bf16 ones), so the loaded weights always go."""
         net = self.net
         rounded = self.quantization == "bf16_weight_only"
         if not rounded and (net.quant_mode < 0 or net.small_rows > 0):
             return 0  # the stack multiplies by the float weights themselves (at few rows, or always)
-
-        def shape_only(t: torch.Tensor) -> torch.Tensor:
-            # One element, seen at the weight's shape: what reads only the shape keeps working.
-            return torch.zeros((1, 1), dtype=t.dtype, device=t.device).expand(t.shape)
-
         freed = sum(w[name].untyped_storage().nbytes() for w in net.layers
                     for name in ("qkv", "o", "gate_up", "down"))
         if net.quant_mode in (QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN):
-            if rounded:  # the rounded copies, not the loaded weights counted above
-                freed += sum(w.untyped_storage().nbytes() for layer in net.weight_scales for w in layer)
             net.weight_scales = [[shape_only(w) for w in layer] for layer in net.weight_scales]
         for w in net.layers:
             for name in ("qkv", "o", "gate_up", "down"):

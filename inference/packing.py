@@ -216,6 +216,12 @@ def resolve_packer(backend: str, hf_config) -> tuple[str, PackerChoice | None]:
     return choice.packer or "none", choice
 
 
+def shape_only(t: torch.Tensor) -> torch.Tensor:
+    """One element seen at t's shape: for what reads only a weight's shape
+    (MKL's packed matmul, packed_linear), once the weight itself is freed."""
+    return torch.zeros((1, 1), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
 def pack_paged(net, packer: str = "mkl") -> None:
     """Give a PagedLlama's matmuls packed copies of their weights, in the slots
     quantized weights take (inference.quantization): the weight slot holds the

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.packing import (  # noqa: F401 (re-exported)
-    QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, onednn_linear, packed_linear)
+    QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, onednn_linear, pack_weight, packed_linear, shape_only)
 
 QUANT_INT8 = 0
 QUANT_INT8_WEIGHT_ONLY = 1
@@ -170,24 +170,43 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return int8_linear(x, weight, scale, bias, mode == 1)  # QUANT_INT8_WEIGHT_ONLY
 
 
-def round_paged_to_bf16(net) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+def round_paged_to_bf16(net, packer: str = "none") -> tuple[list[list[torch.Tensor]], torch.Tensor]:
     """"bf16_weight_only": every matmul weight of a fp32 PagedLlama (layers
-    and lm_head) rounded to bf16. The stack's fp32 weights become the bf16
-    values widened back (new tensors: the loaded ones stay for their owner,
-    until ModelRunner.release_float_weights), so steps of many rows multiply
-    exactly the weights the bf16 copies hold; returns those copies, per layer
-    [qkv, o, gate_up, down], and the lm_head's, for small_linear. The
-    embedding stays fp32 (a lookup, no matmul), even when tied to the lm_head."""
-    small: list[list[torch.Tensor]] = []
+    and lm_head) rounded to bf16. Steps of many rows multiply the bf16 values
+    widened back to fp32, packed for `packer` (inference.packing) unless it is
+    "none", so they multiply exactly the weights the bf16 copies hold; the
+    copies come back, per layer [qkv, o, gate_up, down], and the lm_head's,
+    for small_linear. Packed, each widened weight lives only until its packed
+    copy exists (the scale slot, which MKL reads for the shape alone, gets a
+    stand-in): the rounding costs no second fp32 model, even at start. The
+    loaded weights are not touched (their owner may still run them; see
+    ModelRunner.release_float_weights), and the embedding stays fp32 (a lookup,
+    no matmul), even when tied to the lm_head."""
+    mode = QUANT_PACKED_ONEDNN if packer == "onednn" else QUANT_PACKED_FP32
+
+    def widened(half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the stack multiplies by, what the scale slot holds)."""
+        rounded = half.float()
+        if packer == "none":
+            return rounded, rounded
+        return pack_weight(rounded, packer), shape_only(rounded)
+
+    small, plains = [], []
     for w in net.weights:
-        layer = []
+        layer, layer_plains = [], []
         for slot in (1, 2, 4, 5):  # qkv, o, gate_up, down (see llama._layers)
             half = w[slot].to(torch.bfloat16).contiguous()
-            w[slot] = half.float()
+            w[slot], plain = widened(half)
             layer.append(half)
+            layer_plains.append(plain)
         small.append(layer)
+        plains.append(layer_plains)
     head = net.lm_head.to(torch.bfloat16).contiguous()
-    net.lm_head = head.float()
+    head_weight, net.lm_head = widened(head)  # packed: lm_head keeps the shape, for what counts the weights
+    if packer != "none":
+        net.weight_scales = plains
+        net.quant_mode = mode
+        net.lm_head_quantized = (head_weight, net.lm_head, mode)
     return small, head
 
 

@@ -127,8 +127,10 @@ def test_the_packing_benchmark_times_every_contender_at_every_row_count():
     results = packing.measure(shapes, [1, 8], [1, 3, 9], rounds=1, small_linear=small)
     contenders = ("F.linear", "packed for 1", "packed for 8") + (("oneDNN",) if packing.ONEDNN_PACKING else ())
     assert set(results) == ({(c, part, n) for c in contenders for part in ("layers", "lm_head") for n in (1, 3, 9)}
-                            | {("small_linear", part, n) for part in ("layers", "lm_head") for n in (1, 3) if small})
-    assert "small_linear" in packing.render(results, [1, 8], [1, 3, 9], "cmd", report.machine_info()) or not small
+                            | {(c, part, n) for c in ("small_linear", "small_linear bf16") for part in ("layers", "lm_head")
+                               for n in (1, 3) if small})
+    rendered = packing.render(results, [1, 8], [1, 3, 9], "cmd", report.machine_info())
+    assert ("small_linear (bf16 copies" in rendered and "small_linear (plain" in rendered) or not small
     assert all(ms > 0 for ms in results.values())
     markdown = packing.render(results, [1, 8], [1, 3], "python -m bench.packing", report.machine_info())
     assert markdown.startswith(packing.HEADING) and "| 3 | " in markdown and "MKL packed for 8" in markdown
