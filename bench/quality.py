@@ -217,7 +217,11 @@ def render(rows: list[dict], command: str) -> str:
               "Q4_1 GGUF (4-bit blocks of 32 with a scale and a minimum), which int4 groups of 32 with a scale "
               "and an offset re-express almost exactly (only the bf16 rounding of scale and offset is new). A "
               "model shipped in 16 or 32 bits loses more under int4 than these rows show, so int4 is no "
-              "default here even within the bound."]
+              "default here even within the bound.", "",
+              "The bf16-weights row is the other way round: the same Q4_1 values (a 4-bit code times an fp16 "
+              "scale, plus an fp16 minimum) need more bits than bf16's 8 of mantissa, so rounding them loses "
+              "something here, whereas the weights of a model shipped in bf16, as most chat models are, round "
+              "to themselves and lose nothing."]
     return "\n".join(lines) + "\n"
 
 
