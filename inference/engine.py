@@ -23,8 +23,8 @@ from inference.config import EngineConfig, SamplingParams
 from inference.detokenizer import IncrementalDetokenizer
 from inference.engine_loop import EngineLoop
 from inference.formats import choose_cpu_format
-from inference.kernels import SMALL_LINEAR_MAX_ROWS, load_kernels
 from inference.handle import RequestHandle
+from inference.kernels import SMALL_LINEAR_MAX_ROWS, load_kernels
 from inference.metrics import EngineMetrics
 from inference.model_runner import DTYPES, ModelRunner
 from inference.outputs import Completion, PromptTooLong
@@ -41,7 +41,7 @@ _TOKENIZER_KWARGS = ("gguf_file", "revision", "trust_remote_code", "local_files_
 def _trim_heap() -> None:
     """Hand the heap's free pages back to the OS once the engine is built.
     Choosing the format ("auto": timings on the model's shapes, a model copy
-    or two for the quality check) and packing leave hundreds of MB freed but
+    for a half format's quality check) and packing leave hundreds of MB freed but
     kept by glibc's malloc: one SmolLM2-135M engine under "auto" grew by 1374
     MiB of anonymous memory, 1051 after malloc_trim (EPYC, docs/BENCHMARKS.md).
     Nothing to do off glibc."""
