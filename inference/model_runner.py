@@ -39,39 +39,17 @@ class ModelRunner:
             max_positions = min(max_positions, config.max_model_len)
         self.weight_packing = "none"  # or the inference.packing packer the fp32 weights were packed for
         self.quantization = config.quantization
-        bf16_weights: tuple[list[list[torch.Tensor]], torch.Tensor] | None = None
         with torch.inference_mode():
             self.net = PagedLlama(model, max_positions, config.script_layers)
-            if config.quantization in ("none", "bf16_weight_only") and config.pack_weights and can_pack(
-                    self.device, self.dtype):
-                self.weight_packing = self._packer(config)
-            if config.quantization == "bf16_weight_only":
-                # Rounded (and packed as fp32 is, weight by weight): the bf16 copies serve few-row steps.
-                bf16_weights = round_paged_to_bf16(self.net, self.weight_packing)
-            elif config.quantization != "none":
-                quantize_paged(self.net, config.quantization)
-            elif self.weight_packing != "none":
-                pack_paged(self.net, self.weight_packing)
+            bf16_weights = self._prepare_weights(config)
         self.packed_weights = self.weight_packing != "none"  # for stats() and /healthz
         # Decode attention reads the paged cache in place (inference.kernels) where
         # its library builds; CUDA keeps the torch path (and its graphs).
         kernels_ready = (self.device.type == "cpu" and (config.attention_kernel or config.small_linear_rows > 0)
                          and load_kernels(config.kernel_dir))
         self.net.attention_kernel = bool(config.attention_kernel and kernels_ready)
-        # Few-row fp32 steps multiply in small_linear: by the bf16 copies under
-        # "bf16_weight_only", else by the plain weights, unpacked or packed
-        # with the plain copy kept (see release_float_weights).
-        plain = self.dtype == torch.float32 and self.net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
-        if kernels_ready and plain and config.small_linear_rows > 0:
-            self.net.small_rows = min(config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
-            if bf16_weights is not None:
-                self.net.small_weights, self.net.lm_head_small = bf16_weights
-            elif self.net.quant_mode < 0:
-                self.net.small_weights = [[w[1], w[2], w[4], w[5]] for w in self.net.weights]
-                self.net.lm_head_small = self.net.lm_head
-            else:  # packed: the scale slots hold the plain weights (inference.packing)
-                self.net.small_weights = [list(layer) for layer in self.net.weight_scales]
-                self.net.lm_head_small = self.net.lm_head
+        if kernels_ready:
+            self._use_small_linear(config, bf16_weights)
         self.num_blocks = self._num_blocks(config)  # what the block manager hands out
         # CUDA graphs pad batches with rows that write into one scratch block past those.
         cache_blocks = self.num_blocks + (1 if config.cuda_graphs else 0)
@@ -91,6 +69,40 @@ class ModelRunner:
         # Which steps run on one thread (inference.threads); measured here, on
         # the weights and cache the steps will use.
         self.step_threads = choose_step_threads(self, config.one_thread_rows, config.follow_cpu_load)
+
+    def _prepare_weights(self, config: EngineConfig) -> tuple[list[list[torch.Tensor]], torch.Tensor] | None:
+        """Quantize, round or pack the stack's weights as configured; the bf16
+        copies under "bf16_weight_only", for _use_small_linear."""
+        if config.quantization in ("none", "bf16_weight_only") and config.pack_weights and can_pack(
+                self.device, self.dtype):
+            self.weight_packing = self._packer(config)
+        if config.quantization == "bf16_weight_only":
+            # Rounded (and packed as fp32 is, weight by weight): the bf16 copies serve few-row steps.
+            return round_paged_to_bf16(self.net, self.weight_packing)
+        if config.quantization != "none":
+            quantize_paged(self.net, config.quantization)
+        elif self.weight_packing != "none":
+            pack_paged(self.net, self.weight_packing)
+        return None
+
+    def _use_small_linear(self, config: EngineConfig,
+                          bf16_weights: tuple[list[list[torch.Tensor]], torch.Tensor] | None) -> None:
+        """Few-row fp32 steps multiply in small_linear (its library loaded): by
+        the bf16 copies under "bf16_weight_only", else by the plain weights,
+        unpacked or packed with the plain copy kept (see release_float_weights)."""
+        net = self.net
+        plain = self.dtype == torch.float32 and net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
+        if not plain or config.small_linear_rows <= 0:
+            return
+        net.small_rows = min(config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
+        if bf16_weights is not None:
+            net.small_weights, net.lm_head_small = bf16_weights
+        elif net.quant_mode < 0:
+            net.small_weights = [[w[1], w[2], w[4], w[5]] for w in net.weights]
+            net.lm_head_small = net.lm_head
+        else:  # packed: the scale slots hold the plain weights (inference.packing)
+            net.small_weights = [list(layer) for layer in net.weight_scales]
+            net.lm_head_small = net.lm_head
 
     def release_float_weights(self) -> int:
         """Free the float copies of the layers' matmul weights once the layer
