@@ -7,6 +7,7 @@ runs the model, samples, and pushes events to each request's handle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import ctypes
 import dataclasses
@@ -44,11 +45,9 @@ def _trim_heap() -> None:
     for a half format's quality check) and packing leave hundreds of MB freed but
     kept by glibc's malloc: one SmolLM2-135M engine under "auto" grew by 1374
     MiB of anonymous memory, 1051 after malloc_trim (EPYC, docs/BENCHMARKS.md).
-    Nothing to do off glibc."""
-    try:
+    Off glibc (no libc.so.6, or no malloc_trim in it) there is nothing to trim."""
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Engine:

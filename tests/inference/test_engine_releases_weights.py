@@ -84,3 +84,24 @@ def test_unpacked_fp32_keeps_its_weights(monkeypatch):
     got, released, _net = _run(load, {"pack_weights": False})
     assert got == expected and released == 0
     assert all(linear.weight.numel() > 0 for linear in _linears(loaded[0]))
+
+
+def test_the_heap_is_trimmed_once_built_and_a_libc_without_trim_is_no_error(monkeypatch):
+    """Engine._build hands glibc's free pages back (malloc_trim(0)); where
+    there is no libc.so.6 or no malloc_trim in it, the engine starts all the same."""
+    from types import SimpleNamespace
+
+    from inference import engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module.ctypes, "CDLL", lambda name: SimpleNamespace(malloc_trim=calls.append))
+    with Engine(tiny_llama(), None, EngineConfig(kv_cache_bytes=2**20, max_num_batched_tokens=128)) as engine:
+        assert calls == [0] and engine.stats()["running"] == 0
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(engine_module.ctypes, "CDLL", missing)
+    engine_module._trim_heap()
+    monkeypatch.setattr(engine_module.ctypes, "CDLL", lambda name: SimpleNamespace())  # no malloc_trim
+    engine_module._trim_heap()
