@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import wraps
 from inspect import iscoroutinefunction
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required as django_login_required
 from django.contrib.auth.decorators import user_passes_test
@@ -22,12 +21,12 @@ from django.utils.html import escape
 from django.utils.text import slugify
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET, require_POST
-from django_ratelimit.core import get_usage
 
 from audit.net import client_ip
 from chatapp.runtime import REDIS_ERRORS, on_db_thread
 from conversations import selectors, services, turns
 from conversations.rendering import pygments_css
+from gateway import ratelimits
 from gateway.types import try_again_in
 from memory import services as memory_services
 
@@ -90,31 +89,23 @@ def _plain_error(exc: ValidationError) -> HttpResponse:
 
 async def _chat_rate_limited(request, user) -> HttpResponse | None:
     """The API's kind of HTTP rate limit on the chat's POSTs that start a
-    reply, per user and per client address (django-ratelimit's counters in
-    Redis; its calls block, so both run on one trip to a worker thread)."""
+    reply, per user and per client address (gateway.ratelimits: async
+    counters in Redis, on the event loop). A user over their limit does not
+    count against their address."""
+    checks = (("chat-user", str(user.pk), settings.CHAT_RATE_PER_USER),
+              ("chat-ip", client_ip(request), settings.CHAT_RATE_PER_IP))
     try:
-        usage = await sync_to_async(_rate_usage, thread_sensitive=False)(request, user)
+        for group, identity, rate in checks:
+            wait_s = await ratelimits.hit(group=group, identity=identity, rate=rate)
+            if wait_s is not None:
+                break
     except REDIS_ERRORS:
         return _composer_error("The rate limiter (Redis) is unreachable; try again in a minute.", status=503)
-    if usage is None:
+    if wait_s is None:
         return None
-    wait_s = max(1, int(usage["time_left"]))
     response = _composer_error(f"You are sending messages too fast. {try_again_in(wait_s)}", status=429)
     response["Retry-After"] = str(wait_s)
     return response
-
-
-def _rate_usage(request, user) -> dict | None:
-    """The first of the chat's limits that this POST exceeds, or None."""
-    checks = (
-        ("chat-user", lambda group, req: str(user.pk), settings.CHAT_RATE_PER_USER),
-        ("chat-ip", lambda group, req: client_ip(req), settings.CHAT_RATE_PER_IP),
-    )
-    for group, key, rate in checks:
-        usage = get_usage(request, group=group, key=key, rate=rate, increment=True)
-        if usage is not None and usage["should_limit"]:
-            return usage
-    return None
 
 
 def chat_throttled(view):

@@ -6,26 +6,20 @@ official `openai` client works against it unchanged.
 """
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
-import math
-import re
 import time
 import uuid
 from dataclasses import dataclass, replace
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import FixedWindowRateLimiter
 
 from chatapp import runtime
 from chatapp.runtime import REDIS_ERRORS
-from gateway import client, openapi, quotas, registry
+from gateway import client, openapi, quotas, ratelimits, registry
 from gateway.keys import INTERNAL_CALLER, InternalCaller, aauthenticate, is_internal_api_key
 from gateway.types import (
     MAX_STOP_STRINGS,
@@ -75,44 +69,15 @@ def _client_ip(group, request) -> str:
     return str(ipaddress.ip_network(f"{ip}/{64 if ip.version == 6 else 32}", strict=False).network_address)
 
 
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([smhd])\s*$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-@functools.lru_cache(maxsize=32)
-def rate_item(rate: str) -> RateLimitItem:
-    """A rate in the syntax every *_RATE_* setting uses (django-ratelimit's:
-    "600/m", "10/5s") as a `limits` window."""
-    match = _RATE.match(rate)
-    if match is None:
-        raise ImproperlyConfigured(f"{rate!r} is not a rate: write it as requests/period, e.g. 600/m or 10/5s")
-    amount, count, unit = match.groups()
-    return RateLimitItemPerSecond(int(amount), int(count or 1) * _UNIT_S[unit])
-
-
-def _limiter() -> FixedWindowRateLimiter:
-    """This event loop's request counters: one Lua call on the loop's own Redis
-    pool per check. (django-ratelimit's counters are blocking cache calls, so
-    they ran on worker threads: with 32 requests at once, two of them took
-    about 200 ms of each request's time to first token.)"""
-    return runtime.loop_local("api-rate-limits", lambda: FixedWindowRateLimiter(RedisStorage(
-        "async+redis://", implementation="redispy", connection_pool=runtime.redis_async().connection_pool,
-        key_prefix=f"{settings.CACHES['default']['KEY_PREFIX']}:api-rate",
-    )))
-
-
 async def _throttled(request, *, group: str, key, rate: str) -> JsonResponse | None:
-    """A fixed-window request counter (`limits`), answered in the API's own 429 shape."""
-    item, identity = rate_item(rate), key(group, request)
-    limiter = _limiter()
+    """A fixed-window request counter (gateway.ratelimits), answered in the API's own 429 shape."""
     try:
-        if await limiter.hit(item, group, identity):
-            return None
-        reset_at = (await limiter.get_window_stats(item, group, identity)).reset_time
+        wait_s = await ratelimits.hit(group=group, identity=key(group, request), rate=rate)
     except REDIS_ERRORS:
         # Fail closed, like the token quotas that sit behind this limit.
         return error_response(503, quotas.REDIS_DOWN, error_type="server_error", code="service_unavailable")
-    wait_s = max(1, math.ceil(reset_at - time.time()))
+    if wait_s is None:
+        return None
     return error_response(
         429, f"Too many requests ({rate}). {try_again_in(wait_s)}", error_type="requests",
         code="rate_limit_exceeded", headers={"Retry-After": str(wait_s)},
