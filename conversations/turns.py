@@ -276,7 +276,11 @@ class ReplyLog:
     reply_id: object
     seq: int = 0
     parts: list[str] = field(default_factory=list)
-    flushed_at: float = field(default_factory=time.monotonic)
+    # Set by the first token, not at the start: a reply whose first token
+    # came after a second (a burst of new chats) wrote the database at that
+    # token, while the others were still being saved on the same threads,
+    # for a checkpoint the Redis log already holds.
+    flushed_at: float | None = None
 
     @property
     def text(self) -> str:
@@ -289,8 +293,11 @@ class ReplyLog:
     async def token(self, text: str) -> None:
         self.parts.append(text)
         await self.emit("token", {"t": text})
-        if time.monotonic() - self.flushed_at >= settings.STREAM_MATERIALIZE_S:
-            self.flushed_at = time.monotonic()
+        now = time.monotonic()
+        if self.flushed_at is None:
+            self.flushed_at = now
+        elif now - self.flushed_at >= settings.STREAM_MATERIALIZE_S:
+            self.flushed_at = now
             try:
                 await on_db_thread(services.reply_materialize)(reply_id=self.reply_id, content=self.text,
                                                              stream_seq=self.seq)

@@ -187,6 +187,27 @@ async def test_partial_text_is_materialized_while_streaming(alice, fake_gateway,
     await turns.stop_reply(reply.id)
 
 
+async def test_the_first_checkpoint_comes_an_interval_after_the_first_token(alice, fake_gateway, fast_streams):
+    """Not an interval after the turn started: the first tokens of a burst of
+    new chats come seconds in, and each wrote the database at once while the
+    burst's other chats were still being saved on the same threads."""
+    fast_streams.STREAM_MATERIALIZE_S = 0.3
+    fake_gateway.delay_s = 0.6  # every gap, the first one too, is longer than the interval
+    reply = await new_reply(alice)
+    turns.start_reply(reply.id)
+    comm = open_stream(reply.id, user=alice)
+    await read_stream(comm, stop_after=lambda raw: b"event: token" in raw)
+    await asyncio.sleep(0.2)  # the second token is 0.4 s away
+    first = await load(reply.id)
+    assert first.status == "streaming" and first.content == ""
+
+    async def checkpointed():
+        return (await load(reply.id)).content.startswith("Hello, ")
+
+    await eventually(checkpointed, timeout_s=5)
+    await turns.stop_reply(reply.id)
+
+
 async def test_other_users_get_404_for_a_stream(alice, bob, fake_gateway, fast_streams):
     reply = await new_reply(alice)
     comm = open_stream(reply.id, user=bob)
