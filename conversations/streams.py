@@ -134,7 +134,14 @@ async def append(reply_id, event: StreamEvent) -> None:
     in Redis. Appends made by all replies of this process in the same loop
     iteration share one pipelined round trip and one publish (32 replies
     decoding together produce 32 events per engine step)."""
-    await _state().writer.append(str(reply_id), event)
+    await append_nowait(reply_id, event)
+
+
+def append_nowait(reply_id, event: StreamEvent) -> asyncio.Future:
+    """`append` without the wait: the event is queued now, behind every event
+    queued before it, and the future completes once Redis has it (or fails
+    as `append` would raise)."""
+    return _state().writer.queue(str(reply_id), event)
 
 
 @dataclass
@@ -158,12 +165,12 @@ class _Writer:
         self.pending: list = []
         self.flusher: asyncio.Task | None = None
 
-    async def append(self, reply_id: str, event: StreamEvent) -> None:
+    def queue(self, reply_id: str, event: StreamEvent) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         self.pending.append((reply_id, event, future))
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.create_task(self._flush(), name="stream-writer")
-        await future
+        return future
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let the other replies of this step add theirs

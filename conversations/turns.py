@@ -88,12 +88,13 @@ async def generate_reply(reply_id, request: ChatRequest | None = None) -> str:
         return await settle(log_, admitted)
     if admitted is None:
         return GONE
-    try:
-        await log_.emit("status", {"status": Status.STREAMING})
-    except Exception:  # Redis is unreachable: no reader can follow, end it now
-        log.exception("publishing the first event of %s", reply_id)
-        return await settle(log_, Outcome(error=STREAM_FAILED))
-    outcome = await generate(log_, admitted)
+    # Queued first (the log keeps the order), and written beside the
+    # gateway's admission instead of before it: in a burst of new chats that
+    # wait for the shared writer's round trip held each one's admission back
+    # (73-107 ms p50 from the task's start to the gateway, 32 at once).
+    published = log_.emit_nowait("status", {"status": Status.STREAMING})
+    published.add_done_callback(_retrieved)  # a failure is handled where it is awaited, or not at all
+    outcome = await generate(log_, admitted, published)
     status = await settle(log_, outcome)
     await after_reply(reply_id, status)
     if outcome.cancelled:
@@ -185,12 +186,19 @@ def readable_error(exc: GatewayError) -> str:
 
 # ------------------------------------------------------------ 3. gateway, generate
 
-async def generate(log_: ReplyLog, request: ChatRequest) -> Outcome:
-    """Stream the reply from the gateway into the log, with the Stop watcher beside it."""
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def generate(log_: ReplyLog, request: ChatRequest, published: asyncio.Future | None = None) -> Outcome:
+    """Stream the reply from the gateway into the log, with the Stop watcher
+    beside it. `published`: the status event queued before it, awaited
+    before anything the gateway sends is relayed."""
     outcome = Outcome()
     watcher = asyncio.create_task(_watch(log_.reply_id, request.request_id, outcome))
     try:
-        await _relay(log_, request, outcome)
+        await _relay(log_, request, outcome, published)
     except Blocked as exc:
         outcome.error, outcome.blocked = exc.message, True
     except GatewayError as exc:
@@ -211,11 +219,19 @@ async def generate(log_: ReplyLog, request: ChatRequest) -> Outcome:
     return outcome
 
 
-async def _relay(log_: ReplyLog, request: ChatRequest, outcome: Outcome) -> None:
+async def _relay(log_: ReplyLog, request: ChatRequest, outcome: Outcome, published: asyncio.Future | None) -> None:
     gateway = gateway_client.current()
     late_tokens = 0  # tokens that arrived after Stop/interrupt was decided
     async with aclosing(gateway.stream(request)) as events:
         async for event in events:
+            if published is not None:
+                try:
+                    await published
+                except Exception:  # Redis is unreachable: no reader can follow; closing aborts it
+                    log.exception("publishing the first event of %s", log_.reply_id)
+                    outcome.error = STREAM_FAILED
+                    return
+                published = None
             if isinstance(event, FinalEvent):
                 outcome.final = event
                 return
@@ -287,8 +303,12 @@ class ReplyLog:
         return "".join(self.parts)
 
     async def emit(self, event: str, data: dict) -> None:
+        await self.emit_nowait(event, data)
+
+    def emit_nowait(self, event: str, data: dict) -> asyncio.Future:
+        """Number and queue the event now; the future completes once Redis has it."""
         self.seq += 1
-        await streams.append(self.reply_id, StreamEvent(seq=self.seq, event=event, data=data))
+        return streams.append_nowait(self.reply_id, StreamEvent(seq=self.seq, event=event, data=data))
 
     async def token(self, text: str) -> None:
         self.parts.append(text)

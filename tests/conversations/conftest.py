@@ -33,6 +33,7 @@ class FakeGateway:
         self.aborted: set[str] = set()
         self.requests = []
         self.completions: list[str] = []
+        self.yielded: list[int] = []  # per stream, the tokens it had yielded when it ended or was closed
 
     async def stream(self, request):
         self.requests.append(request)
@@ -41,17 +42,21 @@ class FakeGateway:
         sent = 0
         # Background tasks (titles, summaries) get the scripted completions.
         script = [self.completions.pop(0)] if request.source == "task" and self.completions else self.script
-        for piece in script:
-            await asyncio.sleep(self.delay_s)
-            if request.request_id in self.aborted:
-                yield FinalEvent("abort", Usage(prompt_tokens=7, completion_tokens=sent), "small")
-                return
-            if self.fail_after is not None and sent >= self.fail_after:
-                yield FinalEvent("error", Usage(prompt_tokens=7, completion_tokens=sent), "small", error="backend died")
-                return
-            sent += 1
-            yield TokenEvent(piece)
-        yield FinalEvent("stop", Usage(prompt_tokens=7, completion_tokens=sent), "small")
+        try:
+            for piece in script:
+                await asyncio.sleep(self.delay_s)
+                if request.request_id in self.aborted:
+                    yield FinalEvent("abort", Usage(prompt_tokens=7, completion_tokens=sent), "small")
+                    return
+                if self.fail_after is not None and sent >= self.fail_after:
+                    yield FinalEvent("error", Usage(prompt_tokens=7, completion_tokens=sent), "small",
+                                     error="backend died")
+                    return
+                sent += 1
+                yield TokenEvent(piece)
+            yield FinalEvent("stop", Usage(prompt_tokens=7, completion_tokens=sent), "small")
+        finally:
+            self.yielded.append(sent)
 
     def abort(self, request_id):
         self.aborted.add(request_id)

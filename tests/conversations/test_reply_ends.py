@@ -1,6 +1,7 @@
 """Every reply ends in a terminal status, whatever fails: Redis on its first
 or last event, the database while it finishes, or the process that
 generated it (the heartbeat and the reaper)."""
+import asyncio
 import datetime
 
 import pytest
@@ -30,15 +31,19 @@ def streaming_reply(user, *, text="", beat_s_ago: float = 0):
 
 
 def failing_append(monkeypatch, reply_id, *, which=lambda event: True):
-    """streams.append raises a Redis connection error for `reply_id`'s events that `which` picks."""
-    real = streams.append
+    """Appends of `reply_id`'s events that `which` picks fail with a Redis
+    connection error (streams.append and ReplyLog both queue through
+    streams.append_nowait)."""
+    real = streams.append_nowait
 
-    async def append(rid, event):
+    def append_nowait(rid, event):
         if str(rid) == str(reply_id) and which(event):
-            raise redis.exceptions.ConnectionError("Redis went away")
-        await real(rid, event)
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(redis.exceptions.ConnectionError("Redis went away"))
+            return failed
+        return real(rid, event)
 
-    monkeypatch.setattr(streams, "append", append)
+    monkeypatch.setattr(streams, "append_nowait", append_nowait)
 
 
 # ------------------------------------------------------------ Redis and the database fail

@@ -208,6 +208,22 @@ async def test_the_first_checkpoint_comes_an_interval_after_the_first_token(alic
     await turns.stop_reply(reply.id)
 
 
+async def test_a_reply_whose_log_cannot_be_written_ends_as_an_error_and_frees_the_model(alice, fake_gateway,
+                                                                                       fast_streams):
+    """The status event is written beside the gateway's admission: when Redis
+    cannot take it, nothing is relayed and the generation is closed at its
+    first token, instead of streaming to no reader."""
+    fast_streams.STREAM_REDIS_RETRY_DELAYS_S = (0.01,)
+    fake_gateway.script = [f"t{i} " for i in range(50)]
+    fake_gateway.delay_s = 0.01
+    reply = await new_reply(alice)
+    fast_streams.REDIS_URL = "redis://127.0.0.1:1/0"
+    assert await asyncio.wait_for(turns.generate_reply(reply.id), 30) == "error"
+    stored = await load(reply.id)
+    assert stored.status == "error" and stored.error == turns.STREAM_FAILED and stored.content == ""
+    assert fake_gateway.yielded == [1]
+
+
 async def test_other_users_get_404_for_a_stream(alice, bob, fake_gateway, fast_streams):
     reply = await new_reply(alice)
     comm = open_stream(reply.id, user=bob)
