@@ -10,7 +10,7 @@ from bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "retrieval",
-           "safety", "metrics", "relay", "sse_stub", "decode", "neighbour"]
+           "safety", "metrics", "relay", "sse_stub", "decode", "neighbour", "stages", "stage_stamps"]
 
 
 def test_every_benchmark_module_imports():
@@ -135,3 +135,24 @@ def test_the_packing_benchmark_times_every_contender_at_every_row_count():
     markdown = packing.render(results, [1, 8], [1, 3], "python -m bench.packing", report.machine_info())
     assert markdown.startswith(packing.HEADING) and "| 3 | " in markdown and "MKL packed for 8" in markdown
     assert ("oneDNN packed for" in markdown) is packing.ONEDNN_PACKING
+
+
+def test_the_stages_benchmark_times_each_stage_from_its_chats_post(tmp_path):
+    """Stamps keyed by reply id, or by the engine's request id, land on the
+    chat whose POST was sent at `sent`; a stage never stamped stays empty."""
+    import json
+
+    from bench.stages import STAGES, stage_times
+
+    stamps = tmp_path / "stamps.jsonl"
+    stamps.write_text("\n".join(json.dumps(line) for line in [
+        [100.010, "django", "r1"], [100.030, "saved", "r1"], [100.040, "request:q1", "r1"],
+        [100.045, "engine", "q1"], [100.150, "first token", "q1"], [200.020, "django", "r2"],
+    ]) + "\n")
+    turns = [{"reply": "r1", "sent": 100.0, "POST answered": 100.050, "token read": 100.160},
+             {"reply": "r2", "sent": 200.0, "POST answered": 200.040, "token read": None}]
+    times = stage_times(turns, stamps)
+    assert list(times) == STAGES
+    assert [round(t) for t in times["django"]] == [10, 20]
+    assert [round(t) for t in times["engine"]] == [45] and [round(t) for t in times["first token"]] == [150]
+    assert [round(t) for t in times["token read"]] == [160] and times["gateway"] == []

@@ -1,0 +1,145 @@
+"""Wall-clock stamps of a new chat's stages inside `manage.py serve`, for bench.stages.
+
+Installed into the server by a sitecustomize that bench.stages writes (the
+server imports this module before Django starts); importing it does nothing.
+Each stamp is a line [time.time(), stage, key] appended to the file named by
+BENCH_STAGES_OUT; the client's own times use the same clock, so every stage
+is measured from the POST's send. The product carries no probes of its own.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import threading
+import time
+
+_lock = threading.Lock()
+_stamps: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bench_stage_stamps", default=None)
+
+
+def _rec(path: str, stage: str, key, at: float | None = None) -> None:
+    with _lock, open(path, "a") as f:
+        f.write(json.dumps([at or time.time(), stage, str(key)]) + "\n")
+
+
+def install() -> None:
+    """Wrap django.setup so that, once the apps are loaded, the stages are stamped."""
+    path = os.environ.get("BENCH_STAGES_OUT")
+    if not path:
+        return
+    import django
+
+    real_setup = django.setup
+
+    def setup(*args, **kwargs):
+        real_setup(*args, **kwargs)
+        _patch(path)
+
+    django.setup = setup
+
+
+def _stamp(name: str) -> None:
+    stamps = _stamps.get()
+    if stamps is not None:
+        stamps.setdefault(name, time.time())
+
+
+def _patch(path: str) -> None:  # noqa: C901 (one wrapper per stage, in order)
+    from django.core.handlers import asgi as django_asgi
+
+    from conversations import consumers, turns, views
+    from inference import engine as engine_module
+    from inference.handle import RequestHandle
+
+    def wrap_async(owner, name, before=None, after=None):
+        real = getattr(owner, name)
+
+        async def wrapper(*args, **kwargs):
+            if before:
+                before(*args)
+            result = await real(*args, **kwargs)
+            if after:
+                after(*args)
+            return result
+
+        setattr(owner, name, wrapper)
+
+    # 1. the request reaches Django, its middleware, the rate limit (stamped per request, written with the reply id)
+    real_call = django_asgi.ASGIHandler.__call__
+
+    async def call(self, scope, receive, send):
+        if scope.get("path") == "/c/new":
+            _stamps.set({"django": time.time()})
+        return await real_call(self, scope, receive, send)
+
+    django_asgi.ASGIHandler.__call__ = call
+    wrap_async(views, "_chat_rate_limited", before=lambda *a: _stamp("view"), after=lambda *a: _stamp("rate limit"))
+
+    # 2. the turn saved and its request built, on a database thread
+    real_create = turns.create_and_prepare
+
+    def create_and_prepare(create, /, **kwargs):
+        started = time.time()
+        reply, request = real_create(create, **kwargs)
+        for stage, at in (*(_stamps.get() or {}).items(), ("saving", started), ("saved", time.time())):
+            _rec(path, stage, reply.id, at)
+        return reply, request
+
+    turns.create_and_prepare = create_and_prepare
+
+    # 3. the gateway, the engine, the reply's log, the SSE stream
+    real_generate = turns.generate
+
+    async def generate(log_, request, *args):
+        _rec(path, "gateway", log_.reply_id)
+        _rec(path, "request:" + request.request_id, log_.reply_id)
+        return await real_generate(log_, request, *args)
+
+    turns.generate = generate
+    real_submit = engine_module.Engine.submit
+
+    def submit(self, prompt, sampling_params=None, request_id=None, **kwargs):
+        _rec(path, "engine", request_id)
+        return real_submit(self, prompt, sampling_params, request_id, **kwargs)
+
+    engine_module.Engine.submit = submit
+    real_deliver = RequestHandle.deliver
+
+    def deliver(self, event):
+        if not getattr(self, "_bench_delivered", False):
+            self._bench_delivered = True
+            _rec(path, "first token", self.request_id)
+        return real_deliver(self, event)
+
+    RequestHandle.deliver = deliver
+    real_token = turns.ReplyLog.token
+    logged: set = set()
+
+    async def token(self, text):
+        first = self.reply_id not in logged
+        await real_token(self, text)
+        if first:
+            logged.add(self.reply_id)
+            _rec(path, "in the log", self.reply_id)
+
+    turns.ReplyLog.token = token
+    real_request = consumers.ReplyStreamConsumer.http_request
+
+    async def http_request(self, message):
+        _rec(path, "stream opened", self.scope["url_route"]["kwargs"]["reply_id"])
+        return await real_request(self, message)
+
+    consumers.ReplyStreamConsumer.http_request = http_request
+    real_send = consumers.ReplyStreamConsumer._send_events
+    sent: set = set()
+
+    async def send_events(self, events):
+        first = self.reply_id not in sent and any(e.event == "token" for e in events)
+        result = await real_send(self, events)
+        if first:
+            sent.add(self.reply_id)
+            _rec(path, "token written", self.reply_id)
+        return result
+
+    consumers.ReplyStreamConsumer._send_events = send_events
