@@ -45,25 +45,13 @@ def _stamp(name: str) -> None:
         stamps.setdefault(name, time.time())
 
 
-def _patch(path: str) -> None:  # noqa: C901 (one wrapper per stage, in order)
+def _patch(path: str) -> None:
+    """One wrapper per stage, in the order a chat meets them."""
     from django.core.handlers import asgi as django_asgi
 
     from conversations import consumers, turns, views
     from inference import engine as engine_module
     from inference.handle import RequestHandle
-
-    def wrap_async(owner, name, before=None, after=None):
-        real = getattr(owner, name)
-
-        async def wrapper(*args, **kwargs):
-            if before:
-                before(*args)
-            result = await real(*args, **kwargs)
-            if after:
-                after(*args)
-            return result
-
-        setattr(owner, name, wrapper)
 
     # 1. the request reaches Django, its middleware, the rate limit (stamped per request, written with the reply id)
     real_call = django_asgi.ASGIHandler.__call__
@@ -74,7 +62,15 @@ def _patch(path: str) -> None:  # noqa: C901 (one wrapper per stage, in order)
         return await real_call(self, scope, receive, send)
 
     django_asgi.ASGIHandler.__call__ = call
-    wrap_async(views, "_chat_rate_limited", before=lambda *a: _stamp("view"), after=lambda *a: _stamp("rate limit"))
+    real_rate_limited = views._chat_rate_limited
+
+    async def rate_limited(request, user):
+        _stamp("view")
+        answer = await real_rate_limited(request, user)
+        _stamp("rate limit")
+        return answer
+
+    views._chat_rate_limited = rate_limited
 
     # 2. the turn saved and its request built, on a database thread
     real_create = turns.create_and_prepare

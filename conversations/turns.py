@@ -187,6 +187,7 @@ def readable_error(exc: GatewayError) -> str:
 # ------------------------------------------------------------ 3. gateway, generate
 
 def _retrieved(future: asyncio.Future) -> None:
+    """Read a failure, so asyncio does not log it as never retrieved."""
     if not future.cancelled():
         future.exception()
 

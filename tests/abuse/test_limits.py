@@ -152,8 +152,6 @@ async def test_a_live_lease_is_renewed_past_its_ttl(settings):
 async def test_chat_posts_are_rate_limited_per_user_with_retry_after(alice, fake_gateway, settings):
     from django.test import AsyncClient as Client
 
-    from django.contrib.auth import get_user_model
-
     settings.CHAT_RATE_PER_USER = "2/m"
 
     async def three_posts(user):
