@@ -88,3 +88,25 @@ def test_upload_a_pdf_watch_it_index_ask_and_open_the_citation(page, live, fake_
     page.wait_for_url(re.compile(r"/documents/passages/\d+/$"))
     assert "Mr. Bennet lives at Longbourn" in page.locator("mark#passage").inner_text()
     assert page.locator("h1").inner_text() == "novel.pdf"
+
+
+def test_a_file_chosen_before_htmx_binds_the_form_still_uploads_through_htmx(page, live, fake_gateway,
+                                                                          gated_ingestion):
+    """#chat-files arrives by a swap and htmx binds its form only when the swap
+    settles; a file chosen in between went out as a plain POST without the
+    CSRF header (a 403 page, seen in CI on a busy box)."""
+    gated_ingestion.set()
+    fake_gateway.script = ["Hello."]
+    signup(page, live)
+    page.fill("#composer-text", "Hi")
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r"/c/[0-9a-f-]+/$"))
+    page.wait_for_selector("article.msg.assistant.status-complete")
+    page.wait_for_selector("#chat-files input[type=file]")
+    chat_url = page.url
+    # The same markup, not yet bound by htmx: the moment before the swap settles.
+    page.evaluate("() => { const files = document.getElementById('chat-files'); files.outerHTML = files.outerHTML; }")
+    page.set_input_files("#chat-files input[type=file]", files=[
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"Mr. Bingley has taken Netherfield Park."}])
+    page.wait_for_selector("#chat-files li.doc")
+    assert page.url == chat_url

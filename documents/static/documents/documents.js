@@ -44,6 +44,11 @@
 
   document.addEventListener("change", (e) => {
     if (e.target.matches("input[type=file][data-auto-submit]") && e.target.files.length) {
+      // The form arrives by a swap (#chat-files loads after the page), and htmx
+      // binds its hx-post only when that swap settles: a file chosen before
+      // then went out as a plain POST, without the CSRF header (a 403 page).
+      // htmx.process binds it now, and is a no-op once bound.
+      if (window.htmx) htmx.process(e.target.form);
       e.target.form.requestSubmit();
     }
   });
