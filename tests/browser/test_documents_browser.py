@@ -53,13 +53,18 @@ def gated_ingestion(settings, tmp_path, monkeypatch):
     release.set()
 
 
-def test_upload_a_pdf_watch_it_index_ask_and_open_the_citation(page, live, fake_gateway, gated_ingestion):
+def a_chat_with_one_reply(page, live, fake_gateway):
+    """A new user's chat page, its first reply complete: files can be attached."""
     fake_gateway.script = ["Hello."]
     signup(page, live)
     page.fill("#composer-text", "Hi")
     page.keyboard.press("Enter")
     page.wait_for_url(re.compile(r"/c/[0-9a-f-]+/$"))
     page.wait_for_selector("article.msg.assistant.status-complete")
+
+
+def test_upload_a_pdf_watch_it_index_ask_and_open_the_citation(page, live, fake_gateway, gated_ingestion):
+    a_chat_with_one_reply(page, live, fake_gateway)
 
     page.set_input_files("#chat-files input[type=file]", files=[
         {"name": "novel.pdf", "mimeType": "application/pdf", "buffer": make_pdf(PAGES)}])
@@ -96,12 +101,7 @@ def test_a_file_chosen_before_htmx_binds_the_form_still_uploads_through_htmx(pag
     settles; a file chosen in between went out as a plain POST without the
     CSRF header (a 403 page, seen in CI on a busy box)."""
     gated_ingestion.set()
-    fake_gateway.script = ["Hello."]
-    signup(page, live)
-    page.fill("#composer-text", "Hi")
-    page.keyboard.press("Enter")
-    page.wait_for_url(re.compile(r"/c/[0-9a-f-]+/$"))
-    page.wait_for_selector("article.msg.assistant.status-complete")
+    a_chat_with_one_reply(page, live, fake_gateway)
     page.wait_for_selector("#chat-files input[type=file]")
     chat_url = page.url
     # The same markup, not yet bound by htmx: the moment before the swap settles.
