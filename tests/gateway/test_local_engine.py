@@ -59,11 +59,15 @@ async def test_a_local_pool_streams_and_charges_its_real_usage(local_pools, alic
 
 
 async def test_model_facts_come_from_the_engine(local_pools):
+    from chatapp import runtime
+
     engine = local_pools["gw-small"]
     messages = [{"role": "user", "content": "count my tokens"}]
-    assert await asyncio.to_thread(services.count_prompt_tokens, messages, "gw-small") == len(
+    # On the chat's database threads, where the turn's context counts its
+    # tokens: a plain thread would keep a pooled connection for good.
+    assert await runtime.on_db_thread(services.count_prompt_tokens)(messages, "gw-small") == len(
         engine.apply_chat_template(messages))
-    info = await asyncio.to_thread(services.model_info, "gw-small")
+    info = await runtime.on_db_thread(services.model_info)("gw-small")
     assert info.context_window == engine.max_model_len
 
 
