@@ -162,9 +162,20 @@ class GuardrailChecker(Checker):
     flag_at, block_at = 0.5, 0.9
 
     def __init__(self):
-        from guardify.guardrails.logistic_regression import LogisticRegressionGuardrail
+        import warnings
 
-        model = LogisticRegressionGuardrail()
+        from guardify.guardrails.logistic_regression import LogisticRegressionGuardrail
+        from sklearn.exceptions import InconsistentVersionWarning
+
+        # Its wheel pickled the model with scikit-learn 1.7.2, and
+        # alt-profanity-check pins the 1.9.1 we install. Loaded under both,
+        # the model gave the same probabilities to 1e-16 (ten prompts,
+        # 2026-12-05); tests/safety/test_default_checkers.py holds it to
+        # clear cases, so a scikit-learn that breaks it fails there, not
+        # in a warning on every start.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InconsistentVersionWarning)
+            model = LogisticRegressionGuardrail()
         self._classifier, self._vectorizer = model._clf, model._vectorizer
         self._injection = list(self._classifier.classes_).index(1)
 
