@@ -169,7 +169,7 @@ class GuardrailChecker(Checker):
 
         # Its wheel pickled the model with scikit-learn 1.7.2, and
         # alt-profanity-check pins the 1.9.1 we install. Loaded under both,
-        # the model gave the same probabilities to 1e-16 (ten prompts,
+        # the model gave identical probabilities on ten prompts (checked
         # 2026-12-05); tests/safety/test_default_checkers.py holds it to
         # clear cases, so a scikit-learn that breaks it fails there, not
         # in a warning on every start.
