@@ -1,4 +1,7 @@
+import asyncio
+import inspect
 import shutil
+import threading
 
 import pytest
 
@@ -40,6 +43,27 @@ def django_db_setup(django_db_setup, django_db_blocker):
         for conn in connections.all():
             if getattr(conn, "pool", None) is not None:
                 conn.close_pool()
+
+
+@pytest.fixture(autouse=True)
+def _async_connections_back(request):
+    """After an async test, the connection that its sync_to_async calls, ORM
+    a-methods and AsyncClient requests borrowed on asgiref's sync thread goes
+    back to the pool, as a request's end gives it back in a server (Django's
+    test clients take close_old_connections off request_finished). Kept, it
+    stayed out of the pool until a later async test's thread work replaced
+    it, and a test that takes the whole pool (test_db_threads) came up one
+    short, or the test database could not be dropped at the end."""
+    yield
+    if inspect.iscoroutinefunction(request.function):
+        from asgiref.sync import sync_to_async
+        from django.db import connections
+
+        # From a thread of its own: asyncio.run on the main thread would
+        # unset the event loop pytest-asyncio is tearing down there.
+        closer = threading.Thread(target=lambda: asyncio.run(sync_to_async(connections.close_all)()))
+        closer.start()
+        closer.join()
 
 
 @pytest.fixture(autouse=True)

@@ -83,4 +83,5 @@ async def test_200_clients_connecting_and_dropping_at_random(alice, fake_gateway
     _, raw = await read_stream(comm)
     assert events_of(raw)[-1]["data"]["status"] == "complete"
     assert streams.local_readers(reply.id) == 0
+    await turns.wait_idle(30)  # its after-reply work, still on the database threads
     runtime.close_db_threads()
