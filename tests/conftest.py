@@ -1,7 +1,4 @@
-import asyncio
-import inspect
 import shutil
-import threading
 
 import pytest
 
@@ -46,24 +43,19 @@ def django_db_setup(django_db_setup, django_db_blocker):
 
 
 @pytest.fixture(autouse=True)
-def _async_connections_back(request):
-    """After an async test, the connection that its sync_to_async calls, ORM
-    a-methods and AsyncClient requests borrowed on asgiref's sync thread goes
-    back to the pool, as a request's end gives it back in a server (Django's
-    test clients take close_old_connections off request_finished). Kept, it
-    stayed out of the pool until a later async test's thread work replaced
-    it, and a test that takes the whole pool (test_db_threads) came up one
-    short, or the test database could not be dropped at the end."""
+def _sync_thread_connection_back():
+    """After each test, the connection borrowed on asgiref's single sync thread
+    (sync_to_async, the ORM's a-methods, AsyncClient's sync middleware, a
+    live server's views) goes back to the pool, as a request's end gives it
+    back in a server: Django's test clients take close_old_connections off
+    request_finished. Kept, it stayed out of the pool, a test that takes the
+    whole pool (test_db_threads) came up one short, and the test database
+    could not be dropped at the end."""
     yield
-    if inspect.iscoroutinefunction(request.function):
-        from asgiref.sync import sync_to_async
-        from django.db import connections
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
 
-        # From a thread of its own: asyncio.run on the main thread would
-        # unset the event loop pytest-asyncio is tearing down there.
-        closer = threading.Thread(target=lambda: asyncio.run(sync_to_async(connections.close_all)()))
-        closer.start()
-        closer.join()
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
 
 
 @pytest.fixture(autouse=True)

@@ -42,7 +42,7 @@ def test_worker_threads_work_while_requests_hold_every_pooled_connection(setting
         stats = pool.get_stats()
         # Fewer means another thread kept a pooled connection: a test that ran
         # the ORM on a thread of its own, or one tests/conftest.py's
-        # _async_connections_back does not reach.
+        # _sync_thread_connection_back does not reach.
         assert len(held) == pool.max_size - 1 and stats["pool_available"] == 0, (len(held), stats)
 
         async def both():

@@ -191,13 +191,9 @@ async def has_streamed_text(reply_id) -> bool:
 
 @pytest.fixture(autouse=True)
 def _close_thread_connections():
-    """Async tests reach the database from asgiref's single sync thread; close
-    that thread's connection so the test database can be dropped."""
+    """The chat's database threads keep their connections; close them so the
+    test database can be dropped (asgiref's sync thread: tests/conftest.py)."""
     yield
-    from asgiref.sync import SyncToAsync
-    from django.db import connections
-
-    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
     runtime.close_db_threads()
 
 

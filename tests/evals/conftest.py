@@ -8,8 +8,6 @@ API in process, as the worker's requests do.
 from __future__ import annotations
 
 import pytest
-from asgiref.sync import SyncToAsync
-from django.db import connections
 
 from chatapp import runtime
 from gateway import client as gateway_client
@@ -64,8 +62,8 @@ def suite_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _close_thread_connections():
-    """The gateway's database threads and asgiref's sync thread keep their
-    connections; close them so the test database can be flushed and dropped."""
+    """The gateway's database threads keep their connections; close them so
+    the test database can be flushed and dropped (asgiref's sync thread:
+    tests/conftest.py)."""
     yield
-    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
     runtime.close_db_threads()

@@ -1,6 +1,4 @@
 import pytest
-from asgiref.sync import SyncToAsync
-from django.db import connections
 
 from chatapp import runtime
 from tests.gateway.fake_openai import FakeOpenAI
@@ -26,10 +24,9 @@ def _fresh_gateway_state(settings):
 @pytest.fixture(autouse=True)
 def _close_thread_connections():
     yield
-    # Async ORM calls run on asgiref's single sync thread and the gateway's DB
-    # work on its own pool; their connections would otherwise stay open and
-    # block dropping the test database.
-    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+    # The gateway's database work runs on its own threads, whose connections
+    # would otherwise stay open and block dropping the test database
+    # (asgiref's sync thread: tests/conftest.py).
     runtime.close_db_threads()
 
 
