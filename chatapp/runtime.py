@@ -410,6 +410,7 @@ def engine_config(spec: dict):
         pack_backend=settings.ENGINE_PACK_BACKEND,
         attention_kernel=settings.ENGINE_ATTENTION_KERNEL,
         small_linear_rows=settings.ENGINE_SMALL_LINEAR_ROWS,
+        fused_ops=settings.ENGINE_FUSED_OPS,
         kernel_dir=str(settings.ENGINE_KERNEL_DIR),
     )
 

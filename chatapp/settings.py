@@ -405,6 +405,10 @@ ENGINE_ATTENTION_KERNEL = env_bool("ENGINE_ATTENTION_KERNEL", True)
 # small_linear (one pass over each plain weight row; faster than oneDNN at one
 # and two rows on the EPYC, even at three); 0 turns it off. At most 8.
 ENGINE_SMALL_LINEAR_ROWS = env_int("ENGINE_SMALL_LINEAR_ROWS", 2, min_value=0, max_value=8)
+# Each layer's RMSNorms, rotary embedding and SiLU * up as one op each of the
+# same library (the same sums, one pass) instead of about a dozen small torch
+# ops: one fp32 stream's decode step 6.5-7.2% shorter on the EPYC.
+ENGINE_FUSED_OPS = env_bool("ENGINE_FUSED_OPS", True)
 ENGINE_KERNEL_DIR = DATA_DIR / "kernels"
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
 MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}

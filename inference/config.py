@@ -118,6 +118,13 @@ class EngineConfig:
     # "bf16_weight_only", where these steps read bf16 copies. 0 turns it off;
     # at most inference.kernels.SMALL_LINEAR_MAX_ROWS.
     small_linear_rows: int = 2
+    # CPU: each layer's RMSNorms, rotary embedding and SiLU * up run as one op
+    # each of the same library (csrc/fused_ops.cpp) instead of about a dozen
+    # small torch ops, whose dispatch and thread fork cost more than their
+    # arithmetic on a decode step (docs/BENCHMARKS.md "Fused element-wise ops").
+    # The same sums in the same precision; falls back to torch where the
+    # library is not built.
+    fused_ops: bool = True
     kernel_dir: str | None = None
     model_name: str | None = None  # reported by stats(); defaults to the model's name_or_path
     # False runs the decoder layers op by op from Python instead of as one

@@ -240,6 +240,7 @@ class Engine:
             "weight_packing": self.runner.weight_packing,
             "attention_kernel": self.runner.net.attention_kernel,
             "small_linear_rows": self.runner.net.small_rows,
+            "fused_ops": self.runner.net.fused_ops,
             "one_thread_rows": self.runner.step_threads.one_thread_rows,
             "running": len(self.scheduler.running),
             "waiting": self._engine_loop.inbox.num_unscheduled + sum(1 for s in list(self.scheduler.waiting) if s.metrics.preemptions),

@@ -33,7 +33,8 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from inference import kernels  # noqa: F401  (defines torch.ops.chatapp.paged_decode_attention's schema)
+from inference import kernels  # noqa: F401  (defines the schemas of torch.ops.chatapp's ops)
+from inference import layer_ops
 from inference.outputs import UnsupportedModel
 from inference.quantization import quantized_linear
 
@@ -74,24 +75,11 @@ class AttentionPlan:
     prefills: List[PrefillChunk]
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # HF's LlamaRMSNorm op for op: statistics in fp32, scaled after casting back.
-    # F.rms_norm is no single kernel on CPU (its fallback runs pow, sum, div,
-    # where, add...): at one row it took ~30 us a call, and a step has 61 of
-    # them; these five ops were 0.7-0.9 ms a one-row step faster (int4 weights,
-    # 2-core Xeon, docs/BENCHMARKS.md) and are HF's own sums.
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, D]; cos [T, 1, D] holds each frequency twice (HF's layout);
-    # signed_sin is sin with its first half negated, so HF's rotate_half(x) * sin
-    # is the two halves of x swapped (one flip) times signed_sin: three ops, not seven.
-    t, heads, dim = x.size(0), x.size(1), x.size(2)
-    swapped = x.view(t, heads, 2, dim // 2).flip(2).view(t, heads, dim)  # [x2, x1]
-    return torch.addcmul(x * cos, swapped, signed_sin)
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused_ops: bool) -> torch.Tensor:
+    # fused_ops: the same sums as one op of inference.kernels' library (csrc/fused_ops.cpp).
+    if fused_ops:
+        return torch.ops.chatapp.rms_norm(x, weight, eps)
+    return layer_ops.rms_norm(x, weight, eps)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -196,13 +184,16 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
             k_cache: torch.Tensor, v_cache: torch.Tensor,
             decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
             heads: int, kv_heads: int, dim: int, eps: float, scale: float,
-            attention_kernel: bool, small_rows: int, small_weights: List[List[torch.Tensor]]) -> torch.Tensor:
+            attention_kernel: bool, small_rows: int, small_weights: List[List[torch.Tensor]],
+            fused_ops: bool) -> torch.Tensor:
     """Every decoder layer; weights[i] = [input_norm, qkv, o, post_norm, gate_up, down];
     scales[i] = the quantized weights' scales of [qkv, o, gate_up, down], or scales is empty
     (float weights); quant_mode is their inference.quantization QUANT_* mode; attention_kernel
     runs decode attention in inference.kernels' library instead of gathering blocks; steps of
     at most small_rows tokens run their matmuls in its small_linear (0: never), on
-    small_weights[i] = [qkv, o, gate_up, down] as small_linear reads them."""
+    small_weights[i] = [qkv, o, gate_up, down] as small_linear reads them; fused_ops
+    runs RMSNorm, the rotary embedding and SiLU * up as one op each of the same
+    library (csrc/fused_ops.cpp) instead of a handful of torch ops each."""
     num_tokens = h.size(0)
     for index, w in enumerate(weights):
         s: List[Optional[torch.Tensor]] = [None, None, None, None]
@@ -213,10 +204,14 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         if len(small_weights) > 0:
             for j in range(4):
                 sw[j] = small_weights[index][j]
-        x = _rms_norm(h, w[0], eps)
+        x = _norm(h, w[0], eps, fused_ops)
         qkv = _linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows, sw[0])  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-        qk = _rotate(qk.view(num_tokens, heads + kv_heads, dim), cos, signed_sin)  # [T, H + KV, D]: one rotation for both
+        qk = qk.view(num_tokens, heads + kv_heads, dim)  # [T, H + KV, D]: one rotation for both
+        if fused_ops:
+            qk = torch.ops.chatapp.rotary(qk, cos, signed_sin)
+        else:
+            qk = layer_ops.rotate(qk, cos, signed_sin)
         q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, KV, D]
         v = v.view(num_tokens, kv_heads, dim)
         layer_k = k_cache[index]  # [KV, num_blocks, block_size, D]
@@ -226,9 +221,13 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale,
                        attention_kernel)  # [T, H * D]
         h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1])
-        x = _rms_norm(h, w[3], eps)
-        gate, up = _linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2]).chunk(2, dim=-1)
-        h = _residual_linear(h, F.silu(gate) * up, w[5], None, s[3], quant_mode, small_rows, sw[3])
+        x = _norm(h, w[3], eps, fused_ops)
+        gate_up = _linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2])
+        if fused_ops:
+            act = torch.ops.chatapp.silu_mul(gate_up)
+        else:
+            act = layer_ops.silu_mul(gate_up)
+        h = _residual_linear(h, act, w[5], None, s[3], quant_mode, small_rows, sw[3])
     return h
 
 
@@ -292,6 +291,7 @@ class PagedLlama:
         self.quant_mode = -1  # no quantized weights
         # Set by the model runner once inference.kernels' library is loaded (CPU only).
         self.attention_kernel = False
+        self.fused_ops = False  # RMSNorm, rotary and SiLU * up as the library's ops (ModelRunner sets it)
         self.small_rows = 0  # fp32 steps of at most this many tokens multiply in small_linear
         # What small_linear multiplies by, set with small_rows (ModelRunner):
         # per layer [qkv, o, gate_up, down], and the lm_head.
@@ -309,7 +309,7 @@ class PagedLlama:
             cos, sin = rotary(self.embed[:1][None], positions)
         self.cos = cos[0].to(self.dtype)  # [max_positions, D]
         half = self.head_dim // 2
-        # [-sin | sin] halves: what _rotate multiplies the swapped halves by.
+        # [-sin | sin] halves: what layer_ops.rotate multiplies the swapped halves by.
         self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).to(self.dtype)
 
     @staticmethod
@@ -358,8 +358,8 @@ class PagedLlama:
                                  self.weight_scales, self.quant_mode, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.eps, self.scale, self.attention_kernel, self.small_rows,
-                                 self.small_weights)
-        h = _rms_norm(h[logit_rows], self.final_norm, self.eps)  # [N, hidden]
+                                 self.small_weights, self.fused_ops)
+        h = _norm(h[logit_rows], self.final_norm, self.eps, self.fused_ops)  # [N, hidden]
         if h.size(0) <= self.small_rows and self.lm_head_small is not None:  # as the layers' (see _linear)
             return torch.ops.chatapp.small_linear(h.contiguous(), self.lm_head_small, None)  # [N, V]
         if self.lm_head_quantized is not None:

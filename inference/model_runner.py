@@ -45,9 +45,11 @@ class ModelRunner:
         self.packed_weights = self.weight_packing != "none"  # for stats() and /healthz
         # Decode attention reads the paged cache in place (inference.kernels) where
         # its library builds; CUDA keeps the torch path (and its graphs).
-        kernels_ready = (self.device.type == "cpu" and (config.attention_kernel or config.small_linear_rows > 0)
+        kernels_ready = (self.device.type == "cpu"
+                         and (config.attention_kernel or config.small_linear_rows > 0 or config.fused_ops)
                          and load_kernels(config.kernel_dir))
         self.net.attention_kernel = bool(config.attention_kernel and kernels_ready)
+        self.net.fused_ops = bool(config.fused_ops and kernels_ready)
         if kernels_ready:
             self._use_small_linear(config, bf16_weights)
         self.num_blocks = self._num_blocks(config)  # what the block manager hands out
