@@ -45,6 +45,18 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int = MAX_NEW_TOKENS) ->
     return out[0, len(prompt):].tolist()
 
 
+def half_precision_batched_and_alone(make_engine, prompts: list[list[int]], stat: str) -> tuple[list, list]:
+    """A bf16 engine's 16 greedy tokens for each prompt, all at once and one at a
+    time, with `stat` (a kernel the engine reports in stats()) on."""
+    from inference import SamplingParams
+
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    engine = make_engine(dtype="bfloat16", max_num_batched_tokens=128)
+    assert engine.stats()[stat] is True
+    batched = [c.token_ids for c in engine.generate(prompts, params)]
+    return batched, [engine.generate(p, params)[0].token_ids for p in prompts]
+
+
 @pytest.fixture(scope="session")
 def prompts():
     return make_prompts()

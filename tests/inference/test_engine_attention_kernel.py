@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from inference import kernels
+from .conftest import half_precision_batched_and_alone
 
 has_compiler = kernels._compiler() is not None
 needs_kernel = pytest.mark.skipif(not has_compiler, reason="no C++ compiler on this machine")
@@ -118,13 +119,7 @@ def test_with_the_kernel_the_engine_keeps_hf_greedy_tokens(make_engine, prompts,
 
 @needs_kernel
 def test_half_precision_with_the_kernel_is_the_same_batched_or_alone(make_engine, prompts, kernel_ready):
-    from inference import SamplingParams
-
-    params = SamplingParams(max_tokens=16, temperature=0.0)
-    engine = make_engine(dtype="bfloat16", max_num_batched_tokens=128)
-    assert engine.stats()["attention_kernel"] is True
-    batched = [c.token_ids for c in engine.generate(prompts[:8], params)]
-    alone = [engine.generate(p, params)[0].token_ids for p in prompts[:8]]
+    batched, alone = half_precision_batched_and_alone(make_engine, prompts[:8], "attention_kernel")
     assert batched == alone
 
 

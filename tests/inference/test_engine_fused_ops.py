@@ -11,6 +11,7 @@ import torch
 
 from inference import kernels
 from inference.layer_ops import rms_norm, rotate, silu_mul
+from .conftest import half_precision_batched_and_alone
 
 has_compiler = kernels._compiler() is not None
 pytestmark = pytest.mark.skipif(not has_compiler, reason="no C++ compiler on this machine")
@@ -121,11 +122,5 @@ def test_with_the_fused_ops_the_engine_keeps_hf_greedy_tokens(make_engine, promp
 
 
 def test_half_precision_with_the_fused_ops_is_the_same_batched_or_alone(make_engine, prompts, ops):
-    from inference import SamplingParams
-
-    params = SamplingParams(max_tokens=16, temperature=0.0)
-    engine = make_engine(dtype="bfloat16", max_num_batched_tokens=128)
-    assert engine.stats()["fused_ops"] is True
-    batched = [c.token_ids for c in engine.generate(prompts[:8], params)]
-    alone = [engine.generate(p, params)[0].token_ids for p in prompts[:8]]
+    batched, alone = half_precision_batched_and_alone(make_engine, prompts[:8], "fused_ops")
     assert batched == alone

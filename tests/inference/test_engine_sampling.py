@@ -59,3 +59,14 @@ def test_penalties_discourage_repeats(make_engine):
                                                          repetition_penalty=2.0, presence_penalty=2.0))[0]
     assert len(set(penalized.token_ids)) >= len(set(plain.token_ids))
     assert 7 not in penalized.token_ids or penalized.token_ids.count(7) <= plain.token_ids.count(7)
+
+
+def test_greedy_rows_beside_sampled_ones_keep_hf_greedy_tokens(make_engine, prompts, expected):
+    # A step whose rows mix greedy and sampled requests picks the greedy rows'
+    # tokens in one argmax over just those rows: each must get its own.
+    engine = make_engine()
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    params = [greedy if i % 2 else sampled(200 + i) for i in range(6)]
+    batch = engine.generate(prompts[:6], params)
+    assert [batch[i].token_ids for i in (1, 3, 5)] == [expected[i] for i in (1, 3, 5)]
+    assert batch[0].token_ids == engine.generate([prompts[0]], sampled(200))[0].token_ids
