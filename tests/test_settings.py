@@ -154,8 +154,7 @@ def test_the_engines_kernel_settings_reach_its_config(settings):
     from chatapp import runtime
 
     spec = settings.MODEL_POOLS["small"]
-    config = runtime.engine_config(spec)
-    assert (config.attention_kernel, config.small_linear_rows, config.fused_ops) == (True, 2, True)
-    settings.ENGINE_ATTENTION_KERNEL, settings.ENGINE_SMALL_LINEAR_ROWS, settings.ENGINE_FUSED_OPS = False, 0, False
-    config = runtime.engine_config(spec)
-    assert (config.attention_kernel, config.small_linear_rows, config.fused_ops) == (False, 0, False)
+    for values in ((True, 2, True), (False, 0, False), (True, 0, False), (False, 5, True)):
+        settings.ENGINE_ATTENTION_KERNEL, settings.ENGINE_SMALL_LINEAR_ROWS, settings.ENGINE_FUSED_OPS = values
+        config = runtime.engine_config(spec)
+        assert (config.attention_kernel, config.small_linear_rows, config.fused_ops) == values
