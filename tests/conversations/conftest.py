@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 
 import httpx
 import pytest
@@ -182,6 +183,19 @@ def events_of(raw: bytes) -> list[dict]:
 
 def text_of(raw: bytes) -> str:
     return "".join(f["data"]["t"] for f in events_of(raw) if f["event"] == "token")
+
+
+def reply_shown_live_or_whole(html: str) -> bool:
+    """Whether a page shows the turn's reply either streaming (the element
+    htmx's SSE extension attaches to) or, where the instant fake gateway
+    finished it before the page was rendered (seen on a loaded CI box),
+    already complete. A reply that errored, or no reply at all, is neither."""
+    article = re.search(r'<article class="msg assistant status-(\w+)"[^>]*>', html)
+    if article is None:
+        return False
+    status, tag = article.group(1), article.group(0)
+    return ((status in ("pending", "streaming") and "data-stream=" in tag)
+            or (status == "complete" and "data-stream=" not in tag))
 
 
 async def has_streamed_text(reply_id) -> bool:

@@ -10,6 +10,7 @@ from conversations.models import Conversation, Message
 from memory import services as memory_services
 from memory import tasks as memory_tasks
 from memory.models import Memory, MemoryUse
+from tests.conversations.conftest import reply_shown_live_or_whole
 
 FACTS = ["My dog is called Rex", "I work as a dentist in Porto", "My favourite colour is green"]
 
@@ -28,7 +29,7 @@ async def test_remember_that_saves_the_fact_and_the_streamed_reply_confirms_it(a
     await sync_to_async(client.force_login)(alice)
     response = await client.post("/c/new", {"text": "Remember that my cat is called Miso. Any name ideas for a second cat?"},
                                  headers={"HX-Request": "true"})
-    assert response.status_code == 200 and "data-stream=" in response.content.decode()
+    assert response.status_code == 200 and reply_shown_live_or_whole(response.content.decode())
     await turns.wait_idle(10)
     memory = await sync_to_async(Memory.objects.get)(user=alice)
     assert (memory.text, memory.status, memory.source) == ("My cat is called Miso", "active", "explicit")
