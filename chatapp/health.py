@@ -5,6 +5,8 @@ from django.core.cache import cache
 from django.db import connection
 
 from chatapp import runtime
+from retrieval import services as retrieval_services
+from safety import featurizer
 
 
 def check_database() -> tuple[bool, str]:
@@ -35,6 +37,8 @@ def check_all() -> tuple[bool, dict]:
         "database": {"status": "ok" if db_ok else "down", "detail": db_detail},
         "redis": {"status": "ok" if redis_ok else "down", "detail": redis_detail},
         "model_pools": pool_report,
+        # MiniLM's number format, once loaded (retrieval.minilm): what "auto" chose and on what timings.
+        "embeddings": {"retrieval": retrieval_services.report(), "moderation_shallow": featurizer.shallow_report()},
     }
 
 

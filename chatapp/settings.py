@@ -552,6 +552,9 @@ SAFETY_JUDGE_MAX_CHARS = env_int("SAFETY_JUDGE_MAX_CHARS", 8000, min_value=1)
 SAFETY_HEAD_FEATURIZER = env_choice("SAFETY_HEAD_FEATURIZER", "cascade", {"static", "minilm", "minilm2", "cascade"})
 # Embeddings (retrieval/): a sentence-transformers model dir; empty = bundled all-MiniLM-L6-v2.
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
+# MiniLM's number format (retrieval's embeddings and moderation's shallow pass, retrieval/minilm.py):
+# "auto" times float32 and bfloat16 at start and keeps bf16 where it is clearly faster and agrees.
+EMBEDDING_DTYPE = env_choice("EMBEDDING_DTYPE", "auto", {"auto", "float32", "bfloat16"})
 # Torch threads of the embedding thread (its own, apart from the engines').
 EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1, min_value=1)
 # Texts of callers waiting at the same time are embedded in one batch of at most this many.

