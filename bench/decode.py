@@ -12,7 +12,12 @@ about the code. Per contender:
   decode step (ms) and the tok/s that step time gives;
 - 32 concurrent sequences (128-token prompts): median decode step (ms) and
   its share of the fp32 roofline, with the peak matmul rate measured in the
-  same run (bench.peers.matmul_flops).
+  same run (bench.peers.matmul_flops);
+- 32 sequences with long replies (32-token prompts, --long-steps decode
+  steps; 0 skips it): median decode step (ms). As in a chat server, each
+  sequence's KV blocks past its prompt are taken one at a time while the
+  other 31 take theirs, so a sequence's blocks lie scattered over the
+  cache, where the 128-token prompts' blocks above are mostly contiguous.
 
 SmolLM2-135M-Instruct, fp32. Prints a markdown table; docs/BENCHMARKS.md's
 "Decode step" paragraph quotes it.
@@ -47,7 +52,7 @@ def _decode_steps(engine, prompts: list[list[int]], num_tokens: int) -> list[flo
     return durations
 
 
-def worker(model_dir: str, steps: int, extra_config: dict, threads: int) -> dict:
+def worker(model_dir: str, steps: int, extra_config: dict, threads: int, long_steps: int = 0) -> dict:
     """Runs inside the contender's tree: measure one stream and 32 sequences."""
     import torch
 
@@ -56,11 +61,14 @@ def worker(model_dir: str, steps: int, extra_config: dict, threads: int) -> dict
 
     torch.set_num_threads(threads)
     rng = random.Random(0)
-    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_bytes=256 * 2**20, max_num_seqs=32,
+    # 1 GiB: the long replies' 32 x 320 tokens fit without preemption.
+    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_bytes=2**30, max_num_seqs=32,
                                                             **extra_config))
     try:
         one = _decode_steps(engine, [[rng.randrange(100, 40000) for _ in range(32)]], 128)
         many = _decode_steps(engine, [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(32)], steps)
+        long = _decode_steps(engine, [[rng.randrange(100, 40000) for _ in range(32)] for _ in range(32)],
+                             long_steps) if long_steps else []
         flops_per_step = 2 * engine.runner.matmul_params * 32
     finally:
         engine.shutdown()
@@ -68,15 +76,16 @@ def worker(model_dir: str, steps: int, extra_config: dict, threads: int) -> dict
     one_ms, many_ms = 1000 * statistics.median(one), 1000 * statistics.median(many)
     return {"one_step_ms": one_ms, "one_tok_s": 1000 / one_ms, "many_step_ms": many_ms,
             "peak_gflops": peak / 1e9, "roofline_pct": 100 * flops_per_step / (many_ms / 1000) / peak,
-            "load": os.getloadavg()[0]}
+            "long_step_ms": 1000 * statistics.median(long) if long else None, "load": os.getloadavg()[0]}
 
 
-def _run_contender(tree: str, model_dir: str, steps: int, extra_config: dict, threads: int) -> dict:
+def _run_contender(tree: str, model_dir: str, steps: int, extra_config: dict, threads: int,
+                   long_steps: int) -> dict:
     # This file is loaded by path: an older tree has no bench/decode.py.
     code = ("import importlib.util, json; "
             f"spec = importlib.util.spec_from_file_location('decode_bench', {__file__!r}); "
             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
-            f"print('RESULT ' + json.dumps(module.worker({model_dir!r}, {steps}, {extra_config!r}, {threads})))")
+            f"print('RESULT ' + json.dumps(module.worker({model_dir!r}, {steps}, {extra_config!r}, {threads}, {long_steps})))")
     env = {**os.environ, "PYTHONPATH": tree}
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, check=True,
                          capture_output=True, text=True).stdout
@@ -90,6 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on an oversubscribed box: "
                         "2 OpenMP threads that lose their cores wait on each other at every op)")
     parser.add_argument("--steps", type=int, default=48, help="decode steps at 32 sequences")
+    parser.add_argument("--long-steps", type=int, default=288,
+                        help="decode steps of the long-reply run at 32 sequences (0: skip it)")
     parser.add_argument("--config", action="append", default=[],
                         help='NAME=JSON: an extra contender with EngineConfig overrides, on this tree and '
                              '(as "baseline NAME") on the baseline tree')
@@ -113,17 +124,18 @@ def main(argv=None) -> int:
     best: dict[str, dict] = {}
     for round_index in range(args.rounds):
         for name, tree, extra in contenders:
-            result = _run_contender(tree, model_dir, args.steps, extra, args.threads)
+            result = _run_contender(tree, model_dir, args.steps, extra, args.threads, args.long_steps)
             print(f"round {round_index + 1} {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
             if name not in best or result["many_step_ms"] + result["one_step_ms"] < (
                     best[name]["many_step_ms"] + best[name]["one_step_ms"]):
                 best[name] = result
     print("| contender | one stream: step ms | one stream tok/s | 32 sequences: step ms | peak GFLOP/s "
-          "| % of fp32 roofline | load 1m |")
-    print("|---|---|---|---|---|---|---|")
+          "| % of fp32 roofline | 32 long replies: step ms | load 1m |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in best.items():
+        long = f"{r['long_step_ms']:.1f}" if r.get("long_step_ms") else "—"
         print(f"| {name} | {r['one_step_ms']:.1f} | {r['one_tok_s']:.1f} | {r['many_step_ms']:.1f} | "
-              f"{r['peak_gflops']:.0f} | {r['roofline_pct']:.1f}% | {r['load']:.2f} |")
+              f"{r['peak_gflops']:.0f} | {r['roofline_pct']:.1f}% | {long} | {r['load']:.2f} |")
     return 0
 
 

@@ -102,6 +102,130 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
   }
 }
 
+// The same computation with the head size and the group size known at compile
+// time: the group's queries (3 x 64 floats for SmolLM2) and its accumulators
+// stay in vector registers, each key and value row is widened once and used
+// for every query head of the group, and the loops unroll. Each sequence's
+// next KV block is prefetched while the current one is read: a block is 4 KiB
+// in fp32 (one page), and the hardware prefetchers stop at a page's end, so a
+// sequence whose blocks are scattered stalled at every block.
+template <typename T, int DIM, int GROUP>
+void decode_attention_fixed(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                            const int64_t* context_lens, T* out, int64_t batch, int64_t heads, int64_t kv_heads,
+                            int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  const int64_t block_elems = block_size * DIM;
+  const int threads = at::get_num_threads();  // see decode_attention
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < batch * kv_heads; ++task) {
+      const int64_t b = task / kv_heads, kvh = task % kv_heads;
+      const int64_t ctx = context_lens[b];
+      const int64_t* blocks = table + b * max_blocks;
+      const int64_t used_blocks = (ctx + block_size - 1) / block_size;
+      scores.resize(GROUP * ctx);
+      alignas(64) float query[GROUP][DIM];
+      for (int g = 0; g < GROUP; ++g) {
+        const T* src = q + (b * heads + kvh * GROUP + g) * DIM;
+#pragma omp simd
+        for (int d = 0; d < DIM; ++d) query[g][d] = to_float(src[d]) * scale;
+      }
+      const T* k_head = k_cache + kvh * num_blocks * block_elems;
+      const T* v_head = v_cache + kvh * num_blocks * block_elems;
+      // Scores: block by block, every key once against the group's queries.
+      for (int64_t j = 0; j < used_blocks; ++j) {
+        const T* base = k_head + blocks[j] * block_elems;
+        if (j + 1 < used_blocks) {
+          const T* next = k_head + blocks[j + 1] * block_elems;
+          for (int64_t e = 0; e < block_elems; e += kLine) __builtin_prefetch(next + e, 0, 1);
+        }
+        const int64_t first = j * block_size, count = std::min(block_size, ctx - first);
+        for (int64_t i = 0; i < count; ++i) {
+          alignas(64) float key[DIM];
+#pragma omp simd
+          for (int d = 0; d < DIM; ++d) key[d] = to_float(base[i * DIM + d]);
+          for (int g = 0; g < GROUP; ++g) {
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < DIM; ++d) dot += query[g][d] * key[d];
+            scores[g * ctx + first + i] = dot;
+          }
+        }
+      }
+      float inv_sum[GROUP];
+      for (int g = 0; g < GROUP; ++g) {
+        float* row = scores.data() + g * ctx;
+        float peak = row[0];  // not -inf: built with -ffast-math (finite math only)
+        for (int64_t pos = 1; pos < ctx; ++pos) peak = std::max(peak, row[pos]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t pos = 0; pos < ctx; ++pos) {
+          row[pos] = std::exp(row[pos] - peak);
+          sum += row[pos];
+        }
+        inv_sum[g] = 1.f / sum;
+      }
+      // Values: block by block, every value once, weighted for each query head.
+      alignas(64) float acc[GROUP][DIM] = {};
+      for (int64_t j = 0; j < used_blocks; ++j) {
+        const T* base = v_head + blocks[j] * block_elems;
+        if (j + 1 < used_blocks) {
+          const T* next = v_head + blocks[j + 1] * block_elems;
+          for (int64_t e = 0; e < block_elems; e += kLine) __builtin_prefetch(next + e, 0, 1);
+        }
+        const int64_t first = j * block_size, count = std::min(block_size, ctx - first);
+        for (int64_t i = 0; i < count; ++i) {
+          alignas(64) float value[DIM];
+#pragma omp simd
+          for (int d = 0; d < DIM; ++d) value[d] = to_float(base[i * DIM + d]);
+          for (int g = 0; g < GROUP; ++g) {
+            const float weight = scores[g * ctx + first + i];
+#pragma omp simd
+            for (int d = 0; d < DIM; ++d) acc[g][d] += weight * value[d];
+          }
+        }
+      }
+      for (int g = 0; g < GROUP; ++g) {
+        T* dst = out + (b * heads + kvh * GROUP + g) * DIM;
+        for (int d = 0; d < DIM; ++d) dst[d] = static_cast<T>(acc[g][d] * inv_sum[g]);
+      }
+    }
+  }
+}
+
+// The shapes with a fixed kernel: head sizes 64 and 128, groups of 1-4, 6 or 8
+// query heads per KV head (SmolLM2-135M: 64 and 3). False: use the general one.
+template <typename T>
+bool dispatch_fixed(const T* q, const T* k, const T* v, const int64_t* table, const int64_t* lens, T* out,
+                    int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t num_blocks,
+                    int64_t block_size, int64_t max_blocks, float scale) {
+  const int64_t group = heads / kv_heads;
+#define CHATAPP_FIXED(D, G)                                                                                   \
+  if (dim == D && group == G) {                                                                               \
+    decode_attention_fixed<T, D, G>(q, k, v, table, lens, out, batch, heads, kv_heads, num_blocks, block_size, \
+                                    max_blocks, scale);                                                       \
+    return true;                                                                                              \
+  }
+  CHATAPP_FIXED(64, 1) CHATAPP_FIXED(64, 2) CHATAPP_FIXED(64, 3) CHATAPP_FIXED(64, 4) CHATAPP_FIXED(64, 6)
+  CHATAPP_FIXED(64, 8) CHATAPP_FIXED(128, 1) CHATAPP_FIXED(128, 2) CHATAPP_FIXED(128, 3) CHATAPP_FIXED(128, 4)
+  CHATAPP_FIXED(128, 6) CHATAPP_FIXED(128, 8)
+#undef CHATAPP_FIXED
+  return false;
+}
+
+// Either kernel, by shape.
+template <typename T>
+void run_attention(const T* q, const T* k, const T* v, const int64_t* table, const int64_t* lens, T* out,
+                   int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t num_blocks,
+                   int64_t block_size, int64_t max_blocks, float scale) {
+  if (!dispatch_fixed<T>(q, k, v, table, lens, out, batch, heads, kv_heads, dim, num_blocks, block_size,
+                         max_blocks, scale))
+    decode_attention<T>(q, k, v, table, lens, out, batch, heads, kv_heads, dim, num_blocks, block_size,
+                        max_blocks, scale);
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_table, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
@@ -129,16 +253,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const float s = static_cast<float>(scale);
   switch (q.scalar_type()) {
     case at::kFloat:
-      decode_attention<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), table, lens,
+      run_attention<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), table, lens,
                               out.data_ptr<float>(), batch, heads, kv_heads, dim, num_blocks, block_size, max_blocks, s);
       break;
     case at::kBFloat16:
-      decode_attention<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
+      run_attention<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
                                       v_cache.data_ptr<c10::BFloat16>(), table, lens, out.data_ptr<c10::BFloat16>(),
                                       batch, heads, kv_heads, dim, num_blocks, block_size, max_blocks, s);
       break;
     case at::kHalf:
-      decode_attention<c10::Half>(q.data_ptr<c10::Half>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(),
+      run_attention<c10::Half>(q.data_ptr<c10::Half>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(),
                                   table, lens, out.data_ptr<c10::Half>(), batch, heads, kv_heads, dim, num_blocks,
                                   block_size, max_blocks, s);
       break;

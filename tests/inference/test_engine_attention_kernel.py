@@ -49,6 +49,7 @@ def _case(generator, dtype, batch, kv_heads, group, dim, block_size, lens, num_b
     (3, 3, 64, 16, [1, 15, 16, 17, 150, 160]),  # SmolLM2's heads; block edges
     (2, 1, 16, 4, [9, 3, 12]),  # no grouping, a small head
     (1, 8, 128, 8, [33, 1]),  # one KV head for eight query heads
+    (1, 5, 64, 16, [40, 7]),  # a group the fixed-shape kernel does not cover: the general one
 ])
 def test_the_kernel_computes_what_the_gather_and_sdpa_compute(kernel_ready, dtype, tolerance, kv_heads, group,
                                                               dim, block_size, lens):
