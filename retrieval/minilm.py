@@ -91,9 +91,27 @@ class Encoder:
         if not _mean_pooled(st):
             if layers is not None:
                 raise ValueError(f"{path}: only a mean-pooled model can be cut to {layers} layers")
-            self._st, self.dtype, self.module = st, "float32", None
-            self.runner = "sentence-transformers encode"
+            self._use_encode(st)
             return
+        try:
+            self._build(st, dtype)
+        except Exception:
+            # An architecture whose forward does not trace as BERT's does:
+            # encode still gives its vectors, more slowly.
+            if layers is not None:
+                raise
+            log.warning("%s does not trace: its embeddings run through sentence-transformers' encode", path,
+                        exc_info=True)
+            self._use_encode(st)
+
+    # ---------------------------------------------------------------- build
+
+    def _use_encode(self, st) -> None:
+        self._st, self.dtype, self.module = st, "float32", None
+        self.runner = "sentence-transformers encode"
+
+    def _build(self, st, dtype: str) -> None:
+        torch = self._torch
         self.runner = "traced"
         transformer = st[0]
         self.tokenizer, self.max_length = transformer.tokenizer, st.max_seq_length
@@ -107,8 +125,6 @@ class Encoder:
             candidates["bfloat16"] = self._trace(copy.deepcopy(bert).to(torch.bfloat16), example)
         self.dtype = dtype if dtype != "auto" else self._choose(candidates)
         self.module = candidates[self.dtype]
-
-    # ---------------------------------------------------------------- build
 
     def _trace(self, bert, example):
         torch, types = self._torch, self._types

@@ -12,9 +12,10 @@
 - "minilm2": the first 2 of the bundled MiniLM's 6 layers, mean-pooled: its
   own model and thread (its vectors are not retrieval's), run by
   retrieval.minilm.Encoder in EMBEDDING_DTYPE's format. About 4 ms of CPU
-  per short prompt in fp32, 3 in bf16 where "auto" picks it; out of fold and held out it separates attacks best, but
-  blocks less self-harm and harassment than "minilm" (docs/SAFETY.md), so
-  by default it only clears prompts, as the cascade's first stage.
+  per short prompt in fp32, 3 in bf16 where "auto" picks it; out of fold
+  and held out it separates attacks best, but blocks less self-harm and
+  harassment than "minilm" (docs/SAFETY.md), so by default it only clears
+  prompts, as the cascade's first stage.
 - "cascade" (default): not a featurizer but two heads, "minilm2" first and
   "minilm" for the prompts it does not clear (safety.checkers.EmbeddingHeadChecker).
 

@@ -110,3 +110,16 @@ def test_a_model_that_is_not_mean_pooled_runs_through_encode_in_fp32(tmp_path):
 def test_an_unknown_format_is_refused():
     with pytest.raises(ValueError, match="unknown embedding format 'float16'"):
         minilm.Encoder(_path(), dtype="float16")
+
+
+def test_a_model_that_does_not_trace_runs_through_encode(monkeypatch, references, caplog):
+    def fails(self, bert, example):
+        raise RuntimeError("this forward does not trace")
+
+    monkeypatch.setattr(minilm.Encoder, "_trace", fails)
+    encoder = minilm.Encoder(_path())
+    assert (encoder.dtype, encoder.runner) == ("float32", "sentence-transformers encode")
+    np.testing.assert_allclose(encoder.encode(TEXTS), references[None], atol=1e-6)
+    assert "does not trace" in caplog.text
+    with pytest.raises(RuntimeError, match="does not trace"):  # a cut model has no encode to fall back on
+        minilm.Encoder(_path(), layers=2)
