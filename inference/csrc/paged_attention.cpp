@@ -31,6 +31,35 @@ namespace {
 template <typename T>
 inline float to_float(T value) { return static_cast<float>(value); }
 
+// Each of `rows` rows of `scores` (ctx wide) exponentiated after subtracting
+// the row's max, unnormalised; inv_sum[r] is 1 / the row's sum.
+inline void softmax_rows(float* scores, int64_t rows, int64_t ctx, float* inv_sum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * ctx;
+    float peak = row[0];  // not -inf: the library is built with -ffast-math (finite math only)
+    for (int64_t pos = 1; pos < ctx; ++pos) peak = std::max(peak, row[pos]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t pos = 0; pos < ctx; ++pos) {
+      row[pos] = std::exp(row[pos] - peak);
+      sum += row[pos];
+    }
+    inv_sum[r] = 1.f / sum;
+  }
+}
+
+// A sequence's block j in `head` (its first element), with block j + 1
+// prefetched, a cache line at a time, while block j is read.
+template <typename T>
+inline const T* block_prefetching_next(const T* head, const int64_t* blocks, int64_t j, int64_t used_blocks,
+                                       int64_t block_elems) {
+  if (j + 1 < used_blocks) {
+    const T* next = head + blocks[j + 1] * block_elems;
+    for (int64_t e = 0; e < block_elems; e += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(next + e, 0, 1);
+  }
+  return head + blocks[j] * block_elems;
+}
+
 // q [B, H, D]; caches [KV, num_blocks, block_size, D] (this layer's);
 // block_table [B, max_blocks] int64; context_lens [B] int64; out [B, H, D].
 template <typename T>
@@ -71,18 +100,7 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
       }
       // Softmax per query head, unnormalised; divided once at the end.
       std::vector<float> inv_sum(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * ctx;
-        float peak = row[0];  // not -inf: the library is built with -ffast-math (finite math only)
-        for (int64_t pos = 1; pos < ctx; ++pos) peak = std::max(peak, row[pos]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t pos = 0; pos < ctx; ++pos) {
-          row[pos] = std::exp(row[pos] - peak);
-          sum += row[pos];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
+      softmax_rows(scores.data(), group, ctx, inv_sum.data());
       // Values: every value once, weighted for each query head.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t pos = 0; pos < ctx; ++pos) {
@@ -102,6 +120,24 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
   }
 }
 
+// Calls fn(position, row) for each of a sequence's ctx rows of `head` (its K
+// or its V), in order, each row widened to fp32; the blocks are walked in
+// table order, the next one prefetched while the current one is read.
+template <typename T, int DIM, typename F>
+inline void for_each_row(const T* head, const int64_t* blocks, int64_t ctx, int64_t block_size, F&& fn) {
+  const int64_t block_elems = block_size * DIM, used_blocks = (ctx + block_size - 1) / block_size;
+  for (int64_t j = 0; j < used_blocks; ++j) {
+    const T* base = block_prefetching_next(head, blocks, j, used_blocks, block_elems);
+    const int64_t first = j * block_size, count = std::min(block_size, ctx - first);
+    for (int64_t i = 0; i < count; ++i) {
+      alignas(64) float row[DIM];
+#pragma omp simd
+      for (int d = 0; d < DIM; ++d) row[d] = to_float(base[i * DIM + d]);
+      fn(first + i, row);
+    }
+  }
+}
+
 // The same computation with the head size and the group size known at compile
 // time: the group's queries (3 x 64 floats for SmolLM2) and its accumulators
 // stay in vector registers, each key and value row is widened once and used
@@ -113,7 +149,6 @@ template <typename T, int DIM, int GROUP>
 void decode_attention_fixed(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
                             const int64_t* context_lens, T* out, int64_t batch, int64_t heads, int64_t kv_heads,
                             int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale) {
-  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   const int64_t block_elems = block_size * DIM;
   const int threads = at::get_num_threads();  // see decode_attention
 #pragma omp parallel num_threads(threads)
@@ -124,7 +159,6 @@ void decode_attention_fixed(const T* q, const T* k_cache, const T* v_cache, cons
       const int64_t b = task / kv_heads, kvh = task % kv_heads;
       const int64_t ctx = context_lens[b];
       const int64_t* blocks = table + b * max_blocks;
-      const int64_t used_blocks = (ctx + block_size - 1) / block_size;
       scores.resize(GROUP * ctx);
       alignas(64) float query[GROUP][DIM];
       for (int g = 0; g < GROUP; ++g) {
@@ -134,59 +168,26 @@ void decode_attention_fixed(const T* q, const T* k_cache, const T* v_cache, cons
       }
       const T* k_head = k_cache + kvh * num_blocks * block_elems;
       const T* v_head = v_cache + kvh * num_blocks * block_elems;
-      // Scores: block by block, every key once against the group's queries.
-      for (int64_t j = 0; j < used_blocks; ++j) {
-        const T* base = k_head + blocks[j] * block_elems;
-        if (j + 1 < used_blocks) {
-          const T* next = k_head + blocks[j + 1] * block_elems;
-          for (int64_t e = 0; e < block_elems; e += kLine) __builtin_prefetch(next + e, 0, 1);
-        }
-        const int64_t first = j * block_size, count = std::min(block_size, ctx - first);
-        for (int64_t i = 0; i < count; ++i) {
-          alignas(64) float key[DIM];
-#pragma omp simd
-          for (int d = 0; d < DIM; ++d) key[d] = to_float(base[i * DIM + d]);
-          for (int g = 0; g < GROUP; ++g) {
-            float dot = 0.f;
+      // Scores: every key once against the group's queries.
+      for_each_row<T, DIM>(k_head, blocks, ctx, block_size, [&](int64_t pos, const float* key) {
+        for (int g = 0; g < GROUP; ++g) {
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < DIM; ++d) dot += query[g][d] * key[d];
-            scores[g * ctx + first + i] = dot;
-          }
+          for (int d = 0; d < DIM; ++d) dot += query[g][d] * key[d];
+          scores[g * ctx + pos] = dot;
         }
-      }
+      });
       float inv_sum[GROUP];
-      for (int g = 0; g < GROUP; ++g) {
-        float* row = scores.data() + g * ctx;
-        float peak = row[0];  // not -inf: built with -ffast-math (finite math only)
-        for (int64_t pos = 1; pos < ctx; ++pos) peak = std::max(peak, row[pos]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t pos = 0; pos < ctx; ++pos) {
-          row[pos] = std::exp(row[pos] - peak);
-          sum += row[pos];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
-      // Values: block by block, every value once, weighted for each query head.
+      softmax_rows(scores.data(), GROUP, ctx, inv_sum);
+      // Values: every value once, weighted for each query head.
       alignas(64) float acc[GROUP][DIM] = {};
-      for (int64_t j = 0; j < used_blocks; ++j) {
-        const T* base = v_head + blocks[j] * block_elems;
-        if (j + 1 < used_blocks) {
-          const T* next = v_head + blocks[j + 1] * block_elems;
-          for (int64_t e = 0; e < block_elems; e += kLine) __builtin_prefetch(next + e, 0, 1);
-        }
-        const int64_t first = j * block_size, count = std::min(block_size, ctx - first);
-        for (int64_t i = 0; i < count; ++i) {
-          alignas(64) float value[DIM];
+      for_each_row<T, DIM>(v_head, blocks, ctx, block_size, [&](int64_t pos, const float* value) {
+        for (int g = 0; g < GROUP; ++g) {
+          const float weight = scores[g * ctx + pos];
 #pragma omp simd
-          for (int d = 0; d < DIM; ++d) value[d] = to_float(base[i * DIM + d]);
-          for (int g = 0; g < GROUP; ++g) {
-            const float weight = scores[g * ctx + first + i];
-#pragma omp simd
-            for (int d = 0; d < DIM; ++d) acc[g][d] += weight * value[d];
-          }
+          for (int d = 0; d < DIM; ++d) acc[g][d] += weight * value[d];
         }
-      }
+      });
       for (int g = 0; g < GROUP; ++g) {
         T* dst = out + (b * heads + kvh * GROUP + g) * DIM;
         for (int d = 0; d < DIM; ++d) dst[d] = static_cast<T>(acc[g][d] * inv_sum[g]);
