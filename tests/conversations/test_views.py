@@ -1,6 +1,5 @@
 """Chat pages over HTTP: the turn POST, tree edits, conversation management,
 rendering safety, search, export, and the cross-user 404 matrix."""
-import json
 import re
 import uuid
 from html.parser import HTMLParser
