@@ -139,9 +139,10 @@ inline void for_each_row(const T* head, const int64_t* blocks, int64_t ctx, int6
 }
 
 // The same computation with the head size and the group size known at compile
-// time: the group's queries (3 x 64 floats for SmolLM2) and its accumulators
-// stay in vector registers, each key and value row is widened once and used
-// for every query head of the group, and the loops unroll. Each sequence's
+// time, so that the compiler can keep the group's queries (3 x 64 floats for
+// SmolLM2) and its accumulators in vector registers and unroll the loops;
+// each key and value row is widened once and used for every query head of
+// the group. Each sequence's
 // next KV block is prefetched while the current one is read: a block is 4 KiB
 // in fp32 (one page), and the hardware prefetchers stop at a page's end, so a
 // sequence whose blocks are scattered stalled at every block.
