@@ -78,6 +78,7 @@ def _verdicts(checker, texts: list[str], source: str) -> list[tuple]:
 def _moderation(encoders: dict) -> tuple[list[tuple], int]:
     from retrieval import services
     from safety import checkers, featurizer, labelled
+    from safety.normalize import fold
 
     items = labelled.load()
     texts = [item.text for item in items]
@@ -87,7 +88,8 @@ def _moderation(encoders: dict) -> tuple[list[tuple], int]:
         featurizer._shallow, services._model = encoders[(2, dtype)], encoders[(6, dtype)]
         services.forget()
         first = checkers.head(featurizer.CASCADE_FIRST)
-        shallow = first.probabilities([_fold(t) for t in texts])
+        # Folded as the checker folds; no labelled text is longer than one window.
+        shallow = first.probabilities([fold(t) for t in texts])
         cleared = 1.0 - shallow[:, first.labels.index("benign")] < first.clear_below
         results[dtype] = (cleared, _verdicts(checker, texts, "input"), _verdicts(checker, texts, "output"))
     (c32, in32, out32), (c16, in16, out16) = results["float32"], results["bfloat16"]
@@ -100,12 +102,6 @@ def _moderation(encoders: dict) -> tuple[list[tuple], int]:
         ("as a reply: an action differs in some category", "—", "—", f"{sum(a != b for a, b in zip(out32, out16))}"),
     ]
     return rows, len(items)
-
-
-def _fold(text: str) -> str:
-    from safety.normalize import fold
-
-    return fold(text)
 
 
 def _retrieval(encoders: dict) -> list[tuple]:

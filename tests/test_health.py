@@ -12,11 +12,10 @@ def test_healthz_reports_database_redis_and_pools(client):
     assert "small" in body["model_pools"]
 
 
-def test_healthz_says_which_number_format_minilm_runs_in(client, settings):
+def test_healthz_says_which_number_format_minilm_runs_in(client):
     from retrieval import services
     from safety import featurizer
 
-    settings.SAFETY_HEAD_FEATURIZER = "cascade"
     services.embed(["load the model"])
     featurizer.vectors(["load the shallow pass"], "minilm2")
     embeddings = client.get("/healthz").json()["embeddings"]
