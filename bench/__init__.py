@@ -6,6 +6,7 @@
     bench.chat     chat streaming through Daphne + SSE against the engine alone
     bench.relay    a remote backend (bench.sse_stub) alone against it through the /v1 relay
     bench.startup  a fresh clone to a serving product, and its idle memory
+    bench.first_chat  the first chat after a start, against the second
     bench.formats  matmul and engine speed per number format and int8
     bench.quality  perplexity and agreement with fp32 per number format and int8
 

@@ -7,6 +7,7 @@ from django.db import connection
 from chatapp import runtime
 from retrieval import services as retrieval_services
 from safety import featurizer
+from safety import services as safety_services
 
 
 def check_database() -> tuple[bool, str]:
@@ -38,6 +39,9 @@ def check_all() -> tuple[bool, dict]:
         "redis": {"status": "ok" if redis_ok else "down", "detail": redis_detail},
         "model_pools": pool_report,
         # MiniLM's number format, once loaded (retrieval.minilm): what "auto" chose and on what timings.
+        # Each moderation checker "ok" or why it could not be built (its
+        # categories then fail as SAFETY_FAIL_CLOSED says); null until loaded.
+        "moderation": {"checkers": safety_services.checkers_report()},
         "embeddings": {"retrieval": retrieval_services.report(), "moderation_shallow": featurizer.shallow_report()},
     }
 

@@ -44,7 +44,8 @@ from gateway.types import (
     Usage,
 )
 from observability import metrics
-from safety.services import OutputWindow, amoderate_cached, amoderate_messages
+from retrieval import services as retrieval_services
+from safety.services import OutputWindow, amoderate_cached, amoderate_messages, load_checkers
 
 log = logging.getLogger(__name__)
 
@@ -628,6 +629,26 @@ def abort(request_id: str) -> None:
 
 
 # ------------------------------------------------------------- model facts
+
+def load_stage_models() -> list[str]:
+    """Load now what the turn's stages would otherwise load on the first
+    request (seconds on a CPU, which that chat would wait for): moderation's
+    checkers (by default the cascade's two MiniLMs) and, with the semantic
+    cache on, the embedding model. `serve` calls it under LOAD_MODELS, after
+    the engines, so that no "auto" format timing runs beside another.
+    Returns what loaded, a line each, for the start-up log."""
+    lines = []
+    if settings.GATEWAY_SEMANTIC_CACHE:
+        started = time.monotonic()
+        embedding = retrieval_services.load()
+        lines.append(f"embedding model ready in {time.monotonic() - started:.1f} s "
+                     f"({embedding['dtype']}, {embedding['runner']})")
+    started = time.monotonic()
+    checkers = load_checkers()
+    shown = ", ".join(f"{name} {state}" for name, state in checkers.items())
+    lines.append(f"moderation ready in {time.monotonic() - started:.1f} s ({shown})")
+    return lines
+
 
 def _spec(model: str | None) -> BackendSpec:
     specs = registry.backends()

@@ -70,6 +70,14 @@ def _encode(texts: list[str]) -> np.ndarray:
     return _load().encode(list(texts))
 
 
+def load() -> dict:
+    """Load the embedding model now, on the embedding thread as its first
+    use would (so "auto" times the formats with that thread's count), and
+    return its `report()`."""
+    _executor.submit(_load).result()
+    return report()
+
+
 def report() -> dict | None:
     """The embedding model's format and how it was chosen; None before it loads."""
     return _model.report() if _model is not None else None

@@ -92,6 +92,15 @@ def checkers() -> list[Checker]:
         return _checkers[1]
 
 
+def report() -> dict[str, str] | None:
+    """Each configured checker's state ("ok", or why it could not be built);
+    None before the first check (or `serve`'s start) built them."""
+    built = _checkers  # not under _lock, which a build holds for seconds
+    if built is None or built[0] != tuple(settings.SAFETY_CHECKERS):
+        return None
+    return {c.name: f"down: {c.error!r}" if isinstance(c, _Unavailable) else "ok" for c in built[1]}
+
+
 # ------------------------------------------------------------ verdict cache
 
 _remembered: OrderedDict[tuple, list[Verdict]] = OrderedDict()

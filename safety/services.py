@@ -81,6 +81,21 @@ def _signal(verdict: Verdict, *, user_id, source: str, text: str) -> None:
             log.error("content_blocked receiver %r failed", receiver, exc_info=result)
 
 
+# ------------------------------------------------------------ loading
+
+def load_checkers() -> dict[str, str]:
+    """Build the configured checkers now, as the first check would (their
+    models load: seconds); returns `checkers_report()`."""
+    pipeline.checkers()
+    return checkers_report()
+
+
+def checkers_report() -> dict[str, str] | None:
+    """Each checker: "ok", or why it could not be built (its categories then
+    follow SAFETY_FAIL_CLOSED); None while they load on first use."""
+    return pipeline.report()
+
+
 # ------------------------------------------------------------ prompts
 
 async def amoderate_messages(messages: list[dict], *, user_id=None) -> Verdict:

@@ -24,6 +24,17 @@ def test_healthz_says_which_number_format_minilm_runs_in(client):
     assert embeddings == {"retrieval": services.report(), "moderation_shallow": featurizer.shallow_report()}
 
 
+def test_healthz_says_which_moderation_checker_could_not_be_built(client, settings):
+    from safety import services
+
+    settings.SAFETY_CHECKERS = ["safety.checkers.RulesChecker", "safety.checkers.NoSuchChecker"]
+    assert client.get("/healthz").json()["moderation"]["checkers"] is None  # they build on first use
+    assert services.load_checkers() == client.get("/healthz").json()["moderation"]["checkers"]
+    checkers = services.checkers_report()
+    assert checkers["rules"] == "ok"
+    assert checkers["NoSuchChecker"].startswith("down: ImportError(")
+
+
 def test_healthz_is_503_when_redis_is_down(client, settings, tmp_path):
     # Django's setting_changed handler rebuilds the cache handlers both ways.
     settings.CACHES = {

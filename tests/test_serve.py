@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKERS = "safety.checkers.RulesChecker,safety.checkers.EmbeddingHeadChecker"
 
 
 def free_port() -> int:
@@ -65,13 +66,18 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 180) -> d
 def test_serve_starts_answers_healthz_and_stops_cleanly(tmp_path):
     data_dir = tmp_path / "data"
     port = free_port()
-    proc = start_serve(data_dir, port, load_models=True)
+    # The product's default checkers: their models load at start, with the engine's.
+    proc = start_serve(data_dir, port, load_models=True, env={"SAFETY_CHECKERS": DEFAULT_CHECKERS})
     try:
         health = wait_healthy(port, proc)
         assert health["database"]["status"] == "ok"
         assert health["redis"]["status"] == "ok"
         assert health["model_pools"]["small"]["status"] == "ok"
         assert health["model_pools"]["small"]["stats"]["running"] == 0
+        # Loaded before the first healthy answer, so the first chat does not wait seconds for them.
+        assert health["moderation"]["checkers"] == {"rules": "ok", "embedding_head": "ok"}
+        assert health["embeddings"]["retrieval"]["dtype"] in {"float32", "bfloat16"}
+        assert health["embeddings"]["moderation_shallow"] is not None
         page = httpx.get(f"http://127.0.0.1:{port}/accounts/signup/")
         assert page.status_code == 200 and b"Sign up" in page.content
 
@@ -90,7 +96,9 @@ def test_serve_starts_answers_healthz_and_stops_cleanly(tmp_path):
     assert leftovers == [], [p.cmdline() for p in leftovers]
     restart = start_serve(data_dir, port)
     try:
-        wait_healthy(port, restart)
+        lazy = wait_healthy(port, restart)
+        # LOAD_MODELS=0: they load on first use instead.
+        assert lazy["moderation"]["checkers"] is None and lazy["embeddings"]["retrieval"] is None
     finally:
         restart.send_signal(signal.SIGINT)
         restart.communicate(timeout=60)

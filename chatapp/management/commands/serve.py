@@ -43,6 +43,7 @@ from chatapp.celery import exit_with_parent
 from conversations import turns
 from conversations.services import reap_orphaned_replies
 from gateway import quotas
+from gateway import services as gateway_services
 from observability import multiprocess
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -80,6 +81,8 @@ class Command(BaseCommand):
             self._reap()
             if settings.LOAD_MODELS:
                 runtime.start_engines(progress=lambda msg: self.stdout.write(msg))
+                for line in gateway_services.load_stage_models():
+                    self.stdout.write(line)
             self._first_admin(host)
             runtime.freeze_long_lived()
             self._run_daphne(host, port, with_worker=not no_worker)
