@@ -157,8 +157,7 @@ def main(argv=None) -> int:
     print(body)
     if not args.no_write:
         moderation = "the rules checker alone" if args.rules_only else "the default checkers (rules, cascade head)"
-        section = (f"{SECTION}\n\n`{report.command_line('bench.admission', argv)}`, "
-                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)}\n\n"
+        section = (f"{SECTION}\n\n{report.provenance('bench.admission', argv, machine)}\n\n"
                    f"{args.streams} streamed /v1 requests at once, called on the product's ASGI application in one "
                    f"process (no Daphne, no network client), against `bench.sse_stub`; moderation by {moderation}. "
                    f"Times are from the send; stages overlap (moderation runs beside routing and the backend's "

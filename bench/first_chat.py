@@ -138,8 +138,7 @@ def main(argv=None) -> int:
     body = render(results)
     print(body)
     if args.write:
-        section = (f"{SECTION}\n\n`{report.command_line('bench.first_chat', argv)}`, "
-                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)}\n\n"
+        section = (f"{SECTION}\n\n{report.provenance('bench.first_chat', argv, machine)}\n\n"
                    f"Each start is `manage.py serve --no-worker` with default settings (LOAD_MODELS=1), one /v1 "
                    f"chat streamed after /healthz first answers, then a second; trees alternate within each "
                    f"of {args.rounds} rounds.\n\n{body}\n")

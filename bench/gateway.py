@@ -207,8 +207,7 @@ def main(argv=None) -> int:
     if not args.no_write:
         section = (
             f"{SECTION}\n\n"
-            f"`{report.command_line('bench.gateway', argv)}`, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)} "
+            f"{report.provenance('bench.gateway', argv, machine)} "
             f"Embedded Postgres and Redis; the backend is a "
             f"loopback fake OpenAI-compatible server, so *overhead* is a gateway path's p50 minus the backend "
             f"alone (a plain HTTP/SSE client). Replies are 8 tokens, sequential requests. The semantic cache applies only to "

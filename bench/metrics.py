@@ -474,8 +474,7 @@ def main(argv=None) -> int:
     print(text)
     if not args.no_write:
         section = (
-            f"{SECTION}\n\n`{report.command_line('bench.metrics', argv)}`, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)} "
+            f"{SECTION}\n\n{report.provenance('bench.metrics', argv, machine)} "
             f"METRICS_ENABLED is flipped between short rounds run in pairs (one off, one on, ABBA order) in one "
             f"process; each row compares the two halves of each pair and gives the median of those differences "
             f"with a 95% bootstrap interval: a target is met when the interval's upper end is within it. *On* "

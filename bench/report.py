@@ -11,6 +11,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +71,12 @@ def command_line(module: str, argv: list[str] | None) -> str:
     args = argv if argv is not None else sys.argv[1:]
     # shlex quotes what the shell would lose: `--out ''` stays retypable.
     return " ".join(["python -m", module, shlex.join(args)]).rstrip()
+
+
+def provenance(module: str, argv: list[str] | None, machine: dict) -> str:
+    """The start of a section: its command, when it ran, and on what."""
+    return (f"`{command_line(module, argv)}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+            f"{machine_header(machine)}")
 
 
 def row(*cells) -> str:

@@ -442,8 +442,7 @@ def main(argv=None) -> int:
         r_judged = (f"{results['judged_big']} chunks; in the QA library ingestion had judged them all, "
                     f"{results['judged_small']} left")
         section = (
-            f"{SECTION}\n\n`{report.command_line('bench.retrieval', argv)}`, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)}\n\n"
+            f"{SECTION}\n\n{report.provenance('bench.retrieval', argv, machine)}\n\n"
             f"Quality: {results['qa']} questions (bench/data/retrieval_qa.json) over four public-domain texts in "
             f"four formats (txt, md, html; bench/data), {args.chunk_tokens}-token chunks; a hit is right when it is a "
             f"chunk of the question's file holding the answer's phrase. Questions are embedded with "

@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from contextlib import aclosing
 
 from bench import report
@@ -330,8 +329,7 @@ def main(argv=None) -> int:
     print(body)
     if not args.no_write:
         section = (
-            f"{SECTION}\n\n`{report.command_line('bench.safety', argv)}`, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)}\n\n"
+            f"{SECTION}\n\n{report.provenance('bench.safety', argv, machine)}\n\n"
             f"p50/p95 ms: the wall time one prompt spends in `safety.pipeline.run` (sequential, verdict cache off); "
             f"CPU: the process's CPU time for it, what it costs a quiet core. The time it adds before the first "
             f"token is measured through the gateway at the end.\n\n"

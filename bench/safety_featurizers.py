@@ -115,8 +115,7 @@ def main(argv=None) -> int:
         c, recall, benign = _out_of_fold(encode, texts, y, labels)
         rows.append((name, f"{statistics.median(cpu):.2f}", f"{statistics.median(cpu) / base:.2f}",
                      f"{statistics.median(wall):.2f}", f"{c:g}", f"{recall:.2f}", f"{benign:.1%}"))
-    print(f"`{report.command_line('bench.safety_featurizers', argv)}`, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {report.machine_header(machine)} "
+    print(f"{report.provenance('bench.safety_featurizers', argv, machine)} "
           f"Load average {tuple(round(x, 2) for x in load_before)} before the timings, "
           f"{tuple(round(x, 2) for x in load_after)} after.\n")
     print(report.table(["featurizer", "CPU p50 ms", "CPU ratio", "wall p50 ms", "C (out of fold)",
