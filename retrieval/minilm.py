@@ -273,10 +273,13 @@ def _plain_parts(path: str) -> _Parts | None:
         mean = flags == {"pooling_mode_mean_tokens"}
     if not mean:
         return None
+    import torch
     from transformers import AutoModel, AutoTokenizer
 
-    return _Parts(AutoModel.from_pretrained(str(transformer)), AutoTokenizer.from_pretrained(str(transformer)),
-                  int(config["max_seq_length"]), bool(config.get("do_lower_case", False)))
+    # fp32 whatever the checkpoint holds: the fp32 candidate is fp32, and bf16 is cast from it.
+    model = AutoModel.from_pretrained(str(transformer), dtype=torch.float32)
+    return _Parts(model, AutoTokenizer.from_pretrained(str(transformer)), int(config["max_seq_length"]),
+                  bool(config.get("do_lower_case", False)))
 
 
 def _sentence_transformer(path: str):
