@@ -7,6 +7,7 @@
     bench.relay    a remote backend (bench.sse_stub) alone against it through the /v1 relay
     bench.startup  a fresh clone to a serving product, and its idle memory
     bench.first_chat  the first chat after a start, against the second
+    bench.equal_paired  32 x 32: the engine and HF static batching by turns, a ratio per round
     bench.formats  matmul and engine speed per number format and int8
     bench.quality  perplexity and agreement with fp32 per number format and int8
 
