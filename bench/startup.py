@@ -163,10 +163,11 @@ def main(argv=None) -> int:
     if args.write:
         section = (f"{SECTION}\n\nCommand: `{report.command_line('bench.startup', argv)}`. PSS shares the pages "
                    "that processes have in common (Postgres's shared buffers, libraries) between them, so the "
-                   "total is what the product holds; the serve process's RSS includes the fp32 weights "
-                   "(about 540 MiB for SmolLM2-135M, and about 760 MiB more for their copy packed for MKL, "
-                   "`ENGINE_PACK_WEIGHTS`) and the preallocated KV cache (`ENGINE_KV_CACHE_MB`, "
-                   "512 by default). pip's download cache was warm.\n\n" + body + "\n")
+                   "total is what the product holds; the serve process's RSS includes the model's weights in the "
+                   "format `ENGINE_DTYPE` chose (fp32 SmolLM2-135M: about 540 MiB, plus a packed copy where "
+                   "`ENGINE_PACK_WEIGHTS` packs them), the preallocated KV cache (`ENGINE_KV_CACHE_MB`, 512 by "
+                   "default) and the moderation and embedding models, which load at start (`LOAD_MODELS`). "
+                   "pip's download cache was warm.\n\n" + body + "\n")
         report.write_section(section, SECTION)
         print("wrote its section of docs/BENCHMARKS.md")
     return 0 if measured["left"] == (0, 0) else 1
