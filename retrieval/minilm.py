@@ -97,13 +97,13 @@ class Encoder:
         try:
             self._build(parts, dtype)
         except Exception:
-            # An architecture whose forward does not trace as BERT's does:
-            # encode still gives its vectors, more slowly.
-            if layers is not None:
-                raise
-            log.warning("%s does not trace: its embeddings run through sentence-transformers' encode", path,
-                        exc_info=True)
-            self._use_encode(_sentence_transformer(path))
+            # An architecture whose forward does not trace as BERT's does (or
+            # a torch without torch.jit, which 2.13 deprecates): the same
+            # forward, run op by op, gives the same vectors, more slowly and
+            # holding the GIL between ops.
+            log.warning("%s does not trace: its embeddings run eagerly, in float32", path, exc_info=True)
+            self.dtype, self.runner, self.timings_ms, self.agreement = "float32", "eager (did not trace)", {}, None
+            self.module = self._pooled(parts.bert.float().eval())
 
     # ---------------------------------------------------------------- build
 
@@ -125,7 +125,8 @@ class Encoder:
         self.dtype = dtype if dtype != "auto" else self._choose(candidates)
         self.module = candidates[self.dtype]
 
-    def _trace(self, bert, example):
+    def _pooled(self, bert):
+        """The forward, mean pooling and normalisation as one module."""
         torch, types = self._torch, self._types
 
         class Pooled(torch.nn.Module):
@@ -141,13 +142,17 @@ class Encoder:
                 mean = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
                 return torch.nn.functional.normalize(mean, dim=1)
 
+        return Pooled().eval()
+
+    def _trace(self, bert, example):
+        torch = self._torch
         # Traced on a padded batch: the graph is recorded on the path a
         # burst's padded batch takes (the vectors are tested against
         # encode's, alone and batched: tests/test_minilm.py).
         with torch.inference_mode(), warnings.catch_warnings():
             # The model code's shape checks become constants in the trace.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return torch.jit.freeze(torch.jit.trace(Pooled().eval(), example, check_trace=False))
+            return torch.jit.freeze(torch.jit.trace(self._pooled(bert), example, check_trace=False))
 
     def _choose(self, candidates: dict) -> str:
         """The faster of fp32 and bf16 on PROBE, alone and batched, timed in
