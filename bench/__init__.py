@@ -22,6 +22,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -43,6 +44,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shared_services_env(data_dir_name: str) -> dict:
+    """The environment of a `serve` the benchmark starts on its own embedded
+    Postgres and Redis (after django.setup()): its DATA_DIR under the
+    benchmark's, and the database, Redis and secret key the benchmark uses."""
+    # Imported here: Django is set up by the benchmark, after this module loads.
+    from django.conf import settings
+    from django.db import connection
+
+    from chatapp import embedded
+
+    socket_dir = embedded.postgres_socket_dir(settings.DATABASES["default"]["EMBEDDED_PGDATA"])
+    return {
+        "DATA_DIR": str(Path(settings.DATA_DIR) / data_dir_name),
+        "DATABASE_URL": f"postgresql://postgres@/{connection.settings_dict['NAME']}?host={socket_dir}",
+        "REDIS_URL": settings.REDIS_URL,
+        "SECRET_KEY": settings.SECRET_KEY,
+    }
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, log_name: str, timeout_s: float = 300) -> None:

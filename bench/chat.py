@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import free_port, report, wait_healthy
+from bench import free_port, report, shared_services_env, wait_healthy
 from bench.report import ROOT, percentile
 from inference import Engine, SamplingParams
 from inference.bootstrap import resolve_model
@@ -122,18 +122,10 @@ def start_server(port: int, args) -> subprocess.Popen:
     """`manage.py serve` on this DATA_DIR's database and Redis, waited for until healthy.
     Over 40 lines only for the environment it is given, one setting a line."""
     from django.conf import settings
-    from django.db import connection
 
-    from chatapp import embedded
-
-    pgdata = settings.DATABASES["default"]["EMBEDDED_PGDATA"]
-    db_url = f"postgresql://postgres@/{connection.settings_dict['NAME']}?host={embedded.postgres_socket_dir(pgdata)}"
     env = {
         **os.environ,
-        "DATA_DIR": str(Path(settings.DATA_DIR) / "server"),
-        "DATABASE_URL": db_url,
-        "REDIS_URL": settings.REDIS_URL,
-        "SECRET_KEY": settings.SECRET_KEY,
+        **shared_services_env("server"),
         "LOAD_MODELS": "1",
         "CHAT_TEMPERATURE": "0",
         "CHAT_REPLY_MAX_TOKENS": str(args.max_tokens),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import free_port, report, wait_healthy
+from bench import free_port, report, shared_services_env, wait_healthy
 from bench.relay import make_keys, setup_django
 from bench.report import ROOT
 
@@ -37,18 +37,10 @@ QUESTIONS = ("How do tides work?", "Why is the sky blue?", "What makes bread ris
 def start(tree: Path, name: str) -> tuple[subprocess.Popen, int, float]:
     """`serve` from `tree` on the shared database and Redis; the seconds it took to be healthy."""
     from django.conf import settings
-    from django.db import connection
 
-    from chatapp import embedded
-
-    pgdata = settings.DATABASES["default"]["EMBEDDED_PGDATA"]
     env = {
         **os.environ,
-        "DATA_DIR": str(Path(settings.DATA_DIR) / name),
-        "DATABASE_URL": f"postgresql://postgres@/{connection.settings_dict['NAME']}"
-                        f"?host={embedded.postgres_socket_dir(pgdata)}",
-        "REDIS_URL": settings.REDIS_URL,
-        "SECRET_KEY": settings.SECRET_KEY,
+        **shared_services_env(name),
         "MODELS_DIR": str(ROOT / "var" / "models"),  # the converted SmolLM2, shared by every start
         "LOAD_MODELS": "1",
         "PYTHONUNBUFFERED": "1",

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import free_port, report, wait_healthy
+from bench import free_port, report, shared_services_env, wait_healthy
 from bench.report import ROOT, percentile
 
 SECTION = "## Relay to a remote backend (bench.relay)"
@@ -215,20 +215,10 @@ def start_stub(token_ms: float) -> tuple[subprocess.Popen, int]:
 
 
 def _server_env(name: str, stub_port: int) -> dict:
-    from django.conf import settings
-    from django.db import connection
-
-    from chatapp import embedded
-
-    pgdata = settings.DATABASES["default"]["EMBEDDED_PGDATA"]
     backends = {"stub": {"base_url": f"http://127.0.0.1:{stub_port}/v1", "model": "stub", "context_window": 8192}}
     return {
         **os.environ,
-        "DATA_DIR": str(Path(settings.DATA_DIR) / name),
-        "DATABASE_URL": f"postgresql://postgres@/{connection.settings_dict['NAME']}"
-                        f"?host={embedded.postgres_socket_dir(pgdata)}",
-        "REDIS_URL": settings.REDIS_URL,
-        "SECRET_KEY": settings.SECRET_KEY,
+        **shared_services_env(name),
         "LOAD_MODELS": "0",
         "GATEWAY_BACKENDS_JSON": json.dumps(backends),
         "GATEWAY_EXACT_CACHE": "0",
