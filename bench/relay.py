@@ -2,14 +2,15 @@
 product's /v1 relay (issue 16, item 3).
 
     python -m bench.relay [--streams 32] [--tokens 128] [--token-ms 10] [--singles 8] [--rounds 3]
-                          [--baseline-tree DIR] [--no-write]
+                          [--baseline-tree DIR] [--rules-only] [--hosted] [--no-write]
 
 1. starts `bench.sse_stub` in its own process: an OpenAI-compatible server that
    streams a token every --token-ms and uses almost no CPU, so what is measured
    is the relay's own cost;
 2. starts `manage.py serve --no-worker` on a fresh DATA_DIR (embedded Postgres
-   and Redis) with no model loaded and the stub as a remote backend
-   (GATEWAY_BACKENDS_JSON); one user and API key per stream, default plan
+   and Redis) with no model loaded and the stub as a self-hosted remote
+   backend (GATEWAY_BACKENDS_JSON; --hosted adds a server where it plays a
+   hosted provider, sent the prompt only once it passed); one user and API key per stream, default plan
    (quotas, concurrency leases), moderation on, the gateway's caches off (a
    hit would not relay anything). With --baseline-tree, a second server runs
    the same from another checkout (the code before a change), on the same
@@ -214,13 +215,21 @@ def start_stub(token_ms: float) -> tuple[subprocess.Popen, int]:
     return proc, int(line.split()[1])
 
 
+def backends_json(stub_port: int, self_hosted: bool = True) -> str:
+    """GATEWAY_BACKENDS_JSON naming the stub. It stands for a server the
+    operator runs (vLLM, llama.cpp), so it is self-hosted: opened beside the
+    prompt's moderation. Not self-hosted, it plays a hosted provider, which
+    is sent the prompt only once it passed."""
+    stub = {"base_url": f"http://127.0.0.1:{stub_port}/v1", "model": "stub", "context_window": 8192}
+    return json.dumps({"stub": {**stub, "self_hosted": True} if self_hosted else stub})
+
+
 def _server_env(name: str, stub_port: int) -> dict:
-    backends = {"stub": {"base_url": f"http://127.0.0.1:{stub_port}/v1", "model": "stub", "context_window": 8192}}
     return {
         **os.environ,
         **shared_services_env(name),
         "LOAD_MODELS": "0",
-        "GATEWAY_BACKENDS_JSON": json.dumps(backends),
+        "GATEWAY_BACKENDS_JSON": backends_json(stub_port),
         "GATEWAY_EXACT_CACHE": "0",
         "GATEWAY_SEMANTIC_CACHE": "0",
         "PYTHONUNBUFFERED": "1",
@@ -342,6 +351,9 @@ def _parse_args(argv):
     parser.add_argument("--no-write", action="store_true", help="do not write its section of docs/BENCHMARKS.md")
     parser.add_argument("--rules-only", action="store_true",
                         help="also run the relay with only the rules checker (what the classifier costs)")
+    parser.add_argument("--hosted", action="store_true",
+                        help="also run the relay with the stub as a hosted provider (sent the prompt only once it "
+                             "passed moderation)")
     parser.add_argument("--py-spy", type=Path,
                         help="profile this tree's server over the measured rounds with py-spy (collapsed stacks here)")
     return parser.parse_args(argv)
@@ -357,6 +369,9 @@ def _start(args, data_dir: Path, procs: list) -> list[Target]:
     servers = [(args.baseline_tree, f"relay, {args.baseline_label}", None)] if args.baseline_tree else []
     if args.rules_only:
         servers.append((ROOT, "relay, rules only (no classifier)", {"SAFETY_CHECKERS": RULES_ONLY}))
+    if args.hosted:
+        servers.append((ROOT, "relay, stub as a hosted provider",
+                        {"GATEWAY_BACKENDS_JSON": backends_json(stub_port, self_hosted=False)}))
     for i, (tree, label, env) in enumerate([*servers, (ROOT, "through the relay (/v1)", None)]):
         server, port = start_server(tree.resolve(), f"server{i}", stub_port, env)
         procs.append(server)
@@ -402,7 +417,8 @@ def write_section(body: str, command: str, machine: dict, args) -> None:
         f"{report.machine_header(machine)}\n\n"
         f"The backend is `bench.sse_stub` in its own process: {args.tokens} tokens per reply, one every "
         f"{args.token_ms:g} ms, almost no CPU. The relay is `manage.py serve` (Daphne, no model loaded) with the "
-        f"stub as a remote backend, read through /v1/chat/completions with one user and API key per stream "
+        f"stub as a self-hosted remote backend (opened beside the prompt's moderation), read through "
+        f"/v1/chat/completions with one user and API key per stream "
         f"(quotas, leases, moderation of prompt and reply, ledger; caches off). Every contender in turn "
         f"within each of {args.rounds} rounds, after a warm-up round; client, stub and servers share the "
         f"cores. Server CPU counts the server process with the embedded Redis and Postgres.\n\n{body}\n"

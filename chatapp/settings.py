@@ -462,12 +462,16 @@ LOGGING = {
 
 # Remote OpenAI-compatible backends, on top of the local pools (more can be
 # added in the admin): {"name": {"base_url": "http://host:8000/v1", "model":
-# "remote-model-id", "api_key": "...", "context_window": 8192}}.
+# "remote-model-id", "api_key": "...", "context_window": 8192, "self_hosted":
+# true}}. self_hosted: a server you run, sent a prompt while it is still being
+# moderated (gateway.models.Backend.self_hosted); hosted providers leave it out.
 GATEWAY_BACKENDS = env_json("GATEWAY_BACKENDS_JSON", {})
 if not isinstance(GATEWAY_BACKENDS, dict) or not all(
     isinstance(b, dict) and b.get("base_url") for b in GATEWAY_BACKENDS.values()
 ):
     raise ImproperlyConfigured("GATEWAY_BACKENDS_JSON must map names to objects with a 'base_url' key")
+if not all(isinstance(b.get("self_hosted", False), bool) for b in GATEWAY_BACKENDS.values()):
+    raise ImproperlyConfigured("GATEWAY_BACKENDS_JSON: 'self_hosted' must be true or false")
 # Fallback chains by model name, e.g. {"large": ["small", "remote"]}.
 GATEWAY_FALLBACKS = env_json("GATEWAY_FALLBACKS_JSON", {"large": ["small"]})
 if not isinstance(GATEWAY_FALLBACKS, dict) or not all(isinstance(v, list) for v in GATEWAY_FALLBACKS.values()):

@@ -39,8 +39,9 @@ class BackendForm(forms.ModelForm):
 @admin.register(Backend)
 class BackendAdmin(AuditedAdmin, admin.ModelAdmin):
     form = BackendForm
-    list_display = ("name", "kind", "pool", "base_url", "remote_model", "fallbacks", "enabled", "listed")
-    list_filter = ("kind", "enabled")
+    list_display = ("name", "kind", "pool", "base_url", "remote_model", "fallbacks", "enabled", "listed",
+                    "self_hosted")
+    list_filter = ("kind", "enabled", "self_hosted")
     search_fields = ("name", "base_url", "remote_model")
 
 

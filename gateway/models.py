@@ -46,6 +46,18 @@ class Backend(models.Model):
     )
     enabled = models.BooleanField(default=True)
     listed = models.BooleanField(default=True, help_text="shown in /v1/models and the model picker")
+    # A prompt is moderated beside routing and the quota. The local engine
+    # starts generating meanwhile and is aborted if the prompt is blocked; a
+    # remote is sent nothing until the verdict, since a hosted provider would
+    # see (and bill, and flag our key for) a blocked prompt. A server the
+    # operator runs is inside the deployment like the engine: opening it
+    # beside the check hides its time to the first chunk (bench.admission).
+    self_hosted = models.BooleanField(
+        default=False,
+        help_text="remote: a server you run (vLLM, TGI, llama.cpp, Ollama). It is sent a prompt while the prompt "
+                  "is still being moderated, and aborted if the prompt is blocked; off, a prompt is sent only "
+                  "once it passed (hosted providers)",
+    )
 
     def __str__(self):
         return self.name

@@ -45,6 +45,13 @@ class BackendSpec:
     context_window: int = 8192
     fallbacks: tuple[str, ...] = ()
     listed: bool = True
+    self_hosted: bool = False  # remote: may be sent a prompt before its verdict (Backend.self_hosted)
+
+    @property
+    def opens_before_verdict(self) -> bool:
+        """Whether a prompt may reach this backend while its moderation is
+        still running: the local engine, or a server the operator runs."""
+        return self.kind == Backend.KIND_LOCAL or self.self_hosted
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ def _load_backends() -> dict[str, BackendSpec]:
             api_key=cfg.get("api_key", ""),
             context_window=int(cfg.get("context_window", 8192)),
             fallbacks=tuple(cfg.get("fallbacks", settings.GATEWAY_FALLBACKS.get(name, ()))),
+            self_hosted=cfg.get("self_hosted") is True,
         )
     for row in Backend.objects.all():
         if not row.enabled:
@@ -97,6 +105,7 @@ def _load_backends() -> dict[str, BackendSpec]:
             context_window=row.context_window,
             fallbacks=_split(row.fallbacks) or tuple(settings.GATEWAY_FALLBACKS.get(row.name, ())),
             listed=row.listed,
+            self_hosted=row.self_hosted,
         )
     return specs
 

@@ -482,9 +482,9 @@ async def _open_with_fallback(run: _Run):
             hops.append(f"{name}(circuit-open)")
             metrics.fallback(name, "circuit_open")
             continue
-        if run.specs[name].kind != Backend.KIND_LOCAL and run.input_check is not None:
+        if not run.specs[name].opens_before_verdict and run.input_check is not None:
             # A prompt leaves the deployment only once it passed: a blocked one
-            # must not reach (nor be billed by, nor flag our key at) a remote provider.
+            # must not reach (nor be billed by, nor flag our key at) a hosted provider.
             await run.input_check.passed()
         run.generation_started = time.monotonic()
         try:

@@ -56,6 +56,8 @@ def test_check_deploy_flags_development_settings():
         ("GATEWAY_API_RATE_PER_USER", "600 per minute", "GATEWAY_API_RATE_PER_USER='600 per minute' is not a rate"),
         ("CHAT_RATE_PER_IP", "30/w", "CHAT_RATE_PER_IP='30/w' is not a rate"),
         ("EMBEDDING_DTYPE", "float16", "EMBEDDING_DTYPE='float16' must be one of"),
+        ("GATEWAY_BACKENDS_JSON", '{"gpu": {"base_url": "http://gpu:8000/v1", "self_hosted": "yes"}}',
+         "'self_hosted' must be true or false"),
     ],
 )
 def test_bad_env_values_fail_loudly(name, value, message):

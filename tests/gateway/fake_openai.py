@@ -29,6 +29,7 @@ class FakeOpenAI:
         self.lock = threading.Lock()
         self.active = 0
         self.connections = 0  # TCP connections accepted
+        self.hangups = 0  # streams the gateway closed before their end
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -111,7 +112,9 @@ class FakeOpenAI:
                 finish = "stop" if len(words) < body.get("max_tokens", 10**6) else "length"
                 for i, word in enumerate(words):
                     piece = word if i == 0 else " " + word
-                    self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                    if not self._event({"choices": [{"index": 0, "delta": {"content": piece},
+                                                     "finish_reason": None}]}):
+                        return
                     if model == "fake-stall":
                         time.sleep(30)
                         return
@@ -140,11 +143,18 @@ class FakeOpenAI:
                     words = ["tick"] * 200
                 return words[: body.get("max_tokens") or len(words)]
 
-            def _event(self, payload):
+            def _event(self, payload) -> bool:
+                """False once the gateway hung up (counted once per stream)."""
+                if getattr(self, "hung_up", False):
+                    return False
                 try:
                     self._write(f"data: {json.dumps(payload)}\n\n".encode())
+                    return True
                 except OSError:
-                    pass
+                    self.hung_up = True
+                    with fake.lock:
+                        fake.hangups += 1
+                    return False
 
             def _write(self, data: bytes):
                 if getattr(self, "chunked", False):

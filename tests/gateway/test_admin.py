@@ -24,6 +24,20 @@ def test_adding_a_backend_in_the_admin_registers_it(admin_client):
     assert spec.base_url == "http://gpu-box:8000/v1" and spec.fallbacks == ("small",)
 
 
+def test_a_backend_is_self_hosted_only_when_marked(db, settings):
+    settings.GATEWAY_BACKENDS = {
+        "vllm": {"base_url": "http://gpu-box:8000/v1", "self_hosted": True},
+        "hosted": {"base_url": "https://api.example.com/v1"},
+    }
+    Backend.objects.create(name="ollama", kind="openai", base_url="http://ollama:11434/v1", self_hosted=True)
+    Backend.objects.create(name="provider", kind="openai", base_url="https://api.example.org/v1")
+    registry.invalidate()
+    specs = registry.backends()
+    assert {name for name, spec in specs.items() if spec.opens_before_verdict} == {"vllm", "ollama",
+                                                                                   *settings.MODEL_POOLS}
+    assert not specs["hosted"].opens_before_verdict and not specs["provider"].opens_before_verdict
+
+
 def test_a_disabled_row_hides_a_configured_pool(db):
     Backend.objects.create(name="small", kind="local", enabled=False)
     registry.invalidate()

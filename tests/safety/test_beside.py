@@ -1,7 +1,9 @@
 """The input's moderation runs beside the gateway's other stages (routing,
 quota, cache, a local engine's prefill), and the first token waits for its
 verdict: nothing of a blocked request is shown, its generation is aborted and
-charged nothing, and its prompt never reaches a remote backend.
+charged nothing, and its prompt never reaches a hosted remote backend. A
+self-hosted one (Backend.self_hosted) is opened beside the check, like the
+local engine, and hung up on if the prompt is blocked.
 
 The Gated checker (tests.safety.fakes) holds its verdict on a prompt until
 the test opens the gate, so the stages after it are seen running meanwhile."""
@@ -10,8 +12,8 @@ import time
 
 import pytest
 
-from gateway import services
-from gateway.models import UsageRecord
+from gateway import registry, services
+from gateway.models import Backend, UsageRecord
 from gateway.types import Blocked, ChatRequest, TokenEvent
 from tests.safety import fakes
 
@@ -104,6 +106,49 @@ async def test_a_prompt_reaches_a_remote_backend_only_once_it_passed(remote, ali
     assert events == [] and remote.count() == calls
     row = await UsageRecord.objects.aget(request_id=request.request_id)
     assert row.status == "blocked" and row.charged_tokens == 0
+
+
+@pytest.fixture
+def self_hosted(remote):
+    """The remote backend marked as one the operator runs, streaming 200 ticks 50 ms apart (fake-slow)."""
+    Backend.objects.filter(name="remote").update(self_hosted=True, remote_model="fake-slow")
+    registry.invalidate()
+    return remote
+
+
+async def test_a_self_hosted_backend_is_opened_beside_the_check_and_waits_for_it(self_hosted, alice, gated):
+    calls = self_hosted.count()
+    request = ChatRequest(messages=[{"role": "user", "content": "Hello there"}], user_id=alice.pk, max_tokens=3)
+    events = []
+    task = asyncio.create_task(_consume(request, events))
+    await _until(lambda: self_hosted.count() > calls or task.done())
+    assert not task.done()  # the backend has the prompt while the verdict is held
+    await asyncio.sleep(0.3)  # its whole reply (3 ticks) has been sent meanwhile
+    assert events == [] and not task.done()
+    fakes.GATE.set()
+    await asyncio.wait_for(task, 30)
+    assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == "tick tick tick"
+    assert events[-1].finish_reason == "length"
+
+
+async def test_a_block_hangs_up_on_a_self_hosted_backend_shows_and_charges_nothing(self_hosted, alice, gated,
+                                                                                   blocked_signals):
+    calls, hangups = self_hosted.count(), self_hosted.hangups
+    request = ChatRequest(messages=[{"role": "user", "content": f"{MARK} please"}], user_id=alice.pk,
+                          max_tokens=200)
+    events = []
+    task = asyncio.create_task(_consume(request, events))
+    await _until(lambda: self_hosted.count() > calls or task.done())
+    assert not task.done()
+    fakes.GATE.set()
+    with pytest.raises(Blocked):
+        await asyncio.wait_for(task, 30)
+    assert events == []
+    # Hung up on: left alone, its 200 ticks would run for 10 s and end without a broken write.
+    await _until(lambda: self_hosted.hangups > hangups)
+    row = await UsageRecord.objects.aget(request_id=request.request_id)
+    assert row.status == "blocked" and row.charged_tokens == 0
+    assert [s["source"] for s in blocked_signals] == ["input"]
 
 
 async def test_a_block_outranks_a_refusal_of_the_other_stages(remote, alice, gated):
