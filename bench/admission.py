@@ -36,7 +36,6 @@ STAGES = (
     ("gateway.services:amoderate_messages", "moderation of the prompt"),
     ("gateway.services:_open", "open the backend, first chunk"),
     ("gateway.api:_quota_headers", "quota headers"),
-    ("gateway.services:_finish", "settle (quota, ledger) before the final event"),
 )
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 
 from dataclasses import dataclass
@@ -186,18 +186,21 @@ class _Run:
         generation_ms = int(generation_s * 1000) if generation_s is not None else None
         return {**costs.as_fields(), "itl_ms": itl_ms, "generation_ms": generation_ms}
 
-    async def settle(self, *, status: str, usage: Usage, cache_hit: str = "", error: str = "",
-                     charge: bool = True) -> None:
+    def settle(self, *, status: str, usage: Usage, cache_hit: str = "", error: str = "",
+               charge: bool = True) -> Awaitable[None]:
         """Reconcile the quota and write the ledger row, once, whatever happened.
 
-        A cache hit, or a request no model started on, is charged nothing."""
+        The run counts as settled from this call, not from when the awaitable
+        runs: a consumer that leaves right after the final event (whose
+        settling `_serve` started before yielding it) is not settled again as
+        an abort. A cache hit, or a request no model started on, is charged nothing."""
         if self.settled:
-            return
+            return asyncio.sleep(0)
         self.settled = True
         metrics.gateway_request(backend=self.backend, source=self.request.source, status=status)
         charged = 0 if cache_hit or not charge else usage.prompt_tokens + usage.completion_tokens
-        # Redis and Postgres in parallel: this sits between the last token and the final event.
-        await asyncio.gather(
+        # Redis and Postgres in parallel.
+        return asyncio.gather(
             self._reconcile(charged), self._write_ledger(status, usage, cache_hit, error, charged)
         )
 
@@ -440,7 +443,19 @@ async def _serve(run: _Run):
             final = event
         else:
             yield event
-    yield await _finish(run, final, "".join(text), lookup)
+    final_event, settling = _finish(run, final, "".join(text), lookup)
+    try:
+        yield final_event
+    finally:
+        # The reply is whole once its final event is out: the bill, the ledger
+        # row and the cache entry are written beside its delivery (the API's
+        # [DONE], the chat's end event), not before it, and a consumer that
+        # goes away or is cancelled meanwhile does not stop them (shield).
+        try:
+            await asyncio.shield(settling)
+        except Exception:
+            # Delivered already: a failed cache write is not the reply's failure.
+            log.exception("settling %s after its final event", run.request.request_id)
 
 
 @dataclass
@@ -554,8 +569,13 @@ async def _next_event(run: _Run, stream):
         return BackendFinal("error", run.usage_so_far(), error=message)
 
 
-async def _finish(run: _Run, final: BackendFinal, text: str, lookup: _CacheLookup) -> FinalEvent:
-    """Circuit bookkeeping, then bill and cache the reply in parallel."""
+# Settlements in flight: the loop keeps only weak references to tasks.
+_settling: set[asyncio.Future] = set()
+
+
+def _finish(run: _Run, final: BackendFinal, text: str, lookup: _CacheLookup) -> tuple[FinalEvent, asyncio.Future]:
+    """Circuit bookkeeping; the final event, and the task that bills and
+    caches the reply (in parallel), started now."""
     breaker = backends.circuit(run.backend)
     if final.finish_reason == "error":
         breaker.failure()
@@ -563,12 +583,15 @@ async def _finish(run: _Run, final: BackendFinal, text: str, lookup: _CacheLooku
         breaker.success()
     settle = run.settle(status=final.finish_reason, usage=final.usage, error=final.error or "")
     if lookup.done and final.finish_reason in ("stop", "length") and not final.error:
-        await asyncio.gather(_store(run.request, run.backend, lookup, text, final), settle)
+        settling = asyncio.gather(_store(run.request, run.backend, lookup, text, final), settle)
     else:
-        await settle
-    return FinalEvent(
+        settling = asyncio.ensure_future(settle)
+    _settling.add(settling)
+    settling.add_done_callback(_settling.discard)
+    event = FinalEvent(
         finish_reason=final.finish_reason, usage=final.usage, model=run.backend, route=run.route, error=final.error
     )
+    return event, settling
 
 
 async def _replay(run: _Run, hit: cache.CachedReply):

@@ -1,12 +1,15 @@
 """The relay of a remote stream: what arrives together goes on as one event,
-counted as every chunk it holds, and a Stop ends a read that waits."""
+counted as every chunk it holds, a Stop ends a read that waits, and the final
+event goes out while the reply is billed, not after."""
 import asyncio
 
+import pytest
 from asgiref.sync import sync_to_async
 
-from gateway import client
+from gateway import client, services
+from gateway.models import UsageRecord
 from gateway.services import stream_chat
-from gateway.types import ChatRequest, TokenEvent
+from gateway.types import ChatRequest, FinalEvent, TokenEvent
 from tests.gateway.helpers import add_remote, give_plan
 
 
@@ -89,3 +92,72 @@ def test_the_http_client_of_a_closed_loop_is_closed_when_the_next_loop_asks(capl
 
     gc.collect()
     assert "Unclosed" not in caplog.text
+
+
+@pytest.fixture
+def held_ledger(monkeypatch):
+    """Ledger rows are written only once the returned event is set."""
+    release = asyncio.Event()
+    real = services._Run._write_ledger
+
+    async def held(self, *args, **kwargs):
+        await release.wait()
+        await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(services._Run, "_write_ledger", held)
+    return release
+
+
+async def _until_final(events) -> FinalEvent:
+    async for event in events:
+        if isinstance(event, FinalEvent):
+            return event
+    raise AssertionError("no final event")
+
+
+async def _row(request_id: str) -> UsageRecord:
+    for _ in range(500):
+        row = await UsageRecord.objects.filter(request_id=request_id).afirst()
+        if row is not None:
+            return row
+        await asyncio.sleep(0.01)
+    raise AssertionError("no ledger row")
+
+
+async def test_the_final_event_goes_out_before_the_bill_and_a_consumer_leaving_keeps_it(remote, alice,
+                                                                                        held_ledger):
+    request = ask(alice, "remote", "hello world", max_tokens=10)
+    events = stream_chat(request)
+    final = await asyncio.wait_for(_until_final(events), 30)  # not held by the ledger's write
+    assert final.finish_reason == "stop"
+    assert not await UsageRecord.objects.filter(request_id=request.request_id).aexists()
+    closing = asyncio.ensure_future(events.aclose())  # the consumer leaves, as the chat and the API do
+    await asyncio.sleep(0.05)
+    held_ledger.set()
+    await asyncio.wait_for(closing, 30)
+    row = await UsageRecord.objects.aget(request_id=request.request_id)
+    # Billed as the reply ended, not as an abort by the consumer's leaving.
+    assert row.status == "stop"
+    assert row.charged_tokens == final.usage.prompt_tokens + final.usage.completion_tokens > 0
+
+
+async def test_a_consumer_cancelled_after_the_final_event_does_not_lose_the_bill(remote, alice, held_ledger):
+    request = ask(alice, "remote", "hello world", max_tokens=10)
+    seen = []
+
+    async def consume():
+        async for event in stream_chat(request):
+            seen.append(event)
+
+    consumer = asyncio.ensure_future(consume())
+    for _ in range(3000):
+        if seen and isinstance(seen[-1], FinalEvent):
+            break
+        await asyncio.sleep(0.01)
+    assert isinstance(seen[-1], FinalEvent) and not consumer.done()  # it waits on the bill now
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    held_ledger.set()
+    row = await _row(request.request_id)
+    assert row.status == "stop" and row.completion_tokens == 3
