@@ -65,6 +65,9 @@ class Backend(models.Model):
     def clean(self):
         if self.kind == self.KIND_OPENAI and not self.base_url:
             raise ValidationError({"base_url": "A remote backend needs its base URL."})
+        if self.kind == self.KIND_LOCAL and self.self_hosted:
+            raise ValidationError({"self_hosted": "Only a remote backend can be marked self-hosted: a local "
+                                                  "pool is always opened beside the prompt's check."})
         if self.kind == self.KIND_LOCAL and (self.pool or self.name) not in settings.MODEL_POOLS:
             raise ValidationError({"pool": f"No such engine pool; configured: {', '.join(settings.MODEL_POOLS)}"})
 

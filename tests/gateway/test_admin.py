@@ -38,6 +38,15 @@ def test_a_backend_is_self_hosted_only_when_marked(db, settings):
     assert not specs["hosted"].opens_before_verdict and not specs["provider"].opens_before_verdict
 
 
+def test_a_local_pool_cannot_be_marked_self_hosted(admin_client):
+    response = admin_client.post(reverse("admin:gateway_backend_add"), {
+        "name": "small", "kind": "local", "pool": "small", "context_window": 8192, "enabled": "on",
+        "self_hosted": "on",
+    })
+    assert response.status_code == 200 and b"Only a remote backend can be marked self-hosted" in response.content
+    assert not Backend.objects.filter(name="small").exists()
+
+
 def test_a_disabled_row_hides_a_configured_pool(db):
     Backend.objects.create(name="small", kind="local", enabled=False)
     registry.invalidate()
