@@ -7,7 +7,8 @@ Prints `port N` once it listens. It answers POST /v1/chat/completions with
 server-sent events (HTTP/1.1, chunked, keep-alive), `max_tokens` tokens each
 (every chunk pre-encoded at start, so a stream costs a timer and a write per
 token), then the finish chunk, the usage chunk when `stream_options.include_usage`
-asks for it, and `[DONE]`. Tokens go out on a fixed schedule (start + i ×
+asks for it, and `[DONE]`. Each reply orders the words its own way
+(`reply_words`), as real replies differ. Tokens go out on a fixed schedule (start + i ×
 token-ms), so a stream takes the same time however busy the reader is. Plain
 asyncio and the standard library: it runs in its own process, apart from what
 it is measured against.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "rivers", "run",
@@ -29,14 +31,24 @@ def _chunk(payload: dict) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _token(i: int) -> bytes:
-    word = WORDS[i % len(WORDS)]
+def _token(word: str, first: bool) -> bytes:
     return _chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0, "model": "stub",
-                   "choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word},
+                   "choices": [{"index": 0, "delta": {"content": word if first else " " + word},
                                 "finish_reason": None}]})
 
 
-TOKENS = [_token(i) for i in range(MAX_TOKENS)]
+# Every word's chunk, as a reply's first token and as any later one.
+FIRST = [_token(word, True) for word in WORDS]
+LATER = [_token(word, False) for word in WORDS]
+
+
+def reply_words(n: int) -> tuple[int, int]:
+    """(offset, stride) of the n-th reply's word order: word i is
+    WORDS[(offset + i * stride) % len(WORDS)]. With 17 words (a prime) every
+    stride from 1 to 16 visits them all, so 272 replies in a row differ. The
+    same reply every time would let the relay's moderation answer all but the
+    first from its verdict cache, which real replies never allow."""
+    return n % len(WORDS), 1 + (n // len(WORDS)) % (len(WORDS) - 1)
 HEADERS = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
            b"Transfer-Encoding: chunked\r\n\r\n")
 END = _chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0, "model": "stub",
@@ -64,9 +76,13 @@ async def _read_request(reader: asyncio.StreamReader) -> dict | None:
     return json.loads(await reader.readexactly(length)) if length else {}
 
 
+_replies = itertools.count()
+
+
 async def _stream(writer: asyncio.StreamWriter, body: dict, token_s: float) -> None:
     count = max(1, min(MAX_TOKENS, int(body.get("max_tokens") or 16)))
     prompt_tokens = sum(len(str(m.get("content", ""))) // 4 + 4 for m in body.get("messages") or ())
+    offset, stride = reply_words(next(_replies))
     loop = asyncio.get_running_loop()
     writer.write(HEADERS)
     start = loop.time()
@@ -75,7 +91,7 @@ async def _stream(writer: asyncio.StreamWriter, body: dict, token_s: float) -> N
         delay = start + (i + 1) * token_s - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        writer.write(TOKENS[i])
+        writer.write((LATER if i else FIRST)[(offset + i * stride) % len(WORDS)])
     writer.write(END)
     if (body.get("stream_options") or {}).get("include_usage"):
         writer.write(_usage(prompt_tokens, count))

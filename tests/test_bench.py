@@ -76,6 +76,17 @@ def test_the_relay_benchmarks_client_reads_the_stubs_stream():
     assert tokens == 5 and ttft_s is not None
 
 
+def test_the_stubs_replies_differ_from_one_another():
+    """bench.sse_stub's replies each order the words their own way, so the
+    relay's verdict cache cannot answer a burst's moderation from one reply."""
+    from bench import sse_stub
+
+    words = len(sse_stub.WORDS)
+    orders = {tuple((offset + i * stride) % words for i in range(32))
+              for offset, stride in map(sse_stub.reply_words, range(272))}
+    assert len(orders) == 272
+
+
 def test_the_roofline_is_the_longer_of_compute_and_memory():
     from bench.engine import roofline
 
