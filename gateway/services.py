@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 
 from dataclasses import dataclass
 
@@ -451,11 +452,10 @@ async def _serve(run: _Run):
         # row and the cache entry are written beside its delivery (the API's
         # [DONE], the chat's end event), not before it, and a consumer that
         # goes away or is cancelled meanwhile does not stop them (shield).
-        try:
+        # Delivered already: a failed cache write is not the reply's failure
+        # (_settled logs it, whether anyone still waits here or not).
+        with suppress(Exception):
             await asyncio.shield(settling)
-        except Exception:
-            # Delivered already: a failed cache write is not the reply's failure.
-            log.exception("settling %s after its final event", run.request.request_id)
 
 
 @dataclass
@@ -573,6 +573,12 @@ async def _next_event(run: _Run, stream):
 _settling: set[asyncio.Future] = set()
 
 
+def _settled(request_id: str, settling: asyncio.Future) -> None:
+    _settling.discard(settling)
+    if not settling.cancelled() and settling.exception() is not None:
+        log.error("settling %s after its final event failed", request_id, exc_info=settling.exception())
+
+
 def _finish(run: _Run, final: BackendFinal, text: str, lookup: _CacheLookup) -> tuple[FinalEvent, asyncio.Future]:
     """Circuit bookkeeping; the final event, and the task that bills and
     caches the reply (in parallel), started now."""
@@ -587,7 +593,7 @@ def _finish(run: _Run, final: BackendFinal, text: str, lookup: _CacheLookup) -> 
     else:
         settling = asyncio.ensure_future(settle)
     _settling.add(settling)
-    settling.add_done_callback(_settling.discard)
+    settling.add_done_callback(functools.partial(_settled, run.request.request_id))
     event = FinalEvent(
         finish_reason=final.finish_reason, usage=final.usage, model=run.backend, route=run.route, error=final.error
     )

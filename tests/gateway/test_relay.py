@@ -161,3 +161,17 @@ async def test_a_consumer_cancelled_after_the_final_event_does_not_lose_the_bill
     held_ledger.set()
     row = await _row(request.request_id)
     assert row.status == "stop" and row.completion_tokens == 3
+
+
+async def test_a_settlement_that_fails_after_the_final_event_is_logged_not_raised(remote, alice, monkeypatch,
+                                                                                  caplog):
+    async def broken(self, charged):
+        raise RuntimeError("reconcile broke")
+
+    monkeypatch.setattr(services._Run, "_reconcile", broken)
+    request = ask(alice, "remote", "hello world", max_tokens=10)
+    events = [event async for event in stream_chat(request)]  # no exception reaches the consumer
+    assert events[-1].finish_reason == "stop"
+    assert any("reconcile broke" in str(r.exc_info) for r in caplog.records if "settling" in r.getMessage())
+    row = await _row(request.request_id)  # the ledger half of the settlement still ran
+    assert row.status == "stop"
