@@ -10,11 +10,12 @@ product's /v1 relay (issue 16, item 3).
 2. starts `manage.py serve --no-worker` on a fresh DATA_DIR (embedded Postgres
    and Redis) with no model loaded and the stub as a self-hosted remote
    backend (GATEWAY_BACKENDS_JSON; --hosted adds a server where it plays a
-   hosted provider, sent the prompt only once it passed); one user and API key per stream, default plan
-   (quotas, concurrency leases), moderation on, the gateway's caches off (a
-   hit would not relay anything). With --baseline-tree, a second server runs
-   the same from another checkout (the code before a change), on the same
-   database and Redis, so before and after share one run;
+   hosted provider, sent the prompt only once it passed); one user and API
+   key per stream, default plan (quotas, concurrency leases), moderation
+   on, the gateway's caches off (a hit would not relay anything). With
+   --baseline-tree, a second server runs the same from another checkout
+   (the code before a change), on the same database and Redis, so before
+   and after share one run;
 3. one raw HTTP/SSE client (asyncio streams, no HTTP library: it shares the
    cores with the server) reads the same requests from the stub directly
    ("backend alone") and from /v1/chat/completions (`stream`, `include_usage`):

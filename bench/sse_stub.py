@@ -8,8 +8,9 @@ server-sent events (HTTP/1.1, chunked, keep-alive), `max_tokens` tokens each
 (every chunk pre-encoded at start, so a stream costs a timer and a write per
 token), then the finish chunk, the usage chunk when `stream_options.include_usage`
 asks for it, and `[DONE]`. Each reply orders the words its own way
-(`reply_words`), as real replies differ. Tokens go out on a fixed schedule (start + i ×
-token-ms), so a stream takes the same time however busy the reader is. Plain
+(`reply_words`), as real replies differ. Tokens go out on a fixed schedule
+(start + i × token-ms), so a stream takes the same time however busy the
+reader is. Plain
 asyncio and the standard library: it runs in its own process, apart from what
 it is measured against.
 """
@@ -20,8 +21,11 @@ import asyncio
 import itertools
 import json
 
+# A prime count: see reply_words.
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "rivers", "run",
-         "to", "sea", "and", "birds", "sing")
+         "to", "sea", "and", "birds", "sing", "under", "green", "hills", "where", "old", "mills", "turn",
+         "slowly", "as", "bright", "lanterns", "glow", "near", "quiet", "harbours", "full", "of", "small",
+         "boats", "tonight")
 MAX_TOKENS = 4096
 
 
@@ -44,11 +48,14 @@ LATER = [_token(word, False) for word in WORDS]
 
 def reply_words(n: int) -> tuple[int, int]:
     """(offset, stride) of the n-th reply's word order: word i is
-    WORDS[(offset + i * stride) % len(WORDS)]. With 17 words (a prime) every
-    stride from 1 to 16 visits them all, so 272 replies in a row differ. The
-    same reply every time would let the relay's moderation answer all but the
-    first from its verdict cache, which real replies never allow."""
+    WORDS[(offset + i * stride) % len(WORDS)]. With 37 words (a prime) every
+    stride from 1 to 36 visits them all, so 1,332 replies in a row differ
+    (bench.relay sends about 150 a contender). The same reply every time
+    would let the relay's moderation answer all but the first from its
+    verdict cache, which real replies never allow."""
     return n % len(WORDS), 1 + (n // len(WORDS)) % (len(WORDS) - 1)
+
+
 HEADERS = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
            b"Transfer-Encoding: chunked\r\n\r\n")
 END = _chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0, "model": "stub",
