@@ -58,6 +58,22 @@ JUDGE_TIMEOUT_S = 300.0
 OUTPUT_OVERLAP_CHARS = WINDOW_CHARS // 4
 
 
+def reply_read_start(length: int, classified: int, *, final: bool, every: int | None = None,
+                     overlap: int = OUTPUT_OVERLAP_CHARS) -> int | None:
+    """Where the classifiers' next read of a streaming reply starts, or None
+    when none is due: the reply is `length` characters long and its first
+    `classified` were read. Mid-stream a read is due once `every`
+    (SAFETY_OUTPUT_CHECK_CHARS) characters are unread; at the `final` check,
+    whenever any are. A read runs to the end of the reply and starts
+    `overlap` characters before the unread text, so a sentence cut at the
+    last read is read whole. (bench.reply_floor replays replies through it.)"""
+    unread = length - classified
+    every = settings.SAFETY_OUTPUT_CHECK_CHARS if every is None else every
+    if unread >= every or (final and unread > 0):
+        return max(0, classified - overlap)
+    return None
+
+
 def _notice(template: str, verdict: Verdict) -> Verdict:
     category = verdict.category.replace("_", " ")
     return Verdict(verdict.category, verdict.score, verdict.action, verdict.checker, template.format(category=category))
@@ -178,8 +194,9 @@ class OutputWindow:
         if blocking:
             await self._block(Verdict(blocking[0].category, 1.0, "block", f"rules:{blocking[0].source}"))
             return ""
-        if len(self.text) - self.classified >= settings.SAFETY_OUTPUT_CHECK_CHARS:
-            await self._classify()
+        start = reply_read_start(len(self.text), self.classified, final=False)
+        if start is not None:
+            await self._classify(start)
             if self.verdict.blocked:
                 return ""
         end = max(self.released, len(self.text) - self.hold_chars)
@@ -198,16 +215,17 @@ class OutputWindow:
                 if hits:
                     await self._block(Verdict(hits[0].category, 1.0, "block", f"rules:{hits[0].source}"))
                     return ""
-            if len(self.text) > self.classified:
-                await self._classify()
+            start = reply_read_start(len(self.text), self.classified, final=True)
+            if start is not None:
+                await self._classify(start)
             if self.verdict.blocked:
                 return ""
         out, self.released = self.text[self.released:], len(self.text)
         return out
 
-    async def _classify(self) -> None:
-        """The classifiers over the text not read yet, with the overlap before it."""
-        text = self.text[max(0, self.classified - OUTPUT_OVERLAP_CHARS):]
+    async def _classify(self, start: int) -> None:
+        """The classifiers over the text from `start` (`reply_read_start`) to its end."""
+        text = self.text[start:]
         self.classified = len(self.text)
         decision = (await pipeline.arun([text], source="output"))[0]
         if decision.blocked:

@@ -10,7 +10,7 @@ from bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "retrieval",
-           "safety", "metrics", "relay", "sse_stub", "decode", "neighbour", "stages", "stage_stamps"]
+           "safety", "metrics", "relay", "sse_stub", "decode", "neighbour", "stages", "stage_stamps", "reply_floor"]
 
 
 def test_every_benchmark_module_imports():

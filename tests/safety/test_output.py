@@ -77,3 +77,30 @@ async def test_the_classifiers_read_every_character_of_a_long_reply_at_most_twic
     assert all(covered), "a part of the reply was never classified"
     # Before, each check reread the last 500 characters and the end reread it all: about 3x.
     assert sum(map(len, read)) <= 2 * len(reply)
+
+
+@pytest.mark.parametrize("every", [400, 150])
+async def test_the_reply_floor_bench_replays_what_the_window_reads(settings, monkeypatch, every):
+    """bench.reply_floor's floor holds only if it times what a reply's window
+    really hands the classifiers, mid-stream and at the end."""
+    from bench import reply_floor
+    from safety import pipeline
+
+    settings.SAFETY_OUTPUT_CHECK_CHARS = every
+    read = []
+    real = pipeline.arun
+
+    async def recording(texts, *, source):
+        read.extend(texts)
+        return await real(texts, source=source)
+
+    monkeypatch.setattr(pipeline, "arun", recording)
+    pieces = reply_floor.stub_pieces(5, 128)
+    window = OutputWindow()
+    for piece in pieces:
+        await window.apush(piece)
+    mid_done = len(read)
+    await window.aflush()
+    mid, final = reply_floor.reads(pieces, reply_floor.Plan("today", None, None))
+    assert read[:mid_done] == mid and read[mid_done:] == final
+    assert len(mid) >= 1 and len(final) == 1  # the replay is not vacuous: both kinds of read happen
