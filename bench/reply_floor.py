@@ -32,12 +32,10 @@ a token, bench.relay's "rules only" rows), not at the reply's end.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from dataclasses import dataclass
 
-from bench import report
+from bench import report, setup_django_offline
 from bench.sse_stub import WORDS, reply_words
 
 SECTION = "## The least time moderating replies adds to a burst (bench.reply_floor)"
@@ -72,16 +70,6 @@ def reads(pieces: list[str], plan: Plan) -> tuple[list[str], list[str]]:
     return mid, ([text[start:]] if start is not None else [])
 
 
-def _setup():
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
-    os.environ.setdefault("LOAD_MODELS", "0")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    sys.path.insert(0, str(report.ROOT))
-    import django
-
-    django.setup()
-
-
 def _timed_check(checker, texts: list[str]) -> float:
     """Seconds one check of `texts` as replies takes, nothing remembered."""
     from retrieval import services as retrieval_services
@@ -103,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true", help="write the section into docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     machine = report.machine_info()
-    _setup()
+    setup_django_offline()
     from django.conf import settings
     from transformers import AutoTokenizer
 

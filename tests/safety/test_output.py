@@ -54,10 +54,11 @@ async def test_the_whole_message_check_catches_what_no_window_did(settings, bloc
     assert [(s["source"], s["user_id"], s["text"]) for s in blocked_signals] == [("output", 7, "alpha omega")]
 
 
-async def test_the_classifiers_read_every_character_of_a_long_reply_at_most_twice(settings, monkeypatch):
+@pytest.fixture
+def classifier_reads(monkeypatch):
+    """Every text the window hands the classifiers, in order."""
     from safety import pipeline
 
-    settings.SAFETY_OUTPUT_CHECK_CHARS = 400
     read = []
     real = pipeline.arun
 
@@ -66,6 +67,12 @@ async def test_the_classifiers_read_every_character_of_a_long_reply_at_most_twic
         return await real(texts, source=source)
 
     monkeypatch.setattr(pipeline, "arun", recording)
+    return read
+
+
+async def test_the_classifiers_read_every_character_of_a_long_reply_at_most_twice(settings, classifier_reads):
+    settings.SAFETY_OUTPUT_CHECK_CHARS = 400
+    read = classifier_reads
     words = [f"word{i:04d} " for i in range(600)]  # 6000 characters, streamed a word at a time
     reply = "".join(words)
     assert await _stream(OutputWindow(), words) == reply
@@ -80,21 +87,13 @@ async def test_the_classifiers_read_every_character_of_a_long_reply_at_most_twic
 
 
 @pytest.mark.parametrize("every", [400, 150])
-async def test_the_reply_floor_bench_replays_what_the_window_reads(settings, monkeypatch, every):
+async def test_the_reply_floor_bench_replays_what_the_window_reads(settings, classifier_reads, every):
     """bench.reply_floor's floor holds only if it times what a reply's window
     really hands the classifiers, mid-stream and at the end."""
     from bench import reply_floor
-    from safety import pipeline
 
     settings.SAFETY_OUTPUT_CHECK_CHARS = every
-    read = []
-    real = pipeline.arun
-
-    async def recording(texts, *, source):
-        read.extend(texts)
-        return await real(texts, source=source)
-
-    monkeypatch.setattr(pipeline, "arun", recording)
+    read = classifier_reads
     pieces = reply_floor.stub_pieces(5, 128)
     window = OutputWindow()
     for piece in pieces:
