@@ -557,7 +557,8 @@ SAFETY_HEAD_FEATURIZER = env_choice("SAFETY_HEAD_FEATURIZER", "cascade", {"stati
 # Embeddings (retrieval/): a sentence-transformers model dir; empty = bundled all-MiniLM-L6-v2.
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
 # MiniLM's number format (retrieval's embeddings and moderation's shallow pass, retrieval/minilm.py):
-# "auto" times float32 and bfloat16 at start and keeps bf16 where it is clearly faster and agrees.
+# "auto" times float32 and bfloat16 at start and keeps bf16 where it is clearly faster on a batch,
+# no slower on one text, and agrees (retrieval.minilm.pick).
 EMBEDDING_DTYPE = env_choice("EMBEDDING_DTYPE", "auto", {"auto", "float32", "bfloat16"})
 # Torch threads of the embedding thread (its own, apart from the engines').
 EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1, min_value=1)
