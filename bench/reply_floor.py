@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 
 from bench import report, setup_django_offline
-from bench.sse_stub import WORDS, reply_words
+from bench.sse_stub import reply_pieces
 
 SECTION = "## The least time moderating replies adds to a burst (bench.reply_floor)"
 
@@ -46,12 +46,6 @@ class Plan:
     label: str
     every: int | None  # characters between mid-stream reads (None: SAFETY_OUTPUT_CHECK_CHARS)
     overlap: int | None  # characters reread before the unread text (None: the product's)
-
-
-def stub_pieces(n: int, tokens: int) -> list[str]:
-    """The n-th reply of bench.sse_stub, in the pieces it streams."""
-    offset, stride = reply_words(n)
-    return [("" if i == 0 else " ") + WORDS[(offset + i * stride) % len(WORDS)] for i in range(tokens)]
 
 
 def reads(pieces: list[str], plan: Plan) -> tuple[list[str], list[str]]:
@@ -107,7 +101,7 @@ def main(argv=None) -> int:
         Plan(f"every {2 * every}, overlap {OUTPUT_OVERLAP_CHARS}", 2 * every, None),
         Plan("at the end only", 10**9, None),
     ]
-    replies = [stub_pieces(n, args.tokens) for n in range(args.streams)]
+    replies = [reply_pieces(n, args.tokens) for n in range(args.streams)]
     # Each plan's mid-stream reads of the whole burst, and its final reads.
     burst = {}
     for plan in plans:

@@ -35,10 +35,13 @@ def _chunk(payload: dict) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+def _piece(word: str, first: bool) -> str:
+    return word if first else " " + word
+
+
 def _token(word: str, first: bool) -> bytes:
     return _chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0, "model": "stub",
-                   "choices": [{"index": 0, "delta": {"content": word if first else " " + word},
-                                "finish_reason": None}]})
+                   "choices": [{"index": 0, "delta": {"content": _piece(word, first)}, "finish_reason": None}]})
 
 
 # Every word's chunk, as a reply's first token and as any later one.
@@ -54,6 +57,17 @@ def reply_words(n: int) -> tuple[int, int]:
     would let the relay's moderation answer all but the first from its
     verdict cache, which real replies never allow."""
     return n % len(WORDS), 1 + (n // len(WORDS)) % (len(WORDS) - 1)
+
+
+def word_order(n: int, count: int) -> list[int]:
+    """The indices into WORDS of the n-th reply's `count` tokens."""
+    offset, stride = reply_words(n)
+    return [(offset + i * stride) % len(WORDS) for i in range(count)]
+
+
+def reply_pieces(n: int, count: int) -> list[str]:
+    """The n-th reply's text, in the pieces its token chunks carry."""
+    return [_piece(WORDS[w], i == 0) for i, w in enumerate(word_order(n, count))]
 
 
 HEADERS = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -89,7 +103,7 @@ _replies = itertools.count()
 async def _stream(writer: asyncio.StreamWriter, body: dict, token_s: float) -> None:
     count = max(1, min(MAX_TOKENS, int(body.get("max_tokens") or 16)))
     prompt_tokens = sum(len(str(m.get("content", ""))) // 4 + 4 for m in body.get("messages") or ())
-    offset, stride = reply_words(next(_replies))
+    order = word_order(next(_replies), count)
     loop = asyncio.get_running_loop()
     writer.write(HEADERS)
     start = loop.time()
@@ -98,7 +112,7 @@ async def _stream(writer: asyncio.StreamWriter, body: dict, token_s: float) -> N
         delay = start + (i + 1) * token_s - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        writer.write((LATER if i else FIRST)[(offset + i * stride) % len(WORDS)])
+        writer.write((LATER if i else FIRST)[order[i]])
     writer.write(END)
     if (body.get("stream_options") or {}).get("include_usage"):
         writer.write(_usage(prompt_tokens, count))

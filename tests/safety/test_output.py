@@ -90,11 +90,11 @@ async def test_the_classifiers_read_every_character_of_a_long_reply_at_most_twic
 async def test_the_reply_floor_bench_replays_what_the_window_reads(settings, classifier_reads, every):
     """bench.reply_floor's floor holds only if it times what a reply's window
     really hands the classifiers, mid-stream and at the end."""
-    from bench import reply_floor
+    from bench import reply_floor, sse_stub
 
     settings.SAFETY_OUTPUT_CHECK_CHARS = every
     read = classifier_reads
-    pieces = reply_floor.stub_pieces(5, 128)
+    pieces = sse_stub.reply_pieces(5, 128)
     window = OutputWindow()
     for piece in pieces:
         await window.apush(piece)
