@@ -2,13 +2,14 @@
 product's /v1 relay (issue 16, item 3).
 
     python -m bench.relay [--streams 32] [--tokens 128] [--token-ms 10] [--singles 8] [--rounds 3]
-                          [--baseline-tree DIR] [--rules-only] [--hosted] [--no-write]
+                          [--baseline-tree DIR] [--rules-only] [--hosted] [--local-pool] [--no-write]
 
 1. starts `bench.sse_stub` in its own process: an OpenAI-compatible server that
    streams a token every --token-ms and uses almost no CPU, so what is measured
    is the relay's own cost;
 2. starts `manage.py serve --no-worker` on a fresh DATA_DIR (embedded Postgres
-   and Redis) with no model loaded and the stub as a self-hosted remote
+   and Redis) as a relay node (no local pool: MODEL_POOLS_JSON='{}' unless
+   the environment sets it) with the stub as a self-hosted remote
    backend (GATEWAY_BACKENDS_JSON; --hosted adds a server where it plays a
    hosted provider, sent the prompt only once it passed); one user and API
    key per stream, default plan (quotas, concurrency leases), moderation
@@ -227,6 +228,10 @@ def backends_json(stub_port: int, self_hosted: bool = True) -> str:
 
 def _server_env(name: str, stub_port: int) -> dict:
     return {
+        # A relay node, as the web tier in front of remote engines runs: no
+        # local pool, so moderation gets the process's cores (EMBEDDING_THREADS'
+        # default). MODEL_POOLS_JSON in the environment measures another set-up.
+        "MODEL_POOLS_JSON": "{}",
         **os.environ,
         **shared_services_env(name),
         "LOAD_MODELS": "0",
@@ -355,6 +360,9 @@ def _parse_args(argv):
     parser.add_argument("--hosted", action="store_true",
                         help="also run the relay with the stub as a hosted provider (sent the prompt only once it "
                              "passed moderation)")
+    parser.add_argument("--local-pool", action="store_true",
+                        help="also run the relay with the bundled local pool configured, as a default install "
+                             "(one embedding thread) rather than a relay node")
     parser.add_argument("--py-spy", type=Path,
                         help="profile this tree's server over the measured rounds with py-spy (collapsed stacks here)")
     return parser.parse_args(argv)
@@ -373,6 +381,11 @@ def _start(args, data_dir: Path, procs: list) -> list[Target]:
     if args.hosted:
         servers.append((ROOT, "relay, stub as a hosted provider",
                         {"GATEWAY_BACKENDS_JSON": backends_json(stub_port, self_hosted=False)}))
+    if args.local_pool:
+        # The bundled pool configured (not loaded: LOAD_MODELS=0), as a
+        # default install runs: moderation keeps to EMBEDDING_THREADS=1 there.
+        servers.append((ROOT, "relay, beside a local pool",
+                        {"MODEL_POOLS_JSON": json.dumps({"small": {"model": "bundled:smollm2"}})}))
     for i, (tree, label, env) in enumerate([*servers, (ROOT, "through the relay (/v1)", None)]):
         server, port = start_server(tree.resolve(), f"server{i}", stub_port, env)
         procs.append(server)

@@ -420,8 +420,9 @@ if not isinstance(MODEL_POOLS, dict) or not all(
     isinstance(p, dict) and p.get("model") for p in MODEL_POOLS.values()
 ):
     raise ImproperlyConfigured("MODEL_POOLS_JSON must map pool names to objects with a 'model' key")
-DEFAULT_POOL = env_str("DEFAULT_POOL", next(iter(MODEL_POOLS), "small"))
-# Tests and inference-free nodes can skip loading models at start.
+# Tests and inference-free nodes can skip loading models at start. A relay
+# node (the web tier in front of vLLM, TGI or llama.cpp servers) sets
+# MODEL_POOLS_JSON='{}': no engine in the process, every model a backend.
 LOAD_MODELS = env_bool("LOAD_MODELS", True)
 
 # -------------------------------------------------------- observability
@@ -472,6 +473,11 @@ if not isinstance(GATEWAY_BACKENDS, dict) or not all(
     raise ImproperlyConfigured("GATEWAY_BACKENDS_JSON must map names to objects with a 'base_url' key")
 if not all(isinstance(b.get("self_hosted", False), bool) for b in GATEWAY_BACKENDS.values()):
     raise ImproperlyConfigured("GATEWAY_BACKENDS_JSON: 'self_hosted' must be true or false")
+# The model of a chat or request that names none: the first pool, else the
+# first backend above. A name the registry does not serve (e.g. a backend
+# only the admin could add, and has not) gives way to the first model it
+# does serve (gateway.router.default_name).
+DEFAULT_POOL = env_str("DEFAULT_POOL", next(iter(MODEL_POOLS), next(iter(GATEWAY_BACKENDS), "")))
 # Fallback chains by model name, e.g. {"large": ["small", "remote"]}.
 GATEWAY_FALLBACKS = env_json("GATEWAY_FALLBACKS_JSON", {"large": ["small"]})
 if not isinstance(GATEWAY_FALLBACKS, dict) or not all(isinstance(v, list) for v in GATEWAY_FALLBACKS.values()):
@@ -561,7 +567,10 @@ EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
 # no slower on one text, and agrees (retrieval.minilm.pick).
 EMBEDDING_DTYPE = env_choice("EMBEDDING_DTYPE", "auto", {"auto", "float32", "bfloat16"})
 # Torch threads of the embedding thread (its own, apart from the engines').
-EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1, min_value=1)
+# One beside a local engine, whose OpenMP team stalls when a second team takes
+# one of its cores; a relay node (no pools) gives its cores to moderation and
+# retrieval, the only model work it does.
+EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1 if MODEL_POOLS else len(os.sched_getaffinity(0)), min_value=1)
 # Texts of callers waiting at the same time are embedded in one batch of at most this many.
 EMBEDDING_MAX_BATCH = env_int("EMBEDDING_MAX_BATCH", 64, min_value=1)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.conf import settings
 from django.contrib.postgres.search import SearchHeadline, SearchQuery, SearchRank, SearchVector
 from django.db.models import Q
 from django.http import Http404
@@ -42,6 +41,12 @@ def conversation_list(*, user, archived: bool = False, query: str = ""):
 def models_for(*, user=None) -> list[str]:
     """The models this user may pick, as the gateway lists them."""
     return gateway_client.current().available_models(getattr(user, "id", None))
+
+
+def default_model() -> str:
+    """The model a chat gets when it names none, as the gateway resolves it
+    ("" when none is configured: the reply then fails with the gateway's error)."""
+    return gateway_client.current().default_model() or ""
 
 
 def preferences_get(*, user) -> ChatPreferences:
@@ -196,7 +201,7 @@ def export_json(*, conversation: Conversation) -> dict:
     return {
         "id": str(conversation.id),
         "title": conversation.title,
-        "model": conversation.model or settings.DEFAULT_POOL,
+        "model": conversation.model or default_model(),
         "system_prompt": conversation.system_prompt,
         "created_at": conversation.created_at.isoformat(),
         "current_branch": [str(m.id) for m in branch_path(conversation=conversation, messages=messages)],

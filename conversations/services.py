@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from conversations import streams
 from conversations.models import ChatPreferences, Conversation, Message
-from conversations.selectors import models_for, newest_leaf
+from conversations.selectors import default_model, models_for, newest_leaf
 from gateway.types import Usage
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _new_placeholder(conversation: Conversation, parent: Message) -> Message:
         parent=parent,
         role=Message.Role.ASSISTANT,
         status=Message.Status.PENDING,
-        model=conversation.model or settings.DEFAULT_POOL,
+        model=conversation.model or default_model(),
     )
 
 

@@ -36,6 +36,7 @@ from django.http.request import split_domain_port, validate_host
 from conversations import services
 from conversations.models import Conversation, Message
 from conversations.selectors import ancestors
+from gateway import client as gateway_client
 from gateway.keys import internal_api_key
 from memory import tasks as memory_tasks
 from observability import logs
@@ -137,8 +138,8 @@ def _call(method: str, path: str, **kwargs) -> dict:
 
 
 def background_model() -> str:
-    # The small pool when there is one: summaries and titles need no large model.
-    return "small" if "small" in settings.MODEL_POOLS else settings.DEFAULT_POOL
+    # The small model when there is one: summaries and titles need no large model.
+    return gateway_client.current().background_model() or ""
 
 
 def _complete(messages: list[dict], max_tokens: int) -> str:

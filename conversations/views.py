@@ -50,7 +50,7 @@ def _main_context(request, conversation=None) -> dict:
         "conversation": conversation,
         "branch": selectors.branch_with_siblings(conversation=conversation) if conversation else [],
         "models": selectors.models_for(user=request.user),
-        "default_model": settings.DEFAULT_POOL,
+        "default_model": selectors.default_model(),
         "max_chars": settings.CHAT_MAX_MESSAGE_CHARS,
     }
 

@@ -36,6 +36,14 @@ class GatewayClient:
     def available_models(self, user_id: int | None = None) -> list[str]:
         return services.available_models(user_id)
 
+    def default_model(self) -> str | None:
+        """The model of a chat or request that names none; None when no model is configured."""
+        return services.default_model()
+
+    def background_model(self) -> str | None:
+        """The model of background tasks (titles, summaries, memory)."""
+        return services.background_model()
+
     async def aavailable_models(self, user_id: int | None = None) -> list[str]:
         return await services.aavailable_models(user_id)
 

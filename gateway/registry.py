@@ -28,6 +28,7 @@ from gateway.models import Backend, ModelPrice, Plan, PlanAssignment
 from gateway.pricing import Price
 
 LARGE = "large"  # the pool name the router sends hard prompts to, when it exists
+SMALL = "small"  # the model background tasks use, when it exists (services.background_model)
 # How stale another process's edit may be here, at most, while Redis answers.
 GENERATION_CHECK_S = 1.0
 # Users' limits kept at most; past it the oldest half is dropped.

@@ -39,6 +39,18 @@ def _last_user_text(request: ChatRequest) -> str:
     return ""
 
 
+def default_name(specs: dict[str, BackendSpec]) -> str | None:
+    """The model a request that names none is served by: DEFAULT_POOL when the
+    registry serves it, else the first listed model (then any); None when
+    nothing is configured. One rule for the API, the chat pages and the
+    background tasks, so a relay node without local pools never sends chats
+    to a pool it does not have."""
+    if settings.DEFAULT_POOL in specs:
+        return settings.DEFAULT_POOL
+    listed = (name for name, spec in specs.items() if spec.listed)
+    return next(listed, next(iter(specs), None))
+
+
 def choose(request: ChatRequest, specs: dict[str, BackendSpec], limits: Limits, prompt_tokens: int) -> tuple[str, str]:
     """(model name, reason) for this request; ModelNotFound for a model that
     does not exist or that the user's plan does not include."""
@@ -46,7 +58,7 @@ def choose(request: ChatRequest, specs: dict[str, BackendSpec], limits: Limits, 
         if request.model not in specs or not limits.allows(request.model):
             raise ModelNotFound(f"The model '{request.model}' does not exist or you do not have access to it.")
         return request.model, "explicit"
-    default = settings.DEFAULT_POOL if settings.DEFAULT_POOL in specs else next(iter(specs), None)
+    default = default_name(specs)
     if default is None:
         raise ModelNotFound("No model is configured.")
     if LARGE not in specs or not limits.allows(LARGE) or limits.tier != Plan.TIER_PRO:

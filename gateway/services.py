@@ -681,10 +681,24 @@ def load_stage_models() -> list[str]:
 
 def _spec(model: str | None) -> BackendSpec:
     specs = registry.backends()
-    name = model if model and model != router.AUTO else settings.DEFAULT_POOL
+    name = model if model and model != router.AUTO else router.default_name(specs)
+    if name is None:
+        raise ModelNotFound("No model is configured.")
     if name not in specs:
         raise ModelNotFound(f"The model '{name}' does not exist")
     return specs[name]
+
+
+def default_model() -> str | None:
+    """What serves a chat or request that names no model (router.default_name)."""
+    return router.default_name(registry.backends())
+
+
+def background_model() -> str | None:
+    """Titles, summaries and memory: the small model when one is served (they
+    need no large one), else the default."""
+    specs = registry.backends()
+    return registry.SMALL if registry.SMALL in specs else router.default_name(specs)
 
 
 def model_info(model: str | None = None) -> ModelInfo:

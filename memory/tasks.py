@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.http.request import split_domain_port, validate_host
 
+from gateway import client as gateway_client
 from gateway.keys import internal_api_key
 from memory import detection, selectors, services
 
@@ -63,7 +64,7 @@ def serving_api(**options) -> httpx.Client:
 
 
 def _background_model() -> str:
-    return "small" if "small" in settings.MODEL_POOLS else settings.DEFAULT_POOL
+    return gateway_client.current().background_model() or ""
 
 
 def _ask_for_facts(message: str) -> str:

@@ -161,3 +161,20 @@ def test_the_engines_kernel_settings_reach_its_config(settings):
         settings.ENGINE_ATTENTION_KERNEL, settings.ENGINE_SMALL_LINEAR_ROWS, settings.ENGINE_FUSED_OPS = values
         config = runtime.engine_config(spec)
         assert (config.attention_kernel, config.small_linear_rows, config.fused_ops) == values
+
+
+def model_settings(**env) -> list[str]:
+    """DEFAULT_POOL and EMBEDDING_THREADS as a process with this environment reads them."""
+    result = manage("shell", "-c", "from django.conf import settings; "
+                    "print('->', settings.DEFAULT_POOL, settings.EMBEDDING_THREADS)", **env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("->")[-1].split()
+
+
+def test_a_relay_node_defaults_to_its_first_backend_and_gives_moderation_its_cores():
+    cores = len(os.sched_getaffinity(0))
+    backends = '{"vllm": {"base_url": "http://10.0.0.5:8000/v1"}, "tgi": {"base_url": "http://10.0.0.6/v1"}}'
+    assert model_settings(GATEWAY_BACKENDS_JSON=backends) == ["small", "1"]
+    assert model_settings(MODEL_POOLS_JSON="{}", GATEWAY_BACKENDS_JSON=backends) == ["vllm", str(cores)]
+    assert model_settings(MODEL_POOLS_JSON="{}", GATEWAY_BACKENDS_JSON=backends, EMBEDDING_THREADS="1",
+                          DEFAULT_POOL="tgi") == ["tgi", "1"]

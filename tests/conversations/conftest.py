@@ -75,6 +75,12 @@ class FakeGateway:
     async def aavailable_models(self, user_id=None):
         return ["small"]
 
+    def default_model(self):
+        return "small"
+
+    def background_model(self):
+        return "small"
+
     def complete(self, request):
         self.requests.append(request)
         text = self.completions.pop(0) if self.completions else "A summary."
