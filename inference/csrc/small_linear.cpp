@@ -25,9 +25,13 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -61,6 +65,64 @@ void rows_times_weight(const float* x, const W* w, const float* bias, float* y, 
     for (int m = 0; m < M; ++m) y[m * n + j] = dots[m] + b;
   }
 }
+
+#if defined(__AVX512F__)
+// bf16 weights on AVX-512: four weight rows at a time, each (input row, weight
+// row) pair summed in its own 16-lane register. The loop above keeps one
+// accumulator and reads the input row once per weight row; there the widening
+// and the FMA's latency, not memory, set the pace: on the 2-core Xeon a
+// one-row forward's matmuls took 7.7 ms over 269 MB of bf16 weights, against
+// 8.7 ms over fp32's 538 MB. Four independent sums hide the latency and share
+// each input load. Each output is still one fp32 dot product of its own rows,
+// in an order fixed by k alone (16 lanes, then across them), whatever the
+// thread count.
+constexpr int kRowBlock = 4;
+constexpr int kPrefetchBlocks = 4;
+
+inline __m512 widen16(const c10::BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+template <int M>
+void rows_times_bf16_blocked(const float* x, const c10::BFloat16* w, const float* bias, float* y, int64_t n,
+                             int64_t k) {
+  const int threads = at::get_num_threads();
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t j0 = block * kRowBlock;
+    const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, n - j0));
+    const c10::BFloat16* w_rows[kRowBlock];
+    // A short last block reads its last row again; those sums are dropped.
+    for (int r = 0; r < kRowBlock; ++r) w_rows[r] = w + (j0 + std::min(r, rows - 1)) * k;
+    // The block kPrefetchBlocks ahead, into L1: each matmul is a short stream
+    // (a thread's half of a 576 x 576 weight is 330 KB), too short for the
+    // hardware prefetcher to reach full speed on its own.
+    const int64_t ahead = j0 + kPrefetchBlocks * kRowBlock;
+    if (ahead < n) {
+      const char* first = reinterpret_cast<const char*>(w + ahead * k);
+      const int64_t bytes = std::min<int64_t>(kRowBlock, n - ahead) * k * sizeof(c10::BFloat16);
+      for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(first + offset, _MM_HINT_T0);
+    }
+    __m512 acc[M][kRowBlock];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < kRowBlock; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+      __m512 xs[M];
+      for (int m = 0; m < M; ++m) xs[m] = _mm512_loadu_ps(x + m * k + i);
+      for (int r = 0; r < kRowBlock; ++r) {
+        const __m512 wv = widen16(w_rows[r] + i);
+        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(xs[m], wv, acc[m][r]);
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float b = bias ? bias[j0 + r] : 0.f;
+      for (int m = 0; m < M; ++m) y[m * n + j0 + r] = _mm512_reduce_add_ps(acc[m][r]) + b;
+    }
+  }
+}
+#endif
 
 template <typename W>
 void dispatch_rows(int64_t m, const float* x, const W* w, const float* b, float* y, int64_t n, int64_t k) {
@@ -96,7 +158,16 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   if (weight.scalar_type() == at::kFloat) {
     dispatch_rows(m, x.data_ptr<float>(), weight.data_ptr<float>(), b, y.data_ptr<float>(), n, k);
   } else {
-    dispatch_rows(m, x.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), b, y.data_ptr<float>(), n, k);
+    const auto* w = weight.data_ptr<c10::BFloat16>();
+#if defined(__AVX512F__)
+    // One and two rows (a chat's decode step, two streams'), k in whole registers.
+    if (k % 16 == 0 && (m == 1 || m == 2)) {
+      if (m == 1) rows_times_bf16_blocked<1>(x.data_ptr<float>(), w, b, y.data_ptr<float>(), n, k);
+      else rows_times_bf16_blocked<2>(x.data_ptr<float>(), w, b, y.data_ptr<float>(), n, k);
+      return y;
+    }
+#endif
+    dispatch_rows(m, x.data_ptr<float>(), w, b, y.data_ptr<float>(), n, k);
   }
   return y;
 }

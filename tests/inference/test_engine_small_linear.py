@@ -41,7 +41,9 @@ def test_small_linear_computes_the_linear_product(small_linear, rows, with_bias,
 
 @pytest.mark.parametrize("rows", range(0, kernels.SMALL_LINEAR_MAX_ROWS + 1))
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("out_features,in_features", [(96, 80), (3, 1536), (1000, 7)])
+# (203, 96): blocks of four weight rows and a short last one, prefetched ahead;
+# (1000, 7): a row length the blocked AVX-512 path does not take.
+@pytest.mark.parametrize("out_features,in_features", [(96, 80), (3, 1536), (203, 96), (1000, 7)])
 def test_bf16_weights_are_multiplied_widened_in_fp32(small_linear, rows, with_bias, out_features, in_features):
     generator = torch.Generator().manual_seed(rows * 17 + in_features)
     weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
@@ -59,6 +61,28 @@ def test_each_row_is_computed_alone(small_linear):
     together = small_linear(x, weight, None)
     for row in range(8):
         assert torch.equal(small_linear(x[row:row + 1], weight, None)[0], together[row])
+
+
+@pytest.mark.parametrize("out_features,in_features", [(203, 96), (200, 300)])
+def test_bf16_weight_rows_are_the_same_bits_alone_in_pairs_and_on_any_thread_count(small_linear, out_features,
+                                                                                    in_features):
+    """What lets a half-precision step run on one thread or on the team
+    (inference.threads) and a stream's tokens not depend on its neighbours."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    x = torch.randn(2, in_features, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            pair = small_linear(x, weight, None)
+            alone = torch.cat([small_linear(x[row:row + 1], weight, None) for row in range(2)])
+            assert torch.equal(pair, alone)
+            results.append(pair)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
 
 
 def test_small_linear_rejects_what_it_cannot_take(small_linear):
