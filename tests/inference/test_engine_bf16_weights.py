@@ -7,6 +7,7 @@ test_engine_formats with the other formats."""
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -118,12 +119,15 @@ def test_without_the_kernel_the_rounded_weights_run_in_torch(reference_model):
     assert got == expected
 
 
-def fake_timings(monkeypatch, **us_at_one_row):
-    """time_matmuls answering with the given one-row times (us) and 100 at 32 rows."""
+def fake_timings(monkeypatch, streamed=None, **us_at_one_row):
+    """time_matmuls answering with the given one-row times (us) and 100 at 32
+    rows; time_streamed_one_row with `streamed`, else the same one-row times."""
     def timed(shapes, dtypes, **_kwargs):
         return {name: {1: us_at_one_row.get(name, 100.0), 32: 100.0 if name != "bfloat16" else 200.0}
                 for name in dtypes}
     monkeypatch.setattr(formats, "time_matmuls", timed)
+    streamed = streamed or {name: us_at_one_row.get(name, 100.0) for name in ("float32", "bf16_weight_only")}
+    monkeypatch.setattr(formats, "time_streamed_one_row", lambda shapes: dict(streamed))
 
 
 def test_auto_takes_bf16_weights_where_one_row_gains_the_margin(reference_model, monkeypatch):
@@ -137,6 +141,34 @@ def test_auto_takes_bf16_weights_where_one_row_gains_the_margin(reference_model,
     fake_timings(monkeypatch, float32=100.0, bf16_weight_only=60.0)
     report = formats.choose_cpu_format(reference_model, small_rows=0)
     assert report.quantization == "none" and "bf16_weight_only" not in report.matmul_us
+
+
+def test_bf16_weights_are_weighed_on_weights_streamed_from_memory(reference_model, monkeypatch):
+    """The per-shape timings reuse one weight per shape, which stays in cache;
+    the choice follows the streamed ones, as a decode step reads the model."""
+    fake_timings(monkeypatch, float32=100.0, bf16_weight_only=95.0,
+                 streamed={"float32": 100.0, "bf16_weight_only": 60.0})
+    report = formats.choose_cpu_format(reference_model, small_rows=2)
+    assert report.quantization == "bf16_weight_only"
+    assert report.streamed_us == {"float32": 100.0, "bf16_weight_only": 60.0}
+    assert "one row streamed: float32 0.10, bf16_weight_only 0.06" in report.summary()
+    fake_timings(monkeypatch, float32=100.0, bf16_weight_only=50.0,
+                 streamed={"float32": 100.0, "bf16_weight_only": 95.0})
+    assert formats.choose_cpu_format(reference_model, small_rows=2).quantization == "none"
+
+
+@needs_kernel
+def test_the_streamed_timing_reads_every_layer_or_its_share_of_the_budget():
+    kernels.load_kernels()
+    shapes = Counter({(64, 96): 12, (96, 64): 3})
+    whole = formats.time_streamed_one_row(shapes, rounds=2)
+    assert set(whole) == {"float32", "bf16_weight_only"} and all(us > 0 for us in whole.values())
+    layer = 64 * 96 * 4
+    assert formats.stream_plan(shapes, budget_bytes=15 * layer) == {(64, 96): 12, (96, 64): 3}
+    assert formats.stream_plan(shapes, budget_bytes=5 * layer) == {(64, 96): 4, (96, 64): 1}
+    assert formats.stream_plan(shapes, budget_bytes=layer) == {(64, 96): 1, (96, 64): 1}
+    capped = formats.time_streamed_one_row(shapes, rounds=2, budget_bytes=layer)
+    assert set(capped) == set(whole) and all(us > 0 for us in capped.values())
 
 
 def test_a_half_format_that_wins_is_kept_without_bf16_weights(reference_model, monkeypatch, tmp_path):
