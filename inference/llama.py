@@ -167,14 +167,24 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
         if blocks is None:  # no earlier context: this chunk's own K/V is everything
             keys = k[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, KV, q, D]
             values = v[start:start + q_len].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
-                                               scale=scale, enable_gqa=True)
         else:
             keys = layer_k.index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx_len].unsqueeze(0)  # [1, KV, C, D]
             values = layer_v.index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx_len].unsqueeze(0)
+        if not q.is_cuda:
+            # Half precision on the CPU: sums in fp32, as decode attention's. SDPA's
+            # bf16 CPU kernel splits the keys in blocks that depend on where a chunk
+            # starts and ends, so a prompt prefilled in two chunks or resumed from
+            # cached blocks got other last bits than prefilled whole, and on the AMX
+            # Xeon a greedy near-tie flipped between batched and alone; in fp32 such
+            # differences stay below bf16's rounding (a no-op for fp32 models).
+            queries, keys, values = queries.float(), keys.float(), values.float()
+        if blocks is None:
+            o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
+                                               scale=scale, enable_gqa=True)
+        else:
             o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
                                                scale=scale, enable_gqa=True)
-        out[start:start + q_len] = o[0].transpose(0, 1)
+        out[start:start + q_len] = o[0].transpose(0, 1).to(q.dtype)
     return out.view(num_tokens, heads * dim)
 
 
