@@ -570,7 +570,9 @@ EMBEDDING_DTYPE = env_choice("EMBEDDING_DTYPE", "auto", {"auto", "float32", "bfl
 # One beside a local engine, whose OpenMP team stalls when a second team takes
 # one of its cores; a relay node (no pools) gives its cores to moderation and
 # retrieval, the only model work it does.
-EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1 if MODEL_POOLS else len(os.sched_getaffinity(0)), min_value=1)
+# (sched_getaffinity: the cores this process may run on; Linux only.)
+_USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1 if MODEL_POOLS else _USABLE_CPUS, min_value=1)
 # Texts of callers waiting at the same time are embedded in one batch of at most this many.
 EMBEDDING_MAX_BATCH = env_int("EMBEDDING_MAX_BATCH", 64, min_value=1)
 
