@@ -409,7 +409,13 @@ ENGINE_SMALL_LINEAR_ROWS = env_int("ENGINE_SMALL_LINEAR_ROWS", 2, min_value=0, m
 # same library (the same sums, one pass) instead of about a dozen small torch
 # ops: one fp32 stream's decode step 6.5-7.2% shorter on the EPYC.
 ENGINE_FUSED_OPS = env_bool("ENGINE_FUSED_OPS", True)
-ENGINE_KERNEL_DIR = DATA_DIR / "kernels"
+# Where the compiled library is kept, under a name keyed by its sources, the
+# compiler, torch and the CPU's flags (a build is written to a temporary and
+# renamed, so processes sharing the folder never load a half-written one).
+# Outside DATA_DIR when several data folders share one checkout: the test
+# suite's servers and the benchmarks' each start on a fresh DATA_DIR, and each
+# paid the 13-15 s build.
+ENGINE_KERNEL_DIR = Path(env_str("ENGINE_KERNEL_DIR", str(DATA_DIR / "kernels"))).resolve()
 ENGINE_GIL_SWITCH_INTERVAL_MS = env_float("ENGINE_GIL_SWITCH_INTERVAL_MS", 0.5, min_value=0)
 MODEL_POOLS = {"small": {"model": env_str("MODEL_SMALL", "bundled:smollm2"), **ENGINE_DEFAULTS}}
 if env_str("MODEL_LARGE"):

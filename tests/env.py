@@ -3,7 +3,8 @@
 Tests never touch a developer's data: every run gets a fresh DATA_DIR (its
 own embedded Postgres cluster and Redis), unless DATABASE_URL / REDIS_URL
 point at external servers. The converted SmolLM2 is shared across runs
-through MODELS_DIR, because converting it takes ~20 s.
+through MODELS_DIR, because converting it takes ~20 s, and so is the native
+kernels' library (ENGINE_KERNEL_DIR), whose build takes 13-15 s.
 """
 import os
 import signal
@@ -14,6 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="chatapp-test-")
 os.environ.setdefault("MODELS_DIR", str(ROOT / "var" / "models"))
+# Every serve a test starts has a fresh DATA_DIR, and each built the library
+# again (its name is keyed by its sources, torch and the CPU, so sharing it is safe).
+os.environ.setdefault("ENGINE_KERNEL_DIR", str(ROOT / "var" / "kernels"))
 os.environ.setdefault("LOAD_MODELS", "0")
 os.environ.setdefault("DEBUG", "0")
 # The product's default, "auto", times the number formats at every engine

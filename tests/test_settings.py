@@ -178,3 +178,26 @@ def test_a_relay_node_defaults_to_its_first_backend_and_gives_moderation_its_cor
     assert model_settings(MODEL_POOLS_JSON="{}", GATEWAY_BACKENDS_JSON=backends) == ["vllm", str(cores)]
     assert model_settings(MODEL_POOLS_JSON="{}", GATEWAY_BACKENDS_JSON=backends, EMBEDDING_THREADS="1",
                           DEFAULT_POOL="tgi") == ["tgi", "1"]
+
+
+
+def kernel_dir(**env) -> str:
+    """ENGINE_KERNEL_DIR as a process with this environment (and no inherited one) reads it."""
+    inherited = {k: v for k, v in _clean_environ().items() if k != "ENGINE_KERNEL_DIR"}
+    result = subprocess.run([sys.executable, "manage.py", "shell", "-c", "from django.conf import settings; "
+                             "print('->', settings.ENGINE_KERNEL_DIR)"], cwd=ROOT, env={**inherited, **env},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("->")[-1].strip()
+
+
+def test_the_kernels_folder_defaults_under_the_data_dir_and_can_be_shared(settings, tmp_path):
+    """One built library for several data folders (the test suite's and the
+    benchmarks' servers each start on a fresh DATA_DIR)."""
+    from chatapp import runtime
+
+    assert kernel_dir(DATA_DIR=str(tmp_path / "data")) == str((tmp_path / "data" / "kernels").resolve())
+    assert kernel_dir(DATA_DIR=str(tmp_path / "data"), ENGINE_KERNEL_DIR=str(tmp_path / "shared")) == str(
+        (tmp_path / "shared").resolve())
+    settings.ENGINE_KERNEL_DIR = tmp_path / "shared"
+    assert runtime.engine_config(settings.MODEL_POOLS["small"]).kernel_dir == str(tmp_path / "shared")

@@ -19,9 +19,10 @@ needs_kernel = pytest.mark.skipif(not has_compiler, reason="no C++ compiler on t
 
 
 @pytest.fixture(scope="module")
-def kernel_ready(tmp_path_factory):
+def kernel_ready():
     # A compiler present and the library not built is a failure, not a skip.
-    assert kernels.load_kernels(tmp_path_factory.mktemp("kernels"))
+    # In the engines' default folder: built once for them and for these tests.
+    assert kernels.load_kernels()
     return torch.ops.chatapp.paged_decode_attention
 
 
@@ -138,7 +139,9 @@ def test_without_a_compiler_the_engine_keeps_the_torch_path(make_engine, prompts
 def test_a_failed_build_is_logged_and_leaves_the_torch_path(monkeypatch, tmp_path, caplog):
     broken = tmp_path / "paged_attention.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(kernels, "SOURCES", [broken, *kernels.SOURCES[1:]])
+    # The broken source alone: the real ones beside it only made the test wait
+    # for their compiles (6 s), the failure is the same.
+    monkeypatch.setattr(kernels, "SOURCES", [broken])
     with caplog.at_level(logging.WARNING, logger="inference.kernels"):
         assert kernels._load.__wrapped__(str(tmp_path / "build")) is False
     assert "native kernels unavailable" in caplog.text
@@ -146,14 +149,21 @@ def test_a_failed_build_is_logged_and_leaves_the_torch_path(monkeypatch, tmp_pat
 
 
 @needs_kernel
-def test_the_built_library_is_reused(tmp_path, kernel_ready):
-    # The key is the source, torch, flags, compiler and CPU: a second start finds the same file.
+def test_the_built_library_is_reused(tmp_path, monkeypatch):
+    # The key is the source, torch, flags, compiler and CPU: a second start finds
+    # the same file, and a changed source is built anew. A small source stands
+    # in for the real ones (whose build the kernel_ready fixture already paid).
+    source = tmp_path / "probe.cpp"
+    source.write_text('extern "C" int chatapp_probe() { return 1; }\n')
+    monkeypatch.setattr(kernels, "SOURCES", [source])
     compiler = kernels._compiler()
-    assert kernels._build_key(compiler) == kernels._build_key(compiler)
-    target = tmp_path / f"kernels-{kernels._build_key(compiler)}.so"
+    key = kernels._build_key(compiler)
+    assert kernels._build_key(compiler) == key
+    target = tmp_path / "build" / f"kernels-{key}.so"
     kernels._build(compiler, target)
-    assert target.exists() and not list(tmp_path.glob(".*"))
-
+    assert target.exists() and not list(target.parent.glob(".*"))  # written whole, temporaries gone
+    source.write_text('extern "C" int chatapp_probe() { return 2; }\n')
+    assert kernels._build_key(compiler) != key
 
 
 @needs_kernel
