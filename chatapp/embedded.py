@@ -255,13 +255,37 @@ def kill_tree(proc: psutil.Process, sig: int, *, grace_s: float) -> None:
         proc.send_signal(sig)
     except psutil.Error:
         return
-    psutil.wait_procs([proc], timeout=grace_s)
+    wait_ended([proc], grace_s)
     for each in family:
         try:
             each.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(family, timeout=grace_s)
+    wait_ended(family, grace_s)
+
+
+def wait_ended(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until every process has exited, at most `timeout_s`; those still
+    running. A zombie has exited: psutil.wait_procs waits on for it until its
+    parent reaps it, and a stale worker whose parent does not (a container
+    whose PID 1 reaps nothing, a test holding the Popen) held serve's start for
+    the whole grace twice over: 30 s."""
+    deadline = time.monotonic() + timeout_s
+    running = list(procs)
+    while running:
+        # Reaps those that are this process's children, as wait_procs does.
+        _gone, running = psutil.wait_procs(running, timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+        running = [each for each in running if _running(each)]
+        if time.monotonic() >= deadline:
+            break
+    return running
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def kill_children_of(pid: int) -> None:
