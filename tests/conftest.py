@@ -114,6 +114,9 @@ def tiny_smollm2_engine(smollm2_dir, kv_cache_mb: int = 32, **config):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )).eval()
+    # The native kernels' library from the folder the suite's servers share
+    # (tests/env.py), not the engine's default: one build on a fresh machine.
+    config.setdefault("kernel_dir", str(settings.ENGINE_KERNEL_DIR))
     return Engine(model, tokenizer, EngineConfig(kv_cache_bytes=kv_cache_mb * 2**20, **config))
 
 

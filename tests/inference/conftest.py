@@ -3,6 +3,7 @@ reference outputs, and the real SmolLM2 for end-to-end text."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ import torch
 from inference import Engine, EngineConfig, SamplingParams
 
 VOCAB = 512
+# The folder the suite's servers build the native kernels' library in
+# (tests/env.py): the engines here load it from there, so a fresh machine builds it once.
+KERNEL_DIR = os.environ.get("ENGINE_KERNEL_DIR")
 MAX_NEW_TOKENS = 24
 
 
@@ -74,7 +78,8 @@ def make_engine(reference_model):
     engines = []
 
     def build(**overrides) -> Engine:
-        settings = {"kv_cache_bytes": 4 * 2**20, "max_num_batched_tokens": 256, **overrides}
+        settings = {"kv_cache_bytes": 4 * 2**20, "max_num_batched_tokens": 256, "kernel_dir": KERNEL_DIR,
+                    **overrides}
         engine = Engine(copy.deepcopy(reference_model), None, EngineConfig(**settings))
         engines.append(engine)
         return engine
@@ -91,6 +96,6 @@ def greedy():
 
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2_dir):
-    engine = Engine.from_pretrained(smollm2_dir, EngineConfig(kv_cache_bytes=64 * 2**20))
+    engine = Engine.from_pretrained(smollm2_dir, EngineConfig(kv_cache_bytes=64 * 2**20, kernel_dir=KERNEL_DIR))
     yield engine
     engine.shutdown()

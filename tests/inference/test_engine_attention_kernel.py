@@ -7,6 +7,7 @@ generate with the kernel on: test_engine_packing's batched SmolLM2 test."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -21,8 +22,8 @@ needs_kernel = pytest.mark.skipif(not has_compiler, reason="no C++ compiler on t
 @pytest.fixture(scope="module")
 def kernel_ready():
     # A compiler present and the library not built is a failure, not a skip.
-    # In the engines' default folder: built once for them and for these tests.
-    assert kernels.load_kernels()
+    # Where the suite's engines and servers load it from (tests/env.py).
+    assert kernels.load_kernels(os.environ.get("ENGINE_KERNEL_DIR"))
     return torch.ops.chatapp.paged_decode_attention
 
 
