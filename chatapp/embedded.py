@@ -266,10 +266,10 @@ def kill_tree(proc: psutil.Process, sig: int, *, grace_s: float) -> None:
 
 def wait_ended(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
     """Wait until every process has exited, at most `timeout_s`; those still
-    running. A zombie has exited: psutil.wait_procs waits on for it until its
-    parent reaps it, and a stale worker whose parent does not (a container
-    whose PID 1 reaps nothing, a test holding the Popen) held serve's start for
-    the whole grace twice over: 30 s."""
+    running. A zombie has exited: psutil.wait_procs keeps waiting for one
+    until its parent reaps it, and a stale worker whose parent does not (a
+    container whose PID 1 reaps nothing, a test holding the Popen) held
+    serve's start for the whole grace twice over: 30 s."""
     deadline = time.monotonic() + timeout_s
     running = list(procs)
     while running:

@@ -6,6 +6,8 @@ default and keeps HF generate's greedy tokens with them. SmolLM2 against HF
 generate with them on: test_engine_packing's batched SmolLM2 test."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -26,9 +28,10 @@ ROWS = pytest.mark.parametrize("rows", [1, 32, 512])
 
 
 @pytest.fixture(scope="module")
-def ops(tmp_path_factory):
+def ops():
     # A compiler present and the library not built is a failure, not a skip.
-    assert kernels.load_kernels(tmp_path_factory.mktemp("kernels"))
+    # From the folder the suite's engines and servers share (tests/env.py).
+    assert kernels.load_kernels(os.environ.get("ENGINE_KERNEL_DIR"))
     return torch.ops.chatapp
 
 

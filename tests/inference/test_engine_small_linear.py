@@ -6,6 +6,8 @@ packed copies), fp32 keeps HF generate's greedy tokens, and the quantized
 formats never use it."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,9 +21,10 @@ pytestmark = [needs_kernel, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def small_linear(tmp_path_factory):
+def small_linear():
     # A compiler present and the library not built is a failure, not a skip.
-    assert kernels.load_kernels(tmp_path_factory.mktemp("kernels"))
+    # From the folder the suite's engines and servers share (tests/env.py).
+    assert kernels.load_kernels(os.environ.get("ENGINE_KERNEL_DIR"))
     return torch.ops.chatapp.small_linear
 
 
