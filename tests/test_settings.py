@@ -180,13 +180,11 @@ def test_a_relay_node_defaults_to_its_first_backend_and_gives_moderation_its_cor
                           DEFAULT_POOL="tgi") == ["tgi", "1"]
 
 
-
 def kernel_dir(**env) -> str:
-    """ENGINE_KERNEL_DIR as a process with this environment (and no inherited one) reads it."""
-    inherited = {k: v for k, v in _clean_environ().items() if k != "ENGINE_KERNEL_DIR"}
-    result = subprocess.run([sys.executable, "manage.py", "shell", "-c", "from django.conf import settings; "
-                             "print('->', settings.ENGINE_KERNEL_DIR)"], cwd=ROOT, env={**inherited, **env},
-                            capture_output=True, text=True, timeout=120)
+    """ENGINE_KERNEL_DIR as a process with this environment reads it (empty
+    counts as unset, so ENGINE_KERNEL_DIR="" drops the suite's own)."""
+    result = manage("shell", "-c", "from django.conf import settings; print('->', settings.ENGINE_KERNEL_DIR)",
+                    **{"ENGINE_KERNEL_DIR": "", **env})
     assert result.returncode == 0, result.stderr
     return result.stdout.split("->")[-1].strip()
 

@@ -129,7 +129,6 @@ def test_half_precision_with_the_fused_ops_is_the_same_batched_or_alone(make_eng
     assert batched == alone
 
 
-
 def _library_ops(fn, *args) -> set[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn(*args)
