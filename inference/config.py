@@ -123,8 +123,7 @@ class EngineConfig:
     # small torch ops, whose dispatch and thread fork cost more than their
     # arithmetic on a decode step (docs/BENCHMARKS.md "Fused element-wise ops").
     # The same sums in the same precision; falls back to torch where the
-    # library is not built. In half precision SiLU * up stays torch's, which
-    # is faster there (inference.llama._silu_mul).
+    # library is not built.
     fused_ops: bool = True
     kernel_dir: str | None = None
     model_name: str | None = None  # reported by stats(); defaults to the model's name_or_path

@@ -75,18 +75,6 @@ class AttentionPlan:
     prefills: List[PrefillChunk]
 
 
-def _silu_mul(gate_up: torch.Tensor, fused_ops: bool) -> torch.Tensor:
-    # The library's SiLU * up in fp32 only, where it is 1.8-2x faster than
-    # torch's. In half precision its loop does not vectorise the exp around
-    # bf16's widening: 2x slower than torch at one row, 5-6.5x at 32 and 512
-    # (0.25 against 0.05 ms a layer at 32 rows, 4.5 against 0.7 at 512, the
-    # AMX Xeon). Every half-precision step takes torch's, so batched still
-    # equals alone.
-    if fused_ops and gate_up.dtype == torch.float32:
-        return torch.ops.chatapp.silu_mul(gate_up)
-    return layer_ops.silu_mul(gate_up)
-
-
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused_ops: bool) -> torch.Tensor:
     # fused_ops: the same sums as one op of inference.kernels' library (csrc/fused_ops.cpp).
     if fused_ops:
@@ -245,7 +233,7 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1])
         x = _norm(h, w[3], eps, fused_ops)
         gate_up = _linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2])
-        act = _silu_mul(gate_up, fused_ops)
+        act = torch.ops.chatapp.silu_mul(gate_up) if fused_ops else layer_ops.silu_mul(gate_up)
         h = _residual_linear(h, act, w[5], None, s[3], quant_mode, small_rows, sw[3])
     return h
 

@@ -27,10 +27,9 @@
 #include <omp.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -42,17 +41,43 @@ namespace {
 constexpr int64_t kParallelMin = 1 << 13;
 constexpr int kLanes = 16;
 
-template <typename T>
-inline float widen(T value) { return static_cast<float>(value); }
+// A dtype's storage and its conversions to and from fp32, written so that the
+// compiler vectorises them. c10::BFloat16's and c10::Half's own conversions
+// are scalar calls inside the loops: measured on the AMX Xeon, the bf16 loops
+// ran 2-6.5x slower than torch's ops (SiLU * up at 512 rows 3.2 against 0.52
+// ms). bf16 is fp32's top half, rounded to nearest even (c10's rule, NaN kept
+// a quiet NaN); fp16 is the compiler's _Float16 (IEEE rounding, as c10's).
+struct F32 {
+  using storage = float;
+  static float load(float v) { return v; }
+  static float store(float v) { return v; }
+};
 
-// The value as torch's op would store it in T (fp32: itself).
-template <typename T>
-inline float round_to(float value) { return static_cast<float>(static_cast<T>(value)); }
+struct BF16 {
+  using storage = std::uint16_t;
+  static float load(std::uint16_t bits) { return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16); }
+  static std::uint16_t store(float v) {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(v);
+    const std::uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    // Integer test, not isnan: -ffast-math would drop the latter.
+    return static_cast<std::uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  }
+};
+
+struct F16 {
+  using storage = _Float16;
+  static float load(_Float16 v) { return static_cast<float>(v); }
+  static _Float16 store(float v) { return static_cast<_Float16>(v); }
+};
+
+// The value as torch's op would store it in the dtype (fp32: itself).
+template <typename D>
+inline float round_to(float value) { return D::load(D::store(value)); }
 
 inline int threads_for(int64_t numbers) { return numbers >= kParallelMin ? at::get_num_threads() : 1; }
 
 // out = weight * to(T)(x * rsqrt(mean(x^2) + eps)), per row of n (HF's LlamaRMSNorm).
-template <typename T>
+template <typename D, typename T = typename D::storage>
 void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t n, float eps) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(rows * n))
   for (int64_t r = 0; r < rows; ++r) {
@@ -62,12 +87,12 @@ void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t n,
     for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
-        const float v = widen(xr[i + l]);
+        const float v = D::load(xr[i + l]);
         lanes[l] += v * v;
       }
     }
     for (int64_t t = 0; i < n; ++i, ++t) {
-      const float v = widen(xr[i]);
+      const float v = D::load(xr[i]);
       lanes[t] += v * v;
     }
     float sum = 0.f;
@@ -76,14 +101,14 @@ void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t n,
     T* o = out + r * n;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float normed = round_to<T>(widen(xr[j]) * inv);
-      o[j] = static_cast<T>(widen(weight[j]) * normed);
+      const float normed = round_to<D>(D::load(xr[j]) * inv);
+      o[j] = D::store(D::load(weight[j]) * normed);
     }
   }
 }
 
 // out [rows, half] = silu(gate) * up, gate_up [rows, 2 * half] = [gate | up].
-template <typename T>
+template <typename D, typename T = typename D::storage>
 void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t half) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(rows * half))
   for (int64_t r = 0; r < rows; ++r) {
@@ -92,9 +117,9 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t half) {
     T* o = out + r * half;
 #pragma omp simd
     for (int64_t j = 0; j < half; ++j) {
-      const float g = widen(gate[j]);
-      const float silu = round_to<T>(g / (1.f + std::exp(-g)));
-      o[j] = static_cast<T>(silu * widen(up[j]));
+      const float g = D::load(gate[j]);
+      const float silu = round_to<D>(g / (1.f + std::exp(-g)));
+      o[j] = D::store(silu * D::load(up[j]));
     }
   }
 }
@@ -102,7 +127,7 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t half) {
 // out [rows, heads, dim] = x * cos + swap_halves(x) * signed_sin, cos and
 // signed_sin [rows, dim] shared by a row's heads (inference.layer_ops.rotate).
 // x's rows may be strided (a slice of the fused QKV output); its heads are not.
-template <typename T>
+template <typename D, typename T = typename D::storage>
 void rotary_rows(const T* x, int64_t x_row_stride, const T* cos, const T* signed_sin, T* out, int64_t rows,
                  int64_t heads, int64_t dim) {
   const int64_t half = dim / 2;
@@ -113,11 +138,16 @@ void rotary_rows(const T* x, int64_t x_row_stride, const T* cos, const T* signed
     for (int64_t h = 0; h < heads; ++h) {
       const T* xh = x + r * x_row_stride + h * dim;
       T* o = out + (r * heads + h) * dim;
+      // Two halves, each reading the other: no per-value index choice, so both vectorise.
 #pragma omp simd
-      for (int64_t j = 0; j < dim; ++j) {
-        const float swapped = widen(xh[j < half ? j + half : j - half]);
-        const float scaled = round_to<T>(widen(xh[j]) * widen(c[j]));
-        o[j] = static_cast<T>(scaled + swapped * widen(s[j]));
+      for (int64_t j = 0; j < half; ++j) {
+        const float scaled = round_to<D>(D::load(xh[j]) * D::load(c[j]));
+        o[j] = D::store(scaled + D::load(xh[j + half]) * D::load(s[j]));
+      }
+#pragma omp simd
+      for (int64_t j = half; j < dim; ++j) {
+        const float scaled = round_to<D>(D::load(xh[j]) * D::load(c[j]));
+        o[j] = D::store(scaled + D::load(xh[j - half]) * D::load(s[j]));
       }
     }
   }
@@ -128,11 +158,15 @@ void check_float(const at::Tensor& t, const char* what) {
               what, ": fp32, bf16 or fp16 expected, got ", t.scalar_type());
 }
 
-#define CHATAPP_DISPATCH(dtype, CALL)                                     \
-  switch (dtype) {                                                        \
-    case at::kFloat: { using scalar = float; CALL; break; }               \
-    case at::kBFloat16: { using scalar = c10::BFloat16; CALL; break; }    \
-    default: { using scalar = c10::Half; CALL; break; }                   \
+// data<D>(t): t's numbers as D's storage (bf16's and fp16's bits as they lie).
+template <typename D>
+typename D::storage* data(const at::Tensor& t) { return static_cast<typename D::storage*>(t.data_ptr()); }
+
+#define CHATAPP_DISPATCH(dtype, CALL)                          \
+  switch (dtype) {                                             \
+    case at::kFloat: { using D = F32; CALL; break; }           \
+    case at::kBFloat16: { using D = BF16; CALL; break; }       \
+    default: { using D = F16; CALL; break; }                   \
   }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -143,8 +177,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor out = at::empty(x.sizes(), x.options());
   const int64_t rows = x.size(0), n = x.size(1);
   const float e = static_cast<float>(eps);
-  CHATAPP_DISPATCH(x.scalar_type(), rms_norm_rows<scalar>(xc.data_ptr<scalar>(), wc.data_ptr<scalar>(),
-                                                          out.data_ptr<scalar>(), rows, n, e));
+  CHATAPP_DISPATCH(x.scalar_type(), rms_norm_rows<D>(data<D>(xc), data<D>(wc), data<D>(out), rows, n, e));
   return out;
 }
 
@@ -154,8 +187,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const at::Tensor gc = gate_up.contiguous();
   const int64_t rows = gate_up.size(0), half = gate_up.size(1) / 2;
   at::Tensor out = at::empty({rows, half}, gate_up.options());
-  CHATAPP_DISPATCH(gate_up.scalar_type(), silu_mul_rows<scalar>(gc.data_ptr<scalar>(), out.data_ptr<scalar>(), rows,
-                                                                half));
+  CHATAPP_DISPATCH(gate_up.scalar_type(), silu_mul_rows<D>(data<D>(gc), data<D>(out), rows, half));
   return out;
 }
 
@@ -171,9 +203,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   const at::Tensor cc = cos.contiguous(), sc = signed_sin.contiguous();
   at::Tensor out = at::empty({rows, heads, dim}, x.options());
   const int64_t row_stride = xc.stride(0);
-  CHATAPP_DISPATCH(x.scalar_type(), rotary_rows<scalar>(xc.data_ptr<scalar>(), row_stride, cc.data_ptr<scalar>(),
-                                                        sc.data_ptr<scalar>(), out.data_ptr<scalar>(), rows, heads,
-                                                        dim));
+  CHATAPP_DISPATCH(x.scalar_type(), rotary_rows<D>(data<D>(xc), row_stride, data<D>(cc), data<D>(sc),
+                                                   data<D>(out), rows, heads, dim));
   return out;
 }
 
