@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <bit>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -153,6 +154,60 @@ void rotary_rows(const T* x, int64_t x_row_stride, const T* cos, const T* signed
   }
 }
 
+// out[r] = the index of row r's largest value, the first on ties, a NaN
+// counting as larger than any number (torch.argmax's rule): the greedy
+// sampler's pick. torch's reduction read SmolLM2's 32 x 49,152 fp32 logits
+// at about 3 GB/s (1.9 ms a decode step at 32 rows on the AMX Xeon). Here one
+// vectorised pass finds the maximum and whether a NaN is there, a second the
+// first index that holds it, sixteen values at a time.
+constexpr int64_t kArgmaxParallelMin = 1 << 20;
+
+inline bool is_nan_bits(float v) { return (std::bit_cast<std::uint32_t>(v) & 0x7FFFFFFFu) > 0x7F800000u; }
+
+void argmax_rows(const float* x, int64_t* out, int64_t rows, int64_t n) {
+#pragma omp parallel for schedule(static) num_threads(rows * n >= kArgmaxParallelMin ? at::get_num_threads() : 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * n;
+    float lanes[kLanes];
+    std::uint32_t nan_lanes[kLanes] = {};
+    for (int l = 0; l < kLanes; ++l) lanes[l] = row[0];
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = row[i + l];
+        lanes[l] = v > lanes[l] ? v : lanes[l];
+        nan_lanes[l] |= is_nan_bits(v);
+      }
+    }
+    float peak = lanes[0];
+    bool nan = false;
+    for (int l = 0; l < kLanes; ++l) {
+      peak = lanes[l] > peak ? lanes[l] : peak;
+      nan = nan || nan_lanes[l];
+    }
+    for (; i < n; ++i) {
+      peak = row[i] > peak ? row[i] : peak;
+      nan = nan || is_nan_bits(row[i]);
+    }
+    int64_t found = 0;
+    for (int64_t base = 0; base < n; base += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, n - base);
+      bool hit = false;
+      for (int64_t l = 0; l < count; ++l) hit = hit || (nan ? is_nan_bits(row[base + l]) : row[base + l] == peak);
+      if (hit) {
+        for (int64_t l = 0; l < count; ++l)
+          if (nan ? is_nan_bits(row[base + l]) : row[base + l] == peak) {
+            found = base + l;
+            break;
+          }
+        break;
+      }
+    }
+    out[r] = found;
+  }
+}
+
 void check_float(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
               what, ": fp32, bf16 or fp16 expected, got ", t.scalar_type());
@@ -208,6 +263,15 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return out;
 }
 
+at::Tensor argmax(const at::Tensor& logits) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.size(1) > 0,
+              "argmax: fp32 logits [N, V] expected");
+  const at::Tensor lc = logits.contiguous();
+  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  argmax_rows(lc.data_ptr<float>(), out.data_ptr<int64_t>(), logits.size(0), logits.size(1));
+  return out;
+}
+
 }  // namespace
 
 // The schemas are defined from Python (inference.kernels), as paged_decode_attention's.
@@ -215,4 +279,5 @@ TORCH_LIBRARY_IMPL(chatapp, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("rotary", &rotary);
+  m.impl("argmax", &argmax);
 }

@@ -146,3 +146,44 @@ def test_half_precision_rounds_as_torch_does_to_the_last_bit(ops, dtype):
     got, want = ops.rotary(qk, cos, sin), rotate(qk, cos, sin)
     assert want[0, 0, 3].isinf()  # the overflow is exercised
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("rows", [1, 32])
+@pytest.mark.parametrize("width", [49152, 1000, 9])  # SmolLM2's vocabulary, a tail after whole vectors, under one
+def test_argmax_picks_what_torch_picks(ops, rows, width):
+    # The greedy pick: the first of tied maxima, a NaN counted as the largest
+    # (torch.argmax's rule), -inf and a row that is one value repeated.
+    generator = torch.Generator().manual_seed(width + rows)
+    logits = torch.randn(rows, width, generator=generator) * 10
+    want_first = logits[0].argmax().item()
+    logits[0, width - 1] = logits[0, want_first]  # a tie after the first maximum
+    if rows > 1:
+        logits[1, width // 2] = float("nan")
+        logits[1, width - 1] = float("nan")
+        logits[2] = 3.0
+        logits[3, :] = -float("inf")
+        logits[3, width - 1] = 0.0
+        logits[4, 0] = float("inf")
+    got = kernels.argmax(logits)
+    assert torch.equal(got, logits.argmax(-1))
+    assert got[0].item() == want_first
+    assert torch.equal(kernels.argmax(logits[:, ::2]), logits[:, ::2].argmax(-1))  # strided rows
+
+
+def test_argmax_refuses_what_it_cannot_pick_from(ops):
+    for bad in (torch.randn(4, 8).double(), torch.randn(8), torch.empty(3, 0)):
+        with pytest.raises(RuntimeError):
+            ops.argmax(bad)
+
+
+def test_the_greedy_sampler_picks_with_the_library(ops):
+    from inference import SamplingParams
+    from inference.sampler import Sampler
+    from inference.sequence import Sequence
+
+    seqs = [Sequence(str(i), [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0)) for i in range(32)]
+    logits = torch.randn(32, 49152)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        picked = Sampler().sample(seqs, logits)
+    assert [token for token, _ in picked] == logits.argmax(-1).tolist()
+    assert "chatapp::argmax" in {e.key for e in prof.key_averages()}
