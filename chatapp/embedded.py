@@ -36,6 +36,8 @@ from pgserver.utils import PostmasterInfo
 log = logging.getLogger(__name__)
 
 EMBEDDED_DB_NAME = "chatapp"
+# The clusters this process has stopped: postgres_server refuses to start them again.
+_stopped: set[Path] = set()
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -48,6 +50,11 @@ def postgres_server(pgdata: Path):
     as its own system user.
     """
     pgdata = Path(pgdata)
+    if pgdata.resolve() in _stopped:
+        # A connection opened after the process stopped its cluster (a late
+        # thread at a test run's end, whose DATA_DIR was then deleted) would
+        # otherwise initdb a fresh cluster there and leave it behind.
+        raise RuntimeError(f"the embedded Postgres at {pgdata} was stopped by this process; it is not started again")
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     _ensure_database(server)
@@ -83,6 +90,7 @@ def stop_postgres(pgdata: Path) -> None:
     ourselves and clear that list.
     """
     pgdata = Path(pgdata).resolve()
+    _stopped.add(pgdata)
     handle = PostgresServer._instances.pop(pgdata, None)
     if handle is not None:
         atexit.unregister(handle._cleanup)

@@ -60,3 +60,13 @@ def test_kill_tree_waits_one_grace_for_a_process_that_ignores_sigterm(helpers):
     assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # killed, its parent never reaps it
     # The grace after SIGTERM, then SIGKILL: not a second grace waiting on the zombie (10 s before).
     assert 4.9 <= took < 9, took
+
+
+def test_a_cluster_this_process_stopped_is_not_started_again(tmp_path):
+    # A late connection after the test run's teardown (or serve's) used to
+    # initdb a fresh cluster in the deleted DATA_DIR and leave it there.
+    pgdata = tmp_path / "data" / "pgdata"
+    embedded.stop_postgres(pgdata)  # nothing running there: a no-op that still counts
+    with pytest.raises(RuntimeError, match="stopped by this process"):
+        embedded.postgres_server(pgdata)
+    assert not (tmp_path / "data").exists()
