@@ -59,9 +59,11 @@ class PrefillChunk(NamedTuple):
     first_row: int
     query_len: int
     context_len: int  # earlier tokens plus this chunk's
-    # Block ids covering the context [nb] and the causal mask [q, C]; both None
-    # when the chunk has no earlier context (its own K/V is everything).
+    # Block ids covering the context [nb]; None when the chunk has no earlier
+    # context and the prefill kernel is not in use (its own K/V is everything).
     blocks: Optional[torch.Tensor]
+    # The causal mask [q, C], for SDPA over gathered blocks; None when the
+    # chunk has no earlier context (SDPA's is_causal) or the kernel runs it.
     mask: Optional[torch.Tensor]
 
 
@@ -163,22 +165,32 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
         start, q_len, ctx_len = chunk.first_row, chunk.query_len, chunk.context_len
         # Locals, not attributes: TorchScript refines Optional only on local names.
         blocks, mask = chunk.blocks, chunk.mask
+        if attention_kernel and q.dtype != torch.float32 and blocks is not None:
+            # Half precision on the CPU: the library's prefill attention reads
+            # every key and value where it lies (this chunk's are in the cache
+            # already), sums in fp32, and gives each row the same bits however
+            # its prompt was chunked (csrc/prefill_attention.cpp). fp32 keeps
+            # SDPA, whose sums are HF generate's.
+            out[start:start + q_len] = torch.ops.chatapp.paged_prefill_attention(
+                q[start:start + q_len], layer_k, layer_v, blocks, ctx_len, scale)
+            continue
         queries = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-        if blocks is None:  # no earlier context: this chunk's own K/V is everything
+        if mask is None:  # no earlier context: this chunk's own K/V is everything
             keys = k[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, KV, q, D]
             values = v[start:start + q_len].transpose(0, 1).unsqueeze(0)
         else:
+            assert blocks is not None  # given with every mask
             keys = layer_k.index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx_len].unsqueeze(0)  # [1, KV, C, D]
             values = layer_v.index_select(1, blocks).view(kv_heads, -1, dim)[:, :ctx_len].unsqueeze(0)
         if not q.is_cuda:
-            # Half precision on the CPU: sums in fp32, as decode attention's. SDPA's
+            # Half precision on the CPU without the library: sums in fp32. SDPA's
             # bf16 CPU kernel splits the keys in blocks that depend on where a chunk
             # starts and ends, so a prompt prefilled in two chunks or resumed from
             # cached blocks got other last bits than prefilled whole, and on the AMX
             # Xeon a greedy near-tie flipped between batched and alone; in fp32 such
             # differences stay below bf16's rounding (a no-op for fp32 models).
             queries, keys, values = queries.float(), keys.float(), values.float()
-        if blocks is None:
+        if mask is None:
             o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
                                                scale=scale, enable_gqa=True)
         else:

@@ -213,9 +213,14 @@ class ModelRunner:
     def _prefill_chunk(self, row: int, start: int, num_new: int, table: list[int]) -> PrefillChunk:
         """Tokens [start, start + num_new) of a sequence, at rows from `row`."""
         ctx_len = start + num_new
-        if start == 0:
+        # Half precision with the library: its prefill attention reads every
+        # chunk's keys through the block table, and needs no mask.
+        in_place = self.net.attention_kernel and self.dtype != torch.float32
+        if start == 0 and not in_place:
             return PrefillChunk(row, num_new, ctx_len, None, None)
         blocks = torch.tensor(table[:-(-ctx_len // self.block_size)], device=self.device)
+        if in_place:
+            return PrefillChunk(row, num_new, ctx_len, blocks, None)
         key_pos = torch.arange(ctx_len, device=self.device)
         query_pos = torch.arange(start, ctx_len, device=self.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [q, C]: query i sees keys up to its position

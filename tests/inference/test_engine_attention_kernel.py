@@ -151,12 +151,14 @@ def test_a_failed_build_is_logged_and_leaves_the_torch_path(monkeypatch, tmp_pat
 
 @needs_kernel
 def test_the_built_library_is_reused(tmp_path, monkeypatch):
-    # The key is the source, torch, flags, compiler and CPU: a second start finds
+    # The key is the sources and headers, torch, flags, compiler and CPU: a second start finds
     # the same file, and a changed source is built anew. A small source stands
     # in for the real ones (whose build the kernel_ready fixture already paid).
-    source = tmp_path / "probe.cpp"
+    source, header = tmp_path / "probe.cpp", tmp_path / "probe.h"
+    header.write_text("#define CHATAPP_PROBE 1\n")
     source.write_text('extern "C" int chatapp_probe() { return 1; }\n')
     monkeypatch.setattr(kernels, "SOURCES", [source])
+    monkeypatch.setattr(kernels, "HEADERS", [header])
     compiler = kernels._compiler()
     key = kernels._build_key(compiler)
     assert kernels._build_key(compiler) == key
@@ -164,6 +166,9 @@ def test_the_built_library_is_reused(tmp_path, monkeypatch):
     kernels._build(compiler, target)
     assert target.exists() and not list(target.parent.glob(".*"))  # written whole, temporaries gone
     source.write_text('extern "C" int chatapp_probe() { return 2; }\n')
+    assert kernels._build_key(compiler) != key
+    key = kernels._build_key(compiler)
+    header.write_text("#define CHATAPP_PROBE 2\n")  # a header the sources include changes the library too
     assert kernels._build_key(compiler) != key
 
 
