@@ -14,7 +14,7 @@ sequence's block table, sums in fp32, and gives each row the same bits
 however its prompt was chunked, which SDPA's bf16 kernel does not; the torch
 path widened each chunk to fp32 for SDPA instead. On the 2-core Xeon, four
 128-token prompts took 0.86 against 1.95 ms a layer, 512 queries after 1,536
-tokens 12.0 against 18.6 ms (docs/BENCHMARKS.md "Prefill attention in place").
+tokens 12.0 against 18.6 ms (docs/BENCHMARKS.md "Prefill attention in place, half precision").
 fp32 keeps SDPA, whose sums are HF generate's.
 
 fp32 matmuls of a few rows (EngineConfig.small_linear_rows): one chat's decode
