@@ -29,6 +29,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "storage.h"
+
 #include <bit>
 #include <algorithm>
 #include <cmath>
@@ -37,39 +39,15 @@
 
 namespace {
 
+// bf16 and fp16 converted in code the compiler vectorises (storage.h).
+using chatapp::BF16;
+using chatapp::F16;
+using chatapp::F32;
+
 // Below this many numbers an op runs on the calling thread: an OpenMP fork
 // and join costs more than a pass over them.
 constexpr int64_t kParallelMin = 1 << 13;
 constexpr int kLanes = 16;
-
-// A dtype's storage and its conversions to and from fp32, written so that the
-// compiler vectorises them. c10::BFloat16's and c10::Half's own conversions
-// are scalar calls inside the loops: measured on the AMX Xeon, the bf16 loops
-// ran 2-6.5x slower than torch's ops (SiLU * up at 512 rows 3.2 against 0.52
-// ms). bf16 is fp32's top half, rounded to nearest even (c10's rule, NaN kept
-// a quiet NaN); fp16 is the compiler's _Float16 (IEEE rounding, as c10's).
-struct F32 {
-  using storage = float;
-  static float load(float v) { return v; }
-  static float store(float v) { return v; }
-};
-
-struct BF16 {
-  using storage = std::uint16_t;
-  static float load(std::uint16_t bits) { return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16); }
-  static std::uint16_t store(float v) {
-    const std::uint32_t u = std::bit_cast<std::uint32_t>(v);
-    const std::uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    // Integer test, not isnan: -ffast-math would drop the latter.
-    return static_cast<std::uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-  }
-};
-
-struct F16 {
-  using storage = _Float16;
-  static float load(_Float16 v) { return static_cast<float>(v); }
-  static _Float16 store(float v) { return static_cast<_Float16>(v); }
-};
 
 // The value as torch's op would store it in the dtype (fp32: itself).
 template <typename D>

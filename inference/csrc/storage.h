@@ -7,12 +7,12 @@
 
 namespace chatapp {
 
-// A dtype's storage and its conversions to and from fp32, written so that the
-// compiler vectorises them. c10::BFloat16's and c10::Half's own conversions
-// are scalar calls inside the loops: measured on the AMX Xeon, fused_ops.cpp's bf16
-// loops ran 2-6.5x slower than torch's ops (SiLU * up at 512 rows 3.2 against 0.52
-// ms). bf16 is fp32's top half, rounded to nearest even (c10's rule, NaN kept
-// a quiet NaN); fp16 is the compiler's _Float16 (IEEE rounding, as c10's).
+// Written so that the compiler vectorises them: c10::BFloat16's and
+// c10::Half's own conversions are scalar calls inside the loops (measured on
+// the AMX Xeon, fused_ops.cpp's bf16 loops ran 2-6.5x slower than torch's ops
+// with them: SiLU * up at 512 rows 3.2 against 0.52 ms). bf16 is fp32's top
+// half, rounded to nearest even (c10's rule, NaN kept a quiet NaN); fp16 is
+// the compiler's _Float16 (IEEE rounding, as c10's).
 struct F32 {
   using storage = float;
   static float load(float v) { return v; }
