@@ -43,8 +43,9 @@ class ModelRunner:
             self.net = PagedLlama(model, max_positions, config.script_layers)
             bf16_weights = self._prepare_weights(config)
         self.packed_weights = self.weight_packing != "none"  # for stats() and /healthz
-        # Decode attention reads the paged cache in place (inference.kernels) where
-        # its library builds; CUDA keeps the torch path (and its graphs).
+        # Decode (and half precision's prefill) attention reads the paged cache in
+        # place (inference.kernels) where its library builds; CUDA keeps the
+        # torch path (and its graphs).
         kernels_ready = (self.device.type == "cpu"
                          and (config.attention_kernel or config.small_linear_rows > 0 or config.fused_ops)
                          and load_kernels(config.kernel_dir))
