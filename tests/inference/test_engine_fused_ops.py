@@ -2,8 +2,10 @@
 csrc/fused_ops.cpp): RMSNorm, the rotary embedding and SiLU(gate) * up compute
 what the torch path computes in each dtype, each row alone whatever the batch,
 they refuse what they cannot compute, and the engine uses them on the CPU by
-default and keeps HF generate's greedy tokens with them. SmolLM2 against HF
-generate with them on: test_engine_packing's batched SmolLM2 test."""
+default and keeps HF generate's greedy tokens with them; half precision rounds
+as torch does, bit for bit. The same source's argmax picks what torch.argmax
+picks, and the greedy sampler uses it. SmolLM2 against HF generate with them
+on: test_engine_packing's batched SmolLM2 test."""
 from __future__ import annotations
 
 import os
