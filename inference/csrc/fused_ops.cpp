@@ -43,6 +43,7 @@ namespace {
 using chatapp::BF16;
 using chatapp::F16;
 using chatapp::F32;
+using chatapp::data;
 
 // Below this many numbers an op runs on the calling thread: an OpenMP fork
 // and join costs more than a pass over them.
@@ -190,10 +191,6 @@ void check_float(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
               what, ": fp32, bf16 or fp16 expected, got ", t.scalar_type());
 }
-
-// data<D>(t): t's numbers as D's storage (bf16's and fp16's bits as they lie).
-template <typename D>
-typename D::storage* data(const at::Tensor& t) { return static_cast<typename D::storage*>(t.data_ptr()); }
 
 #define CHATAPP_DISPATCH(dtype, CALL)                          \
   switch (dtype) {                                             \

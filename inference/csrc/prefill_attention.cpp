@@ -51,6 +51,7 @@ namespace {
 using chatapp::BF16;
 using chatapp::F16;
 using chatapp::F32;
+using chatapp::data;
 
 constexpr int kRows = 16;   // query rows (positions) per task
 constexpr int kTile = 16;   // keys per tile: one vector of fp32 lanes on AVX-512
@@ -264,9 +265,6 @@ void prefill_attention_rows(const typename D::storage* q, int64_t q_row_stride, 
     }
   }
 }
-
-template <typename D>
-typename D::storage* data(const at::Tensor& t) { return static_cast<typename D::storage*>(t.data_ptr()); }
 
 template <typename D>
 void dispatch_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* blocks,

@@ -2,6 +2,8 @@
 // library's sources (inference/kernels.py hashes this header with them).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <bit>
 #include <cstdint>
 
@@ -35,5 +37,9 @@ struct F16 {
   static float load(_Float16 v) { return static_cast<float>(v); }
   static _Float16 store(float v) { return static_cast<_Float16>(v); }
 };
+
+// data<D>(t): t's numbers as D's storage (bf16's and fp16's bits as they lie).
+template <typename D>
+typename D::storage* data(const at::Tensor& t) { return static_cast<typename D::storage*>(t.data_ptr()); }
 
 }  // namespace chatapp
