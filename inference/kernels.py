@@ -72,8 +72,9 @@ from inference import layer_ops
 
 log = logging.getLogger(__name__)
 
-# One library of every source: decode attention in place, fp32 matmuls of a few
-# rows, and a layer's element-wise ops fused (RMSNorm, rotary, SiLU * up).
+# One library of every source: decode and half-precision prefill attention in
+# place, fp32 matmuls of a few rows, and a layer's element-wise ops fused
+# (RMSNorm, rotary, SiLU * up) beside the greedy sampler's argmax.
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("paged_attention.cpp", "prefill_attention.cpp", "small_linear.cpp", "fused_ops.cpp")]
 HEADERS = [Path(__file__).with_name("csrc") / "storage.h"]
@@ -308,6 +309,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def load_kernels(kernel_dir: str | os.PathLike | None = None) -> bool:
-    """Build or load the library (paged decode attention, small_linear, the
-    fused element-wise ops); True when its ops are ready to run."""
+    """Build or load the library (paged decode and prefill attention,
+    small_linear, the fused element-wise ops, argmax); True when its ops are
+    ready to run."""
     return _loaded or _load(str(Path(kernel_dir) if kernel_dir else default_kernel_dir()))

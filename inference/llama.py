@@ -165,12 +165,13 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_k: torch
         start, q_len, ctx_len = chunk.first_row, chunk.query_len, chunk.context_len
         # Locals, not attributes: TorchScript refines Optional only on local names.
         blocks, mask = chunk.blocks, chunk.mask
-        if attention_kernel and q.dtype != torch.float32 and blocks is not None:
-            # Half precision on the CPU: the library's prefill attention reads
-            # every key and value where it lies (this chunk's are in the cache
-            # already), sums in fp32, and gives each row the same bits however
-            # its prompt was chunked (csrc/prefill_attention.cpp). fp32 keeps
-            # SDPA, whose sums are HF generate's.
+        if blocks is not None and mask is None:
+            # Planned in place (ModelRunner._prefill_chunk does so in half
+            # precision with the library): the library's prefill attention
+            # reads every key and value where it lies (this chunk's are in the
+            # cache already), sums in fp32, and gives each row the same bits
+            # however its prompt was chunked (csrc/prefill_attention.cpp).
+            # fp32 keeps SDPA, whose sums are HF generate's.
             out[start:start + q_len] = torch.ops.chatapp.paged_prefill_attention(
                 q[start:start + q_len], layer_k, layer_v, blocks, ctx_len, scale)
             continue
