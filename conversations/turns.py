@@ -12,7 +12,8 @@
                     generate → moderate the output window;
 4. publish          each token becomes a numbered event in the reply's log,
                     which SSE readers in any process tail; the partial text is
-                    materialized every STREAM_MATERIALIZE_S (`ReplyLog`);
+                    materialized every STREAM_MATERIALIZE_S, beside the stream
+                    (`ReplyLog`);
 5. settle           the status follows from the outcome (`status_from_outcome`),
                     text and usage are stored, then the terminal event is
                     published (`settle`); the gateway has billed the tokens;
@@ -298,6 +299,13 @@ class ReplyLog:
     # token, while the others were still being saved on the same threads,
     # for a checkpoint the Redis log already holds.
     flushed_at: float | None = None
+    # The checkpoint being written, if any. The stream does not wait for it:
+    # awaited in `token`, every reply's relay stalled once a second behind
+    # the other replies' checkpoints on the chat's database threads (32
+    # replies streaming: 32 UPDATEs a second, each a WAL flush), and a slow
+    # database stalled every stream. One at a time per reply, so a database
+    # slower than the interval is not sent a queue of stale texts.
+    checkpoint: asyncio.Task | None = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
@@ -317,13 +325,27 @@ class ReplyLog:
         now = time.monotonic()
         if self.flushed_at is None:
             self.flushed_at = now
-        elif now - self.flushed_at >= settings.STREAM_MATERIALIZE_S:
+        elif now - self.flushed_at >= settings.STREAM_MATERIALIZE_S and self.checkpoint is None:
             self.flushed_at = now
-            try:
-                await on_db_thread(services.reply_materialize)(reply_id=self.reply_id, content=self.text,
-                                                             stream_seq=self.seq)
-            except DatabaseError:  # a checkpoint, not the record: settle stores the text, with retries
-                log.warning("materializing %s failed; generation goes on", self.reply_id, exc_info=True)
+            # The text and the sequence number of the same moment: the database
+            # then holds exactly the log up to stream_seq, whatever streams meanwhile.
+            self.checkpoint = asyncio.ensure_future(self._materialize(self.text, self.seq))
+
+    async def _materialize(self, content: str, stream_seq: int) -> None:
+        try:
+            await on_db_thread(services.reply_materialize)(reply_id=self.reply_id, content=content,
+                                                         stream_seq=stream_seq)
+        except DatabaseError:  # a checkpoint, not the record: settle stores the text, with retries
+            log.warning("materializing %s failed; generation goes on", self.reply_id, exc_info=True)
+        except Exception:  # nobody awaits this task to hear of it
+            log.exception("materializing %s failed; generation goes on", self.reply_id)
+        finally:
+            self.checkpoint = None
+
+    async def checkpointed(self) -> None:
+        """Wait for the checkpoint in flight, if any (it never raises)."""
+        if self.checkpoint is not None:
+            await asyncio.shield(self.checkpoint)
 
 
 # ------------------------------------------------------------ 5-6. settle, after reply
@@ -345,6 +367,9 @@ async def settle(log_: ReplyLog, outcome: Outcome) -> str:
     # event replaces what had streamed with the notice (safety.services).
     blocked = status == Status.BLOCKED
     content = "" if blocked else outcome.text
+    # A checkpoint still being written would find the reply ended and change
+    # nothing; waiting keeps the database's last word the end's, in order.
+    await log_.checkpointed()
     won = await _store_end(
         reply_id=log_.reply_id, status=status, content=content, stream_seq=log_.seq + 1, error=error,
         model=final.model if final else "", usage=usage,

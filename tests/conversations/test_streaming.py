@@ -208,6 +208,47 @@ async def test_the_first_checkpoint_comes_an_interval_after_the_first_token(alic
     await turns.stop_reply(reply.id)
 
 
+async def test_a_stuck_checkpoint_does_not_hold_the_stream(alice, fake_gateway, fast_streams, monkeypatch):
+    """The partial-text checkpoint is written beside the stream: with the
+    database thread stuck in one, every token still reaches the log, and the
+    end is stored once the checkpoint is through."""
+    import threading
+
+    stuck = threading.Event()
+    release = threading.Event()
+    real = services.reply_materialize
+    writes = []
+
+    def slow_materialize(**fields):
+        writes.append(fields["stream_seq"])
+        stuck.set()
+        assert release.wait(30), "the test never released the checkpoint"
+        real(**fields)
+
+    monkeypatch.setattr(services, "reply_materialize", slow_materialize)
+    fake_gateway.script = [f"t{i} " for i in range(40)]
+    fake_gateway.delay_s = 0.01  # ~0.4 s: many checkpoint intervals (0.05 s)
+    reply = await new_reply(alice)
+    task = turns.start_reply(reply.id)
+    reader = asyncio.ensure_future(read_stream(open_stream(reply.id, user=alice)))  # a reader: no grace timeout
+    await eventually(stuck.is_set, timeout_s=10)
+
+    async def every_token_logged():
+        return sum(e.event == "token" for e in await streams.read_after(reply.id, 0)) == 40
+
+    try:
+        await eventually(every_token_logged, timeout_s=10)
+        assert writes == writes[:1], "a second checkpoint was queued behind the stuck one"
+        assert not task.done()  # the end waits for the checkpoint, then is the database's last word
+    finally:
+        release.set()
+    _, raw = await asyncio.wait_for(reader, 10)
+    assert text_of(raw) == "".join(f"t{i} " for i in range(40))
+    assert await asyncio.wait_for(task, 10) == "complete"
+    stored = await load(reply.id)
+    assert (stored.status, stored.content) == ("complete", "".join(f"t{i} " for i in range(40)))
+
+
 async def test_a_reply_whose_log_cannot_be_written_ends_as_an_error_and_frees_the_model(alice, fake_gateway,
                                                                                        fast_streams):
     """The status event is written beside the gateway's admission: when Redis
