@@ -158,8 +158,27 @@ def start_server(port: int, args, extra_env: dict | None = None) -> subprocess.P
 
 # ------------------------------------------------------------ engine alone
 
+def _steps_between(before: dict | None, after: dict | None) -> dict:
+    """The engine's steps and busy seconds between two `Engine.stats()`: a run
+    that took longer in more steps filled its batches worse (chats arriving
+    spread out), one that took longer in as many steps ran slower steps."""
+    if not before or not after:
+        return {}
+    return {"steps": after["steps"] - before["steps"], "busy_s": after["busy_s"] - before["busy_s"]}
+
+
+async def _server_engine_stats(client: httpx.AsyncClient) -> dict | None:
+    """The server's first running pool's `Engine.stats()`, from /healthz (a loopback caller sees them)."""
+    try:
+        pools = (await client.get("/healthz")).json().get("model_pools", {})
+    except (httpx.HTTPError, ValueError):
+        return None
+    return next((pool["stats"] for pool in pools.values() if "stats" in pool), None)
+
+
 async def engine_run(engine, texts: list[str], max_tokens: int, stagger_s: float = 0.0) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    before = engine.stats()
 
     async def one(i, text):
         await asyncio.sleep(i * stagger_s)
@@ -179,7 +198,7 @@ async def engine_run(engine, texts: list[str], max_tokens: int, stagger_s: float
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
     wall = time.perf_counter() - t0
-    return _summary(results, wall)
+    return {**_summary(results, wall), **_steps_between(before, engine.stats())}
 
 
 def _summary(results, wall) -> dict:
@@ -249,6 +268,7 @@ async def web_run(base: str, cookies: list[str], texts: list[str], stagger_s: fl
     # chat page loaded before they press Send: the burst is the sends, not 32
     # page loads (nor the client library's own set-up) competing with them.
     prepared = await asyncio.gather(*(_signed_in_client(base, c) for c in cookies[: len(texts)]))
+    before = await _server_engine_stats(prepared[0][0])
     try:
         t0 = time.perf_counter()
         # The clients share the machine with the server: what they burn is not the web path's.
@@ -257,9 +277,10 @@ async def web_run(base: str, cookies: list[str], texts: list[str], stagger_s: fl
                                          for i, ((client, headers), t) in enumerate(zip(prepared, texts))))
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
+        steps = _steps_between(before, await _server_engine_stats(prepared[0][0]))
     finally:
         await asyncio.gather(*(client.aclose() for client, _ in prepared))
-    return {**_summary(results, wall), "client_cpu_s": cpu}
+    return {**_summary(results, wall), "client_cpu_s": cpu, **steps}
 
 
 async def hold_idle(base: str, cookie: str, reply_ids: list[str], ready: asyncio.Event, stop: asyncio.Event):
@@ -353,18 +374,25 @@ def _added(r: dict) -> float:
     return r["web"]["ttft_p50_ms"] - r["engine"]["ttft_p50_ms"]
 
 
+def _steps_cell(run: dict) -> str:
+    if not run.get("steps"):
+        return "—"
+    return f"{run['steps']}, {1000 * run['busy_s'] / run['steps']:.1f}"
+
+
 def _round_rows(args, results: dict) -> str:
     """Each alternating round's web ÷ engine and TTFT added."""
     cells = []
     stagger = results.get("stagger_rounds") or []
     for i, burst in enumerate(results["burst_rounds"]):
         row = [i + 1, burst["first"], f"{burst['engine']['tok_s']:.1f}", f"{burst['web']['tok_s']:.1f}",
-               f"{100 * _ratio(burst):.0f}%"]
+               f"{100 * _ratio(burst):.0f}%", _steps_cell(burst["engine"]), _steps_cell(burst["web"])]
         if stagger:
             s = stagger[i]
             row += [f"{s['engine']['ttft_p50_ms']:.0f}", f"{s['web']['ttft_p50_ms']:.0f}", f"{_added(s):+.0f}"]
         cells.append(row)
-    head = ["round", "ran first", f"{args.clients} at once: engine alone tok/s", "web path tok/s", "web ÷ engine"]
+    head = ["round", "ran first", f"{args.clients} at once: engine alone tok/s", "web path tok/s", "web ÷ engine",
+            "engine alone: steps, mean ms", "web path's engine: steps, mean ms"]
     if stagger:
         head += [f"one every {args.stagger_ms} ms: engine alone TTFT p50 ms", "web path TTFT p50 ms", "added ms"]
     return report.table(head, cells)
