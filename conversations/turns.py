@@ -367,8 +367,9 @@ async def settle(log_: ReplyLog, outcome: Outcome) -> str:
     # event replaces what had streamed with the notice (safety.services).
     blocked = status == Status.BLOCKED
     content = "" if blocked else outcome.text
-    # A checkpoint still being written would find the reply ended and change
-    # nothing; waiting keeps the database's last word the end's, in order.
+    # Not for correctness (a checkpoint landing after the end finds the reply
+    # ended and changes nothing): so that no write of this reply outlives its
+    # turn, and the end is its last.
     await log_.checkpointed()
     won = await _store_end(
         reply_id=log_.reply_id, status=status, content=content, stream_seq=log_.seq + 1, error=error,
