@@ -6,6 +6,7 @@
     bench.chat     chat streaming through Daphne + SSE against the engine alone
     bench.relay    a remote backend (bench.sse_stub) alone against it through the /v1 relay
     bench.reply_floor  the least time moderating replies adds to a burst through the relay
+    bench.reply_cascade  whether a cheaper moderation head could clear replies before the full one
     bench.startup  a fresh clone to a serving product, and its idle memory
     bench.first_chat  the first chat after a start, against the second
     bench.equal_paired  32 x 32: the engine and HF static batching by turns, a ratio per round
