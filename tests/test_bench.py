@@ -10,7 +10,8 @@ from bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "retrieval",
-           "safety", "metrics", "relay", "sse_stub", "decode", "neighbour", "stages", "stage_stamps", "reply_floor"]
+           "safety", "metrics", "relay", "sse_stub", "decode", "neighbour", "stages", "stage_stamps", "reply_floor",
+           "reply_cascade"]
 
 
 def test_every_benchmark_module_imports():
@@ -167,3 +168,24 @@ def test_the_stages_benchmark_times_each_stage_from_its_chats_post(tmp_path):
     assert [round(t) for t in times["django"]] == [10, 20]
     assert [round(t) for t in times["engine"]] == [45] and [round(t) for t in times["first token"]] == [150]
     assert [round(t) for t in times["token read"]] == [160] and times["gateway"] == []
+
+
+def test_a_replys_harm_risk_is_its_riskiest_windows_harm_categories(monkeypatch):
+    """bench.reply_cascade scores a reply as the checker windows it, on the
+    harm categories alone (never benign, injection or jailbreak)."""
+    import numpy as np
+
+    from bench import reply_cascade
+    from safety import checkers
+
+    class Head:
+        labels = ["benign", "harassment", "violence", "prompt_injection", "jailbreak"]
+
+        def probabilities(self, texts):
+            rows = {"calm": [0.9, 0.05, 0.05, 0.0, 0.0], "rough": [0.2, 0.3, 0.2, 0.3, 0.0],
+                    "pasted": [0.0, 0.0, 0.0, 0.6, 0.4]}
+            return np.asarray([rows[t] for t in texts])
+
+    monkeypatch.setattr(checkers, "windows", lambda text: text.split())
+    risk = reply_cascade.harm_risk(Head(), ["calm rough", "pasted", "calm"])
+    np.testing.assert_allclose(risk, [0.5, 0.0, 0.1])
