@@ -119,17 +119,17 @@ def main(argv=None) -> int:
     groups = report.table(["replies to", "count", "flagged or blocked by the minilm head"],
                           [(name, sum(m), int(caught[np.asarray(m)].sum())) for name, m in by_group.items()])
 
-    best = {name: float("inf") for name in ("minilm", *HEADS)}
+    best, risks = {name: float("inf") for name in ("minilm", *HEADS)}, {}
     for _ in range(args.rounds):
         for name in best:
             retrieval_services.forget()
             head = checkers.head(name)
             start = time.perf_counter()
-            harm_risk(head, replies)
+            risks[name] = harm_risk(head, replies)
             best[name] = min(best[name], time.perf_counter() - start)
     rows = []
     for name in HEADS:
-        risk = harm_risk(checkers.head(name), replies)
+        risk = risks[name]
         floor = float(risk[caught].min()) if caught.any() else float("inf")
         cells = [f"{floor:.4f}: {np.mean(risk[benign] < floor):.0%}"]
         cells += [f"{np.mean(risk[benign] < t):.0%} / {int((risk[caught] < t).sum())}" for t in THRESHOLDS]
