@@ -48,12 +48,9 @@ def _replies(prompts: list[str], tokens: int) -> list[str]:
 
     engine = Engine.from_pretrained(bundled_model_dir(), EngineConfig(kv_cache_bytes=2**30, max_num_seqs=64))
     try:
-        tokenizer = engine.tokenizer
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False) for p in prompts]
-        ids = [tokenizer.encode(t, add_special_tokens=False)[-1024:] for t in texts]
+        ids = [engine.apply_chat_template([{"role": "user", "content": p}])[-1024:] for p in prompts]
         completions = engine.generate(ids, [SamplingParams(max_tokens=tokens, temperature=0.0)] * len(ids))
-        return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        return [engine.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
     finally:
         engine.shutdown()
 
