@@ -16,7 +16,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Case, PositiveIntegerField, Q, TextField, Value, When
 from django.utils import timezone
 
 from conversations import streams
@@ -335,13 +335,31 @@ def reply_start(*, reply_id, request_id: str) -> bool:
     )
 
 
-def reply_materialize(*, reply_id, content: str, stream_seq: int) -> None:
-    """Partial text while streaming (a heartbeat too): only touches a reply
-    that is still streaming."""
+# Replies a checkpoint statement carries at most: each is a branch of two
+# CASEs, and Postgres takes at most 65,535 parameters a statement.
+MATERIALIZE_BATCH = 500
+
+
+def replies_materialize(*, checkpoints: dict) -> int:
+    """Partial texts while streaming (a heartbeat too), `checkpoints` mapping
+    a reply id to (content, stream_seq): one statement for many replies, as
+    each process writes all its streaming replies' together (conversations.
+    turns). Only touches replies still streaming. Returns the rows changed."""
     now = timezone.now()
-    Message.objects.filter(id=reply_id, status=Message.Status.STREAMING).update(
-        content=content, stream_seq=stream_seq, updated_at=now, heartbeat_at=now,
-    )
+    items = list(checkpoints.items())
+    changed = 0
+    for start in range(0, len(items), MATERIALIZE_BATCH):
+        batch = items[start:start + MATERIALIZE_BATCH]
+        changed += Message.objects.filter(
+            id__in=[reply_id for reply_id, _ in batch], status=Message.Status.STREAMING,
+        ).update(
+            content=Case(*(When(id=reply_id, then=Value(content)) for reply_id, (content, _) in batch),
+                         output_field=TextField()),
+            stream_seq=Case(*(When(id=reply_id, then=Value(seq)) for reply_id, (_, seq) in batch),
+                            output_field=PositiveIntegerField()),
+            updated_at=now, heartbeat_at=now,
+        )
+    return changed
 
 
 def reply_finish(

@@ -12,8 +12,9 @@
                     generate → moderate the output window;
 4. publish          each token becomes a numbered event in the reply's log,
                     which SSE readers in any process tail; the partial text is
-                    materialized every STREAM_MATERIALIZE_S, beside the stream
-                    (`ReplyLog`);
+                    materialized every STREAM_MATERIALIZE_S, beside the stream,
+                    with the process's other streaming replies (`ReplyLog`,
+                    `_Checkpoints`);
 5. settle           the status follows from the outcome (`status_from_outcome`),
                     text and usage are stored, then the terminal event is
                     published (`settle`); the gateway has billed the tokens;
@@ -290,7 +291,7 @@ async def _watch(reply_id, request_id: str, outcome: Outcome) -> None:
 @dataclass
 class ReplyLog:
     """A reply's numbered events (what SSE readers see) and its text so far,
-    folded into the database at most every STREAM_MATERIALIZE_S."""
+    folded into the database by the process's checkpoints (`_Checkpoints`)."""
     reply_id: object
     seq: int = 0
     parts: list[str] = field(default_factory=list)
@@ -299,13 +300,7 @@ class ReplyLog:
     # token, while the others were still being saved on the same threads,
     # for a checkpoint the Redis log already holds.
     flushed_at: float | None = None
-    # The checkpoint being written, if any. The stream does not wait for it:
-    # awaited in `token`, every reply's relay stalled once a second behind
-    # the other replies' checkpoints on the chat's database threads (32
-    # replies streaming: 32 UPDATEs a second, each a WAL flush), and a slow
-    # database stalled every stream. One at a time per reply, so a database
-    # slower than the interval is not sent a queue of stale texts.
-    checkpoint: asyncio.Task | None = field(default=None, repr=False)
+    checkpointed_seq: int = 0  # what the last checkpoint written holds
 
     @property
     def text(self) -> str:
@@ -322,30 +317,80 @@ class ReplyLog:
     async def token(self, text: str) -> None:
         self.parts.append(text)
         await self.emit("token", {"t": text})
-        now = time.monotonic()
         if self.flushed_at is None:
-            self.flushed_at = now
-        elif now - self.flushed_at >= settings.STREAM_MATERIALIZE_S and self.checkpoint is None:
-            self.flushed_at = now
-            # The text and the sequence number of the same moment: the database
-            # then holds exactly the log up to stream_seq, whatever streams meanwhile.
-            self.checkpoint = asyncio.ensure_future(self._materialize(self.text, self.seq))
-
-    async def _materialize(self, content: str, stream_seq: int) -> None:
-        try:
-            await on_db_thread(services.reply_materialize)(reply_id=self.reply_id, content=content,
-                                                         stream_seq=stream_seq)
-        except DatabaseError:  # a checkpoint, not the record: settle stores the text, with retries
-            log.warning("materializing %s failed; generation goes on", self.reply_id, exc_info=True)
-        except Exception:  # nobody awaits this task to hear of it
-            log.exception("materializing %s failed; generation goes on", self.reply_id)
-        finally:
-            self.checkpoint = None
+            self.flushed_at = time.monotonic()
+            _checkpoints().add(self)
 
     async def checkpointed(self) -> None:
-        """Wait for the checkpoint in flight, if any (it never raises)."""
-        if self.checkpoint is not None:
-            await asyncio.shield(self.checkpoint)
+        """No more checkpoints of this reply, and the one being written, if
+        any, through (it never raises)."""
+        await _checkpoints().forget(self)
+
+
+class _Checkpoints:
+    """The partial texts of one event loop's streaming replies, written to the
+    database together: every STREAM_MATERIALIZE_S, one statement carries
+    every reply that has new text and whose first token (or last checkpoint)
+    is at least an interval old. With a statement per reply, 32 replies
+    streaming were 32 UPDATEs a second (each a commit, a WAL flush and a trip
+    to a database thread); the same turns through the chat page ran 2-4%
+    faster with a fifth of them (docs/BENCHMARKS.md, "Checkpoints together").
+
+    Written beside the stream: a slow or stuck database delays checkpoints,
+    never tokens, and the next statement waits for the one in flight instead
+    of queuing stale texts behind it. Each carries the text and sequence
+    number of one moment, so the database holds exactly the log up to
+    `stream_seq`."""
+
+    def __init__(self):
+        self.logs: dict[str, ReplyLog] = {}
+        self.ticker: asyncio.Task | None = None
+        self.writing: tuple[set[str], asyncio.Task] | None = None
+
+    def add(self, log_: ReplyLog) -> None:
+        self.logs[str(log_.reply_id)] = log_
+        if self.ticker is None or self.ticker.done():
+            # Not the turn's context: the ticker outlives it, serving every reply.
+            self.ticker = asyncio.get_running_loop().create_task(
+                self._tick(), name="reply-checkpoints", context=contextvars.Context())
+
+    async def forget(self, log_: ReplyLog) -> None:
+        reply_id = str(log_.reply_id)
+        self.logs.pop(reply_id, None)
+        if self.writing is not None and reply_id in self.writing[0]:
+            await asyncio.shield(self.writing[1])
+
+    async def _tick(self) -> None:
+        while self.logs:
+            await asyncio.sleep(settings.STREAM_MATERIALIZE_S)
+            now = time.monotonic()
+            due = {reply_id: log_ for reply_id, log_ in self.logs.items()
+                   if log_.seq > log_.checkpointed_seq and now - log_.flushed_at >= settings.STREAM_MATERIALIZE_S}
+            if not due:
+                continue
+            checkpoints = {}
+            for reply_id, log_ in due.items():
+                log_.flushed_at, log_.checkpointed_seq = now, log_.seq
+                checkpoints[reply_id] = (log_.text, log_.seq)
+            write = asyncio.ensure_future(self._write(checkpoints))
+            self.writing = (set(checkpoints), write)
+            try:
+                await asyncio.shield(write)
+            finally:
+                self.writing = None
+
+    @staticmethod
+    async def _write(checkpoints: dict) -> None:
+        try:
+            await on_db_thread(services.replies_materialize)(checkpoints=checkpoints)
+        except DatabaseError:  # a checkpoint, not the record: settle stores the text, with retries
+            log.warning("checkpointing %d replies failed; generation goes on", len(checkpoints), exc_info=True)
+        except Exception:  # nobody awaits this task to hear of it
+            log.exception("checkpointing %d replies failed; generation goes on", len(checkpoints))
+
+
+def _checkpoints() -> _Checkpoints:
+    return loop_local("reply-checkpoints", _Checkpoints)
 
 
 # ------------------------------------------------------------ 5-6. settle, after reply

@@ -24,7 +24,7 @@ def streaming_reply(user, *, text="", beat_s_ago: float = 0):
     conversation = services.conversation_create(user=user)
     reply = services.message_send(conversation=conversation, text="Hi")
     services.reply_start(reply_id=reply.id, request_id=f"r-{reply.id}")
-    services.reply_materialize(reply_id=reply.id, content=text, stream_seq=3)
+    services.replies_materialize(checkpoints={reply.id: (text, 3)})
     Message.objects.filter(id=reply.id).update(
         heartbeat_at=timezone.now() - datetime.timedelta(seconds=beat_s_ago))
     return reply

@@ -91,7 +91,7 @@ def test_every_terminal_status_is_recorded_once(conversation, status):
     assert reply.status == "pending"
     assert services.reply_start(reply_id=reply.id, request_id="req-1")
     assert not services.reply_start(reply_id=reply.id, request_id="req-2")  # only from pending
-    services.reply_materialize(reply_id=reply.id, content="par", stream_seq=2)
+    services.replies_materialize(checkpoints={reply.id: ("par", 2)})
     reply.refresh_from_db()
     assert (reply.status, reply.content, reply.stream_seq, reply.request_id) == ("streaming", "par", 2, "req-1")
     assert services.reply_finish(
@@ -100,7 +100,7 @@ def test_every_terminal_status_is_recorded_once(conversation, status):
     )
     # The first terminal status wins; later writers (a racing Stop) lose.
     assert not services.reply_finish(reply_id=reply.id, status="complete", content="other", stream_seq=9)
-    services.reply_materialize(reply_id=reply.id, content="late", stream_seq=9)
+    services.replies_materialize(checkpoints={reply.id: ("late", 9)})
     reply.refresh_from_db()
     assert (reply.status, reply.content, reply.prompt_tokens, reply.completion_tokens) == (status, "partial", 3, 2)
     assert reply.finished_at is not None
@@ -109,7 +109,7 @@ def test_every_terminal_status_is_recorded_once(conversation, status):
 def test_reaper_marks_stale_replies_interrupted_and_keeps_partial_text(conversation, settings):
     streaming = services.message_send(conversation=conversation, text="hi")
     services.reply_start(reply_id=streaming.id, request_id="r")
-    services.reply_materialize(reply_id=streaming.id, content="half a rep", stream_seq=4)
+    services.replies_materialize(checkpoints={streaming.id: ("half a rep", 4)})
     other = services.conversation_create(user=conversation.user)
     pending = services.message_send(conversation=other, text="yo")
     assert services.reap_orphaned_replies() == 0  # fresh: another process may be writing them

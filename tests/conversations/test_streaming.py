@@ -108,7 +108,7 @@ async def test_stop_aborts_the_generation_and_keeps_the_partial_text(alice, fake
 async def test_stop_of_a_reply_whose_process_died_ends_it_from_the_database(alice, fake_gateway, fast_streams):
     reply = await new_reply(alice)
     await sync_to_async(services.reply_start)(reply_id=reply.id, request_id="gone")
-    await sync_to_async(services.reply_materialize)(reply_id=reply.id, content="half", stream_seq=3)
+    await sync_to_async(services.replies_materialize)(checkpoints={reply.id: ("half", 3)})
     assert await turns.stop_reply(reply.id, wait_s=0.2) == "stopped"
     stored = await load(reply.id)
     assert (stored.status, stored.content) == ("stopped", "half")
@@ -216,16 +216,16 @@ async def test_a_stuck_checkpoint_does_not_hold_the_stream(alice, fake_gateway, 
 
     stuck = threading.Event()
     release = threading.Event()
-    real = services.reply_materialize
+    real = services.replies_materialize
     writes = []
 
-    def slow_materialize(**fields):
-        writes.append(fields["stream_seq"])
+    def slow_materialize(*, checkpoints):
+        writes.append(checkpoints)
         stuck.set()
         assert release.wait(30), "the test never released the checkpoint"
-        real(**fields)
+        return real(checkpoints=checkpoints)
 
-    monkeypatch.setattr(services, "reply_materialize", slow_materialize)
+    monkeypatch.setattr(services, "replies_materialize", slow_materialize)
     fake_gateway.script = [f"t{i} " for i in range(40)]
     fake_gateway.delay_s = 0.01  # ~0.4 s: many checkpoint intervals (0.05 s)
     reply = await new_reply(alice)
@@ -247,6 +247,39 @@ async def test_a_stuck_checkpoint_does_not_hold_the_stream(alice, fake_gateway, 
     assert await asyncio.wait_for(task, 10) == "complete"
     stored = await load(reply.id)
     assert (stored.status, stored.content) == ("complete", "".join(f"t{i} " for i in range(40)))
+
+
+async def test_replies_streaming_together_are_checkpointed_in_one_statement(alice, fake_gateway, fast_streams,
+                                                                          monkeypatch):
+    """A process writes the partial texts of all its streaming replies in one
+    statement an interval, not one statement per reply."""
+    real = services.replies_materialize
+    statements = []
+
+    def counting_materialize(*, checkpoints):
+        statements.append(dict(checkpoints))
+        return real(checkpoints=checkpoints)
+
+    monkeypatch.setattr(services, "replies_materialize", counting_materialize)
+    fast_streams.STREAM_MATERIALIZE_S = 0.2
+    script = [f"t{i} " for i in range(60)]
+    fake_gateway.script = script
+    fake_gateway.delay_s = 0.02  # ~1.2 s a reply: several intervals
+    replies = [await new_reply(alice) for _ in range(4)]
+    tasks = [turns.start_reply(reply.id) for reply in replies]
+    readers = [asyncio.ensure_future(read_stream(open_stream(reply.id, user=alice))) for reply in replies]
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 30) == ["complete"] * 4
+    for reader in readers:
+        _, raw = await asyncio.wait_for(reader, 10)
+        assert text_of(raw) == "".join(script)
+    assert max(len(checkpoints) for checkpoints in statements) == 4, statements
+    # Each statement held the text and sequence number of one moment.
+    for checkpoints in statements:
+        for content, seq in checkpoints.values():
+            assert content == "".join(script[:seq - 1])  # the first event is the status
+    for reply in replies:
+        stored = await load(reply.id)
+        assert (stored.status, stored.content) == ("complete", "".join(script))
 
 
 async def test_a_reply_whose_log_cannot_be_written_ends_as_an_error_and_frees_the_model(alice, fake_gateway,
