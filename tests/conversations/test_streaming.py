@@ -282,6 +282,37 @@ async def test_replies_streaming_together_are_checkpointed_in_one_statement(alic
         assert (stored.status, stored.content) == ("complete", "".join(script))
 
 
+async def test_a_failed_checkpoint_is_written_again_with_newer_text_and_the_reply_goes_on(alice, fake_gateway,
+                                                                                       fast_streams, monkeypatch):
+    from django.db import OperationalError
+
+    real = services.replies_materialize
+    statements = []
+
+    def failing_once(*, checkpoints):
+        statements.append(dict(checkpoints))
+        if len(statements) == 1:
+            raise OperationalError("terminating connection due to administrator command")
+        return real(checkpoints=checkpoints)
+
+    monkeypatch.setattr(services, "replies_materialize", failing_once)
+    fast_streams.STREAM_MATERIALIZE_S = 0.1
+    script = [f"t{i} " for i in range(100)]
+    fake_gateway.script = script
+    fake_gateway.delay_s = 0.02  # ~2 s: many intervals
+    reply = await new_reply(alice)
+    task = turns.start_reply(reply.id)
+    reader = asyncio.ensure_future(read_stream(open_stream(reply.id, user=alice)))
+    assert await asyncio.wait_for(task, 30) == "complete"
+    _, raw = await asyncio.wait_for(reader, 10)
+    assert text_of(raw) == "".join(script)
+    [(_, failed_seq)] = statements[0].values()
+    [(_, next_seq)] = statements[1].values()
+    assert next_seq > failed_seq
+    stored = await load(reply.id)
+    assert (stored.status, stored.content) == ("complete", "".join(script))
+
+
 async def test_a_reply_whose_log_cannot_be_written_ends_as_an_error_and_frees_the_model(alice, fake_gateway,
                                                                                        fast_streams):
     """The status event is written beside the gateway's admission: when Redis
