@@ -333,8 +333,10 @@ class _Checkpoints:
     every reply that has new text and whose first token (or last checkpoint)
     is at least an interval old. With a statement per reply, 32 replies
     streaming were 32 UPDATEs a second (each a commit, a WAL flush and a trip
-    to a database thread); the same turns through the chat page ran 2-4%
-    faster with a fifth of them (docs/BENCHMARKS.md, "Checkpoints together").
+    to a database thread, queued with the new chats' saves): with one, 32
+    chats at once through the chat page ran 4.4% faster, and a chat every
+    250 ms had its first token 19 ms sooner (docs/BENCHMARKS.md,
+    "Checkpoints together").
 
     Written beside the stream: a slow or stuck database delays checkpoints,
     never tokens, and the next statement waits for the one in flight instead
