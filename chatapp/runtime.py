@@ -116,7 +116,7 @@ def check_request_pool(alias: str = "default") -> None:
     """Replace every dead idle connection of the request pool now.
 
     After a database restart all of them are dead. The pool's own check on
-    borrowing (CONN_HEALTH_CHECKS) discards them one per attempt, with a
+    borrowing (chatapp.db_pool) discards them one per attempt, with a
     back-off that doubles from one second, so a pool of 20 would outlast
     DB_POOL_TIMEOUT_S. Called by the database threads when they find their
     connection dead, and by the reply keeper every REPLY_HEARTBEAT_S; one

@@ -230,6 +230,8 @@ TEMPLATES = [
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    # Django's PostgreSQL backend, with the pool check of chatapp.dbbackend.
+    DATABASES["default"]["ENGINE"] = "chatapp.dbbackend"
 else:
     DATABASES = {
         "default": {
@@ -253,12 +255,13 @@ if DB_POOL_MAX_SIZE:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": min(2, DB_POOL_MAX_SIZE), "max_size": DB_POOL_MAX_SIZE, "timeout": DB_POOL_TIMEOUT_S,
     }
-# Django hands this to the pool as its `check` (psycopg_pool's
-# check_connection): every borrowed connection is checked first, one empty
-# round trip (tens of microseconds on a local socket). After a database
-# restart the pool's idle connections are all dead, and without the check each
-# would fail a request before the pool noticed. Without a pool: checked once
-# per request before its first query.
+# Every connection the pool lends is checked first: after a database restart
+# the pool's idle connections are all dead, and without the check each would
+# fail a request before the pool noticed. The backend (chatapp.dbbackend)
+# gives the pool chatapp.db_pool's check, which makes a round trip only when
+# the server has written to the idle connection (a dead one always has), not
+# on every loan as psycopg_pool's own. Without a pool: Django checks each
+# request's connection before its first query.
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
