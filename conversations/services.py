@@ -155,8 +155,7 @@ def conversation_start(*, user, text: str, model: str = "", system_prompt: str =
     # saves the UPDATE that a new chat's first turn otherwise needs.
     conversation.current_leaf_id = reply.id
     conversation.save()
-    user_message.save()
-    reply.save()
+    _save_turn(user_message, reply)
     return reply
 
 
@@ -229,6 +228,13 @@ def preferences_update(*, user, custom_instructions: str) -> ChatPreferences:
     return prefs
 
 
+def _save_turn(user_message: Message, reply: Message) -> None:
+    """The user's message and the reply's placeholder in one INSERT: beside a
+    busy engine each statement is a round trip that waits for a core
+    (Message has no save() of its own nor signals that bulk_create skips)."""
+    Message.objects.bulk_create([user_message, reply])
+
+
 def _placeholder(conversation: Conversation, parent: Message) -> Message:
     reply = _new_placeholder(conversation, parent)
     reply.save()
@@ -260,7 +266,9 @@ def message_send(*, conversation: Conversation, text: str, parent: Message | Non
     """Save the user's message and an assistant placeholder together, so a crash
     never loses what the user typed; returns the placeholder (the reply)."""
     text = check_message_text(text)
-    conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    # The leaf (the new message's parent) comes with the locked row: one round trip, not two.
+    conversation = Conversation.objects.select_for_update(of=("self",)).select_related("current_leaf").get(
+        pk=conversation.pk)
     _check_idle(conversation)
     if parent is None and conversation.current_leaf_id:
         parent = conversation.current_leaf
@@ -271,10 +279,9 @@ def _append_turn(conversation: Conversation, text: str, *, parent: Message | Non
     """The user's message under `parent` and the reply's placeholder under it;
     the conversation's leaf (and, on its first message, its fallback title) in
     one update."""
-    user_message = Message.objects.create(
-        conversation=conversation, parent=parent, role=Message.Role.USER, content=text
-    )
-    reply = _placeholder(conversation, user_message)
+    user_message = Message(conversation=conversation, parent=parent, role=Message.Role.USER, content=text)
+    reply = _new_placeholder(conversation, user_message)
+    _save_turn(user_message, reply)
     fields = ["current_leaf", "updated_at"]
     if not conversation.title:
         conversation.title = fallback_title(text)
@@ -293,10 +300,9 @@ def message_edit(*, message: Message, text: str) -> Message:
     text = check_message_text(text)
     conversation = Conversation.objects.select_for_update().get(pk=message.conversation_id)
     _check_idle(conversation)
-    edited = Message.objects.create(
-        conversation=conversation, parent=message.parent, role=Message.Role.USER, content=text
-    )
-    reply = _placeholder(conversation, edited)
+    edited = Message(conversation=conversation, parent=message.parent, role=Message.Role.USER, content=text)
+    reply = _new_placeholder(conversation, edited)
+    _save_turn(edited, reply)
     _set_leaf(conversation, reply)
     return reply
 

@@ -24,6 +24,30 @@ def test_send_saves_user_message_and_pending_placeholder_together(conversation):
     assert conversation.title == "Hello there" and conversation.title_source == "fallback"
 
 
+def _statements(fn, **kwargs):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries:
+        result = fn(**kwargs)
+    return result, [q["sql"].split()[0] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]
+
+
+def test_a_turn_is_saved_in_as_few_statements_as_it_takes(alice, conversation):
+    """Beside a busy engine every statement is a round trip that waits for a
+    core: the user's message and the reply go in one INSERT, and the
+    conversation's leaf comes with its locked row."""
+    reply, statements = _statements(services.conversation_start, user=alice, text="first")
+    assert statements == ["INSERT", "INSERT"]  # the conversation; both messages
+    assert reply.parent.role == "user" and Message.objects.filter(conversation=reply.conversation).count() == 2
+    services.reply_finish(reply_id=reply.id, status="complete", content="ok", stream_seq=2)
+    second, statements = _statements(services.message_send, conversation=reply.conversation, text="second")
+    assert statements == ["SELECT", "SELECT", "INSERT", "UPDATE"]  # the locked chat with its leaf; idle?; turn; leaf
+    assert second.parent.parent_id == reply.id and second.parent.content == "second"
+    conversation = Conversation.objects.get(id=reply.conversation_id)
+    assert conversation.current_leaf_id == second.id
+
+
 def test_it_rejects_empty_and_overlong_messages(conversation, settings):
     settings.CHAT_MAX_MESSAGE_CHARS = 10
     with pytest.raises(ValidationError, match="Write a message"):
