@@ -2,10 +2,12 @@
 
 `generate_reply` reads top to bottom as the turn's stages:
 
-1. admit            the placeholder goes pending → streaming, once (`admit`);
+1. admit            the placeholder goes pending → streaming, once (`admit`;
+                    for a turn whose context came with it, beside the
+                    gateway's admission, and its first event waits for it);
 2. build context    system prompt, running summary and the newest messages
                     that fit the window (`conversations.context`, in the same
-                    database trip as admit);
+                    database trip as the turn's save, or as admit);
 3. gateway          `gateway.client.current().stream(request)`, which runs, for
                     every caller (these pages, the API, background tasks):
                     moderate input → quota → cache → route → fallback →
@@ -85,6 +87,14 @@ async def generate_reply(reply_id, request: ChatRequest | None = None) -> str:
     """Run a turn from its pending placeholder to a terminal status; returns
     the status (or GONE). `request`: already built by `create_and_prepare`."""
     log_ = ReplyLog(reply_id)
+    started = None
+    if request is not None:
+        # Built with the turn, so still pending: the move to streaming (a
+        # round trip that waits for a core beside a busy engine) runs beside
+        # the gateway's admission, and the first event waits for it.
+        started = asyncio.ensure_future(on_db_thread(services.reply_start)(
+            reply_id=reply_id, request_id=request.request_id))
+        started.add_done_callback(_retrieved)
     admitted = await admit(reply_id, request)
     if isinstance(admitted, Outcome):  # the context could not be built
         return await settle(log_, admitted)
@@ -96,7 +106,9 @@ async def generate_reply(reply_id, request: ChatRequest | None = None) -> str:
     # (73-107 ms p50 from the task's start to the gateway, 32 at once).
     published = log_.emit_nowait("status", {"status": Status.STREAMING})
     published.add_done_callback(_retrieved)  # a failure is handled where it is awaited, or not at all
-    outcome = await generate(log_, admitted, published)
+    outcome = await generate(log_, admitted, published, started)
+    if outcome.gone:
+        return GONE
     status = await settle(log_, outcome)
     await after_reply(reply_id, status)
     if outcome.cancelled:
@@ -113,6 +125,7 @@ class Outcome:
     blocked: bool = False  # the prompt failed moderation
     cut_short: str | None = None  # Status.STOPPED or Status.INTERRUPTED, decided by the watcher
     cancelled: bool = False  # the task itself was cancelled (shutdown)
+    gone: bool = False  # the reply was deleted or ended before it could start: nothing to store
     ended: bool = False  # the generation is over: the watcher must decide nothing more
 
 
@@ -138,10 +151,9 @@ def status_from_outcome(outcome: Outcome) -> tuple[str, str]:
 
 # ------------------------------------------------------------ 1-2. admit, build context
 
-def _prepare(reply_id, reply: Message | None = None) -> ChatRequest | None:
-    """Context and pending → streaming in one trip to a database thread
-    (`reply`: the placeholder just saved by this thread, not read back)."""
-    request = build_request(reply_id=reply_id, reply=reply)
+def _prepare(reply_id) -> ChatRequest | None:
+    """Context and pending → streaming in one trip to a database thread."""
+    request = build_request(reply_id=reply_id)
     if request is None or not services.reply_start(reply_id=reply_id, request_id=request.request_id):
         return None
     return request
@@ -153,10 +165,12 @@ def create_and_prepare(create, /, **kwargs):
     database thread, so the reply task starts generating at once instead of
     queueing for a thread again (behind the page render, in a burst).
     Returns (reply, request); request is None when it could not be built here,
-    and the task then builds it itself and reports any error on the reply."""
+    and the task then builds it itself and reports any error on the reply.
+    The reply stays pending: its task moves it to streaming (`generate_reply`)."""
     reply = create(**kwargs)
     try:
-        request = _prepare(reply.id, reply)
+        # `reply`: the placeholder just saved by this thread, not read back.
+        request = build_request(reply_id=reply.id, reply=reply)
     except Exception:
         request = None
     return reply, request
@@ -194,14 +208,16 @@ def _retrieved(future: asyncio.Future) -> None:
         future.exception()
 
 
-async def generate(log_: ReplyLog, request: ChatRequest, published: asyncio.Future | None = None) -> Outcome:
+async def generate(log_: ReplyLog, request: ChatRequest, published: asyncio.Future | None = None,
+                   started: asyncio.Future | None = None) -> Outcome:
     """Stream the reply from the gateway into the log, with the Stop watcher
-    beside it. `published`: the status event queued before it, awaited
-    before anything the gateway sends is relayed."""
+    beside it. `published`: the status event queued before it; `started`:
+    the reply's move to streaming (`services.reply_start`), when it runs
+    beside it; both awaited before anything the gateway sends is relayed."""
     outcome = Outcome()
     watcher = asyncio.create_task(_watch(log_.reply_id, request.request_id, outcome))
     try:
-        await _relay(log_, request, outcome, published)
+        await _relay(log_, request, outcome, published, started)
     except Blocked as exc:
         outcome.error, outcome.blocked = exc.message, True
     except GatewayError as exc:
@@ -222,11 +238,22 @@ async def generate(log_: ReplyLog, request: ChatRequest, published: asyncio.Futu
     return outcome
 
 
-async def _relay(log_: ReplyLog, request: ChatRequest, outcome: Outcome, published: asyncio.Future | None) -> None:
+async def _relay(log_: ReplyLog, request: ChatRequest, outcome: Outcome, published: asyncio.Future | None,
+                 started: asyncio.Future | None) -> None:
     gateway = gateway_client.current()
     late_tokens = 0  # tokens that arrived after Stop/interrupt was decided
     async with aclosing(gateway.stream(request)) as events:
         async for event in events:
+            if started is not None:
+                try:
+                    outcome.gone = not await started
+                except Exception as exc:  # closing the stream aborts the generation
+                    log.exception("starting %s", log_.reply_id)
+                    outcome.error = _context_error(exc)
+                    return
+                if outcome.gone:
+                    return
+                started = None
             if published is not None:
                 try:
                     await published

@@ -497,3 +497,46 @@ async def test_the_site_authenticates_a_stream_by_its_session_cookie(alice, bob,
     assert await status_for(await session_cookie(bob)) == 404
     assert await status_for("not-a-session") == 404
     assert await status_for(None) == 404
+
+
+async def test_a_new_chat_moves_to_streaming_beside_the_gateway_and_shows_nothing_before(
+        alice, fake_gateway, fast_streams, monkeypatch):
+    """The page's path: the turn is saved and its request built in one trip
+    (the reply still pending); the task's move to streaming runs beside the
+    gateway's admission, and no token is shown before it is stored."""
+    real_start = services.reply_start
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_start(**kwargs):
+        import time
+        time.sleep(0.3)  # the database thread, held: the gateway's tokens are ready long before
+        try:
+            return real_start(**kwargs)
+        finally:
+            loop.call_soon_threadsafe(done.set)
+
+    monkeypatch.setattr(services, "reply_start", slow_start)
+    reply, prepared = await sync_to_async(turns.create_and_prepare)(services.conversation_start, user=alice,
+                                                                     text="hello")
+    assert prepared is not None and (await load(reply.id)).status == "pending"
+    task = turns.start_reply(reply.id, prepared)
+    while not done.is_set():
+        assert not any(e.event == "token" for e in await streams.read_after(reply.id, 0))
+        await asyncio.sleep(0.02)
+    assert await asyncio.wait_for(task, 10) == "complete"
+    stored = await load(reply.id)
+    assert (stored.status, stored.content) == ("complete", "Hello, world!")
+    assert stored.request_id == prepared.request_id
+
+
+async def test_a_new_chat_deleted_before_its_reply_started_generates_nothing_for_it(
+        alice, fake_gateway, fast_streams):
+    fake_gateway.script = [f"t{i} " for i in range(300)]
+    fake_gateway.delay_s = 0.01
+    reply, prepared = await sync_to_async(turns.create_and_prepare)(services.conversation_start, user=alice,
+                                                                     text="hello")
+    await sync_to_async(services.conversation_delete)(conversation=reply.conversation)
+    assert await asyncio.wait_for(turns.generate_reply(reply.id, prepared), 5) == turns.GONE
+    assert fake_gateway.yielded and fake_gateway.yielded[-1] < 20  # its stream was closed at the first token
+    assert not any(e.event == "token" for e in await streams.read_after(reply.id, 0))
