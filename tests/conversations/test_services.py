@@ -130,6 +130,26 @@ def test_every_terminal_status_is_recorded_once(conversation, status):
     assert reply.finished_at is not None
 
 
+def test_checkpoints_of_many_replies_keep_every_text_exactly(alice, conversation):
+    """One statement for many replies (three arrays joined by position): texts
+    that an array's quoting could mangle come back as written, each with its
+    own sequence number, and a reply not streaming is left alone."""
+    texts = ['say "hi", {not, a set}', "back\\slash \\\" and NULL", "", "línea\nnueva\tété 🚀", "NULL"]
+    replies = []
+    for text in texts:
+        reply = services.conversation_start(user=alice, text="q")
+        services.reply_start(reply_id=reply.id, request_id="r")
+        replies.append(reply)
+    pending = services.message_send(conversation=conversation, text="not started")
+    checkpoints = {reply.id: (text, 10 + i) for i, (reply, text) in enumerate(zip(replies, texts))}
+    assert services.replies_materialize(checkpoints={**checkpoints, pending.id: ("never", 99)}) == len(texts)
+    stored = {m.id: (m.content, m.stream_seq) for m in Message.objects.filter(id__in=checkpoints)}
+    assert stored == checkpoints
+    pending.refresh_from_db()
+    assert (pending.status, pending.content, pending.stream_seq) == ("pending", "", 0)
+    assert services.replies_materialize(checkpoints={}) == 0
+
+
 def test_reaper_marks_stale_replies_interrupted_and_keeps_partial_text(conversation, settings):
     streaming = services.message_send(conversation=conversation, text="hi")
     services.reply_start(reply_id=streaming.id, request_id="r")
