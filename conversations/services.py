@@ -17,6 +17,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import Q
+from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from conversations import streams
@@ -140,10 +141,9 @@ def _new_conversation(*, user, model: str, system_prompt: str, temporary: bool) 
     return conversation
 
 
-@transaction.atomic
 def conversation_start(*, user, text: str, model: str = "", system_prompt: str = "", temporary: bool = False) -> Message:
     """A new chat with its first message and the reply's placeholder, in one
-    transaction: a bad message leaves no empty conversation behind. Returns the
+    statement: a bad message leaves no empty conversation behind. Returns the
     placeholder (the reply)."""
     text = check_message_text(text)
     conversation = _new_conversation(user=user, model=model, system_prompt=system_prompt, temporary=temporary)
@@ -154,9 +154,36 @@ def conversation_start(*, user, text: str, model: str = "", system_prompt: str =
     # checked at commit on PostgreSQL (DEFERRABLE INITIALLY DEFERRED), which
     # saves the UPDATE that a new chat's first turn otherwise needs.
     conversation.current_leaf_id = reply.id
-    conversation.save()
-    _save_turn(user_message, reply)
+    _insert_in_one_statement((Conversation, [conversation]), (Message, [user_message, reply]))
     return reply
+
+
+def _insert_in_one_statement(*batches: tuple[type, list]) -> None:
+    """New rows of several models as one statement, each model's INSERT (as
+    bulk_create compiles it) a data-modifying CTE of the last one's.
+
+    One statement is atomic without a transaction around it, whose BEGIN and
+    COMMIT psycopg sends as round trips of their own: a new chat's rows went
+    in four round trips (BEGIN, two INSERTs, COMMIT), each of which waits for
+    a core beside a busy engine. Deferred foreign keys are checked at the
+    statement's end, when every row exists; inside an outer transaction it is
+    one statement of it."""
+    parts, params = [], []
+    for model, objs in batches:
+        for obj in objs:
+            obj._prepare_related_fields_for_save(operation_name="bulk_create")
+        query = InsertQuery(model)
+        query.insert_values(model._meta.local_concrete_fields, objs)
+        ((sql, values),) = query.get_compiler(connection=connection).as_sql()
+        parts.append(sql)
+        params.extend(values)
+    *ctes, last = parts
+    statement = "WITH " + ", ".join(f"rows_{i} AS ({sql})" for i, sql in enumerate(ctes)) + " " + last
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+    for _, objs in batches:
+        for obj in objs:
+            obj._state.adding, obj._state.db = False, connection.alias
 
 
 @transaction.atomic

@@ -38,7 +38,7 @@ def test_a_turn_is_saved_in_as_few_statements_as_it_takes(alice, conversation):
     core: the user's message and the reply go in one INSERT, and the
     conversation's leaf comes with its locked row."""
     reply, statements = _statements(services.conversation_start, user=alice, text="first")
-    assert statements == ["INSERT", "INSERT"]  # the conversation; both messages
+    assert statements == ["WITH"]  # the conversation and both messages, one INSERT each, in one statement
     assert reply.parent.role == "user" and Message.objects.filter(conversation=reply.conversation).count() == 2
     services.reply_finish(reply_id=reply.id, status="complete", content="ok", stream_seq=2)
     second, statements = _statements(services.message_send, conversation=reply.conversation, text="second")
@@ -46,6 +46,32 @@ def test_a_turn_is_saved_in_as_few_statements_as_it_takes(alice, conversation):
     assert second.parent.parent_id == reply.id and second.parent.content == "second"
     conversation = Conversation.objects.get(id=reply.conversation_id)
     assert conversation.current_leaf_id == second.id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_chat_whose_rows_fail_leaves_nothing_behind(alice, fake_gateway, monkeypatch):
+    """Its rows are one statement, with no transaction around it: a row that
+    fails (here a reply under a message that does not exist, which the
+    deferred foreign key refuses at the statement's end) takes the others with it."""
+    import uuid
+
+    from django.db import IntegrityError
+
+    real = services._new_placeholder
+
+    def orphan(conversation, parent):
+        reply = real(conversation, parent)
+        reply.parent_id = uuid.uuid4()
+        return reply
+
+    monkeypatch.setattr(services, "_new_placeholder", orphan)
+    with pytest.raises(IntegrityError):
+        services.conversation_start(user=alice, text="lost")
+    assert not Conversation.objects.filter(user=alice).exists()
+    assert not Message.objects.filter(content="lost").exists()
+    monkeypatch.setattr(services, "_new_placeholder", real)
+    reply = services.conversation_start(user=alice, text="kept")
+    assert Message.objects.get(id=reply.id).parent.content == "kept"
 
 
 def test_it_rejects_empty_and_overlong_messages(conversation, settings):
