@@ -26,15 +26,20 @@ def round_trips(monkeypatch):
     return seen
 
 
-def _connect() -> psycopg.Connection:
+def _params() -> dict:
     params = connection.get_connection_params()
     params.pop("pool", None)
-    return psycopg.connect(**params, autocommit=True)
+    return params
 
 
-def _terminate(conn: psycopg.Connection) -> None:
+def _connect() -> psycopg.Connection:
+    return psycopg.connect(**_params(), autocommit=True)
+
+
+def _terminate(backend_pid: int) -> None:
+    """End a connection from the server's side, as a restart does, and wait until it is gone."""
     with _connect() as other:
-        assert other.execute("SELECT pg_terminate_backend(%s, 5000)", [conn.info.backend_pid]).fetchone()[0]
+        assert other.execute("SELECT pg_terminate_backend(%s, 5000)", [backend_pid]).fetchone()[0]
 
 
 def test_a_healthy_idle_connection_is_lent_without_a_round_trip(round_trips):
@@ -47,7 +52,7 @@ def test_a_healthy_idle_connection_is_lent_without_a_round_trip(round_trips):
 
 def test_a_connection_the_server_ended_is_refused(round_trips):
     with _connect() as conn:
-        _terminate(conn)
+        _terminate(conn.info.backend_pid)
         with pytest.raises(psycopg.OperationalError):
             check_lent_connection(conn)
         assert round_trips == [conn]
@@ -80,14 +85,11 @@ def test_a_harmless_message_costs_a_round_trip_and_keeps_the_connection(round_tr
 def test_the_pool_replaces_a_connection_that_died_while_idle(round_trips):
     """What a database restart leaves in the pool: the loan after it gets a
     working connection, not the dead one."""
-    params = connection.get_connection_params()
-    params.pop("pool", None)
-    with ConnectionPool(kwargs={**params, "autocommit": True}, min_size=1, max_size=1,
+    with ConnectionPool(kwargs={**_params(), "autocommit": True}, min_size=1, max_size=1,
                         check=check_lent_connection, open=True) as pool:
         with pool.connection(timeout=30) as conn:
             dead_pid = conn.info.backend_pid
-        with _connect() as other:
-            assert other.execute("SELECT pg_terminate_backend(%s, 5000)", [dead_pid]).fetchone()[0]
+        _terminate(dead_pid)
         with pool.connection(timeout=30) as conn:
             assert conn.info.backend_pid != dead_pid
             assert conn.execute("SELECT 1").fetchone() == (1,)
