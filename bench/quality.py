@@ -51,7 +51,9 @@ VARIANTS = [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("fp16", 
             ("int8 weight-only, CUDA path (dequantized)", "float32", "dequantized"),
             ("int4 weight-only, groups of 32 (bf16 activations)", "float32", "int4_weight_only"),
             ("int4 weight-only, CUDA path (dequantized)", "float32", "int4_dequantized"),
-            ("bf16 weights (fp32 activations and sums)", "float32", "bf16_weight_only")]
+            ("bf16 weights (fp32 activations and sums)", "float32", "bf16_weight_only"),
+            # EngineConfig.bf16_prompts: teacher-forced, every position is a prompt row.
+            ("bf16 weights, prompts in bf16 (their matmuls' inputs and outputs rounded)", "float32", "bf16_prompts")]
 # The rows with no CPU engine path of their own (the engine on CPU runs the CPU kernels).
 NO_ENGINE = ("dequantized", "int4_dequantized")
 # A format may be a default only if, on the text and against fp32, perplexity
@@ -89,7 +91,7 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         self.bias = linear.bias
         self.quantization = quantization
-        if quantization == "bf16_weight_only":
+        if quantization in ("bf16_weight_only", "bf16_prompts"):
             self.weight_rounded = linear.weight.detach().bfloat16().float()  # a copy: a tied embedding stays fp32
         elif quantization in ("int4_weight_only", "int4_dequantized"):
             codes, scales_offsets = quantize_weight_int4(linear.weight)
@@ -105,6 +107,9 @@ class QuantLinear(torch.nn.Module):
         x = x.reshape(-1, shape[-1])
         if self.quantization == "bf16_weight_only":
             out = F.linear(x, self.weight_rounded, self.bias)
+        elif self.quantization == "bf16_prompts":  # as inference.llama.bf16_block_linear (no bias in SmolLM2)
+            out = F.linear(x.bfloat16().float(), self.weight_rounded).bfloat16().float()
+            out = out if self.bias is None else out + self.bias
         elif self.quantization == "int4_weight_only":
             out = int4_linear(x, self.weight_int4, self.scales_offsets, self.bias)
         elif self.quantization == "int4_dequantized":
@@ -125,9 +130,13 @@ def hf_variant(model, dtype: str, quantization: str):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
                     # The engine keeps the lm_head at int8 weight-only under int4 (inference.quantization).
-                    head = name == "lm_head" and quantization.startswith("int4")
-                    kind = ("int8_weight_only" if quantization == "int4_weight_only" else "dequantized") if head \
-                        else quantization
+                    head = name == "lm_head" and (quantization.startswith("int4") or quantization == "bf16_prompts")
+                    if head and quantization == "bf16_prompts":
+                        kind = "bf16_weight_only"  # the lm_head keeps fp32 activations
+                    elif head:
+                        kind = "int8_weight_only" if quantization == "int4_weight_only" else "dequantized"
+                    else:
+                        kind = quantization
                     setattr(parent, name, QuantLinear(child, kind))
     return variant.eval()
 
@@ -142,7 +151,9 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
 
 
 def greedy_outputs(model_dir: str, dtype: str, quantization: str, prompts: list[list[int]]) -> list[list[int]]:
-    config = EngineConfig(dtype=dtype, quantization=quantization, kv_cache_bytes=64 * 2**20)
+    prompts_bf16 = quantization == "bf16_prompts"
+    config = EngineConfig(dtype=dtype, quantization="bf16_weight_only" if prompts_bf16 else quantization,
+                          bf16_prompts=prompts_bf16, kv_cache_bytes=64 * 2**20)
     with Engine.from_pretrained(model_dir, config) as engine:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
         return [c.token_ids for c in engine.generate(prompts, params)]
@@ -152,7 +163,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def measure(model_dir: str) -> list[dict]:
+def measure(model_dir: str, only: set[str] | None = None) -> list[dict]:
+    """Every variant's row, or those named in `only` ("dtype:quantization"; fp32's always, first: the reference)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     text_ids = tokenizer.encode(TEXT.read_text())
@@ -161,6 +173,8 @@ def measure(model_dir: str) -> list[dict]:
                for p in HELD_OUT_PROMPTS]
     rows, reference = [], None
     for label, dtype, quantization in VARIANTS:
+        if only and rows and f"{dtype}:{quantization}" not in only:
+            continue
         logits = text_logits(hf_variant(model, dtype, quantization), text_ids)
         ppl, top1 = perplexity(logits, text_ids), logits.argmax(-1)
         # The dequantized (CUDA) path has no CPU engine to run: the CPU takes the int8-weight kernel.
@@ -229,10 +243,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models-dir", default="var/models")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--only", default="", help="comma-separated dtype:quantization variants (e.g. "
+                        "float32:bf16_prompts); fp32 is always measured; implies --no-write")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = measure(resolve_model("bundled:smollm2", Path(args.models_dir)))
-    if not args.no_write:
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    rows = measure(resolve_model("bundled:smollm2", Path(args.models_dir)), only or None)
+    if not args.no_write and not only:
         replace_section(BENCHMARKS, HEADING, render(rows, "python -m bench.quality"))
         print(f"wrote the section to {BENCHMARKS}")
 

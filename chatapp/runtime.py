@@ -399,6 +399,7 @@ def engine_config(spec: dict):
         device=settings.ENGINE_DEVICE,
         dtype=settings.ENGINE_DTYPE,
         quantization=settings.ENGINE_QUANTIZATION,
+        bf16_prompts=settings.ENGINE_BF16_PROMPTS,
         kv_cache_bytes=int(spec["kv_cache_mb"]) * 2**20,
         max_num_seqs=int(spec["max_num_seqs"]),
         max_num_batched_tokens=int(spec["max_num_batched_tokens"]),

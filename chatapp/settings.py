@@ -365,6 +365,13 @@ ENGINE_DEVICE = env_choice("ENGINE_DEVICE", "auto", {"auto", "cpu", "cuda"})
 ENGINE_DTYPE = env_choice("ENGINE_DTYPE", "auto", {"auto", "float32", "bfloat16", "float16"})
 # int8 loses 2.4% perplexity on SmolLM2 (docs/BENCHMARKS.md): opt-in, not the default.
 ENGINE_QUANTIZATION = env_choice("ENGINE_QUANTIZATION", "none", {"none", "int8", "int8_weight_only", "int4_weight_only", "bf16_weight_only"})
+# Under bf16 weights (what ENGINE_DTYPE=auto picks on the two CPUs measured):
+# the prompt's tokens multiply in bf16 on oneDNN (AMX, AVX512-BF16), generated
+# tokens keep fp32 activations. "auto": timed at start with ENGINE_DTYPE=auto.
+# A 60-token prompt's prefill 80 -> 42 ms on the 2-core AMX Xeon
+# (docs/BENCHMARKS.md "Prompts in bf16").
+ENGINE_BF16_PROMPTS = {"auto": None, "true": True, "false": False}[
+    env_choice("ENGINE_BF16_PROMPTS", "auto", {"auto", "true", "false"})]
 ENGINE_DEFAULTS = {
     "kv_cache_mb": env_int("ENGINE_KV_CACHE_MB", 512, min_value=1),
     "max_num_seqs": env_int("ENGINE_MAX_NUM_SEQS", 32, min_value=1),

@@ -67,6 +67,21 @@ class EngineConfig:
     # rounded weights in fp32, so batched still equals alone as in fp32;
     # "none": weights as loaded (inference.quantization, docs/BENCHMARKS.md).
     quantization: str = "none"
+    # Under "bf16_weight_only" on the CPU: the prompt's tokens (by position,
+    # whatever chunk or step carries them) multiply bf16 activations by bf16
+    # weights in oneDNN (AMX or AVX512-BF16) in blocks of bf16_prompt_block
+    # rows, summed in fp32; generated tokens keep fp32 activations. On the
+    # 2-core AMX Xeon a 64-token prompt's layer matmuls took 29.7 against
+    # 83.1 ms, 512 tokens' 172 against 374 ms (docs/BENCHMARKS.md "Prompts in
+    # bf16"). Costs a packed bf16 copy of the layer weights (214 MB for
+    # SmolLM2-135M). None: dtype "auto" decides by timing it at start (off
+    # otherwise); True needs quantization "bf16_weight_only".
+    bf16_prompts: bool | None = None
+    # Rows per oneDNN call of the prompt rows: a row's bits depend on the
+    # call's row count, so it is fixed (inference.llama.bf16_block_linear).
+    # 64 took 27-30 ms for prompts of 8 to 64 tokens, 128 took 36-39 ms there
+    # and less beyond 100 tokens (the AMX Xeon).
+    bf16_prompt_block: int = 64
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
     # gpu_memory_fraction of the memory free after the weights are loaded.
     kv_cache_bytes: int | None = None
@@ -154,6 +169,11 @@ class EngineConfig:
             if self.dtype != "float32":
                 raise ValueError(f"quantization bf16_weight_only keeps fp32 activations: dtype must be float32 "
                                  f"or auto, not {self.dtype}")
+        if self.bf16_prompts:
+            if self.quantization != "bf16_weight_only" or not self.device.startswith("cpu"):
+                raise ValueError("bf16_prompts needs quantization bf16_weight_only (on the CPU)")
+        if self.bf16_prompt_block < 1:
+            raise ValueError("bf16_prompt_block must be >= 1")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1:

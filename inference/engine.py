@@ -97,13 +97,14 @@ class Engine:
                 # The runner loads the same library (once per process) and runs these rows there.
                 if self.config.small_linear_rows > 0 and load_kernels(self.config.kernel_dir):
                     small_rows = min(self.config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
-            self.format_report = choose_cpu_format(model, self.tokenizer,
-                                                   pack_fp32="" if packer == "none" else packer,
-                                                   small_rows=small_rows)
+            self.format_report = choose_cpu_format(
+                model, self.tokenizer, pack_fp32="" if packer == "none" else packer, small_rows=small_rows,
+                prompt_block=self.config.bf16_prompt_block if self.config.bf16_prompts is None else 0)
             # quantization is "none" here whenever small_rows is set: only then may the report pick bf16 weights.
-            self.config = dataclasses.replace(self.config, dtype=self.format_report.dtype,
-                                              quantization=self.format_report.quantization
-                                              if small_rows else self.config.quantization)
+            self.config = dataclasses.replace(
+                self.config, dtype=self.format_report.dtype,
+                quantization=self.format_report.quantization if small_rows else self.config.quantization,
+                bf16_prompts=self.format_report.bf16_prompts if small_rows else self.config.bf16_prompts)
         self.model_name = self.config.model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.runner = ModelRunner(model, self.config)
         self.released_weight_bytes = self.runner.release_float_weights() if owns_model else 0
@@ -240,6 +241,7 @@ class Engine:
             "weight_packing": self.runner.weight_packing,
             "attention_kernel": self.runner.net.attention_kernel,
             "small_linear_rows": self.runner.net.small_rows,
+            "bf16_prompts": self.runner.net.half_block > 0,
             "fused_ops": self.runner.net.fused_ops,
             "one_thread_rows": self.runner.step_threads.one_thread_rows,
             "running": len(self.scheduler.running),

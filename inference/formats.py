@@ -17,7 +17,13 @@ CPUs that emulate it, so the choice is measured, not assumed:
    weights rounded to bf16 (quantization "bf16_weight_only"), if its one-row
    matmuls are MIN_SPEEDUP faster, timed over a distinct copy of every
    layer's weight so that they stream from memory as in a decode step
-   (time_streamed_one_row), and it passes the same check.
+   (time_streamed_one_row), and it passes the same check;
+5. with bf16 weights chosen and a native bf16 flag: the prompt's rows in
+   bf16 blocks (EngineConfig.bf16_prompts), if a prompt's matmuls at
+   PROMPT_ROWS rows are MIN_SPEEDUP faster that way than in fp32 as it runs,
+   at each count, and the check passes with every linear layer's input,
+   weight and output rounded to bf16 (the check is teacher-forced: every
+   position is a prompt row there).
 
 No Django here. The engine calls choose_cpu_format before it builds its runner
 and keeps the report as Engine.format_report.
@@ -37,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from inference.model_runner import DTYPES
-from inference.packing import pack_weight, packed_matmul
+from inference.llama import bf16_block_linear
+from inference.packing import ONEDNN_PACKING, pack_weight, packed_matmul
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,11 @@ MIN_SPEEDUP = 1.10
 # (top-1 agreement 99.8%, perplexity -0.11%; bench.quality). It must be
 # MIN_SPEEDUP faster at one row and pass the same quality check.
 BF16_WEIGHTS = "bf16_weight_only"
+# EngineConfig.bf16_prompts, as the report names it.
+BF16_PROMPTS = "bf16_prompts"
+# Prompt lengths step 5 times: a short chat turn, and a long one in one step
+# (EngineConfig.max_num_batched_tokens' default is 512).
+PROMPT_ROWS = (64, 256)
 # Quality check against fp32, teacher-forced over every position of the fixed
 # prompts (about 70 positions for SmolLM2's tokenizer). On SmolLM2-135M bf16
 # measured 0.97 top-1 agreement and a mean KL(fp32 || bf16) of 0.002 nats, fp16
@@ -98,6 +110,9 @@ class FormatReport:
     quantization: str = "none"  # or BF16_WEIGHTS, chosen with dtype float32
     # One forward's one-row matmuls over weights streamed from memory, us: {format: us} (time_streamed_one_row).
     streamed_us: dict[str, float] = field(default_factory=dict)
+    # A prompt's matmuls at PROMPT_ROWS rows, us: {"float32" | BF16_PROMPTS: {rows: us}} (step 5).
+    prompt_us: dict[str, dict[int, float]] = field(default_factory=dict)
+    bf16_prompts: bool = False  # chosen with BF16_WEIGHTS (EngineConfig.bf16_prompts)
     seconds: float = 0.0  # how long choosing took
 
     def as_dict(self) -> dict:
@@ -110,6 +125,12 @@ class FormatReport:
         if self.small_rows:
             packed += f" (fp32 at <= {self.small_rows} rows in small_linear)"
         chosen = self.dtype if self.quantization == "none" else f"{self.dtype} with {self.quantization}"
+        if self.bf16_prompts:
+            chosen += ", prompts in bf16"
+        if self.prompt_us:
+            times += "; prompts at " + "/".join(map(str, PROMPT_ROWS)) + " rows: " + ", ".join(
+                f"{name} " + "/".join(f"{us / 1000:.2f}" for us in by_rows.values())
+                for name, by_rows in self.prompt_us.items())
         if self.streamed_us:
             times += "; one row streamed: " + ", ".join(f"{name} {us / 1000:.2f}"
                                                          for name, us in self.streamed_us.items())
@@ -224,6 +245,67 @@ def time_streamed_one_row(shapes: Counter, rounds: int = 6,
     return {name: round(seconds * 1e6, 1) for name, seconds in best.items()}
 
 
+def time_prompt_rows(shapes: Counter, block: int, rows=PROMPT_ROWS, pack_fp32: str = "", rounds: int = 10,
+                     budget_s: float = 0.3) -> dict[str, dict[int, float]]:
+    """A prompt's summed matmul time over the shapes (us) at each row count:
+    fp32 as the engine runs it (packed for pack_fp32, or F.linear), against
+    bf16 blocks of `block` rows (inference.llama.bf16_block_linear, oneDNN).
+    Interleaved, best of the rounds, as time_matmuls."""
+    best: dict[tuple, float] = {}
+    for (n_in, n_out) in shapes:
+        weight = (torch.randn(n_out, n_in) * 0.02).bfloat16()
+        widened = weight.float()
+        fp32_packed = pack_weight(widened, pack_fp32) if pack_fp32 else None
+        half_packed = pack_weight(weight, "onednn", rows=block)
+        cases = []
+        for n in rows:
+            x = torch.randn(n, n_in)
+            cases.append(("float32", n, lambda x=x: F.linear(x, widened) if fp32_packed is None
+                          else packed_matmul(x, fp32_packed, widened, pack_fp32)))
+            cases.append((BF16_PROMPTS, n, lambda x=x: bf16_block_linear(x, half_packed, None, block)))
+        for _name, _n, run in cases:
+            run()  # warm-up
+        deadline = time.perf_counter() + budget_s
+        for done in range(rounds):
+            if done >= 3 and time.perf_counter() > deadline:
+                break
+            for name, n, run in cases:
+                started = time.perf_counter()
+                run()
+                elapsed = time.perf_counter() - started
+                key = (name, n, n_in, n_out)
+                best[key] = min(best.get(key, elapsed), elapsed)
+    return {name: {n: round(sum(best[(name, n, i, o)] * count for (i, o), count in shapes.items()) * 1e6, 1)
+                   for n in rows} for name in ("float32", BF16_PROMPTS)}
+
+
+def bf16_prompts_gain(report: FormatReport) -> float:
+    """How much faster a prompt's matmuls run in bf16 blocks than in fp32, at
+    the row count where they gain least (0: not timed)."""
+    times = report.prompt_us
+    if not times.get(BF16_PROMPTS) or not times.get("float32"):
+        return 0.0
+    return min(times["float32"][n] / times[BF16_PROMPTS][n] for n in times["float32"])
+
+
+@contextlib.contextmanager
+def bf16_prompts_applied(model: torch.nn.Module):
+    """Every nn.Linear of the model answers as the engine's prompt rows do:
+    input and weight rounded to bf16, the product summed in fp32 and rounded
+    to bf16 (oneDNN's output), widened back; forward hooks as in
+    bf16_weights_applied."""
+    def rounded(module, args, _output):
+        y = F.linear(args[0].bfloat16().float(), module.weight.bfloat16().float()).bfloat16().float()
+        return y if module.bias is None else y + module.bias
+
+    handles = [m.register_forward_hook(rounded) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def fixed_prompts(model: torch.nn.Module, tokenizer=None) -> list[list[int]]:
     if tokenizer is not None:
         return [tokenizer.encode(text) for text in PROMPTS]
@@ -288,13 +370,15 @@ def bf16_weights_applied(model: torch.nn.Module):
 
 
 def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Path("/proc/cpuinfo"),
-                      pack_fp32: str = "", small_rows: int = 0) -> FormatReport:
+                      pack_fp32: str = "", small_rows: int = 0, prompt_block: int = 0) -> FormatReport:
     """Measure and choose; `model` is the fp32 model the engine will run (left
     unchanged). pack_fp32: the packer the engine will pack fp32 weights for
     (EngineConfig.pack_weights, inference.packing), so fp32 is timed packed;
     small_rows: fp32 steps of at most this many rows run in small_linear
     (EngineConfig.small_linear_rows, its library loaded), so they are timed
-    there, and fp32 with bf16 weights is a candidate (step 4 above)."""
+    there, and fp32 with bf16 weights is a candidate (step 4 above);
+    prompt_block: the rows per call of bf16 prompts (EngineConfig.
+    bf16_prompt_block), 0 when they are not to be considered (step 5)."""
     started = time.monotonic()
     cpu, flags = cpu_info(cpuinfo)
     report = FormatReport("float32", cpu, sorted(f for f in REPORTED_FLAGS if flags and f in flags),
@@ -331,6 +415,18 @@ def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Pa
             report.quality[BF16_WEIGHTS] = compare_logits(reference, prompt_logits(model, prompts))
         if report.quality[BF16_WEIGHTS]["passed"]:
             report.quantization = BF16_WEIGHTS
+    if report.quantization == BF16_WEIGHTS and prompt_block:
+        native = NATIVE_FLAGS["bfloat16"]
+        if not ONEDNN_PACKING:
+            report.skipped[BF16_PROMPTS] = "no oneDNN linear in this torch"
+        elif flags is not None and not any(f in flags for f in native):
+            report.skipped[BF16_PROMPTS] = f"no native support (none of {', '.join(native)})"
+        else:
+            report.prompt_us = time_prompt_rows(linear_shapes(model), prompt_block, pack_fp32=report.fp32_packed)
+            if bf16_prompts_gain(report) >= MIN_SPEEDUP:
+                with bf16_prompts_applied(model):
+                    report.quality[BF16_PROMPTS] = compare_logits(reference, prompt_logits(model, prompts))
+                report.bf16_prompts = report.quality[BF16_PROMPTS]["passed"]
     report.seconds = round(time.monotonic() - started, 2)
     log.info("number format: %s", report.summary())
     return report

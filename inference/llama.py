@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from inference import kernels  # noqa: F401  (defines the schemas of torch.ops.chatapp's ops)
 from inference import layer_ops
 from inference.outputs import UnsupportedModel
+from inference.packing import onednn_linear
 from inference.quantization import quantized_linear
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,20 @@ class PrefillChunk(NamedTuple):
     mask: Optional[torch.Tensor]
 
 
+class PromptRows(NamedTuple):
+    """Which of a step's rows multiply in bf16 blocks (EngineConfig.bf16_prompts):
+    the prompt's tokens, by position, whatever chunk or step carries them."""
+
+    half: torch.Tensor  # [n] int64 row indices, ascending; empty when none
+    full: torch.Tensor  # [T - n] the other rows, while both kinds are in the step; else empty
+    block: int  # rows per oneDNN call (0: bf16 prompts off)
+
+
+_EMPTY_ROWS = torch.empty(0, dtype=torch.long)
+# What a step without prompt rows passes (built once: a forward is hot).
+NO_PROMPT_ROWS = PromptRows(_EMPTY_ROWS, _EMPTY_ROWS, 0)
+
+
 @dataclass
 class AttentionPlan:
     """Per-step attention layout, shared by every layer. Decode rows come first
@@ -84,9 +99,9 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused_ops: bool) ->
     return layer_ops.rms_norm(x, weight, eps)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            scale: Optional[torch.Tensor], quant_mode: int, small_rows: int,
-            small_weight: Optional[torch.Tensor]) -> torch.Tensor:
+def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  scale: Optional[torch.Tensor], quant_mode: int, small_rows: int,
+                  small_weight: Optional[torch.Tensor]) -> torch.Tensor:
     # scale is set when the weight is quantized (EngineConfig.quantization,
     # inference.quantization; quant_mode is one of its QUANT_* modes) or
     # packed, where it holds the plain weight (inference.packing).
@@ -100,11 +115,58 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return F.linear(x, weight, bias)
 
 
+def bf16_block_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+                      block: int) -> torch.Tensor:
+    """x [n, in] fp32 rounded to bf16, times a bf16 weight packed for oneDNN
+    (AMX or AVX512-BF16 where the CPU has them), summed in fp32 and rounded
+    to bf16 by oneDNN, widened back: [n, out] fp32. Always `block` rows a
+    call, the last block padded with zeros: oneDNN's bf16 GEMM sums a row in
+    an order that depends on the call's row count (a row's bits differed
+    between calls of 2 to 129 rows on the AMX Xeon), but with the count fixed
+    a row's result depends on nothing else in the call, neither its place,
+    the other rows, the padding nor the thread count (checked bit for bit).
+    So a prompt gets the same bits whether it is prefilled whole, in chunks,
+    beside other prompts, or after a prefix-cache hit."""
+    n = x.size(0)
+    padded = (n + block - 1) // block * block
+    if padded == n:
+        xb = x.to(torch.bfloat16)
+    else:
+        xb = torch.zeros(padded, x.size(1), dtype=torch.bfloat16, device=x.device)
+        xb[:n] = x
+    parts = [onednn_linear(xb[start:start + block], packed, None) for start in range(0, padded, block)]
+    y = (parts[0] if len(parts) == 1 else torch.cat(parts))[:n].float()
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            scale: Optional[torch.Tensor], quant_mode: int, small_rows: int,
+            small_weight: Optional[torch.Tensor], half_weight: Optional[torch.Tensor],
+            rows: PromptRows) -> torch.Tensor:
+    # Prompt rows (EngineConfig.bf16_prompts) in bf16 blocks, the others as
+    # before: a step that mixes them splits its rows, one that does not runs whole.
+    if half_weight is not None and rows.half.numel() > 0:
+        if rows.full.numel() == 0:
+            return bf16_block_linear(x, half_weight, bias, rows.block)
+        half = bf16_block_linear(x.index_select(0, rows.half), half_weight, bias, rows.block)
+        out = torch.empty(x.size(0), half.size(1), dtype=half.dtype, device=half.device)
+        out.index_copy_(0, rows.half, half)
+        out.index_copy_(0, rows.full, _plain_linear(x.index_select(0, rows.full), weight, bias, scale,
+                                                    quant_mode, small_rows, small_weight))
+        return out
+    return _plain_linear(x, weight, bias, scale, quant_mode, small_rows, small_weight)
+
+
 def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                      bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], quant_mode: int,
-                     small_rows: int, small_weight: Optional[torch.Tensor]) -> torch.Tensor:
+                     small_rows: int, small_weight: Optional[torch.Tensor],
+                     half_weight: Optional[torch.Tensor], rows: PromptRows) -> torch.Tensor:
     # h + x @ W^T in one GEMM (the residual is the accumulator): one pass fewer over h.
-    if x.size(0) <= small_rows and small_weight is not None:  # see _linear
+    if half_weight is not None and rows.half.numel() > 0:
+        return h + _linear(x, weight, bias, scale, quant_mode, small_rows, small_weight, half_weight, rows)
+    if x.size(0) <= small_rows and small_weight is not None:  # see _plain_linear
         return h + torch.ops.chatapp.small_linear(x.contiguous(), small_weight, bias)
     if scale is not None:
         return h + quantized_linear(x, weight, scale, bias, quant_mode)
@@ -208,7 +270,7 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
             decode_groups: List[DecodeGroup], prefills: List[PrefillChunk],
             heads: int, kv_heads: int, dim: int, eps: float, scale: float,
             attention_kernel: bool, small_rows: int, small_weights: List[List[torch.Tensor]],
-            fused_ops: bool) -> torch.Tensor:
+            fused_ops: bool, half_weights: List[List[torch.Tensor]], rows: PromptRows) -> torch.Tensor:
     """Every decoder layer; weights[i] = [input_norm, qkv, o, post_norm, gate_up, down];
     scales[i] = the quantized weights' scales of [qkv, o, gate_up, down], or scales is empty
     (float weights); quant_mode is their inference.quantization QUANT_* mode; attention_kernel
@@ -216,7 +278,9 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
     at most small_rows tokens run their matmuls in its small_linear (0: never), on
     small_weights[i] = [qkv, o, gate_up, down] as small_linear reads them; fused_ops
     runs RMSNorm, the rotary embedding and SiLU * up as one op each of the same
-    library (csrc/fused_ops.cpp) instead of a handful of torch ops each."""
+    library (csrc/fused_ops.cpp) instead of a handful of torch ops each;
+    half_weights[i] = [qkv, o, gate_up, down] in bf16 packed for oneDNN, which
+    the rows in `rows.half` multiply (bf16_block_linear), or empty."""
     num_tokens = h.size(0)
     for index, w in enumerate(weights):
         s: List[Optional[torch.Tensor]] = [None, None, None, None]
@@ -227,8 +291,12 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         if len(small_weights) > 0:
             for j in range(4):
                 sw[j] = small_weights[index][j]
+        hw: List[Optional[torch.Tensor]] = [None, None, None, None]
+        if len(half_weights) > 0:
+            for j in range(4):
+                hw[j] = half_weights[index][j]
         x = _norm(h, w[0], eps, fused_ops)
-        qkv = _linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows, sw[0])  # [T, (H + 2 KV) * D]
+        qkv = _linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows, sw[0], hw[0], rows)  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         qk = qk.view(num_tokens, heads + kv_heads, dim)  # [T, H + KV, D]: one rotation for both
         if fused_ops:
@@ -243,11 +311,11 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         layer_v.view(kv_heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
         o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale,
                        attention_kernel)  # [T, H * D]
-        h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1])
+        h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1], hw[1], rows)
         x = _norm(h, w[3], eps, fused_ops)
-        gate_up = _linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2])
+        gate_up = _linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2], hw[2], rows)
         act = torch.ops.chatapp.silu_mul(gate_up) if fused_ops else layer_ops.silu_mul(gate_up)
-        h = _residual_linear(h, act, w[5], None, s[3], quant_mode, small_rows, sw[3])
+        h = _residual_linear(h, act, w[5], None, s[3], quant_mode, small_rows, sw[3], hw[3], rows)
     return h
 
 
@@ -317,6 +385,11 @@ class PagedLlama:
         # per layer [qkv, o, gate_up, down], and the lm_head.
         self.small_weights: list[list[torch.Tensor]] = []
         self.lm_head_small: torch.Tensor | None = None
+        # bf16 copies of [qkv, o, gate_up, down] per layer, packed for oneDNN,
+        # that prompt rows multiply in blocks of half_block (ModelRunner sets
+        # both under EngineConfig.bf16_prompts; empty and 0 otherwise).
+        self.half_weights: list[list[torch.Tensor]] = []
+        self.half_block = 0
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # Rotary tables from the model's own rotary module, so every rope
@@ -367,9 +440,10 @@ class PagedLlama:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 plan: AttentionPlan, logit_rows: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, rows: PromptRows | None = None) -> torch.Tensor:
         """input_ids, positions, slots [T]; logit_rows [N]; caches
-        [layers, kv_heads, num_blocks, block_size, D]. Returns logits [N, V] (fp32)."""
+        [layers, kv_heads, num_blocks, block_size, D]; rows: the prompt rows
+        that multiply in bf16 (None: none). Returns logits [N, V] (fp32)."""
         h = F.embedding(input_ids, self.embed)  # [T, hidden]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         signed_sin = self.signed_sin[positions].unsqueeze(1)
@@ -378,7 +452,8 @@ class PagedLlama:
                                  self.weight_scales, self.quant_mode, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.eps, self.scale, self.attention_kernel, self.small_rows,
-                                 self.small_weights, self.fused_ops)
+                                 self.small_weights, self.fused_ops, self.half_weights,
+                                 rows if rows is not None else NO_PROMPT_ROWS)
         h = _norm(h[logit_rows], self.final_norm, self.eps, self.fused_ops)  # [N, hidden]
         if h.size(0) <= self.small_rows and self.lm_head_small is not None:  # as the layers' (see _linear)
             return torch.ops.chatapp.small_linear(h.contiguous(), self.lm_head_small, None)  # [N, V]

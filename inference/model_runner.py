@@ -8,9 +8,9 @@ import torch
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
 from inference.kernels import SMALL_LINEAR_MAX_ROWS, load_kernels
-from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk
-from inference.packing import (QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged, resolve_packer,
-                               shape_only)
+from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk, PromptRows
+from inference.packing import (ONEDNN_PACKING, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged,
+                               pack_weight, resolve_packer, shape_only)
 from inference.quantization import quantize_paged, round_paged_to_bf16
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
@@ -53,6 +53,8 @@ class ModelRunner:
         self.net.fused_ops = bool(config.fused_ops and kernels_ready)
         if kernels_ready:
             self._use_small_linear(config, bf16_weights)
+        if config.bf16_prompts and bf16_weights is not None:
+            self._use_bf16_prompts(config, bf16_weights[0])
         self.num_blocks = self._num_blocks(config)  # what the block manager hands out
         # CUDA graphs pad batches with rows that write into one scratch block past those.
         cache_blocks = self.num_blocks + (1 if config.cuda_graphs else 0)
@@ -106,6 +108,15 @@ class ModelRunner:
         else:  # packed: the scale slots hold the plain weights (inference.packing)
             net.small_weights = [list(layer) for layer in net.weight_scales]
             net.lm_head_small = net.lm_head
+
+    def _use_bf16_prompts(self, config: EngineConfig, bf16_layers: list[list[torch.Tensor]]) -> None:
+        """Prompt rows multiply the bf16 copies packed for oneDNN (EngineConfig.bf16_prompts)."""
+        if not ONEDNN_PACKING:
+            log.warning("bf16 prompts need torch's oneDNN linear: prompts stay in fp32")
+            return
+        block = config.bf16_prompt_block
+        self.net.half_weights = [[pack_weight(w, "onednn", rows=block) for w in layer] for layer in bf16_layers]
+        self.net.half_block = block
 
     def release_float_weights(self) -> int:
         """Free the float copies of the layers' matmul weights once the layer
@@ -180,6 +191,8 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
+        half_rows: list[int] = []  # prompt rows, under EngineConfig.bf16_prompts
+        half_block = self.net.half_block
         for seq, num_new in entries:
             start = seq.num_computed_tokens
             row = len(tokens)
@@ -189,6 +202,8 @@ class ModelRunner:
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)
             ctx_len = start + num_new
+            if half_block and start < seq.num_prompt_tokens:
+                half_rows.extend(range(row, row + min(num_new, seq.num_prompt_tokens - start)))
             if num_new == 1:
                 decode_tables.append(table[:-(-ctx_len // bs)])
                 decode_lens.append(ctx_len)
@@ -206,9 +221,13 @@ class ModelRunner:
             return sampled, logits[torch.tensor(logit_rows, device=self.device)]
         plan = AttentionPlan(len(decode_tables), self._decode_groups(decode_tables, decode_lens), prefills)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        rows = None
+        if half_rows:
+            full_rows = [] if len(half_rows) == len(tokens) else sorted(set(range(len(tokens))) - set(half_rows))
+            rows = PromptRows(as_tensor(half_rows), as_tensor(full_rows), half_block)
         with torch.inference_mode():
             logits = self.net.forward(as_tensor(tokens), as_tensor(positions), as_tensor(slots), plan,
-                                      as_tensor(logit_rows), self.k_cache, self.v_cache)
+                                      as_tensor(logit_rows), self.k_cache, self.v_cache, rows)
         return sampled, logits
 
     def _prefill_chunk(self, row: int, start: int, num_new: int, table: list[int]) -> PrefillChunk:

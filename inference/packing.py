@@ -131,10 +131,12 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return bool(PACKERS) and device.type == "cpu" and dtype == torch.float32
 
 
-def pack_weight(weight: torch.Tensor, packer: str = "mkl") -> torch.Tensor:
+def pack_weight(weight: torch.Tensor, packer: str = "mkl", rows: int = 0) -> torch.Tensor:
+    """The weight packed for `packer`, for calls of about `rows` rows (0: PACK_ROWS).
+    oneDNN packs a bf16 weight as bf16 (inference.llama.bf16_block_linear)."""
     if packer == "onednn":
-        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
-    return torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows or PACK_ROWS)
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), rows or PACK_ROWS)
 
 
 def packed_matmul(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, packer: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from inference import EngineConfig, SamplingParams
 from inference import formats
 from inference.llama import DecodeGroup, _decode_group
+from inference.packing import ONEDNN_PACKING
 from inference.quantization import (dequantized_int4_linear, dequantized_linear, int4_linear, int8_linear, pack_int4,
                                     quantize_weight, quantize_weight_int4)
 from inference.threads import CANDIDATE_ROWS
@@ -28,6 +29,8 @@ REDUCED = [
     pytest.param({"quantization": "int4_weight_only"}, id="int4-weight-only"),
     pytest.param({"dtype": "bfloat16", "quantization": "int4_weight_only"}, id="bf16-int4-weight-only"),
     pytest.param({"quantization": "bf16_weight_only"}, id="bf16-weights"),
+    pytest.param({"quantization": "bf16_weight_only", "bf16_prompts": True}, id="bf16-weights-bf16-prompts",
+                 marks=pytest.mark.skipif(not ONEDNN_PACKING, reason="no oneDNN linear in this torch")),
 ]
 
 
