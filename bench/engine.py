@@ -235,6 +235,7 @@ def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
                  for q in CHAT_QUESTIONS[:setup.sizes["chats"]]]
         # What the engine ran: "auto" may also have chosen bf16 weights (inference.formats).
         row = {"label": label, "dtype": engine.config.dtype, "quantization": engine.config.quantization,
+               "bf16_prompts": bool(engine.config.bf16_prompts),
                "choice": engine.format_report.summary() if engine.format_report else None,
                "step_threads": engine.step_threads.summary(),  # which steps ran on one thread
                "engine": measured(run_equal, engine, setup.equal)}
@@ -250,9 +251,11 @@ def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
     return row
 
 
-def equal_peers(setup: Setup, dtype: str, quantization: str) -> dict:
+def equal_peers(setup: Setup, dtype: str, quantization: str, bf16_prompts: bool = False) -> dict:
     """HF static batching (one batch of all 32) and HF one at a time in the same
-    format; run once per format ("auto" shares the row of the format it chose)."""
+    format (bf16 prompts included: bench.peers.PromptsInBf16Linear); run once
+    per format ("auto" shares the row of the format it chose)."""
+    quantization = peers.peer_quantization(quantization, bf16_prompts)
     key = (dtype, quantization)
     if key in setup.peer_rows:
         return {**setup.peer_rows[key], "shared": True}
@@ -271,20 +274,24 @@ def equal_peers(setup: Setup, dtype: str, quantization: str) -> dict:
     return result
 
 
-def run_mixed(setup: Setup, dtype: str, quantization: str = "none") -> dict:
+def run_mixed(setup: Setup, dtype: str, quantization: str = "none", bf16_prompts: bool = False) -> dict:
     """Mixed lengths in one format: the engine against HF static batches of 16
     and transformers' continuous batching (each on the first N requests). The
     peers run the dtype with the weights as loaded: under bf16_weight_only
     batches multiply fp32 weights too, so rounding them would not change the
-    peers' speed."""
+    peers' speed; with bf16 prompts they multiply their prefills in bf16 as
+    well (bench.peers.PromptsInBf16Linear)."""
     log(f"mixed lengths in {dtype}: engine ...")
-    config = dataclasses.replace(setup.config, dtype=dtype, quantization=quantization)
+    config = dataclasses.replace(setup.config, dtype=dtype, quantization=quantization,
+                                 bf16_prompts=bf16_prompts or None)
     with Engine.from_pretrained(setup.model_dir, config) as engine:
         engine.generate([setup.mixed[0][0]], exact(4))  # warm-up
-        result = {"dtype": dtype, "quantization": quantization, "engine": measured(run_offline, engine, setup.mixed)}
+        result = {"dtype": dtype, "quantization": quantization, "bf16_prompts": bf16_prompts,
+                  "engine": measured(run_offline, engine, setup.mixed)}
     if setup.skip_peers:
         return result
-    model = peers.on_own_thread(peers.load_model, setup.model_dir, dtype, "none", setup.device)
+    model = peers.on_own_thread(peers.load_model, setup.model_dir, dtype,
+                                peers.BF16_PROMPTS if bf16_prompts else "none", setup.device)
     log(f"mixed lengths in {dtype}: HF static batches of 16 ...")
     result["static"] = peer_row(peers.hf_static_batches, model, setup.mixed[:setup.sizes["static_mixed"]],
                                 batch_size=16, device=setup.device)
@@ -471,10 +478,11 @@ def measure(args, argv) -> dict:
     for label, dtype, quantization in format_specs(setup.device):
         if label in wanted:
             row = run_format(setup, label, dtype, quantization)  # its engine is gone before the peers load
-            row["peers"] = {} if setup.skip_peers else equal_peers(setup, row["dtype"], row["quantization"])
+            row["peers"] = {} if setup.skip_peers else equal_peers(setup, row["dtype"], row["quantization"],
+                                                                   row["bf16_prompts"])
             results["rows"].append(row)
     auto = [row for row in results["rows"] if row["label"] == "auto"] or results["rows"][:1]
-    results["mixed"] = run_mixed(setup, auto[0]["dtype"], auto[0]["quantization"])
+    results["mixed"] = run_mixed(setup, auto[0]["dtype"], auto[0]["quantization"], auto[0].get("bf16_prompts", False))
     if not args.skip_serving:
         results["serving"] = run_serving(setup, random.Random(args.seed + 1))
     results["peaks"] = setup.peaks

@@ -18,7 +18,8 @@ def _format(row: dict) -> str:
     """The row's label and what it ran as ("auto → bfloat16", "int8 (float32 around int8)")."""
     if row["label"] == "auto":
         weights = "" if row["quantization"] == "none" else f" with {row['quantization']}"
-        return f"auto → {row['dtype']}{weights}"
+        prompts = ", prompts in bf16" if row.get("bf16_prompts") else ""
+        return f"auto → {row['dtype']}{weights}{prompts}"
     if row["quantization"] == "int8_weight_only" and row.get("roofline", {}).get("kernel") == "int8_weight_only":
         return f"{row['label']} (int8 weights × bf16 in the matmuls, {row['dtype']} elsewhere)"
     if row["quantization"] == "int4_weight_only" and row.get("roofline", {}).get("kernel") == "int4_weight_only":
@@ -175,6 +176,7 @@ def _render_mixed(r: dict) -> list[str]:
             rows.append((name, "—", "—", "—", _tok_s(peer), "—", "—"))
     low, high = r["sizes"]["mixed_out"]
     weights = "" if m.get("quantization", "none") == "none" else f" with {m['quantization']}"
+    weights += ", prompts in bf16" if m.get("bf16_prompts") else ""
     return [f"### Mixed lengths in {m['dtype']}{weights} (prompts uniform in [32, 256], outputs in [{low}, {high}])", "",
             report.table(["contender", "requests", "output tokens", "seconds", "output tok/s", "engine ÷ peer",
                           "load 1m"], rows), "",

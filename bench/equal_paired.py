@@ -54,8 +54,10 @@ def _worker(kind: str, label: str, dtype: str, quantization: str) -> None:
         engine = Engine.from_pretrained(setup.model_dir, dataclasses.replace(setup.config, dtype=dtype,
                                                                              quantization=quantization))
         engine.generate([setup.equal[0][0]], bench_engine.exact(4))
+        # The peer's quantization names the engine's bf16 prompts too (bench.peers.BF16_PROMPTS).
         run, ready = (lambda requests: bench_engine.run_equal(engine, requests)), {
-            "dtype": engine.config.dtype, "quantization": engine.config.quantization}
+            "dtype": engine.config.dtype,
+            "quantization": peers.peer_quantization(engine.config.quantization, bool(engine.config.bf16_prompts))}
     else:
         torch.set_num_threads(setup.config.num_threads)
         model = peers.load_model(setup.model_dir, dtype, quantization, setup.device)

@@ -131,17 +131,58 @@ def read_bandwidth(device: str = "cpu", seconds: float = 1.0) -> float:
     return best
 
 
+# A peer "quantization" for the engine's bf16 prompts (EngineConfig.bf16_prompts
+# under "bf16_weight_only"): load_model gives HF the same format.
+BF16_PROMPTS = "bf16_prompts"
+
+
+class PromptsInBf16Linear(torch.nn.Module):
+    """An nn.Linear as the engine runs it with bf16 prompts: a forward over
+    several positions of a sequence (HF generate's prefill) multiplies bf16
+    activations by the bf16 weight (oneDNN, as the engine), one position (a
+    decode step) fp32 activations by the weight rounded to bf16."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.half = weight.detach().bfloat16()
+        self.rounded = self.half.float()
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.size(1) > 1:
+            y = torch.nn.functional.linear(x.bfloat16(), self.half).float()
+            return y if self.bias is None else y + self.bias
+        return torch.nn.functional.linear(x, self.rounded, self.bias)
+
+
+def peer_quantization(quantization: str, bf16_prompts: bool) -> str:
+    """The load_model quantization for an engine row (its bf16 prompts included)."""
+    return BF16_PROMPTS if bf16_prompts else quantization
+
+
 def load_model(model_dir: str, dtype: str, quantization: str, device: str):
     """A fresh HF model in the engine row's format. int8 on CPU is torch's
     dynamic quantization of every nn.Linear (fbgemm/oneDNN int8 GEMMs with
     int8 activations, as the engine's int8 does); int8 weight-only on CPU
     swaps every nn.Linear for the engine's own weight-only kernel (torchao,
     HF's route to it, is not installed; it calls the same aten op), and int4
-    weight-only likewise (its lm_head at int8 weight-only, as the engine); None where
-    HF has no int8 path to compare with (CUDA)."""
+    weight-only likewise (its lm_head at int8 weight-only, as the engine);
+    BF16_PROMPTS: the layers as PromptsInBf16Linear, the lm_head on rounded
+    weights (the engine's keeps fp32 activations); None where HF has no int8
+    path to compare with (CUDA)."""
     if quantization != "none" and device != "cpu":
         return None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
+    if quantization == BF16_PROMPTS:
+        from bench.quality import hf_variant  # noqa: PLC0415 - only these peers need it
+
+        model = hf_variant(model, dtype, "bf16_weight_only")  # the lm_head's rounded weights
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    if hasattr(child, "weight_rounded"):  # bench.quality's QuantLinear
+                        setattr(parent, name, PromptsInBf16Linear(child.weight_rounded, child.bias))
+        return model
     if quantization in ("int8_weight_only", "int4_weight_only", "bf16_weight_only"):
         from bench.quality import hf_variant  # noqa: PLC0415 - only this peer needs it
 

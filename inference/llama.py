@@ -99,9 +99,9 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused_ops: bool) ->
     return layer_ops.rms_norm(x, weight, eps)
 
 
-def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  scale: Optional[torch.Tensor], quant_mode: int, small_rows: int,
-                  small_weight: Optional[torch.Tensor]) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            scale: Optional[torch.Tensor], quant_mode: int, small_rows: int,
+            small_weight: Optional[torch.Tensor]) -> torch.Tensor:
     # scale is set when the weight is quantized (EngineConfig.quantization,
     # inference.quantization; quant_mode is one of its QUANT_* modes) or
     # packed, where it holds the plain weight (inference.packing).
@@ -113,6 +113,19 @@ def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if scale is not None:
         return quantized_linear(x, weight, scale, bias, quant_mode)
     return F.linear(x, weight, bias)
+
+
+def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], quant_mode: int,
+                     small_rows: int, small_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    # h + x @ W^T in one GEMM (the residual is the accumulator): one pass fewer over h.
+    if x.size(0) <= small_rows and small_weight is not None:  # see _linear
+        return h + torch.ops.chatapp.small_linear(x.contiguous(), small_weight, bias)
+    if scale is not None:
+        return h + quantized_linear(x, weight, scale, bias, quant_mode)
+    if bias is not None:
+        return h + F.linear(x, weight, bias)
+    return torch.addmm(h, x, weight.t())
 
 
 def bf16_block_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
@@ -141,38 +154,20 @@ def bf16_block_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torc
     return y
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            scale: Optional[torch.Tensor], quant_mode: int, small_rows: int,
-            small_weight: Optional[torch.Tensor], half_weight: Optional[torch.Tensor],
-            rows: PromptRows) -> torch.Tensor:
-    # Prompt rows (EngineConfig.bf16_prompts) in bf16 blocks, the others as
-    # before: a step that mixes them splits its rows, one that does not runs whole.
-    if half_weight is not None and rows.half.numel() > 0:
-        if rows.full.numel() == 0:
-            return bf16_block_linear(x, half_weight, bias, rows.block)
-        half = bf16_block_linear(x.index_select(0, rows.half), half_weight, bias, rows.block)
-        out = torch.empty(x.size(0), half.size(1), dtype=half.dtype, device=half.device)
-        out.index_copy_(0, rows.half, half)
-        out.index_copy_(0, rows.full, _plain_linear(x.index_select(0, rows.full), weight, bias, scale,
-                                                    quant_mode, small_rows, small_weight))
-        return out
-    return _plain_linear(x, weight, bias, scale, quant_mode, small_rows, small_weight)
-
-
-def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                     bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], quant_mode: int,
-                     small_rows: int, small_weight: Optional[torch.Tensor],
-                     half_weight: Optional[torch.Tensor], rows: PromptRows) -> torch.Tensor:
-    # h + x @ W^T in one GEMM (the residual is the accumulator): one pass fewer over h.
-    if half_weight is not None and rows.half.numel() > 0:
-        return h + _linear(x, weight, bias, scale, quant_mode, small_rows, small_weight, half_weight, rows)
-    if x.size(0) <= small_rows and small_weight is not None:  # see _plain_linear
-        return h + torch.ops.chatapp.small_linear(x.contiguous(), small_weight, bias)
-    if scale is not None:
-        return h + quantized_linear(x, weight, scale, bias, quant_mode)
-    if bias is not None:
-        return h + F.linear(x, weight, bias)
-    return torch.addmm(h, x, weight.t())
+def _split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  scale: Optional[torch.Tensor], quant_mode: int, small_rows: int,
+                  small_weight: Optional[torch.Tensor], half_weight: torch.Tensor,
+                  rows: PromptRows) -> torch.Tensor:
+    """A step with prompt rows (EngineConfig.bf16_prompts): those in bf16
+    blocks, the others (generated tokens) as _linear runs them."""
+    if rows.full.numel() == 0:
+        return bf16_block_linear(x, half_weight, bias, rows.block)
+    half = bf16_block_linear(x.index_select(0, rows.half), half_weight, bias, rows.block)
+    out = torch.empty(x.size(0), half.size(1), dtype=half.dtype, device=half.device)
+    out.index_copy_(0, rows.half, half)
+    out.index_copy_(0, rows.full, _linear(x.index_select(0, rows.full), weight, bias, scale, quant_mode,
+                                          small_rows, small_weight))
+    return out
 
 
 def _decode_group(q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, group: DecodeGroup,
@@ -280,8 +275,12 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
     runs RMSNorm, the rotary embedding and SiLU * up as one op each of the same
     library (csrc/fused_ops.cpp) instead of a handful of torch ops each;
     half_weights[i] = [qkv, o, gate_up, down] in bf16 packed for oneDNN, which
-    the rows in `rows.half` multiply (bf16_block_linear), or empty."""
+    the rows in `rows.half` multiply (bf16_block_linear), in a step that has
+    prompt rows (EngineConfig.bf16_prompts); empty in any other."""
     num_tokens = h.size(0)
+    # Steps with prompt rows split each matmul (_split_linear); the others,
+    # every decode step among them, run _linear with one check per matmul.
+    half = len(half_weights) > 0
     for index, w in enumerate(weights):
         s: List[Optional[torch.Tensor]] = [None, None, None, None]
         if len(scales) > 0:
@@ -291,12 +290,12 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         if len(small_weights) > 0:
             for j in range(4):
                 sw[j] = small_weights[index][j]
-        hw: List[Optional[torch.Tensor]] = [None, None, None, None]
-        if len(half_weights) > 0:
-            for j in range(4):
-                hw[j] = half_weights[index][j]
         x = _norm(h, w[0], eps, fused_ops)
-        qkv = _linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows, sw[0], hw[0], rows)  # [T, (H + 2 KV) * D]
+        if half:
+            qkv = _split_linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows, sw[0],
+                                half_weights[index][0], rows)
+        else:
+            qkv = _linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows, sw[0])  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         qk = qk.view(num_tokens, heads + kv_heads, dim)  # [T, H + KV, D]: one rotation for both
         if fused_ops:
@@ -311,11 +310,21 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         layer_v.view(kv_heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
         o = _attention(q, k, v, layer_k, layer_v, decode_groups, prefills, kv_heads, scale,
                        attention_kernel)  # [T, H * D]
-        h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1], hw[1], rows)
+        if half:
+            h = h + _split_linear(o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1],
+                                  half_weights[index][1], rows)
+        else:
+            h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1])
         x = _norm(h, w[3], eps, fused_ops)
-        gate_up = _linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2], hw[2], rows)
+        if half:
+            gate_up = _split_linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2], half_weights[index][2], rows)
+        else:
+            gate_up = _linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2])
         act = torch.ops.chatapp.silu_mul(gate_up) if fused_ops else layer_ops.silu_mul(gate_up)
-        h = _residual_linear(h, act, w[5], None, s[3], quant_mode, small_rows, sw[3], hw[3], rows)
+        if half:
+            h = h + _split_linear(act, w[5], None, s[3], quant_mode, small_rows, sw[3], half_weights[index][3], rows)
+        else:
+            h = _residual_linear(h, act, w[5], None, s[3], quant_mode, small_rows, sw[3])
     return h
 
 
@@ -452,7 +461,9 @@ class PagedLlama:
                                  self.weight_scales, self.quant_mode, k_cache, v_cache,
                                  plan.decode_groups, plan.prefills, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.eps, self.scale, self.attention_kernel, self.small_rows,
-                                 self.small_weights, self.fused_ops, self.half_weights,
+                                 self.small_weights, self.fused_ops,
+                                 # A step without prompt rows skips the half weights' lookups altogether.
+                                 self.half_weights if rows is not None else [],
                                  rows if rows is not None else NO_PROMPT_ROWS)
         h = _norm(h[logit_rows], self.final_norm, self.eps, self.fused_ops)  # [N, hidden]
         if h.size(0) <= self.small_rows and self.lm_head_small is not None:  # as the layers' (see _linear)

@@ -11,7 +11,7 @@ from bench import report
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["engine", "gil", "peers", "report", "gateway", "chat", "startup", "formats", "quality", "load", "retrieval",
            "safety", "metrics", "relay", "sse_stub", "decode", "neighbour", "stages", "stage_stamps", "reply_floor",
-           "reply_cascade"]
+           "reply_cascade", "prompts", "equal_paired"]
 
 
 def test_every_benchmark_module_imports():
@@ -189,3 +189,28 @@ def test_a_replys_harm_risk_is_its_riskiest_windows_harm_categories(monkeypatch)
     monkeypatch.setattr(checkers, "windows", lambda text: text.split())
     risk = reply_cascade.harm_risk(Head(), ["calm rough", "pasted", "calm"])
     np.testing.assert_allclose(risk, [0.5, 0.0, 0.1])
+
+
+def test_the_bf16_prompts_peer_runs_prefill_in_bf16_and_decode_on_rounded_weights(tmp_path):
+    """HF in the engine's format with bf16 prompts (bench.peers.BF16_PROMPTS):
+    a forward over several positions multiplies in bf16, one position in fp32
+    over the rounded weight; the lm_head keeps fp32 activations."""
+    import torch
+
+    from bench import peers
+    from tests.inference.conftest import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path)
+    model = peers.load_model(str(tmp_path), "float32", peers.BF16_PROMPTS, "cpu")
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, peers.PromptsInBf16Linear) and layer.half.dtype == torch.bfloat16
+    assert not isinstance(model.lm_head, peers.PromptsInBf16Linear)
+    x = torch.randn(1, 5, layer.half.shape[1])
+    assert torch.equal(layer(x), torch.nn.functional.linear(x.bfloat16(), layer.half).float())
+    one = x[:, :1]
+    assert torch.equal(layer(one), torch.nn.functional.linear(one, layer.half.float()))
+    assert peers.peer_quantization("bf16_weight_only", True) == peers.BF16_PROMPTS
+    assert peers.peer_quantization("bf16_weight_only", False) == "bf16_weight_only"
+    with torch.no_grad():  # and it generates
+        out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)

@@ -199,3 +199,24 @@ def test_the_kernels_folder_defaults_under_the_data_dir_and_can_be_shared(settin
         (tmp_path / "shared").resolve())
     settings.ENGINE_KERNEL_DIR = tmp_path / "shared"
     assert runtime.engine_config(settings.MODEL_POOLS["small"]).kernel_dir == str(tmp_path / "shared")
+
+
+def bf16_prompts_setting(**env) -> str:
+    result = manage("shell", "-c", "from django.conf import settings; print('->', settings.ENGINE_BF16_PROMPTS)",
+                    **env)
+    return result.stdout.split("->")[-1].strip() if result.returncode == 0 else result.stderr
+
+
+def test_bf16_prompts_are_auto_unless_set_and_reach_the_engines_config(settings):
+    from chatapp import runtime
+
+    assert bf16_prompts_setting() == "None"  # "auto": dtype auto decides at start
+    assert bf16_prompts_setting(ENGINE_BF16_PROMPTS="false") == "False"
+    assert bf16_prompts_setting(ENGINE_BF16_PROMPTS="true") == "True"
+    assert "ENGINE_BF16_PROMPTS='yes' must be one of" in bf16_prompts_setting(ENGINE_BF16_PROMPTS="yes")
+    settings.ENGINE_QUANTIZATION, settings.ENGINE_BF16_PROMPTS = "bf16_weight_only", True
+    assert runtime.engine_config(settings.MODEL_POOLS["small"]).bf16_prompts is True
+    # Asked for without the bf16 weights it needs: refused with a reason, not ignored.
+    settings.ENGINE_QUANTIZATION = "none"
+    with pytest.raises(ValueError, match="bf16_prompts needs quantization bf16_weight_only"):
+        runtime.engine_config(settings.MODEL_POOLS["small"])
