@@ -411,10 +411,13 @@ ENGINE_PACK_BACKEND = env_choice("ENGINE_PACK_BACKEND", "auto", {"auto", "mkl", 
 # at the first start with the system compiler and kept under DATA_DIR/kernels
 # (inference.kernels); without a compiler the engine gathers blocks as before.
 ENGINE_ATTENTION_KERNEL = env_bool("ENGINE_ATTENTION_KERNEL", True)
-# fp32 steps of at most this many tokens multiply in the same library's
-# small_linear (one pass over each plain weight row; faster than oneDNN at one
-# and two rows on the EPYC, even at three); 0 turns it off. At most 8.
-ENGINE_SMALL_LINEAR_ROWS = env_int("ENGINE_SMALL_LINEAR_ROWS", 2, min_value=0, max_value=8)
+# Steps of at most this many tokens with fp32 activations multiply in the same
+# library's small_linear (one pass over each plain weight row). "auto": 2 over
+# fp32 weights (faster than oneDNN at one and two rows on the EPYC, even at
+# three), 8 over bf16 weights on AVX-512 (its blocked loop: 8 rows' matmuls
+# 11.1 against 24.2 ms for MKL's packed GEMM on the AMX Xeon); 0 turns it off.
+ENGINE_SMALL_LINEAR_ROWS = (None if env_str("ENGINE_SMALL_LINEAR_ROWS", "auto") == "auto"
+                            else env_int("ENGINE_SMALL_LINEAR_ROWS", 2, min_value=0, max_value=8))
 # Each layer's RMSNorms, rotary embedding and SiLU * up as one op each of the
 # same library (the same sums, one pass) instead of about a dozen small torch
 # ops: one fp32 stream's decode step 6.5-7.2% shorter on the EPYC.

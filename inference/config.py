@@ -122,17 +122,20 @@ class EngineConfig:
     # Falls back to the gather where no compiler is found. kernel_dir keeps the
     # built library (None: a folder in the system's temporary directory).
     attention_kernel: bool = True
-    # CPU, fp32: steps of at most this many tokens (one chat, two) run their
+    # CPU, fp32 activations: steps of at most this many tokens run their
     # matmuls, lm_head included, in the same library's small_linear, one pass
     # over each plain weight row, instead of the GEMM library. On the 2-core
-    # EPYC one forward's layer matmuls took 19.7 ms at one row and 20.8 at two
-    # against 25.0 and 28.0 for oneDNN on packed weights; at three rows they
-    # were even, at four oneDNN was faster (bench.packing). The plain weights
-    # then stay beside packed copies (the memory ModelRunner.
-    # release_float_weights would have freed), except under quantization
-    # "bf16_weight_only", where these steps read bf16 copies. 0 turns it off;
-    # at most inference.kernels.SMALL_LINEAR_MAX_ROWS.
-    small_linear_rows: int = 2
+    # EPYC one forward's layer matmuls over fp32 weights took 19.7 ms at one
+    # row and 20.8 at two against 25.0 and 28.0 for oneDNN on packed weights;
+    # at three rows they were even, at four oneDNN was faster (bench.packing).
+    # Over bf16 weights ("bf16_weight_only") on AVX-512 a blocked loop keeps
+    # up to eight rows' sums in registers: at 8 rows 11.1 against 24.2 ms for
+    # MKL's packed fp32 GEMM on the AMX Xeon. None: 8 there, 2 otherwise
+    # (inference.kernels.default_small_rows). The plain weights then stay beside
+    # packed copies (the memory ModelRunner.release_float_weights would have
+    # freed), except under "bf16_weight_only", where these steps read bf16
+    # copies. 0 turns it off; at most inference.kernels.SMALL_LINEAR_MAX_ROWS.
+    small_linear_rows: int | None = None
     # CPU: each layer's RMSNorms, rotary embedding and SiLU * up run as one op
     # each of the same library (csrc/fused_ops.cpp) instead of about a dozen
     # small torch ops, whose dispatch and thread fork cost more than their
@@ -172,6 +175,8 @@ class EngineConfig:
         if self.bf16_prompts:
             if self.quantization != "bf16_weight_only" or not self.device.startswith("cpu"):
                 raise ValueError("bf16_prompts needs quantization bf16_weight_only (on the CPU)")
+        if self.small_linear_rows is not None and not 0 <= self.small_linear_rows <= 8:
+            raise ValueError("small_linear_rows must be in [0, 8] (or None for the CPU's default)")
         if self.bf16_prompt_block < 1:
             raise ValueError("bf16_prompt_block must be >= 1")
         if self.block_size < 1:

@@ -25,7 +25,7 @@ from inference.detokenizer import IncrementalDetokenizer
 from inference.engine_loop import EngineLoop
 from inference.formats import choose_cpu_format
 from inference.handle import RequestHandle
-from inference.kernels import SMALL_LINEAR_MAX_ROWS, load_kernels
+from inference.kernels import SMALL_LINEAR_MAX_ROWS, default_small_rows, load_kernels
 from inference.metrics import EngineMetrics
 from inference.model_runner import DTYPES, ModelRunner
 from inference.outputs import Completion, PromptTooLong
@@ -95,8 +95,10 @@ class Engine:
                 if self.config.pack_weights and can_pack(torch.device("cpu"), torch.float32):
                     packer, _choice = resolve_packer(self.config.pack_backend, model.config)
                 # The runner loads the same library (once per process) and runs these rows there.
-                if self.config.small_linear_rows > 0 and load_kernels(self.config.kernel_dir):
-                    small_rows = min(self.config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
+                if self.config.small_linear_rows != 0 and load_kernels(self.config.kernel_dir):
+                    # fp32 is timed as it runs over its own weights.
+                    small_rows = min(default_small_rows(False) if self.config.small_linear_rows is None
+                                     else self.config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
             self.format_report = choose_cpu_format(
                 model, self.tokenizer, pack_fp32="" if packer == "none" else packer, small_rows=small_rows,
                 prompt_block=self.config.bf16_prompt_block if self.config.bf16_prompts is None else 0)

@@ -80,6 +80,13 @@ SOURCES = [Path(__file__).with_name("csrc") / name
 HEADERS = [Path(__file__).with_name("csrc") / "storage.h"]
 # The most rows small_linear takes (csrc/small_linear.cpp's kMaxRows).
 SMALL_LINEAR_MAX_ROWS = 8
+# EngineConfig.small_linear_rows' default: over fp32 weights small_linear beat
+# the GEMM libraries at one and two rows only (the 2-core EPYC, bench.packing);
+# over bf16 weights on AVX-512 its blocked loop runs every count up to 8 (a
+# forward's layer matmuls at 8 rows 11.1 against 24.2 ms for MKL's packed fp32
+# GEMM on the AMX Xeon, 6 rows 9.6 against 21.3; docs/BENCHMARKS.md).
+SMALL_ROWS_FP32 = 2
+SMALL_ROWS_BF16_AVX512 = 8
 # -ffast-math lets the compiler vectorise the dot products' sums and call
 # glibc's vector exp; it is given to the compile step only, since at the link
 # step GCC 12 would add crtfastmath.o, which turns on flush-to-zero for the
@@ -105,6 +112,13 @@ _LIBRARY.define("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cach
 
 def default_kernel_dir() -> Path:
     return Path(tempfile.gettempdir()) / "chatapp-kernels"
+
+
+def default_small_rows(bf16_weights: bool) -> int:
+    """The rows small_linear runs when EngineConfig.small_linear_rows is None."""
+    if bf16_weights and " avx512f " in f" {_cpu_flags()} ":
+        return SMALL_ROWS_BF16_AVX512
+    return SMALL_ROWS_FP32
 
 
 def _cpu_flags() -> str:

@@ -7,7 +7,7 @@ import torch
 
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
-from inference.kernels import SMALL_LINEAR_MAX_ROWS, load_kernels
+from inference.kernels import SMALL_LINEAR_MAX_ROWS, default_small_rows, load_kernels
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk, PromptRows
 from inference.packing import (ONEDNN_PACKING, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged,
                                pack_weight, resolve_packer, shape_only)
@@ -47,7 +47,7 @@ class ModelRunner:
         # place (inference.kernels) where its library builds; CUDA keeps the
         # torch path (and its graphs).
         kernels_ready = (self.device.type == "cpu"
-                         and (config.attention_kernel or config.small_linear_rows > 0 or config.fused_ops)
+                         and (config.attention_kernel or config.small_linear_rows != 0 or config.fused_ops)
                          and load_kernels(config.kernel_dir))
         self.net.attention_kernel = bool(config.attention_kernel and kernels_ready)
         self.net.fused_ops = bool(config.fused_ops and kernels_ready)
@@ -97,9 +97,12 @@ class ModelRunner:
         unpacked or packed with the plain copy kept (see release_float_weights)."""
         net = self.net
         plain = self.dtype == torch.float32 and net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
-        if not plain or config.small_linear_rows <= 0:
+        rows = config.small_linear_rows
+        if rows is None:
+            rows = default_small_rows(bf16_weights is not None)
+        if not plain or rows <= 0:
             return
-        net.small_rows = min(config.small_linear_rows, SMALL_LINEAR_MAX_ROWS)
+        net.small_rows = min(rows, SMALL_LINEAR_MAX_ROWS)
         if bf16_weights is not None:
             net.small_weights, net.lm_head_small = bf16_weights
         elif net.quant_mode < 0:

@@ -77,7 +77,6 @@ void rows_times_weight(const float* x, const W* w, const float* bias, float* y, 
 // each input load; with the prefetch below, 17 GB/s. Each output is still one fp32 dot product of its own rows,
 // in an order fixed by k alone (16 lanes, then across them), whatever the
 // thread count.
-constexpr int kRowBlock = 4;
 constexpr int kPrefetchBlocks = 4;
 
 inline __m512 widen16(const c10::BFloat16* p) {
@@ -85,34 +84,39 @@ inline __m512 widen16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-template <int M>
+// M input rows against R weight rows at a time: M * R accumulators, M input
+// loads and one widened weight row live in registers (32 on AVX-512), hence
+// R = 4 up to four input rows and R = 2 beyond (8 x 2 + 8 + 1 = 25). Each
+// output's sum is its own register's, so a row's bits do not depend on M:
+// the same whether a sequence decodes alone or beside seven others.
+template <int M, int R>
 void rows_times_bf16_blocked(const float* x, const c10::BFloat16* w, const float* bias, float* y, int64_t n,
                              int64_t k) {
   const int threads = at::get_num_threads();
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t blocks = (n + R - 1) / R;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t j0 = block * kRowBlock;
-    const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, n - j0));
-    const c10::BFloat16* w_rows[kRowBlock];
+    const int64_t j0 = block * R;
+    const int rows = static_cast<int>(std::min<int64_t>(R, n - j0));
+    const c10::BFloat16* w_rows[R];
     // A short last block reads its last row again; those sums are dropped.
-    for (int r = 0; r < kRowBlock; ++r) w_rows[r] = w + (j0 + std::min(r, rows - 1)) * k;
+    for (int r = 0; r < R; ++r) w_rows[r] = w + (j0 + std::min(r, rows - 1)) * k;
     // The block kPrefetchBlocks ahead, into L1: each matmul is a short stream
     // (a thread's half of a 576 x 576 weight is 330 KB), too short for the
     // hardware prefetcher to reach full speed on its own.
-    const int64_t ahead = j0 + kPrefetchBlocks * kRowBlock;
+    const int64_t ahead = j0 + kPrefetchBlocks * R;
     if (ahead < n) {
       const char* first = reinterpret_cast<const char*>(w + ahead * k);
-      const int64_t bytes = std::min<int64_t>(kRowBlock, n - ahead) * k * sizeof(c10::BFloat16);
+      const int64_t bytes = std::min<int64_t>(R, n - ahead) * k * sizeof(c10::BFloat16);
       for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(first + offset, _MM_HINT_T0);
     }
-    __m512 acc[M][kRowBlock];
+    __m512 acc[M][R];
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < kRowBlock; ++r) acc[m][r] = _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
     for (int64_t i = 0; i < k; i += 16) {
       __m512 xs[M];
       for (int m = 0; m < M; ++m) xs[m] = _mm512_loadu_ps(x + m * k + i);
-      for (int r = 0; r < kRowBlock; ++r) {
+      for (int r = 0; r < R; ++r) {
         const __m512 wv = widen16(w_rows[r] + i);
         for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(xs[m], wv, acc[m][r]);
       }
@@ -121,6 +125,22 @@ void rows_times_bf16_blocked(const float* x, const c10::BFloat16* w, const float
       const float b = bias ? bias[j0 + r] : 0.f;
       for (int m = 0; m < M; ++m) y[m * n + j0 + r] = _mm512_reduce_add_ps(acc[m][r]) + b;
     }
+  }
+}
+
+// 1 to kMaxRows rows; false when m is out of range.
+bool bf16_blocked(int64_t m, const float* x, const c10::BFloat16* w, const float* b, float* y, int64_t n,
+                  int64_t k) {
+  switch (m) {
+    case 1: rows_times_bf16_blocked<1, 4>(x, w, b, y, n, k); return true;
+    case 2: rows_times_bf16_blocked<2, 4>(x, w, b, y, n, k); return true;
+    case 3: rows_times_bf16_blocked<3, 4>(x, w, b, y, n, k); return true;
+    case 4: rows_times_bf16_blocked<4, 4>(x, w, b, y, n, k); return true;
+    case 5: rows_times_bf16_blocked<5, 2>(x, w, b, y, n, k); return true;
+    case 6: rows_times_bf16_blocked<6, 2>(x, w, b, y, n, k); return true;
+    case 7: rows_times_bf16_blocked<7, 2>(x, w, b, y, n, k); return true;
+    case 8: rows_times_bf16_blocked<8, 2>(x, w, b, y, n, k); return true;
+    default: return false;
   }
 }
 #endif
@@ -161,12 +181,8 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   } else {
     const auto* w = weight.data_ptr<c10::BFloat16>();
 #if defined(__AVX512F__)
-    // One and two rows (a chat's decode step, two streams'), k in whole registers.
-    if (k % 16 == 0 && (m == 1 || m == 2)) {
-      if (m == 1) rows_times_bf16_blocked<1>(x.data_ptr<float>(), w, b, y.data_ptr<float>(), n, k);
-      else rows_times_bf16_blocked<2>(x.data_ptr<float>(), w, b, y.data_ptr<float>(), n, k);
-      return y;
-    }
+    // k in whole registers (SmolLM2's 576 and 1536; a chat's decode step, up to eight streams').
+    if (k % 16 == 0 && bf16_blocked(m, x.data_ptr<float>(), w, b, y.data_ptr<float>(), n, k)) return y;
 #endif
     dispatch_rows(m, x.data_ptr<float>(), w, b, y.data_ptr<float>(), n, k);
   }

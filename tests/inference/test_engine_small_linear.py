@@ -66,23 +66,25 @@ def test_each_row_is_computed_alone(small_linear):
         assert torch.equal(small_linear(x[row:row + 1], weight, None)[0], together[row])
 
 
-@pytest.mark.parametrize("out_features,in_features", [(203, 96), (200, 300)])
+@pytest.mark.parametrize("out_features,in_features", [(203, 96), (200, 300), (3072, 576)])
 def test_bf16_weight_rows_are_the_same_bits_alone_in_pairs_and_on_any_thread_count(small_linear, out_features,
                                                                                     in_features):
     """What lets a half-precision step run on one thread or on the team
     (inference.threads) and a stream's tokens not depend on its neighbours."""
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
-    x = torch.randn(2, in_features, generator=generator)
+    x = torch.randn(kernels.SMALL_LINEAR_MAX_ROWS, in_features, generator=generator)
     threads = torch.get_num_threads()
     try:
         results = []
         for count in (1, max(2, threads)):
             torch.set_num_threads(count)
-            pair = small_linear(x, weight, None)
-            alone = torch.cat([small_linear(x[row:row + 1], weight, None) for row in range(2)])
-            assert torch.equal(pair, alone)
-            results.append(pair)
+            alone = torch.cat([small_linear(x[row:row + 1], weight, None) for row in range(len(x))])
+            # Every row count up to eight (AVX-512's blocked loop: four weight
+            # rows at a time up to four input rows, two beyond) gives each row alone's bits.
+            for rows in range(2, len(x) + 1):
+                assert torch.equal(small_linear(x[:rows], weight, None), alone[:rows]), rows
+            results.append(alone)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1])
@@ -154,3 +156,12 @@ def test_a_mutated_small_linear_changes_the_tokens(small_linear, reference_model
     with _engine(tiny_llama(), pack_weights=False, script_layers=False) as engine:
         got = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))[0].token_ids
     assert got != expected
+
+
+def test_its_default_row_count_follows_the_weights_and_the_cpu(small_linear, monkeypatch):
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 avx512f avx512bw")
+    assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 8)
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 fma")
+    assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 2)
+    with pytest.raises(ValueError, match="small_linear_rows must be in"):
+        EngineConfig(small_linear_rows=9)
