@@ -118,7 +118,10 @@ class Engine:
         self.vocab_size = self.runner.net.embed.shape[0]
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, self.block_manager)
+        # Prompts in bf16 take steps of their own beside more decoding sequences than small_linear runs.
+        net = self.runner.net
+        self.scheduler = Scheduler(self.config, self.block_manager,
+                                   prompt_steps_above=net.small_rows if net.half_block else None)
         self.sampler = Sampler()
         self.metrics = EngineMetrics()
         self.eos_token_ids = self._eos_ids(model, self.tokenizer)

@@ -5,6 +5,17 @@ each, or the next chunk of an unfinished prefill), then waiting ones in
 (priority, arrival) order as prefill chunks. When the KV cache is out of
 blocks, the least urgent, newest running sequence is preempted (its blocks
 freed, recomputed later), and nothing new is admitted in that step.
+
+With prompts in bf16 (EngineConfig.bf16_prompts) a step that mixes prompt
+rows with generated ones multiplies twice per layer, once over the bf16
+weights for the prompt rows and once over the fp32 path for the others. Up to
+`prompt_steps_above` decoding sequences that second pass is small_linear's,
+cheap; beyond it, the GEMM's over fp32 weights. There the scheduler gives
+prompts steps of their own, alternating with decode steps while both wait:
+the same matmul work, but a new chat's prompt no longer waits for a decode
+pass over every running sequence before its first token (a 40-token prompt
+beside 12 decoding sequences: 27 ms for the prompt's step against 73-91 ms
+mixed, on the 2-core AMX Xeon).
 """
 from __future__ import annotations
 
@@ -28,11 +39,17 @@ class ScheduledBatch:
         return bool(self.seqs)
 
 
+MIXED, PROMPTS, DECODES = "mixed", "prompts", "decodes"  # what a step may carry
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, prompt_steps_above: int | None = None):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = block_manager
+        # More decoding sequences than this: prompts and decodes take steps by turns (None: never).
+        self.prompt_steps_above = prompt_steps_above
+        self.last_kind = MIXED
         self.waiting: list[Sequence] = []  # sorted by sort_key before each admission pass
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -45,21 +62,43 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        kind = self._step_kind()
+        batch = self._build(kind)
+        if not batch and kind == PROMPTS:  # no prompt could run (no seat, no blocks): the decodes go on
+            kind, batch = DECODES, self._build(DECODES)
+        self.last_kind = kind
+        return batch
+
+    def _step_kind(self) -> str:
+        if self.prompt_steps_above is None:
+            return MIXED
+        decoding = sum(1 for seq in self.running if seq.num_uncomputed_tokens == 1)
+        prompting = bool(self.waiting) or any(seq.num_uncomputed_tokens > 1 for seq in self.running)
+        if decoding <= self.prompt_steps_above or not prompting:
+            return MIXED
+        return DECODES if self.last_kind == PROMPTS else PROMPTS
+
+    def _build(self, kind: str) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget, preempted = self._schedule_running(batch, self.max_num_batched_tokens)
-        if not preempted:
+        budget, preempted = self._schedule_running(batch, self.max_num_batched_tokens, kind)
+        if not preempted and kind != DECODES:
             self._admit_waiting(batch, budget)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, kind: str = MIXED) -> tuple[int, bool]:
         """Running sequences first, most urgent first, preempting the least urgent
-        when blocks run out. Returns the budget left and whether any was preempted."""
+        when blocks run out; a PROMPTS step takes only those with more than one
+        token to compute, a DECODES step only the others. Returns the budget
+        left and whether any was preempted."""
         bm = self.block_manager
         preempted = False
         self.running.sort(key=Sequence.sort_key)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if kind != MIXED and (seq.num_uncomputed_tokens > 1) != (kind == PROMPTS):
+                i += 1
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not bm.can_append(seq, num_new):
                 preempted = True

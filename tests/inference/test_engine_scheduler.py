@@ -71,3 +71,67 @@ def test_freed_cached_blocks_are_reused_then_evicted_least_recent_first():
     c = seq("c", [7, 7, 7, 7, 7, 7, 7, 7])
     manager.allocate(c, manager.match_prefix(c), 8)  # needs every block: the cache is evicted
     assert manager.num_free_blocks == 0 and not manager.cached
+
+
+def decoding(scheduler, names: list[str]) -> list[Sequence]:
+    """Admit one-token prompts and compute them: each then decodes one token a step."""
+    seqs = [seq(name, [1]) for name in names]
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.schedule()
+    for s in seqs:
+        s.num_computed_tokens = 1
+        s.token_ids.append(9)
+    return seqs
+
+
+def computed(batch) -> None:
+    """What a step does to the sequences' counts (the engine's runner and sampler)."""
+    for s, n in zip(batch.seqs, batch.num_new_tokens):
+        s.num_computed_tokens += n
+        if s.num_computed_tokens == s.num_tokens:
+            s.token_ids.append(9)
+
+
+def test_beside_many_decodes_bf16_prompts_take_steps_of_their_own_by_turns():
+    manager = BlockManager(64, block_size=4)
+    config = EngineConfig(max_num_batched_tokens=64, max_num_seqs=8, block_size=4)
+    scheduler = Scheduler(config, manager, prompt_steps_above=2)
+    running = decoding(scheduler, ["a", "b", "c"])
+    prompt = seq("new", list(range(10, 30)))  # 20 tokens, prefilled in chunks of 8 below
+    scheduler.add(prompt)
+    scheduler.max_num_batched_tokens = 8
+    kinds = []
+    for _ in range(6):
+        batch = scheduler.schedule()
+        has_prompt = any(n > 1 for n in batch.num_new_tokens)
+        kinds.append("prompt" if has_prompt else "decode")
+        assert not (has_prompt and any(n == 1 for n in batch.num_new_tokens))  # never mixed above the threshold
+        computed(batch)
+    # By turns while the prompt has tokens left (three chunks), then everyone decodes together.
+    assert kinds == ["prompt", "decode", "prompt", "decode", "prompt", "decode"]
+    assert prompt.num_computed_tokens == 21 and all(s.num_computed_tokens == 4 for s in running)
+    assert [s.request_id for s in scheduler.schedule().seqs] == ["a", "b", "c", "new"]
+
+
+def test_up_to_the_threshold_and_without_it_steps_mix_as_before():
+    for threshold, running_names in ((3, ["a", "b", "c"]), (None, ["a", "b", "c", "d", "e"])):
+        manager = BlockManager(64, block_size=4)
+        scheduler = Scheduler(EngineConfig(max_num_batched_tokens=64, block_size=4), manager,
+                              prompt_steps_above=threshold)
+        decoding(scheduler, running_names)
+        scheduler.add(seq("new", list(range(10, 20))))
+        batch = scheduler.schedule()
+        assert batch.num_new_tokens == [1] * len(running_names) + [10]
+
+
+def test_a_prompt_that_cannot_be_seated_does_not_stall_the_decodes():
+    manager = BlockManager(64, block_size=4)
+    scheduler = Scheduler(EngineConfig(max_num_batched_tokens=64, max_num_seqs=3, block_size=4), manager,
+                          prompt_steps_above=2)
+    decoding(scheduler, ["a", "b", "c"])
+    scheduler.add(seq("new", list(range(10, 20))))  # every seat taken
+    for _ in range(3):
+        batch = scheduler.schedule()
+        assert batch.num_new_tokens == [1, 1, 1]
+        computed(batch)
