@@ -288,22 +288,21 @@ def bf16_prompts_gain(report: FormatReport) -> float:
     return min(times["float32"][n] / times[BF16_PROMPTS][n] for n in times["float32"])
 
 
-@contextlib.contextmanager
 def bf16_prompts_applied(model: torch.nn.Module):
     """Every nn.Linear of the model answers as the engine's prompt rows do:
     input and weight rounded to bf16, the product summed in fp32 and rounded
-    to bf16 (oneDNN's output), widened back; forward hooks as in
-    bf16_weights_applied."""
-    def rounded(module, args, _output):
-        y = F.linear(args[0].bfloat16().float(), module.weight.bfloat16().float()).bfloat16().float()
+    to bf16 (oneDNN's output), widened back; the lm_head as under bf16
+    weights alone, as the engine's keeps fp32 activations."""
+    head = getattr(model, "lm_head", None)
+
+    def rounded(module, x):
+        weight = module.weight.bfloat16().float()
+        if module is head:
+            return F.linear(x, weight, module.bias)
+        y = F.linear(x.bfloat16().float(), weight).bfloat16().float()
         return y if module.bias is None else y + module.bias
 
-    handles = [m.register_forward_hook(rounded) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _linears_answering(model, rounded)
 
 
 def fixed_prompts(model: torch.nn.Module, tokenizer=None) -> list[list[int]]:
@@ -351,17 +350,21 @@ def bf16_weights_gain(report: FormatReport) -> float:
     return streamed["float32"] / streamed[BF16_WEIGHTS]
 
 
-@contextlib.contextmanager
 def bf16_weights_applied(model: torch.nn.Module):
     """Every nn.Linear of the model answers as if its weight were rounded to
     bf16, as "bf16_weight_only" rounds them (a tied embedding's lookups stay
-    fp32, as in the engine). Forward hooks, one layer's rounded weight at a
-    time: a rounded copy of the whole model would stay in the process's
-    memory after the check (486 MiB more RSS for SmolLM2-135M)."""
-    def rounded(module, args, _output):
-        return F.linear(args[0], module.weight.bfloat16().float(), module.bias)
+    fp32, as in the engine)."""
+    return _linears_answering(model, lambda module, x: F.linear(x, module.weight.bfloat16().float(), module.bias))
 
-    handles = [m.register_forward_hook(rounded) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+@contextlib.contextmanager
+def _linears_answering(model: torch.nn.Module, answer):
+    """Every nn.Linear's output replaced by answer(module, input) while the
+    block runs. Forward hooks, one layer's rounded weight at a time: a rounded
+    copy of the whole model would stay in the process's memory after the
+    check (486 MiB more RSS for SmolLM2-135M)."""
+    handles = [m.register_forward_hook(lambda module, args, _output: answer(module, args[0]))
+               for m in model.modules() if isinstance(m, torch.nn.Linear)]
     try:
         yield model
     finally:
