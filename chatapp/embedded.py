@@ -56,9 +56,49 @@ def postgres_server(pgdata: Path):
         # otherwise initdb a fresh cluster there and leave it behind.
         raise RuntimeError(f"the embedded Postgres at {pgdata} was stopped by this process; it is not started again")
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(pgdata)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     _ensure_database(server)
     return server
+
+
+def clear_stale_lock(pgdata: Path) -> bool:
+    """Remove the lock files of a postmaster that is gone; True when it did.
+
+    A postmaster killed outright (serve's shutdown past its timeout, a crash,
+    the OOM killer) leaves postmaster.pid, and its socket's lock file, behind.
+    pgserver takes the cluster as running when any process has the PID written
+    there, and Postgres refuses to start while its socket's lock names a PID
+    that exists. Both happened in CI on a busy box: the killed postmaster,
+    orphaned, stayed a zombie (this container's PID 1 reaps nothing), and
+    PIDs wrap around soon (32768, every thread taking one). The next serve
+    attached to a socket nothing listened on, or Postgres would not start."""
+    lock = pgdata / "postmaster.pid"
+    try:
+        lines = lock.read_text().split("\n")
+        pid = int(lines[0])
+    except (OSError, ValueError):
+        return False
+    try:
+        process = psutil.Process(pid)
+        if (process.status() != psutil.STATUS_ZOMBIE and process.name() == "postgres"
+                and str(pgdata.resolve()) in " ".join(process.cmdline())):
+            return False  # its postmaster: running, or still stopping
+    except psutil.NoSuchProcess:  # a zombie's command line is gone too
+        pass
+    except psutil.AccessDenied:
+        return False  # cannot tell: leave it to pgserver and Postgres
+    log.warning("removing the stale lock files of %s (PID %s is no postmaster of this cluster)", pgdata, pid)
+    # postmaster.pid's lines 4 and 5: the port and the socket's directory.
+    if len(lines) > 4 and lines[3].strip().isdigit() and lines[4].strip():
+        socket_lock = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}.lock"
+        try:
+            if socket_lock.read_text().split("\n", 1)[0].strip() == str(pid):
+                socket_lock.unlink()
+        except OSError:
+            pass
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _ensure_database(server) -> None:

@@ -2,10 +2,12 @@
 a process that has exited counts as ended even while its parent has not
 reaped it, as a stale worker's parent may never do (a container whose PID 1
 reaps nothing)."""
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -70,3 +72,29 @@ def test_a_cluster_this_process_stopped_is_not_started_again(tmp_path):
     with pytest.raises(RuntimeError, match="stopped by this process"):
         embedded.postgres_server(pgdata)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_lock_file_left_by_a_killed_postmaster_is_cleared_and_a_live_ones_kept(tmp_path):
+    """A postmaster killed outright leaves postmaster.pid; once its PID is
+    reused (a thread of another process, on a busy box), pgserver took the
+    cluster as running and the next serve attached to a dead socket."""
+    from django.conf import settings
+
+    if not settings.DATABASES["default"].get("EMBEDDED_PGDATA"):
+        pytest.skip("an external database (DATABASE_URL): no embedded cluster to compare with")
+    live = Path(settings.DATABASES["default"]["EMBEDDED_PGDATA"])  # the suite's own cluster
+    embedded.postgres_server(live)  # running (it starts on the first connection)
+    assert (live / "postmaster.pid").exists()
+    assert embedded.clear_stale_lock(live) is False
+    assert (live / "postmaster.pid").exists()
+    stale = tmp_path / "pg"
+    stale.mkdir()
+    record = (live / "postmaster.pid").read_text().split("\n")
+    for pid in (os.getpid(), 2**22 + 1):  # a live process that is no postmaster; no process at all
+        # Its socket's lock too, which names the same PID (Postgres would not start past it).
+        (stale / "postmaster.pid").write_text("\n".join([str(pid), str(stale), record[2], "5432", str(stale),
+                                                         *record[5:]]))
+        (stale / ".s.PGSQL.5432.lock").write_text(f"{pid}\n{stale}\n")
+        assert embedded.clear_stale_lock(stale) is True
+        assert not (stale / "postmaster.pid").exists() and not (stale / ".s.PGSQL.5432.lock").exists()
+    assert embedded.clear_stale_lock(stale) is False  # no lock file: nothing to do

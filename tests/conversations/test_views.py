@@ -63,18 +63,29 @@ async def test_new_chat_creates_the_conversation_and_redirects(alice, fake_gatew
     await turns.wait_idle(10)
 
 
-async def test_the_send_post_prepares_the_model_request_in_its_own_database_trip(alice, fake_gateway, fast_streams):
-    """The reply is streaming with its request built when the POST answers;
-    a context that cannot be built still ends as a readable error reply."""
+async def test_the_send_post_prepares_the_model_request_in_its_own_database_trip(alice, fake_gateway, fast_streams,
+                                                                                   monkeypatch):
+    """The reply's request is built in the POST's own database trip (its task
+    does not build it again), and the task moves the reply to streaming beside
+    the gateway's admission, before the first token; a context that cannot be
+    built still ends as a readable error reply."""
+    built = []
+    build = turns.build_request
+    monkeypatch.setattr(turns, "build_request", lambda **kwargs: built.append(kwargs) or build(**kwargs))
     conversation = await sync_to_async(services.conversation_create)(user=alice)
     client = AsyncClient()
     await sync_to_async(client.force_login)(alice)
-    fake_gateway.delay_s = 0.2
+    fake_gateway.delay_s = 1.0  # the gateway holds the first token back
     response = await client.post(f"/c/{conversation.id}/send", {"text": "Hello?"}, headers={"HX-Request": "true"})
     assert response.status_code == 200
-    reply = await sync_to_async(Message.objects.get)(conversation=conversation, role="assistant")
-    assert reply.status == "streaming" and reply.request_id
+    assert len(built) == 1  # in the POST's trip
+    get_reply = sync_to_async(Message.objects.get)
+    # Streaming while the gateway still holds the first token (not a race
+    # with the POST: the move runs on the task, beside the admission).
+    reply = await eventually(lambda: _streaming(get_reply(conversation=conversation, role="assistant")))
+    assert reply.request_id and not reply.content
     await turns.wait_idle(10)
+    assert len(built) == 1  # the task used the request the POST built
     chat_request = next(r for r in fake_gateway.requests if r.source == "chat")
     assert chat_request.messages[-1] == {"role": "user", "content": "Hello?"}
     assert chat_request.request_id == reply.request_id
@@ -88,6 +99,11 @@ async def test_the_send_post_prepares_the_model_request_in_its_own_database_trip
         lambda: Message.objects.filter(conversation=conversation, role="assistant").order_by("-created_at").first()
     )()
     assert reply.status == "error" and "too long for the model's context" in reply.error
+
+
+async def _streaming(reply_coroutine):
+    reply = await reply_coroutine
+    return reply if reply.status == "streaming" else None
 
 
 async def test_empty_and_overlong_messages_get_a_clear_inline_error(alice, fake_gateway, settings):
