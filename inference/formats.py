@@ -188,21 +188,34 @@ def time_matmuls(shapes: Counter, dtypes: list[str], rows=ROWS, rounds: int = 20
             w = weight.to(dtype)
             small = weight.bfloat16() if name == BF16_WEIGHTS else w
             packed = pack_weight(w, pack_fp32) if pack_fp32 and dtype == torch.float32 else None
-            cases += [(name, n, w, small, packed, torch.randn(n, n_in, dtype=dtype)) for n in rows]
-        for _name, _n, w, small, packed, x in cases:  # warm-up: oneDNN builds its kernels on first use
-            _matmul(x, w, small, packed, pack_fp32, small_rows)
-        deadline = time.perf_counter() + budget_s
-        for done in range(rounds):
-            if done >= 3 and time.perf_counter() > deadline:
-                break
-            for name, n, w, small, packed, x in cases:
-                started = time.perf_counter()
-                _matmul(x, w, small, packed, pack_fp32, small_rows)
-                elapsed = time.perf_counter() - started
-                key = (name, n, n_in, n_out)
-                best[key] = min(best.get(key, elapsed), elapsed)
+            cases += [((name, n, n_in, n_out), lambda w=w, small=small, packed=packed,
+                       x=torch.randn(n, n_in, dtype=dtype): _matmul(x, w, small, packed, pack_fp32, small_rows))
+                      for n in rows]
+        _time_interleaved(cases, best, rounds, budget_s)
+    return _summed_us(best, shapes, dtypes, rows)
+
+
+def _time_interleaved(cases: list, best: dict, rounds: int, budget_s: float) -> None:
+    """Each (key, run) once to warm up (oneDNN builds its kernels on first
+    use), then in turns over up to `rounds` rounds (at least 3, about budget_s
+    in all), keeping each key's best time in `best` (seconds)."""
+    for _key, run in cases:
+        run()
+    deadline = time.perf_counter() + budget_s
+    for done in range(rounds):
+        if done >= 3 and time.perf_counter() > deadline:
+            break
+        for key, run in cases:
+            started = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - started
+            best[key] = min(best.get(key, elapsed), elapsed)
+
+
+def _summed_us(best: dict, shapes: Counter, names, rows) -> dict[str, dict[int, float]]:
+    """{name: {rows: us}}: each shape's best (name, rows, in, out) time, weighted by its count of layers."""
     return {name: {n: round(sum(best[(name, n, i, o)] * count for (i, o), count in shapes.items()) * 1e6, 1)
-                   for n in rows} for name in dtypes}
+                   for n in rows} for name in names}
 
 
 def stream_plan(shapes: Counter, budget_bytes: int) -> dict[tuple[int, int], int]:
@@ -260,23 +273,11 @@ def time_prompt_rows(shapes: Counter, block: int, rows=PROMPT_ROWS, pack_fp32: s
         cases = []
         for n in rows:
             x = torch.randn(n, n_in)
-            cases.append(("float32", n, lambda x=x: F.linear(x, widened) if fp32_packed is None
+            cases.append((("float32", n, n_in, n_out), lambda x=x: F.linear(x, widened) if fp32_packed is None
                           else packed_matmul(x, fp32_packed, widened, pack_fp32)))
-            cases.append((BF16_PROMPTS, n, lambda x=x: bf16_block_linear(x, half_packed, None, block)))
-        for _name, _n, run in cases:
-            run()  # warm-up
-        deadline = time.perf_counter() + budget_s
-        for done in range(rounds):
-            if done >= 3 and time.perf_counter() > deadline:
-                break
-            for name, n, run in cases:
-                started = time.perf_counter()
-                run()
-                elapsed = time.perf_counter() - started
-                key = (name, n, n_in, n_out)
-                best[key] = min(best.get(key, elapsed), elapsed)
-    return {name: {n: round(sum(best[(name, n, i, o)] * count for (i, o), count in shapes.items()) * 1e6, 1)
-                   for n in rows} for name in ("float32", BF16_PROMPTS)}
+            cases.append(((BF16_PROMPTS, n, n_in, n_out), lambda x=x: bf16_block_linear(x, half_packed, None, block)))
+        _time_interleaved(cases, best, rounds, budget_s)
+    return _summed_us(best, shapes, ("float32", BF16_PROMPTS), rows)
 
 
 def bf16_prompts_gain(report: FormatReport) -> float:
