@@ -2,9 +2,11 @@
 
     python -m bench.prompts [--rounds 3] [--write]
 
-Both contenders run SmolLM2-135M-Instruct on bf16 weights ("bf16_weight_only",
+The contenders run SmolLM2-135M-Instruct on bf16 weights ("bf16_weight_only",
 what dtype "auto" picks on the 2-core EPYC and the AMX Xeon); one multiplies
-the prompt's rows in bf16 on oneDNN, the other in fp32 as before. Each runs in
+the prompt's rows in fp32 as before, two in bf16 on oneDNN: in calls of 64
+rows only, and (the default) in the larger calls that give the same bits
+(EngineConfig.bf16_prompt_max_block, inference.llama.same_bits_blocks). Each runs in
 its own process (two engines in one process share OpenMP's threads and slow
 each other), the two alternating over --rounds rounds, and each figure is the
 median of the rounds. Per contender:
@@ -34,22 +36,26 @@ from bench.report import machine_info, provenance, table, write_section
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## Prompts in bf16 (bench.prompts)"
 LENGTHS = (20, 60, 200, 500)
-CONTENDERS = {"prompts in fp32": False, "prompts in bf16": True}
+# name → EngineConfig settings of its own
+CONTENDERS = {
+    "prompts in fp32": {"bf16_prompts": False},
+    "prompts in bf16, calls of 64 rows": {"bf16_prompts": True, "bf16_prompt_max_block": 64},
+    "prompts in bf16": {"bf16_prompts": True},
+}
 
 
-def worker(model_dir: str, bf16_prompts: bool) -> dict:
+def worker(model_dir: str, settings: dict) -> dict:
     """In a process of its own: time the contender's prefills and decode step."""
     from inference import Engine, EngineConfig, SamplingParams
 
     rng = random.Random(0)
     engine = Engine.from_pretrained(model_dir, EngineConfig(
-        kv_cache_bytes=2**29, quantization="bf16_weight_only", bf16_prompts=bf16_prompts,
-        enable_prefix_caching=False))
+        kv_cache_bytes=2**29, quantization="bf16_weight_only", enable_prefix_caching=False, **settings))
     steps: list[tuple[int, float]] = []
     engine.step_observer = lambda batch, duration: steps.append((batch.num_tokens, duration))
     first = SamplingParams(max_tokens=1, temperature=0.0)
     try:
-        result = {"bf16_prompts": engine.stats()["bf16_prompts"]}
+        result = {"bf16_prompts": engine.stats()["bf16_prompts"], "blocks": engine.stats()["bf16_prompt_blocks"]}
         for n in LENGTHS:
             times = []
             for _ in range(5):
@@ -71,9 +77,9 @@ def worker(model_dir: str, bf16_prompts: bool) -> dict:
     return result
 
 
-def _run(model_dir: str, bf16_prompts: bool) -> dict:
+def _run(model_dir: str, settings: dict) -> dict:
     code = (f"import json; from bench.prompts import worker; "
-            f"print('RESULT ' + json.dumps(worker({model_dir!r}, {bf16_prompts!r})))")
+            f"print('RESULT ' + json.dumps(worker({model_dir!r}, {settings!r})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          check=True, capture_output=True, text=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
@@ -97,11 +103,12 @@ def main(argv=None) -> int:
             runs[name].append(result)
     keys = [f"prefill_{n}_ms" for n in LENGTHS] + ["burst_32x128_ms", "decode_step_ms"]
     median = {name: {k: statistics.median(r[k] for r in results) for k in keys} for name, results in runs.items()}
-    fp32, bf16 = median["prompts in fp32"], median["prompts in bf16"]
+    fp32, calls64, bf16 = (median[name] for name in CONTENDERS)
     headers = ["contender"] + [f"prefill {n} tokens, ms" for n in LENGTHS] + [
         "32 × 128 tokens at once, to the last first token, ms", "one stream's decode step, ms"]
     rows = [(name, *(f"{median[name][k]:.1f}" for k in keys)) for name in CONTENDERS]
     rows.append(("fp32 ÷ bf16", *(f"{fp32[k] / bf16[k]:.2f}×" for k in keys)))
+    rows.append(("calls of 64 ÷ larger calls", *(f"{calls64[k] / bf16[k]:.2f}×" for k in keys)))
     loads = [r["load"] for results in runs.values() for r in results]
     text = table(headers, rows)
     print(text)
@@ -109,8 +116,9 @@ def main(argv=None) -> int:
         section = "\n".join([
             HEADING, "", provenance("bench.prompts", argv, machine), "",
             f"Medians of {args.rounds} alternating rounds, each contender in its own process; 1-minute load "
-            f"{min(loads):.2f}–{max(loads):.2f}. Both on bf16 weights (\"bf16_weight_only\"); prefix caching "
-            "off; prefill = the step's time for one prompt of random ids.", "", text])
+            f"{min(loads):.2f}–{max(loads):.2f}. All on bf16 weights (\"bf16_weight_only\"); prefix caching "
+            "off; prefill = the step's time for one prompt of random ids. The larger calls, per matmul (qkv, o, "
+            f"gate_up, down): {runs['prompts in bf16'][0]['blocks']}.", "", text])
         write_section(section, HEADING)
     return 0
 

@@ -82,6 +82,13 @@ class EngineConfig:
     # 64 took 27-30 ms for prompts of 8 to 64 tokens, 128 took 36-39 ms there
     # and less beyond 100 tokens (the AMX Xeon).
     bf16_prompt_block: int = 64
+    # Longer prompts go in calls of block × 2, × 4 ... up to this many rows,
+    # each count only where a start-up check on the weight finds every row's
+    # bits the same as in calls of bf16_prompt_block (inference.llama
+    # same_bits_blocks): 512 tokens' layer matmuls took 60 against 93 ms on
+    # the AMX Xeon (docs/BENCHMARKS.md "Larger blocks for longer prompts").
+    # bf16_prompt_block alone: no larger calls.
+    bf16_prompt_max_block: int = 256
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
     # gpu_memory_fraction of the memory free after the weights are loaded.
     kv_cache_bytes: int | None = None
@@ -179,6 +186,8 @@ class EngineConfig:
             raise ValueError("small_linear_rows must be in [0, 8] (or None for the CPU's default)")
         if self.bf16_prompt_block < 1:
             raise ValueError("bf16_prompt_block must be >= 1")
+        if self.bf16_prompt_max_block < self.bf16_prompt_block:
+            raise ValueError("bf16_prompt_max_block must be >= bf16_prompt_block")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1:

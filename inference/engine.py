@@ -247,6 +247,8 @@ class Engine:
             "attention_kernel": self.runner.net.attention_kernel,
             "small_linear_rows": self.runner.net.small_rows,
             "bf16_prompts": self.runner.net.half_block > 0,
+            # The row counts of its oneDNN calls, per matmul (qkv, o, gate_up, down).
+            "bf16_prompt_blocks": [list(blocks) for blocks in self.runner.net.half_blocks],
             "fused_ops": self.runner.net.fused_ops,
             "one_thread_rows": self.runner.step_threads.one_thread_rows,
             "running": len(self.scheduler.running),

@@ -275,7 +275,7 @@ def time_prompt_rows(shapes: Counter, block: int, rows=PROMPT_ROWS, pack_fp32: s
             x = torch.randn(n, n_in)
             cases.append((("float32", n, n_in, n_out), lambda x=x: F.linear(x, widened) if fp32_packed is None
                           else packed_matmul(x, fp32_packed, widened, pack_fp32)))
-            cases.append(((BF16_PROMPTS, n, n_in, n_out), lambda x=x: bf16_block_linear(x, half_packed, None, block)))
+            cases.append(((BF16_PROMPTS, n, n_in, n_out), lambda x=x: bf16_block_linear(x, half_packed, None, [block])))
         _time_interleaved(cases, best, rounds, budget_s)
     return _summed_us(best, shapes, ("float32", BF16_PROMPTS), rows)
 

@@ -74,12 +74,14 @@ class PromptRows(NamedTuple):
 
     half: torch.Tensor  # [n] int64 row indices, ascending; empty when none
     full: torch.Tensor  # [T - n] the other rows, while both kinds are in the step; else empty
-    block: int  # rows per oneDNN call (0: bf16 prompts off)
+    # Per matmul [qkv, o, gate_up, down]: the row counts its oneDNN calls may
+    # have, largest first (same_bits_blocks); empty when bf16 prompts are off.
+    blocks: List[List[int]]
 
 
 _EMPTY_ROWS = torch.empty(0, dtype=torch.long)
 # What a step without prompt rows passes (built once: a forward is hot).
-NO_PROMPT_ROWS = PromptRows(_EMPTY_ROWS, _EMPTY_ROWS, 0)
+NO_PROMPT_ROWS = PromptRows(_EMPTY_ROWS, _EMPTY_ROWS, [])
 
 
 @dataclass
@@ -128,41 +130,106 @@ def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return torch.addmm(h, x, weight.t())
 
 
+def block_cover(n: int, blocks: List[int]) -> List[int]:
+    """The row counts of the calls that cover n rows, each one of `blocks`
+    (largest first, the smallest last): the smallest block that holds the
+    rest with less than the smallest block's rows of padding where there is
+    one, else the largest that fits. So padding stays under the smallest
+    block, and a long prompt goes in the largest calls (fewer, faster ones).
+    (Plain loops: the TorchScript layer stack calls it.)"""
+    sizes: List[int] = []
+    smallest = blocks[-1]
+    while n > 0:
+        size = 0
+        for b in blocks:  # largest first: the last that holds the rest is the smallest
+            if n <= b and b < n + smallest:
+                size = b
+        if size == 0:
+            size = smallest
+            for b in blocks:
+                if b <= n:
+                    size = b  # the largest that fits
+                    break
+        sizes.append(size)
+        n -= size
+    return sizes
+
+
 def bf16_block_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
-                      block: int) -> torch.Tensor:
+                      blocks: List[int]) -> torch.Tensor:
     """x [n, in] fp32 rounded to bf16, times a bf16 weight packed for oneDNN
     (AMX or AVX512-BF16 where the CPU has them), summed in fp32 and rounded
-    to bf16 by oneDNN, widened back: [n, out] fp32. Always `block` rows a
-    call, the last block padded with zeros: oneDNN's bf16 GEMM sums a row in
-    an order that depends on the call's row count (a row's bits differed
-    between calls of 2 to 129 rows on the AMX Xeon), but with the count fixed
-    a row's result depends on nothing else in the call, neither its place,
-    the other rows, the padding nor the thread count (checked bit for bit).
-    So a prompt gets the same bits whether it is prefilled whole, in chunks,
-    beside other prompts, or after a prefix-cache hit."""
-    n = x.size(0)
-    padded = (n + block - 1) // block * block
+    to bf16 by oneDNN, widened back: [n, out] fp32. Every call has one of
+    `blocks` rows (block_cover), the last one padded with zeros: oneDNN's
+    bf16 GEMM sums a row in an order that depends on the call's row count (a
+    row's bits differed between calls of 2 to 129 rows on the AMX Xeon), but
+    with the count fixed a row's result depends on nothing else in the call,
+    neither its place, the other rows, the padding nor the thread count
+    (checked bit for bit); larger blocks are only those that same_bits_blocks
+    found to give the smallest's bits. So a prompt gets the same bits whether
+    it is prefilled whole, in chunks, beside other prompts, or after a
+    prefix-cache hit."""
+    sizes = block_cover(x.size(0), blocks)
+    n, padded = x.size(0), sum(sizes)
     if padded == n:
         xb = x.to(torch.bfloat16)
     else:
         xb = torch.zeros(padded, x.size(1), dtype=torch.bfloat16, device=x.device)
         xb[:n] = x
-    parts = [onednn_linear(xb[start:start + block], packed, None) for start in range(0, padded, block)]
+    parts: List[torch.Tensor] = []
+    start = 0
+    for size in sizes:
+        parts.append(onednn_linear(xb[start:start + size], packed, None))
+        start += size
     y = (parts[0] if len(parts) == 1 else torch.cat(parts))[:n].float()
     if bias is not None:
         y = y + bias
     return y
 
 
+def same_bits_blocks(packed: torch.Tensor, in_features: int, block: int, largest: int,
+                     linear=None) -> List[int]:
+    """The row counts, block × 2^k up to `largest`, whose calls give every row
+    the bits that calls of `block` rows give it, at every thread count up to
+    this thread's (the engine's steps may run on fewer, StepThreads): largest
+    first, `block` last. Whether two row counts sum in the same order is the
+    library's choice of kernel for the shape and the CPU (at SmolLM2's shapes
+    on the AMX Xeon 64 and 128 rows agree at every layer, 256 at three of
+    four), so it is checked here, at start, on the weight itself, over as many
+    random rows as the largest count: a different order shows in some row's
+    last bits."""
+    linear = onednn_linear if linear is None else linear
+    candidates = [block]
+    while candidates[-1] * 2 <= largest:
+        candidates.append(candidates[-1] * 2)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(candidates[-1], in_features, generator=generator).to(torch.bfloat16)
+
+    def in_calls_of(rows: int) -> torch.Tensor:
+        return torch.cat([linear(x[start:start + rows], packed, None) for start in range(0, x.size(0), rows)])
+
+    threads = torch.get_num_threads()
+    kept = set(candidates[1:])
+    try:
+        for count in range(1, threads + 1):
+            torch.set_num_threads(count)
+            reference = in_calls_of(block)
+            kept = {rows for rows in kept if torch.equal(in_calls_of(rows), reference)}
+    finally:
+        torch.set_num_threads(threads)
+    return sorted(kept, reverse=True) + [block]
+
+
 def _split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   scale: Optional[torch.Tensor], quant_mode: int, small_rows: int,
                   small_weight: Optional[torch.Tensor], half_weight: torch.Tensor,
-                  rows: PromptRows) -> torch.Tensor:
+                  rows: PromptRows, site: int) -> torch.Tensor:
     """A step with prompt rows (EngineConfig.bf16_prompts): those in bf16
-    blocks, the others (generated tokens) as _linear runs them."""
+    blocks, the others (generated tokens) as _linear runs them. site: which
+    of the layer's matmuls (qkv, o, gate_up, down: 0-3)."""
     if rows.full.numel() == 0:
-        return bf16_block_linear(x, half_weight, bias, rows.block)
-    half = bf16_block_linear(x.index_select(0, rows.half), half_weight, bias, rows.block)
+        return bf16_block_linear(x, half_weight, bias, rows.blocks[site])
+    half = bf16_block_linear(x.index_select(0, rows.half), half_weight, bias, rows.blocks[site])
     out = torch.empty(x.size(0), half.size(1), dtype=half.dtype, device=half.device)
     out.index_copy_(0, rows.half, half)
     out.index_copy_(0, rows.full, _linear(x.index_select(0, rows.full), weight, bias, scale, quant_mode,
@@ -293,7 +360,7 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
         x = _norm(h, w[0], eps, fused_ops)
         if half:
             qkv = _split_linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows, sw[0],
-                                half_weights[index][0], rows)
+                                half_weights[index][0], rows, 0)
         else:
             qkv = _linear(x, w[1], qkv_biases[index], s[0], quant_mode, small_rows, sw[0])  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
@@ -312,17 +379,17 @@ def _layers(h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots:
                        attention_kernel)  # [T, H * D]
         if half:
             h = h + _split_linear(o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1],
-                                  half_weights[index][1], rows)
+                                  half_weights[index][1], rows, 1)
         else:
             h = _residual_linear(h, o, w[2], o_biases[index], s[1], quant_mode, small_rows, sw[1])
         x = _norm(h, w[3], eps, fused_ops)
         if half:
-            gate_up = _split_linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2], half_weights[index][2], rows)
+            gate_up = _split_linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2], half_weights[index][2], rows, 2)
         else:
             gate_up = _linear(x, w[4], None, s[2], quant_mode, small_rows, sw[2])
         act = torch.ops.chatapp.silu_mul(gate_up) if fused_ops else layer_ops.silu_mul(gate_up)
         if half:
-            h = h + _split_linear(act, w[5], None, s[3], quant_mode, small_rows, sw[3], half_weights[index][3], rows)
+            h = h + _split_linear(act, w[5], None, s[3], quant_mode, small_rows, sw[3], half_weights[index][3], rows, 3)
         else:
             h = _residual_linear(h, act, w[5], None, s[3], quant_mode, small_rows, sw[3])
     return h
@@ -395,10 +462,13 @@ class PagedLlama:
         self.small_weights: list[list[torch.Tensor]] = []
         self.lm_head_small: torch.Tensor | None = None
         # bf16 copies of [qkv, o, gate_up, down] per layer, packed for oneDNN,
-        # that prompt rows multiply in blocks of half_block (ModelRunner sets
-        # both under EngineConfig.bf16_prompts; empty and 0 otherwise).
+        # that prompt rows multiply in blocks of half_block rows, or of the
+        # larger counts in half_blocks (per matmul, largest first) that give
+        # the same bits (ModelRunner sets them under EngineConfig.bf16_prompts;
+        # empty and 0 otherwise).
         self.half_weights: list[list[torch.Tensor]] = []
         self.half_block = 0
+        self.half_blocks: list[list[int]] = []
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # Rotary tables from the model's own rotary module, so every rope

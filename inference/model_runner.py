@@ -8,7 +8,7 @@ import torch
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
 from inference.kernels import SMALL_LINEAR_MAX_ROWS, default_small_rows, load_kernels
-from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk, PromptRows
+from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk, PromptRows, same_bits_blocks
 from inference.packing import (ONEDNN_PACKING, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged,
                                pack_weight, resolve_packer, shape_only)
 from inference.quantization import quantize_paged, round_paged_to_bf16
@@ -120,6 +120,11 @@ class ModelRunner:
         block = config.bf16_prompt_block
         self.net.half_weights = [[pack_weight(w, "onednn", rows=block) for w in layer] for layer in bf16_layers]
         self.net.half_block = block
+        # Every layer's matmul of a kind has the same shape: check each kind once.
+        self.net.half_blocks = [same_bits_blocks(packed, weight.size(1), block, config.bf16_prompt_max_block)
+                                for packed, weight in zip(self.net.half_weights[0], bf16_layers[0])]
+        log.info("bf16 prompts in calls of %s rows (qkv, o, gate_up, down)",
+                 ", ".join("/".join(map(str, blocks)) for blocks in self.net.half_blocks))
 
     def release_float_weights(self) -> int:
         """Free the float copies of the layers' matmul weights once the layer
@@ -227,7 +232,7 @@ class ModelRunner:
         rows = None
         if half_rows:
             full_rows = [] if len(half_rows) == len(tokens) else sorted(set(range(len(tokens))) - set(half_rows))
-            rows = PromptRows(as_tensor(half_rows), as_tensor(full_rows), half_block)
+            rows = PromptRows(as_tensor(half_rows), as_tensor(full_rows), self.net.half_blocks)
         with torch.inference_mode():
             logits = self.net.forward(as_tensor(tokens), as_tensor(positions), as_tensor(slots), plan,
                                       as_tensor(logit_rows), self.k_cache, self.v_cache, rows)

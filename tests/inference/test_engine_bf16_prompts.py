@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from inference import Engine, EngineConfig, SamplingParams, formats, kernels
-from inference.llama import bf16_block_linear
+from inference.llama import bf16_block_linear, block_cover, same_bits_blocks
 from inference.packing import ONEDNN_PACKING, pack_weight
 
 from .conftest import KERNEL_DIR, make_prompts, tiny_llama
@@ -69,18 +69,64 @@ def test_a_row_gets_the_same_bits_in_any_block():
         weight = (torch.randn(n_out, n_in) * 0.05).bfloat16()
         packed = pack_weight(weight, "onednn", rows=64)
         x = torch.randn(300, n_in)
-        whole = bf16_block_linear(x, packed, None, 64)
+        whole = bf16_block_linear(x, packed, None, [64])
         assert whole.dtype == torch.float32 and whole.shape == (300, n_out)
         cuts = (0, 1, 3, 20, 33, 97, 161, 300)
-        pieces = torch.cat([bf16_block_linear(x[a:b], packed, None, 64) for a, b in zip(cuts, cuts[1:])])
+        pieces = torch.cat([bf16_block_linear(x[a:b], packed, None, [64]) for a, b in zip(cuts, cuts[1:])])
         assert torch.equal(pieces, whole)
         shuffled = torch.randperm(300)
-        assert torch.equal(bf16_block_linear(x[shuffled], packed, None, 64), whole[shuffled])
+        assert torch.equal(bf16_block_linear(x[shuffled], packed, None, [64]), whole[shuffled])
         bias = torch.randn(n_out)
-        assert torch.equal(bf16_block_linear(x, packed, bias, 64), whole + bias)
+        assert torch.equal(bf16_block_linear(x, packed, bias, [64]), whole + bias)
         # What it computes: bf16 inputs and weights, fp32 sums, rounded to bf16.
         expected = F.linear(x.bfloat16().float(), weight.float())
         assert (whole - expected).abs().max() <= expected.abs().max() * 2**-7
+
+
+def test_a_block_cover_pads_less_than_the_smallest_block():
+    blocks = [256, 128, 64]
+    expected = {1: [64], 64: [64], 65: [128], 130: [128, 64], 200: [256], 250: [256], 300: [256, 64],
+                512: [256, 256], 700: [256, 256, 128, 64]}
+    for n, sizes in expected.items():
+        assert block_cover(n, blocks) == sizes, n
+    for n in range(1, 600):
+        sizes = block_cover(n, blocks)
+        assert set(sizes) <= set(blocks) and n <= sum(sizes) < n + 64
+    assert block_cover(130, [64]) == [64, 64, 64]
+
+
+def test_larger_blocks_only_where_a_row_keeps_its_bits():
+    """same_bits_blocks keeps a larger row count only where every row's
+    result equals the one in calls of the base block: a library that sums in
+    another order at some count (simulated) loses that count."""
+    weight = torch.randn(32, 16).bfloat16()
+
+    def summing_differently_at(rows):
+        def linear(x, w, _bias):
+            y = F.linear(x.float(), w.float())
+            return (y + 1e-3 if x.size(0) in rows else y).bfloat16()
+        return linear
+
+    assert same_bits_blocks(weight, 16, 64, 256, linear=summing_differently_at(())) == [256, 128, 64]
+    assert same_bits_blocks(weight, 16, 64, 256, linear=summing_differently_at((256,))) == [128, 64]
+    assert same_bits_blocks(weight, 16, 64, 256, linear=summing_differently_at((128,))) == [256, 64]
+    assert same_bits_blocks(weight, 16, 64, 64, linear=summing_differently_at(())) == [64]
+
+
+def test_the_blocks_found_give_the_base_blocks_bits_at_smollm2s_shapes():
+    """On this machine's oneDNN: whatever larger calls the check keeps, a row
+    gets the bits of calls of 64 rows, for any row count (with one call over
+    all of them, qkv's 512 rows differ on the AMX Xeon)."""
+    torch.manual_seed(0)
+    for n_out, n_in in ((960, 576), (576, 576), (3072, 576), (576, 1536)):  # SmolLM2's four matmuls
+        weight = (torch.randn(n_out, n_in) * 0.05).bfloat16()
+        packed = pack_weight(weight, "onednn", rows=64)
+        blocks = same_bits_blocks(packed, n_in, 64, 512)
+        assert blocks[-1] == 64 and blocks == sorted(blocks, reverse=True)
+        x = torch.randn(700, n_in)
+        for n in (1, 63, 130, 200, 300, 513, 700):
+            assert torch.equal(bf16_block_linear(x[:n], packed, None, blocks),
+                               bf16_block_linear(x[:n], packed, None, [64])), (n_out, n_in, blocks, n)
 
 
 @needs_kernel
@@ -88,6 +134,7 @@ def test_prompt_rows_follow_the_rounded_reference_and_replies_stay_fp32(referenc
     prompts = make_prompts(8, seed=5, min_len=20, max_len=90)
     with _engine(copy.deepcopy(reference_model)) as engine:
         assert engine.stats()["bf16_prompts"] is True and engine.runner.net.half_block == 64
+        assert [blocks[-1] for blocks in engine.stats()["bf16_prompt_blocks"]] == [64] * 4
         done = [engine.generate([p], SamplingParams(max_tokens=16, temperature=0.0, logprobs=0))[0]
                 for p in prompts]
     reference = copy.deepcopy(reference_model)
@@ -107,7 +154,10 @@ def test_prompt_rows_follow_the_rounded_reference_and_replies_stay_fp32(referenc
 @needs_kernel
 def test_a_prompt_gets_the_same_bits_whole_in_chunks_and_from_the_cache(reference_model):
     shared = make_prompts(1, seed=21, min_len=48, max_len=48)[0]
-    prompts = [shared + tail for tail in make_prompts(4, seed=22, min_len=5, max_len=40)]
+    # Whole, the long one goes in the larger calls (256 + 64 rows, where the
+    # start-up check keeps 256), the others in one of 128; in chunks, 64.
+    tails = make_prompts(4, seed=22, min_len=5, max_len=40) + make_prompts(1, seed=23, min_len=260, max_len=260)
+    prompts = [shared + tail for tail in tails]
     params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=0)
 
     def run(**settings):
@@ -119,7 +169,7 @@ def test_a_prompt_gets_the_same_bits_whole_in_chunks_and_from_the_cache(referenc
     whole, _ = run(enable_prefix_caching=False)
     chunked, _ = run(enable_prefix_caching=False, max_num_batched_tokens=16)
     cached, hits = run()
-    assert hits >= 3 * 48  # the later prompts found the shared blocks
+    assert hits >= 4 * 48  # the later prompts found the shared blocks
     assert chunked == whole
     assert [tokens for tokens, _ in cached] == [tokens for tokens, _ in whole]
     # From the cache, attention sums the earlier keys in another grouping (as in fp32).
@@ -147,6 +197,8 @@ def test_settings_it_cannot_keep_are_refused():
         EngineConfig(bf16_prompts=True, quantization="int8_weight_only")
     with pytest.raises(ValueError, match="bf16_prompt_block"):
         EngineConfig(quantization="bf16_weight_only", bf16_prompt_block=0)
+    with pytest.raises(ValueError, match="bf16_prompt_max_block"):
+        EngineConfig(quantization="bf16_weight_only", bf16_prompt_block=64, bf16_prompt_max_block=32)
     assert EngineConfig(quantization="bf16_weight_only", bf16_prompts=True, dtype="auto").dtype == "float32"
 
 
