@@ -245,6 +245,8 @@ class Engine:
             "packed_weights": self.runner.packed_weights,
             "weight_packing": self.runner.weight_packing,
             "attention_kernel": self.runner.net.attention_kernel,
+            # Prompts' attention: the library's kernel, or SDPA (HF's sums, kept in fp32).
+            "prefill_attention": "kernel" if self.runner.prefill_in_place else "sdpa",
             "small_linear_rows": self.runner.net.small_rows,
             "bf16_prompts": self.runner.net.half_block > 0,
             # The row counts of its oneDNN calls, per matmul (qkv, o, gate_up, down).

@@ -238,12 +238,19 @@ class ModelRunner:
                                       as_tensor(logit_rows), self.k_cache, self.v_cache, rows)
         return sampled, logits
 
+    @property
+    def prefill_in_place(self) -> bool:
+        """Prefill attention in the library's kernel, not SDPA (see _prefill_chunk)."""
+        return self.net.attention_kernel and (self.dtype != torch.float32 or self.net.half_block > 0)
+
     def _prefill_chunk(self, row: int, start: int, num_new: int, table: list[int]) -> PrefillChunk:
         """Tokens [start, start + num_new) of a sequence, at rows from `row`."""
         ctx_len = start + num_new
-        # Half precision with the library: its prefill attention reads every
-        # chunk's keys through the block table, and needs no mask.
-        in_place = self.net.attention_kernel and self.dtype != torch.float32
+        # With the library, where the bits are not HF generate's anyway (half
+        # precision, bf16 prompts): its prefill attention reads every chunk's
+        # keys through the block table and needs no mask. fp32 keeps SDPA's
+        # sums, which are HF's.
+        in_place = self.prefill_in_place
         if start == 0 and not in_place:
             return PrefillChunk(row, num_new, ctx_len, None, None)
         blocks = torch.tensor(table[:-(-ctx_len // self.block_size)], device=self.device)
