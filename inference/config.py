@@ -89,6 +89,12 @@ class EngineConfig:
     # the AMX Xeon (docs/BENCHMARKS.md "Larger blocks for longer prompts").
     # bf16_prompt_block alone: no larger calls.
     bf16_prompt_max_block: int = 256
+    # With bf16 prompts, beside more than this many decoding sequences prompts
+    # and decodes take steps by turns (inference.scheduler): a new chat's
+    # prompt step is the bf16 pass alone. 8: one every 250 ms TTFT p50 49-56
+    # against 85-114 ms mixed, and 32 prompts at once prefilled in cheaper
+    # steps (32 x 32 tokens 286 against 270 tok/s never alternating; AMX Xeon).
+    prompt_steps_above: int = 8
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
     # gpu_memory_fraction of the memory free after the weights are loaded.
     kv_cache_bytes: int | None = None
@@ -136,12 +142,15 @@ class EngineConfig:
     # row and 20.8 at two against 25.0 and 28.0 for oneDNN on packed weights;
     # at three rows they were even, at four oneDNN was faster (bench.packing).
     # Over bf16 weights ("bf16_weight_only") on AVX-512 a blocked loop keeps
-    # up to eight rows' sums in registers: at 8 rows 11.1 against 24.2 ms for
-    # MKL's packed fp32 GEMM on the AMX Xeon. None: 8 there, 2 otherwise
-    # (inference.kernels.default_small_rows). The plain weights then stay beside
-    # packed copies (the memory ModelRunner.release_float_weights would have
-    # freed), except under "bf16_weight_only", where these steps read bf16
-    # copies. 0 turns it off; at most inference.kernels.SMALL_LINEAR_MAX_ROWS.
+    # up to eight rows' sums in registers and passes groups of eight over
+    # each block of weight rows: 8 rows 16.5, 16 rows 23.5 against 26.8 and
+    # 29.4 ms for MKL's packed fp32 GEMM over the rounded weights on the AMX
+    # Xeon. None: 16 there, 2 otherwise (inference.kernels.default_small_rows).
+    # The plain weights then stay beside packed copies (the memory
+    # ModelRunner.release_float_weights would have freed), except under
+    # "bf16_weight_only", where these steps read bf16 copies. 0 turns it off;
+    # at most inference.kernels.SMALL_LINEAR_MAX_ROWS (8), or its _BF16 (32)
+    # over bf16 weights on AVX-512 (inference.kernels.max_small_rows).
     small_linear_rows: int | None = None
     # CPU: each layer's RMSNorms, rotary embedding and SiLU * up run as one op
     # each of the same library (csrc/fused_ops.cpp) instead of about a dozen
@@ -182,12 +191,16 @@ class EngineConfig:
         if self.bf16_prompts:
             if self.quantization != "bf16_weight_only" or not self.device.startswith("cpu"):
                 raise ValueError("bf16_prompts needs quantization bf16_weight_only (on the CPU)")
-        if self.small_linear_rows is not None and not 0 <= self.small_linear_rows <= 8:
-            raise ValueError("small_linear_rows must be in [0, 8] (or None for the CPU's default)")
+        # 32: inference.kernels.SMALL_LINEAR_MAX_ROWS_BF16 (config imports no kernels); the runner
+        # caps it at what small_linear takes over the weights at hand (max_small_rows).
+        if self.small_linear_rows is not None and not 0 <= self.small_linear_rows <= 32:
+            raise ValueError("small_linear_rows must be in [0, 32] (or None for the CPU's default)")
         if self.bf16_prompt_block < 1:
             raise ValueError("bf16_prompt_block must be >= 1")
         if self.bf16_prompt_max_block < self.bf16_prompt_block:
             raise ValueError("bf16_prompt_max_block must be >= bf16_prompt_block")
+        if self.prompt_steps_above < 0:
+            raise ValueError("prompt_steps_above must be >= 0")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1:

@@ -118,10 +118,10 @@ class Engine:
         self.vocab_size = self.runner.net.embed.shape[0]
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
-        # Prompts in bf16 take steps of their own beside more decoding sequences than small_linear runs.
-        net = self.runner.net
+        # Prompts in bf16 take steps of their own beside many decoding sequences (inference.scheduler).
         self.scheduler = Scheduler(self.config, self.block_manager,
-                                   prompt_steps_above=net.small_rows if net.half_block else None)
+                                   prompt_steps_above=self.config.prompt_steps_above
+                                   if self.runner.net.half_block else None)
         self.sampler = Sampler()
         self.metrics = EngineMetrics()
         self.eos_token_ids = self._eos_ids(model, self.tokenizer)

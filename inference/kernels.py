@@ -78,15 +78,22 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("paged_attention.cpp", "prefill_attention.cpp", "small_linear.cpp", "fused_ops.cpp")]
 HEADERS = [Path(__file__).with_name("csrc") / "storage.h"]
-# The most rows small_linear takes (csrc/small_linear.cpp's kMaxRows).
+# The most rows small_linear takes (csrc/small_linear.cpp's kMaxRows), and
+# over bf16 weights on AVX-512 with rows of whole registers (kMaxBf16Rows).
 SMALL_LINEAR_MAX_ROWS = 8
+SMALL_LINEAR_MAX_ROWS_BF16 = 32
 # EngineConfig.small_linear_rows' default: over fp32 weights small_linear beat
 # the GEMM libraries at one and two rows only (the 2-core EPYC, bench.packing);
-# over bf16 weights on AVX-512 its blocked loop runs every count up to 8 (a
-# forward's layer matmuls at 8 rows 11.1 against 24.2 ms for MKL's packed fp32
-# GEMM on the AMX Xeon, 6 rows 9.6 against 21.3; docs/BENCHMARKS.md).
+# over bf16 weights on AVX-512 its blocked loop takes every count up to 32:
+# a forward's layer matmuls (each layer's weights its own copy, as in a step)
+# at 8 rows 16.5, 16 rows 23.5 against 26.8 and 29.4 ms for MKL's packed fp32
+# GEMM over the rounded weights on the AMX Xeon, 32 rows 41.6 against 37.9
+# packed; but the engine's steps past small_linear run the rounded weights
+# unpacked, lm_head included, and its decode step at 32 sequences took 70-72
+# ms with small_linear against 78-80 without (docs/BENCHMARKS.md
+# "small_linear to 32 rows").
 SMALL_ROWS_FP32 = 2
-SMALL_ROWS_BF16_AVX512 = 8
+SMALL_ROWS_BF16_AVX512 = 32
 # -ffast-math lets the compiler vectorise the dot products' sums and call
 # glibc's vector exp; it is given to the compile step only, since at the link
 # step GCC 12 would add crtfastmath.o, which turns on flush-to-zero for the
@@ -119,6 +126,15 @@ def default_small_rows(bf16_weights: bool) -> int:
     if bf16_weights and " avx512f " in f" {_cpu_flags()} ":
         return SMALL_ROWS_BF16_AVX512
     return SMALL_ROWS_FP32
+
+
+def max_small_rows(bf16_weights: bool, in_features: list[int]) -> int:
+    """The most rows small_linear takes over these weights: its blocked loop
+    over bf16 weights on AVX-512 (rows of whole 16-lane registers) takes up
+    to SMALL_LINEAR_MAX_ROWS_BF16, the plain loop SMALL_LINEAR_MAX_ROWS."""
+    if bf16_weights and " avx512f " in f" {_cpu_flags()} " and all(k % 16 == 0 for k in in_features):
+        return SMALL_LINEAR_MAX_ROWS_BF16
+    return SMALL_LINEAR_MAX_ROWS
 
 
 def _cpu_flags() -> str:
@@ -242,9 +258,16 @@ def _self_check() -> None:
             error = (torch.ops.chatapp.small_linear(x, weight, b) - F.linear(x, weight, b)).abs().max().item()
             if not error <= 1e-4:
                 raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows")
-            # bf16 weights: the fp32 product with the weights widened.
+            # bf16 weights: the fp32 product with the weights widened (up to 32 rows below).
             half = weight.bfloat16()
             error = (torch.ops.chatapp.small_linear(x, half, b) - F.linear(x, half.float(), b)).abs().max().item()
+            if not error <= 1e-4:
+                raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows, bf16 weights")
+    if max_small_rows(True, [96]) > SMALL_LINEAR_MAX_ROWS:  # AVX-512's blocked loop, in groups of eight rows
+        half = weight.bfloat16()
+        for rows in range(SMALL_LINEAR_MAX_ROWS + 1, SMALL_LINEAR_MAX_ROWS_BF16 + 1):
+            x = torch.randn(rows, 96, generator=generator)
+            error = (torch.ops.chatapp.small_linear(x, half, bias) - F.linear(x, half.float(), bias)).abs().max().item()
             if not error <= 1e-4:
                 raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows, bf16 weights")
     _check_fused_ops(generator)

@@ -7,7 +7,7 @@ import torch
 
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
-from inference.kernels import SMALL_LINEAR_MAX_ROWS, default_small_rows, load_kernels
+from inference.kernels import default_small_rows, load_kernels, max_small_rows
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk, PromptRows, same_bits_blocks
 from inference.packing import (ONEDNN_PACKING, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged,
                                pack_weight, resolve_packer, shape_only)
@@ -102,7 +102,10 @@ class ModelRunner:
             rows = default_small_rows(bf16_weights is not None)
         if not plain or rows <= 0:
             return
-        net.small_rows = min(rows, SMALL_LINEAR_MAX_ROWS)
+        # Over bf16 weights whose rows fill whole registers, AVX-512's blocked loop takes more rows.
+        in_features = [] if bf16_weights is None else [
+            w.size(1) for layer in bf16_weights[0] for w in layer] + [bf16_weights[1].size(1)]
+        net.small_rows = min(rows, max_small_rows(bf16_weights is not None, in_features))
         if bf16_weights is not None:
             net.small_weights, net.lm_head_small = bf16_weights
         elif net.quant_mode < 0:

@@ -35,7 +35,8 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kMaxRows = 8;  // fp32 weights, or bf16 without AVX-512
+constexpr int64_t kMaxBf16Rows = 32;  // bf16 weights on AVX-512
 
 inline float widen(float v) { return v; }
 inline float widen(c10::BFloat16 v) {
@@ -84,14 +85,54 @@ inline __m512 widen16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-// M input rows against R weight rows at a time: M * R accumulators, M input
-// loads and one widened weight row live in registers (32 on AVX-512), hence
-// R = 4 up to four input rows and R = 2 beyond (8 x 2 + 8 + 1 = 25). Each
-// output's sum is its own register's, so a row's bits do not depend on M:
-// the same whether a sequence decodes alone or beside seven others.
+// M input rows against R weight rows: M * R accumulators, M input loads and
+// one widened weight row live in registers (32 on AVX-512), hence R = 4 for
+// groups of up to four input rows and R = 2 for groups of up to eight
+// (8 x 2 + 8 + 1 = 25). Each output's sum is its own register's, over k in
+// the same order whatever M and R are, so a row's bits do not depend on how
+// many rows the call has: the same whether a sequence decodes alone or
+// beside 31 others.
 template <int M, int R>
-void rows_times_bf16_blocked(const float* x, const c10::BFloat16* w, const float* bias, float* y, int64_t n,
-                             int64_t k) {
+inline void group_times_rows(const float* x, const c10::BFloat16* const* w_rows, int rows, const float* bias,
+                             float* y, int64_t n, int64_t j0, int64_t k) {
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    __m512 xs[M];
+    for (int m = 0; m < M; ++m) xs[m] = _mm512_loadu_ps(x + m * k + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = widen16(w_rows[r] + i);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(xs[m], wv, acc[m][r]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float b = bias ? bias[j0 + r] : 0.f;
+    for (int m = 0; m < M; ++m) y[m * n + j0 + r] = _mm512_reduce_add_ps(acc[m][r]) + b;
+  }
+}
+
+template <int R>
+inline void group_dispatch(int m, const float* x, const c10::BFloat16* const* w_rows, int rows, const float* bias,
+                           float* y, int64_t n, int64_t j0, int64_t k) {
+  switch (m) {
+    case 1: group_times_rows<1, R>(x, w_rows, rows, bias, y, n, j0, k); break;
+    case 2: group_times_rows<2, R>(x, w_rows, rows, bias, y, n, j0, k); break;
+    case 3: group_times_rows<3, R>(x, w_rows, rows, bias, y, n, j0, k); break;
+    case 4: group_times_rows<4, R>(x, w_rows, rows, bias, y, n, j0, k); break;
+    case 5: group_times_rows<5, R>(x, w_rows, rows, bias, y, n, j0, k); break;
+    case 6: group_times_rows<6, R>(x, w_rows, rows, bias, y, n, j0, k); break;
+    case 7: group_times_rows<7, R>(x, w_rows, rows, bias, y, n, j0, k); break;
+    default: group_times_rows<8, R>(x, w_rows, rows, bias, y, n, j0, k); break;
+  }
+}
+
+// m input rows in groups of G (R weight rows a block): each block of weight
+// rows is read from memory once, by one thread, and stays in L1 while every
+// group of input rows passes over it.
+template <int R, int G>
+void rows_times_bf16_blocked(int64_t m, const float* x, const c10::BFloat16* w, const float* bias, float* y,
+                             int64_t n, int64_t k) {
   const int threads = at::get_num_threads();
   const int64_t blocks = (n + R - 1) / R;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -110,38 +151,23 @@ void rows_times_bf16_blocked(const float* x, const c10::BFloat16* w, const float
       const int64_t bytes = std::min<int64_t>(R, n - ahead) * k * sizeof(c10::BFloat16);
       for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(first + offset, _MM_HINT_T0);
     }
-    __m512 acc[M][R];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 16) {
-      __m512 xs[M];
-      for (int m = 0; m < M; ++m) xs[m] = _mm512_loadu_ps(x + m * k + i);
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = widen16(w_rows[r] + i);
-        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(xs[m], wv, acc[m][r]);
-      }
-    }
-    for (int r = 0; r < rows; ++r) {
-      const float b = bias ? bias[j0 + r] : 0.f;
-      for (int m = 0; m < M; ++m) y[m * n + j0 + r] = _mm512_reduce_add_ps(acc[m][r]) + b;
+    for (int64_t g = 0; g < m; g += G) {
+      const int group = static_cast<int>(std::min<int64_t>(G, m - g));
+      group_dispatch<R>(group, x + g * k, w_rows, rows, bias, y + g * n, n, j0, k);
     }
   }
 }
 
-// 1 to kMaxRows rows; false when m is out of range.
+// 1 to kMaxBf16Rows rows; false when m is out of range.
 bool bf16_blocked(int64_t m, const float* x, const c10::BFloat16* w, const float* b, float* y, int64_t n,
                   int64_t k) {
-  switch (m) {
-    case 1: rows_times_bf16_blocked<1, 4>(x, w, b, y, n, k); return true;
-    case 2: rows_times_bf16_blocked<2, 4>(x, w, b, y, n, k); return true;
-    case 3: rows_times_bf16_blocked<3, 4>(x, w, b, y, n, k); return true;
-    case 4: rows_times_bf16_blocked<4, 4>(x, w, b, y, n, k); return true;
-    case 5: rows_times_bf16_blocked<5, 2>(x, w, b, y, n, k); return true;
-    case 6: rows_times_bf16_blocked<6, 2>(x, w, b, y, n, k); return true;
-    case 7: rows_times_bf16_blocked<7, 2>(x, w, b, y, n, k); return true;
-    case 8: rows_times_bf16_blocked<8, 2>(x, w, b, y, n, k); return true;
-    default: return false;
+  if (m < 1 || m > kMaxBf16Rows) return false;
+  if (m <= 4) {
+    rows_times_bf16_blocked<4, 4>(m, x, w, b, y, n, k);
+  } else {
+    rows_times_bf16_blocked<2, 8>(m, x, w, b, y, n, k);
   }
+  return true;
 }
 #endif
 
@@ -168,7 +194,12 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
               "fp32 or bf16 weight expected");
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous x and weight expected");
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(m <= kMaxRows, "small_linear takes at most ", kMaxRows, " rows, got ", m);
+#if defined(__AVX512F__)
+  const int64_t max_rows = weight.scalar_type() == at::kBFloat16 && k % 16 == 0 ? kMaxBf16Rows : kMaxRows;
+#else
+  const int64_t max_rows = kMaxRows;
+#endif
+  TORCH_CHECK(m <= max_rows, "small_linear takes at most ", max_rows, " rows here, got ", m);
   const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,

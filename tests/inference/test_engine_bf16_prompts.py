@@ -136,6 +136,7 @@ def test_prompt_rows_follow_the_rounded_reference_and_replies_stay_fp32(referenc
         assert engine.stats()["bf16_prompts"] is True and engine.runner.net.half_block == 64
         assert [blocks[-1] for blocks in engine.stats()["bf16_prompt_blocks"]] == [64] * 4
         assert engine.stats()["prefill_attention"] == "kernel"  # the bits are not HF generate's anyway
+        assert engine.scheduler.prompt_steps_above == 8  # EngineConfig.prompt_steps_above's default
         done = [engine.generate([p], SamplingParams(max_tokens=16, temperature=0.0, logprobs=0))[0]
                 for p in prompts]
     reference = copy.deepcopy(reference_model)
@@ -201,6 +202,8 @@ def test_settings_it_cannot_keep_are_refused():
         EngineConfig(quantization="bf16_weight_only", bf16_prompt_block=0)
     with pytest.raises(ValueError, match="bf16_prompt_max_block"):
         EngineConfig(quantization="bf16_weight_only", bf16_prompt_block=64, bf16_prompt_max_block=32)
+    with pytest.raises(ValueError, match="prompt_steps_above"):
+        EngineConfig(prompt_steps_above=-1)
     assert EngineConfig(quantization="bf16_weight_only", bf16_prompts=True, dtype="auto").dtype == "float32"
 
 
@@ -245,4 +248,5 @@ def test_an_auto_engine_runs_the_prompts_the_report_chose(monkeypatch):
     with Engine(tiny_llama(), None, EngineConfig(**settings, bf16_prompts=False)) as engine:
         assert engine.stats()["quantization"] == "bf16_weight_only" and engine.stats()["bf16_prompts"] is False
         assert engine.stats()["prefill_attention"] == "sdpa"  # fp32 activations keep HF's sums
+        assert engine.scheduler.prompt_steps_above is None  # steps mix: no second pass to keep apart
         assert not engine.format_report.prompt_us

@@ -42,9 +42,9 @@ def test_small_linear_computes_the_linear_product(small_linear, rows, with_bias,
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("rows", range(0, kernels.SMALL_LINEAR_MAX_ROWS + 1))
+@pytest.mark.parametrize("rows", [*range(0, kernels.SMALL_LINEAR_MAX_ROWS + 1), 9, 13, 16, 17, 24, 31, 32])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-# (203, 96): blocks of four weight rows and a short last one, prefetched ahead;
+# (203, 96): blocks of weight rows and a short last one, prefetched ahead;
 # (1000, 7): a row length the blocked AVX-512 path does not take.
 @pytest.mark.parametrize("out_features,in_features", [(96, 80), (3, 1536), (203, 96), (1000, 7)])
 def test_bf16_weights_are_multiplied_widened_in_fp32(small_linear, rows, with_bias, out_features, in_features):
@@ -52,10 +52,16 @@ def test_bf16_weights_are_multiplied_widened_in_fp32(small_linear, rows, with_bi
     weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
     bias = torch.randn(out_features, generator=generator) if with_bias else None
     x = torch.randn(rows, in_features, generator=generator)
+    if rows > kernels.max_small_rows(True, [in_features]):  # past the plain loop's eight rows
+        with pytest.raises(RuntimeError, match="at most 8 rows"):
+            small_linear(x, weight, bias)
+        return
     got = small_linear(x, weight, bias)
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
-    # The bf16 values exactly, summed in fp32: as close as the fp32 case.
-    torch.testing.assert_close(got, F.linear(x, weight.float(), bias), rtol=1e-5, atol=2e-5)
+    # The bf16 values exactly, summed in fp32 in another order than F.linear's:
+    # both within fp32 rounding of the exact sum, which grows with the row length.
+    exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=2e-5 * max(1.0, (in_features / 96) ** 0.5))
 
 
 def test_each_row_is_computed_alone(small_linear):
@@ -73,15 +79,16 @@ def test_bf16_weight_rows_are_the_same_bits_alone_in_pairs_and_on_any_thread_cou
     (inference.threads) and a stream's tokens not depend on its neighbours."""
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
-    x = torch.randn(kernels.SMALL_LINEAR_MAX_ROWS, in_features, generator=generator)
+    x = torch.randn(kernels.max_small_rows(True, [in_features]), in_features, generator=generator)
     threads = torch.get_num_threads()
     try:
         results = []
         for count in (1, max(2, threads)):
             torch.set_num_threads(count)
             alone = torch.cat([small_linear(x[row:row + 1], weight, None) for row in range(len(x))])
-            # Every row count up to eight (AVX-512's blocked loop: four weight
-            # rows at a time up to four input rows, two beyond) gives each row alone's bits.
+            # Every row count (AVX-512's blocked loop: four weight rows at a
+            # time up to four input rows, else two, with the input rows in
+            # groups of eight, up to 32) gives each row alone's bits.
             for rows in range(2, len(x) + 1):
                 assert torch.equal(small_linear(x[:rows], weight, None), alone[:rows]), rows
             results.append(alone)
@@ -94,6 +101,9 @@ def test_small_linear_rejects_what_it_cannot_take(small_linear):
     weight = torch.randn(16, 32)
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         small_linear(torch.randn(9, 32), weight, None)
+    rows = kernels.max_small_rows(True, [32])
+    with pytest.raises(RuntimeError, match=f"at most {rows} rows"):
+        small_linear(torch.randn(rows + 1, 32), weight.bfloat16(), None)
     with pytest.raises(RuntimeError, match="fp32 x expected"):
         small_linear(torch.randn(2, 32).bfloat16(), weight.bfloat16(), None)
     with pytest.raises(RuntimeError, match="fp32 or bf16 weight expected"):
@@ -160,8 +170,11 @@ def test_a_mutated_small_linear_changes_the_tokens(small_linear, reference_model
 
 def test_its_default_row_count_follows_the_weights_and_the_cpu(small_linear, monkeypatch):
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 avx512f avx512bw")
-    assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 8)
+    assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 32)
+    assert kernels.max_small_rows(True, [576, 1536]) == 32
+    assert kernels.max_small_rows(True, [576, 100]) == kernels.max_small_rows(False, [576]) == 8
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 fma")
     assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 2)
+    assert kernels.max_small_rows(True, [576, 1536]) == 8
     with pytest.raises(ValueError, match="small_linear_rows must be in"):
-        EngineConfig(small_linear_rows=9)
+        EngineConfig(small_linear_rows=33)
