@@ -178,9 +178,15 @@ def roofline(steps_s: list[float], matmul_params: int, batch: int, peak: float,
 
 def step_bytes(engine: Engine, batch: int, context: int) -> int:
     """What one decode step of `batch` sequences of `context` tokens must read:
-    every matmul weight as stored (quantized codes with their scales, or the
-    float weight; the lm_head included) and each sequence's K and V."""
+    every matmul weight as the step reads it (quantized codes with their
+    scales, the float weight, or small_linear's copies; the lm_head included)
+    and each sequence's K and V."""
     net, runner = engine.runner.net, engine.runner
+    kv = batch * context * runner.bytes_per_block // runner.block_size
+    if 0 < batch <= net.small_rows and net.small_weights:
+        # Steps this small run in small_linear (inference.kernels), over its
+        # own copies: the bf16 ones under "bf16_weight_only".
+        return sum(w.nbytes for layer in net.small_weights for w in layer) + net.lm_head_small.nbytes + kv
     if net.quant_mode in (QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN):
         # Packed for MKL or oneDNN (inference.packing): the packed copy is
         # read, the unpacked weight beside it (in the scale slot) only for its

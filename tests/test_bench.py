@@ -124,6 +124,12 @@ def test_a_decode_steps_bytes_count_the_stored_weights_and_the_kv():
         scales = sum(s.nbytes for layer_scales in net.weight_scales for s in layer_scales)
         scales += net.lm_head_quantized[1].nbytes
         assert step_bytes(engine, 1, 0) == params + scales  # one byte a weight
+    # bf16 weights: steps small_linear runs read its bf16 copies, larger ones the rounded weights in fp32.
+    with Engine(tiny_llama(), None, EngineConfig(kv_cache_bytes=2**20, quantization="bf16_weight_only")) as engine:
+        rows = engine.runner.net.small_rows
+        if rows:
+            assert step_bytes(engine, rows, 10) == 2 * params + rows * 4 * 10 * kv_per_token
+        assert step_bytes(engine, rows + 1, 10) == 4 * params + (rows + 1) * 4 * 10 * kv_per_token
 
 
 def test_the_packing_benchmark_times_every_contender_at_every_row_count():
