@@ -252,22 +252,17 @@ def _self_check() -> None:
             raise RuntimeError(f"paged_prefill_attention differs from the torch path by {error} in {dtype}")
     # 37 outputs: blocks of four weight rows and a short last one (the bf16 path on AVX-512).
     weight, bias = torch.randn(37, 96, generator=generator), torch.randn(37, generator=generator)
-    for rows in range(1, SMALL_LINEAR_MAX_ROWS + 1):
+    half = weight.bfloat16()
+    # Over bf16 weights, AVX-512's blocked loop takes up to 32 rows, in groups of eight.
+    for rows in range(1, max_small_rows(True, [96]) + 1):
         x = torch.randn(rows, 96, generator=generator)
         for b in (None, bias):
-            error = (torch.ops.chatapp.small_linear(x, weight, b) - F.linear(x, weight, b)).abs().max().item()
-            if not error <= 1e-4:
-                raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows")
-            # bf16 weights: the fp32 product with the weights widened (up to 32 rows below).
-            half = weight.bfloat16()
+            if rows <= SMALL_LINEAR_MAX_ROWS:
+                error = (torch.ops.chatapp.small_linear(x, weight, b) - F.linear(x, weight, b)).abs().max().item()
+                if not error <= 1e-4:
+                    raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows")
+            # bf16 weights: the fp32 product with the weights widened.
             error = (torch.ops.chatapp.small_linear(x, half, b) - F.linear(x, half.float(), b)).abs().max().item()
-            if not error <= 1e-4:
-                raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows, bf16 weights")
-    if max_small_rows(True, [96]) > SMALL_LINEAR_MAX_ROWS:  # AVX-512's blocked loop, in groups of eight rows
-        half = weight.bfloat16()
-        for rows in range(SMALL_LINEAR_MAX_ROWS + 1, SMALL_LINEAR_MAX_ROWS_BF16 + 1):
-            x = torch.randn(rows, 96, generator=generator)
-            error = (torch.ops.chatapp.small_linear(x, half, bias) - F.linear(x, half.float(), bias)).abs().max().item()
             if not error <= 1e-4:
                 raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows, bf16 weights")
     _check_fused_ops(generator)

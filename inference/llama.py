@@ -461,14 +461,9 @@ class PagedLlama:
         # per layer [qkv, o, gate_up, down], and the lm_head.
         self.small_weights: list[list[torch.Tensor]] = []
         self.lm_head_small: torch.Tensor | None = None
-        # bf16 copies of [qkv, o, gate_up, down] per layer, packed for oneDNN,
-        # that prompt rows multiply in blocks of half_block rows, or of the
-        # larger counts in half_blocks (per matmul, largest first) that give
-        # the same bits (ModelRunner sets them under EngineConfig.bf16_prompts;
-        # empty and 0 otherwise).
-        self.half_weights: list[list[torch.Tensor]] = []
-        self.half_block = 0
-        self.half_blocks: list[list[int]] = []
+        # Under EngineConfig.bf16_prompts (ModelRunner): bf16 [qkv, o, gate_up, down] per layer packed
+        # for oneDNN, which prompt rows multiply in calls of half_blocks[matmul] rows (half_block the least).
+        self.half_weights, self.half_block, self.half_blocks = [], 0, []
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         # Rotary tables from the model's own rotary module, so every rope
