@@ -86,7 +86,7 @@ class EngineConfig:
     # each count only where a start-up check on the weight finds every row's
     # bits the same as in calls of bf16_prompt_block (inference.llama
     # same_bits_blocks): 512 tokens' layer matmuls took 60 against 93 ms on
-    # the AMX Xeon (docs/BENCHMARKS.md "Larger blocks for longer prompts").
+    # the AMX Xeon (docs/BENCHMARKS.md "Larger calls for longer prompts").
     # bf16_prompt_block alone: no larger calls.
     bf16_prompt_max_block: int = 256
     # With bf16 prompts, beside more than this many decoding sequences prompts
@@ -145,7 +145,8 @@ class EngineConfig:
     # up to eight rows' sums in registers and passes groups of eight over
     # each block of weight rows: 8 rows 16.5, 16 rows 23.5 against 26.8 and
     # 29.4 ms for MKL's packed fp32 GEMM over the rounded weights on the AMX
-    # Xeon. None: 16 there, 2 otherwise (inference.kernels.default_small_rows).
+    # Xeon, and the decode step at 32 sequences 70-72 against 78-80 ms. None:
+    # 32 there, 2 otherwise (inference.kernels.default_small_rows).
     # The plain weights then stay beside packed copies (the memory
     # ModelRunner.release_float_weights would have freed), except under
     # "bf16_weight_only", where these steps read bf16 copies. 0 turns it off;
