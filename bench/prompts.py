@@ -8,7 +8,7 @@ the prompt's rows in fp32 as before, two in bf16 on oneDNN: in calls of 64
 rows only, and (the default) in the larger calls that give the same bits
 (EngineConfig.bf16_prompt_max_block, inference.llama.same_bits_blocks). Each runs in
 its own process (two engines in one process share OpenMP's threads and slow
-each other), the two alternating over --rounds rounds, and each figure is the
+each other), all of them by turns over --rounds rounds, and each figure is the
 median of the rounds. Per contender:
 
 - a prompt's prefill alone, at several lengths (the step's time, median of 5
