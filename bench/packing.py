@@ -36,7 +36,7 @@ from inference.packing import MKL_PACKING, ONEDNN_PACKING, PACK_ROWS, pack_weigh
 HEADING = "## fp32 weights packed for MKL or oneDNN (bench.packing)"
 ONEDNN = "oneDNN"
 SMALL = "small_linear"  # inference.kernels' few-row op on the plain weights
-SMALL_BF16 = "small_linear bf16"  # the same op on bf16 copies (quantization "bf16_weight_only")
+SMALL_BF16 = "small_linear bf16"  # the same op on bf16 copies (quantization "bf16_weight_only"), packed as there
 
 
 def _ints(text: str) -> list[int]:
@@ -62,7 +62,9 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, sm
              for p in pack_rows}
     if ONEDNN_PACKING:
         packs[ONEDNN] = {name: [pack_weight(w, "onednn") for w in ws] for name, ws in weights.items()}
-    halves = {name: [w.bfloat16() for w in ws] for name, ws in weights.items()} if small_linear else {}
+    # The bf16 copies as the engine holds them: packed for small_linear's AVX-512 loop where it takes them.
+    halves = {name: [kernels.pack_small_weight(h) if kernels.can_pack_small(h) else h
+                     for h in (w.bfloat16() for w in ws)] for name, ws in weights.items()} if small_linear else {}
     results: dict = {}
     for n in rows:
         contenders = _contenders(pack_rows, small_linear and n <= kernels.SMALL_LINEAR_MAX_ROWS)
@@ -103,7 +105,7 @@ def render(results: dict, pack_rows: list[int], rows: list[int], command: str, i
     labels = ["unpacked"] + [c.replace("packed for", "MKL packed for") if c not in (ONEDNN, SMALL, SMALL_BF16)
                              else f"oneDNN packed for {PACK_ROWS}" if c == ONEDNN
                              else f"small_linear (plain weights, ≤ {kernels.SMALL_LINEAR_MAX_ROWS} rows)" if c == SMALL
-                             else "small_linear (bf16 copies: bf16_weight_only)"
+                             else "small_linear (bf16 copies, packed on AVX-512: bf16_weight_only)"
                              for c in contenders[1:]]
     lines = [HEADING, "", f"Command: `{command}`.", "", report.machine_header(info), "",
              "Median ms of one forward's matmuls at SmolLM2-135M's shapes, each weight its own tensor (as a decode "

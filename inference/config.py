@@ -141,17 +141,17 @@ class EngineConfig:
     # EPYC one forward's layer matmuls over fp32 weights took 19.7 ms at one
     # row and 20.8 at two against 25.0 and 28.0 for oneDNN on packed weights;
     # at three rows they were even, at four oneDNN was faster (bench.packing).
-    # Over bf16 weights ("bf16_weight_only") on AVX-512 a blocked loop keeps
-    # up to eight rows' sums in registers and passes groups of eight over
-    # each block of weight rows: 8 rows 16.5, 16 rows 23.5 against 26.8 and
-    # 29.4 ms for MKL's packed fp32 GEMM over the rounded weights on the AMX
-    # Xeon, and the decode step at 32 sequences 70-72 against 78-80 ms. None:
+    # Over bf16 weights ("bf16_weight_only") on AVX-512 the copies are packed
+    # for a GEMM-like inner loop (inference.kernels.pack_small_weight): a
+    # forward's layer matmuls at 8 rows 10.5, at 32 rows 27.4 ms, against 26.8
+    # and 37.9 for MKL's packed fp32 GEMM over the rounded weights on the AMX
+    # Xeon (docs/BENCHMARKS.md "small_linear over packed bf16 weights"). None:
     # 32 there, 2 otherwise (inference.kernels.default_small_rows).
     # The plain weights then stay beside packed copies (the memory
     # ModelRunner.release_float_weights would have freed), except under
     # "bf16_weight_only", where these steps read bf16 copies. 0 turns it off;
-    # at most inference.kernels.SMALL_LINEAR_MAX_ROWS (8), or its _BF16 (32)
-    # over bf16 weights on AVX-512 (inference.kernels.max_small_rows).
+    # at most inference.kernels.SMALL_LINEAR_MAX_ROWS (8), or its _PACKED (32)
+    # over bf16 weights packed for AVX-512 (inference.kernels.max_small_rows).
     small_linear_rows: int | None = None
     # CPU: each layer's RMSNorms, rotary embedding and SiLU * up run as one op
     # each of the same library (csrc/fused_ops.cpp) instead of about a dozen
@@ -192,7 +192,7 @@ class EngineConfig:
         if self.bf16_prompts:
             if self.quantization != "bf16_weight_only" or not self.device.startswith("cpu"):
                 raise ValueError("bf16_prompts needs quantization bf16_weight_only (on the CPU)")
-        # 32: inference.kernels.SMALL_LINEAR_MAX_ROWS_BF16 (config imports no kernels); the runner
+        # 32: inference.kernels.SMALL_LINEAR_MAX_ROWS_PACKED (config imports no kernels); the runner
         # caps it at what small_linear takes over the weights at hand (max_small_rows).
         if self.small_linear_rows is not None and not 0 <= self.small_linear_rows <= 32:
             raise ValueError("small_linear_rows must be in [0, 32] (or None for the CPU's default)")

@@ -25,9 +25,12 @@ plain weight row once and takes its dot product with each input row, at 22-24
 GB/s, the rate a plain sum over the same weights reaches (docs/BENCHMARKS.md
 "One stream's matmuls"). It also reads bf16 weights (quantization
 "bf16_weight_only"), widened in registers: half the bytes, and a one-row
-forward's matmuls in about half the fp32 time. On AVX-512, one and two rows
-take four bf16 weight rows at a time and prefetch ahead: a one-row forward's
-matmuls over 269 MB of weights 19.9-21.5 -> 15.7 ms on the 2-core Xeon.
+forward's matmuls in about half the fp32 time. On AVX-512 the bf16 copies
+are packed (pack_small_weight: 16 output columns by two k steps a 64-byte
+line), and up to 32 rows multiply them as a GEMM's inner loop does, each
+output its own register lane's sum over k: a forward's layer matmuls at 32
+rows 43.7 -> 27.4 ms on the 2-core AMX Xeon against the row-major loop, at one
+row 11.2 -> 9.0 ms.
 
 The greedy sampler's argmax over the logits (argmax below) runs in the
 same source, one vectorised pass where torch's reduction was slow.
@@ -78,20 +81,17 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("paged_attention.cpp", "prefill_attention.cpp", "small_linear.cpp", "fused_ops.cpp")]
 HEADERS = [Path(__file__).with_name("csrc") / "storage.h"]
-# The most rows small_linear takes (csrc/small_linear.cpp's kMaxRows), and
-# over bf16 weights on AVX-512 with rows of whole registers (kMaxBf16Rows).
+# The most rows small_linear takes (csrc/small_linear.cpp's kMaxRows over fp32
+# or row-major bf16 weights, kMaxPackedRows over packed bf16 ones).
 SMALL_LINEAR_MAX_ROWS = 8
-SMALL_LINEAR_MAX_ROWS_BF16 = 32
+SMALL_LINEAR_MAX_ROWS_PACKED = 32
 # EngineConfig.small_linear_rows' default: over fp32 weights small_linear beat
 # the GEMM libraries at one and two rows only (the 2-core EPYC, bench.packing);
-# over bf16 weights on AVX-512 its blocked loop takes every count up to 32:
-# a forward's layer matmuls (each layer's weights its own copy, as in a step)
-# at 8 rows 16.5, 16 rows 23.5 against 26.8 and 29.4 ms for MKL's packed fp32
-# GEMM over the rounded weights on the AMX Xeon, 32 rows 41.6 against 37.9
-# packed; but the engine's steps past small_linear run the rounded weights
-# unpacked, lm_head included, and its decode step at 32 sequences took 70-72
-# ms with small_linear against 78-80 without (docs/BENCHMARKS.md
-# "small_linear to 32 rows").
+# over packed bf16 weights it takes every count up to 32: a forward's layer
+# matmuls (each layer's weights its own copy, as in a step) at 32 rows 27.4 ms
+# against 37.9 for MKL's packed fp32 GEMM over the rounded weights on the AMX
+# Xeon, and the engine's steps past small_linear run those weights unpacked,
+# lm_head included (docs/BENCHMARKS.md "small_linear over packed bf16 weights").
 SMALL_ROWS_FP32 = 2
 SMALL_ROWS_BF16_AVX512 = 32
 # -ffast-math lets the compiler vectorise the dot products' sums and call
@@ -123,18 +123,39 @@ def default_kernel_dir() -> Path:
 
 def default_small_rows(bf16_weights: bool) -> int:
     """The rows small_linear runs when EngineConfig.small_linear_rows is None."""
-    if bf16_weights and " avx512f " in f" {_cpu_flags()} ":
+    if bf16_weights and _has_avx512():
         return SMALL_ROWS_BF16_AVX512
     return SMALL_ROWS_FP32
 
 
-def max_small_rows(bf16_weights: bool, in_features: list[int]) -> int:
-    """The most rows small_linear takes over these weights: its blocked loop
-    over bf16 weights on AVX-512 (rows of whole 16-lane registers) takes up
-    to SMALL_LINEAR_MAX_ROWS_BF16, the plain loop SMALL_LINEAR_MAX_ROWS."""
-    if bf16_weights and " avx512f " in f" {_cpu_flags()} " and all(k % 16 == 0 for k in in_features):
-        return SMALL_LINEAR_MAX_ROWS_BF16
+def can_pack_small(weight: torch.Tensor) -> bool:
+    """Whether small_linear's packed loop takes this weight: bf16 [N, K] with
+    N in whole 16-column blocks and K in pairs, on AVX-512."""
+    return (weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.size(0) % 16 == 0
+            and weight.size(1) % 2 == 0 and _has_avx512())
+
+
+def pack_small_weight(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 [N, K] -> [N / 16, K / 2, 32] for small_linear's packed loop: block
+    b, pair p holds, in 32-bit lane j, column 16 b + j's weights at k = 2 p
+    (low half) and 2 p + 1 (high half), as csrc/small_linear.cpp reads them."""
+    if not can_pack_small(weight):
+        raise ValueError(f"small_linear cannot pack a {weight.dtype} weight of shape {tuple(weight.shape)} here")
+    n, k = weight.shape
+    return (weight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+            .view(n // 16, k // 2, 32))
+
+
+def max_small_rows(weights: list[torch.Tensor]) -> int:
+    """The most rows small_linear takes over all of these weights."""
+    if weights and all(w.dim() == 3 for w in weights):
+        return SMALL_LINEAR_MAX_ROWS_PACKED
     return SMALL_LINEAR_MAX_ROWS
+
+
+def _has_avx512() -> bool:
+    # The library is built with -march=native: AVX-512 here means its packed loop is there.
+    return " avx512f " in f" {_cpu_flags()} "
 
 
 def _cpu_flags() -> str:
@@ -250,22 +271,32 @@ def _self_check() -> None:
         error = (got - want).abs().max().item()
         if not error <= tolerance:
             raise RuntimeError(f"paged_prefill_attention differs from the torch path by {error} in {dtype}")
-    # 37 outputs: blocks of four weight rows and a short last one (the bf16 path on AVX-512).
+    # 37 outputs (no whole 16-column blocks): the loops over fp32 and row-major bf16 weights.
     weight, bias = torch.randn(37, 96, generator=generator), torch.randn(37, generator=generator)
-    half = weight.bfloat16()
-    # Over bf16 weights, AVX-512's blocked loop takes up to 32 rows, in groups of eight.
-    for rows in range(1, max_small_rows(True, [96]) + 1):
+    for rows in range(1, SMALL_LINEAR_MAX_ROWS + 1):
         x = torch.randn(rows, 96, generator=generator)
-        for b in (None, bias):
-            if rows <= SMALL_LINEAR_MAX_ROWS:
-                error = (torch.ops.chatapp.small_linear(x, weight, b) - F.linear(x, weight, b)).abs().max().item()
-                if not error <= 1e-4:
-                    raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows")
-            # bf16 weights: the fp32 product with the weights widened.
-            error = (torch.ops.chatapp.small_linear(x, half, b) - F.linear(x, half.float(), b)).abs().max().item()
-            if not error <= 1e-4:
-                raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows, bf16 weights")
+        for w in (weight, weight.bfloat16()):
+            for b in (None, bias):
+                _check_small_linear(x, w, b, rows)
+    # 48 outputs packed, three blocks of 16 (AVX-512): up to 32 rows, in groups of up to eight.
+    weight, bias = torch.randn(48, 96, generator=generator).bfloat16(), torch.randn(48, generator=generator)
+    if can_pack_small(weight):
+        packed = pack_small_weight(weight)
+        for rows in range(1, SMALL_LINEAR_MAX_ROWS_PACKED + 1):
+            x = torch.randn(rows, 96, generator=generator)
+            for b in (None, bias):
+                _check_small_linear(x, weight, b, rows, packed)
     _check_fused_ops(generator)
+
+
+def _check_small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
+                        packed: torch.Tensor | None = None) -> None:
+    """small_linear against F.linear with the weight widened to fp32."""
+    got = torch.ops.chatapp.small_linear(x, weight if packed is None else packed, bias)
+    error = (got - F.linear(x, weight.float(), bias)).abs().max().item()
+    if not error <= 1e-4:
+        how = "packed bf16" if packed is not None else str(weight.dtype)
+        raise RuntimeError(f"small_linear differs from F.linear by {error} at {rows} rows, {how} weights")
 
 
 def _check_fused_ops(generator: torch.Generator) -> None:

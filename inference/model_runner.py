@@ -7,7 +7,7 @@ import torch
 
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
-from inference.kernels import default_small_rows, load_kernels, max_small_rows
+from inference.kernels import can_pack_small, default_small_rows, load_kernels, max_small_rows, pack_small_weight
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk, PromptRows, same_bits_blocks
 from inference.packing import (ONEDNN_PACKING, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged,
                                pack_weight, resolve_packer, shape_only)
@@ -93,8 +93,9 @@ class ModelRunner:
     def _use_small_linear(self, config: EngineConfig,
                           bf16_weights: tuple[list[list[torch.Tensor]], torch.Tensor] | None) -> None:
         """Few-row fp32 steps multiply in small_linear (its library loaded): by
-        the bf16 copies under "bf16_weight_only", else by the plain weights,
-        unpacked or packed with the plain copy kept (see release_float_weights)."""
+        the bf16 copies under "bf16_weight_only" (packed for its AVX-512 loop
+        where every one can be), else by the plain weights, unpacked or packed
+        with the plain copy kept (see release_float_weights)."""
         net = self.net
         plain = self.dtype == torch.float32 and net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
         rows = config.small_linear_rows
@@ -102,18 +103,20 @@ class ModelRunner:
             rows = default_small_rows(bf16_weights is not None)
         if not plain or rows <= 0:
             return
-        # Over bf16 weights whose rows fill whole registers, AVX-512's blocked loop takes more rows.
-        in_features = [] if bf16_weights is None else [
-            w.size(1) for layer in bf16_weights[0] for w in layer] + [bf16_weights[1].size(1)]
-        net.small_rows = min(rows, max_small_rows(bf16_weights is not None, in_features))
         if bf16_weights is not None:
-            net.small_weights, net.lm_head_small = bf16_weights
+            layers, lm_head = bf16_weights
+            if all(can_pack_small(w) for w in (*(w for layer in layers for w in layer), lm_head)):
+                # New copies: the row-major ones still serve bf16 prompts' packing, then go.
+                layers = [[pack_small_weight(w) for w in layer] for layer in layers]
+                lm_head = pack_small_weight(lm_head)
+            net.small_weights, net.lm_head_small = layers, lm_head
         elif net.quant_mode < 0:
             net.small_weights = [[w[1], w[2], w[4], w[5]] for w in net.weights]
             net.lm_head_small = net.lm_head
         else:  # packed: the scale slots hold the plain weights (inference.packing)
             net.small_weights = [list(layer) for layer in net.weight_scales]
             net.lm_head_small = net.lm_head
+        net.small_rows = min(rows, max_small_rows([w for layer in net.small_weights for w in layer]))
 
     def _use_bf16_prompts(self, config: EngineConfig, bf16_layers: list[list[torch.Tensor]]) -> None:
         """Prompt rows multiply the bf16 copies packed for oneDNN (EngineConfig.bf16_prompts)."""

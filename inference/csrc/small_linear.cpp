@@ -1,4 +1,5 @@
-// fp32 matmuls of a few rows against a plain row-major fp32 or bf16 weight (inference/kernels.py).
+// fp32 matmuls of a few rows against a row-major fp32 or bf16 weight, or a bf16
+// weight packed for AVX-512 (inference/kernels.py).
 //
 // One chat's decode step multiplies a single row by every weight: the step is
 // a stream of ~540 MB of fp32 weights for SmolLM2-135M, read once each. The
@@ -29,14 +30,15 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;  // fp32 weights, or bf16 without AVX-512
-constexpr int64_t kMaxBf16Rows = 32;  // bf16 weights on AVX-512
+constexpr int64_t kMaxRows = 8;  // fp32 or row-major bf16 weights
+constexpr int64_t kMaxPackedRows = 32;  // packed bf16 weights, on AVX-512
 
 inline float widen(float v) { return v; }
 inline float widen(c10::BFloat16 v) {
@@ -68,106 +70,127 @@ void rows_times_weight(const float* x, const W* w, const float* bias, float* y, 
 }
 
 #if defined(__AVX512F__)
-// bf16 weights on AVX-512: four weight rows at a time, each (input row, weight
-// row) pair summed in its own 16-lane register. The loop above keeps one
-// accumulator and reads the input row once per weight row; there the widening
-// and the FMA's latency, not memory, set the pace: on the 2-core AMX Xeon it
-// streamed a one-row forward's 269 MB of bf16 weights at 13 GB/s, where a
-// plain sum reads 23.5 GB/s (and from cache it took 7.7 ms over them against
-// 8.7 ms over fp32's 538 MB). Four independent sums hide the latency and share
-// each input load; with the prefetch below, 17 GB/s. Each output is still one fp32 dot product of its own rows,
-// in an order fixed by k alone (16 lanes, then across them), whatever the
-// thread count.
-constexpr int kPrefetchBlocks = 4;
-
-inline __m512 widen16(const c10::BFloat16* p) {
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-// M input rows against R weight rows: M * R accumulators, M input loads and
-// one widened weight row live in registers (32 on AVX-512), hence R = 4 for
-// groups of up to four input rows and R = 2 for groups of up to eight
-// (8 x 2 + 8 + 1 = 25). Each output's sum is its own register's, over k in
-// the same order whatever M and R are, so a row's bits do not depend on how
-// many rows the call has: the same whether a sequence decodes alone or
-// beside 31 others.
-template <int M, int R>
-inline void group_times_rows(const float* x, const c10::BFloat16* const* w_rows, int rows, const float* bias,
-                             float* y, int64_t n, int64_t j0, int64_t k) {
-  __m512 acc[M][R];
+// bf16 weights packed for this loop (inference.kernels.pack_small_weight):
+// [N / 16, K / 2, 32], block b holding output columns 16b..16b+15 and, for
+// each pair of k, 32 halves in which 32-bit lane j is column j's weight at
+// the even k (low half) and at the odd k (high half). One 64-byte load holds
+// two k steps of 16 columns; widening is one shift or one mask a register.
+// Each output is one fp32 register lane's running sum over k in order
+// 0, 1, 2, ..., a fused multiply-add a step, whatever the row count, block
+// width or thread count: a row's bits are the same alone or among 31 others.
+// A row-major loop sums each (input row, weight row) pair in its own register
+// and ends with a sum across lanes; this one's version (up to 32 rows, two
+// weight rows at a time) read every input row again for each pair of weight
+// rows, and past eight rows the inputs outgrew L1 and its FMAs waited on L2.
+// Here an input element is broadcast once per NB blocks of 16 columns, and a
+// tile's weights (K x 16 NB halves) are read from memory once, by the group
+// of rows that comes first, which reads the next tile into cache meanwhile.
+// A forward's layer matmuls of SmolLM2-135M on the 2-core AMX Xeon (each
+// layer's weights its own copy, as in a step), ms: 1 row 11.2 -> 9.0, 8 rows
+// 17.3 -> 10.5, 32 rows 43.7 -> 27.4 (docs/BENCHMARKS.md "small_linear over
+// packed bf16 weights").
+template <int M, int NB>
+inline void packed_tile(const float* x, int64_t k, const uint32_t* w, int64_t block_stride, const float* bias,
+                        float* y, int64_t n, int64_t col0, const uint32_t* next) {
+  __m512 acc[M][NB];
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    __m512 xs[M];
-    for (int m = 0; m < M; ++m) xs[m] = _mm512_loadu_ps(x + m * k + i);
-    for (int r = 0; r < R; ++r) {
-      const __m512 wv = widen16(w_rows[r] + i);
-      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(xs[m], wv, acc[m][r]);
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t p = 0; p < k / 2; ++p) {
+    if (next) {
+      for (int b = 0; b < NB; ++b)
+        _mm_prefetch(reinterpret_cast<const char*>(next + b * block_stride + p * 16), _MM_HINT_T0);
+    }
+    __m512 wv[NB];
+    for (int b = 0; b < NB; ++b)
+      wv[b] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(w + b * block_stride + p * 16), 16));
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[2 * p * M + m]);
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(xv, wv[b], acc[m][b]);
+    }
+    for (int b = 0; b < NB; ++b)
+      wv[b] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(w + b * block_stride + p * 16), high));
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[(2 * p + 1) * M + m]);
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(xv, wv[b], acc[m][b]);
     }
   }
-  for (int r = 0; r < rows; ++r) {
-    const float b = bias ? bias[j0 + r] : 0.f;
-    for (int m = 0; m < M; ++m) y[m * n + j0 + r] = _mm512_reduce_add_ps(acc[m][r]) + b;
+  for (int b = 0; b < NB; ++b) {
+    const int64_t col = col0 + 16 * b;
+    const __m512 bv = bias ? _mm512_loadu_ps(bias + col) : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * n + col, _mm512_add_ps(acc[m][b], bv));
   }
 }
 
-template <int R>
-inline void group_dispatch(int m, const float* x, const c10::BFloat16* const* w_rows, int rows, const float* bias,
-                           float* y, int64_t n, int64_t j0, int64_t k) {
+template <int NB>
+inline void packed_group(int m, const float* x, int64_t k, const uint32_t* w, int64_t block_stride,
+                         const float* bias, float* y, int64_t n, int64_t col0, const uint32_t* next) {
   switch (m) {
-    case 1: group_times_rows<1, R>(x, w_rows, rows, bias, y, n, j0, k); break;
-    case 2: group_times_rows<2, R>(x, w_rows, rows, bias, y, n, j0, k); break;
-    case 3: group_times_rows<3, R>(x, w_rows, rows, bias, y, n, j0, k); break;
-    case 4: group_times_rows<4, R>(x, w_rows, rows, bias, y, n, j0, k); break;
-    case 5: group_times_rows<5, R>(x, w_rows, rows, bias, y, n, j0, k); break;
-    case 6: group_times_rows<6, R>(x, w_rows, rows, bias, y, n, j0, k); break;
-    case 7: group_times_rows<7, R>(x, w_rows, rows, bias, y, n, j0, k); break;
-    default: group_times_rows<8, R>(x, w_rows, rows, bias, y, n, j0, k); break;
+    case 1: packed_tile<1, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
+    case 2: packed_tile<2, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
+    case 3: packed_tile<3, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
+    case 4: packed_tile<4, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
+    case 5: packed_tile<5, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
+    case 6: packed_tile<6, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
+    case 7: packed_tile<7, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
+    default: packed_tile<8, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
   }
 }
 
-// m input rows in groups of G (R weight rows a block): each block of weight
-// rows is read from memory once, by one thread, and stays in L1 while every
-// group of input rows passes over it.
-template <int R, int G>
-void rows_times_bf16_blocked(int64_t m, const float* x, const c10::BFloat16* w, const float* bias, float* y,
-                             int64_t n, int64_t k) {
+// Tiles of NB blocks (a short last one block by block), split statically
+// between the threads; in each, the input rows in groups of at most G, as
+// even as the count allows. Each group's rows are first interleaved
+// (element kk of row m at kk * rows + m), so that a tile's broadcasts come
+// from one pointer at fixed offsets: eight row pointers beside the loop's
+// own did not fit the general registers, and their reloads slowed it.
+template <int NB, int G>
+void rows_times_packed(int64_t m, const float* x, const uint32_t* w, const float* bias, float* y, int64_t n,
+                       int64_t k) {
   const int threads = at::get_num_threads();
-  const int64_t blocks = (n + R - 1) / R;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t j0 = block * R;
-    const int rows = static_cast<int>(std::min<int64_t>(R, n - j0));
-    const c10::BFloat16* w_rows[R];
-    // A short last block reads its last row again; those sums are dropped.
-    for (int r = 0; r < R; ++r) w_rows[r] = w + (j0 + std::min(r, rows - 1)) * k;
-    // The block kPrefetchBlocks ahead, into L1: each matmul is a short stream
-    // (a thread's half of a 576 x 576 weight is 330 KB), too short for the
-    // hardware prefetcher to reach full speed on its own.
-    const int64_t ahead = j0 + kPrefetchBlocks * R;
-    if (ahead < n) {
-      const char* first = reinterpret_cast<const char*>(w + ahead * k);
-      const int64_t bytes = std::min<int64_t>(R, n - ahead) * k * sizeof(c10::BFloat16);
-      for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(first + offset, _MM_HINT_T0);
+  const int64_t blocks = n / 16, block_stride = k / 2 * 16, tiles = (blocks + NB - 1) / NB;
+  const int64_t groups = (m + G - 1) / G;
+  int64_t starts[kMaxPackedRows + 1];
+  for (int64_t g = 0; g <= groups; ++g) starts[g] = g * m / groups;
+  std::vector<float> interleaved(m * k);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t rows = starts[g + 1] - starts[g];
+    float* out = interleaved.data() + starts[g] * k;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* in = x + (starts[g] + r) * k;
+      for (int64_t kk = 0; kk < k; ++kk) out[kk * rows + r] = in[kk];
     }
-    for (int64_t g = 0; g < m; g += G) {
-      const int group = static_cast<int>(std::min<int64_t>(G, m - g));
-      group_dispatch<R>(group, x + g * k, w_rows, rows, bias, y + g * n, n, j0, k);
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t b0 = tile * NB, nb = std::min<int64_t>(NB, blocks - b0);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int rows = static_cast<int>(starts[g + 1] - starts[g]);
+      const float* xg = interleaved.data() + starts[g] * k;
+      float* yg = y + starts[g] * n;
+      if (nb == NB) {
+        // The group first over a tile reads its next tile into cache meanwhile.
+        const uint32_t* next = g == 0 && b0 + 2 * NB <= blocks ? w + (b0 + NB) * block_stride : nullptr;
+        packed_group<NB>(rows, xg, k, w + b0 * block_stride, block_stride, bias, yg, n, 16 * b0, next);
+      } else {
+        for (int64_t b = b0; b < b0 + nb; ++b)
+          packed_group<1>(rows, xg, k, w + b * block_stride, block_stride, bias, yg, n, 16 * b, nullptr);
+      }
     }
   }
 }
 
-// 1 to kMaxBf16Rows rows; false when m is out of range.
-bool bf16_blocked(int64_t m, const float* x, const c10::BFloat16* w, const float* b, float* y, int64_t n,
-                  int64_t k) {
-  if (m < 1 || m > kMaxBf16Rows) return false;
-  if (m <= 4) {
-    rows_times_bf16_blocked<4, 4>(m, x, w, b, y, n, k);
+// Blocks a tile and rows a group by the row count: few rows are as many
+// sums as the registers hold (FMA latency), more share each widened weight
+// register between the rows of a group of eight (24 sums, 3 weights, 1 input).
+void packed_dispatch(int64_t m, const float* x, const uint32_t* w, const float* b, float* y, int64_t n,
+                     int64_t k) {
+  if (m <= 2) {
+    rows_times_packed<8, 2>(m, x, w, b, y, n, k);
+  } else if (m <= 4) {
+    rows_times_packed<6, 4>(m, x, w, b, y, n, k);
   } else {
-    rows_times_bf16_blocked<2, 8>(m, x, w, b, y, n, k);
+    rows_times_packed<3, 8>(m, x, w, b, y, n, k);
   }
-  return true;
 }
 #endif
 
@@ -187,6 +210,28 @@ void dispatch_rows(int64_t m, const float* x, const W* w, const float* b, float*
 }
 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+#if defined(__AVX512F__)
+  if (weight.dim() == 3) {  // packed bf16 (see packed_tile)
+    TORCH_CHECK(x.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.size(2) == 32 &&
+                    x.size(1) == 2 * weight.size(1) && weight.is_contiguous(),
+                "x [M, K] and a packed bf16 weight [N / 16, K / 2, 32] expected");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "contiguous fp32 x expected");
+    const int64_t m = x.size(0), k = x.size(1), n = 16 * weight.size(0);
+    TORCH_CHECK(m <= kMaxPackedRows, "small_linear takes at most ", kMaxPackedRows, " rows here, got ", m);
+    const float* b = nullptr;
+    if (bias.has_value()) {
+      TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+                  "fp32 bias [N] expected");
+      b = bias->data_ptr<float>();
+    }
+    at::Tensor y = at::empty({m, n}, x.options());
+    if (m > 0) {
+      packed_dispatch(m, x.data_ptr<float>(), reinterpret_cast<const uint32_t*>(weight.data_ptr<c10::BFloat16>()),
+                      b, y.data_ptr<float>(), n, k);
+    }
+    return y;
+  }
+#endif
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "x [M, K] and weight [N, K] expected");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "fp32 x expected");
@@ -194,12 +239,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
               "fp32 or bf16 weight expected");
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous x and weight expected");
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-#if defined(__AVX512F__)
-  const int64_t max_rows = weight.scalar_type() == at::kBFloat16 && k % 16 == 0 ? kMaxBf16Rows : kMaxRows;
-#else
-  const int64_t max_rows = kMaxRows;
-#endif
-  TORCH_CHECK(m <= max_rows, "small_linear takes at most ", max_rows, " rows here, got ", m);
+  TORCH_CHECK(m <= kMaxRows, "small_linear takes at most ", kMaxRows, " rows here, got ", m);
   const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
@@ -210,12 +250,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   if (weight.scalar_type() == at::kFloat) {
     dispatch_rows(m, x.data_ptr<float>(), weight.data_ptr<float>(), b, y.data_ptr<float>(), n, k);
   } else {
-    const auto* w = weight.data_ptr<c10::BFloat16>();
-#if defined(__AVX512F__)
-    // k in whole registers (SmolLM2's 576 and 1536; a chat's decode step, up to eight streams').
-    if (k % 16 == 0 && bf16_blocked(m, x.data_ptr<float>(), w, b, y.data_ptr<float>(), n, k)) return y;
-#endif
-    dispatch_rows(m, x.data_ptr<float>(), w, b, y.data_ptr<float>(), n, k);
+    dispatch_rows(m, x.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), b, y.data_ptr<float>(), n, k);
   }
   return y;
 }

@@ -53,11 +53,13 @@ def test_one_stream_keeps_hf_generates_tokens_on_the_rounded_weights(reference_m
     expected = [hf_greedy(reference, p, 16) for p in prompts]
     with _engine(tiny_llama, **settings) as engine:
         net = engine.runner.net
-        # Up to 8 rows over bf16 weights where AVX-512's blocked loop runs them, else 2.
+        # Up to 32 rows over bf16 copies packed for AVX-512's loop, else 2 row-major.
         assert engine.stats()["small_linear_rows"] == kernels.default_small_rows(True)
         assert engine.stats()["quantization"] == "bf16_weight_only"
         assert {w.dtype for layer in net.small_weights for w in layer} == {torch.bfloat16}
         assert net.lm_head_small.dtype == torch.bfloat16
+        dims = {w.dim() for layer in net.small_weights for w in layer} | {net.lm_head_small.dim()}
+        assert dims == ({3} if kernels._has_avx512() else {2})
         # The loaded fp32 layer weights go (packed, the rounded fp32 ones never outlived the start).
         layer_bytes = sum(p.numel() * 4 for name, p in reference_model.named_parameters()
                           if "proj" in name)

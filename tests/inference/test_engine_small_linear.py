@@ -42,21 +42,31 @@ def test_small_linear_computes_the_linear_product(small_linear, rows, with_bias,
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=2e-5)
 
 
+needs_avx512 = pytest.mark.skipif(not kernels._has_avx512(), reason="small_linear packs bf16 weights on AVX-512 only")
+
+
 @pytest.mark.parametrize("rows", [*range(0, kernels.SMALL_LINEAR_MAX_ROWS + 1), 9, 13, 16, 17, 24, 31, 32])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-# (203, 96): blocks of weight rows and a short last one, prefetched ahead;
-# (1000, 7): a row length the blocked AVX-512 path does not take.
-@pytest.mark.parametrize("out_features,in_features", [(96, 80), (3, 1536), (203, 96), (1000, 7)])
-def test_bf16_weights_are_multiplied_widened_in_fp32(small_linear, rows, with_bias, out_features, in_features):
+# (96, 80), (208, 96): whole tiles of three 16-column blocks and a short last
+# tile; (3, 1536) and (1000, 7): shapes only the row-major loop takes.
+@pytest.mark.parametrize("out_features,in_features", [(96, 80), (208, 96), (3, 1536), (1000, 7)])
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_avx512)], ids=["row-major", "packed"])
+def test_bf16_weights_are_multiplied_widened_in_fp32(small_linear, rows, with_bias, out_features, in_features,
+                                                      packed):
     generator = torch.Generator().manual_seed(rows * 17 + in_features)
     weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
     bias = torch.randn(out_features, generator=generator) if with_bias else None
     x = torch.randn(rows, in_features, generator=generator)
-    if rows > kernels.max_small_rows(True, [in_features]):  # past the plain loop's eight rows
-        with pytest.raises(RuntimeError, match="at most 8 rows"):
-            small_linear(x, weight, bias)
+    if packed and not kernels.can_pack_small(weight):
+        with pytest.raises(ValueError, match="cannot pack"):
+            kernels.pack_small_weight(weight)
         return
-    got = small_linear(x, weight, bias)
+    operand = kernels.pack_small_weight(weight) if packed else weight
+    if rows > kernels.max_small_rows([operand]):
+        with pytest.raises(RuntimeError, match="at most 8 rows"):
+            small_linear(x, operand, bias)
+        return
+    got = small_linear(x, operand, bias)
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
     # The bf16 values exactly, summed in fp32 in another order than F.linear's:
     # both within fp32 rounding of the exact sum, which grows with the row length.
@@ -72,23 +82,24 @@ def test_each_row_is_computed_alone(small_linear):
         assert torch.equal(small_linear(x[row:row + 1], weight, None)[0], together[row])
 
 
-@pytest.mark.parametrize("out_features,in_features", [(203, 96), (200, 300), (3072, 576)])
-def test_bf16_weight_rows_are_the_same_bits_alone_in_pairs_and_on_any_thread_count(small_linear, out_features,
+@needs_avx512
+@pytest.mark.parametrize("out_features,in_features", [(208, 96), (160, 300), (3072, 576)])
+def test_packed_bf16_rows_are_the_same_bits_alone_in_groups_and_on_any_thread_count(small_linear, out_features,
                                                                                     in_features):
     """What lets a half-precision step run on one thread or on the team
     (inference.threads) and a stream's tokens not depend on its neighbours."""
     generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
-    x = torch.randn(kernels.max_small_rows(True, [in_features]), in_features, generator=generator)
+    weight = kernels.pack_small_weight(torch.randn(out_features, in_features, generator=generator).bfloat16())
+    x = torch.randn(kernels.SMALL_LINEAR_MAX_ROWS_PACKED, in_features, generator=generator)
     threads = torch.get_num_threads()
     try:
         results = []
         for count in (1, max(2, threads)):
             torch.set_num_threads(count)
             alone = torch.cat([small_linear(x[row:row + 1], weight, None) for row in range(len(x))])
-            # Every row count (AVX-512's blocked loop: four weight rows at a
-            # time up to four input rows, else two, with the input rows in
-            # groups of eight, up to 32) gives each row alone's bits.
+            # Every row count (tiles of eight blocks of 16 columns for up to
+            # two rows, six for up to four, else three with the rows in groups
+            # of up to eight, up to 32) gives each row alone's bits.
             for rows in range(2, len(x) + 1):
                 assert torch.equal(small_linear(x[:rows], weight, None), alone[:rows]), rows
             results.append(alone)
@@ -101,9 +112,18 @@ def test_small_linear_rejects_what_it_cannot_take(small_linear):
     weight = torch.randn(16, 32)
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         small_linear(torch.randn(9, 32), weight, None)
-    rows = kernels.max_small_rows(True, [32])
-    with pytest.raises(RuntimeError, match=f"at most {rows} rows"):
-        small_linear(torch.randn(rows + 1, 32), weight.bfloat16(), None)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        small_linear(torch.randn(9, 32), weight.bfloat16(), None)
+    if kernels.can_pack_small(weight.bfloat16()):
+        packed = kernels.pack_small_weight(weight.bfloat16())
+        with pytest.raises(RuntimeError, match="at most 32 rows"):
+            small_linear(torch.randn(33, 32), packed, None)
+        with pytest.raises(RuntimeError, match="packed bf16 weight"):
+            small_linear(torch.randn(2, 30), packed, None)
+        with pytest.raises(RuntimeError, match="packed bf16 weight"):
+            small_linear(torch.randn(2, 32), packed.view(1, 16, 32).float(), None)
+        with pytest.raises(RuntimeError, match="bias"):
+            small_linear(torch.randn(2, 32), packed, torch.randn(15))
     with pytest.raises(RuntimeError, match="fp32 x expected"):
         small_linear(torch.randn(2, 32).bfloat16(), weight.bfloat16(), None)
     with pytest.raises(RuntimeError, match="fp32 or bf16 weight expected"):
@@ -171,10 +191,14 @@ def test_a_mutated_small_linear_changes_the_tokens(small_linear, reference_model
 def test_its_default_row_count_follows_the_weights_and_the_cpu(small_linear, monkeypatch):
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 avx512f avx512bw")
     assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 32)
-    assert kernels.max_small_rows(True, [576, 1536]) == 32
-    assert kernels.max_small_rows(True, [576, 100]) == kernels.max_small_rows(False, [576]) == 8
+    half = torch.zeros(64, 576, dtype=torch.bfloat16)
+    assert kernels.can_pack_small(half) and kernels.pack_small_weight(half).shape == (4, 288, 32)
+    assert not kernels.can_pack_small(half[:40]) and not kernels.can_pack_small(half.float())
+    assert kernels.max_small_rows([kernels.pack_small_weight(half)] * 2) == 32
+    # One weight left row-major (no whole 16-column blocks) keeps every matmul at eight rows.
+    assert kernels.max_small_rows([kernels.pack_small_weight(half), half[:40]]) == 8
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 fma")
     assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 2)
-    assert kernels.max_small_rows(True, [576, 1536]) == 8
+    assert not kernels.can_pack_small(half)
     with pytest.raises(ValueError, match="small_linear_rows must be in"):
         EngineConfig(small_linear_rows=33)
