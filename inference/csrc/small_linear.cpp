@@ -84,22 +84,23 @@ void rows_times_weight(const float* x, const W* w, const float* bias, float* y, 
 // rows, and past eight rows the inputs outgrew L1 and its FMAs waited on L2.
 // Here an input element is broadcast once per NB blocks of 16 columns, and a
 // tile's weights (K x 16 NB halves) are read from memory once, by the group
-// of rows that comes first, which reads the next tile into cache meanwhile.
+// of rows that comes first; the groups read the next tile into cache meanwhile.
 // A forward's layer matmuls of SmolLM2-135M on the 2-core AMX Xeon (each
 // layer's weights its own copy, as in a step), ms: 1 row 11.2 -> 9.0, 8 rows
 // 17.3 -> 10.5, 32 rows 43.7 -> 27.4 (docs/BENCHMARKS.md "small_linear over
 // packed bf16 weights").
 template <int M, int NB>
 inline void packed_tile(const float* x, int64_t k, const uint32_t* w, int64_t block_stride, const float* bias,
-                        float* y, int64_t n, int64_t col0, const uint32_t* next) {
+                        float* y, int64_t n, int64_t col0, const uint32_t* next, int share, int shares) {
   __m512 acc[M][NB];
   for (int m = 0; m < M; ++m)
     for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t p = 0; p < k / 2; ++p) {
-    if (next) {
+    if (next && p % shares == 0) {  // this group's share of the next tile: k / shares pairs in a row
+      const int64_t line = share * (k / 2 / shares) + p / shares;
       for (int b = 0; b < NB; ++b)
-        _mm_prefetch(reinterpret_cast<const char*>(next + b * block_stride + p * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next + b * block_stride + line * 16), _MM_HINT_T0);
     }
     __m512 wv[NB];
     for (int b = 0; b < NB; ++b)
@@ -124,16 +125,17 @@ inline void packed_tile(const float* x, int64_t k, const uint32_t* w, int64_t bl
 
 template <int NB>
 inline void packed_group(int m, const float* x, int64_t k, const uint32_t* w, int64_t block_stride,
-                         const float* bias, float* y, int64_t n, int64_t col0, const uint32_t* next) {
+                         const float* bias, float* y, int64_t n, int64_t col0, const uint32_t* next, int share,
+                         int shares) {
   switch (m) {
-    case 1: packed_tile<1, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
-    case 2: packed_tile<2, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
-    case 3: packed_tile<3, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
-    case 4: packed_tile<4, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
-    case 5: packed_tile<5, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
-    case 6: packed_tile<6, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
-    case 7: packed_tile<7, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
-    default: packed_tile<8, NB>(x, k, w, block_stride, bias, y, n, col0, next); break;
+    case 1: packed_tile<1, NB>(x, k, w, block_stride, bias, y, n, col0, next, share, shares); break;
+    case 2: packed_tile<2, NB>(x, k, w, block_stride, bias, y, n, col0, next, share, shares); break;
+    case 3: packed_tile<3, NB>(x, k, w, block_stride, bias, y, n, col0, next, share, shares); break;
+    case 4: packed_tile<4, NB>(x, k, w, block_stride, bias, y, n, col0, next, share, shares); break;
+    case 5: packed_tile<5, NB>(x, k, w, block_stride, bias, y, n, col0, next, share, shares); break;
+    case 6: packed_tile<6, NB>(x, k, w, block_stride, bias, y, n, col0, next, share, shares); break;
+    case 7: packed_tile<7, NB>(x, k, w, block_stride, bias, y, n, col0, next, share, shares); break;
+    default: packed_tile<8, NB>(x, k, w, block_stride, bias, y, n, col0, next, share, shares); break;
   }
 }
 
@@ -168,12 +170,15 @@ void rows_times_packed(int64_t m, const float* x, const uint32_t* w, const float
       const float* xg = interleaved.data() + starts[g] * k;
       float* yg = y + starts[g] * n;
       if (nb == NB) {
-        // The group first over a tile reads its next tile into cache meanwhile.
-        const uint32_t* next = g == 0 && b0 + 2 * NB <= blocks ? w + (b0 + NB) * block_stride : nullptr;
-        packed_group<NB>(rows, xg, k, w + b0 * block_stride, block_stride, bias, yg, n, 16 * b0, next);
+        // The groups read the next tile into cache meanwhile, each a contiguous
+        // share of its k: all from the first group, when the loads of a tile
+        // came in one burst, was 7-12% slower at 12 to 32 rows.
+        const uint32_t* next = b0 + 2 * NB <= blocks ? w + (b0 + NB) * block_stride : nullptr;
+        packed_group<NB>(rows, xg, k, w + b0 * block_stride, block_stride, bias, yg, n, 16 * b0, next,
+                         static_cast<int>(g), static_cast<int>(groups));
       } else {
         for (int64_t b = b0; b < b0 + nb; ++b)
-          packed_group<1>(rows, xg, k, w + b * block_stride, block_stride, bias, yg, n, 16 * b, nullptr);
+          packed_group<1>(rows, xg, k, w + b * block_stride, block_stride, bias, yg, n, 16 * b, nullptr, 0, 1);
       }
     }
   }
