@@ -417,7 +417,7 @@ ENGINE_ATTENTION_KERNEL = env_bool("ENGINE_ATTENTION_KERNEL", True)
 # three), 8 over bf16 weights on AVX-512 (its blocked loop: 8 rows' matmuls
 # 11.1 against 24.2 ms for MKL's packed GEMM on the AMX Xeon); 0 turns it off.
 ENGINE_SMALL_LINEAR_ROWS = (None if env_str("ENGINE_SMALL_LINEAR_ROWS", "auto") == "auto"
-                            else env_int("ENGINE_SMALL_LINEAR_ROWS", 2, min_value=0, max_value=32))
+                            else env_int("ENGINE_SMALL_LINEAR_ROWS", 2, min_value=0, max_value=64))
 # Each layer's RMSNorms, rotary embedding and SiLU * up as one op each of the
 # same library (the same sums, one pass) instead of about a dozen small torch
 # ops: one fp32 stream's decode step 6.5-7.2% shorter on the EPYC.

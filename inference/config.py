@@ -146,11 +146,11 @@ class EngineConfig:
     # forward's layer matmuls at 8 rows 10.5, at 32 rows 27.4 ms, against 26.8
     # and 37.9 for MKL's packed fp32 GEMM over the rounded weights on the AMX
     # Xeon (docs/BENCHMARKS.md "small_linear over packed bf16 weights"). None:
-    # 32 there, 2 otherwise (inference.kernels.default_small_rows).
+    # 64 there, 2 otherwise (inference.kernels.default_small_rows).
     # The plain weights then stay beside packed copies (the memory
     # ModelRunner.release_float_weights would have freed), except under
     # "bf16_weight_only", where these steps read bf16 copies. 0 turns it off;
-    # at most inference.kernels.SMALL_LINEAR_MAX_ROWS (8), or its _PACKED (32)
+    # at most inference.kernels.SMALL_LINEAR_MAX_ROWS (8), or its _PACKED (64)
     # over bf16 weights packed for AVX-512 (inference.kernels.max_small_rows).
     small_linear_rows: int | None = None
     # CPU: each layer's RMSNorms, rotary embedding and SiLU * up run as one op
@@ -192,10 +192,10 @@ class EngineConfig:
         if self.bf16_prompts:
             if self.quantization != "bf16_weight_only" or not self.device.startswith("cpu"):
                 raise ValueError("bf16_prompts needs quantization bf16_weight_only (on the CPU)")
-        # 32: inference.kernels.SMALL_LINEAR_MAX_ROWS_PACKED (config imports no kernels); the runner
+        # 64: inference.kernels.SMALL_LINEAR_MAX_ROWS_PACKED (config imports no kernels); the runner
         # caps it at what small_linear takes over the weights at hand (max_small_rows).
-        if self.small_linear_rows is not None and not 0 <= self.small_linear_rows <= 32:
-            raise ValueError("small_linear_rows must be in [0, 32] (or None for the CPU's default)")
+        if self.small_linear_rows is not None and not 0 <= self.small_linear_rows <= 64:
+            raise ValueError("small_linear_rows must be in [0, 64] (or None for the CPU's default)")
         if self.bf16_prompt_block < 1:
             raise ValueError("bf16_prompt_block must be >= 1")
         if self.bf16_prompt_max_block < self.bf16_prompt_block:

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from inference.kernels import can_pack_small, pack_small_weight
 from inference.model_runner import DTYPES
 from inference.llama import bf16_block_linear
 from inference.packing import ONEDNN_PACKING, pack_weight, packed_matmul
@@ -167,6 +168,11 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, small_weight: torch.Tensor, p
     return F.linear(x, weight) if packed is None else packed_matmul(x, packed, weight, packer)
 
 
+def small_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight as the engine hands it to small_linear: packed for its AVX-512 loop where it can be."""
+    return pack_small_weight(weight) if can_pack_small(weight) else weight
+
+
 def time_matmuls(shapes: Counter, dtypes: list[str], rows=ROWS, rounds: int = 20,
                  budget_s: float = 0.3, pack_fp32: str = "", small_rows: int = 0) -> dict[str, dict[int, float]]:
     """Summed best time of x @ W^T over the shapes, per format and row count (us).
@@ -186,7 +192,7 @@ def time_matmuls(shapes: Counter, dtypes: list[str], rows=ROWS, rounds: int = 20
             # BF16_WEIGHTS: fp32 as the engine runs it, but small_linear reads bf16 copies.
             dtype = torch.float32 if name == BF16_WEIGHTS else DTYPES[name]
             w = weight.to(dtype)
-            small = weight.bfloat16() if name == BF16_WEIGHTS else w
+            small = small_copy(weight.bfloat16()) if name == BF16_WEIGHTS else w
             packed = pack_weight(w, pack_fp32) if pack_fp32 and dtype == torch.float32 else None
             cases += [((name, n, n_in, n_out), lambda w=w, small=small, packed=packed,
                        x=torch.randn(n, n_in, dtype=dtype): _matmul(x, w, small, packed, pack_fp32, small_rows))
@@ -244,6 +250,7 @@ def time_streamed_one_row(shapes: Counter, rounds: int = 6,
         for (n_in, n_out), count in shapes.items():
             copies = plan[(n_in, n_out)]
             x, weight = torch.randn(1, n_in), (torch.randn(n_out, n_in) * 0.02).to(dtype)
+            weight = small_copy(weight) if dtype == torch.bfloat16 else weight
             pairs += [(x, weight, count / copies)] + [(x, weight.clone(), count / copies) for _ in range(copies - 1)]
         layers[name] = pairs
     best = dict.fromkeys(layers, float("inf"))

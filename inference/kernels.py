@@ -27,7 +27,7 @@ GB/s, the rate a plain sum over the same weights reaches (docs/BENCHMARKS.md
 "bf16_weight_only"), widened in registers: half the bytes, and a one-row
 forward's matmuls in about half the fp32 time. On AVX-512 the bf16 copies
 are packed (pack_small_weight: 16 output columns by two k steps a 64-byte
-line), and up to 32 rows multiply them as a GEMM's inner loop does, each
+line), and up to 64 rows multiply them as a GEMM's inner loop does, each
 output its own register lane's sum over k: a forward's layer matmuls at 32
 rows 43.7 -> 27.4 ms on the 2-core AMX Xeon against the row-major loop, at one
 row 11.2 -> 9.0 ms.
@@ -84,16 +84,16 @@ HEADERS = [Path(__file__).with_name("csrc") / "storage.h"]
 # The most rows small_linear takes (csrc/small_linear.cpp's kMaxRows over fp32
 # or row-major bf16 weights, kMaxPackedRows over packed bf16 ones).
 SMALL_LINEAR_MAX_ROWS = 8
-SMALL_LINEAR_MAX_ROWS_PACKED = 32
+SMALL_LINEAR_MAX_ROWS_PACKED = 64
 # EngineConfig.small_linear_rows' default: over fp32 weights small_linear beat
 # the GEMM libraries at one and two rows only (the 2-core EPYC, bench.packing);
-# over packed bf16 weights it takes every count up to 32: a forward's layer
+# over packed bf16 weights it takes every count up to 64: a forward's layer
 # matmuls (each layer's weights its own copy, as in a step) at 32 rows 27.4 ms
 # against 37.9 for MKL's packed fp32 GEMM over the rounded weights on the AMX
-# Xeon, and the engine's steps past small_linear run those weights unpacked,
+# Xeon, at 64 rows 48.9 against 54.0, and the engine's steps past small_linear run those weights unpacked,
 # lm_head included (docs/BENCHMARKS.md "small_linear over packed bf16 weights").
 SMALL_ROWS_FP32 = 2
-SMALL_ROWS_BF16_AVX512 = 32
+SMALL_ROWS_BF16_AVX512 = 64
 # -ffast-math lets the compiler vectorise the dot products' sums and call
 # glibc's vector exp; it is given to the compile step only, since at the link
 # step GCC 12 would add crtfastmath.o, which turns on flush-to-zero for the

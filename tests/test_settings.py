@@ -51,7 +51,7 @@ def test_check_deploy_flags_development_settings():
         ("ENGINE_DEVICE", "tpu", "ENGINE_DEVICE='tpu' must be one of"),
         ("MODEL_POOLS_JSON", "{not json", "MODEL_POOLS_JSON is not valid JSON"),
         ("DB_POOL_MAX_SIZE", "-1", "DB_POOL_MAX_SIZE=-1 must be >= 0"),
-        ("ENGINE_SMALL_LINEAR_ROWS", "33", "ENGINE_SMALL_LINEAR_ROWS=33 must be <= 32"),
+        ("ENGINE_SMALL_LINEAR_ROWS", "65", "ENGINE_SMALL_LINEAR_ROWS=65 must be <= 64"),
         ("ENGINE_GIL_SWITCH_INTERVAL_MS", "fast", "ENGINE_GIL_SWITCH_INTERVAL_MS='fast' is not a number"),
         ("GATEWAY_API_RATE_PER_USER", "600 per minute", "GATEWAY_API_RATE_PER_USER='600 per minute' is not a rate"),
         ("CHAT_RATE_PER_IP", "30/w", "CHAT_RATE_PER_IP='30/w' is not a rate"),

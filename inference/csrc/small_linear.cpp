@@ -38,7 +38,7 @@
 namespace {
 
 constexpr int64_t kMaxRows = 8;  // fp32 or row-major bf16 weights
-constexpr int64_t kMaxPackedRows = 32;  // packed bf16 weights, on AVX-512
+constexpr int64_t kMaxPackedRows = 64;  // packed bf16 weights, on AVX-512
 
 inline float widen(float v) { return v; }
 inline float widen(c10::BFloat16 v) {
@@ -77,7 +77,7 @@ void rows_times_weight(const float* x, const W* w, const float* bias, float* y, 
 // two k steps of 16 columns; widening is one shift or one mask a register.
 // Each output is one fp32 register lane's running sum over k in order
 // 0, 1, 2, ..., a fused multiply-add a step, whatever the row count, block
-// width or thread count: a row's bits are the same alone or among 31 others.
+// width or thread count: a row's bits are the same alone or among 63 others.
 // A row-major loop sums each (input row, weight row) pair in its own register
 // and ends with a sum across lanes; this one's version (up to 32 rows, two
 // weight rows at a time) read every input row again for each pair of weight

@@ -45,7 +45,7 @@ def test_small_linear_computes_the_linear_product(small_linear, rows, with_bias,
 needs_avx512 = pytest.mark.skipif(not kernels._has_avx512(), reason="small_linear packs bf16 weights on AVX-512 only")
 
 
-@pytest.mark.parametrize("rows", [*range(0, kernels.SMALL_LINEAR_MAX_ROWS + 1), 9, 13, 16, 17, 24, 31, 32])
+@pytest.mark.parametrize("rows", [*range(0, kernels.SMALL_LINEAR_MAX_ROWS + 1), 9, 13, 16, 17, 24, 31, 32, 47, 64])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 # (96, 80), (208, 96): whole tiles of three 16-column blocks and a short last
 # tile; (3, 1536) and (1000, 7): shapes only the row-major loop takes.
@@ -99,7 +99,7 @@ def test_packed_bf16_rows_are_the_same_bits_alone_in_groups_and_on_any_thread_co
             alone = torch.cat([small_linear(x[row:row + 1], weight, None) for row in range(len(x))])
             # Every row count (tiles of eight blocks of 16 columns for up to
             # two rows, six for up to four, else three with the rows in groups
-            # of up to eight, up to 32) gives each row alone's bits.
+            # of up to eight, up to 64) gives each row alone's bits.
             for rows in range(2, len(x) + 1):
                 assert torch.equal(small_linear(x[:rows], weight, None), alone[:rows]), rows
             results.append(alone)
@@ -116,8 +116,8 @@ def test_small_linear_rejects_what_it_cannot_take(small_linear):
         small_linear(torch.randn(9, 32), weight.bfloat16(), None)
     if kernels.can_pack_small(weight.bfloat16()):
         packed = kernels.pack_small_weight(weight.bfloat16())
-        with pytest.raises(RuntimeError, match="at most 32 rows"):
-            small_linear(torch.randn(33, 32), packed, None)
+        with pytest.raises(RuntimeError, match="at most 64 rows"):
+            small_linear(torch.randn(65, 32), packed, None)
         with pytest.raises(RuntimeError, match="packed bf16 weight"):
             small_linear(torch.randn(2, 30), packed, None)
         with pytest.raises(RuntimeError, match="packed bf16 weight"):
@@ -190,15 +190,15 @@ def test_a_mutated_small_linear_changes_the_tokens(small_linear, reference_model
 
 def test_its_default_row_count_follows_the_weights_and_the_cpu(small_linear, monkeypatch):
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 avx512f avx512bw")
-    assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 32)
+    assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 64)
     half = torch.zeros(64, 576, dtype=torch.bfloat16)
     assert kernels.can_pack_small(half) and kernels.pack_small_weight(half).shape == (4, 288, 32)
     assert not kernels.can_pack_small(half[:40]) and not kernels.can_pack_small(half.float())
-    assert kernels.max_small_rows([kernels.pack_small_weight(half)] * 2) == 32
+    assert kernels.max_small_rows([kernels.pack_small_weight(half)] * 2) == 64
     # One weight left row-major (no whole 16-column blocks) keeps every matmul at eight rows.
     assert kernels.max_small_rows([kernels.pack_small_weight(half), half[:40]]) == 8
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 fma")
     assert (kernels.default_small_rows(False), kernels.default_small_rows(True)) == (2, 2)
     assert not kernels.can_pack_small(half)
     with pytest.raises(ValueError, match="small_linear_rows must be in"):
-        EngineConfig(small_linear_rows=33)
+        EngineConfig(small_linear_rows=65)
