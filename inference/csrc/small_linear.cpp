@@ -214,45 +214,46 @@ void dispatch_rows(int64_t m, const float* x, const W* w, const float* b, float*
   }
 }
 
+// The bias as the loops read it (nullptr for none), checked against n outputs.
+const float* bias_data(const std::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+              "fp32 bias [N] expected");
+  return bias->data_ptr<float>();
+}
+
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const bool packed = weight.dim() == 3;  // bf16 packed for the AVX-512 loop (see packed_tile)
+  if (packed) {
 #if defined(__AVX512F__)
-  if (weight.dim() == 3) {  // packed bf16 (see packed_tile)
     TORCH_CHECK(x.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.size(2) == 32 &&
                     x.size(1) == 2 * weight.size(1) && weight.is_contiguous(),
                 "x [M, K] and a packed bf16 weight [N / 16, K / 2, 32] expected");
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "contiguous fp32 x expected");
-    const int64_t m = x.size(0), k = x.size(1), n = 16 * weight.size(0);
-    TORCH_CHECK(m <= kMaxPackedRows, "small_linear takes at most ", kMaxPackedRows, " rows here, got ", m);
-    const float* b = nullptr;
-    if (bias.has_value()) {
-      TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
-                  "fp32 bias [N] expected");
-      b = bias->data_ptr<float>();
-    }
-    at::Tensor y = at::empty({m, n}, x.options());
+#else
+    TORCH_CHECK(false, "packed bf16 weights need AVX-512, which this build lacks");
+#endif
+  } else {
+    TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+                "x [M, K] and weight [N, K] expected");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "fp32 x expected");
+    TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+                "fp32 or bf16 weight expected");
+    TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous x and weight expected");
+  }
+  const int64_t m = x.size(0), k = x.size(1), n = packed ? 16 * weight.size(0) : weight.size(0);
+  const int64_t max_rows = packed ? kMaxPackedRows : kMaxRows;
+  TORCH_CHECK(m <= max_rows, "small_linear takes at most ", max_rows, " rows here, got ", m);
+  const float* b = bias_data(bias, n);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (packed) {
+#if defined(__AVX512F__)
     if (m > 0) {
       packed_dispatch(m, x.data_ptr<float>(), reinterpret_cast<const uint32_t*>(weight.data_ptr<c10::BFloat16>()),
                       b, y.data_ptr<float>(), n, k);
     }
-    return y;
-  }
 #endif
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "x [M, K] and weight [N, K] expected");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "fp32 x expected");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
-              "fp32 or bf16 weight expected");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous x and weight expected");
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(m <= kMaxRows, "small_linear takes at most ", kMaxRows, " rows here, got ", m);
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
-                "fp32 bias [N] expected");
-    b = bias->data_ptr<float>();
-  }
-  at::Tensor y = at::empty({m, n}, x.options());
-  if (weight.scalar_type() == at::kFloat) {
+  } else if (weight.scalar_type() == at::kFloat) {
     dispatch_rows(m, x.data_ptr<float>(), weight.data_ptr<float>(), b, y.data_ptr<float>(), n, k);
   } else {
     dispatch_rows(m, x.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), b, y.data_ptr<float>(), n, k);
