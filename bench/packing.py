@@ -63,8 +63,8 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, sm
     if ONEDNN_PACKING:
         packs[ONEDNN] = {name: [pack_weight(w, "onednn") for w in ws] for name, ws in weights.items()}
     # The bf16 copies as the engine holds them: packed for small_linear's AVX-512 loop where it takes them.
-    halves = {name: [kernels.pack_small_weight(h) if kernels.can_pack_small(h) else h
-                     for h in (w.bfloat16() for w in ws)] for name, ws in weights.items()} if small_linear else {}
+    halves = ({name: [kernels.small_copy(w.bfloat16()) for w in ws] for name, ws in weights.items()}
+              if small_linear else {})
     results: dict = {}
     for n in rows:
         contenders = _contenders(pack_rows, small_linear and n <= kernels.SMALL_LINEAR_MAX_ROWS)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inference.kernels import can_pack_small, pack_small_weight
+from inference.kernels import small_copy
 from inference.model_runner import DTYPES
 from inference.llama import bf16_block_linear
 from inference.packing import ONEDNN_PACKING, pack_weight, packed_matmul
@@ -166,11 +166,6 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, small_weight: torch.Tensor, p
     if x.size(0) <= small_rows and x.dtype == torch.float32:
         return torch.ops.chatapp.small_linear(x, small_weight, None)
     return F.linear(x, weight) if packed is None else packed_matmul(x, packed, weight, packer)
-
-
-def small_copy(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 weight as the engine hands it to small_linear: packed for its AVX-512 loop where it can be."""
-    return pack_small_weight(weight) if can_pack_small(weight) else weight
 
 
 def time_matmuls(shapes: Counter, dtypes: list[str], rows=ROWS, rounds: int = 20,

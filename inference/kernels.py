@@ -90,8 +90,9 @@ SMALL_LINEAR_MAX_ROWS_PACKED = 64
 # over packed bf16 weights it takes every count up to 64: a forward's layer
 # matmuls (each layer's weights its own copy, as in a step) at 32 rows 27.4 ms
 # against 37.9 for MKL's packed fp32 GEMM over the rounded weights on the AMX
-# Xeon, at 64 rows 48.9 against 54.0, and the engine's steps past small_linear run those weights unpacked,
-# lm_head included (docs/BENCHMARKS.md "small_linear over packed bf16 weights").
+# Xeon, at 64 rows 48.9 against 54.0, and the engine's steps past small_linear
+# run those weights unpacked, lm_head included (docs/BENCHMARKS.md
+# "small_linear over packed bf16 weights").
 SMALL_ROWS_FP32 = 2
 SMALL_ROWS_BF16_AVX512 = 64
 # -ffast-math lets the compiler vectorise the dot products' sums and call
@@ -144,6 +145,11 @@ def pack_small_weight(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     return (weight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
             .view(n // 16, k // 2, 32))
+
+
+def small_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight as small_linear reads it fastest: packed for its AVX-512 loop where it can be."""
+    return pack_small_weight(weight) if can_pack_small(weight) else weight
 
 
 def max_small_rows(weights: list[torch.Tensor]) -> int:
@@ -278,7 +284,7 @@ def _self_check() -> None:
         for w in (weight, weight.bfloat16()):
             for b in (None, bias):
                 _check_small_linear(x, w, b, rows)
-    # 48 outputs packed, three blocks of 16 (AVX-512): up to 32 rows, in groups of up to eight.
+    # 48 outputs packed, three blocks of 16 (AVX-512): up to 64 rows, in groups of up to eight.
     weight, bias = torch.randn(48, 96, generator=generator).bfloat16(), torch.randn(48, generator=generator)
     if can_pack_small(weight):
         packed = pack_small_weight(weight)
