@@ -147,11 +147,16 @@ class EngineConfig:
     # and 37.9 for MKL's packed fp32 GEMM over the rounded weights on the AMX
     # Xeon (docs/BENCHMARKS.md "small_linear over packed bf16 weights"). None:
     # 64 there, 2 otherwise (inference.kernels.default_small_rows).
+    # Under "int8_weight_only" in fp32 the int8 weights and their scales are
+    # packed the same way (inference.kernels.pack_small_int8): one row 2.2x
+    # faster than over packed bf16, and 2-2.5x faster than oneDNN's int8
+    # kernel up to 64 rows; None: 64 on AVX-512, else oneDNN's kernel alone.
     # The plain weights then stay beside packed copies (the memory
     # ModelRunner.release_float_weights would have freed), except under
-    # "bf16_weight_only", where these steps read bf16 copies. 0 turns it off;
-    # at most inference.kernels.SMALL_LINEAR_MAX_ROWS (8), or its _PACKED (64)
-    # over bf16 weights packed for AVX-512 (inference.kernels.max_small_rows).
+    # "bf16_weight_only" and "int8_weight_only", where these steps read
+    # copies of their own. 0 turns it off; at most
+    # inference.kernels.SMALL_LINEAR_MAX_ROWS (8), or its _PACKED (64) over
+    # weights packed for AVX-512 (inference.kernels.max_small_rows).
     small_linear_rows: int | None = None
     # CPU: each layer's RMSNorms, rotary embedding and SiLU * up run as one op
     # each of the same library (csrc/fused_ops.cpp) instead of about a dozen

@@ -25,7 +25,7 @@ from inference.detokenizer import IncrementalDetokenizer
 from inference.engine_loop import EngineLoop
 from inference.formats import choose_cpu_format
 from inference.handle import RequestHandle
-from inference.kernels import SMALL_LINEAR_MAX_ROWS, default_small_rows, load_kernels
+from inference.kernels import SMALL_LINEAR_ALL_ROWS, SMALL_LINEAR_MAX_ROWS, default_small_rows, load_kernels
 from inference.metrics import EngineMetrics
 from inference.model_runner import DTYPES, ModelRunner
 from inference.outputs import Completion, PromptTooLong
@@ -247,7 +247,8 @@ class Engine:
             "attention_kernel": self.runner.net.attention_kernel,
             # Prompts' attention: the library's kernel, or SDPA (HF's sums, kept in fp32).
             "prefill_attention": "kernel" if self.runner.prefill_in_place else "sdpa",
-            "small_linear_rows": self.runner.net.small_rows,
+            # "all": every step (int8 weights; see ModelRunner._use_small_linear).
+            "small_linear_rows": "all" if self.runner.net.small_rows == SMALL_LINEAR_ALL_ROWS else self.runner.net.small_rows,
             "bf16_prompts": self.runner.net.half_block > 0,
             # The row counts of its oneDNN calls, per matmul (qkv, o, gate_up, down).
             "bf16_prompt_blocks": [list(blocks) for blocks in self.runner.net.half_blocks],

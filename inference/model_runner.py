@@ -7,11 +7,12 @@ import torch
 
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
-from inference.kernels import can_pack_small, default_small_rows, load_kernels, max_small_rows, pack_small_weight
+from inference.kernels import (SMALL_LINEAR_ALL_ROWS, can_pack_small, can_pack_small_int8, default_small_rows,
+                               load_kernels, max_small_rows, pack_small_int8, pack_small_weight)
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk, PromptRows, same_bits_blocks
 from inference.packing import (ONEDNN_PACKING, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged,
                                pack_weight, resolve_packer, shape_only)
-from inference.quantization import quantize_paged, round_paged_to_bf16
+from inference.quantization import QUANT_INT8_WEIGHT_ONLY, quantize_paged, round_paged_to_bf16
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
 from inference.threads import choose_step_threads
@@ -95,13 +96,34 @@ class ModelRunner:
         """Few-row fp32 steps multiply in small_linear (its library loaded): by
         the bf16 copies under "bf16_weight_only" (packed for its AVX-512 loop
         where every one can be), else by the plain weights, unpacked or packed
-        with the plain copy kept (see release_float_weights)."""
+        with the plain copy kept (see release_float_weights). Under
+        "int8_weight_only" every step does, over the int8 weights and their
+        scales packed for that loop, where every one can be."""
         net = self.net
-        plain = self.dtype == torch.float32 and net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
+        fp32 = self.dtype == torch.float32
+        plain = fp32 and net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
+        int8 = fp32 and net.quant_mode == QUANT_INT8_WEIGHT_ONLY and self._int8_packable()
         rows = config.small_linear_rows
         if rows is None:
-            rows = default_small_rows(bf16_weights is not None)
-        if not plain or rows <= 0:
+            rows = SMALL_LINEAR_ALL_ROWS if int8 else default_small_rows(bf16_weights is not None)
+        if not (plain or int8) or rows <= 0:
+            return
+        if int8:
+            # Every step, whatever its row count: oneDNN's int8 kernel rounds the
+            # activations to bf16, so a cut by row count would give a row batched
+            # other bits than alone; and small_linear was 1.9-2.5x faster at 1 to
+            # 256 rows (docs/BENCHMARKS.md). oneDNN's copies go: nothing reads them.
+            for w, scales in zip(net.weights, net.weight_scales):
+                net.small_weights.append([pack_small_int8(w[slot], scale.float())
+                                          for slot, scale in zip((1, 2, 4, 5), scales)])
+                for slot in (1, 2, 4, 5):
+                    w[slot] = shape_only(w[slot])
+            head, head_scale, mode = net.lm_head_quantized
+            net.lm_head_small = pack_small_int8(head, head_scale.float())
+            net.lm_head_quantized = (shape_only(head), head_scale, mode)
+            if rows != SMALL_LINEAR_ALL_ROWS and config.small_linear_rows is not None:
+                log.info("int8 weights: every step in small_linear (small_linear_rows=%d reads as on)", rows)
+            net.small_rows = SMALL_LINEAR_ALL_ROWS
             return
         if bf16_weights is not None:
             layers, lm_head = bf16_weights
@@ -117,6 +139,18 @@ class ModelRunner:
             net.small_weights = [list(layer) for layer in net.weight_scales]
             net.lm_head_small = net.lm_head
         net.small_rows = min(rows, max_small_rows([w for layer in net.small_weights for w in layer]))
+
+    def _int8_packable(self) -> bool:
+        """Whether every int8 weight (lm_head included) fits small_linear's packed loop."""
+        net = self.net
+        weights = [w[slot] for w in net.weights for slot in (1, 2, 4, 5)]
+        if net.lm_head_quantized is not None:
+            weights.append(net.lm_head_quantized[0])
+        packable = net.lm_head_quantized is not None and all(can_pack_small_int8(w) for w in weights)
+        if not packable:
+            log.info("int8 weights not in small_linear (no AVX-512, or shapes off its 16 x 4 blocks): "
+                     "every step runs oneDNN's int8 kernel")
+        return packable
 
     def _use_bf16_prompts(self, config: EngineConfig, bf16_layers: list[list[torch.Tensor]]) -> None:
         """Prompt rows multiply the bf16 copies packed for oneDNN (EngineConfig.bf16_prompts)."""
@@ -148,7 +182,8 @@ class ModelRunner:
         (and few-row steps on bf16 ones), so the loaded weights always go."""
         net = self.net
         rounded = self.quantization == "bf16_weight_only"
-        if not rounded and (net.quant_mode < 0 or net.small_rows > 0):
+        float_small = net.small_rows > 0 and net.quant_mode in (-1, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN)
+        if not rounded and (net.quant_mode < 0 or float_small):
             return 0  # the stack multiplies by the float weights themselves (at few rows, or always)
         freed = sum(w[name].untyped_storage().nbytes() for w in net.layers
                     for name in ("qkv", "o", "gate_up", "down"))

@@ -116,8 +116,9 @@ def test_small_linear_rejects_what_it_cannot_take(small_linear):
         small_linear(torch.randn(9, 32), weight.bfloat16(), None)
     if kernels.can_pack_small(weight.bfloat16()):
         packed = kernels.pack_small_weight(weight.bfloat16())
-        with pytest.raises(RuntimeError, match="at most 64 rows"):
-            small_linear(torch.randn(65, 32), packed, None)
+        # Packed, any row count (calls of 64 inside), each row as alone.
+        x = torch.randn(65, 32)
+        assert torch.equal(small_linear(x, packed, None)[64], small_linear(x[64:], packed, None)[0])
         with pytest.raises(RuntimeError, match="packed bf16 weight"):
             small_linear(torch.randn(2, 30), packed, None)
         with pytest.raises(RuntimeError, match="packed bf16 weight"):
@@ -194,7 +195,7 @@ def test_its_default_row_count_follows_the_weights_and_the_cpu(small_linear, mon
     half = torch.zeros(64, 576, dtype=torch.bfloat16)
     assert kernels.can_pack_small(half) and kernels.pack_small_weight(half).shape == (4, 288, 32)
     assert not kernels.can_pack_small(half[:40]) and not kernels.can_pack_small(half.float())
-    assert kernels.max_small_rows([kernels.pack_small_weight(half)] * 2) == 64
+    assert kernels.max_small_rows([kernels.pack_small_weight(half)] * 2) == kernels.SMALL_LINEAR_ALL_ROWS
     # One weight left row-major (no whole 16-column blocks) keeps every matmul at eight rows.
     assert kernels.max_small_rows([kernels.pack_small_weight(half), half[:40]]) == 8
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 fma")

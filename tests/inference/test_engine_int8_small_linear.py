@@ -1,0 +1,187 @@
+"""int8 weights in small_linear ("int8_weight_only" in fp32, on AVX-512): the
+op multiplies fp32 rows by int8 weights and their column scales packed for
+its loop, each row's bits the same alone, among any number of others and on
+any thread count; the engine runs every step through it, frees the loaded
+float weights and oneDNN's int8 copies, and one stream's output is HF's on
+the dequantized weights. Batched equals alone and Stop are
+in test_engine_formats with the other formats."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inference import Engine, EngineConfig, SamplingParams, kernels
+from inference.quantization import quantize_weight
+
+from .conftest import hf_greedy, make_prompts, tiny_llama
+
+needs_kernel = pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine")
+needs_avx512 = pytest.mark.skipif(not kernels._has_avx512(), reason="small_linear packs int8 weights on AVX-512 only")
+pytestmark = [needs_kernel, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def small_linear():
+    # A compiler present and the library not built is a failure, not a skip.
+    assert kernels.load_kernels(os.environ.get("ENGINE_KERNEL_DIR"))
+    return torch.ops.chatapp.small_linear
+
+
+def int8_weight(out_features: int, in_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return quantize_weight(torch.randn(out_features, in_features, generator=generator) * 0.05)
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32, 47, 64, 65, 200])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+# Whole tiles of eight, six or three 16-column blocks and short last ones; SmolLM2's down_proj.
+@pytest.mark.parametrize("out_features,in_features", [(96, 80), (208, 96), (576, 1536)])
+def test_int8_weights_are_multiplied_widened_and_scaled_in_fp32(small_linear, rows, with_bias, out_features,
+                                                                in_features):
+    codes, scale = int8_weight(out_features, in_features, rows * 13 + in_features)
+    generator = torch.Generator().manual_seed(rows)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    x = torch.randn(rows, in_features, generator=generator)
+    got = small_linear(x, kernels.pack_small_int8(codes, scale), bias)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    # The int8 values times their fp32 scale exactly, summed in fp32: within
+    # fp32 rounding of the exact sum, which grows with the row length.
+    dequantized = codes.double() * scale.double()[:, None]
+    exact = F.linear(x.double(), dequantized, None if bias is None else bias.double())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=2e-6 * max(1.0, (in_features / 96) ** 0.5))
+
+
+@needs_avx512
+@pytest.mark.parametrize("out_features,in_features", [(208, 96), (960, 576)])
+def test_packed_int8_rows_are_the_same_bits_alone_in_groups_and_on_any_thread_count(small_linear, out_features,
+                                                                                    in_features):
+    weight = kernels.pack_small_int8(*int8_weight(out_features, in_features, 5))
+    x = torch.randn(kernels.SMALL_LINEAR_MAX_ROWS_PACKED, in_features, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            alone = torch.cat([small_linear(x[row:row + 1], weight, None) for row in range(len(x))])
+            for rows in range(2, len(x) + 1):
+                assert torch.equal(small_linear(x[:rows], weight, None), alone[:rows]), rows
+            # More rows than one call of its loop takes: chunks of 64, the same bits.
+            assert torch.equal(small_linear(torch.cat([x, x, x[:7]]), weight, None), torch.cat([alone, alone, alone[:7]]))
+            results.append(alone)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+@needs_avx512
+def test_int8_packing_and_the_op_reject_what_they_cannot_take(small_linear):
+    codes, scale = int8_weight(32, 64, 1)
+    packed = kernels.pack_small_int8(codes, scale)
+    # Two blocks of 16 columns, 16 lines of four k and one of scales, 64 bytes each.
+    assert packed.shape == (2, 17, 64) and packed.dtype == torch.int8
+    assert torch.equal(packed[:, 16].contiguous().view(torch.float32).reshape(-1), scale)
+    for bad in (codes[:24], codes[:, :62], codes.float()):
+        with pytest.raises(ValueError, match="cannot pack"):
+            kernels.pack_small_int8(bad, scale[:bad.size(0)])
+    with pytest.raises(ValueError, match="cannot pack"):
+        kernels.pack_small_int8(codes, scale[:16])
+    with pytest.raises(RuntimeError, match="packed int8 weight"):
+        small_linear(torch.randn(2, 60), packed, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        small_linear(torch.randn(2, 64), packed, torch.randn(31))
+    with pytest.raises(RuntimeError, match="fp32 x expected"):
+        small_linear(torch.randn(2, 64).bfloat16(), packed, None)
+
+
+def dequantized(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as "int8_weight_only" holds it: each matmul weight (lm_head
+    included) int8 with a bf16 scale per output row (what oneDNN's kernel takes)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie the embedding
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                codes, scale = quantize_weight(module.weight)
+                module.weight.copy_(codes.float() * scale.bfloat16().float()[:, None])
+    return model
+
+
+def chosen_logprobs(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    return logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def _engine(model, **settings) -> Engine:
+    return Engine(model, None, EngineConfig(kv_cache_bytes=2**20, max_num_batched_tokens=128,
+                                            quantization="int8_weight_only", **settings))
+
+
+@needs_avx512
+def test_one_stream_is_hf_on_the_dequantized_weights(small_linear, reference_model):
+    """Prompts of up to 30 tokens and one decoding row: every step is in small_linear."""
+    prompts = make_prompts(4, seed=13, max_len=30)
+    reference = dequantized(reference_model)
+    expected = [hf_greedy(reference, p, 16) for p in prompts]
+    with _engine(tiny_llama) as engine:
+        net = engine.runner.net
+        assert engine.stats()["small_linear_rows"] == "all" and engine.stats()["quantization"] == "int8_weight_only"
+        assert all(w.dtype == torch.int8 and w.dim() == 3 for layer in net.small_weights for w in layer)
+        assert net.lm_head_small.dtype == torch.int8 and net.lm_head_small.dim() == 3
+        # The loaded fp32 layer weights go: the stack runs on int8 copies alone.
+        layer_bytes = sum(p.numel() * 4 for name, p in reference_model.named_parameters() if "proj" in name)
+        assert engine.released_weight_bytes == layer_bytes
+        done = [engine.generate([p], SamplingParams(max_tokens=16, temperature=0.0, logprobs=0))[0] for p in prompts]
+    assert [c.token_ids for c in done] == expected
+    # fp32 activations: the log-probabilities are the dequantized model's to
+    # fp32 rounding, far closer than to fp32 weights' (or to oneDNN's kernel,
+    # which rounds the activations to bf16).
+    for prompt, completion in zip(prompts, done):
+        got = torch.tensor([lp.logprob for lp in completion.logprobs])
+        on_dequantized = (got - chosen_logprobs(reference, prompt, completion.token_ids)).abs().max().item()
+        on_fp32 = (got - chosen_logprobs(reference_model, prompt, completion.token_ids)).abs().max().item()
+        assert on_dequantized < 1e-4 < on_fp32, (on_dequantized, on_fp32)
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows", [None, 4])
+def test_every_step_runs_in_it_and_batched_equals_alone(small_linear, reference_model, monkeypatch, rows):
+    """oneDNN's int8 kernel rounds the activations to bf16: a step of many rows
+    there would give a sequence other tokens batched than alone. So every
+    step runs in small_linear, whatever small_linear_rows says (but 0), and
+    oneDNN's copies are freed."""
+    prompts = make_prompts(6, seed=17, max_len=60)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    with _engine(copy.deepcopy(reference_model), small_linear_rows=rows, script_layers=False) as engine:
+        assert engine.stats()["small_linear_rows"] == "all"
+        net = engine.runner.net
+        assert all(w[slot].untyped_storage().nbytes() <= 1 for w in net.weights for slot in (1, 2, 4, 5))
+        seen = []
+        real = torch.ops.chatapp.small_linear
+
+        def counted(x, weight, bias):
+            seen.append(x.size(0))
+            return real(x, weight, bias)
+
+        monkeypatch.setattr(torch.ops.chatapp, "small_linear", counted)
+        monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", None)  # never called
+        batched = [c.token_ids for c in engine.generate(prompts, greedy)]
+        assert max(seen) > kernels.SMALL_LINEAR_MAX_ROWS_PACKED  # prompt steps of more rows than one call takes
+        alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
+    assert batched == alone
+
+
+def test_other_formats_and_cpus_keep_int8_out_of_small_linear(small_linear, monkeypatch):
+    with _engine(tiny_llama(), dtype="bfloat16") as engine:
+        assert engine.stats()["small_linear_rows"] == 0
+    with _engine(tiny_llama(), small_linear_rows=0) as engine:
+        assert engine.stats()["small_linear_rows"] == 0 and engine.runner.net.small_weights == []
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 fma")
+    assert not kernels.can_pack_small_int8(torch.zeros(16, 16, dtype=torch.int8))
+    with _engine(tiny_llama) as engine:  # no AVX-512: oneDNN's kernel at every row count
+        assert engine.stats()["small_linear_rows"] == 0 and engine.released_weight_bytes > 0
