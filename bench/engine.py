@@ -219,10 +219,14 @@ def peak(setup: Setup, kernel: str) -> float:
     return setup.peaks[kernel]
 
 
-def peak_kernel(dtype: str, quantization: str, device: str) -> str:
+def peak_kernel(dtype: str, quantization: str, device: str, small_linear_rows: int | str = 0) -> str:
     # On the CPU int8 multiplies in int8 (torch._int_mm) and int8-wo in the
-    # int8-weight kernel (aten._weight_int8pack_mm); elsewhere the weights are
-    # dequantized and the matmul runs in the activation dtype.
+    # int8-weight kernel (aten._weight_int8pack_mm), unless small_linear runs
+    # every step (its int8 copies widened to fp32: fp32 FMAs, fp32's peak);
+    # elsewhere the weights are dequantized and the matmul runs in the
+    # activation dtype.
+    if device == "cpu" and quantization == "int8_weight_only" and small_linear_rows == "all":
+        return dtype
     if device == "cpu" and quantization in ("int8", "int8_weight_only", "int4_weight_only"):
         return quantization
     return dtype
@@ -242,6 +246,7 @@ def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
         # What the engine ran: "auto" may also have chosen bf16 weights (inference.formats).
         row = {"label": label, "dtype": engine.config.dtype, "quantization": engine.config.quantization,
                "bf16_prompts": bool(engine.config.bf16_prompts),
+               "small_linear_rows": engine.stats()["small_linear_rows"],
                "choice": engine.format_report.summary() if engine.format_report else None,
                "step_threads": engine.step_threads.summary(),  # which steps ran on one thread
                "engine": measured(run_equal, engine, setup.equal)}
@@ -250,7 +255,7 @@ def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
         bytes_per_step = step_bytes(engine, len(setup.equal), EQUAL_PROMPT_TOKENS + setup.sizes["equal_out"] // 2)
         log(f"{label}: one chat at a time ...")
         row["chat"] = measured(run_chats, engine, chats, setup.sizes["chat_tokens"])
-    kernel = peak_kernel(row["dtype"], row["quantization"], setup.device)
+    kernel = peak_kernel(row["dtype"], row["quantization"], setup.device, row["small_linear_rows"])
     row["roofline"] = {"kernel": kernel, **roofline(row["engine"].pop("decode_steps_s"), setup.matmul_params,
                                                     len(setup.equal), peak(setup, kernel),
                                                     bytes_per_step, bandwidth(setup))}
@@ -286,7 +291,8 @@ def run_mixed(setup: Setup, dtype: str, quantization: str = "none", bf16_prompts
     peers run the dtype with the weights as loaded: under bf16_weight_only
     batches multiply fp32 weights too, so rounding them would not change the
     peers' speed; with bf16 prompts they multiply their prefills in bf16 as
-    well (bench.peers.PromptsInBf16Linear)."""
+    well (bench.peers.PromptsInBf16Linear, over the int8 weights times their
+    scales under int8 weights)."""
     log(f"mixed lengths in {dtype}: engine ...")
     config = dataclasses.replace(setup.config, dtype=dtype, quantization=quantization,
                                  bf16_prompts=bf16_prompts or None)
@@ -297,7 +303,7 @@ def run_mixed(setup: Setup, dtype: str, quantization: str = "none", bf16_prompts
     if setup.skip_peers:
         return result
     model = peers.on_own_thread(peers.load_model, setup.model_dir, dtype,
-                                peers.BF16_PROMPTS if bf16_prompts else "none", setup.device)
+                                peers.peer_quantization(quantization, True) if bf16_prompts else "none", setup.device)
     log(f"mixed lengths in {dtype}: HF static batches of 16 ...")
     result["static"] = peer_row(peers.hf_static_batches, model, setup.mixed[:setup.sizes["static_mixed"]],
                                 batch_size=16, device=setup.device)

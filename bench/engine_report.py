@@ -22,6 +22,8 @@ def _format(row: dict) -> str:
         return f"auto → {row['dtype']}{weights}{prompts}"
     if row["quantization"] == "int8_weight_only" and row.get("roofline", {}).get("kernel") == "int8_weight_only":
         return f"{row['label']} (int8 weights × bf16 in the matmuls, {row['dtype']} elsewhere)"
+    if row["quantization"] == "int8_weight_only" and row.get("small_linear_rows") == "all":
+        return f"{row['label']} (int8 weights × fp32 in small_linear, {row['dtype']} elsewhere)"
     if row["quantization"] == "int4_weight_only" and row.get("roofline", {}).get("kernel") == "int4_weight_only":
         return f"{row['label']} (int4 weights × bf16 in the matmuls, {row['dtype']} elsewhere)"
     if row["quantization"] == "bf16_weight_only":

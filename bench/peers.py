@@ -134,6 +134,9 @@ def read_bandwidth(device: str = "cpu", seconds: float = 1.0) -> float:
 # A peer "quantization" for the engine's bf16 prompts (EngineConfig.bf16_prompts
 # under "bf16_weight_only"): load_model gives HF the same format.
 BF16_PROMPTS = "bf16_prompts"
+# int8 weights with bf16 prompts: the same, over the int8 weights times their
+# scales (decode rows over those in fp32, as small_linear multiplies them).
+INT8_PROMPTS = "int8_prompts"
 
 
 class PromptsInBf16Linear(torch.nn.Module):
@@ -142,10 +145,11 @@ class PromptsInBf16Linear(torch.nn.Module):
     activations by the bf16 weight (oneDNN, as the engine), one position (a
     decode step) fp32 activations by the weight rounded to bf16."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rounded: bool = True):
         super().__init__()
         self.half = weight.detach().bfloat16()
-        self.rounded = self.half.float()
+        # Decode rows: over the weight rounded to bf16, or (rounded False) as given.
+        self.rounded = self.half.float() if rounded else weight.detach()
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +161,9 @@ class PromptsInBf16Linear(torch.nn.Module):
 
 def peer_quantization(quantization: str, bf16_prompts: bool) -> str:
     """The load_model quantization for an engine row (its bf16 prompts included)."""
-    return BF16_PROMPTS if bf16_prompts else quantization
+    if bf16_prompts:
+        return INT8_PROMPTS if quantization == "int8_weight_only" else BF16_PROMPTS
+    return quantization
 
 
 def load_model(model_dir: str, dtype: str, quantization: str, device: str):
@@ -168,19 +174,24 @@ def load_model(model_dir: str, dtype: str, quantization: str, device: str):
     HF's route to it, is not installed; it calls the same aten op), and int4
     weight-only likewise (its lm_head at int8 weight-only, as the engine);
     BF16_PROMPTS: the layers as PromptsInBf16Linear, the lm_head on rounded
-    weights (the engine's keeps fp32 activations); None where HF has no int8
+    weights (the engine's keeps fp32 activations); INT8_PROMPTS likewise over
+    the int8 weights times their scales; None where HF has no int8
     path to compare with (CUDA)."""
     if quantization != "none" and device != "cpu":
         return None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
-    if quantization == BF16_PROMPTS:
+    if quantization in (BF16_PROMPTS, INT8_PROMPTS):
         from bench.quality import hf_variant  # noqa: PLC0415 - only these peers need it
 
-        model = hf_variant(model, dtype, "bf16_weight_only")  # the lm_head's rounded weights
+        int8 = quantization == INT8_PROMPTS
+        # The lm_head's rounded (or int8) weights, fp32 activations.
+        model = hf_variant(model, dtype, "int8_small" if int8 else "bf16_weight_only")
         for layer in model.model.layers:
             for parent in (layer.self_attn, layer.mlp):
                 for name, child in list(parent.named_children()):
-                    if hasattr(child, "weight_rounded"):  # bench.quality's QuantLinear
+                    if int8 and hasattr(child, "weight_dequantized"):  # bench.quality's QuantLinear
+                        setattr(parent, name, PromptsInBf16Linear(child.weight_dequantized, child.bias, rounded=False))
+                    elif hasattr(child, "weight_rounded"):
                         setattr(parent, name, PromptsInBf16Linear(child.weight_rounded, child.bias))
         return model
     if quantization in ("int8_weight_only", "int4_weight_only", "bf16_weight_only"):

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench.sections import replace_section
 from inference import Engine, EngineConfig, SamplingParams
 from inference.bootstrap import resolve_model
-from inference.formats import cpu_info
+from inference.formats import cpu_info, int8_weight
 from inference.model_runner import DTYPES
 from inference.quantization import (dequantized_int4_linear, dequantized_linear, int4_linear, int8_linear,
                                     pack_int4, quantize_weight, quantize_weight_int4)
@@ -47,7 +47,11 @@ MAX_TOKENS = 48
 # (label, EngineConfig dtype, quantization)
 VARIANTS = [("fp32", "float32", "none"), ("bf16", "bfloat16", "none"), ("fp16", "float16", "none"),
             ("int8 (fp32 activations)", "float32", "int8"), ("int8 + bf16", "bfloat16", "int8"),
-            ("int8 weight-only (bf16 activations)", "float32", "int8_weight_only"),
+            ("int8 weight-only, fp32 activations (small_linear: AVX-512, what auto may pick)", "float32",
+             "int8_small"),
+            ("int8 weight-only, prompts in bf16 (their matmuls' inputs and outputs rounded)", "float32",
+             "int8_prompts"),
+            ("int8 weight-only, bf16 activations (oneDNN: CPUs without AVX-512)", "float32", "int8_weight_only"),
             ("int8 weight-only, CUDA path (dequantized)", "float32", "dequantized"),
             ("int4 weight-only, groups of 32 (bf16 activations)", "float32", "int4_weight_only"),
             ("int4 weight-only, CUDA path (dequantized)", "float32", "int4_dequantized"),
@@ -93,6 +97,10 @@ class QuantLinear(torch.nn.Module):
         self.quantization = quantization
         if quantization in ("bf16_weight_only", "bf16_prompts"):
             self.weight_rounded = linear.weight.detach().bfloat16().float()  # a copy: a tied embedding stays fp32
+        elif quantization in ("int8_small", "int8_prompts"):
+            # What small_linear multiplies: int8 times its bf16 scale, in fp32 (inference.formats.int8_weight).
+            self.weight_dequantized = int8_weight(linear.weight.detach())
+            self.weight_rounded = self.weight_dequantized.bfloat16().float()  # the bf16 prompts' copy
         elif quantization in ("int4_weight_only", "int4_dequantized"):
             codes, scales_offsets = quantize_weight_int4(linear.weight)
             if quantization == "int4_weight_only":
@@ -107,7 +115,9 @@ class QuantLinear(torch.nn.Module):
         x = x.reshape(-1, shape[-1])
         if self.quantization == "bf16_weight_only":
             out = F.linear(x, self.weight_rounded, self.bias)
-        elif self.quantization == "bf16_prompts":  # as inference.llama.bf16_block_linear (no bias in SmolLM2)
+        elif self.quantization == "int8_small":
+            out = F.linear(x, self.weight_dequantized, self.bias)
+        elif self.quantization in ("bf16_prompts", "int8_prompts"):  # as inference.llama.bf16_block_linear
             out = F.linear(x.bfloat16().float(), self.weight_rounded).bfloat16().float()
             out = out if self.bias is None else out + self.bias
         elif self.quantization == "int4_weight_only":
@@ -130,9 +140,12 @@ def hf_variant(model, dtype: str, quantization: str):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
                     # The engine keeps the lm_head at int8 weight-only under int4 (inference.quantization).
-                    head = name == "lm_head" and (quantization.startswith("int4") or quantization == "bf16_prompts")
+                    head = name == "lm_head" and (quantization.startswith("int4")
+                                                  or quantization in ("bf16_prompts", "int8_prompts"))
                     if head and quantization == "bf16_prompts":
                         kind = "bf16_weight_only"  # the lm_head keeps fp32 activations
+                    elif head and quantization == "int8_prompts":
+                        kind = "int8_small"
                     elif head:
                         kind = "int8_weight_only" if quantization == "int4_weight_only" else "dequantized"
                     else:
@@ -150,10 +163,17 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
 
 
+# The engine settings of the rows whose names are not EngineConfig.quantization's.
+ENGINE_SETTINGS = {"bf16_prompts": {"quantization": "bf16_weight_only", "bf16_prompts": True},
+                   "int8_small": {"quantization": "int8_weight_only"},
+                   "int8_prompts": {"quantization": "int8_weight_only", "bf16_prompts": True},
+                   # oneDNN's kernel at every step, as on a CPU without AVX-512.
+                   "int8_weight_only": {"quantization": "int8_weight_only", "small_linear_rows": 0}}
+
+
 def greedy_outputs(model_dir: str, dtype: str, quantization: str, prompts: list[list[int]]) -> list[list[int]]:
-    prompts_bf16 = quantization == "bf16_prompts"
-    config = EngineConfig(dtype=dtype, quantization="bf16_weight_only" if prompts_bf16 else quantization,
-                          bf16_prompts=prompts_bf16, kv_cache_bytes=64 * 2**20)
+    settings = ENGINE_SETTINGS.get(quantization, {"quantization": quantization})
+    config = EngineConfig(dtype=dtype, kv_cache_bytes=64 * 2**20, **settings)
     with Engine.from_pretrained(model_dir, config) as engine:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
         return [c.token_ids for c in engine.generate(prompts, params)]

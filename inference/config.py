@@ -67,15 +67,18 @@ class EngineConfig:
     # rounded weights in fp32, so batched still equals alone as in fp32;
     # "none": weights as loaded (inference.quantization, docs/BENCHMARKS.md).
     quantization: str = "none"
-    # Under "bf16_weight_only" on the CPU: the prompt's tokens (by position,
-    # whatever chunk or step carries them) multiply bf16 activations by bf16
-    # weights in oneDNN (AMX or AVX512-BF16) in blocks of bf16_prompt_block
-    # rows, summed in fp32; generated tokens keep fp32 activations. On the
+    # Under "bf16_weight_only" (or "int8_weight_only" in fp32, over the int8
+    # weights times their scales rounded to bf16) on the CPU: the prompt's
+    # tokens (by position, whatever chunk or step carries them) multiply bf16
+    # activations by bf16 weights in oneDNN (AMX or AVX512-BF16) in blocks of
+    # bf16_prompt_block rows, summed in fp32; generated tokens keep fp32
+    # activations. On the
     # 2-core AMX Xeon a 64-token prompt's layer matmuls took 29.7 against
     # 83.1 ms, 512 tokens' 172 against 374 ms (docs/BENCHMARKS.md "Prompts in
     # bf16"). Costs a packed bf16 copy of the layer weights (214 MB for
     # SmolLM2-135M). None: dtype "auto" decides by timing it at start (off
-    # otherwise); True needs quantization "bf16_weight_only".
+    # otherwise); True needs quantization "bf16_weight_only" or
+    # "int8_weight_only" with fp32 activations.
     bf16_prompts: bool | None = None
     # Rows per oneDNN call of the prompt rows: a row's bits depend on the
     # call's row count, so it is fixed (inference.llama.bf16_block_linear).
@@ -195,8 +198,11 @@ class EngineConfig:
                 raise ValueError(f"quantization bf16_weight_only keeps fp32 activations: dtype must be float32 "
                                  f"or auto, not {self.dtype}")
         if self.bf16_prompts:
-            if self.quantization != "bf16_weight_only" or not self.device.startswith("cpu"):
-                raise ValueError("bf16_prompts needs quantization bf16_weight_only (on the CPU)")
+            if self.quantization not in ("bf16_weight_only", "int8_weight_only") or not self.device.startswith("cpu"):
+                raise ValueError("bf16_prompts needs quantization bf16_weight_only or int8_weight_only (on the CPU)")
+            if self.dtype not in ("float32", "auto"):
+                raise ValueError(f"bf16_prompts is for fp32 activations: dtype must be float32 or auto, "
+                                 f"not {self.dtype}")
         # 64: inference.kernels.SMALL_LINEAR_MAX_ROWS_PACKED (config imports no kernels); the runner
         # caps it at what small_linear takes over the weights at hand (max_small_rows).
         if self.small_linear_rows is not None and not 0 <= self.small_linear_rows <= 64:

@@ -18,12 +18,18 @@ CPUs that emulate it, so the choice is measured, not assumed:
    matmuls are MIN_SPEEDUP faster, timed over a distinct copy of every
    layer's weight so that they stream from memory as in a decode step
    (time_streamed_one_row), and it passes the same check;
-5. with bf16 weights chosen and a native bf16 flag: the prompt's rows in
-   bf16 blocks (EngineConfig.bf16_prompts), if a prompt's matmuls at
-   PROMPT_ROWS rows are MIN_SPEEDUP faster that way than in fp32 as it runs,
-   at each count, and the check passes with every linear layer's input,
-   weight and output rounded to bf16 (the check is teacher-forced: every
-   position is a prompt row there).
+4b. on fp32, where small_linear packs int8 weights (AVX-512): fp32
+   activations over int8 weights (quantization "int8_weight_only"), in place
+   of the weights step 4 left, if its streamed one-row matmuls are
+   MIN_SPEEDUP faster than theirs net of any loss at 32 rows, and it passes
+   the same check (INT8_WEIGHTS);
+5. with bf16 or int8 weights chosen and a native bf16 flag: the prompt's
+   rows in bf16 blocks (EngineConfig.bf16_prompts), if a prompt's matmuls at
+   PROMPT_ROWS rows are MIN_SPEEDUP faster that way than as they run
+   otherwise (fp32, or int8 weights in small_linear), at each count, and the
+   check passes with every linear layer's input, weight and output rounded
+   to bf16 (the check is teacher-forced: every position is a prompt row
+   there).
 
 No Django here. The engine calls choose_cpu_format before it builds its runner
 and keeps the report as Engine.format_report.
@@ -42,10 +48,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inference.kernels import small_copy
+from inference.kernels import SMALL_LINEAR_ALL_ROWS, can_pack_small_int8, default_small_rows, pack_small_int8, small_copy
 from inference.model_runner import DTYPES
 from inference.llama import bf16_block_linear
 from inference.packing import ONEDNN_PACKING, pack_weight, packed_matmul
+from inference.quantization import quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,17 @@ MIN_SPEEDUP = 1.10
 # (top-1 agreement 99.8%, perplexity -0.11%; bench.quality). It must be
 # MIN_SPEEDUP faster at one row and pass the same quality check.
 BF16_WEIGHTS = "bf16_weight_only"
+# fp32 activations over int8 weights with a bf16 scale per output column
+# (EngineConfig.quantization "int8_weight_only" where small_linear packs them,
+# on AVX-512: every step runs there). Half bf16 weights' bytes: one stream's
+# decode step on SmolLM2-135M 8.4-8.9 against 13.7-13.9 ms, a step of 32 rows
+# 4-6% slower than theirs (the AMX Xeon); perplexity -0.16% (bench.quality).
+# It replaces the weights otherwise chosen where its one-row matmuls streamed
+# from memory are MIN_SPEEDUP faster than theirs net of any loss at 32 rows
+# (int8_weights_gain: one chat is what a self-hosted box serves most, but a
+# gain there must outweigh what full batches lose), and it passes the same
+# quality check.
+INT8_WEIGHTS = "int8_weight_only"
 # EngineConfig.bf16_prompts, as the report names it.
 BF16_PROMPTS = "bf16_prompts"
 # Prompt lengths step 5 times: a short chat turn, and a long one in one step
@@ -108,12 +126,12 @@ class FormatReport:
     skipped: dict[str, str] = field(default_factory=dict)  # {format: why it was not tried}
     fp32_packed: str = ""  # the packer fp32 was timed (and runs) with (inference.packing), or ""
     small_rows: int = 0  # fp32 row counts up to this were timed (and run) in small_linear
-    quantization: str = "none"  # or BF16_WEIGHTS, chosen with dtype float32
+    quantization: str = "none"  # or BF16_WEIGHTS or INT8_WEIGHTS, chosen with dtype float32
     # One forward's one-row matmuls over weights streamed from memory, us: {format: us} (time_streamed_one_row).
     streamed_us: dict[str, float] = field(default_factory=dict)
     # A prompt's matmuls at PROMPT_ROWS rows, us: {"float32" | BF16_PROMPTS: {rows: us}} (step 5).
     prompt_us: dict[str, dict[int, float]] = field(default_factory=dict)
-    bf16_prompts: bool = False  # chosen with BF16_WEIGHTS (EngineConfig.bf16_prompts)
+    bf16_prompts: bool = False  # chosen with BF16_WEIGHTS or INT8_WEIGHTS (EngineConfig.bf16_prompts)
     seconds: float = 0.0  # how long choosing took
 
     def as_dict(self) -> dict:
@@ -180,17 +198,29 @@ def time_matmuls(shapes: Counter, dtypes: list[str], rows=ROWS, rounds: int = 20
     (inference.kernels, loaded by the caller), so that a half format is weighed
     against fp32 as it will run."""
     best: dict[tuple, float] = {}
+    # The rows each format runs in small_linear in the engine: bf16 copies up to
+    # their default, int8 ones every step (ModelRunner._use_small_linear).
+    small_rows_of = {BF16_WEIGHTS: max(small_rows, default_small_rows(True)) if small_rows else 0,
+                     INT8_WEIGHTS: SMALL_LINEAR_ALL_ROWS}
     for (n_in, n_out) in shapes:
         weight = torch.randn(n_out, n_in) * 0.02
         cases = []
         for name in dtypes:
-            # BF16_WEIGHTS: fp32 as the engine runs it, but small_linear reads bf16 copies.
-            dtype = torch.float32 if name == BF16_WEIGHTS else DTYPES[name]
+            # BF16_WEIGHTS and INT8_WEIGHTS: fp32 as the engine runs it, but
+            # small_linear reads bf16 or int8 copies.
+            dtype = torch.float32 if name in small_rows_of else DTYPES[name]
             w = weight.to(dtype)
-            small = small_copy(weight.bfloat16()) if name == BF16_WEIGHTS else w
+            if name == BF16_WEIGHTS:
+                small = small_copy(weight.bfloat16())
+            elif name == INT8_WEIGHTS:
+                small = pack_small_int8(*quantize_weight(weight))
+            else:
+                small = w
             packed = pack_weight(w, pack_fp32) if pack_fp32 and dtype == torch.float32 else None
-            cases += [((name, n, n_in, n_out), lambda w=w, small=small, packed=packed,
-                       x=torch.randn(n, n_in, dtype=dtype): _matmul(x, w, small, packed, pack_fp32, small_rows))
+            cases += [((name, n, n_in, n_out),
+                       lambda w=w, small=small, packed=packed, x=torch.randn(n, n_in, dtype=dtype),
+                       rows_in_small=small_rows_of.get(name, small_rows): _matmul(x, w, small, packed, pack_fp32,
+                                                                                 rows_in_small))
                       for n in rows]
         _time_interleaved(cases, best, rounds, budget_s)
     return _summed_us(best, shapes, dtypes, rows)
@@ -229,8 +259,8 @@ def stream_plan(shapes: Counter, budget_bytes: int) -> dict[tuple[int, int], int
 
 def time_streamed_one_row(shapes: Counter, rounds: int = 6,
                           budget_bytes: int = STREAM_BUDGET_BYTES) -> dict[str, float]:
-    """One forward's one-row matmuls in small_linear (us), fp32 and bf16
-    weights, over distinct copies of the layers' weights, as a decode step
+    """One forward's one-row matmuls in small_linear (us), fp32, bf16 and
+    (where they pack, on AVX-512) int8 weights, over distinct copies of the layers' weights, as a decode step
     streams the model from memory (small_linear's library loaded by the
     caller). time_matmuls reuses one weight per shape, which stays in cache:
     on the 2-core AMX Xeon (300 MiB L3) it put fp32 at one row 1.08-1.39x
@@ -239,13 +269,19 @@ def time_streamed_one_row(shapes: Counter, rounds: int = 6,
     streams at most budget_bytes of copies (a larger model's time is scaled
     from its share of them); they live only while they are timed."""
     plan = stream_plan(shapes, budget_bytes)
+    names = ["float32", BF16_WEIGHTS]
+    if all(can_pack_small_int8(torch.zeros(n_out, n_in, dtype=torch.int8)) for n_in, n_out in shapes):
+        names.append(INT8_WEIGHTS)
     layers = {}
-    for name, dtype in (("float32", torch.float32), (BF16_WEIGHTS, torch.bfloat16)):
+    for name in names:
         pairs = []
         for (n_in, n_out), count in shapes.items():
             copies = plan[(n_in, n_out)]
-            x, weight = torch.randn(1, n_in), (torch.randn(n_out, n_in) * 0.02).to(dtype)
-            weight = small_copy(weight) if dtype == torch.bfloat16 else weight
+            x, weight = torch.randn(1, n_in), torch.randn(n_out, n_in) * 0.02
+            if name == BF16_WEIGHTS:
+                weight = small_copy(weight.bfloat16())
+            elif name == INT8_WEIGHTS:
+                weight = pack_small_int8(*quantize_weight(weight))
             pairs += [(x, weight, count / copies)] + [(x, weight.clone(), count / copies) for _ in range(copies - 1)]
         layers[name] = pairs
     best = dict.fromkeys(layers, float("inf"))
@@ -261,48 +297,64 @@ def time_streamed_one_row(shapes: Counter, rounds: int = 6,
 
 
 def time_prompt_rows(shapes: Counter, block: int, rows=PROMPT_ROWS, pack_fp32: str = "", rounds: int = 10,
-                     budget_s: float = 0.3) -> dict[str, dict[int, float]]:
+                     budget_s: float = 0.3, int8: bool = False) -> dict[str, dict[int, float]]:
     """A prompt's summed matmul time over the shapes (us) at each row count:
-    fp32 as the engine runs it (packed for pack_fp32, or F.linear), against
-    bf16 blocks of `block` rows (inference.llama.bf16_block_linear, oneDNN).
-    Interleaved, best of the rounds, as time_matmuls."""
+    fp32 as the engine runs it (packed for pack_fp32, or F.linear; int8: over
+    int8 weights in small_linear, as under INT8_WEIGHTS), against bf16 blocks
+    of `block` rows (inference.llama.bf16_block_linear, oneDNN). Interleaved,
+    best of the rounds, as time_matmuls."""
     best: dict[tuple, float] = {}
+    baseline = INT8_WEIGHTS if int8 else "float32"
     for (n_in, n_out) in shapes:
         weight = (torch.randn(n_out, n_in) * 0.02).bfloat16()
         widened = weight.float()
-        fp32_packed = pack_weight(widened, pack_fp32) if pack_fp32 else None
+        fp32_packed = pack_weight(widened, pack_fp32) if pack_fp32 and not int8 else None
+        int8_packed = pack_small_int8(*quantize_weight(widened)) if int8 else None
         half_packed = pack_weight(weight, "onednn", rows=block)
         cases = []
         for n in rows:
             x = torch.randn(n, n_in)
-            cases.append((("float32", n, n_in, n_out), lambda x=x: F.linear(x, widened) if fp32_packed is None
-                          else packed_matmul(x, fp32_packed, widened, pack_fp32)))
+            if int8_packed is not None:
+                cases.append(((baseline, n, n_in, n_out),
+                              lambda x=x: torch.ops.chatapp.small_linear(x, int8_packed, None)))
+            else:
+                cases.append(((baseline, n, n_in, n_out), lambda x=x: F.linear(x, widened) if fp32_packed is None
+                              else packed_matmul(x, fp32_packed, widened, pack_fp32)))
             cases.append(((BF16_PROMPTS, n, n_in, n_out), lambda x=x: bf16_block_linear(x, half_packed, None, [block])))
         _time_interleaved(cases, best, rounds, budget_s)
-    return _summed_us(best, shapes, ("float32", BF16_PROMPTS), rows)
+    return _summed_us(best, shapes, (baseline, BF16_PROMPTS), rows)
 
 
 def bf16_prompts_gain(report: FormatReport) -> float:
-    """How much faster a prompt's matmuls run in bf16 blocks than in fp32, at
-    the row count where they gain least (0: not timed)."""
+    """How much faster a prompt's matmuls run in bf16 blocks than as they would
+    otherwise (fp32, or int8 weights), at the row count where they gain least
+    (0: not timed)."""
     times = report.prompt_us
-    if not times.get(BF16_PROMPTS) or not times.get("float32"):
+    baseline = next((times[name] for name in times if name != BF16_PROMPTS), None)
+    if not times.get(BF16_PROMPTS) or not baseline:
         return 0.0
-    return min(times["float32"][n] / times[BF16_PROMPTS][n] for n in times["float32"])
+    return min(baseline[n] / times[BF16_PROMPTS][n] for n in baseline)
 
 
-def bf16_prompts_applied(model: torch.nn.Module):
+def int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight "int8_weight_only" multiplies: int8 times its bf16 column scale."""
+    codes, scale = quantize_weight(weight)
+    return codes.float() * scale.bfloat16().float()[:, None]
+
+
+def bf16_prompts_applied(model: torch.nn.Module, int8: bool = False):
     """Every nn.Linear of the model answers as the engine's prompt rows do:
-    input and weight rounded to bf16, the product summed in fp32 and rounded
-    to bf16 (oneDNN's output), widened back; the lm_head as under bf16
-    weights alone, as the engine's keeps fp32 activations."""
+    input and weight (int8: the dequantized int8 weight) rounded to bf16, the
+    product summed in fp32 and rounded to bf16 (oneDNN's output), widened
+    back; the lm_head as under its weights alone, as the engine's keeps fp32
+    activations."""
     head = getattr(model, "lm_head", None)
 
     def rounded(module, x):
-        weight = module.weight.bfloat16().float()
+        weight = int8_weight(module.weight) if int8 else module.weight
         if module is head:
-            return F.linear(x, weight, module.bias)
-        y = F.linear(x.bfloat16().float(), weight).bfloat16().float()
+            return F.linear(x, weight if int8 else weight.bfloat16().float(), module.bias)
+        y = F.linear(x.bfloat16().float(), weight.bfloat16().float()).bfloat16().float()
         return y if module.bias is None else y + module.bias
 
     return _linears_answering(model, rounded)
@@ -353,6 +405,28 @@ def bf16_weights_gain(report: FormatReport) -> float:
     return streamed["float32"] / streamed[BF16_WEIGHTS]
 
 
+def int8_weights_gain(report: FormatReport) -> float:
+    """How much faster int8 weights multiply one row, streamed from memory, than
+    the weights otherwise chosen (fp32, or bf16 copies), divided by how much
+    slower they are at 32 rows (a full decode batch), if they are: the
+    one-chat gain net of the batch loss (0: not timed). On the AMX Xeon the
+    one-row gain over bf16 copies was 1.86x and the 32-row loss 1.10x
+    (in-cache timings; a decode step of 32 rows 4-6% slower in the engine)."""
+    streamed, matmuls = report.streamed_us, report.matmul_us
+    current = report.quantization if report.quantization == BF16_WEIGHTS else "float32"
+    if not streamed.get(INT8_WEIGHTS) or not streamed.get(current) or INT8_WEIGHTS not in matmuls:
+        return 0.0
+    batch = max(ROWS)
+    loss = max(1.0, matmuls[INT8_WEIGHTS][batch] / matmuls[current][batch])
+    return streamed[current] / streamed[INT8_WEIGHTS] / loss
+
+
+def int8_weights_applied(model: torch.nn.Module):
+    """Every nn.Linear of the model answers as under "int8_weight_only" in fp32:
+    fp32 input times the int8 weight and its scale (int8_weight)."""
+    return _linears_answering(model, lambda module, x: F.linear(x, int8_weight(module.weight), module.bias))
+
+
 def bf16_weights_applied(model: torch.nn.Module):
     """Every nn.Linear of the model answers as if its weight were rounded to
     bf16, as "bf16_weight_only" rounds them (a tied embedding's lookups stay
@@ -397,6 +471,8 @@ def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Pa
             report.skipped[name] = f"no native support (none of {', '.join(native)})"
     if small_rows:
         tried.append(BF16_WEIGHTS)
+        if all(can_pack_small_int8(torch.zeros(o, i, dtype=torch.int8)) for i, o in linear_shapes(model)):
+            tried.append(INT8_WEIGHTS)
     report.matmul_us = time_matmuls(linear_shapes(model), tried, pack_fp32=report.fp32_packed, small_rows=small_rows)
     order = candidate_order(report.matmul_us)
     prompts, reference = None, None
@@ -421,16 +497,26 @@ def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Pa
             report.quality[BF16_WEIGHTS] = compare_logits(reference, prompt_logits(model, prompts))
         if report.quality[BF16_WEIGHTS]["passed"]:
             report.quantization = BF16_WEIGHTS
-    if report.quantization == BF16_WEIGHTS and prompt_block:
+    if report.dtype == "float32" and int8_weights_gain(report) >= MIN_SPEEDUP:
+        if reference is None:
+            prompts = fixed_prompts(model, tokenizer)
+            reference = prompt_logits(model, prompts)
+        with int8_weights_applied(model):
+            report.quality[INT8_WEIGHTS] = compare_logits(reference, prompt_logits(model, prompts))
+        if report.quality[INT8_WEIGHTS]["passed"]:
+            report.quantization = INT8_WEIGHTS
+    if report.quantization in (BF16_WEIGHTS, INT8_WEIGHTS) and prompt_block:
         native = NATIVE_FLAGS["bfloat16"]
         if not ONEDNN_PACKING:
             report.skipped[BF16_PROMPTS] = "no oneDNN linear in this torch"
         elif flags is not None and not any(f in flags for f in native):
             report.skipped[BF16_PROMPTS] = f"no native support (none of {', '.join(native)})"
         else:
-            report.prompt_us = time_prompt_rows(linear_shapes(model), prompt_block, pack_fp32=report.fp32_packed)
+            int8 = report.quantization == INT8_WEIGHTS
+            report.prompt_us = time_prompt_rows(linear_shapes(model), prompt_block, pack_fp32=report.fp32_packed,
+                                                int8=int8)
             if bf16_prompts_gain(report) >= MIN_SPEEDUP:
-                with bf16_prompts_applied(model):
+                with bf16_prompts_applied(model, int8=int8):
                     report.quality[BF16_PROMPTS] = compare_logits(reference, prompt_logits(model, prompts))
                 report.bf16_prompts = report.quality[BF16_PROMPTS]["passed"]
     report.seconds = round(time.monotonic() - started, 2)

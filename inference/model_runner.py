@@ -12,7 +12,7 @@ from inference.kernels import (SMALL_LINEAR_ALL_ROWS, can_pack_small, can_pack_s
 from inference.llama import AttentionPlan, DecodeGroup, PagedLlama, PrefillChunk, PromptRows, same_bits_blocks
 from inference.packing import (ONEDNN_PACKING, QUANT_PACKED_FP32, QUANT_PACKED_ONEDNN, can_pack, pack_paged,
                                pack_weight, resolve_packer, shape_only)
-from inference.quantization import QUANT_INT8_WEIGHT_ONLY, quantize_paged, round_paged_to_bf16
+from inference.quantization import QUANT_INT8_WEIGHT_ONLY, dequantized_bf16, quantize_paged, round_paged_to_bf16
 from inference.scheduler import ScheduledBatch
 from inference.sequence import Sequence
 from inference.threads import choose_step_threads
@@ -56,6 +56,9 @@ class ModelRunner:
             self._use_small_linear(config, bf16_weights)
         if config.bf16_prompts and bf16_weights is not None:
             self._use_bf16_prompts(config, bf16_weights[0])
+        elif config.bf16_prompts and self._int8_prompt_layers:
+            self._use_bf16_prompts(config, self._int8_prompt_layers)
+        self._int8_prompt_layers = []  # packed for oneDNN now: the row-major copies go
         self.num_blocks = self._num_blocks(config)  # what the block manager hands out
         # CUDA graphs pad batches with rows that write into one scratch block past those.
         cache_blocks = self.num_blocks + (1 if config.cuda_graphs else 0)
@@ -78,7 +81,10 @@ class ModelRunner:
 
     def _prepare_weights(self, config: EngineConfig) -> tuple[list[list[torch.Tensor]], torch.Tensor] | None:
         """Quantize, round or pack the stack's weights as configured; the bf16
-        copies under "bf16_weight_only", for _use_small_linear."""
+        copies under "bf16_weight_only", for _use_small_linear. Under
+        "int8_weight_only" with bf16 prompts, keeps bf16 copies of the
+        dequantized weights for them (_int8_prompt_layers)."""
+        self._int8_prompt_layers: list[list[torch.Tensor]] = []
         if config.quantization in ("none", "bf16_weight_only") and config.pack_weights and can_pack(
                 self.device, self.dtype):
             self.weight_packing = self._packer(config)
@@ -87,6 +93,8 @@ class ModelRunner:
             return round_paged_to_bf16(self.net, self.weight_packing)
         if config.quantization != "none":
             quantize_paged(self.net, config.quantization)
+            if config.bf16_prompts and config.quantization == "int8_weight_only" and self.dtype == torch.float32:
+                self._int8_prompt_layers = dequantized_bf16(self.net)
         elif self.weight_packing != "none":
             pack_paged(self.net, self.weight_packing)
         return None

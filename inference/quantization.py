@@ -210,6 +210,14 @@ def round_paged_to_bf16(net, packer: str = "none") -> tuple[list[list[torch.Tens
     return small, head
 
 
+def dequantized_bf16(net) -> list[list[torch.Tensor]]:
+    """Under "int8_weight_only": each layer's [qkv, o, gate_up, down] int8
+    weight times its scale, rounded to bf16, for prompt rows in bf16
+    (EngineConfig.bf16_prompts); before the int8 weights leave their slots."""
+    return [[(w[slot].float() * scale.float()[:, None]).bfloat16()
+             for slot, scale in zip((1, 2, 4, 5), scales)] for w, scales in zip(net.weights, net.weight_scales)]
+
+
 def quantize_paged(net, quantization: str) -> None:
     """Swap a PagedLlama's matmul weights for quantized ones in place; norms
     and the embedding stay in the model's dtype. The float weights stay until

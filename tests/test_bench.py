@@ -220,3 +220,31 @@ def test_the_bf16_prompts_peer_runs_prefill_in_bf16_and_decode_on_rounded_weight
     with torch.no_grad():  # and it generates
         out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
+
+
+def test_the_int8_prompts_peer_runs_prefill_in_bf16_and_decode_on_the_int8_weights(tmp_path):
+    """HF in the engine's format with int8 weights and bf16 prompts
+    (bench.peers.INT8_PROMPTS): prefill over the dequantized weights rounded
+    to bf16, decode in fp32 over the dequantized weights themselves, the
+    lm_head too (small_linear multiplies them so)."""
+    import torch
+
+    from bench import peers
+    from inference.formats import int8_weight
+    from tests.inference.conftest import tiny_llama
+
+    original = tiny_llama()
+    original.save_pretrained(tmp_path)
+    model = peers.load_model(str(tmp_path), "float32", peers.INT8_PROMPTS, "cpu")
+    layer = model.model.layers[0].mlp.down_proj
+    dequantized = int8_weight(original.model.layers[0].mlp.down_proj.weight.detach())
+    assert isinstance(layer, peers.PromptsInBf16Linear) and torch.equal(layer.rounded, dequantized)
+    assert torch.equal(layer.half, dequantized.bfloat16())
+    assert torch.equal(model.lm_head.weight_dequantized, int8_weight(original.lm_head.weight.detach()))
+    one = torch.randn(1, 1, layer.half.shape[1])
+    assert torch.equal(layer(one), torch.nn.functional.linear(one, dequantized))
+    assert peers.peer_quantization("int8_weight_only", True) == peers.INT8_PROMPTS
+    assert peers.peer_quantization("int8_weight_only", False) == "int8_weight_only"
+    with torch.no_grad():
+        out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)

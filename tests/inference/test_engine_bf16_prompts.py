@@ -194,10 +194,13 @@ def test_steps_mixing_prompts_and_replies_split_their_rows(reference_model):
 
 
 def test_settings_it_cannot_keep_are_refused():
-    with pytest.raises(ValueError, match="bf16_prompts needs quantization bf16_weight_only"):
+    with pytest.raises(ValueError, match="bf16_prompts needs quantization bf16_weight_only or int8_weight_only"):
         EngineConfig(bf16_prompts=True)
-    with pytest.raises(ValueError, match="bf16_prompts needs quantization bf16_weight_only"):
-        EngineConfig(bf16_prompts=True, quantization="int8_weight_only")
+    with pytest.raises(ValueError, match="bf16_prompts needs quantization"):
+        EngineConfig(bf16_prompts=True, quantization="int8")
+    with pytest.raises(ValueError, match="bf16_prompts is for fp32 activations"):
+        EngineConfig(bf16_prompts=True, quantization="int8_weight_only", dtype="bfloat16")
+    assert EngineConfig(bf16_prompts=True, quantization="int8_weight_only").bf16_prompts
     with pytest.raises(ValueError, match="bf16_prompt_block"):
         EngineConfig(quantization="bf16_weight_only", bf16_prompt_block=0)
     with pytest.raises(ValueError, match="bf16_prompt_max_block"):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from inference import Engine, EngineConfig, SamplingParams, kernels
+from inference import Engine, EngineConfig, SamplingParams, formats, kernels, packing
 from inference.quantization import quantize_weight
 
 from .conftest import hf_greedy, make_prompts, tiny_llama
@@ -118,8 +119,9 @@ def chosen_logprobs(model: torch.nn.Module, prompt: list[int], tokens: list[int]
 
 
 def _engine(model, **settings) -> Engine:
-    return Engine(model, None, EngineConfig(kv_cache_bytes=2**20, max_num_batched_tokens=128,
-                                            quantization="int8_weight_only", **settings))
+    config = {"kv_cache_bytes": 2**20, "max_num_batched_tokens": 128, "quantization": "int8_weight_only",
+              **settings}
+    return Engine(model, None, EngineConfig(**config))
 
 
 @needs_avx512
@@ -185,3 +187,111 @@ def test_other_formats_and_cpus_keep_int8_out_of_small_linear(small_linear, monk
     assert not kernels.can_pack_small_int8(torch.zeros(16, 16, dtype=torch.int8))
     with _engine(tiny_llama) as engine:  # no AVX-512: oneDNN's kernel at every row count
         assert engine.stats()["small_linear_rows"] == 0 and engine.released_weight_bytes > 0
+
+
+@needs_avx512
+@pytest.mark.skipif(not packing.ONEDNN_PACKING, reason="no oneDNN linear in this torch")
+def test_prompts_in_bf16_over_the_dequantized_weights(small_linear, reference_model):
+    """EngineConfig.bf16_prompts under int8 weights: prompt rows multiply the
+    int8 weights times their scales rounded to bf16, in oneDNN's bf16 blocks;
+    generated rows keep fp32 activations over the int8 weights; a step mixing
+    both splits its rows, so batched still equals alone."""
+    prompts = make_prompts(6, seed=41, min_len=20, max_len=90)
+    with _engine(copy.deepcopy(reference_model), bf16_prompts=True, max_num_batched_tokens=40) as engine:
+        net = engine.runner.net
+        assert engine.stats()["bf16_prompts"] is True and net.half_block == 64
+        assert engine.stats()["small_linear_rows"] == "all"
+        done = [engine.generate([p], SamplingParams(max_tokens=12, temperature=0.0, logprobs=0))[0] for p in prompts]
+        mixed = []
+        engine.step_observer = lambda batch, _duration: mixed.append(
+            len(set(batch.num_new_tokens)) > 1 and 1 in batch.num_new_tokens)
+        batched = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
+    assert any(mixed) and [c.token_ids for c in batched] == [c.token_ids for c in done]
+    # The prompt's rounding shows in the logprobs: closer to a reference that
+    # rounds the prompt rows' matmuls to bf16 than to the int8 weights alone.
+    reference = dequantized(reference_model)
+
+    def rounding_prompt_rows(prompt_len: int | None):
+        def hook(module, args, output):
+            if prompt_len is None or module is reference.lm_head:
+                return output
+            x, weight = args[0], module.weight
+            output[:, :prompt_len] = F.linear(x[:, :prompt_len].bfloat16().float(),
+                                              weight.bfloat16().float()).bfloat16().float()
+            return output
+        return [m.register_forward_hook(hook) for m in reference.modules() if isinstance(m, torch.nn.Linear)]
+
+    as_run, weights_only = [], []
+    for prompt, completion in zip(prompts, done):
+        got = torch.tensor([lp.logprob for lp in completion.logprobs])
+        for prompt_len, errors in ((len(prompt), as_run), (None, weights_only)):
+            handles = rounding_prompt_rows(prompt_len)
+            try:
+                errors.append((got - chosen_logprobs(reference, prompt, completion.token_ids)).abs().max().item())
+            finally:
+                for handle in handles:
+                    handle.remove()
+    assert statistics.median(as_run) < statistics.median(weights_only) / 4, (as_run, weights_only)
+
+
+def _fake_timings(monkeypatch, int8_streamed: float, int8_at_32: float, prompt_us: dict | None = None):
+    """bf16 weights twice fp32's speed at one row; int8 weights as given (us)."""
+    def timed(shapes, dtypes, **_kwargs):
+        at_32 = {"bfloat16": 200.0, "int8_weight_only": int8_at_32}
+        return {name: {1: 100.0, 32: at_32.get(name, 100.0)} for name in dtypes}
+    monkeypatch.setattr(formats, "time_matmuls", timed)
+    monkeypatch.setattr(formats, "time_streamed_one_row", lambda shapes: {
+        "float32": 100.0, "bf16_weight_only": 50.0, "int8_weight_only": int8_streamed})
+    if prompt_us is not None:
+        monkeypatch.setattr(formats, "time_prompt_rows", lambda shapes, block, **_: copy.deepcopy(prompt_us))
+
+
+@needs_avx512
+def test_auto_takes_int8_weights_where_one_row_gains_and_batches_keep_up(small_linear, reference_model,
+                                                                         monkeypatch):
+    _fake_timings(monkeypatch, int8_streamed=25.0, int8_at_32=105.0)
+    report = formats.choose_cpu_format(reference_model, small_rows=2)
+    assert (report.dtype, report.quantization) == ("float32", "int8_weight_only")
+    assert report.quality["int8_weight_only"]["passed"] and "with int8_weight_only" in report.summary()
+    # Under the margin over bf16 weights at one row, or a one-row gain (2x) that
+    # the loss at 32 rows eats down to under the margin: bf16 weights stay.
+    _fake_timings(monkeypatch, int8_streamed=50.0 / formats.MIN_SPEEDUP + 1, int8_at_32=100.0)
+    assert formats.choose_cpu_format(reference_model, small_rows=2).quantization == "bf16_weight_only"
+    _fake_timings(monkeypatch, int8_streamed=25.0, int8_at_32=200.0 / formats.MIN_SPEEDUP + 1)
+    assert formats.choose_cpu_format(reference_model, small_rows=2).quantization == "bf16_weight_only"
+    _fake_timings(monkeypatch, int8_streamed=25.0, int8_at_32=200.0 / formats.MIN_SPEEDUP - 1)
+    assert formats.choose_cpu_format(reference_model, small_rows=2).quantization == "int8_weight_only"
+    # A model whose int8 weights lose too much: not taken.
+    _fake_timings(monkeypatch, int8_streamed=25.0, int8_at_32=100.0)
+    monkeypatch.setattr(formats, "int8_weight", lambda weight: weight.flip(1))
+    report = formats.choose_cpu_format(reference_model, small_rows=2)
+    assert report.quantization == "bf16_weight_only" and not report.quality["int8_weight_only"]["passed"]
+
+
+@needs_avx512
+@pytest.mark.skipif(not packing.ONEDNN_PACKING, reason="no oneDNN linear in this torch")
+def test_an_auto_engine_runs_int8_weights_and_bf16_prompts_as_chosen(small_linear, monkeypatch):
+    _fake_timings(monkeypatch, int8_streamed=25.0, int8_at_32=100.0,
+                  prompt_us={"int8_weight_only": {64: 80.0, 256: 200.0}, "bf16_prompts": {64: 40.0, 256: 120.0}})
+    monkeypatch.setattr(formats, "cpu_info", lambda _path: ("AMX CPU", {"amx_bf16", "avx512f"}))
+    with Engine(tiny_llama, None, EngineConfig(kv_cache_bytes=2**20, max_num_batched_tokens=128,
+                                               dtype="auto")) as engine:
+        report = engine.format_report
+        assert (report.quantization, report.bf16_prompts) == ("int8_weight_only", True)
+        assert report.quality["bf16_prompts"]["passed"]
+        stats = engine.stats()
+        assert (stats["dtype"], stats["quantization"], stats["bf16_prompts"]) == ("float32", "int8_weight_only", True)
+        assert stats["small_linear_rows"] == "all" and engine.runner.net.lm_head_small.dtype == torch.int8
+        done = engine.generate(make_prompts(3, seed=3), SamplingParams(max_tokens=8, temperature=0.0))
+    assert all(len(c.token_ids) > 0 for c in done)
+
+
+def test_the_int8_prompt_timing_weighs_bf16_blocks_against_int8_in_small_linear(small_linear):
+    if not (kernels._has_avx512() and packing.ONEDNN_PACKING):
+        pytest.skip("needs AVX-512 and oneDNN")
+    from collections import Counter
+    times = formats.time_prompt_rows(Counter({(64, 96): 2}), 64, rows=(64,), rounds=2, budget_s=0.01, int8=True)
+    assert set(times) == {"int8_weight_only", "bf16_prompts"} and all(us[64] > 0 for us in times.values())
+    report = formats.FormatReport("float32", "cpu", [], prompt_us={"int8_weight_only": {64: 90.0},
+                                                                    "bf16_prompts": {64: 30.0}})
+    assert formats.bf16_prompts_gain(report) == 3.0
