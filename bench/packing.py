@@ -8,9 +8,11 @@ step streams them) and the lm_head: `F.linear` (what the engine runs
 unpacked; for the lm_head `torch.mm(W, x.T)`, which MKL ran faster), and `mkl._mkl_linear` on weights packed by
 `mkl._mkl_reorder_linear_weight` for each --pack-rows, and oneDNN's
 `mkldnn._linear_pointwise` on weights packed by `mkldnn._reorder_linear_weight`
-for PACK_ROWS, and at up to 8 rows inference.kernels' small_linear on the plain
-weights (one pass over each weight row) and on bf16 copies of them (what
-quantization "bf16_weight_only" reads), run at each --rows. The
+for PACK_ROWS, and inference.kernels' small_linear on the plain weights (one
+pass over each weight row, up to 8 rows), on bf16 copies of them (what
+quantization "bf16_weight_only" reads; packed on AVX-512, at any row count,
+else up to 8 rows) and on int8 copies with their scales (what
+"int8_weight_only" in fp32 reads; packed, AVX-512 only), run at each --rows. The
 contenders are interleaved in every round and the median of --rounds kept (the
 box is shared). Prints a table (ms per forward) and writes the section
 "fp32 weights packed for MKL or oneDNN (bench.packing)" of docs/BENCHMARKS.md, which
@@ -32,20 +34,35 @@ from bench.formats import engine_shapes
 from inference.bootstrap import resolve_model
 from inference import kernels
 from inference.packing import MKL_PACKING, ONEDNN_PACKING, PACK_ROWS, pack_weight, packed_matmul
+from inference.quantization import quantize_weight
 
 HEADING = "## fp32 weights packed for MKL or oneDNN (bench.packing)"
 ONEDNN = "oneDNN"
 SMALL = "small_linear"  # inference.kernels' few-row op on the plain weights
 SMALL_BF16 = "small_linear bf16"  # the same op on bf16 copies (quantization "bf16_weight_only"), packed as there
+SMALL_INT8 = "small_linear int8"  # on int8 copies with their scales ("int8_weight_only"), packed (AVX-512 only)
 
 
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
-def _contenders(pack_rows: list[int], small_linear: bool = False) -> list[str]:
-    return (["F.linear"] + [f"packed for {p}" for p in pack_rows] + ([ONEDNN] if ONEDNN_PACKING else [])
-            + ([SMALL, SMALL_BF16] if small_linear else []))
+def _contenders(pack_rows: list[int], small: tuple[str, ...] = ()) -> list[str]:
+    return ["F.linear"] + [f"packed for {p}" for p in pack_rows] + ([ONEDNN] if ONEDNN_PACKING else []) + list(small)
+
+
+def _small_contenders(n: int, halves: dict, int8s: dict) -> tuple[str, ...]:
+    """The small_linear contenders that take n rows: the plain weights up to
+    its row cap, the bf16 copies likewise unless every one is packed (then any
+    count), the int8 copies (packed, where every one can be) at any count."""
+    if not halves:  # no small_linear library
+        return ()
+    small = [SMALL] if n <= kernels.SMALL_LINEAR_MAX_ROWS else []
+    if n <= kernels.SMALL_LINEAR_MAX_ROWS or all(w.dim() == 3 for ws in halves.values() for w in ws):
+        small.append(SMALL_BF16)
+    if int8s:
+        small.append(SMALL_INT8)
+    return tuple(small)
 
 
 def _pack_key(contender: str):
@@ -65,14 +82,18 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, sm
     # The bf16 copies as the engine holds them: packed for small_linear's AVX-512 loop where it takes them.
     halves = ({name: [kernels.small_copy(w.bfloat16()) for w in ws] for name, ws in weights.items()}
               if small_linear else {})
+    packable = all(kernels.can_pack_small_int8(torch.zeros(n_out, n_in, dtype=torch.int8))
+                   for n_in, n_out, _count in shapes.values())
+    int8s = ({name: [kernels.pack_small_int8(*quantize_weight(w)) for w in ws] for name, ws in weights.items()}
+             if small_linear and packable else {})
     results: dict = {}
     for n in rows:
-        contenders = _contenders(pack_rows, small_linear and n <= kernels.SMALL_LINEAR_MAX_ROWS)
+        contenders = _contenders(pack_rows, _small_contenders(n, halves, int8s))
         inputs = {name: torch.randn(n, n_in, generator=generator) for name, (n_in, _o, _c) in shapes.items()}
         samples: dict = {(c, part): [] for c in contenders for part in ("layers", "lm_head")}
         for _round in range(rounds + 1):  # the first round warms up and is dropped
             for contender in contenders:
-                pack = None if contender in ("F.linear", SMALL, SMALL_BF16) else packs[_pack_key(contender)]
+                pack = None if contender in ("F.linear", SMALL, SMALL_BF16, SMALL_INT8) else packs[_pack_key(contender)]
                 for part in ("layers", "lm_head"):
                     names = ["lm_head"] if part == "lm_head" else [k for k in shapes if k != "lm_head"]
                     started = time.perf_counter()
@@ -83,6 +104,8 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, sm
                                 torch.ops.chatapp.small_linear(x, w, None)
                             elif contender == SMALL_BF16:
                                 torch.ops.chatapp.small_linear(x, halves[name][index], None)
+                            elif contender == SMALL_INT8:
+                                torch.ops.chatapp.small_linear(x, int8s[name][index], None)
                             elif pack is None and name == "lm_head":
                                 torch.mm(w, x.t()).t().contiguous()  # the engine's unpacked lm_head
                             elif pack is None:
@@ -101,11 +124,14 @@ def measure(shapes: dict, pack_rows: list[int], rows: list[int], rounds: int, sm
 
 
 def render(results: dict, pack_rows: list[int], rows: list[int], command: str, info: dict) -> str:
-    contenders = _contenders(pack_rows, any(key[0] == SMALL for key in results))
-    labels = ["unpacked"] + [c.replace("packed for", "MKL packed for") if c not in (ONEDNN, SMALL, SMALL_BF16)
+    contenders = _contenders(pack_rows, tuple(c for c in (SMALL, SMALL_BF16, SMALL_INT8)
+                                              if any(key[0] == c for key in results)))
+    labels = ["unpacked"] + [c.replace("packed for", "MKL packed for")
+                             if c not in (ONEDNN, SMALL, SMALL_BF16, SMALL_INT8)
                              else f"oneDNN packed for {PACK_ROWS}" if c == ONEDNN
                              else f"small_linear (plain weights, ≤ {kernels.SMALL_LINEAR_MAX_ROWS} rows)" if c == SMALL
-                             else "small_linear (bf16 copies, packed on AVX-512: bf16_weight_only)"
+                             else "small_linear (bf16 copies, packed on AVX-512: bf16_weight_only)" if c == SMALL_BF16
+                             else "small_linear (int8 copies and scales, packed: int8_weight_only)"
                              for c in contenders[1:]]
     lines = [HEADING, "", f"Command: `{command}`.", "", report.machine_header(info), "",
              "Median ms of one forward's matmuls at SmolLM2-135M's shapes, each weight its own tensor (as a decode "

@@ -153,6 +153,15 @@ def test_the_packing_benchmark_times_every_contender_at_every_row_count():
     markdown = packing.render(results, [1, 8], [1, 3], "python -m bench.packing", report.machine_info())
     assert markdown.startswith(packing.HEADING) and "| 3 | " in markdown and "MKL packed for 8" in markdown
     assert ("oneDNN packed for" in markdown) is packing.ONEDNN_PACKING
+    # Shapes in whole 16-column blocks, on AVX-512: bf16 and int8 copies packed, at any row count.
+    if small and packing.kernels._has_avx512():
+        shapes = {"qkv": (32, 48, 2), "down": (48, 32, 2), "lm_head": (32, 64, 1)}
+        results = packing.measure(shapes, [1], [1, 9], rounds=1, small_linear=True)
+        assert {key for key in results if key[0].startswith("small_linear")} == (
+            {("small_linear", part, 1) for part in ("layers", "lm_head")}
+            | {(c, part, n) for c in ("small_linear bf16", "small_linear int8") for part in ("layers", "lm_head")
+               for n in (1, 9)})
+        assert "small_linear (int8 copies" in packing.render(results, [1], [1, 9], "cmd", report.machine_info())
 
 
 def test_the_stages_benchmark_times_each_stage_from_its_chats_post(tmp_path):
