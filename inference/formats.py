@@ -449,6 +449,23 @@ def _linears_answering(model: torch.nn.Module, answer):
             handle.remove()
 
 
+class _QualityCheck:
+    """The quality check against fp32 (compare_logits over the fixed prompts),
+    fp32's logits computed once, at the first check."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.prompts: list[list[int]] = []
+        self.reference: list[torch.Tensor] | None = None
+
+    def __call__(self, candidate: torch.nn.Module | None = None) -> dict:
+        """The candidate's result (default: the model, as hooks make it answer now)."""
+        if self.reference is None:
+            self.prompts = fixed_prompts(self.model, self.tokenizer)
+            self.reference = prompt_logits(self.model, self.prompts)
+        return compare_logits(self.reference, prompt_logits(candidate or self.model, self.prompts))
+
+
 def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Path("/proc/cpuinfo"),
                       pack_fp32: str = "", small_rows: int = 0, prompt_block: int = 0) -> FormatReport:
     """Measure and choose; `model` is the fp32 model the engine will run (left
@@ -456,8 +473,8 @@ def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Pa
     (EngineConfig.pack_weights, inference.packing), so fp32 is timed packed;
     small_rows: fp32 steps of at most this many rows run in small_linear
     (EngineConfig.small_linear_rows, its library loaded), so they are timed
-    there, and fp32 with bf16 weights is a candidate (step 4 above);
-    prompt_block: the rows per call of bf16 prompts (EngineConfig.
+    there, and fp32 with bf16 or int8 weights is a candidate (steps 4 and 4b
+    above); prompt_block: the rows per call of bf16 prompts (EngineConfig.
     bf16_prompt_block), 0 when they are not to be considered (step 5)."""
     started = time.monotonic()
     cpu, flags = cpu_info(cpuinfo)
@@ -474,51 +491,43 @@ def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Pa
         if all(can_pack_small_int8(torch.zeros(o, i, dtype=torch.int8)) for i, o in linear_shapes(model)):
             tried.append(INT8_WEIGHTS)
     report.matmul_us = time_matmuls(linear_shapes(model), tried, pack_fp32=report.fp32_packed, small_rows=small_rows)
-    order = candidate_order(report.matmul_us)
-    prompts, reference = None, None
-    if order:
-        prompts = fixed_prompts(model, tokenizer)
-        reference = prompt_logits(model, prompts)
-        for name in order:
-            # A copy, so the fp32 weights stay exact should the check fail.
-            candidate = copy.deepcopy(model).to(DTYPES[name])
-            report.quality[name] = compare_logits(reference, prompt_logits(candidate, prompts))
-            del candidate
-            if report.quality[name]["passed"]:
-                report.dtype = name
-                break
+    check = _QualityCheck(model, tokenizer)
+    for name in candidate_order(report.matmul_us):
+        # A copy, so the fp32 weights stay exact should the check fail.
+        report.quality[name] = check(copy.deepcopy(model).to(DTYPES[name]))
+        if report.quality[name]["passed"]:
+            report.dtype = name
+            break
     if report.dtype == "float32" and small_rows:
         report.streamed_us = time_streamed_one_row(linear_shapes(model))
-    if report.dtype == "float32" and bf16_weights_gain(report) >= MIN_SPEEDUP:
-        if reference is None:
-            prompts = fixed_prompts(model, tokenizer)
-            reference = prompt_logits(model, prompts)
-        with bf16_weights_applied(model):
-            report.quality[BF16_WEIGHTS] = compare_logits(reference, prompt_logits(model, prompts))
-        if report.quality[BF16_WEIGHTS]["passed"]:
-            report.quantization = BF16_WEIGHTS
-    if report.dtype == "float32" and int8_weights_gain(report) >= MIN_SPEEDUP:
-        if reference is None:
-            prompts = fixed_prompts(model, tokenizer)
-            reference = prompt_logits(model, prompts)
-        with int8_weights_applied(model):
-            report.quality[INT8_WEIGHTS] = compare_logits(reference, prompt_logits(model, prompts))
-        if report.quality[INT8_WEIGHTS]["passed"]:
-            report.quantization = INT8_WEIGHTS
+    # Steps 4 and 4b in turn: int8 weights are weighed against what step 4 left (int8_weights_gain).
+    for name, gain, applied in ((BF16_WEIGHTS, bf16_weights_gain, bf16_weights_applied),
+                                (INT8_WEIGHTS, int8_weights_gain, int8_weights_applied)):
+        if report.dtype == "float32" and gain(report) >= MIN_SPEEDUP:
+            with applied(model):
+                report.quality[name] = check()
+            if report.quality[name]["passed"]:
+                report.quantization = name
     if report.quantization in (BF16_WEIGHTS, INT8_WEIGHTS) and prompt_block:
-        native = NATIVE_FLAGS["bfloat16"]
-        if not ONEDNN_PACKING:
-            report.skipped[BF16_PROMPTS] = "no oneDNN linear in this torch"
-        elif flags is not None and not any(f in flags for f in native):
-            report.skipped[BF16_PROMPTS] = f"no native support (none of {', '.join(native)})"
-        else:
-            int8 = report.quantization == INT8_WEIGHTS
-            report.prompt_us = time_prompt_rows(linear_shapes(model), prompt_block, pack_fp32=report.fp32_packed,
-                                                int8=int8)
-            if bf16_prompts_gain(report) >= MIN_SPEEDUP:
-                with bf16_prompts_applied(model, int8=int8):
-                    report.quality[BF16_PROMPTS] = compare_logits(reference, prompt_logits(model, prompts))
-                report.bf16_prompts = report.quality[BF16_PROMPTS]["passed"]
+        _choose_bf16_prompts(report, model, flags, prompt_block, check)
     report.seconds = round(time.monotonic() - started, 2)
     log.info("number format: %s", report.summary())
     return report
+
+
+def _choose_bf16_prompts(report: FormatReport, model: torch.nn.Module, flags: set[str] | None, prompt_block: int,
+                         check: _QualityCheck) -> None:
+    """Step 5: prompts in bf16 blocks, over the bf16 or int8 weights chosen."""
+    native = NATIVE_FLAGS["bfloat16"]
+    if not ONEDNN_PACKING:
+        report.skipped[BF16_PROMPTS] = "no oneDNN linear in this torch"
+    elif flags is not None and not any(f in flags for f in native):
+        report.skipped[BF16_PROMPTS] = f"no native support (none of {', '.join(native)})"
+    else:
+        int8 = report.quantization == INT8_WEIGHTS
+        report.prompt_us = time_prompt_rows(linear_shapes(model), prompt_block, pack_fp32=report.fp32_packed,
+                                            int8=int8)
+        if bf16_prompts_gain(report) >= MIN_SPEEDUP:
+            with bf16_prompts_applied(model, int8=int8):
+                report.quality[BF16_PROMPTS] = check()
+            report.bf16_prompts = report.quality[BF16_PROMPTS]["passed"]

@@ -49,6 +49,33 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int = MAX_NEW_TOKENS) ->
     return out[0, len(prompt):].tolist()
 
 
+def chosen_logprobs(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The log-probability the model gives each of `tokens` after the prompt (teacher-forced)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    return logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def one_stream_on(reference: torch.nn.Module, reference_model: torch.nn.Module, engine, prompts: list[list[int]],
+                  max_tokens: int = 16) -> None:
+    """Each prompt alone through a reduced-weights engine gives HF generate's
+    greedy tokens on `reference` (the model as the format holds it); and the
+    log-probabilities, which on this model tell the format's weights from fp32
+    where the tokens may not, are `reference`'s to fp32 rounding (1e-4), by
+    far closer than to the fp32 `reference_model`'s."""
+    from inference import SamplingParams
+
+    expected = [hf_greedy(reference, p, max_tokens) for p in prompts]
+    done = [engine.generate([p], SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0))[0]
+            for p in prompts]
+    assert [c.token_ids for c in done] == expected
+    for prompt, completion in zip(prompts, done):
+        got = torch.tensor([lp.logprob for lp in completion.logprobs])
+        on_reference = (got - chosen_logprobs(reference, prompt, completion.token_ids)).abs().max().item()
+        on_fp32 = (got - chosen_logprobs(reference_model, prompt, completion.token_ids)).abs().max().item()
+        assert on_reference < 1e-4 < on_fp32, (on_reference, on_fp32)
+
+
 def half_precision_batched_and_alone(make_engine, prompts: list[list[int]], stat: str) -> tuple[list, list]:
     """A bf16 engine's 16 greedy tokens for each prompt, all at once and one at a
     time, with `stat` (a kernel the engine reports in stats()) on."""

@@ -1,7 +1,7 @@
 """int8 weights in small_linear ("int8_weight_only" in fp32, on AVX-512): the
 op multiplies fp32 rows by int8 weights and their column scales packed for
-its loop, each row's bits the same alone, among any number of others and on
-any thread count; the engine runs every step through it, frees the loaded
+its loop (each row's bits the same alone, among any number of others and on
+any thread count: test_engine_small_linear, with the bf16 copies'); the engine runs every step through it, frees the loaded
 float weights and oneDNN's int8 copies, and one stream's output is HF's on
 the dequantized weights. Batched equals alone and Stop are
 in test_engine_formats with the other formats."""
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from inference import Engine, EngineConfig, SamplingParams, formats, kernels, packing
 from inference.quantization import quantize_weight
 
-from .conftest import hf_greedy, make_prompts, tiny_llama
+from .conftest import chosen_logprobs, make_prompts, one_stream_on, tiny_llama
 
 needs_kernel = pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine")
 needs_avx512 = pytest.mark.skipif(not kernels._has_avx512(), reason="small_linear packs int8 weights on AVX-512 only")
@@ -58,28 +58,6 @@ def test_int8_weights_are_multiplied_widened_and_scaled_in_fp32(small_linear, ro
 
 
 @needs_avx512
-@pytest.mark.parametrize("out_features,in_features", [(208, 96), (960, 576)])
-def test_packed_int8_rows_are_the_same_bits_alone_in_groups_and_on_any_thread_count(small_linear, out_features,
-                                                                                    in_features):
-    weight = kernels.pack_small_int8(*int8_weight(out_features, in_features, 5))
-    x = torch.randn(kernels.SMALL_LINEAR_MAX_ROWS_PACKED, in_features, generator=torch.Generator().manual_seed(6))
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, max(2, threads)):
-            torch.set_num_threads(count)
-            alone = torch.cat([small_linear(x[row:row + 1], weight, None) for row in range(len(x))])
-            for rows in range(2, len(x) + 1):
-                assert torch.equal(small_linear(x[:rows], weight, None), alone[:rows]), rows
-            # More rows than one call of its loop takes: chunks of 64, the same bits.
-            assert torch.equal(small_linear(torch.cat([x, x, x[:7]]), weight, None), torch.cat([alone, alone, alone[:7]]))
-            results.append(alone)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])
-
-
-@needs_avx512
 def test_int8_packing_and_the_op_reject_what_they_cannot_take(small_linear):
     codes, scale = int8_weight(32, 64, 1)
     packed = kernels.pack_small_int8(codes, scale)
@@ -112,12 +90,6 @@ def dequantized(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def chosen_logprobs(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
-    return logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
-
-
 def _engine(model, **settings) -> Engine:
     config = {"kv_cache_bytes": 2**20, "max_num_batched_tokens": 128, "quantization": "int8_weight_only",
               **settings}
@@ -129,7 +101,6 @@ def test_one_stream_is_hf_on_the_dequantized_weights(small_linear, reference_mod
     """Prompts of up to 30 tokens and one decoding row: every step is in small_linear."""
     prompts = make_prompts(4, seed=13, max_len=30)
     reference = dequantized(reference_model)
-    expected = [hf_greedy(reference, p, 16) for p in prompts]
     with _engine(tiny_llama) as engine:
         net = engine.runner.net
         assert engine.stats()["small_linear_rows"] == "all" and engine.stats()["quantization"] == "int8_weight_only"
@@ -138,16 +109,9 @@ def test_one_stream_is_hf_on_the_dequantized_weights(small_linear, reference_mod
         # The loaded fp32 layer weights go: the stack runs on int8 copies alone.
         layer_bytes = sum(p.numel() * 4 for name, p in reference_model.named_parameters() if "proj" in name)
         assert engine.released_weight_bytes == layer_bytes
-        done = [engine.generate([p], SamplingParams(max_tokens=16, temperature=0.0, logprobs=0))[0] for p in prompts]
-    assert [c.token_ids for c in done] == expected
-    # fp32 activations: the log-probabilities are the dequantized model's to
-    # fp32 rounding, far closer than to fp32 weights' (or to oneDNN's kernel,
-    # which rounds the activations to bf16).
-    for prompt, completion in zip(prompts, done):
-        got = torch.tensor([lp.logprob for lp in completion.logprobs])
-        on_dequantized = (got - chosen_logprobs(reference, prompt, completion.token_ids)).abs().max().item()
-        on_fp32 = (got - chosen_logprobs(reference_model, prompt, completion.token_ids)).abs().max().item()
-        assert on_dequantized < 1e-4 < on_fp32, (on_dequantized, on_fp32)
+        # fp32 activations: the dequantized model's log-probabilities to fp32
+        # rounding (oneDNN's kernel, which rounds activations to bf16, would miss).
+        one_stream_on(reference, reference_model, engine, prompts)
 
 
 @needs_avx512

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from inference import Engine, EngineConfig, SamplingParams, kernels, packing
+from inference.quantization import quantize_weight
 
 from .conftest import hf_greedy, make_prompts, tiny_llama
 
@@ -83,13 +84,19 @@ def test_each_row_is_computed_alone(small_linear):
 
 
 @needs_avx512
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
 @pytest.mark.parametrize("out_features,in_features", [(208, 96), (160, 300), (3072, 576)])
-def test_packed_bf16_rows_are_the_same_bits_alone_in_groups_and_on_any_thread_count(small_linear, out_features,
-                                                                                    in_features):
+def test_packed_rows_are_the_same_bits_alone_in_groups_and_on_any_thread_count(small_linear, out_features,
+                                                                               in_features, kind):
     """What lets a half-precision step run on one thread or on the team
-    (inference.threads) and a stream's tokens not depend on its neighbours."""
+    (inference.threads) and a stream's tokens not depend on its neighbours;
+    over bf16 copies, and over int8 ones with their scales."""
     generator = torch.Generator().manual_seed(5)
-    weight = kernels.pack_small_weight(torch.randn(out_features, in_features, generator=generator).bfloat16())
+    dense = torch.randn(out_features, in_features, generator=generator)
+    if kind == "bf16":
+        weight = kernels.pack_small_weight(dense.bfloat16())
+    else:
+        weight = kernels.pack_small_int8(*quantize_weight(dense))
     x = torch.randn(kernels.SMALL_LINEAR_MAX_ROWS_PACKED, in_features, generator=generator)
     threads = torch.get_num_threads()
     try:
@@ -102,6 +109,9 @@ def test_packed_bf16_rows_are_the_same_bits_alone_in_groups_and_on_any_thread_co
             # of up to eight, up to 64) gives each row alone's bits.
             for rows in range(2, len(x) + 1):
                 assert torch.equal(small_linear(x[:rows], weight, None), alone[:rows]), rows
+            # More rows than one call of its loop takes: calls of 64, the same bits.
+            assert torch.equal(small_linear(torch.cat([x, x, x[:7]]), weight, None),
+                               torch.cat([alone, alone, alone[:7]]))
             results.append(alone)
     finally:
         torch.set_num_threads(threads)
