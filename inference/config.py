@@ -72,8 +72,7 @@ class EngineConfig:
     # tokens (by position, whatever chunk or step carries them) multiply bf16
     # activations by bf16 weights in oneDNN (AMX or AVX512-BF16) in blocks of
     # bf16_prompt_block rows, summed in fp32; generated tokens keep fp32
-    # activations. On the
-    # 2-core AMX Xeon a 64-token prompt's layer matmuls took 29.7 against
+    # activations. On the 2-core AMX Xeon a 64-token prompt's layer matmuls took 29.7 against
     # 83.1 ms, 512 tokens' 172 against 374 ms (docs/BENCHMARKS.md "Prompts in
     # bf16"). Costs a packed bf16 copy of the layer weights (214 MB for
     # SmolLM2-135M). None: dtype "auto" decides by timing it at start (off
@@ -150,10 +149,11 @@ class EngineConfig:
     # and 37.9 for MKL's packed fp32 GEMM over the rounded weights on the AMX
     # Xeon (docs/BENCHMARKS.md "small_linear over packed bf16 weights"). None:
     # 64 there, 2 otherwise (inference.kernels.default_small_rows).
-    # Under "int8_weight_only" in fp32 the int8 weights and their scales are
-    # packed the same way (inference.kernels.pack_small_int8): one row 2.2x
-    # faster than over packed bf16, and 2-2.5x faster than oneDNN's int8
-    # kernel up to 64 rows; None: 64 on AVX-512, else oneDNN's kernel alone.
+    # Under "int8_weight_only" in fp32 on AVX-512 the int8 weights and their
+    # scales are packed the same way (inference.kernels.pack_small_int8) and
+    # every step runs there, whatever this says but 0 (its bits must not
+    # depend on a cut by row count): one row 1.9x faster than over packed
+    # bf16, and 1.9-2.5x faster than oneDNN's int8 kernel from 1 to 256 rows.
     # The plain weights then stay beside packed copies (the memory
     # ModelRunner.release_float_weights would have freed), except under
     # "bf16_weight_only" and "int8_weight_only", where these steps read
