@@ -86,7 +86,7 @@ BF16_WEIGHTS = "bf16_weight_only"
 # (EngineConfig.quantization "int8_weight_only" where small_linear packs them,
 # on AVX-512: every step runs there). Half bf16 weights' bytes: one stream's
 # decode step on SmolLM2-135M 8.4-8.9 against 13.7-13.9 ms, a step of 32 rows
-# 4-6% slower than theirs (the AMX Xeon); perplexity -0.16% (bench.quality).
+# 4-7% slower than theirs (the AMX Xeon); perplexity -0.16% (bench.quality).
 # It replaces the weights otherwise chosen where its one-row matmuls streamed
 # from memory are MIN_SPEEDUP faster than theirs net of any loss at 32 rows
 # (int8_weights_gain: one chat is what a self-hosted box serves most, but a
@@ -411,7 +411,7 @@ def int8_weights_gain(report: FormatReport) -> float:
     slower they are at 32 rows (a full decode batch), if they are: the
     one-chat gain net of the batch loss (0: not timed). On the AMX Xeon the
     one-row gain over bf16 copies was 1.86x and the 32-row loss 1.10x
-    (in-cache timings; a decode step of 32 rows 4-6% slower in the engine)."""
+    (in-cache timings; a decode step of 32 rows 4-7% slower in the engine)."""
     streamed, matmuls = report.streamed_us, report.matmul_us
     current = report.quantization if report.quantization == BF16_WEIGHTS else "float32"
     if not streamed.get(INT8_WEIGHTS) or not streamed.get(current) or INT8_WEIGHTS not in matmuls:
