@@ -86,7 +86,7 @@ BF16_WEIGHTS = "bf16_weight_only"
 # (EngineConfig.quantization "int8_weight_only" where small_linear packs them,
 # on AVX-512: every step runs there). Half bf16 weights' bytes: one stream's
 # decode step on SmolLM2-135M 8.4-8.9 against 13.7-13.9 ms, a step of 32 rows
-# 4-7% slower than theirs (the AMX Xeon); perplexity -0.16% (bench.quality).
+# 4-7% slower than theirs (the AMX Xeon); perplexity -0.14% (bench.quality).
 # It replaces the weights otherwise chosen where its one-row matmuls streamed
 # from memory are MIN_SPEEDUP faster than theirs net of any loss at 32 rows
 # (int8_weights_gain: one chat is what a self-hosted box serves most, but a
