@@ -248,7 +248,8 @@ class Engine:
             # Prompts' attention: the library's kernel, or SDPA (HF's sums, kept in fp32).
             "prefill_attention": "kernel" if self.runner.prefill_in_place else "sdpa",
             # "all": every step (int8 weights; see ModelRunner._use_small_linear).
-            "small_linear_rows": "all" if self.runner.net.small_rows == SMALL_LINEAR_ALL_ROWS else self.runner.net.small_rows,
+            "small_linear_rows": ("all" if self.runner.net.small_rows == SMALL_LINEAR_ALL_ROWS
+                                  else self.runner.net.small_rows),
             "bf16_prompts": self.runner.net.half_block > 0,
             # The row counts of its oneDNN calls, per matmul (qkv, o, gate_up, down).
             "bf16_prompt_blocks": [list(blocks) for blocks in self.runner.net.half_blocks],

@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inference.kernels import SMALL_LINEAR_ALL_ROWS, can_pack_small_int8, default_small_rows, pack_small_int8, small_copy
+from inference.kernels import (SMALL_LINEAR_ALL_ROWS, can_pack_small_int8, default_small_rows, pack_small_int8,
+                               small_copy)
 from inference.model_runner import DTYPES
 from inference.llama import bf16_block_linear
 from inference.packing import ONEDNN_PACKING, pack_weight, packed_matmul
@@ -249,6 +250,11 @@ def _summed_us(best: dict, shapes: Counter, names, rows) -> dict[str, dict[int, 
                    for n in rows} for name in names}
 
 
+def int8_packs(shapes: Counter) -> bool:
+    """Whether small_linear packs int8 weights of every one of these (in, out) shapes here."""
+    return all(can_pack_small_int8(torch.zeros(n_out, n_in, dtype=torch.int8)) for n_in, n_out in shapes)
+
+
 def stream_plan(shapes: Counter, budget_bytes: int) -> dict[tuple[int, int], int]:
     """Copies of each shape's weight to stream: every layer's, or the same share
     of each shape's layers when their fp32 bytes exceed the budget (one at least)."""
@@ -270,7 +276,7 @@ def time_streamed_one_row(shapes: Counter, rounds: int = 6,
     from its share of them); they live only while they are timed."""
     plan = stream_plan(shapes, budget_bytes)
     names = ["float32", BF16_WEIGHTS]
-    if all(can_pack_small_int8(torch.zeros(n_out, n_in, dtype=torch.int8)) for n_in, n_out in shapes):
+    if int8_packs(shapes):
         names.append(INT8_WEIGHTS)
     layers = {}
     for name in names:
@@ -488,7 +494,7 @@ def choose_cpu_format(model: torch.nn.Module, tokenizer=None, cpuinfo: Path = Pa
             report.skipped[name] = f"no native support (none of {', '.join(native)})"
     if small_rows:
         tried.append(BF16_WEIGHTS)
-        if all(can_pack_small_int8(torch.zeros(o, i, dtype=torch.int8)) for i, o in linear_shapes(model)):
+        if int8_packs(linear_shapes(model)):
             tried.append(INT8_WEIGHTS)
     report.matmul_us = time_matmuls(linear_shapes(model), tried, pack_fp32=report.fp32_packed, small_rows=small_rows)
     check = _QualityCheck(model, tokenizer)

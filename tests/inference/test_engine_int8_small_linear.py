@@ -1,9 +1,10 @@
 """int8 weights in small_linear ("int8_weight_only" in fp32, on AVX-512): the
 op multiplies fp32 rows by int8 weights and their column scales packed for
 its loop (each row's bits the same alone, among any number of others and on
-any thread count: test_engine_small_linear, with the bf16 copies'); the engine runs every step through it, frees the loaded
-float weights and oneDNN's int8 copies, and one stream's output is HF's on
-the dequantized weights. Batched equals alone and Stop are
+any thread count: test_engine_small_linear, with the bf16 copies'); the
+engine runs every step through it, frees the loaded float weights and
+oneDNN's int8 copies, and one stream's output is HF's on the dequantized
+weights. Batched equals alone and Stop are
 in test_engine_formats with the other formats."""
 from __future__ import annotations
 
