@@ -585,6 +585,10 @@ EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "")
 # "auto" times float32 and bfloat16 at start and keeps bf16 where it is clearly faster on a batch,
 # no slower on one text, and agrees (retrieval.minilm.pick).
 EMBEDDING_DTYPE = env_choice("EMBEDDING_DTYPE", "auto", {"auto", "float32", "bfloat16"})
+# bf16 MiniLM's attention in the engine's C++ library (inference.kernels'
+# padded_attention, built in ENGINE_KERNEL_DIR) instead of SDPA's CPU kernel;
+# fp32 MiniLM keeps SDPA. Without a compiler, bf16 keeps SDPA too.
+EMBEDDING_ATTENTION_KERNEL = env_bool("EMBEDDING_ATTENTION_KERNEL", True)
 # Torch threads of the embedding thread (its own, apart from the engines').
 # One beside a local engine, whose OpenMP team stalls when a second team takes
 # one of its cores; a relay node (no pools) gives its cores to moderation and

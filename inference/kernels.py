@@ -17,6 +17,12 @@ path widened each chunk to fp32 for SDPA instead. On the 2-core Xeon, four
 tokens 12.0 against 18.6 ms (docs/BENCHMARKS.md "Prefill attention in place, half precision").
 fp32 keeps SDPA, whose sums are HF generate's.
 
+An encoder's attention over right-padded texts (padded_attention, in the same
+source): retrieval's MiniLM in bf16 runs it instead of SDPA, whose CPU kernel
+spent about a third of the six layers' time at a reply window's shape (about
+100 tokens, twelve 32-wide heads) on about 5% of their FLOPs. A task is one
+text, all its heads: its rows are read whole, once.
+
 fp32 matmuls of a few rows (EngineConfig.small_linear_rows): one chat's decode
 step multiplies one row by every weight, a stream of the model's weights that
 torch's GEMM libraries read at about 17-18 GB/s on the 2-core EPYC (oneDNN on
@@ -76,8 +82,9 @@ from inference import layer_ops
 log = logging.getLogger(__name__)
 
 # One library of every source: decode and half-precision prefill attention in
-# place, fp32 matmuls of a few rows, and a layer's element-wise ops fused
-# (RMSNorm, rotary, SiLU * up) beside the greedy sampler's argmax.
+# place, an encoder's padded attention, fp32 matmuls of a few rows, and a
+# layer's element-wise ops fused (RMSNorm, rotary, SiLU * up) beside the
+# greedy sampler's argmax.
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("paged_attention.cpp", "prefill_attention.cpp", "small_linear.cpp", "fused_ops.cpp")]
 HEADERS = [Path(__file__).with_name("csrc") / "storage.h"]
@@ -122,6 +129,7 @@ _LIBRARY.define("rotary(Tensor x, Tensor cos, Tensor signed_sin) -> Tensor")
 _LIBRARY.define("argmax(Tensor logits) -> Tensor")
 _LIBRARY.define("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor blocks, "
                 "int context_len, float scale) -> Tensor")
+_LIBRARY.define("padded_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor")
 
 
 def default_kernel_dir() -> Path:
@@ -280,6 +288,16 @@ def reference_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out[0].transpose(0, 1).to(q.dtype)
 
 
+def reference_padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """The torch path's result for padded_attention's arguments (q, k, v [B,
+    H, L, D], each text's keys its first lengths[b]): SDPA in fp32 with the
+    padding masked, as [B, L, H, D]. The library's self-check, and the tests'."""
+    mask = (torch.arange(q.size(2))[None, :] < lengths[:, None]).view(q.size(0), 1, 1, q.size(2))
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).to(q.dtype)
+
+
 def _self_check() -> None:
     """The library against the torch path on a random input, in each dtype it serves."""
     generator = torch.Generator().manual_seed(0)
@@ -306,6 +324,17 @@ def _self_check() -> None:
         error = (got - want).abs().max().item()
         if not error <= tolerance:
             raise RuntimeError(f"paged_prefill_attention differs from the torch path by {error} in {dtype}")
+    # An encoder's attention over padded texts, heads a strided view as transformers passes them.
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        for dim in (32, 24):
+            q, k, v = (torch.randn(3, 37, heads, dim, generator=generator).to(dtype).transpose(1, 2)
+                       for _ in range(3))
+            lengths = torch.tensor([37, 1, 20])
+            got = torch.ops.chatapp.padded_attention(q, k, v, lengths, dim ** -0.5).float()
+            want = reference_padded_attention(q, k, v, lengths, dim ** -0.5).float()
+            error = (got - want).abs().max().item()
+            if not error <= tolerance:
+                raise RuntimeError(f"padded_attention differs from the torch path by {error} in {dtype}")
     # 37 outputs (no whole 16-column blocks): the loops over fp32 and row-major bf16 weights.
     weight, bias = torch.randn(37, 96, generator=generator), torch.randn(37, generator=generator)
     for rows in range(1, SMALL_LINEAR_MAX_ROWS + 1):

@@ -25,10 +25,19 @@ it is clearly faster on the batch (GAIN), no slower on one text, and its
 vectors agree with fp32's (AGREEMENT) (`pick`).
 The vectors move by about 1e-4 in cosine; docs/BENCHMARKS.md ("MiniLM in
 bf16") has what that changes in moderation's verdicts and in retrieval.
+
+Why the engine's library for bf16 attention (`kernel_dir`): at a reply
+window's shape (about 100 tokens, twelve 32-wide heads) SDPA's CPU kernel
+spent about a third of the six layers' time on about 5% of their FLOPs.
+inference.kernels' padded_attention runs each (text, head) pair as one task
+over the text's own keys, summed in fp32. fp32 keeps SDPA, whose vectors are
+sentence-transformers' to 1e-6; where the library cannot be built, bf16 keeps
+SDPA too.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
@@ -77,7 +86,8 @@ class Encoder:
     arrays, in `dtype` ("auto": measured, see the module's docstring).
     `dtype` and `timings_ms` say what was chosen and why."""
 
-    def __init__(self, path: str, *, layers: int | None = None, dtype: str = "auto"):
+    def __init__(self, path: str, *, layers: int | None = None, dtype: str = "auto",
+                 kernel_dir: str | None = None):
         if dtype not in FORMATS:
             raise ValueError(f"unknown embedding format {dtype!r}: use one of {FORMATS}")
         # Imported on first use, with the model: most processes never embed.
@@ -86,6 +96,8 @@ class Encoder:
         self._torch = torch
         self.timings_ms: dict[str, dict[str, float]] = {}
         self.agreement: float | None = None  # bf16's least cosine with fp32 on PROBE, when timed
+        self.attention = "sdpa"  # what bf16's attention runs in: "sdpa", or "library" (padded_attention)
+        self._kernel_dir = kernel_dir
         self._st = None
         parts = _plain_parts(path)
         if parts is None:
@@ -122,9 +134,16 @@ class Encoder:
         example = self._ids(PROBE[:2])
         candidates = {"float32": self._trace(bert, example)}
         if dtype in ("auto", "bfloat16"):
-            candidates["bfloat16"] = self._trace(copy.deepcopy(bert).to(torch.bfloat16), example)
+            low = copy.deepcopy(bert).to(torch.bfloat16)
+            if self._kernel_dir is not None and self.tokenizer.padding_side == "right" \
+                    and _library_attention(self._kernel_dir):
+                low.config._attn_implementation = ATTENTION
+                self.attention = "library"
+            candidates["bfloat16"] = self._trace(low, example)
         self.dtype = dtype if dtype != "auto" else self._choose(candidates)
         self.module = candidates[self.dtype]
+        if self.dtype != "bfloat16":
+            self.attention = "sdpa"
 
     def _pooled(self, bert):
         """The forward, mean pooling and normalisation as one module."""
@@ -219,7 +238,48 @@ class Encoder:
     def report(self) -> dict:
         """What /healthz shows: the format in use, how it runs, and the
         timings it was chosen on (empty unless "auto" timed them)."""
-        return {"dtype": self.dtype, "runner": self.runner, "timings_ms": self.timings_ms}
+        return {"dtype": self.dtype, "runner": self.runner, "attention": self.attention,
+                "timings_ms": self.timings_ms}
+
+
+# The name under which transformers runs padded_attention for a model whose
+# config asks for it (its attention and its mask interfaces).
+ATTENTION = "chatapp_padded"
+
+
+@functools.cache
+def _library_attention(kernel_dir: str) -> bool:
+    """Whether the engine's library (built or loaded from kernel_dir) is
+    there to run padded_attention; registers it with transformers if so."""
+    from inference.kernels import load_kernels
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not load_kernels(kernel_dir):
+        return False
+    AttentionInterface.register(ATTENTION, _padded_attention)
+    AttentionMaskInterface.register(ATTENTION, _padding_mask)
+    return True
+
+
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):
+    """The tokenizer's 2D mask as it is (bool [B, L], the texts padded on the
+    right): _padded_attention reads each text's length from it."""
+    return attention_mask
+
+
+def _padded_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface over the library's padded_attention:
+    q, k, v [B, H, L, D] in, [B, L, H, D] out, no weights."""
+    import torch
+
+    if attention_mask is None:  # one text or texts of one length, not padded
+        lengths = torch.full((query.size(0),), query.size(2), dtype=torch.long)
+    else:
+        lengths = attention_mask.sum(-1)
+    scale = scaling if scaling is not None else query.size(-1) ** -0.5
+    return torch.ops.chatapp.padded_attention(query, key, value, lengths, scale), None
 
 
 def pick(best_ms: dict[str, dict[str, float]], agreement: float) -> str:

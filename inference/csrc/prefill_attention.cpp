@@ -127,6 +127,23 @@ inline void sum_values(const float* weights, int64_t stride, const float* values
       for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + b * DIM + 16 * c, a[b][c]);
     return;
   }
+  if constexpr (DIM == 32) {  // MiniLM's heads (padded_attention)
+    __m512 a[kVBlock][2];
+    for (int b = 0; b < kVBlock; ++b)
+      for (int c = 0; c < 2; ++c) a[b][c] = _mm512_loadu_ps(acc + b * DIM + 16 * c);
+    for (int j = 0; j < kTile; ++j) {
+      const float* v = values + j * DIM;
+      const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+      for (int b = 0; b < kVBlock; ++b) {
+        const __m512 w = _mm512_set1_ps(weights[b * stride + j]);
+        a[b][0] = _mm512_fmadd_ps(w, v0, a[b][0]);
+        a[b][1] = _mm512_fmadd_ps(w, v1, a[b][1]);
+      }
+    }
+    for (int b = 0; b < kVBlock; ++b)
+      for (int c = 0; c < 2; ++c) _mm512_storeu_ps(acc + b * DIM + 16 * c, a[b][c]);
+    return;
+  }
 #endif
   for (int j = 0; j < kTile; ++j) {
     const float* v = values + j * dim;
@@ -318,7 +335,159 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
   return out;
 }
 
+// Bidirectional attention over right-padded sequences: an encoder's
+// self-attention (retrieval's MiniLM, retrieval/minilm.py), where every
+// position of sequence b attends to its first lengths[b] keys.
+//
+// Why not SDPA: at MiniLM's shapes (32-wide heads, about 100 tokens, 12 heads
+// of 32 texts) its CPU flash kernel spends about a third of the six layers'
+// time on about 5% of their FLOPs, in bf16 as in fp32 (docs/BENCHMARKS.md,
+// "MiniLM's attention in the library"). Here a text is one task: its keys,
+// values and queries of every head widened to fp32 once, then per head every
+// query's scores a tile of keys at a time (score_tile), the softmax over the
+// text's keys, and the values summed in order (sum_values), as the prefill
+// kernel does.
+template <typename D, int DIM>
+void padded_attention_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* lengths,
+                            at::Tensor& out, float scale) {
+  using T = typename D::storage;
+  const int64_t batch = q.size(0), heads = q.size(1), len = q.size(2);
+  const int64_t dim = DIM > 0 ? DIM : q.size(3);
+  const T *qd = data<D>(q), *kd = data<D>(k), *vd = data<D>(v);
+  T* od = data<D>(out);
+  // [B, H, L, D] views with any strides but the last: HF's heads are a
+  // transposed view of the projections' [B, L, H * D].
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)}, ks[3] = {k.stride(0), k.stride(1), k.stride(2)},
+                vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  const int64_t tiles = (len + kTile - 1) / kTile, width = tiles * kTile;
+  const int64_t padded = (len + kQBlock - 1) / kQBlock * kQBlock;
+  const int64_t work = batch * heads * len * len * dim;
+  const int threads = work >= kParallelMin ? at::get_num_threads() : 1;
+#pragma omp parallel num_threads(threads)
+  {
+    // A text's keys, values and queries of every head, widened once: each
+    // position's heads lie side by side in the projections' rows, so a task
+    // reads its text's rows whole (one head's 64 bytes every 768, a task per
+    // (text, head), spent a fifth of the time waiting on memory).
+    std::vector<float> keys_t(heads * width * dim), values_w(heads * width * dim), query(heads * padded * dim),
+        acc(padded * dim), scores(padded * width), inv_sum(padded);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t seen = lengths[b];
+      for (int64_t pos = 0; pos < width; ++pos) {
+        for (int64_t h = 0; h < heads; ++h) {
+          float* kt = keys_t.data() + (h * tiles + pos / kTile) * dim * kTile + pos % kTile;
+          float* vw = values_w.data() + (h * width + pos) * dim;
+          if (pos < seen) {
+            const T* key = kd + b * ks[0] + h * ks[1] + pos * ks[2];
+            const T* value = vd + b * vs[0] + h * vs[1] + pos * vs[2];
+            for (int64_t d = 0; d < dim; ++d) kt[d * kTile] = D::load(key[d]);
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) vw[d] = D::load(value[d]);
+          } else {
+            for (int64_t d = 0; d < dim; ++d) kt[d * kTile] = 0.f;
+            std::fill(vw, vw + dim, 0.f);
+          }
+        }
+      }
+      for (int64_t i = 0; i < padded; ++i) {
+        for (int64_t h = 0; h < heads; ++h) {
+          float* dst = query.data() + (h * padded + i) * dim;
+          const T* src = qd + b * qs[0] + h * qs[1] + i * qs[2];
+          if (i < len) {
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) dst[d] = D::load(src[d]) * scale;
+          } else {
+            std::fill(dst, dst + dim, 0.f);
+          }
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* head_keys = keys_t.data() + h * tiles * dim * kTile;
+        const float* head_values = values_w.data() + h * width * dim;
+        const float* head_query = query.data() + h * padded * dim;
+        for (int64_t t = 0; t < tiles; ++t)
+          for (int64_t i0 = 0; i0 < padded; i0 += kQBlock)
+            score_tile(head_query + i0 * dim, head_keys + t * dim * kTile, dim, scores.data() + i0 * width + t * kTile,
+                       width);
+        // Softmax per query over the text's keys, unnormalised; 1 / the sum kept.
+        for (int64_t i = 0; i < padded; ++i) {
+          float* row = scores.data() + i * width;
+          alignas(64) float peaks[kTile];
+          for (int j = 0; j < kTile; ++j) peaks[j] = row[0];
+          int64_t pos = 0;
+          for (; pos + kTile <= seen; pos += kTile) {
+#pragma omp simd
+            for (int j = 0; j < kTile; ++j) peaks[j] = row[pos + j] > peaks[j] ? row[pos + j] : peaks[j];
+          }
+          for (; pos < seen; ++pos) peaks[0] = row[pos] > peaks[0] ? row[pos] : peaks[0];
+          float peak = peaks[0];
+          for (int j = 1; j < kTile; ++j) peak = peaks[j] > peak ? peaks[j] : peak;
+#pragma omp simd
+          for (int64_t p = 0; p < seen; ++p) row[p] = std::exp(row[p] - peak);
+          std::fill(row + seen, row + width, 0.f);
+          alignas(64) float lanes[kTile] = {};
+          for (int64_t base = 0; base < width; base += kTile) {
+#pragma omp simd
+            for (int j = 0; j < kTile; ++j) lanes[j] += row[base + j];
+          }
+          float sum = 0.f;
+          for (int j = 0; j < kTile; ++j) sum += lanes[j];
+          inv_sum[i] = 1.f / sum;
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < tiles; ++t)
+          for (int64_t i0 = 0; i0 < padded; i0 += kVBlock)
+            sum_values<DIM>(scores.data() + i0 * width + t * kTile, width, head_values + t * kTile * dim, dim,
+                            acc.data() + i0 * dim);
+        for (int64_t i = 0; i < len; ++i) {
+          T* dst = od + ((b * len + i) * heads + h) * dim;
+          const float* a = acc.data() + i * dim;
+          const float inv = inv_sum[i];
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) dst[d] = D::store(a[d] * inv);
+        }
+      }
+    }
+  }
+}
+
+// q, k, v [B, H, L, D] (any strides but the last); lengths [B] int64, each in
+// 1..L: sequence b's keys are its first lengths[b] positions, which every one
+// of its L queries attends to. Returns [B, L, H, D], contiguous.
+at::Tensor padded_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v [B, H, L, D] expected");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "each head's values must be packed");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v must share a dtype");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.is_contiguous() &&
+                  lengths.size(0) == q.size(0),
+              "int64 lengths [B] expected");
+  const int64_t* lens = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b)
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= q.size(2), "a length outside 1..L");
+  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());
+  const float s = static_cast<float>(scale);
+  const auto run = [&](auto tag, auto fixed) {
+    padded_attention_heads<decltype(tag), decltype(fixed)::value>(q, k, v, lens, out, s);
+  };
+  const bool d32 = q.size(3) == 32;
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      d32 ? run(F32{}, std::integral_constant<int, 32>{}) : run(F32{}, std::integral_constant<int, 0>{});
+      break;
+    case at::kBFloat16:
+      d32 ? run(BF16{}, std::integral_constant<int, 32>{}) : run(BF16{}, std::integral_constant<int, 0>{});
+      break;
+    default: TORCH_CHECK(false, "padded_attention: fp32 or bf16 expected, got ", q.scalar_type());
+  }
+  return out;
+}
+
 }  // namespace
 
 // The schema is defined from Python (inference.kernels), as paged_decode_attention's.
-TORCH_LIBRARY_IMPL(chatapp, CPU, m) { m.impl("paged_prefill_attention", &paged_prefill_attention); }
+TORCH_LIBRARY_IMPL(chatapp, CPU, m) {
+  m.impl("paged_prefill_attention", &paged_prefill_attention);
+  m.impl("padded_attention", &padded_attention);
+}
