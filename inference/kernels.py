@@ -292,10 +292,12 @@ def reference_padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                scale: float) -> torch.Tensor:
     """The torch path's result for padded_attention's arguments (q, k, v [B,
     H, L, D], each text's keys its first lengths[b]): SDPA in fp32 with the
-    padding masked, as [B, L, H, D]. The library's self-check, and the tests'."""
-    mask = (torch.arange(q.size(2))[None, :] < lengths[:, None]).view(q.size(0), 1, 1, q.size(2))
-    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)
-    return out.transpose(1, 2).to(q.dtype)
+    padding masked, as [B, L, H, D], zero at the padding's own positions
+    (which nothing reads). The library's self-check, and the tests'."""
+    keep = torch.arange(q.size(2))[None, :] < lengths[:, None]
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep[:, None, None, :],
+                                         scale=scale)
+    return (out.transpose(1, 2) * keep[:, :, None, None]).to(q.dtype)
 
 
 def _self_check() -> None:

@@ -210,8 +210,8 @@ class Encoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """[N, D] float32, unit length. A batch (concurrent callers' texts)
-        runs as groups of similar length, each padded only to its own
-        longest: 32 short prompts and one 400-character reply window are
+        runs as groups of similar length (`groups`), each padded only to its
+        own longest: 32 short prompts and one 400-character reply window are
         not all padded to the window's length."""
         if self._st is not None:
             return self._st.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
@@ -222,17 +222,11 @@ class Encoder:
             return out
         ids, mask = self._ids(list(texts))  # padded on the right, to the longest text
         lengths = mask.sum(1).tolist()
-        order = sorted(range(len(texts)), key=lengths.__getitem__)
         with torch.inference_mode():
-            start = 0
-            while start < len(order):
-                end = start + 1
-                while end < len(order) and lengths[order[end]] <= 2 * lengths[order[start]]:
-                    end += 1
-                rows = torch.tensor(order[start:end])
-                width = lengths[order[end - 1]]
+            for group in groups(lengths):
+                rows = torch.tensor(group)
+                width = max(lengths[i] for i in group)
                 out[rows.numpy()] = self.module(ids[rows, :width], mask[rows, :width]).numpy()
-                start = end
         return out
 
     def report(self) -> dict:
@@ -280,6 +274,39 @@ def _padded_attention(module, query, key, value, attention_mask, scaling=None, d
         lengths = attention_mask.sum(-1)
     scale = scaling if scaling is not None else query.size(-1) ** -0.5
     return torch.ops.chatapp.padded_attention(query, key, value, lengths, scale), None
+
+
+# How encode groups a batch: a group's padding at most PAD_SHARE of its tokens
+# past SHORT_TOKENS a text (shorter texts: the longest at most twice the
+# shortest, as their calls' fixed cost outweighs padding), and at most
+# CALL_TOKENS tokens a call. One bound only (the longest within twice the
+# shortest) had padded a burst's reply windows of 54-107 tokens into one call
+# of 64 x 107, a third of it padding: with these bounds the burst's 80 texts
+# (32 mid-stream and 32 final reads, 16 prompts) took 384-399 against 524-551
+# ms on one thread of the AMX Xeon (docs/BENCHMARKS.md "MiniLM's calls").
+PAD_SHARE = 0.15
+SHORT_TOKENS = 32
+CALL_TOKENS = 4096
+
+
+def groups(lengths: list[int]) -> list[list[int]]:
+    """The batch's indices in groups encoded one call each, shortest first."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    out: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        end, real = start + 1, lengths[order[start]]
+        while end < len(order):
+            width, count = lengths[order[end]], end + 1 - start
+            within = width <= 2 * lengths[order[start]] if width <= SHORT_TOKENS \
+                else count * width <= (1 + PAD_SHARE) * (real + width)
+            if not within or count * width > CALL_TOKENS:
+                break
+            real += width
+            end += 1
+        out.append(order[start:end])
+        start = end
+    return out
 
 
 def pick(best_ms: dict[str, dict[str, float]], agreement: float) -> str:

@@ -121,6 +121,26 @@ def test_without_the_library_bf16_keeps_sdpa(monkeypatch, references):
     assert (encoder.encode(TEXTS) * references[2]).sum(1).min() >= minilm.AGREEMENT
 
 
+def test_a_batch_is_grouped_with_little_padding_and_calls_of_bounded_size():
+    # A burst: short prompts, 32 mid-stream reads of ~80 tokens, 32 final reads of ~107.
+    lengths = [3, 9, 22, 17, 12] + [76 + i % 5 for i in range(32)] + [103 + i % 5 for i in range(32)]
+    found = minilm.groups(lengths)
+    assert sorted(i for group in found for i in group) == list(range(len(lengths)))  # each text once
+    for group in found:
+        sizes = [lengths[i] for i in group]
+        width = max(sizes)
+        assert len(group) * width <= minilm.CALL_TOKENS
+        if width <= minilm.SHORT_TOKENS:
+            assert width <= 2 * min(sizes)
+        else:
+            assert len(group) * width <= (1 + minilm.PAD_SHARE) * sum(sizes)
+    # The windows are not padded to the final reads' width, nor the prompts split one by one.
+    assert sorted(len(group) for group in found) == [1, 1, 3, 32, 32]
+    # Texts of one length: one call until CALL_TOKENS, then the next.
+    assert [len(g) for g in minilm.groups([100] * 50)] == [40, 10]
+    assert minilm.groups([]) == []
+
+
 def test_auto_times_both_formats_and_keeps_what_the_rule_picks():
     encoder = minilm.Encoder(_path(), layers=2, dtype="auto")
     timings = encoder.timings_ms

@@ -373,8 +373,12 @@ void padded_attention_heads(const at::Tensor& q, const at::Tensor& k, const at::
         acc(padded * dim), scores(padded * width), inv_sum(padded);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < batch; ++b) {
+      // Only the text's own positions are computed: its padding is never
+      // read (its keys are masked, its rows left out of the pooled mean),
+      // and a batch's shorter texts are padded by up to half their length.
       const int64_t seen = lengths[b];
-      for (int64_t pos = 0; pos < width; ++pos) {
+      const int64_t rows = (seen + kQBlock - 1) / kQBlock * kQBlock, used = (seen + kTile - 1) / kTile;
+      for (int64_t pos = 0; pos < used * kTile; ++pos) {
         for (int64_t h = 0; h < heads; ++h) {
           float* kt = keys_t.data() + (h * tiles + pos / kTile) * dim * kTile + pos % kTile;
           float* vw = values_w.data() + (h * width + pos) * dim;
@@ -390,11 +394,11 @@ void padded_attention_heads(const at::Tensor& q, const at::Tensor& k, const at::
           }
         }
       }
-      for (int64_t i = 0; i < padded; ++i) {
+      for (int64_t i = 0; i < rows; ++i) {
         for (int64_t h = 0; h < heads; ++h) {
           float* dst = query.data() + (h * padded + i) * dim;
           const T* src = qd + b * qs[0] + h * qs[1] + i * qs[2];
-          if (i < len) {
+          if (i < seen) {
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) dst[d] = D::load(src[d]) * scale;
           } else {
@@ -406,12 +410,12 @@ void padded_attention_heads(const at::Tensor& q, const at::Tensor& k, const at::
         const float* head_keys = keys_t.data() + h * tiles * dim * kTile;
         const float* head_values = values_w.data() + h * width * dim;
         const float* head_query = query.data() + h * padded * dim;
-        for (int64_t t = 0; t < tiles; ++t)
-          for (int64_t i0 = 0; i0 < padded; i0 += kQBlock)
+        for (int64_t t = 0; t < used; ++t)
+          for (int64_t i0 = 0; i0 < rows; i0 += kQBlock)
             score_tile(head_query + i0 * dim, head_keys + t * dim * kTile, dim, scores.data() + i0 * width + t * kTile,
                        width);
         // Softmax per query over the text's keys, unnormalised; 1 / the sum kept.
-        for (int64_t i = 0; i < padded; ++i) {
+        for (int64_t i = 0; i < rows; ++i) {
           float* row = scores.data() + i * width;
           alignas(64) float peaks[kTile];
           for (int j = 0; j < kTile; ++j) peaks[j] = row[0];
@@ -425,9 +429,9 @@ void padded_attention_heads(const at::Tensor& q, const at::Tensor& k, const at::
           for (int j = 1; j < kTile; ++j) peak = peaks[j] > peak ? peaks[j] : peak;
 #pragma omp simd
           for (int64_t p = 0; p < seen; ++p) row[p] = std::exp(row[p] - peak);
-          std::fill(row + seen, row + width, 0.f);
+          std::fill(row + seen, row + used * kTile, 0.f);
           alignas(64) float lanes[kTile] = {};
-          for (int64_t base = 0; base < width; base += kTile) {
+          for (int64_t base = 0; base < used * kTile; base += kTile) {
 #pragma omp simd
             for (int j = 0; j < kTile; ++j) lanes[j] += row[base + j];
           }
@@ -436,14 +440,14 @@ void padded_attention_heads(const at::Tensor& q, const at::Tensor& k, const at::
           inv_sum[i] = 1.f / sum;
         }
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t = 0; t < tiles; ++t)
-          for (int64_t i0 = 0; i0 < padded; i0 += kVBlock)
+        for (int64_t t = 0; t < used; ++t)
+          for (int64_t i0 = 0; i0 < rows; i0 += kVBlock)
             sum_values<DIM>(scores.data() + i0 * width + t * kTile, width, head_values + t * kTile * dim, dim,
                             acc.data() + i0 * dim);
         for (int64_t i = 0; i < len; ++i) {
           T* dst = od + ((b * len + i) * heads + h) * dim;
           const float* a = acc.data() + i * dim;
-          const float inv = inv_sum[i];
+          const float inv = i < seen ? inv_sum[i] : 0.f;  // a padding position's output: zeros
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) dst[d] = D::store(a[d] * inv);
         }
@@ -453,8 +457,9 @@ void padded_attention_heads(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // q, k, v [B, H, L, D] (any strides but the last); lengths [B] int64, each in
-// 1..L: sequence b's keys are its first lengths[b] positions, which every one
-// of its L queries attends to. Returns [B, L, H, D], contiguous.
+// 1..L: text b's keys are its first lengths[b] positions, which each of those
+// positions attends to. Returns [B, L, H, D], contiguous, zero past a text's
+// length.
 at::Tensor padded_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
                             double scale) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v [B, H, L, D] expected");
