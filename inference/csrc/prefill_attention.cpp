@@ -156,6 +156,35 @@ inline void sum_values(const float* weights, int64_t stride, const float* values
   }
 }
 
+// A query's softmax over the first `seen` scores of its row, in place and
+// unnormalised, zeros from there to `width` (whole tiles); returns 1 / the
+// sum. The maximum in sixteen lanes (exact in any order): one serial chain of
+// scalar max was 40% of the kernel's time. The sum runs over sixteen lanes
+// fixed by the key's position (p mod 16), then across them.
+inline float softmax_row(float* row, int64_t seen, int64_t width) {
+  alignas(64) float peaks[kTile];
+  for (int j = 0; j < kTile; ++j) peaks[j] = row[0];
+  int64_t pos = 0;
+  for (; pos + kTile <= seen; pos += kTile) {
+#pragma omp simd
+    for (int j = 0; j < kTile; ++j) peaks[j] = row[pos + j] > peaks[j] ? row[pos + j] : peaks[j];
+  }
+  for (; pos < seen; ++pos) peaks[0] = row[pos] > peaks[0] ? row[pos] : peaks[0];
+  float peak = peaks[0];
+  for (int j = 1; j < kTile; ++j) peak = peaks[j] > peak ? peaks[j] : peak;
+#pragma omp simd
+  for (int64_t p = 0; p < seen; ++p) row[p] = std::exp(row[p] - peak);
+  std::fill(row + seen, row + width, 0.f);
+  alignas(64) float lanes[kTile] = {};
+  for (int64_t base = 0; base < width; base += kTile) {
+#pragma omp simd
+    for (int j = 0; j < kTile; ++j) lanes[j] += row[base + j];
+  }
+  float sum = 0.f;
+  for (int j = 0; j < kTile; ++j) sum += lanes[j];
+  return 1.f / sum;
+}
+
 // DIM > 0: the head size fixed at compile time (loops unrolled); 0: dim at run time.
 template <typename D, int DIM>
 void prefill_attention_rows(const typename D::storage* q, int64_t q_row_stride, const typename D::storage* k_cache,
@@ -239,30 +268,7 @@ void prefill_attention_rows(const typename D::storage* q, int64_t q_row_stride, 
           inv_sum[i] = 0.f;
           continue;
         }
-        const int64_t seen = start + r0 + r + 1;
-        // The maximum in sixteen lanes (exact in any order): one serial
-        // chain of scalar max was 40% of the kernel's time.
-        alignas(64) float peaks[kTile];
-        for (int j = 0; j < kTile; ++j) peaks[j] = row[0];
-        int64_t pos = 0;
-        for (; pos + kTile <= seen; pos += kTile) {
-#pragma omp simd
-          for (int j = 0; j < kTile; ++j) peaks[j] = row[pos + j] > peaks[j] ? row[pos + j] : peaks[j];
-        }
-        for (; pos < seen; ++pos) peaks[0] = row[pos] > peaks[0] ? row[pos] : peaks[0];
-        float peak = peaks[0];
-        for (int j = 1; j < kTile; ++j) peak = peaks[j] > peak ? peaks[j] : peak;
-#pragma omp simd
-        for (int64_t p = 0; p < seen; ++p) row[p] = std::exp(row[p] - peak);
-        std::fill(row + seen, row + width, 0.f);
-        alignas(64) float lanes[kTile] = {};
-        for (int64_t base = 0; base < width; base += kTile) {
-#pragma omp simd
-          for (int j = 0; j < kTile; ++j) lanes[j] += row[base + j];
-        }
-        float sum = 0.f;
-        for (int j = 0; j < kTile; ++j) sum += lanes[j];
-        inv_sum[i] = 1.f / sum;
+        inv_sum[i] = softmax_row(row, start + r0 + r + 1, width);
       }
       // Values, a tile at a time, summed key by key in order.
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -416,28 +422,7 @@ void padded_attention_heads(const at::Tensor& q, const at::Tensor& k, const at::
                        width);
         // Softmax per query over the text's keys, unnormalised; 1 / the sum kept.
         for (int64_t i = 0; i < rows; ++i) {
-          float* row = scores.data() + i * width;
-          alignas(64) float peaks[kTile];
-          for (int j = 0; j < kTile; ++j) peaks[j] = row[0];
-          int64_t pos = 0;
-          for (; pos + kTile <= seen; pos += kTile) {
-#pragma omp simd
-            for (int j = 0; j < kTile; ++j) peaks[j] = row[pos + j] > peaks[j] ? row[pos + j] : peaks[j];
-          }
-          for (; pos < seen; ++pos) peaks[0] = row[pos] > peaks[0] ? row[pos] : peaks[0];
-          float peak = peaks[0];
-          for (int j = 1; j < kTile; ++j) peak = peaks[j] > peak ? peaks[j] : peak;
-#pragma omp simd
-          for (int64_t p = 0; p < seen; ++p) row[p] = std::exp(row[p] - peak);
-          std::fill(row + seen, row + used * kTile, 0.f);
-          alignas(64) float lanes[kTile] = {};
-          for (int64_t base = 0; base < used * kTile; base += kTile) {
-#pragma omp simd
-            for (int j = 0; j < kTile; ++j) lanes[j] += row[base + j];
-          }
-          float sum = 0.f;
-          for (int j = 0; j < kTile; ++j) sum += lanes[j];
-          inv_sum[i] = 1.f / sum;
+          inv_sum[i] = softmax_row(scores.data() + i * width, seen, used * kTile);
         }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t = 0; t < used; ++t)
