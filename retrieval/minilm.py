@@ -29,8 +29,8 @@ bf16") has what that changes in moderation's verdicts and in retrieval.
 Why the engine's library for bf16 attention (`kernel_dir`): at a reply
 window's shape (about 100 tokens, twelve 32-wide heads) SDPA's CPU kernel
 spent about a third of the six layers' time on about 5% of their FLOPs.
-inference.kernels' padded_attention runs each (text, head) pair as one task
-over the text's own keys, summed in fp32. fp32 keeps SDPA, whose vectors are
+inference.kernels' padded_attention runs each text's heads as one task over
+its own keys, summed in fp32, and leaves its padding uncomputed. fp32 keeps SDPA, whose vectors are
 sentence-transformers' to 1e-6; where the library cannot be built, bf16 keeps
 SDPA too.
 """
@@ -282,8 +282,9 @@ def _padded_attention(module, query, key, value, attention_mask, scaling=None, d
 # CALL_TOKENS tokens a call. One bound only (the longest within twice the
 # shortest) had padded a burst's reply windows of 54-107 tokens into one call
 # of 64 x 107, a third of it padding: with these bounds the burst's 80 texts
-# (32 mid-stream and 32 final reads, 16 prompts) took 384-399 against 524-551
-# ms on one thread of the AMX Xeon (docs/BENCHMARKS.md "MiniLM's calls").
+# (32 mid-stream and 32 final reads, 16 prompts) took 377 against 516 ms on
+# one thread of the AMX Xeon, medians of five rounds by turns (docs/
+# BENCHMARKS.md "MiniLM's attention in the library").
 PAD_SHARE = 0.15
 SHORT_TOKENS = 32
 CALL_TOKENS = 4096
