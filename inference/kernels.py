@@ -70,6 +70,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -450,8 +451,15 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+# One build or load at a time in a process: an engine's start and MiniLM's
+# load (retrieval's thread, moderation's shallow thread) may each ask first,
+# and a build's temporary files are named by the process.
+_load_lock = threading.Lock()
+
+
 def load_kernels(kernel_dir: str | os.PathLike | None = None) -> bool:
-    """Build or load the library (paged decode and prefill attention,
-    small_linear, the fused element-wise ops, argmax); True when its ops are
-    ready to run."""
-    return _loaded or _load(str(Path(kernel_dir) if kernel_dir else default_kernel_dir()))
+    """Build or load the library (paged decode and prefill attention, an
+    encoder's padded attention, small_linear, the fused element-wise ops,
+    argmax); True when its ops are ready to run."""
+    with _load_lock:
+        return _loaded or _load(str(Path(kernel_dir) if kernel_dir else default_kernel_dir()))

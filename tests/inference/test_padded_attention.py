@@ -74,3 +74,31 @@ def test_lengths_outside_the_texts_are_refused(attention):
         attention(q, k, v, torch.tensor([8]), 1.0)
     with pytest.raises(RuntimeError, match="fp32 or bf16"):
         attention(q.half(), k.half(), v.half(), torch.tensor([8, 8]), 1.0)
+
+
+def test_threads_asking_for_the_library_at_once_load_it_one_at_a_time(monkeypatch):
+    # An engine's start and MiniLM's two threads may ask first at the same
+    # time; a build's temporary files are named by the process, so two builds
+    # at once in one process would write the same files.
+    import threading
+    import time
+
+    inside, most = [0], [0]
+
+    def slow_load(kernel_dir):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        inside[0] -= 1
+        return True
+
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_load", slow_load)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(kernels.load_kernels("/nonexistent")))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 4 and most[0] == 1
