@@ -45,6 +45,39 @@ def _stamp(name: str) -> None:
         stamps.setdefault(name, time.time())
 
 
+def _patch_middleware() -> None:
+    """Stamps inside Django's synchronous middleware block (chatapp.apps):
+    its thread has the request, the session is loaded, the user is loaded."""
+    from django.contrib.sessions.middleware import SessionMiddleware
+    from django.middleware.security import SecurityMiddleware
+
+    from chatapp.middleware import LoadedUserMiddleware
+
+    real_security = SecurityMiddleware.process_request
+
+    def security(self, request):
+        _stamp("sync block")
+        return real_security(self, request)
+
+    SecurityMiddleware.process_request = security
+    real_session = SessionMiddleware.process_request
+
+    def session(self, request):
+        real_session(self, request)
+        request.session.get("_auth_user_id")  # the session's load (lazy until read)
+        _stamp("session")
+
+    SessionMiddleware.process_request = session
+    real_loaded = LoadedUserMiddleware.__call__
+
+    def loaded(self, request):
+        request.user.is_authenticated  # the lazy user, as LoadedUserMiddleware evaluates it
+        _stamp("user")
+        return real_loaded(self, request)
+
+    LoadedUserMiddleware.__call__ = loaded
+
+
 def _patch(path: str) -> None:
     """One wrapper per stage, in the order a chat meets them."""
     from django.core.handlers import asgi as django_asgi
@@ -62,6 +95,7 @@ def _patch(path: str) -> None:
         return await real_call(self, scope, receive, send)
 
     django_asgi.ASGIHandler.__call__ = call
+    _patch_middleware()
     real_rate_limited = views._chat_rate_limited
 
     async def rate_limited(request, user):
@@ -83,6 +117,13 @@ def _patch(path: str) -> None:
         return reply, request
 
     turns.create_and_prepare = create_and_prepare
+    real_build = turns.build_request
+
+    def build_request(**kwargs):
+        _stamp("inserted")
+        return real_build(**kwargs)
+
+    turns.build_request = build_request
 
     # 3. the gateway, the engine, the reply's log, the SSE stream
     real_generate = turns.generate

@@ -10,9 +10,13 @@ once), after a warm-up of the same chats. Every stage is the p50/p90 of its
 wall-clock time after the client sent the POST. What each stage is:
 
 - django: the request reaches Django's ASGI handler (Daphne has parsed it);
-- view: the view starts (middleware done, user loaded);
+- sync block: Django's synchronous middleware (chatapp.apps) has the request
+  on its thread, one hop from the event loop;
+- session, user: the session (Redis) and the user's row (Postgres) are loaded;
+- view: the view starts (middleware done, back on the event loop);
 - rate limit: the chat's request counters answered;
-- saving / saved: the turn's rows and its model request, on a database thread;
+- saving / inserted / saved: the turn's rows (one statement) and then its
+  model request (the context's reads), on a database thread;
 - gateway: the reply's task hands the request to the gateway;
 - engine: the gateway submits it to the engine (admission done);
 - first token: the engine thread delivers the first token;
@@ -37,7 +41,8 @@ from bench import chat, free_port, report
 from bench.report import ROOT, percentile
 
 SECTION = "## A new chat's path, stage by stage (bench.stages)"
-STAGES = ["django", "view", "rate limit", "saving", "saved", "gateway", "engine", "first token", "in the log",
+STAGES = ["django", "sync block", "session", "user", "view", "rate limit", "saving", "inserted", "saved", "gateway",
+          "engine", "first token", "in the log",
           "POST answered", "stream opened", "token written", "token read"]
 
 
