@@ -139,20 +139,19 @@ def _script(client, name: str, source: str):
     return scripts[name]
 
 
-async def acquire(*, user_id: int, request_id: str, limits: Limits,
-                  on_revoked: Callable[[str], None]) -> Lease:
-    """A lease for one generation, or a 429 (cap, capacity) / 403-like refusal (ban)."""
+def acquire_call(*, user_id: int, request_id: str, limits: Limits) -> tuple[list, list]:
+    """ACQUIRE_LUA's (keys, args) for a lease on `request_id`: what `acquire`
+    runs, and what gateway.admission runs in one round trip with the quota."""
     now = time.time()
     ttl_s = settings.ABUSE_LEASE_TTL_S
-    try:
-        script = _script(runtime.redis_async(), "acquire", ACQUIRE_LUA)
-        admitted, mine, _total = (int(x) for x in await script(
-            keys=_keys(user_id),
-            args=[now, now + ttl_s, request_id, limits.max_concurrent, deployment_limit(limits.priority),
-                  math.ceil(ttl_s) + 1],
-        ))
-    except REDIS_ERRORS:
-        raise Unavailable("The admission service (Redis) is unreachable; try again in a minute.") from None
+    return list(_keys(user_id)), [now, now + ttl_s, request_id, limits.max_concurrent,
+                                  deployment_limit(limits.priority), math.ceil(ttl_s) + 1]
+
+
+def lease_from(result, *, user_id: int, request_id: str, limits: Limits,
+               on_revoked: Callable[[str], None]) -> Lease:
+    """The lease ACQUIRE_LUA's `result` granted, or its refusal raised."""
+    admitted, mine, _total = (int(x) for x in result)
     if admitted == 1:
         lease = Lease(user_id=user_id, request_id=request_id, on_revoked=on_revoked, queue_position=mine)
         _keeper_leases()[request_id] = lease
@@ -165,6 +164,20 @@ async def acquire(*, user_id: int, request_id: str, limits: Limits,
             "wait for one to finish.", retry_after_s=5, headers={"Retry-After": "5"},
         )
     raise Overloaded("The service is at capacity right now.", retry_after_s=10, headers={"Retry-After": "10"})
+
+
+REDIS_DOWN = "The admission service (Redis) is unreachable; try again in a minute."
+
+
+async def acquire(*, user_id: int, request_id: str, limits: Limits,
+                  on_revoked: Callable[[str], None]) -> Lease:
+    """A lease for one generation, or a 429 (cap, capacity) / 403-like refusal (ban)."""
+    keys, args = acquire_call(user_id=user_id, request_id=request_id, limits=limits)
+    try:
+        result = await _script(runtime.redis_async(), "acquire", ACQUIRE_LUA)(keys=keys, args=args)
+    except REDIS_ERRORS:
+        raise Unavailable(REDIS_DOWN) from None
+    return lease_from(result, user_id=user_id, request_id=request_id, limits=limits, on_revoked=on_revoked)
 
 
 async def release(lease: Lease | None) -> None:

@@ -166,8 +166,23 @@ def _limit_values(limits: Limits) -> tuple[int, int, int, int]:
     return (limits.requests_per_minute, limits.tokens_per_minute, limits.tokens_per_day, limits.tokens_per_month)
 
 
-async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | None = None) -> Reservation:
-    """Reserve one request and `tokens` tokens in every window, or raise a 429."""
+@dataclass(frozen=True)
+class ReserveCall:
+    """RESERVE_LUA's keys and args for one request, and what reading its
+    result needs: what `reserve` runs, and what gateway.admission runs in
+    one round trip with the request's lease."""
+    user_id: int
+    limits: Limits
+    tokens: int
+    windows: Windows
+    id: str
+    keys: list
+    args: list
+
+
+def reserve_call(*, user_id: int, limits: Limits, tokens: int, now: float | None = None) -> ReserveCall:
+    """The reservation's script call; a 400 when `tokens` exceed a limit
+    outright (waiting would never help)."""
     lim = _limit_values(limits)
     for index in (1, 2, 3):
         if lim[index] and tokens > lim[index]:
@@ -179,19 +194,23 @@ async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | Non
     w = windows(user_id, now)
     reservation_id = uuid.uuid4().hex
     record = " ".join([str(tokens), *w.keys[1:]])
-    try:
-        reserve_script, _ = _scripts(runtime.redis_async())
-        result = await reserve_script(keys=[*w.keys, OPEN_KEY, LEASES_KEY], args=[
-            *lim, tokens, *[r + 5 for r in w.resets_s], reservation_id, _lease_expiry(), record])
-    except REDIS_ERRORS:
-        raise Unavailable(REDIS_DOWN) from None
+    return ReserveCall(user_id=user_id, limits=limits, tokens=tokens, windows=w, id=reservation_id,
+                       keys=[*w.keys, OPEN_KEY, LEASES_KEY],
+                       args=[*lim, tokens, *[r + 5 for r in w.resets_s], reservation_id, _lease_expiry(), record])
+
+
+def reservation_from(call: ReserveCall, result) -> Reservation:
+    """The reservation RESERVE_LUA's `result` made (now leased by this
+    process), or the 429 of the window that refused it."""
     admitted, refused, *used = (int(x) for x in result)
+    limits, w = call.limits, call.windows
     headers = rate_headers(limits, tuple(used), w.resets_s)
     if admitted:
-        reservation = Reservation(user_id=user_id, tokens=tokens, token_keys=w.keys[1:], headers=headers,
-                                  id=reservation_id)
+        reservation = Reservation(user_id=call.user_id, tokens=call.tokens, token_keys=w.keys[1:], headers=headers,
+                                  id=call.id)
         _leases().hold(reservation)
         return reservation
+    lim = _limit_values(limits)
     index = refused - 1
     wait_s = w.resets_s[index]
     headers["Retry-After"] = str(wait_s)
@@ -201,11 +220,22 @@ async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | Non
     else:
         message = (
             f"Token limit reached: {lim[index]} {WINDOW_NAMES[index]} ({used[index]} used, this request "
-            f"needs up to {tokens})."
+            f"needs up to {call.tokens})."
         )
     metrics.quota_rejected(WINDOW_LABELS[index])
     error_class = RateLimited if index <= 1 else QuotaExceeded
     raise error_class(message, headers=headers, retry_after_s=wait_s)
+
+
+async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | None = None) -> Reservation:
+    """Reserve one request and `tokens` tokens in every window, or raise a 429."""
+    call = reserve_call(user_id=user_id, limits=limits, tokens=tokens, now=now)
+    try:
+        reserve_script, _ = _scripts(runtime.redis_async())
+        result = await reserve_script(keys=call.keys, args=call.args)
+    except REDIS_ERRORS:
+        raise Unavailable(REDIS_DOWN) from None
+    return reservation_from(call, result)
 
 
 async def reconcile(reservation: Reservation, *, charged_tokens: int) -> None:

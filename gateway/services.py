@@ -24,7 +24,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 
 from chatapp import runtime
-from gateway import backends, cache, concurrency, pricing, quotas, registry, router
+from gateway import admission, backends, cache, concurrency, pricing, quotas, registry, router
 from gateway.backends import BackendFailure, BackendFinal
 from gateway.models import Backend, UsageRecord
 from gateway.registry import BackendSpec, Limits
@@ -407,18 +407,14 @@ async def _plan(request: ChatRequest) -> _Run:
 
 async def _admit(request: ChatRequest, limits: Limits, tokens: int):
     """(request, quota reservation, lease): a slot in flight first (per-user
-    cap, capacity shedding, bans; gateway.concurrency), then the tokens.
-    Background work (titles, summaries) is the product's, not the user's:
-    ledgered, never refused for quota or slots."""
+    cap, capacity shedding, bans; gateway.concurrency), then the tokens, in
+    one Redis round trip (gateway.admission). Background work (titles,
+    summaries) is the product's, not the user's: ledgered, never refused for
+    quota or slots."""
     if request.user_id is None or request.source == "task":
         return request, None, None
-    lease = await concurrency.acquire(user_id=request.user_id, request_id=request.request_id, limits=limits,
-                                      on_revoked=abort)
-    try:
-        reservation = await quotas.reserve(user_id=request.user_id, limits=limits, tokens=tokens)
-    except BaseException:
-        await concurrency.release(lease)
-        raise
+    lease, reservation = await admission.admit(user_id=request.user_id, request_id=request.request_id,
+                                               limits=limits, tokens=tokens, on_revoked=abort)
     # The fair queue: a user's extra requests wait behind other users' first ones.
     return dataclasses.replace(request, priority=lease.fair_priority(request.priority)), reservation, lease
 
