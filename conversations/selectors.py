@@ -57,7 +57,17 @@ def preferences_get(*, user) -> ChatPreferences:
 def custom_instructions(*, user_id) -> str:
     """What the user asked every chat to know (by id: the context builder
     need not load the user)."""
-    return ChatPreferences.objects.filter(user_id=user_id).values_list("custom_instructions", flat=True).first() or ""
+    return _instructions(user_id).first() or ""
+
+
+def custom_instructions_query(*, user_id) -> tuple[str, tuple]:
+    """custom_instructions' query as (sql, params): one column, at most one
+    row, for a caller that reads it with others in one round trip."""
+    return _instructions(user_id)[:1].query.sql_with_params()
+
+
+def _instructions(user_id):
+    return ChatPreferences.objects.filter(user_id=user_id).values_list("custom_instructions", flat=True).order_by("id")
 
 
 # ------------------------------------------------------------ the tree

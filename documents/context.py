@@ -68,15 +68,22 @@ def screen_hits(hits: list[selectors.Hit], *, user_id) -> list[bool]:
     return flags
 
 
+# passages_for_turn's `scope` when the caller has not read it.
+UNREAD = object()
+
+
 def passages_for_turn(*, user_id, conversation_id, query: str, prompt_budget_tokens: int,
-                      count_tokens: Callable[[str], int], needed_tokens: Callable[[], int] = lambda: 0) -> Passages:
+                      count_tokens: Callable[[str], int], needed_tokens: Callable[[], int] = lambda: 0,
+                      scope=UNREAD) -> Passages:
     """`count_tokens(text)`: the model's tokens for `text` as a system message;
     `needed_tokens()`: what the prompt needs without passages (the system
-    message and the newest message), which passages never crowd out."""
+    message and the newest message), which passages never crowd out;
+    `scope`: `selectors.turn_scope`'s answer when the caller read it already."""
     budget = passage_budget(prompt_budget_tokens)
     if budget <= 0 or not query.strip():
         return Passages()
-    scope = selectors.turn_scope(user_id=user_id, conversation_id=conversation_id)
+    if scope is UNREAD:
+        scope = selectors.turn_scope(user_id=user_id, conversation_id=conversation_id)
     if scope is None:
         return Passages()
     # The question is embedded on the embedding thread while this one counts

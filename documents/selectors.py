@@ -107,12 +107,22 @@ def turn_scope(*, user_id, conversation_id) -> Scope | None:
     """What a turn searches, with its size, or None when there is nothing to
     search: one query (the chat's switch, its documents, the table's size)."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"""WITH lib AS (SELECT EXISTS(SELECT 1 FROM documents_chatsources
+        cursor.execute(*turn_scope_query(user_id=user_id, conversation_id=conversation_id))
+        return turn_scope_from(cursor.fetchone(), user_id=user_id, conversation_id=conversation_id)
+
+
+def turn_scope_query(*, user_id, conversation_id) -> tuple[str, list]:
+    """turn_scope's query as (sql, params), for a caller that reads it with
+    others in one round trip (conversations.context); `turn_scope_from`
+    reads its row (four columns)."""
+    return (f"""WITH lib AS (SELECT EXISTS(SELECT 1 FROM documents_chatsources
                                            WHERE conversation_id = %s AND use_library) AS on_)
                 SELECT lib.on_, size.* FROM lib, LATERAL ({_SIZE_SQL.format(library="OR (lib.on_ AND conversation_id IS NULL)")}) size""",
             [conversation_id, user_id, conversation_id])
-        library_on, chunks, documents, table_chunks = cursor.fetchone()
+
+
+def turn_scope_from(row, *, user_id, conversation_id) -> Scope | None:
+    library_on, chunks, documents, table_chunks = row
     if not documents:
         return None
     return Scope(user_id=user_id, conversation_id=conversation_id, use_library=library_on, chunks=int(chunks),

@@ -60,6 +60,33 @@ def test_a_new_chat_request_is_built_from_the_turn_just_saved_without_reading_it
     assert (request.user_id, request.model, request.max_tokens) == (from_db.user_id, from_db.model, from_db.max_tokens)
 
 
+def test_a_new_chat_is_saved_and_its_context_read_in_two_statements(alice, fake_gateway):
+    """The turn's rows (one statement), then the user's custom instructions,
+    memory's state and the documents' scope together (they were three
+    queries): each round trip waits for Postgres to get a core."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from conversations import turns
+    from memory import services as memory_services
+
+    services.preferences_update(user=alice, custom_instructions="I am a chemist.")
+    memory_services.settings_update(user=alice, enabled=False)
+    with CaptureQueriesContext(connection) as queries:
+        _, request = turns.create_and_prepare(services.conversation_start, user=alice, text="remember that I like tea")
+    assert len(queries.captured_queries) == 2, [q["sql"][:80] for q in queries.captured_queries]
+    # What was read in one query still decides the context: the instructions
+    # lead it, and memory being off means nothing is remembered or recalled.
+    assert request.messages[0] == {"role": "system", "content": "I am a chemist."}
+    assert not alice.memories.exists()
+
+
+def test_turn_facts_of_a_user_with_nothing_set(alice):
+    conversation = services.conversation_create(user=alice)
+    facts = context.turn_facts(user_id=alice.id, conversation_id=conversation.id)
+    assert facts == context.TurnFacts(instructions="", memory_state=(True, False), scope=None)
+
+
 def test_a_turn_in_an_older_chat_reads_its_branch_from_the_database(alice, fake_gateway):
     from conversations import turns
     from conversations.selectors import ancestors
