@@ -20,7 +20,7 @@ from django.db import connection
 
 from conversations import tasks
 from conversations.models import Conversation, Message
-from conversations.selectors import ancestors, custom_instructions, custom_instructions_query
+from conversations.selectors import ancestors, custom_instructions_query
 from documents import context as documents_context
 from documents import selectors as documents_selectors
 from documents import services as documents_services
@@ -49,7 +49,7 @@ class TurnFacts:
     """What a turn's context reads of the user's settings, besides the chat."""
     instructions: str  # custom instructions
     memory_state: tuple[bool, bool]  # memory.selectors.turn_state
-    scope: object  # documents.selectors.turn_scope: a Scope, or None (nothing to search)
+    scope: documents_selectors.Scope | None  # documents.selectors.turn_scope: None when nothing to search
 
 
 def turn_facts(*, user_id, conversation_id) -> TurnFacts:
@@ -73,10 +73,8 @@ def turn_facts(*, user_id, conversation_id) -> TurnFacts:
                                                                conversation_id=conversation_id))
 
 
-def system_text(conversation: Conversation, instructions: str | None = None) -> str:
-    """`instructions`: the user's custom instructions, when already read."""
-    if instructions is None:
-        instructions = custom_instructions(user_id=conversation.user_id)
+def system_text(conversation: Conversation, instructions: str) -> str:
+    """The user's custom instructions (`TurnFacts.instructions`), then the chat's own system prompt."""
     parts = [instructions.strip(), conversation.system_prompt.strip()]
     return "\n\n".join(p for p in parts if p)
 

@@ -54,20 +54,13 @@ def preferences_get(*, user) -> ChatPreferences:
     return prefs or ChatPreferences(user=user)
 
 
-def custom_instructions(*, user_id) -> str:
-    """What the user asked every chat to know (by id: the context builder
-    need not load the user)."""
-    return _instructions(user_id).first() or ""
-
-
 def custom_instructions_query(*, user_id) -> tuple[str, tuple]:
-    """custom_instructions' query as (sql, params): one column, at most one
-    row, for a caller that reads it with others in one round trip."""
-    return _instructions(user_id)[:1].query.sql_with_params()
-
-
-def _instructions(user_id):
-    return ChatPreferences.objects.filter(user_id=user_id).values_list("custom_instructions", flat=True).order_by("id")
+    """What the user asked every chat to know, as (sql, params) of one
+    column and at most one row (by id: the context builder need not load the
+    user), which conversations.context.turn_facts reads with memory's and
+    the documents' questions in one round trip."""
+    return (ChatPreferences.objects.filter(user_id=user_id).values_list("custom_instructions", flat=True)
+            .order_by("id")[:1].query.sql_with_params())
 
 
 # ------------------------------------------------------------ the tree

@@ -66,11 +66,10 @@ async def admit(*, user_id: int, request_id: str, limits: Limits, tokens: int,
             keys=[*lease_keys, *reserve.keys], args=[*lease_args, *reserve.args])
     except REDIS_ERRORS:
         raise Unavailable(concurrency.REDIS_DOWN) from None
-    if int(lease_result[0]) != 1:
-        concurrency.lease_from(lease_result, user_id=user_id, request_id=request_id, limits=limits,
-                               on_revoked=on_revoked)  # raises the refusal
-    # Refused here, the script has already taken its lease back.
-    reservation = quotas.reservation_from(reserve, quota_result)
+    if int(lease_result[0]) == 1:
+        # Refused here, the script has already taken its lease back.
+        reservation = quotas.reservation_from(reserve, quota_result)
+    # The lease, or its refusal raised (then nothing was reserved).
     lease = concurrency.lease_from(lease_result, user_id=user_id, request_id=request_id, limits=limits,
                                    on_revoked=on_revoked)
     return lease, reservation
