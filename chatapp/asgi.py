@@ -8,10 +8,34 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402  (needs the app registry)
 from django.conf import settings  # noqa: E402
+from django.core import signals  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.db import close_old_connections, reset_queries  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from chatapp.routing import http_stream_patterns  # noqa: E402
+
+
+def drop_request_started_receivers() -> None:
+    """Disconnect Django's two request_started receivers, which do nothing
+    under its ASGI handler but start a thread.
+
+    The handler runs each request inside asgiref's ThreadSensitiveContext,
+    so the request's synchronous work (the signal's sync receivers, the
+    middleware block, closing the response) runs on a thread made for that
+    request, and Django's connections are per thread: reset_queries and
+    close_old_connections find no connection there to reset or close. Yet
+    sending them started that thread and switched to it and back before the
+    middleware ran, and beside a busy engine every switch waits for a core.
+    The connections a request borrows are still given back: request_finished
+    keeps close_old_connections, and runs on the request's thread when the
+    response is closed. Only the server loads this module; management
+    commands and Celery keep Django's receivers."""
+    signals.request_started.disconnect(reset_queries)
+    signals.request_started.disconnect(close_old_connections)
+
+
+drop_request_started_receivers()
 
 
 class ApiHandler(ASGIHandler):

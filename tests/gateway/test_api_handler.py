@@ -51,3 +51,35 @@ async def test_the_api_still_redirects_to_https_when_the_site_does(remote, alice
 async def test_an_unknown_api_route_is_a_json_404_through_the_api_handler(remote, alice_key):
     status, headers, body = await get("/v1/audio/speech", [(b"authorization", f"Bearer {alice_key}".encode())])
     assert status == 404 and b'"not_found"' in body and headers["content-type"] == "application/json"
+
+
+async def test_requests_through_the_application_start_no_thread_for_request_started(remote, alice_key, monkeypatch):
+    """Django's handler sends request_started before the middleware; its two
+    receivers do nothing on the request's new thread but cost a thread start
+    and two switches, so the server drops them (chatapp.asgi). A page's
+    middleware block and a /v1 call still run, and request_finished keeps
+    giving the request's connections back."""
+    from asgiref.sync import SyncToAsync
+    from django.core import signals
+    from django.db import close_old_connections
+
+    from chatapp import asgi
+
+    # As the server has them: Django's test clients connect close_old_connections again after each request.
+    monkeypatch.setattr(signals.request_started, "receivers", list(signals.request_started.receivers))
+    asgi.drop_request_started_receivers()
+    assert not signals.request_started.has_listeners()
+    assert close_old_connections in [ref() for _, ref, *_ in signals.request_finished.receivers]
+    hops = []
+    real_call = SyncToAsync.__call__
+
+    async def counting_call(self, *args, **kwargs):
+        hops.append(getattr(self.func, "__qualname__", repr(self.func)))
+        return await real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncToAsync, "__call__", counting_call)
+    status, headers, _ = await get("/accounts/login/")
+    assert status == 200 and "content-security-policy" in headers  # the page's middleware block ran
+    status, _, _ = await get("/v1/models", [(b"authorization", f"Bearer {alice_key}".encode())])
+    assert status == 200
+    assert hops and not any("sync_send" in hop for hop in hops), hops
