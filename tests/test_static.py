@@ -5,6 +5,8 @@ import re
 import pytest
 from django.test import AsyncClient
 
+from tests.hops import thread_hops
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -74,22 +76,15 @@ async def test_a_new_chat_costs_a_few_thread_hops(alice, monkeypatch):
     rate limit (both counters in one trip), saving the turn and rendering the
     new chat (one trip each), the signals. No hop to re-read the user for
     login_required, none for its test."""
-    from asgiref.sync import SyncToAsync, sync_to_async
+    from asgiref.sync import sync_to_async
 
     from conversations import turns
 
     client = AsyncClient()
     await sync_to_async(client.force_login)(alice)
     await client.get("/")
-    hops = []
-    real_call = SyncToAsync.__call__
-
-    async def counting_call(self, *args, **kwargs):
-        hops.append(getattr(self.func, "__qualname__", repr(self.func)))
-        return await real_call(self, *args, **kwargs)
-
     monkeypatch.setattr(turns, "start_reply", lambda *args, **kwargs: None)
-    monkeypatch.setattr(SyncToAsync, "__call__", counting_call)
+    hops = thread_hops(monkeypatch)
     response = await client.post("/c/new", {"text": "hello"}, headers={"HX-Request": "true"})
     assert response.status_code == 200, response.content[:300]
     assert not any("login_required" in hop or "QuerySet" in hop for hop in hops), hops
@@ -105,19 +100,12 @@ def test_static_files_carry_the_security_headers(client):
 
 
 async def test_a_page_costs_a_few_thread_hops_not_one_per_middleware_method(alice, monkeypatch):
-    from asgiref.sync import SyncToAsync, sync_to_async
+    from asgiref.sync import sync_to_async
 
     client = AsyncClient()
     await sync_to_async(client.force_login)(alice)
     await client.get("/")  # warm: the URL resolver, templates
-    hops = []
-    real_call = SyncToAsync.__call__
-
-    async def counting_call(self, *args, **kwargs):
-        hops.append(getattr(self.func, "__qualname__", repr(self.func)))
-        return await real_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(SyncToAsync, "__call__", counting_call)
+    hops = thread_hops(monkeypatch)
     response = await client.get("/")
     assert response.status_code == 200
     # The request_started signal, into SecurityMiddleware, into the run of

@@ -6,6 +6,7 @@ from channels.testing import ApplicationCommunicator
 
 from chatapp.asgi import ApiHandler, application
 from gateway.keys import api_key_create
+from tests.hops import thread_hops
 
 
 @pytest.fixture
@@ -59,7 +60,6 @@ async def test_requests_through_the_application_start_no_thread_for_request_star
     and two switches, so the server drops them (chatapp.asgi). A page's
     middleware block and a /v1 call still run, and request_finished keeps
     giving the request's connections back."""
-    from asgiref.sync import SyncToAsync
     from django.core import signals
     from django.db import close_old_connections
 
@@ -70,14 +70,7 @@ async def test_requests_through_the_application_start_no_thread_for_request_star
     asgi.drop_request_started_receivers()
     assert not signals.request_started.has_listeners()
     assert close_old_connections in [ref() for _, ref, *_ in signals.request_finished.receivers]
-    hops = []
-    real_call = SyncToAsync.__call__
-
-    async def counting_call(self, *args, **kwargs):
-        hops.append(getattr(self.func, "__qualname__", repr(self.func)))
-        return await real_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(SyncToAsync, "__call__", counting_call)
+    hops = thread_hops(monkeypatch)
     status, headers, _ = await get("/accounts/login/")
     assert status == 200 and "content-security-policy" in headers  # the page's middleware block ran
     status, _, _ = await get("/v1/models", [(b"authorization", f"Bearer {alice_key}".encode())])
