@@ -48,7 +48,7 @@ class Context:
 class TurnFacts:
     """What a turn's context reads of the user's settings, besides the chat."""
     instructions: str  # custom instructions
-    memory_state: tuple[bool, bool]  # memory.selectors.turn_state
+    memory_state: tuple[bool, bool]  # memory.selectors.turn_state_query: (enabled, any active)
     scope: documents_selectors.Scope | None  # documents.selectors.turn_scope: None when nothing to search
 
 

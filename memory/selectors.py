@@ -31,25 +31,16 @@ def memory_list(*, user, status: str) -> list[Memory]:
     return list(Memory.objects.filter(user=user, status=status).order_by("-created_at"))
 
 
-def _turn_state_rows(user_id):
+def turn_state_query(*, user_id) -> tuple[str, tuple]:
+    """(memory enabled, any active memory), a turn's two questions, as one
+    query's (sql, params), which conversations.context.turn_facts reads with
+    the turn's other questions in one round trip; `turn_state_from` reads
+    its row (two columns; None or all NULL when the user is gone)."""
     enabled = MemorySettings.objects.filter(user_id=user_id).values("enabled")[:1]
     active = Memory.objects.filter(user_id=user_id, status=Memory.Status.ACTIVE)
     return (get_user_model().objects.filter(pk=user_id)
             .annotate(enabled=Subquery(enabled), any_active=Exists(active))
-            .values_list("enabled", "any_active").order_by())
-
-
-def turn_state(*, user_id) -> tuple[bool, bool]:
-    """(memory enabled, any active memory): a turn's two questions in one
-    query, on the path of every reply."""
-    return turn_state_from(_turn_state_rows(user_id).first())
-
-
-def turn_state_query(*, user_id) -> tuple[str, tuple]:
-    """turn_state's query as (sql, params), for a caller that reads it with
-    others in one round trip (conversations.context); `turn_state_from`
-    reads its row (two columns; None or all NULL when the user is gone)."""
-    return _turn_state_rows(user_id)[:1].query.sql_with_params()
+            .values_list("enabled", "any_active").order_by()[:1].query.sql_with_params())
 
 
 def turn_state_from(row) -> tuple[bool, bool]:

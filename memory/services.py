@@ -161,12 +161,13 @@ def budget_tokens(window_tokens: int) -> int:
 
 
 def turn_memory(*, user_id, reply_id, message: str, budget: int, count_tokens: Callable[[str], int],
-                state: tuple[bool, bool] | None = None) -> TurnMemory:
+                state: tuple[bool, bool]) -> TurnMemory:
     """Save an explicit "remember that …" of `message`, then pick the active
     memories nearest to it that fit `budget` tokens (`count_tokens` counts
     a system text with the model's tokenizer), and record both on the reply.
-    `state`: `selectors.turn_state`'s answer when the caller read it already."""
-    enabled, any_active = state if state is not None else selectors.turn_state(user_id=user_id)
+    `state`: (memory enabled, any active memory), as the turn read them
+    (`selectors.turn_state_query`)."""
+    enabled, any_active = state
     if not enabled:
         return TurnMemory()
     turn = TurnMemory(saved=_remember_explicit(user_id, message, reply_id))
