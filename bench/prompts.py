@@ -4,9 +4,11 @@
 
 The contenders run SmolLM2-135M-Instruct on bf16 weights ("bf16_weight_only",
 what dtype "auto" picks on the 2-core EPYC and the AMX Xeon); one multiplies
-the prompt's rows in fp32 as before, two in bf16 on oneDNN: in calls of 64
-rows only, and (the default) in the larger calls that give the same bits
-(EngineConfig.bf16_prompt_max_block, inference.llama.same_bits_blocks). Each runs in
+the prompt's rows in fp32 as before, three in bf16 on oneDNN: in calls of 64
+rows only; in calls of 64 and the larger counts that give the same bits
+(EngineConfig.bf16_prompt_max_block, inference.llama.same_bits_blocks); and
+(the default) also in the smaller counts that do (EngineConfig.
+bf16_prompt_min_block), which short prompts pad to instead of 64. Each runs in
 its own process (two engines in one process share OpenMP's threads and slow
 each other), all of them by turns over --rounds rounds, and each figure is the
 median of the rounds. Per contender:
@@ -35,11 +37,13 @@ from bench.report import machine_info, provenance, table, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## Prompts in bf16 (bench.prompts)"
-LENGTHS = (20, 60, 200, 500)
+LENGTHS = (12, 20, 28, 60, 200, 500)
 # name → EngineConfig settings of its own
 CONTENDERS = {
     "prompts in fp32": {"bf16_prompts": False},
-    "prompts in bf16, calls of 64 rows": {"bf16_prompts": True, "bf16_prompt_max_block": 64},
+    "prompts in bf16, calls of 64 rows": {"bf16_prompts": True, "bf16_prompt_max_block": 64,
+                                          "bf16_prompt_min_block": 64},
+    "prompts in bf16, calls of 64 rows and more": {"bf16_prompts": True, "bf16_prompt_min_block": 64},
     "prompts in bf16": {"bf16_prompts": True},
 }
 
@@ -103,12 +107,13 @@ def main(argv=None) -> int:
             runs[name].append(result)
     keys = [f"prefill_{n}_ms" for n in LENGTHS] + ["burst_32x128_ms", "decode_step_ms"]
     median = {name: {k: statistics.median(r[k] for r in results) for k in keys} for name, results in runs.items()}
-    fp32, calls64, bf16 = (median[name] for name in CONTENDERS)
+    fp32, calls64, larger, bf16 = (median[name] for name in CONTENDERS)
     headers = ["contender"] + [f"prefill {n} tokens, ms" for n in LENGTHS] + [
         "32 × 128 tokens at once, to the last first token, ms", "one stream's decode step, ms"]
     rows = [(name, *(f"{median[name][k]:.1f}" for k in keys)) for name in CONTENDERS]
     rows.append(("fp32 ÷ bf16", *(f"{fp32[k] / bf16[k]:.2f}×" for k in keys)))
-    rows.append(("calls of 64 ÷ larger calls", *(f"{calls64[k] / bf16[k]:.2f}×" for k in keys)))
+    rows.append(("calls of 64 ÷ larger calls", *(f"{calls64[k] / larger[k]:.2f}×" for k in keys)))
+    rows.append(("64 and more ÷ smaller calls too", *(f"{larger[k] / bf16[k]:.2f}×" for k in keys)))
     loads = [r["load"] for results in runs.values() for r in results]
     text = table(headers, rows)
     print(text)
@@ -117,8 +122,8 @@ def main(argv=None) -> int:
             HEADING, "", provenance("bench.prompts", argv, machine), "",
             f"Medians of {args.rounds} alternating rounds, each contender in its own process; 1-minute load "
             f"{min(loads):.2f}–{max(loads):.2f}. All on bf16 weights (\"bf16_weight_only\"); prefix caching "
-            "off; prefill = the step's time for one prompt of random ids. The larger calls, per matmul (qkv, o, "
-            f"gate_up, down): {runs['prompts in bf16'][0]['blocks']}.", "", text])
+            "off; prefill = the step's time for one prompt of random ids. The calls that give the bits of 64 "
+            f"rows, per matmul (qkv, o, gate_up, down): {runs['prompts in bf16'][0]['blocks']}.", "", text])
         write_section(section, HEADING)
     return 0
 

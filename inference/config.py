@@ -91,6 +91,14 @@ class EngineConfig:
     # the AMX Xeon (docs/BENCHMARKS.md "Larger calls for longer prompts").
     # bf16_prompt_block alone: no larger calls.
     bf16_prompt_max_block: int = 256
+    # Shorter prompts go in calls of block ÷ 2, ÷ 4 ... down to this many
+    # rows, on the same start-up check: where a CPU's library sums a row in
+    # one order at every count (the Zen 5 EPYC: 8 to 256 rows alike), a
+    # 12-token turn's layer matmuls take a 16-row call's 14.5 ms instead of a
+    # 64-row call's 29.4 (docs/BENCHMARKS.md "Short prompts in smaller
+    # calls"); where they differ (the AMX Xeon: 7-32 against 33-129 rows),
+    # nothing changes. bf16_prompt_block: no smaller calls.
+    bf16_prompt_min_block: int = 8
     # With bf16 prompts, beside more than this many decoding sequences prompts
     # and decodes take steps by turns (inference.scheduler): a new chat's
     # prompt step is the bf16 pass alone. 8: one every 250 ms TTFT p50 49-56
@@ -211,6 +219,8 @@ class EngineConfig:
             raise ValueError("bf16_prompt_block must be >= 1")
         if self.bf16_prompt_max_block < self.bf16_prompt_block:
             raise ValueError("bf16_prompt_max_block must be >= bf16_prompt_block")
+        if not 1 <= self.bf16_prompt_min_block <= self.bf16_prompt_block:
+            raise ValueError("bf16_prompt_min_block must be in [1, bf16_prompt_block]")
         if self.prompt_steps_above < 0:
             raise ValueError("prompt_steps_above must be >= 0")
         if self.block_size < 1:

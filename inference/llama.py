@@ -188,20 +188,29 @@ def bf16_block_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torc
 
 
 def same_bits_blocks(packed: torch.Tensor, in_features: int, block: int, largest: int,
-                     linear=None) -> List[int]:
-    """The row counts, block × 2^k up to `largest`, whose calls give every row
-    the bits that calls of `block` rows give it, at every thread count up to
-    this thread's (the engine's steps may run on fewer, StepThreads): largest
-    first, `block` last. Whether two row counts sum in the same order is the
-    library's choice of kernel for the shape and the CPU (at SmolLM2's shapes
-    on the AMX Xeon 64 and 128 rows agree at every layer, 256 at three of
-    four), so it is checked here, at start, on the weight itself, over as many
-    random rows as the largest count: a different order shows in some row's
-    last bits."""
+                     smallest: Optional[int] = None, linear=None) -> List[int]:
+    """The row counts, block × 2^k up to `largest` and block ÷ 2^k down to
+    `smallest` (default: block, none smaller), whose calls give every row the
+    bits that calls of `block` rows give it, at every thread count up to this
+    thread's (the engine's steps may run on fewer, StepThreads): largest
+    first, the smallest kept last (`block` itself always is). Whether two row
+    counts sum in the same order is the library's choice of kernel for the
+    shape and the CPU (at SmolLM2's shapes on the AMX Xeon 64 and 128 rows
+    agree at every layer, 256 at three of four, and 7-32 rows sum otherwise;
+    on the Zen 5 EPYC 8 to 256 rows all agree), so it is checked here, at
+    start, on the weight itself, over as many random rows as the largest
+    count: a different order shows in some row's last bits. Smaller calls
+    are what make a short prompt cheap: its last call is padded to the
+    smallest count kept."""
     linear = onednn_linear if linear is None else linear
     candidates = [block]
     while candidates[-1] * 2 <= largest:
         candidates.append(candidates[-1] * 2)
+    smaller: List[int] = []  # each divides the rows checked, as `block` does
+    size, least = block, block if smallest is None else smallest
+    while size % 2 == 0 and size // 2 >= least:
+        size //= 2
+        smaller.append(size)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(candidates[-1], in_features, generator=generator).to(torch.bfloat16)
 
@@ -209,7 +218,7 @@ def same_bits_blocks(packed: torch.Tensor, in_features: int, block: int, largest
         return torch.cat([linear(x[start:start + rows], packed, None) for start in range(0, x.size(0), rows)])
 
     threads = torch.get_num_threads()
-    kept = set(candidates[1:])
+    kept = set(candidates[1:] + smaller)
     try:
         for count in range(1, threads + 1):
             torch.set_num_threads(count)
@@ -217,7 +226,7 @@ def same_bits_blocks(packed: torch.Tensor, in_features: int, block: int, largest
             kept = {rows for rows in kept if torch.equal(in_calls_of(rows), reference)}
     finally:
         torch.set_num_threads(threads)
-    return sorted(kept, reverse=True) + [block]
+    return sorted(kept | {block}, reverse=True)
 
 
 def _split_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

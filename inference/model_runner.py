@@ -169,7 +169,8 @@ class ModelRunner:
         self.net.half_weights = [[pack_weight(w, "onednn", rows=block) for w in layer] for layer in bf16_layers]
         self.net.half_block = block
         # Every layer's matmul of a kind has the same shape: check each kind once.
-        self.net.half_blocks = [same_bits_blocks(packed, weight.size(1), block, config.bf16_prompt_max_block)
+        self.net.half_blocks = [same_bits_blocks(packed, weight.size(1), block, config.bf16_prompt_max_block,
+                                                 config.bf16_prompt_min_block)
                                 for packed, weight in zip(self.net.half_weights[0], bf16_layers[0])]
         log.info("bf16 prompts in calls of %s rows (qkv, o, gate_up, down)",
                  ", ".join("/".join(map(str, blocks)) for blocks in self.net.half_blocks))
