@@ -34,7 +34,9 @@ def install() -> None:
 
     def setup(*args, **kwargs):
         real_setup(*args, **kwargs)
-        _patch(path)
+        if not getattr(django, "_bench_stages_patched", False):  # serve sets Django up more than once
+            django._bench_stages_patched = True
+            _patch(path)
 
     django.setup = setup
 
@@ -84,6 +86,7 @@ def _patch(path: str) -> None:
 
     from conversations import consumers, turns, views
     from inference import engine as engine_module
+    from inference import engine_loop
     from inference.handle import RequestHandle
 
     # 1. the request reaches Django, its middleware, the rate limit (stamped per request, written with the reply id)
@@ -141,6 +144,22 @@ def _patch(path: str) -> None:
         return real_submit(self, prompt, sampling_params, request_id, **kwargs)
 
     engine_module.Engine.submit = submit
+    real_execute = engine_loop.EngineLoop._execute
+    scheduled: set = set()
+
+    def execute(self, batch):
+        # The first step that carries a request: its prompt's forward (a chunk of it when chunked).
+        fresh = [seq.request_id for seq in batch.seqs if seq.request_id not in scheduled]
+        scheduled.update(fresh)
+        for request_id in fresh:
+            _rec(path, "prefill starts", request_id)
+        try:
+            return real_execute(self, batch)
+        finally:
+            for request_id in fresh:
+                _rec(path, "prefill ends", request_id)
+
+    engine_loop.EngineLoop._execute = execute
     real_deliver = RequestHandle.deliver
 
     def deliver(self, event):

@@ -19,6 +19,8 @@ wall-clock time after the client sent the POST. What each stage is:
   model request (the context's reads), on a database thread;
 - gateway: the reply's task hands the request to the gateway;
 - engine: the gateway submits it to the engine (admission done);
+- prefill starts, prefill ends: the engine's first step with the request (its
+  prompt's forward, or the first chunk of it), from before to after the forward;
 - first token: the engine thread delivers the first token;
 - in the log: the reply's log (Redis) holds it;
 - POST answered, stream opened: the client has the POST's answer; the SSE GET reached the server;
@@ -42,7 +44,7 @@ from bench.report import ROOT, percentile
 
 SECTION = "## A new chat's path, stage by stage (bench.stages)"
 STAGES = ["django", "sync block", "session", "user", "view", "rate limit", "saving", "inserted", "saved", "gateway",
-          "engine", "first token", "in the log",
+          "engine", "prefill starts", "prefill ends", "first token", "in the log",
           "POST answered", "stream opened", "token written", "token read"]
 
 
