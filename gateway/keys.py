@@ -100,29 +100,54 @@ def _cache_key(key_hash: str) -> str:
     return f"{settings.CACHES['default']['KEY_PREFIX']}:api-key:{key_hash}"
 
 
-async def aauthenticate(raw: str) -> VerifiedKey | None:
-    """The live key for a bearer token, or None: from Redis when it was
-    verified in the last minute or so, else from the database."""
+@dataclass(frozen=True)
+class Remembered:
+    """What Redis holds for a bearer token (`aremembered`)."""
+
+    key_hash: str | None  # None: the token is no key of this product's shape
+    key: VerifiedKey | None = None  # verified in the last minute or so
+    refused: bool = False  # a tombstone: the key's validity ended
+    redis_up: bool = True
+
+
+async def aremembered(raw: str) -> Remembered:
+    """One Redis GET, no database: the API's handler sends it beside the
+    per-IP counter (gateway.api), so that a cached key costs no round trip
+    of its own, and only a request within its IP's limit reaches the
+    database (`aauthenticate`)."""
     if not raw or not raw.startswith(KEY_PREFIX) or len(raw) > 200:
-        return None
+        return Remembered(None)
     key_hash = _hash(raw)
-    redis = runtime.redis_async()
     try:
-        cached = await redis.get(_cache_key(key_hash))
+        cached = await runtime.redis_async().get(_cache_key(key_hash))
     except runtime.REDIS_ERRORS:
-        cached = redis = None  # the database alone decides; nothing is remembered
+        return Remembered(key_hash, redis_up=False)  # the database alone decides; nothing is remembered
     if cached == _TOMBSTONE:
-        return None
+        return Remembered(key_hash, refused=True)
     if cached:
         pk, user_id = map(int, cached.split(b":"))
-        return VerifiedKey(pk=pk, user_id=user_id)
-    key = await runtime.on_db_thread(_authenticate, runtime.LEDGER_DB)(key_hash)
+        return Remembered(key_hash, key=VerifiedKey(pk=pk, user_id=user_id))
+    return Remembered(key_hash)
+
+
+async def aauthenticate(raw: str, remembered: Remembered | None = None) -> VerifiedKey | None:
+    """The live key for a bearer token, or None: from Redis when it was
+    verified in the last minute or so, else from the database.
+    `remembered`: `aremembered(raw)`'s answer, when the caller has it."""
+    if remembered is None:
+        remembered = await aremembered(raw)
+    if remembered.key_hash is None or remembered.refused:
+        return None
+    if remembered.key is not None:
+        return remembered.key
+    key = await runtime.on_db_thread(_authenticate, runtime.LEDGER_DB)(remembered.key_hash)
     if key is None:
         return None
-    if redis is not None:
+    if remembered.redis_up:
         try:
             ttl_s = KEY_CACHE_TTL_S + random.randint(-KEY_CACHE_JITTER_S, KEY_CACHE_JITTER_S)
-            await redis.set(_cache_key(key_hash), f"{key.pk}:{key.user_id}", ex=ttl_s, nx=True)
+            await runtime.redis_async().set(_cache_key(remembered.key_hash), f"{key.pk}:{key.user_id}",
+                                            ex=ttl_s, nx=True)
         except runtime.REDIS_ERRORS:
             pass  # the key is valid all the same; it is looked up again next time
     return VerifiedKey(pk=key.pk, user_id=key.user_id)

@@ -93,6 +93,49 @@ async def test_a_key_revoked_after_use_is_refused_at_once(remote, alice, alice_k
     assert await models_status(alice_key) == 401
 
 
+async def test_the_ip_counter_and_the_key_cache_are_read_in_one_wait(remote, alice_key, monkeypatch):
+    """The per-IP counter waits here until the key's cache lookup has been
+    sent: one after the other (the lookup after the counter's answer), the
+    request would never get past the counter."""
+    import asyncio
+
+    from gateway import api, ratelimits
+
+    lookup_sent = asyncio.Event()
+    real_hit, real_remembered = ratelimits.hit, api.aremembered
+
+    async def hit(**kwargs):
+        if kwargs["group"] == "api-ip":
+            await asyncio.wait_for(lookup_sent.wait(), 10)
+        return await real_hit(**kwargs)
+
+    async def remembered(raw):
+        lookup_sent.set()
+        return await real_remembered(raw)
+
+    monkeypatch.setattr(ratelimits, "hit", hit)
+    monkeypatch.setattr(api, "aremembered", remembered)
+    assert await models_status(alice_key) == 200
+    assert await models_status(alice_key) == 200  # the second from the key cache
+
+
+async def test_over_its_ip_limit_a_request_never_reaches_the_key_table(remote, alice_key, settings, monkeypatch,
+                                                                      fresh_minute):
+    """Unknown keys sent past the per-IP limit are refused 429 by the counter
+    alone: the key's cache entry is read beside it, the database only within
+    the limit."""
+    from gateway import keys
+
+    settings.GATEWAY_API_RATE_PER_IP = "2/m"
+    looked_up = []
+    real_authenticate = keys._authenticate
+    monkeypatch.setattr(keys, "_authenticate", lambda key_hash: looked_up.append(key_hash) or real_authenticate(key_hash))
+    statuses = [await models_status(f"sk-chat-unknown-{i}") for i in range(5)]
+    assert statuses == [401, 401, 429, 429, 429]
+    assert len(looked_up) == 2
+    assert await models_status(alice_key) == 429  # a good key past the IP's limit too
+
+
 async def test_a_deleted_key_is_refused_at_once(remote, alice, alice_key):
     assert await models_status(alice_key) == 200
     await (await ApiKey.objects.aget(user=alice)).adelete()
