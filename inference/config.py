@@ -95,9 +95,10 @@ class EngineConfig:
     # rows, on the same start-up check: where a CPU's library sums a row in
     # one order at every count (the Zen 5 EPYC: 8 to 256 rows alike), a
     # 12-token turn's layer matmuls take a 16-row call's 9 ms instead of a
-    # 64-row call's 20, its prefill 13.8 ms instead of 26.3 (docs/BENCHMARKS.md
-    # "Short prompts in smaller calls"); where they differ (the AMX Xeon: 7-32 against 33-129 rows),
-    # nothing changes. bf16_prompt_block: no smaller calls.
+    # 64-row call's 20, its prefill 13.8 ms instead of 26.3
+    # (docs/BENCHMARKS.md "Short prompts in smaller calls"); where they
+    # differ (the AMX Xeon: 7-32 against 33-129 rows), nothing changes.
+    # bf16_prompt_block: no smaller calls.
     bf16_prompt_min_block: int = 8
     # With bf16 prompts, beside more than this many decoding sequences prompts
     # and decodes take steps by turns (inference.scheduler): a new chat's
