@@ -305,6 +305,17 @@ def redis_async() -> aredis.Redis:
     return loop_local("redis", _new_redis)
 
 
+def lua_script(client, source: str):
+    """`source` registered with this client (sync or async) once, then run
+    by SHA: the script objects are kept on the client, by source."""
+    scripts = getattr(client, "_chatapp_lua_scripts", None)
+    if scripts is None:
+        scripts = client._chatapp_lua_scripts = {}
+    if source not in scripts:
+        scripts[source] = client.register_script(source)
+    return scripts[source]
+
+
 def redis_pubsub_connection() -> aredis.Redis:
     """A client for one long-lived subscription: no socket timeout (it waits
     for messages), its own connection."""

@@ -46,13 +46,6 @@ return {{lease, quota}}
 """
 
 
-def _script(client):
-    script = getattr(client, "_gateway_admission_script", None)
-    if script is None:
-        script = client._gateway_admission_script = client.register_script(ADMIT_LUA)
-    return script
-
-
 async def admit(*, user_id: int, request_id: str, limits: Limits, tokens: int,
                 on_revoked: Callable[[str], None]) -> tuple[concurrency.Lease, quotas.Reservation]:
     """A lease for the generation and `tokens` reserved in every window, or
@@ -62,7 +55,7 @@ async def admit(*, user_id: int, request_id: str, limits: Limits, tokens: int,
     reserve = quotas.reserve_call(user_id=user_id, limits=limits, tokens=tokens)
     lease_keys, lease_args = concurrency.acquire_call(user_id=user_id, request_id=request_id, limits=limits)
     try:
-        lease_result, quota_result = await _script(runtime.redis_async())(
+        lease_result, quota_result = await runtime.lua_script(runtime.redis_async(), ADMIT_LUA)(
             keys=[*lease_keys, *reserve.keys], args=[*lease_args, *reserve.args])
     except REDIS_ERRORS:
         raise Unavailable(concurrency.REDIS_DOWN) from None

@@ -130,15 +130,6 @@ class Lease:
         return priority + min(self.queue_position, max(0, PRIORITY_BACKGROUND - 1 - priority))
 
 
-def _script(client, name: str, source: str):
-    scripts = getattr(client, "_gateway_concurrency_scripts", None)
-    if scripts is None:
-        scripts = client._gateway_concurrency_scripts = {}
-    if name not in scripts:
-        scripts[name] = client.register_script(source)
-    return scripts[name]
-
-
 def acquire_call(*, user_id: int, request_id: str, limits: Limits) -> tuple[list, list]:
     """ACQUIRE_LUA's (keys, args) for a lease on `request_id`: what `acquire`
     runs, and what gateway.admission runs in one round trip with the quota."""
@@ -174,7 +165,7 @@ async def acquire(*, user_id: int, request_id: str, limits: Limits,
     """A lease for one generation, or a 429 (cap, capacity) / 403-like refusal (ban)."""
     keys, args = acquire_call(user_id=user_id, request_id=request_id, limits=limits)
     try:
-        result = await _script(runtime.redis_async(), "acquire", ACQUIRE_LUA)(keys=keys, args=args)
+        result = await runtime.lua_script(runtime.redis_async(), ACQUIRE_LUA)(keys=keys, args=args)
     except REDIS_ERRORS:
         raise Unavailable(REDIS_DOWN) from None
     return lease_from(result, user_id=user_id, request_id=request_id, limits=limits, on_revoked=on_revoked)
@@ -224,7 +215,7 @@ async def renew(leases: dict[str, Lease]) -> list[Lease]:
         user_key, _, ban_key = _keys(lease.user_id)
         keys += [user_key, ban_key]
     ttl_s = settings.ABUSE_LEASE_TTL_S
-    script = _script(runtime.redis_async(), "renew", RENEW_LUA)
+    script = runtime.lua_script(runtime.redis_async(), RENEW_LUA)
     revoked_at = await script(keys=keys, args=[time.time() + ttl_s, math.ceil(ttl_s) + 1,
                                                  *(lease.request_id for lease in held)])
     revoked = [held[int(i) - 1] for i in revoked_at]
@@ -241,7 +232,7 @@ async def renew(leases: dict[str, Lease]) -> list[Lease]:
 def revoke_user(user_id: int, *, ban: bool = True) -> int:
     """End the user's generations everywhere within ABUSE_LEASE_RENEW_S and,
     with `ban`, refuse new ones until `unban_user`. Returns how many were running."""
-    script = _script(runtime.redis_sync(), "revoke", REVOKE_LUA)
+    script = runtime.lua_script(runtime.redis_sync(), REVOKE_LUA)
     return int(script(keys=_keys(user_id), args=["1" if ban else "0"]))
 
 

@@ -96,15 +96,6 @@ REDIS_DOWN = (
 )
 
 
-def _scripts(client):
-    """The Lua scripts, sent once per connection pool and then run by SHA."""
-    scripts = getattr(client, "_gateway_quota_scripts", None)
-    if scripts is None:
-        scripts = (client.register_script(RESERVE_LUA), client.register_script(RECONCILE_LUA))
-        client._gateway_quota_scripts = scripts
-    return scripts
-
-
 @dataclass(frozen=True)
 class Windows:
     keys: tuple[str, str, str, str]
@@ -231,8 +222,7 @@ async def reserve(*, user_id: int, limits: Limits, tokens: int, now: float | Non
     """Reserve one request and `tokens` tokens in every window, or raise a 429."""
     call = reserve_call(user_id=user_id, limits=limits, tokens=tokens, now=now)
     try:
-        reserve_script, _ = _scripts(runtime.redis_async())
-        result = await reserve_script(keys=call.keys, args=call.args)
+        result = await runtime.lua_script(runtime.redis_async(), RESERVE_LUA)(keys=call.keys, args=call.args)
     except REDIS_ERRORS:
         raise Unavailable(REDIS_DOWN) from None
     return reservation_from(call, result)
@@ -245,7 +235,7 @@ async def reconcile(reservation: Reservation, *, charged_tokens: int) -> None:
     reservation.settled = True
     _leases().release(reservation)
     try:
-        _, reconcile_script = _scripts(runtime.redis_async())
+        reconcile_script = runtime.lua_script(runtime.redis_async(), RECONCILE_LUA)
         await reconcile_script(keys=[OPEN_KEY, LEASES_KEY],
                                args=[reservation.id, reservation.tokens - charged_tokens])
     except REDIS_ERRORS:
@@ -317,7 +307,7 @@ async def sweep_expired(now: float | None = None, batch: int = 100) -> int:
     client = runtime.redis_async()
     expired = await client.zrangebyscore(LEASES_KEY, "-inf", time.time() if now is None else now,
                                          start=0, num=batch)
-    _, reconcile_script = _scripts(client)
+    reconcile_script = runtime.lua_script(client, RECONCILE_LUA)
     returned = 0
     for reservation_id in expired:
         returned += int(await reconcile_script(keys=[OPEN_KEY, LEASES_KEY], args=[reservation_id, "all"]))
