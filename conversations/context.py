@@ -83,17 +83,15 @@ def _as_chat(m: Message) -> dict:
     return {"role": m.role if m.role in ("user", "assistant", "system") else "user", "content": m.content}
 
 
-def build_context(*, conversation: Conversation, history: list[Message], reply_tokens: int, reply_id=None,
-                  facts: TurnFacts | None = None) -> Context:
+def build_context(*, conversation: Conversation, history: list[Message], reply_tokens: int, reply_id=None) -> Context:
     """`history` is the branch root → the newest user message (the reply excluded);
-    `reply_id`: the reply being prepared (memory is recorded on it; none without);
-    `facts`: the user's settings for the turn (`turn_facts`), read here when not given."""
+    `reply_id`: the reply being prepared (memory is recorded on it; none without).
+    The user's settings for the turn are read once, in one query (`turn_facts`)."""
     gateway = gateway_client.current()
     model = conversation.model or None
     window = gateway.model_info(model).context_window
     budget = window - reply_tokens
-    if facts is None:
-        facts = turn_facts(user_id=conversation.user_id, conversation_id=conversation.id)
+    facts = turn_facts(user_id=conversation.user_id, conversation_id=conversation.id)
     passages = _passages(conversation, history, budget, gateway, model, facts)
     head, candidates = _head_and_candidates(conversation, history, facts.instructions, passages.text)
     head = _with_system(head, _memory_block(conversation, history, reply_id, model, window, facts))
