@@ -102,10 +102,17 @@ class EngineConfig:
     bf16_prompt_min_block: int = 8
     # With bf16 prompts, beside more than this many decoding sequences prompts
     # and decodes take steps by turns (inference.scheduler): a new chat's
-    # prompt step is the bf16 pass alone. 8: one every 250 ms TTFT p50 49-56
-    # against 85-114 ms mixed, and 32 prompts at once prefilled in cheaper
-    # steps (32 x 32 tokens 286 against 270 tok/s never alternating; AMX Xeon).
-    prompt_steps_above: int = 8
+    # prompt step is the bf16 pass alone. Never alternating, one chat every
+    # 250 ms reached its first token at 85-114 ms against 49-56 beside more
+    # than 8 decoding, and 32 x 32 tokens ran at 270 against 286 tok/s (AMX
+    # Xeon). 0, not 8: beside 1 to 8 decoding sequences a step that mixed the
+    # prompt took 25-34 ms where the prompt's own took 15-20 (the Zen 5
+    # EPYC's chat server, one chat every 250 ms), and the decodes' step that
+    # follows costs what their rows added to the mixed one: the engine
+    # alone's first token came 19-21 ms after the submit against 24-29 ms
+    # (bench.chat, four rounds each; docs/BENCHMARKS.md "Prompts' steps of
+    # their own beside any decoding").
+    prompt_steps_above: int = 0
     # KV cache budget. On CUDA, when kv_cache_bytes is None, the cache takes
     # gpu_memory_fraction of the memory free after the weights are loaded.
     kv_cache_bytes: int | None = None

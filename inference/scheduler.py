@@ -9,14 +9,15 @@ freed, recomputed later), and nothing new is admitted in that step.
 With prompts in bf16 (EngineConfig.bf16_prompts) a step that mixes prompt
 rows with generated ones multiplies twice per layer, once over the bf16
 weights for the prompt rows and once over the fp32 path for the others. Past
-`prompt_steps_above` decoding sequences (EngineConfig.prompt_steps_above) the
-scheduler gives prompts steps of their own, alternating with decode steps
-while both wait: the same matmul work, but a new chat's prompt no longer
-waits for a decode pass over every running sequence before its first token
-(a 40-token prompt beside 12 decoding sequences: 27 ms for the prompt's step
-against 73-91 ms mixed, on the 2-core AMX Xeon), and 32 prompts sent at once
-are prefilled in fewer, cheaper steps (docs/BENCHMARKS.md "small_linear to 32
-rows").
+`prompt_steps_above` decoding sequences (EngineConfig.prompt_steps_above; by
+default any) the scheduler gives prompts steps of their own, alternating with
+decode steps while both wait: the same matmul work, but a new chat's prompt
+no longer waits for a decode pass over every running sequence before its
+first token (a 40-token prompt beside 12 decoding sequences: 27 ms for the
+prompt's step against 73-91 ms mixed, on the 2-core AMX Xeon; beside 1 to 8:
+15-20 against 25-34 ms on the Zen 5 EPYC), the decodes' next step costs what
+their rows added to a mixed one, and 32 prompts sent at once are prefilled in
+fewer, cheaper steps (docs/BENCHMARKS.md "small_linear to 32 rows").
 """
 from __future__ import annotations
 

@@ -157,7 +157,7 @@ def test_prompt_rows_follow_the_rounded_reference_and_replies_stay_fp32(referenc
         # Calls of 64 rows, and of other counts only where the CPU's library gives them the same bits.
         assert all(64 in blocks and min(blocks) >= 8 for blocks in engine.stats()["bf16_prompt_blocks"])
         assert engine.stats()["prefill_attention"] == "kernel"  # the bits are not HF generate's anyway
-        assert engine.scheduler.prompt_steps_above == 8  # EngineConfig.prompt_steps_above's default
+        assert engine.scheduler.prompt_steps_above == 0  # EngineConfig.prompt_steps_above's default
         done = [engine.generate([p], SamplingParams(max_tokens=16, temperature=0.0, logprobs=0))[0]
                 for p in prompts]
     reference = copy.deepcopy(reference_model)
@@ -204,7 +204,8 @@ def test_a_prompt_gets_the_same_bits_whole_in_chunks_and_from_the_cache(referenc
 def test_steps_mixing_prompts_and_replies_split_their_rows(reference_model):
     prompts = make_prompts(6, seed=31, min_len=10, max_len=70)
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    with _engine(copy.deepcopy(reference_model), max_num_batched_tokens=40) as engine:
+    # Prompts join the decodes' steps beside up to 8 of them only where configured so (the default: never).
+    with _engine(copy.deepcopy(reference_model), max_num_batched_tokens=40, prompt_steps_above=8) as engine:
         mixed = []
         engine.step_observer = lambda batch, _duration: mixed.append(
             len(set(batch.num_new_tokens)) > 1 and 1 in batch.num_new_tokens)

@@ -162,7 +162,9 @@ def test_prompts_in_bf16_over_the_dequantized_weights(small_linear, reference_mo
     generated rows keep fp32 activations over the int8 weights; a step mixing
     both splits its rows, so batched still equals alone."""
     prompts = make_prompts(6, seed=41, min_len=20, max_len=90)
-    with _engine(copy.deepcopy(reference_model), bf16_prompts=True, max_num_batched_tokens=40) as engine:
+    # Steps that mix prompts and decodes only where configured so (EngineConfig.prompt_steps_above; the default: never).
+    with _engine(copy.deepcopy(reference_model), bf16_prompts=True, max_num_batched_tokens=40,
+                 prompt_steps_above=8) as engine:
         net = engine.runner.net
         assert engine.stats()["bf16_prompts"] is True and net.half_block == 64
         assert engine.stats()["small_linear_rows"] == "all"

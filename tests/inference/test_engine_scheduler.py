@@ -114,6 +114,20 @@ def test_beside_many_decodes_bf16_prompts_take_steps_of_their_own_by_turns():
     assert [s.request_id for s in scheduler.schedule().seqs] == ["a", "b", "c", "new"]
 
 
+def test_by_default_a_prompt_beside_one_decoding_sequence_takes_a_step_of_its_own():
+    """EngineConfig's default threshold is 0: beside any decoding sequence, the
+    prompt's step is the prompt alone, and both decode together in the next."""
+    config = EngineConfig(max_num_batched_tokens=64, block_size=4)
+    scheduler = Scheduler(config, BlockManager(64, block_size=4), prompt_steps_above=config.prompt_steps_above)
+    decoding(scheduler, ["a"])
+    scheduler.add(seq("new", list(range(10, 20))))
+    first = scheduler.schedule()
+    assert [s.request_id for s in first.seqs] == ["new"] and first.num_new_tokens == [10]
+    computed(first)
+    second = scheduler.schedule()
+    assert [s.request_id for s in second.seqs] == ["a", "new"] and second.num_new_tokens == [1, 1]
+
+
 def test_up_to_the_threshold_and_without_it_steps_mix_as_before():
     for threshold, running_names in ((3, ["a", "b", "c"]), (None, ["a", "b", "c", "d", "e"])):
         manager = BlockManager(64, block_size=4)
