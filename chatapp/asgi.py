@@ -14,6 +14,7 @@ from django.db import close_old_connections, reset_queries  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from chatapp.routing import http_stream_patterns  # noqa: E402
+from inference import arrivals  # noqa: E402  (no torch: marks only)
 
 
 def drop_request_started_receivers() -> None:
@@ -55,11 +56,39 @@ class ApiHandler(ASGIHandler):
 
 api_asgi_app = ApiHandler()
 
+
+def marked_on_its_way(app):
+    """`app`, with each POST marked on its way to this process's engines
+    (inference.arrivals) from before its middleware until its prompt reaches
+    an engine or its response starts: meanwhile an engine on the CPU starts no
+    step that only decodes, so the request's web work and then its prompt's
+    step have the cores. A chat's send and an API call are POSTs; other POSTs
+    (a rename, a sign-in) hold the decodes until they are answered, and every
+    mark lets go after EngineConfig.arrival_hold_ms whatever happens."""
+
+    async def marked(scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await app(scope, receive, send)
+        arrival = arrivals.expect()
+
+        async def send_and_release(message):
+            if message["type"] == "http.response.start":
+                arrival.release()
+            await send(message)
+
+        try:
+            return await app(scope, receive, send_and_release)
+        finally:
+            arrival.release()
+
+    return marked
+
 application = ProtocolTypeRouter(
     {
         # No Channels auth middleware: Django's own authenticates its views,
         # and the stream consumers look their user up themselves, on the
         # chat's database threads (see conversations.consumers._load).
-        "http": URLRouter([*http_stream_patterns(), re_path(r"^v1/", api_asgi_app), re_path(r"", django_asgi_app)]),
+        "http": URLRouter([*http_stream_patterns(), re_path(r"^v1/", marked_on_its_way(api_asgi_app)),
+                           re_path(r"", marked_on_its_way(django_asgi_app))]),
     }
 )

@@ -418,6 +418,7 @@ def engine_config(spec: dict):
         num_threads=int(spec["num_threads"]) or None,
         one_thread_rows=settings.ENGINE_ONE_THREAD_ROWS,
         follow_cpu_load=settings.ENGINE_FOLLOW_CPU_LOAD,
+        arrival_hold_ms=settings.ENGINE_ARRIVAL_HOLD_MS,
         pack_weights=settings.ENGINE_PACK_WEIGHTS,
         pack_backend=settings.ENGINE_PACK_BACKEND,
         attention_kernel=settings.ENGINE_ATTENTION_KERNEL,

@@ -134,6 +134,17 @@ class EngineConfig:
     # int4 stream went 14 -> 44 tok/s; alone it changed nothing
     # (docs/BENCHMARKS.md "Engine beside a busy neighbour").
     follow_cpu_load: bool = True
+    # On the CPU, while the server admits a request (inference.arrivals), a
+    # step that would only decode waits for its prompt, at most this long from
+    # the request's arrival: the web work and the decode steps no longer slow
+    # each other on the same cores, and the prompt's step starts at once.
+    # One chat every 250 ms with about ten replies decoding (the 2-core Zen 5
+    # EPYC, bench.chat, four rounds each): the web path added +39 to +60 ms
+    # (median +51) to the first token against +64 to +73 (+70) without, the
+    # 32-at-once share 74-76% against 71-79% (docs/BENCHMARKS.md "Decode
+    # steps give way to a chat on its way"). 0: never wait. Not on CUDA,
+    # whose steps barely use the CPU.
+    arrival_hold_ms: float = 40.0
     # fp32 on the CPU: pack the matmul weights once for MKL's or oneDNN's GEMM
     # instead of letting MKL repack them on every call (inference.packing).
     # pack_backend "auto" times both on the model's shapes at start and keeps
@@ -247,6 +258,8 @@ class EngineConfig:
             raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device!r}")
         if self.one_thread_rows is not None and self.one_thread_rows < 0:
             raise ValueError("one_thread_rows must be >= 0 (or None to measure it)")
+        if not 0.0 <= self.arrival_hold_ms <= 10_000.0:
+            raise ValueError("arrival_hold_ms must be between 0 and 10000")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1 (or None for torch's default)")
 

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from inference.arrivals import release_current
 from inference.block_manager import BlockManager
 from inference.config import EngineConfig, SamplingParams
 from inference.detokenizer import IncrementalDetokenizer
@@ -122,6 +123,8 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.block_manager,
                                    prompt_steps_above=self.config.prompt_steps_above
                                    if self.runner.net.half_block else None)
+        # Decode-only steps wait for a request the server is admitting (inference.arrivals), on the CPU only.
+        self._engine_loop.hold_s = self.config.arrival_hold_ms / 1000 if self.runner.device.type == "cpu" else 0.0
         self.sampler = Sampler()
         self.metrics = EngineMetrics()
         self.eos_token_ids = self._eos_ids(model, self.tokenizer)
@@ -209,6 +212,7 @@ class Engine:
         seq.log_context = contextvars.copy_context()
         seq.sink = RequestHandle(request_id, ids, loop, self._engine_loop.wake_list, self.abort)
         self._engine_loop.inbox.add(seq, enforce_waiting_limit=enforce_waiting_limit)
+        release_current()  # the caller's request, if the server marked it on its way, has arrived
         return seq.sink
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
@@ -267,6 +271,9 @@ class Engine:
             "prefix_cache_hit_tokens": bm.hit_tokens,
             "prefix_cache_queried_tokens": bm.queried_tokens,
             "preemptions": self.scheduler.num_preemptions,
+            # Decode steps that waited for a request being admitted, and how long in all (inference.arrivals).
+            "arrival_holds": self._engine_loop.holds,
+            "arrival_held_s": round(self._engine_loop.held_s, 3),
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.config.max_num_seqs,
             "max_num_batched_tokens": self.config.max_num_batched_tokens,

@@ -9,6 +9,10 @@ step: its sampling, detokenizing and events run isolated (_isolated), and a
 failed batched forward is rerun in halves to find the sequences it fails on
 (_execute). If the loop itself dies, every live request gets an error event,
 submits are refused, and stats() raises (health shows the pool down).
+
+On the CPU, a step that would only decode waits while the server is
+admitting a request (inference.arrivals), so that request's web work and
+then its prompt's step have the cores (_hold_for_arrivals).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from inference import arrivals as arrivals_module
 from inference.handle import WakeList
 from inference.outputs import DeltaEvent, EngineSaturated, FinishEvent, Usage
 from inference.scheduler import ScheduledBatch
@@ -28,6 +33,9 @@ from inference.sequence import Sequence, SequenceStatus
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5
+# While holding for an arrival, how often its mark is looked at again (a
+# prompt or an abort in the inbox wakes the loop at once).
+_ARRIVAL_POLL_S = 0.001
 
 
 def _log_for(seq: Sequence, level: int, message: str, *, exc_info=None) -> None:
@@ -111,6 +119,10 @@ class Inbox:
         self._wakeup.wait(timeout_s)
         self._wakeup.clear()
 
+    @property
+    def has_items(self) -> bool:
+        return bool(self._items)
+
     def take(self) -> Iterator[tuple[str, Sequence | str]]:
         while self._items:
             yield self._items.popleft()
@@ -135,9 +147,13 @@ class EngineLoop:
     runner, sampler, block manager, metrics) and is the only writer of its
     sequences' state once they are submitted."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, arrivals=None):
         self.engine = engine
         self.inbox = Inbox(engine.config.max_waiting)
+        self.arrivals = arrivals or arrivals_module.ARRIVALS  # the process's marks (inference.arrivals)
+        self.hold_s = 0.0  # set once the runner's device is known (Engine); 0: never hold
+        self.holds = 0  # decode steps that waited for an arrival
+        self.held_s = 0.0
         self.wake_list = WakeList()
         self._thread = threading.Thread(target=self.run, name=f"engine-{engine.config.model_name or 'model'}",
                                         daemon=True)
@@ -194,6 +210,8 @@ class EngineLoop:
             if not scheduler.has_work():
                 self.inbox.wait(_IDLE_WAIT_S)
                 continue
+            if self._hold_for_arrivals():
+                continue  # a prompt or an abort came in meanwhile: take it first
             try:
                 self.step()
             except Exception as exc:  # no sequence to blame (the scheduler, say): fail its requests
@@ -204,6 +222,20 @@ class EngineLoop:
         for seq in list(scheduler.running) + list(scheduler.waiting):
             self._finish(seq, "abort", error=None)
         self.wake_list.wake_all()
+
+    def _hold_for_arrivals(self) -> bool:
+        """Before a step that would only decode, wait while the server admits
+        a request (inference.arrivals), each request's mark holding at most
+        hold_s from its arrival. True when the wait ended with something in
+        the inbox, which the loop must take before it steps."""
+        if not self.hold_s or not self.arrivals.holding(self.hold_s) or not self.engine.scheduler.decode_only():
+            return False
+        started = time.monotonic()
+        while not self.inbox.has_items and not self.inbox.stopping and self.arrivals.holding(self.hold_s):
+            self.inbox.wait(_ARRIVAL_POLL_S)
+        self.holds += 1
+        self.held_s += time.monotonic() - started
+        return self.inbox.has_items
 
     def _close_down(self, reason: str) -> None:
         """Fail every live request and refuse new ones; stats() then reports the engine down."""

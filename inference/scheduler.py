@@ -63,6 +63,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def decode_only(self) -> bool:
+        """Whether the next step can only decode: nothing queued, no prompt unfinished."""
+        return not self.waiting and all(seq.num_uncomputed_tokens == 1 for seq in self.running)
+
     def schedule(self) -> ScheduledBatch:
         kind = self._step_kind()
         batch = self._build(kind)

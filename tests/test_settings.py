@@ -201,6 +201,22 @@ def test_the_kernels_folder_defaults_under_the_data_dir_and_can_be_shared(settin
     assert runtime.engine_config(settings.MODEL_POOLS["small"]).kernel_dir == str(tmp_path / "shared")
 
 
+def test_arrival_hold_is_40_ms_unless_set_bounded_and_reaches_the_engines_config(settings):
+    from chatapp import runtime
+
+    def hold(**env) -> str:
+        result = manage("shell", "-c", "from django.conf import settings; print('->', settings.ENGINE_ARRIVAL_HOLD_MS)",
+                        **env)
+        return result.stdout.split("->")[-1].strip() if result.returncode == 0 else result.stderr
+
+    assert hold() == "40.0" and hold(ENGINE_ARRIVAL_HOLD_MS="0") == "0.0"
+    assert "ENGINE_ARRIVAL_HOLD_MS=-1.0 must be >= 0.0" in hold(ENGINE_ARRIVAL_HOLD_MS="-1")
+    assert "ENGINE_ARRIVAL_HOLD_MS=5000.0 must be at most 1000" in hold(ENGINE_ARRIVAL_HOLD_MS="5000")
+    assert "ENGINE_ARRIVAL_HOLD_MS='soon' is not a number" in hold(ENGINE_ARRIVAL_HOLD_MS="soon")
+    settings.ENGINE_ARRIVAL_HOLD_MS = 25.0
+    assert runtime.engine_config(settings.MODEL_POOLS["small"]).arrival_hold_ms == 25.0
+
+
 def bf16_prompts_setting(**env) -> str:
     result = manage("shell", "-c", "from django.conf import settings; print('->', settings.ENGINE_BF16_PROMPTS)",
                     **env)

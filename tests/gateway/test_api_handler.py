@@ -76,3 +76,62 @@ async def test_requests_through_the_application_start_no_thread_for_request_star
     status, _, _ = await get("/v1/models", [(b"authorization", f"Bearer {alice_key}".encode())])
     assert status == 200
     assert hops and not any("sync_send" in hop for hop in hops), hops
+
+
+async def post(path: str, body: bytes = b"", headers=(), app=application):
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "server": ("testserver", 80),
+             "client": ("127.0.0.1", 50000), "headers": [(b"host", b"testserver"), *headers]}
+    communicator = ApplicationCommunicator(app, scope)
+    await communicator.send_input({"type": "http.request", "body": body})
+    start = await communicator.receive_output(10)
+    while (await communicator.receive_output(10)).get("more_body"):
+        pass
+    return start["status"]
+
+
+async def test_posts_are_marked_on_their_way_to_the_engines_until_answered(remote, alice_key, monkeypatch):
+    """chatapp.asgi marks every POST (a chat's send, an API call) for the
+    engines (inference.arrivals), pages and /v1 alike; GETs and streams are
+    not marked, and no mark outlives its request."""
+    from inference import arrivals
+
+    made = []
+
+    class Recording(arrivals.Arrivals):
+        def expect(self, *, bind=True):
+            made.append(super().expect(bind=bind))
+            return made[-1]
+
+    marks = Recording()
+    monkeypatch.setattr(arrivals, "ARRIVALS", marks)
+    assert await post("/accounts/login/", b"username=x&password=y",
+                      [(b"content-type", b"application/x-www-form-urlencoded")]) in (200, 403)
+    assert await post("/v1/chat/completions", b"{", [(b"authorization", f"Bearer {alice_key}".encode()),
+                                                       (b"content-type", b"application/json")]) == 400
+    assert len(made) == 2 and len(marks) == 0 and all(mark.released for mark in made)
+    status, _, _ = await get("/accounts/login/")
+    assert status == 200 and len(made) == 2
+
+
+async def test_a_mark_ends_when_the_response_starts():
+    from chatapp.asgi import marked_on_its_way
+    from inference import arrivals
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        mark = seen["mark"] = arrivals.current()
+        seen["before"] = mark in arrivals.ARRIVALS
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        seen["after"] = mark in arrivals.ARRIVALS
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        pass
+
+    await marked_on_its_way(app)({"type": "http", "method": "POST", "path": "/c/new"}, receive, send)
+    assert seen["before"] is True and seen["after"] is False

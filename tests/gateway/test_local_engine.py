@@ -2,6 +2,7 @@
 SmolLM2's tokenizer): usage, Stop, and saturation → fallback → 429."""
 import asyncio
 import time
+from contextlib import aclosing
 
 import pytest
 
@@ -132,3 +133,20 @@ async def test_a_per_user_prefix_cache_scope_salts_the_engine_cache(local_pools,
     _, other = await collect(request(bob))
     assert again.usage.cached_tokens > 0  # the same user reuses the prefix
     assert other.usage.cached_tokens == 0  # another user does not
+
+
+async def test_a_request_marked_on_its_way_lets_go_once_its_engine_has_the_prompt(local_pools, alice):
+    """The server marks each POST for the engines (chatapp.asgi, inference.arrivals);
+    the gateway's submit to a local engine, in the request's context, ends the
+    mark before the first token: the decodes it held wait no longer."""
+    from inference import arrivals
+
+    async def marked_request():
+        mark = arrivals.expect()
+        async with aclosing(services.stream_chat(ask(alice))) as events:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    return mark, mark.released
+
+    mark, released = await asyncio.create_task(marked_request())
+    assert released is True and mark not in arrivals.ARRIVALS
