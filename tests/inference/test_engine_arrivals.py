@@ -125,3 +125,31 @@ def test_arrival_hold_ms_is_bounded():
     for wrong in (-1.0, 10_001.0):
         with pytest.raises(ValueError, match="arrival_hold_ms must be between 0 and 10000"):
             EngineConfig(arrival_hold_ms=wrong)
+
+
+async def test_stop_is_not_held_back_by_a_request_on_its_way(make_engine):
+    """Stop frees a slot at the next step boundary, held or not: an abort wakes the hold."""
+    engine = make_engine(arrival_hold_ms=8000)
+    params = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
+    doomed = engine.submit(make_prompts(1, seed=15)[0], params, request_id="doomed")
+    await first_token(doomed)
+    with arrivals.ARRIVALS.expect(bind=False):
+        await asyncio.sleep(0.1)  # held by now
+        started = time.monotonic()
+        engine.abort("doomed")
+        final = await asyncio.wait_for(doomed.aresult(), 5)
+        assert final.finish_reason == "abort" and time.monotonic() - started < 5
+        assert engine.stats()["running"] == 0
+
+
+def test_shutdown_is_not_held_back_by_a_request_on_its_way(make_engine):
+    engine = make_engine(arrival_hold_ms=8000)
+    handle = engine.submit(make_prompts(1, seed=16)[0], SamplingParams(max_tokens=600, temperature=0.0,
+                                                                       ignore_eos=True))
+    next(iter(handle.iter_sync(5)))  # its first token: decoding now
+    with arrivals.ARRIVALS.expect(bind=False):
+        time.sleep(0.1)
+        started = time.monotonic()
+        engine.shutdown(timeout_s=5)
+        assert time.monotonic() - started < 5
+    assert handle.result().finish_reason == "abort"
