@@ -14,12 +14,12 @@ def alice_key(alice):
     return api_key_create(user=alice, name="test")[1]
 
 
-async def get(path: str, headers=(), scheme="http", app=application):
-    scope = {"type": "http", "http_version": "1.1", "method": "GET", "scheme": scheme, "path": path,
+async def call(method: str, path: str, headers=(), scheme="http", app=application, request_body=b""):
+    scope = {"type": "http", "http_version": "1.1", "method": method, "scheme": scheme, "path": path,
              "raw_path": path.encode(), "query_string": b"", "root_path": "", "server": ("testserver", 80),
              "client": ("127.0.0.1", 50000), "headers": [(b"host", b"testserver"), *headers]}
     communicator = ApplicationCommunicator(app, scope)
-    await communicator.send_input({"type": "http.request", "body": b""})
+    await communicator.send_input({"type": "http.request", "body": request_body})
     start = await communicator.receive_output(10)
     body = b""
     while True:
@@ -28,6 +28,10 @@ async def get(path: str, headers=(), scheme="http", app=application):
         if not message.get("more_body"):
             break
     return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, body
+
+
+async def get(path: str, headers=(), scheme="http", app=application):
+    return await call("GET", path, headers, scheme, app)
 
 
 async def test_the_api_keeps_request_ids_and_security_headers_but_not_the_pages_middleware(remote, alice_key):
@@ -78,16 +82,9 @@ async def test_requests_through_the_application_start_no_thread_for_request_star
     assert hops and not any("sync_send" in hop for hop in hops), hops
 
 
-async def post(path: str, body: bytes = b"", headers=(), app=application):
-    scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
-             "raw_path": path.encode(), "query_string": b"", "root_path": "", "server": ("testserver", 80),
-             "client": ("127.0.0.1", 50000), "headers": [(b"host", b"testserver"), *headers]}
-    communicator = ApplicationCommunicator(app, scope)
-    await communicator.send_input({"type": "http.request", "body": body})
-    start = await communicator.receive_output(10)
-    while (await communicator.receive_output(10)).get("more_body"):
-        pass
-    return start["status"]
+async def post(path: str, body: bytes = b"", headers=()) -> int:
+    status, _, _ = await call("POST", path, headers, request_body=body)
+    return status
 
 
 async def test_posts_are_marked_on_their_way_to_the_engines_until_answered(remote, alice_key, monkeypatch):
