@@ -121,7 +121,6 @@ async def test_a_saturated_pool_degrades_to_the_small_pool_then_answers_429(loca
 
 async def test_a_per_user_prefix_cache_scope_salts_the_engine_cache(local_pools, alice, bob, settings):
     settings.GATEWAY_PREFIX_CACHE_SCOPE = "user"
-    engine = local_pools["gw-small"]
     system = {"role": "system", "content": "You are a helpful assistant. " * 20}
 
     def request(user):
