@@ -39,8 +39,10 @@ left the neighbour alone (49.2 and 35.2 tok/s without the neighbour).
 OMP_WAIT_POLICY=PASSIVE helped under load (25-30 tok/s) but cost 60% alone.
 So, with EngineConfig.follow_cpu_load, steps run on as many threads as other
 processes leave cores free (CpuLoad: /proc/stat less this process's own CPU
-time, re-read every LOAD_INTERVAL_S; half a free core counts as one), at
-least one, and on the whole team again once the cores are free. It is on
+time, re-read every LOAD_INTERVAL_S; half a free core counts as one; fewer
+threads only once two readings in a row see the load, so a burst that is over
+within one reading does not cost the next), at least one, and on the whole
+team again once the cores are free. It is on
 by default: alone it changes nothing, and beside a busy process it streamed
 3x the team's rate. Through the chat page it once cut one int4 chat from 51
 to 24 tok/s (bench.chat): not by giving way, but because the moderation and embedding
@@ -111,6 +113,7 @@ class CpuLoad:
         self._clock = clock
         self._last: tuple[float, float, float] | None = None  # (wall, machine busy, own) at the last sample
         self.others_busy: float | None = None  # cores, from the last complete interval
+        self.previous_busy: float | None = None  # cores, from the interval before it
 
     def sample(self) -> float | None:
         """Cores busy with other processes' work; re-read at most every interval_s."""
@@ -122,6 +125,7 @@ class CpuLoad:
             return None
         if self._last is not None:
             wall, last_machine, last_own = self._last
+            self.previous_busy = self.others_busy
             self.others_busy = max(0.0, ((machine - last_machine) - (own - last_own)) / (now - wall))
         self._last = (now, machine, own)
         return self.others_busy
@@ -181,10 +185,15 @@ class StepThreads:
             # As many threads as there are cores free, rounding half a core up;
             # back up only once three quarters of the next core are free, so
             # that a reading near the edge does not flip the count every interval.
-            free = self.cpus - others
+            # Fewer only for load that two readings in a row saw: a burst of
+            # half a second (a chat server's 32 POSTs, their client and
+            # Postgres) had the team give way for the next half second, when
+            # the burst was over and 32 prompts were prefilling on one thread
+            # (docs/BENCHMARKS.md "Giving way only to load that lasts").
+            free = self.cpus - min(others, self.load.previous_busy if self.load.previous_busy is not None else 0.0)
             fits = int(free + 0.5)
             if fits > current:
-                fits = max(current, int(free + 0.25))
+                fits = max(current, int(self.cpus - others + 0.25))
             self.yielding = self.threads - max(1, min(self.threads, fits))
         if self.yielding:
             self.yielded_steps += 1

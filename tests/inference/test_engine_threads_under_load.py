@@ -53,6 +53,8 @@ def test_steps_give_way_while_others_keep_the_cores_busy_and_take_them_back():
     plan = StepThreads(threads=2, one_thread_rows=0, reason="measured", load=fake.load(), cpus=2)
     assert plan.threads_for(32) == 2  # no interval yet: the team
     fake.run(1.0, others_cores=1.0, own_cores=1.5)  # a busy neighbour leaves one core
+    assert plan.threads_for(32) == 2  # one reading: it may be a burst that is over already
+    fake.run(1.0, others_cores=1.0, own_cores=1.5)  # still there a reading later
     assert plan.threads_for(32) == 1 and plan.yielding == 1
     fake.run(1.0, others_cores=0.4, own_cores=1.0)  # within the hysteresis band: keep giving way
     assert plan.threads_for(1) == 1
@@ -64,12 +66,28 @@ def test_steps_give_way_while_others_keep_the_cores_busy_and_take_them_back():
     assert report["follows_cpu_load"] and report["others_busy_cores"] == 0.4 and report["yielded_steps"] == 2
 
 
+def test_a_burst_of_one_reading_does_not_take_the_team_away():
+    """A chat server's burst (32 POSTs, their client, Postgres) is over within a
+    reading; giving way for the next one left 32 prompts prefilling on one thread."""
+    fake = FakeMachine()
+    plan = StepThreads(threads=2, one_thread_rows=0, reason="measured", load=fake.load(), cpus=2)
+    plan.threads_for(32)
+    for others in (1.5, 0.1, 1.5, 0.1, 1.5):
+        fake.run(0.5, others_cores=others, own_cores=1.0)
+        assert plan.threads_for(32) == 2
+    assert plan.yielded_steps == 0
+
+
 def test_a_large_team_gives_up_only_the_cores_others_take():
     fake = FakeMachine()
     plan = StepThreads(threads=16, one_thread_rows=0, reason="measured", load=fake.load(), cpus=16)
     plan.threads_for(32)
     fake.run(1.0, others_cores=3.0, own_cores=12.0)
+    plan.threads_for(32)
+    fake.run(1.0, others_cores=3.0, own_cores=12.0)
     assert plan.threads_for(32) == 13
+    fake.run(1.0, others_cores=16.0, own_cores=0.0)
+    assert plan.threads_for(32) == 13  # the readings before saw 3 busy: one reading is not enough
     fake.run(1.0, others_cores=16.0, own_cores=0.0)
     assert plan.threads_for(32) == 1  # never none
     fake.run(1.0, others_cores=0.0, own_cores=16.0)
@@ -110,8 +128,10 @@ def test_an_engine_follows_the_load_where_its_bits_allow(make_engine, greedy):
     quiet = [c.token_ids for c in int4.generate(prompts, greedy)]
     fake = FakeMachine()
     int4.step_threads.load = fake.load()
-    fake.run(1.0, others_cores=float(int4.step_threads.cpus), own_cores=0.0)
     int4.step_threads.load.sample()
+    for _ in range(2):  # two readings in a row: load that lasts
+        fake.run(1.0, others_cores=float(int4.step_threads.cpus), own_cores=0.0)
+        int4.step_threads.load.sample()
     fake.run(1.0, others_cores=float(int4.step_threads.cpus), own_cores=0.0)
     seen: set[int] = set()
     int4.step_observer = lambda _batch, _duration: seen.add(torch.get_num_threads())
