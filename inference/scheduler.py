@@ -79,8 +79,7 @@ class Scheduler:
         if self.prompt_steps_above is None:
             return MIXED
         decoding = sum(1 for seq in self.running if seq.num_uncomputed_tokens == 1)
-        prompting = bool(self.waiting) or any(seq.num_uncomputed_tokens > 1 for seq in self.running)
-        if decoding <= self.prompt_steps_above or not prompting:
+        if decoding <= self.prompt_steps_above or self.decode_only():
             return MIXED
         return DECODES if self.last_kind == PROMPTS else PROMPTS
 
