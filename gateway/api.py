@@ -245,8 +245,13 @@ async def chat_completions(request):
         return gateway_error_response(exc)
     reply = _Reply(chat, events, first, f"chatcmpl-{chat.request_id}", int(time.time()))
     if stream:
-        # Headers go out before the reply: they count this request's reservation.
-        headers = await _quota_headers(key)
+        # Headers go out before the reply: the windows as this request's
+        # admission left them, its reservation counted. Taken from the
+        # admission, not read again: one Redis round trip less before the
+        # first chunk, which a burst of API calls queues behind each other's.
+        headers = client.current().quota_headers(chat.request_id)
+        if headers is None:  # nothing reserved (the internal caller): no quota to report
+            headers = await _quota_headers(key)
         response = StreamingHttpResponse(_sse(reply, include_usage), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"

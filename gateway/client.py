@@ -23,6 +23,11 @@ class GatewayClient:
         """Stop a generation of this process within one decoding step (no-op when unknown)."""
         services.abort(request_id)
 
+    def quota_headers(self, request_id: str) -> dict[str, str] | None:
+        """The x-ratelimit-* headers of a request being streamed, as its admission
+        counted them (its reservation included); None when it reserved nothing."""
+        return services.quota_headers(request_id)
+
     def complete(self, request: ChatRequest) -> tuple[str, FinalEvent]:
         """The whole reply, blocking (sync callers)."""
         return services.complete(request)

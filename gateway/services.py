@@ -61,6 +61,10 @@ _inflight: dict[str, tuple[BackendSpec, backends.AbortSignal | None]] = {}
 # step); remembered briefly so the backend is stopped as soon as it starts.
 _early_aborts: dict[str, float] = {}
 EARLY_ABORT_TTL_S = 120
+# request_id -> the x-ratelimit-* headers its admission computed (the windows
+# with its own reservation counted), while it is in flight: a streamed API
+# reply sends them before its first chunk without reading the windows again.
+_admitted_headers: dict[str, dict[str, str]] = {}
 
 
 # ------------------------------------------------------------------ helpers
@@ -282,6 +286,8 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
     _validate(request)
     check = _InputCheck(request)
     run = await _planned(request, check)
+    if run.reservation is not None:
+        _admitted_headers[request.request_id] = run.reservation.headers
     try:
         async with aclosing(_serve(run)) as events:
             async for event in events:
@@ -296,6 +302,7 @@ async def stream_chat(request: ChatRequest) -> AsyncIterator[TokenEvent | FinalE
         check.cancel()
         _inflight.pop(request.request_id, None)
         _early_aborts.pop(request.request_id, None)
+        _admitted_headers.pop(request.request_id, None)
         # Shielded: a cancelled consumer must not leave the slot taken until its lease expires.
         await asyncio.shield(concurrency.release(run.lease))
 
@@ -636,6 +643,14 @@ def _abort_backend(spec: BackendSpec, request_id: str) -> None:
         entry[1].set()
     if spec.kind == Backend.KIND_LOCAL:
         backends.local_abort(spec, request_id)
+
+
+def quota_headers(request_id: str) -> dict[str, str] | None:
+    """The x-ratelimit-* headers of a request in flight in this process, as
+    its admission counted the windows (its own reservation included); None
+    when it reserved nothing (no user, background work) or is not in flight."""
+    headers = _admitted_headers.get(request_id)
+    return dict(headers) if headers is not None else None
 
 
 def abort(request_id: str) -> None:

@@ -211,6 +211,31 @@ async def test_an_exhausted_token_budget_is_429_with_retry_after_and_ratelimit_h
     assert response["x-ratelimit-reset-tokens"].endswith("s")
 
 
+async def test_a_streamed_reply_sends_the_rate_headers_its_admission_counted(remote, alice, alice_key, fresh_minute,
+                                                                            monkeypatch):
+    """Streamed, the x-ratelimit-* headers go out before the first chunk: the
+    windows as this request's admission left them (its reservation counted),
+    not read from Redis a second time on the way to the first token."""
+    from gateway import quotas
+
+    await sync_to_async(give_plan)(alice, tokens_per_minute=100, requests_per_minute=10)
+
+    async def read_again(*args, **kwargs):
+        raise AssertionError("the quota windows were read again for the headers")
+
+    monkeypatch.setattr(quotas, "headers_for", read_again)
+    response = await post(alice_key, hello(max_tokens=60, stream=True))
+    assert response.status_code == 200
+    body = b"".join([chunk async for chunk in response.streaming_content]).decode()
+    assert body.endswith("data: [DONE]\n\n")
+    assert response["x-ratelimit-limit-requests"] == "10"
+    assert response["x-ratelimit-remaining-requests"] == "9"
+    assert response["x-ratelimit-limit-tokens"] == "100"
+    # Its prompt and all 60 tokens it may write were reserved when the headers were taken.
+    assert 0 <= int(response["x-ratelimit-remaining-tokens"]) <= 40
+    assert response["x-ratelimit-reset-tokens"].endswith("s")
+
+
 async def test_a_spent_monthly_budget_is_insufficient_quota(remote, alice, alice_key):
     await sync_to_async(give_plan)(alice, tokens_per_month=100, tokens_per_minute=0, tokens_per_day=0)
     assert (await post(alice_key, hello(max_tokens=60))).status_code == 200
