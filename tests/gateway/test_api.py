@@ -119,6 +119,24 @@ async def test_the_ip_counter_and_the_key_cache_are_read_in_one_wait(remote, ali
     assert await models_status(alice_key) == 200  # the second from the key cache
 
 
+async def test_without_redis_a_call_is_refused_503_not_let_through(remote, alice_key, monkeypatch):
+    """The request counters fail closed, like the token quotas behind them."""
+    import socket
+
+    import redis.asyncio as aredis
+
+    from chatapp import runtime
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = aredis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    monkeypatch.setattr(runtime, "redis_async", lambda: dead)
+    response = await AsyncClient().get("/v1/models", **auth(alice_key))
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
+
+
 async def test_over_its_ip_limit_a_request_never_reaches_the_key_table(remote, alice_key, settings, monkeypatch,
                                                                       fresh_minute):
     """Unknown keys sent past the per-IP limit are refused 429 by the counter
