@@ -2,7 +2,8 @@
 product's /v1 relay (issue 16, item 3).
 
     python -m bench.relay [--streams 32] [--tokens 128] [--token-ms 10] [--singles 8] [--rounds 3]
-                          [--baseline-tree DIR] [--rules-only] [--hosted] [--local-pool] [--no-write]
+                          [--baseline-tree DIR] [--rules-only] [--hosted] [--local-pool] [--split N]
+                          [--no-write]
 
 1. starts `bench.sse_stub` in its own process: an OpenAI-compatible server that
    streams a token every --token-ms and uses almost no CPU, so what is measured
@@ -16,7 +17,10 @@ product's /v1 relay (issue 16, item 3).
    on, the gateway's caches off (a hit would not relay anything). With
    --baseline-tree, a second server runs the same from another checkout
    (the code before a change), on the same database and Redis, so before
-   and after share one run;
+   and after share one run. With --split N, N more servers (relay nodes,
+   the cores' torch threads shared between them) get the streams of one
+   contender dealt out by index: what N web processes on one listening
+   socket would do, which `serve` does not run yet;
 3. one raw HTTP/SSE client (asyncio streams, no HTTP library: it shares the
    cores with the server) reads the same requests from the stub directly
    ("backend alone") and from /v1/chat/completions (`stream`, `include_usage`):
@@ -71,6 +75,7 @@ class Target:
     keys: list[str] = field(default_factory=list)  # bearer keys, one per stream (the relay)
     model: str = "stub"
     pids: list[int] = field(default_factory=list)  # processes whose CPU counts as this contender's
+    ports: list[int] = field(default_factory=list)  # --split: the servers stream i goes to, by i
 
 
 def _request_bytes(target: Target, i: int, tokens: int) -> bytes:
@@ -116,7 +121,8 @@ def _event(data: bytes) -> tuple[bool, int | None, bool]:
 async def one_stream(target: Target, i: int, tokens: int) -> tuple[float | None, int]:
     """(TTFT s, completion tokens) of one streamed request."""
     started = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+    port = target.ports[i % len(target.ports)] if target.ports else target.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(_request_bytes(target, i, tokens))
         head = await reader.readuntil(b"\r\n\r\n")
@@ -363,6 +369,9 @@ def _parse_args(argv):
     parser.add_argument("--local-pool", action="store_true",
                         help="also run the relay with the bundled local pool configured, as a default install "
                              "(one embedding thread) rather than a relay node")
+    parser.add_argument("--split", type=int, default=0, metavar="N",
+                        help="also run N relay servers, a contender's streams dealt out between them by index "
+                             "(N web processes on one socket)")
     parser.add_argument("--py-spy", type=Path,
                         help="profile this tree's server over the measured rounds with py-spy (collapsed stacks here)")
     return parser.parse_args(argv)
@@ -386,6 +395,15 @@ def _start(args, data_dir: Path, procs: list) -> list[Target]:
         # default install runs: moderation keeps to EMBEDDING_THREADS=1 there.
         servers.append((ROOT, "relay, beside a local pool",
                         {"MODEL_POOLS_JSON": json.dumps({"small": {"model": "bundled:smollm2"}})}))
+    if args.split > 1:
+        # The cores' torch threads shared out: two processes of two threads
+        # each oversubscribed two cores (docs/BENCHMARKS.md).
+        threads = str(max(1, (os.cpu_count() or 1) // args.split))
+        split = [start_server(ROOT, f"split{k}", stub_port, {"EMBEDDING_THREADS": threads}) for k in range(args.split)]
+        procs += [server for server, _ in split]
+        targets.append(Target(f"{args.split} relay processes, streams split", split[0][1], "/v1/chat/completions",
+                              keys=keys, pids=[*(server.pid for server, _ in split), *services],
+                              ports=[port for _, port in split]))
     for i, (tree, label, env) in enumerate([*servers, (ROOT, "through the relay (/v1)", None)]):
         server, port = start_server(tree.resolve(), f"server{i}", stub_port, env)
         procs.append(server)

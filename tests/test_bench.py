@@ -77,6 +77,37 @@ def test_the_relay_benchmarks_client_reads_the_stubs_stream():
     assert tokens == 5 and ttft_s is not None
 
 
+def test_the_relay_benchmarks_split_streams_go_to_their_servers_by_index():
+    """--split: stream i goes to ports[i % N], not to the target's own port."""
+    import asyncio
+    import socket
+
+    from bench import relay
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    stub, port = relay.start_stub(token_ms=1)
+    try:
+        target = relay.Target("split", dead, "/v1/chat/completions", ports=[port])
+
+        async def both():
+            return await asyncio.gather(*(relay.one_stream(target, i, 3) for i in range(2)))
+
+        results = asyncio.run(asyncio.wait_for(both(), 30))
+        stray = relay.Target("split", port, "/v1/chat/completions", ports=[dead, port])
+        try:
+            asyncio.run(relay.one_stream(stray, 0, 3))
+            reached_dead_port = False
+        except OSError:
+            reached_dead_port = True
+    finally:
+        stub.terminate()
+        stub.wait(10)
+    assert [tokens for _, tokens in results] == [3, 3]
+    assert reached_dead_port  # stream 0 of [dead, live] went to the dead one
+
+
 def test_the_stubs_replies_differ_from_one_another():
     """bench.sse_stub's replies each order the words their own way, so the
     relay's verdict cache cannot answer a burst's moderation from one reply."""
