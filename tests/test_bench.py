@@ -80,13 +80,10 @@ def test_the_relay_benchmarks_client_reads_the_stubs_stream():
 def test_the_relay_benchmarks_split_streams_go_to_their_servers_by_index():
     """--split: stream i goes to ports[i % N], not to the target's own port."""
     import asyncio
-    import socket
 
-    from bench import relay
+    from bench import free_port, relay
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()  # nothing listens there
     stub, port = relay.start_stub(token_ms=1)
     try:
         target = relay.Target("split", dead, "/v1/chat/completions", ports=[port])

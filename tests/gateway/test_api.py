@@ -121,16 +121,12 @@ async def test_the_ip_counter_and_the_key_cache_are_read_in_one_wait(remote, ali
 
 async def test_without_redis_a_call_is_refused_503_not_let_through(remote, alice_key, monkeypatch):
     """The request counters fail closed, like the token quotas behind them."""
-    import socket
-
     import redis.asyncio as aredis
 
     from chatapp import runtime
+    from tests.gateway.live import free_port
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dead = aredis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    dead = aredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)  # nothing listens there
     monkeypatch.setattr(runtime, "redis_async", lambda: dead)
     response = await AsyncClient().get("/v1/models", **auth(alice_key))
     assert response.status_code == 503
