@@ -3,6 +3,7 @@ product's /v1 relay (issue 16, item 3).
 
     python -m bench.relay [--streams 32] [--tokens 128] [--token-ms 10] [--singles 8] [--rounds 3]
                           [--baseline-tree DIR] [--rules-only] [--hosted] [--local-pool] [--split N]
+                          [--web-processes N]
                           [--no-write]
 
 1. starts `bench.sse_stub` in its own process: an OpenAI-compatible server that
@@ -17,10 +18,12 @@ product's /v1 relay (issue 16, item 3).
    on, the gateway's caches off (a hit would not relay anything). With
    --baseline-tree, a second server runs the same from another checkout
    (the code before a change), on the same database and Redis, so before
-   and after share one run. With --split N, N more servers (relay nodes,
-   the cores' torch threads shared between them) get the streams of one
-   contender dealt out by index: what N web processes on one listening
-   socket would do, which `serve` does not run yet;
+   and after share one run. With --web-processes N, one more server runs N
+   web processes on its port (WEB_PROCESSES: the kernel deals connections
+   out among them). With --split N, N more servers (relay nodes, the cores'
+   torch threads shared between them) get the streams of one contender
+   dealt out by index: the same layout with a perfectly even split, which
+   is how it was first measured;
 3. one raw HTTP/SSE client (asyncio streams, no HTTP library: it shares the
    cores with the server) reads the same requests from the stub directly
    ("backend alone") and from /v1/chat/completions (`stream`, `include_usage`):
@@ -49,6 +52,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 
 from bench import free_port, report, shared_services_env, wait_healthy
@@ -249,7 +253,8 @@ def _server_env(name: str, stub_port: int) -> dict:
 
 
 def start_server(tree: Path, name: str, stub_port: int, env: dict | None = None) -> tuple[subprocess.Popen, int]:
-    """`manage.py serve --no-worker` from `tree`, waited for until /healthz answers."""
+    """`manage.py serve --no-worker` from `tree`, waited for until /healthz
+    answers (from each of its web processes, with WEB_PROCESSES)."""
     from django.conf import settings
 
     port = free_port()
@@ -258,7 +263,18 @@ def start_server(tree: Path, name: str, stub_port: int, env: dict | None = None)
     proc = subprocess.Popen(command, cwd=tree, env={**_server_env(name, stub_port), **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT)
     wait_healthy(proc, port, log.name)
+    wait_web_processes(port, int((env or {}).get("WEB_PROCESSES", 1)))
     return proc, port
+
+
+def wait_web_processes(port: int, n: int, timeout_s: float = 120) -> None:
+    """Until n processes have answered /healthz on the port, each call on a new connection."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {len(seen)} of {n} web processes answered on port {port}")
+        seen.add(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()["process"]["pid"])
 
 
 def start_profiler(pid: int, out: Path) -> subprocess.Popen:
@@ -369,6 +385,8 @@ def _parse_args(argv):
     parser.add_argument("--local-pool", action="store_true",
                         help="also run the relay with the bundled local pool configured, as a default install "
                              "(one embedding thread) rather than a relay node")
+    parser.add_argument("--web-processes", type=int, default=0, metavar="N",
+                        help="also run a relay node with N web processes on its port (WEB_PROCESSES=N)")
     parser.add_argument("--split", type=int, default=0, metavar="N",
                         help="also run N relay servers, a contender's streams dealt out between them by index "
                              "(N web processes on one socket)")
@@ -395,6 +413,9 @@ def _start(args, data_dir: Path, procs: list) -> list[Target]:
         # default install runs: moderation keeps to EMBEDDING_THREADS=1 there.
         servers.append((ROOT, "relay, beside a local pool",
                         {"MODEL_POOLS_JSON": json.dumps({"small": {"model": "bundled:smollm2"}})}))
+    if args.web_processes > 1:
+        servers.append((ROOT, f"relay, {args.web_processes} web processes",
+                        {"WEB_PROCESSES": str(args.web_processes)}))
     if args.split > 1:
         # The cores' torch threads shared out: two processes of two threads
         # each oversubscribed two cores (docs/BENCHMARKS.md).

@@ -1,6 +1,9 @@
 """Health probes for /healthz: each returns (ok, detail)."""
 from __future__ import annotations
 
+import os
+
+from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
 
@@ -38,6 +41,8 @@ def check_all() -> tuple[bool, dict]:
         "database": {"status": "ok" if db_ok else "down", "detail": db_detail},
         "redis": {"status": "ok" if redis_ok else "down", "detail": redis_detail},
         "model_pools": pool_report,
+        # Which of the port's web processes answered (WEB_PROCESSES): each checks its own pools and models.
+        "process": {"pid": os.getpid(), "web_processes": settings.WEB_PROCESSES},
         # MiniLM's number format, once loaded (retrieval.minilm): what "auto" chose and on what timings.
         # Each moderation checker "ok" or why it could not be built (its
         # categories then fail as SAFETY_FAIL_CLOSED says); null until loaded.

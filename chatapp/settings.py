@@ -452,6 +452,17 @@ if not isinstance(MODEL_POOLS, dict) or not all(
 # node (the web tier in front of vLLM, TGI or llama.cpp servers) sets
 # MODEL_POOLS_JSON='{}': no engine in the process, every model a backend.
 LOAD_MODELS = env_bool("LOAD_MODELS", True)
+# Daphne processes `serve` runs on its one port, each with its own socket
+# (SO_REUSEPORT: the kernel deals new connections out among them). One event
+# loop admits every request of its process, so a relay node's burst queues
+# behind it; two processes on two cores took 8-15 ms off a burst's first
+# tokens (docs/BENCHMARKS.md). A relay node only: an engine's tokens reach
+# the streams of the process it runs in, and N processes would load N copies.
+WEB_PROCESSES = env_int("WEB_PROCESSES", 1, min_value=1, max_value=64)
+if WEB_PROCESSES > 1 and MODEL_POOLS:
+    raise ImproperlyConfigured(
+        f"WEB_PROCESSES={WEB_PROCESSES} needs a relay node: set MODEL_POOLS_JSON='{{}}' (every model a backend "
+        f"in GATEWAY_BACKENDS_JSON); pools configured here: {sorted(MODEL_POOLS)}")
 
 # -------------------------------------------------------- observability
 # Metrics (observability.metrics) and structured logs (observability.logs).
@@ -604,7 +615,10 @@ EMBEDDING_ATTENTION_KERNEL = env_bool("EMBEDDING_ATTENTION_KERNEL", True)
 # retrieval, the only model work it does.
 # (sched_getaffinity: the cores this process may run on; Linux only.)
 _USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1 if MODEL_POOLS else _USABLE_CPUS, min_value=1)
+# Several web processes share the cores out: two of two threads each
+# oversubscribed two cores (OpenMP's spinning doubled moderation's CPU).
+EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1 if MODEL_POOLS else max(1, _USABLE_CPUS // WEB_PROCESSES),
+                            min_value=1)
 # Texts of callers waiting at the same time are embedded in one batch of at most this many.
 EMBEDDING_MAX_BATCH = env_int("EMBEDDING_MAX_BATCH", 64, min_value=1)
 

@@ -59,3 +59,11 @@ def test_healthz_says_which_engine_steps_run_on_one_thread(client, chat_engine):
     assert pool["step_threads"]["one_thread_rows"] == 0
     assert pool["step_threads"]["reason"] == chat_engine.step_threads.reason
     assert pool["stats"]["one_thread_rows"] == 0
+
+
+def test_healthz_says_which_web_process_answered(client):
+    """A relay node's web processes share one port (WEB_PROCESSES); each
+    answers for itself, so a probe can tell them apart."""
+    import os
+
+    assert client.get("/healthz").json()["process"] == {"pid": os.getpid(), "web_processes": 1}

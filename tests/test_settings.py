@@ -180,6 +180,24 @@ def test_a_relay_node_defaults_to_its_first_backend_and_gives_moderation_its_cor
                           DEFAULT_POOL="tgi") == ["tgi", "1"]
 
 
+def test_web_processes_share_a_relay_nodes_cores_and_are_refused_beside_a_local_pool():
+    cores = len(os.sched_getaffinity(0))
+    backends = '{"vllm": {"base_url": "http://10.0.0.5:8000/v1"}}'
+    assert model_settings(MODEL_POOLS_JSON="{}", GATEWAY_BACKENDS_JSON=backends, WEB_PROCESSES="2") == [
+        "vllm", str(max(1, cores // 2))]
+    assert model_settings(MODEL_POOLS_JSON="{}", GATEWAY_BACKENDS_JSON=backends, WEB_PROCESSES=str(cores * 4)) == [
+        "vllm", "1"]
+    # An engine's tokens reach only its own process's streams, and every
+    # process would load its own copy of the model: refused, with the fix.
+    result = manage("check", WEB_PROCESSES="2")
+    assert result.returncode != 0
+    assert "WEB_PROCESSES=2 needs a relay node: set MODEL_POOLS_JSON='{}'" in result.stderr
+    assert "['small']" in result.stderr
+    result = manage("check", WEB_PROCESSES="0", MODEL_POOLS_JSON="{}")
+    assert result.returncode != 0
+    assert "WEB_PROCESSES=0 must be >= 1" in result.stderr
+
+
 def kernel_dir(**env) -> str:
     """ENGINE_KERNEL_DIR as a process with this environment reads it (empty
     counts as unset, so ENGINE_KERNEL_DIR="" drops the suite's own)."""

@@ -73,14 +73,18 @@ class Serve:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "Serve":
+        self.start_process()
+        wait_for(self._healthy, timeout_s=240, what=f"serve on {self.url} to be healthy", poll_s=0.5)
+        return self
+
+    def start_process(self) -> None:
+        """The process alone, not waited for."""
         args = [sys.executable, "manage.py", "serve", "--port", str(self.port)]
         if not self.worker:
             args.append("--no-worker")
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True)
         log.close()
-        wait_for(self._healthy, timeout_s=240, what=f"serve on {self.url} to be healthy", poll_s=0.5)
-        return self
 
     def _healthy(self) -> bool:
         assert self.proc.poll() is None, self.output()

@@ -5,20 +5,21 @@ migrations, the reaper (before any new reply can stream), models, and Daphne
 last, in this process, so the engines live beside the SSE consumers that read
 their tokens. The Celery worker starts once Daphne listens: it holds no model
 and sends its titles and summaries to Daphne's address (SERVE_URL), which is
-known only then (`--port 0`). Shutdown runs in reverse.
+known only then (`--port 0`). So do a relay node's extra web processes
+(WEB_PROCESSES, `manage.py serve_web`), which bind the same port
+(chatapp.web). Shutdown runs in reverse.
 
 Every way out ends with nothing left running (docs/RELIABILITY.md):
 - Ctrl-C or SIGTERM shuts down in order, and a watchdog kills whatever is
   still there SHUTDOWN_TIMEOUT_S later; a second Ctrl-C kills it at once;
-- the worker gets SIGTERM from the kernel when `serve` dies, however it dies
-  (chatapp.celery.exit_with_parent), and a worker that dies on its own is
-  started again;
+- the worker and the extra web processes get SIGTERM from the kernel when
+  `serve` dies, however it dies (chatapp.celery.exit_with_parent), and one
+  that dies on its own is started again;
 - after a `serve` that was killed, the next one stops the worker it left and
   adopts its Postgres and Redis (chatapp.embedded).
 """
 from __future__ import annotations
 
-import asyncio
 import atexit
 import faulthandler
 import fcntl
@@ -38,11 +39,9 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from accounts import setup
-from chatapp import embedded, runtime
+from chatapp import embedded, runtime, web
 from chatapp.celery import exit_with_parent
-from conversations import turns
 from conversations.services import reap_orphaned_replies
-from gateway import quotas
 from gateway import services as gateway_services
 from observability import multiprocess
 
@@ -63,6 +62,8 @@ class Command(BaseCommand):
         lock = self._lock_data_dir()
         self._worker = None
         self._worker_started_at = 0.0
+        self._web: list[subprocess.Popen] = []  # the extra web processes (WEB_PROCESSES)
+        self._web_started_at: list[float] = []
         self._reactor = None
         self._watchdog = None
         self._exit_lock = threading.Lock()
@@ -92,6 +93,7 @@ class Command(BaseCommand):
             self._shutting_down = True
             self._arm_watchdog()
             self.stdout.write("shutting down ...")
+            self._stop_web()
             self._stop_worker(self._worker)
             runtime.shutdown_engines()
             embedded.stop_configured()
@@ -148,9 +150,11 @@ class Command(BaseCommand):
             # Where it was stuck, for the bug report: a shutdown that overran
             # is a bug (a second Ctrl-C is only impatience).
             faulthandler.dump_traceback(all_threads=True)
-        if self._worker is not None:
+        for proc in [self._worker, *self._web]:
+            if proc is None:
+                continue
             try:
-                os.killpg(self._worker.pid, signal.SIGKILL)  # its own session: all of it
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: all of it
             except OSError:
                 pass  # already gone
         embedded.kill_configured()
@@ -250,51 +254,83 @@ class Command(BaseCommand):
         self._worker = self._start_worker(serve_url)
 
     def _run_daphne(self, host: str, port: int, *, with_worker: bool):
-        # Over 40 lines: Daphne's server, its ready callback and the signal
-        # wiring share the reactor's locals; split, they would pass them around.
-        # Imported here, not at the top: daphne.server installs Twisted's
-        # asyncio reactor on import, and chatapp.asgi builds the application;
-        # neither belongs in a process that only runs `manage.py help`.
-        from daphne.endpoints import build_endpoint_description_strings
-        from daphne.server import Server
-        from twisted.internet import reactor, task
+        from twisted.internet import task
 
-        from chatapp.asgi import application
+        # With WEB_PROCESSES, this process listens on a socket of its own that
+        # the extra web processes bind too (chatapp.web); bound now, so that
+        # `--port 0` is resolved before they start.
+        sock = None
+        if settings.WEB_PROCESSES > 1:
+            try:
+                sock = web.reuse_port_socket(host, port, first=True)
+            except OSError as exc:
+                raise CommandError(f"could not listen on {host}:{port} ({exc.strerror or exc}: is the port "
+                                   "already in use?)") from exc
 
-        def ready():
-            # Daphne's loop runs once the reactor does: the reply keeper
-            # (heartbeats, the reaper of dead processes' replies) runs on it.
-            asyncio.get_event_loop().call_soon(turns.start_keeper)
-            # And the quota keeper: renews this process's reservations, gives
-            # back those of dead processes.
-            asyncio.get_event_loop().call_soon(quotas.start_keeper)
+        def on_reactor(reactor):
+            self._reactor = reactor
+
+        def ready(server):
             if not server.listening_addresses:
                 return  # listen_error already stopped the reactor; reported below
             bound_host, bound_port = server.listening_addresses[0]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            if sock is not None:
+                self._web = [self._start_web(host, bound_port) for _ in range(settings.WEB_PROCESSES - 1)]
+                self._web_started_at = [time.monotonic()] * len(self._web)
+                task.LoopingCall(self._watch_web, host, bound_port).start(1.0, now=False)
             if with_worker and self._worker is None:
                 serve_url = f"http://{_loopback_if_any(shown)}:{bound_port}"
                 self._worker = self._start_worker(serve_url)
                 task.LoopingCall(self._watch_worker, serve_url).start(1.0, now=False)
-            self.stdout.write(self.style.SUCCESS(f"ready: http://{shown}:{bound_port}  (Ctrl-C to stop)"))
+            extra = f", {settings.WEB_PROCESSES} web processes" if sock is not None else ""
+            self.stdout.write(self.style.SUCCESS(f"ready: http://{shown}:{bound_port}  (Ctrl-C to stop{extra})"))
             self.stdout.flush()
 
         # Our handlers (handle()), not Twisted's, turn SIGINT/SIGTERM into a
         # reactor stop: a second one must force the stop, and the watchdog
         # must run from the first. Then run() returns and the caller's
         # finally block shuts the rest down.
-        self._reactor = reactor
-        server = Server(
-            application=application,
-            endpoints=build_endpoint_description_strings(host=host, port=port),
-            signal_handlers=False,
-            http_timeout=None,  # SSE replies are long-lived by design
-            application_close_timeout=10,
-            ready_callable=ready,
-        )
-        server.run()
-        if not server.listening_addresses:
+        if not web.run_daphne(host, port, sock=sock, on_ready=ready, on_reactor=on_reactor):
             raise CommandError(f"could not listen on {host}:{port} (is the port already in use?)")
+
+    # ------------------------------------------------------------ web processes
+
+    def _start_web(self, host: str, port: int) -> subprocess.Popen:
+        """One more Daphne process on this port (`manage.py serve_web`): it
+        loads moderation's models, then binds its own socket. Its own session,
+        as the worker's: Ctrl-C reaches serve, which stops it in order; the
+        kernel sends it SIGTERM when serve dies, however it dies."""
+        args = [sys.executable, "manage.py", "serve_web", "--host", host, "--port", str(port)]
+        return subprocess.Popen(args, start_new_session=True, cwd=settings.BASE_DIR,
+                                preexec_fn=functools.partial(exit_with_parent, signal.SIGTERM))
+
+    def _watch_web(self, host: str, port: int):
+        """A web process that died on its own is started again, at most every
+        WORKER_RESTART_INTERVAL_S; meanwhile the others take its connections."""
+        if self._shutting_down:
+            return
+        for i, proc in enumerate(self._web):
+            if proc.poll() is None or time.monotonic() - self._web_started_at[i] < WORKER_RESTART_INTERVAL_S:
+                continue
+            self.stderr.write(f"web process {proc.pid} exited ({proc.returncode}); starting it again")
+            self._web[i] = self._start_web(host, port)
+            self._web_started_at[i] = time.monotonic()
+
+    def _stop_web(self):
+        """SIGTERM to each web process (its reactor stops, its streams end as
+        a restart's do), then SIGKILL to what is left after half the
+        shutdown's time. Before the worker, Postgres and Redis, which they use."""
+        live = [proc for proc in self._web if proc.poll() is None]
+        for proc in live:
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + settings.SHUTDOWN_TIMEOUT_S / 2
+        for proc in live:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def _exit_without_waiting_for_stray_threads() -> None:
