@@ -31,6 +31,7 @@ from gateway.types import (
     ChatRequest,
     FinalEvent,
     GatewayError,
+    ModerationUnavailable,
     TokenEvent,
     try_again_in,
 )
@@ -455,6 +456,10 @@ async def moderations(request):
     except GatewayError as exc:
         return gateway_error_response(exc)
     decisions = await amoderations(texts, user_id=key.user_id)
+    if any(decision.unchecked for decision in decisions):
+        # Scores of 1.0 standing in for a checker that failed are no answer to "is this harmful?".
+        return gateway_error_response(ModerationUnavailable(
+            "The texts could not be checked just now: a moderation check failed or timed out."))
     return JsonResponse({
         "id": f"modr-{uuid.uuid4().hex}",
         "model": MODERATION_MODEL,

@@ -35,6 +35,7 @@ from gateway.types import (
     SEED_LIMIT,
     BadRequest,
     Blocked,
+    ModerationUnavailable,
     ChatRequest,
     FinalEvent,
     ModelInfo,
@@ -330,15 +331,15 @@ async def _settle_early_end(run: _Run, exc: BaseException) -> BaseException:
     (generator closed, task cancelled). Refund what was not used, keep the
     ledger row; returns what to raise (a block outranks other refusals)."""
     outcome = await run.input_check.instead_of(exc)
-    blocked = isinstance(outcome, Blocked)
-    if blocked:
+    held = isinstance(outcome, (Blocked, ModerationUnavailable))  # the prompt never passed: nothing was shown
+    if held:
         abort(run.request.request_id)  # a local generation started beside the check: free its slot now
-        status, usage = "blocked", Usage()
+        status, usage = ("blocked" if isinstance(outcome, Blocked) else "error"), Usage()
     else:
         status = "abort" if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) else "error"
         usage = Usage(prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens)
     await run.settle(status=status, usage=usage, error=getattr(outcome, "message", "") or str(outcome),
-                     charge=run.started_generating and not blocked)
+                     charge=run.started_generating and not held)
     return outcome
 
 
@@ -359,10 +360,13 @@ class _InputCheck:
             self.task = asyncio.ensure_future(amoderate_messages(request.messages, user_id=request.user_id))
 
     async def passed(self) -> None:
-        """Return once the input is allowed (at once after the first call); raise Blocked."""
+        """Return once the input is allowed (at once after the first call);
+        raise Blocked, or ModerationUnavailable when it could not be checked."""
         if self.task is not None:
             task, self.task = self.task, None
             verdict = await task
+            if verdict.unchecked:
+                raise ModerationUnavailable(verdict.reason)
             if verdict.blocked:
                 raise Blocked(verdict.reason)
 
@@ -376,6 +380,8 @@ class _InputCheck:
             await self.passed()
         except Blocked as blocked:
             return blocked
+        except ModerationUnavailable:
+            pass  # not a verdict on the input: the refusal in hand stands
         except Exception:
             log.exception("moderating the input of %s", self.task_request_id)
         return exc

@@ -141,6 +141,21 @@ class Unavailable(GatewayError):
     error_type = "server_error"
 
 
+class ModerationUnavailable(Unavailable):
+    """The prompt could not be checked: a fail-closed checker failed or timed
+    out (SAFETY_FAIL_CLOSED). Nothing was generated or charged; it was not
+    judged harmful either, so unlike Blocked it is worth sending again."""
+
+    code = "moderation_unavailable"
+    # A checker that timed out under a burst, or while its model loaded, has
+    # usually caught up by then.
+    RETRY_AFTER_S = 5
+
+    def __init__(self, message: str, **kwargs):
+        kwargs.setdefault("retry_after_s", self.RETRY_AFTER_S)
+        super().__init__(message, **kwargs)
+
+
 class Blocked(GatewayError):
     """The prompt failed moderation; nothing was generated or charged."""
 

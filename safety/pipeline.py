@@ -157,8 +157,8 @@ def _fallback(checker: Checker, count: int, why: str) -> list[list[Verdict]]:
     except Exception:  # the rules checker reads its categories from the rules, which may be what failed
         categories = tuple(settings.SAFETY_FAIL_CLOSED)
     closed = [c for c in categories if c in settings.SAFETY_FAIL_CLOSED]
-    verdict = [Verdict(c, 1.0, BLOCK, checker.name, f"The {checker.name} check {why}; the policy is fail-closed.")
-               for c in closed]
+    verdict = [Verdict(c, 1.0, BLOCK, checker.name, f"The {checker.name} check {why}; the policy is fail-closed.",
+                       unchecked=True) for c in closed]
     return [list(verdict) for _ in range(count)]
 
 

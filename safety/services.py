@@ -35,7 +35,7 @@ Each block sends `safety.signals.content_blocked` once.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from django.conf import settings
 
@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 INPUT_BLOCKED = "This message was blocked by the content policy ({category})."
 OUTPUT_BLOCKED = "The reply was stopped by the content policy ({category})."
 PASSAGE_LEFT_OUT = "A passage of a document was left out: it looks like {category}."
+# What each notice says instead when a fail-closed checker failed or timed out
+# (Decision.unchecked): the text was held back unjudged, and trying again may
+# well pass. Naming the category there ("blocked term") told people their
+# message held a term it did not hold.
+UNCHECKED = {
+    INPUT_BLOCKED: "This message could not be checked against the content policy just now, so it was not sent.",
+    OUTPUT_BLOCKED: "The reply was stopped: it could not be checked against the content policy just now.",
+    PASSAGE_LEFT_OUT: "A passage of a document was left out: it could not be checked against the content policy "
+                      "just now.",
+}
 # The checkers' deadline for a batch judged in the background (ingestion, a
 # re-screen): no one waits on it, and a batch cut short by the turn's
 # deadline would store nothing (a fallback is never stored).
@@ -75,15 +85,21 @@ def reply_read_start(length: int, classified: int, *, final: bool, every: int | 
 
 
 def _notice(template: str, verdict: Verdict) -> Verdict:
-    category = verdict.category.replace("_", " ")
-    return Verdict(verdict.category, verdict.score, verdict.action, verdict.checker, template.format(category=category))
+    if verdict.unchecked:
+        return replace(verdict, reason=UNCHECKED[template])
+    return replace(verdict, reason=template.format(category=verdict.category.replace("_", " ")))
 
 
 def _signal_kwargs(verdict: Verdict, *, user_id, source: str, text: str) -> dict:
     return dict(user_id=user_id, source=source, category=verdict.category, checker=verdict.checker, text=text)
 
 
+# A stand-in for a failed checker is no block to count (content_blocked
+# feeds the blocked-content metric): the pipeline logged the failure.
+
 async def _asignal(verdict: Verdict, *, user_id, source: str, text: str) -> None:
+    if verdict.unchecked:
+        return
     for receiver, result in await content_blocked.asend_robust(
             sender="safety", **_signal_kwargs(verdict, user_id=user_id, source=source, text=text)):
         if isinstance(result, Exception):
@@ -91,6 +107,8 @@ async def _asignal(verdict: Verdict, *, user_id, source: str, text: str) -> None
 
 
 def _signal(verdict: Verdict, *, user_id, source: str, text: str) -> None:
+    if verdict.unchecked:
+        return
     for receiver, result in content_blocked.send_robust(
             sender="safety", **_signal_kwargs(verdict, user_id=user_id, source=source, text=text)):
         if isinstance(result, Exception):
@@ -121,12 +139,17 @@ async def amoderate_messages(messages: list[dict], *, user_id=None) -> Verdict:
     texts = list(dict.fromkeys(m["content"] for m in messages if m.get("content")))
     if not texts:
         return ALLOWED
+    unchecked = ALLOWED  # a judged block elsewhere in the request outranks it
     for text, decision in zip(texts, await pipeline.arun(texts, source="input")):
         if decision.blocked:
             verdict = _notice(INPUT_BLOCKED, decision.top)
+            if verdict.unchecked:
+                if not unchecked.blocked:
+                    unchecked = verdict
+                continue
             await _asignal(verdict, user_id=user_id, source="input", text=text)
             return verdict
-    return ALLOWED
+    return unchecked
 
 
 def moderate_input(text: str, *, user_id=None) -> Verdict:
@@ -259,9 +282,9 @@ def _passage_verdicts(decisions: list[Decision], version: str) -> list[PassageVe
         stored = version if decision.complete else ""
         # A passage is data: anything flagged is left out, not only what would block a prompt.
         if decision.flagged:
-            verdict = decision.top
-            out.append(PassageVerdict(verdict.category, verdict.score, "block", verdict.checker,
-                                      PASSAGE_LEFT_OUT.format(category=verdict.category.replace("_", " ")), stored))
+            verdict = _notice(PASSAGE_LEFT_OUT, decision.top)
+            out.append(PassageVerdict(verdict.category, verdict.score, "block", verdict.checker, verdict.reason,
+                                      verdict.unchecked, stored))
         else:
             out.append(PassageVerdict(policy_version=stored))
     return out

@@ -14,6 +14,9 @@ class Verdict:
     action: str = ALLOW  # allow | flag (noted, let through) | block
     checker: str = ""
     reason: str = ""
+    # Stands in for a checker that failed or timed out, blocking what
+    # SAFETY_FAIL_CLOSED says to (safety.pipeline): nothing judged the text.
+    unchecked: bool = False
 
     @property
     def blocked(self) -> bool:
@@ -52,9 +55,18 @@ class Decision:
         return self.action in (FLAG, BLOCK)
 
     @property
+    def unchecked(self) -> bool:
+        """Blocked only by stand-ins for checkers that failed or timed out: the
+        text was held back because it could not be checked, not judged harmful."""
+        blocking = [v for v in self.verdicts if v.blocked]
+        return bool(blocking) and all(v.unchecked for v in blocking)
+
+    @property
     def top(self) -> Verdict:
-        """The verdict that decided: the worst action, then the highest score."""
-        ranked = sorted(self.verdicts, key=lambda v: ({BLOCK: 2, FLAG: 1}.get(v.action, 0), v.score), reverse=True)
+        """The verdict that decided: the worst action, then a checker's own
+        verdict over a stand-in for one that failed, then the highest score."""
+        ranked = sorted(self.verdicts, key=lambda v: ({BLOCK: 2, FLAG: 1}.get(v.action, 0), not v.unchecked, v.score),
+                        reverse=True)
         return ranked[0] if ranked and ranked[0].flagged else ALLOWED
 
     def scores(self) -> dict[str, float]:

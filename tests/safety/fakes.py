@@ -115,3 +115,13 @@ class Gated(Recorder):
         if source == "input":
             GATE.wait(timeout=60)
         return self._verdicts(texts, source)
+
+
+class GatedFailing(Gated):
+    """Gated, then failing: a checker that breaks (or would time out) while
+    the gateway's other stages run beside it."""
+    name = "gated_failing"
+
+    def check(self, texts, source):
+        super().check(texts, source)
+        raise RuntimeError("the checker's model is still loading")

@@ -14,7 +14,7 @@ import pytest
 
 from gateway import registry, services
 from gateway.models import Backend, UsageRecord
-from gateway.types import Blocked, ChatRequest, TokenEvent
+from gateway.types import Blocked, ChatRequest, ModerationUnavailable, TokenEvent
 from tests.safety import fakes
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -158,3 +158,42 @@ async def test_a_block_outranks_a_refusal_of_the_other_stages(remote, alice, gat
     fakes.GATE.set()
     with pytest.raises(Blocked):
         await services.stream_chat(request).__anext__()
+
+
+@pytest.fixture
+def failing_closed(settings, gated):
+    """The gated checker fails once the gate opens; its category fails closed."""
+    settings.SAFETY_CHECKERS = ["safety.checkers.RulesChecker", "tests.safety.fakes.GatedFailing"]
+    settings.SAFETY_FAIL_CLOSED = ["violence"]
+
+
+async def test_a_prompt_that_could_not_be_checked_is_refused_as_unavailable_not_as_blocked(
+        alice, endless_engine, failing_closed, blocked_signals):
+    """Fail-closed holds the prompt back, but says so: nothing judged it, so it
+    is a 503 worth retrying, not a content-policy refusal naming a category
+    the text never touched, and no block is counted."""
+    request = ChatRequest(messages=[{"role": "user", "content": "Hello there"}], user_id=alice.pk, max_tokens=1500)
+    events = []
+    task = await _held_while_the_engine_generates(endless_engine, request, events)
+    fakes.GATE.set()
+    with pytest.raises(ModerationUnavailable) as refused:
+        await asyncio.wait_for(task, 30)
+    assert refused.value.status == 503 and refused.value.code == "moderation_unavailable"
+    assert refused.value.retry_after_s == ModerationUnavailable.RETRY_AFTER_S
+    assert "could not be checked" in refused.value.message and "violence" not in refused.value.message
+    assert events == []
+    await _until(lambda: not endless_engine.stats()["running"])  # its slot is free
+    row = await UsageRecord.objects.aget(request_id=request.request_id)
+    assert row.status == "error" and row.charged_tokens == 0
+    assert blocked_signals == []
+
+
+async def test_a_judged_block_outranks_a_check_that_failed(alice, remote, failing_closed, blocked_signals, settings):
+    settings.SAFETY_BLOCKED_TERMS = ["forbidden"]
+    fakes.GATE.set()
+    request = ChatRequest(messages=[{"role": "user", "content": "Hello there"},
+                                    {"role": "user", "content": "the forbidden thing"}], user_id=alice.pk, max_tokens=20)
+    with pytest.raises(Blocked) as refused:
+        await services.stream_chat(request).__anext__()
+    assert "blocked term" in refused.value.message
+    assert [s["category"] for s in blocked_signals] == ["blocked_term"]
