@@ -13,9 +13,8 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
 from conversations import services, streams, turns
-from conversations.models import Conversation, Message
+from conversations.models import Message
 from gateway.keys import api_key_create
-from gateway.services import stream_chat
 from gateway.types import Blocked, ChatRequest
 from safety.services import ascreen_passages, screen_passages
 from tests.gateway.helpers import collect
