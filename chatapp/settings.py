@@ -454,10 +454,11 @@ if not isinstance(MODEL_POOLS, dict) or not all(
 LOAD_MODELS = env_bool("LOAD_MODELS", True)
 # Daphne processes `serve` runs on its one port, each with its own socket
 # (SO_REUSEPORT: the kernel deals new connections out among them). One event
-# loop admits every request of its process, so a relay node's burst queues
-# behind it; two processes on two cores took 8-15 ms off a burst's first
-# tokens (docs/BENCHMARKS.md). A relay node only: an engine's tokens reach
-# the streams of the process it runs in, and N processes would load N copies.
+# loop relays every stream of its process; once it saturates a core, more
+# processes use the others (two cores, 128 streams at once: 9-21% more tok/s,
+# TTFT p99 1.5 s -> 0.3 s; no gain at 32: docs/BENCHMARKS.md). A relay node
+# only: an engine's tokens reach the streams of the process it runs in, and N
+# processes would load N copies.
 WEB_PROCESSES = env_int("WEB_PROCESSES", 1, min_value=1, max_value=64)
 if WEB_PROCESSES > 1 and MODEL_POOLS:
     raise ImproperlyConfigured(

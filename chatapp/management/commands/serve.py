@@ -93,8 +93,9 @@ class Command(BaseCommand):
             self._shutting_down = True
             self._arm_watchdog()
             self.stdout.write("shutting down ...")
-            self._stop_web()
-            self._stop_worker(self._worker)
+            # The web processes first: they use the worker's queue, Postgres and Redis.
+            self._stop_sessions(self._web)
+            self._stop_sessions([self._worker])
             runtime.shutdown_engines()
             embedded.stop_configured()
             lock.close()
@@ -215,17 +216,20 @@ class Command(BaseCommand):
                                 env={**os.environ, "SERVE_URL": serve_url},
                                 preexec_fn=functools.partial(exit_with_parent, signal.SIGTERM))
 
-    def _stop_worker(self, worker):
-        if worker is None or worker.poll() is not None:
-            return
-        # Celery's warm shutdown on SIGTERM: finish the current task, then
-        # exit; half the shutdown's time at most, then it is killed.
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(settings.SHUTDOWN_TIMEOUT_S / 2)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+    def _stop_sessions(self, procs):
+        """SIGTERM to each process's session (the worker's: Celery's warm
+        shutdown, the current task finished; a web process's: its reactor
+        stops), then SIGKILL to what is left after half the shutdown's time."""
+        live = [proc for proc in procs if proc is not None and proc.poll() is None]
+        for proc in live:
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + settings.SHUTDOWN_TIMEOUT_S / 2
+        for proc in live:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     def _stop_stale_workers(self):
         """Workers of this DATA_DIR that a killed `serve` left (where the
@@ -243,12 +247,14 @@ class Command(BaseCommand):
             for proc in stale:
                 embedded.kill_tree(proc, signal.SIGTERM, grace_s=settings.SHUTDOWN_TIMEOUT_S / 2)
 
-    def _watch_worker(self, serve_url: str):
-        """A worker that died on its own (killed, out of memory) is started
+    def _due_restart(self, proc, started_at: float) -> bool:
+        """A child that died on its own (killed, out of memory) is started
         again, at most every WORKER_RESTART_INTERVAL_S."""
-        if self._worker is None or self._worker.poll() is None or self._shutting_down:
-            return
-        if time.monotonic() - self._worker_started_at < WORKER_RESTART_INTERVAL_S:
+        return (proc is not None and proc.poll() is not None and not self._shutting_down
+                and time.monotonic() - started_at >= WORKER_RESTART_INTERVAL_S)
+
+    def _watch_worker(self, serve_url: str):
+        if not self._due_restart(self._worker, self._worker_started_at):
             return
         self.stderr.write(f"the Celery worker exited ({self._worker.returncode}); starting it again")
         self._worker = self._start_worker(serve_url)
@@ -306,31 +312,14 @@ class Command(BaseCommand):
                                 preexec_fn=functools.partial(exit_with_parent, signal.SIGTERM))
 
     def _watch_web(self, host: str, port: int):
-        """A web process that died on its own is started again, at most every
-        WORKER_RESTART_INTERVAL_S; meanwhile the others take its connections."""
-        if self._shutting_down:
-            return
+        """As `_watch_worker`; meanwhile the other processes take the port's connections."""
         for i, proc in enumerate(self._web):
-            if proc.poll() is None or time.monotonic() - self._web_started_at[i] < WORKER_RESTART_INTERVAL_S:
+            if not self._due_restart(proc, self._web_started_at[i]):
                 continue
             self.stderr.write(f"web process {proc.pid} exited ({proc.returncode}); starting it again")
             self._web[i] = self._start_web(host, port)
             self._web_started_at[i] = time.monotonic()
 
-    def _stop_web(self):
-        """SIGTERM to each web process (its reactor stops, its streams end as
-        a restart's do), then SIGKILL to what is left after half the
-        shutdown's time. Before the worker, Postgres and Redis, which they use."""
-        live = [proc for proc in self._web if proc.poll() is None]
-        for proc in live:
-            os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + settings.SHUTDOWN_TIMEOUT_S / 2
-        for proc in live:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def _exit_without_waiting_for_stray_threads() -> None:
