@@ -389,7 +389,7 @@ def _parse_args(argv):
                         help="also run a relay node with N web processes on its port (WEB_PROCESSES=N)")
     parser.add_argument("--split", type=int, default=0, metavar="N",
                         help="also run N relay servers, a contender's streams dealt out between them by index "
-                             "(N web processes on one socket)")
+                             "(--web-processes N with a perfectly even split)")
     parser.add_argument("--py-spy", type=Path,
                         help="profile this tree's server over the measured rounds with py-spy (collapsed stacks here)")
     return parser.parse_args(argv)

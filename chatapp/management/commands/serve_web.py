@@ -41,11 +41,9 @@ class Command(BaseCommand):
             sock = web.reuse_port_socket(host, port, first=False)
             web.run_daphne(host, port, sock=sock, on_ready=lambda server: None, on_reactor=self._set_reactor)
         except KeyboardInterrupt:
-            pass  # stopped while loading
-        finally:
-            # Serve's watchdog covers this process too: it kills the session
-            # of a web process that overran its share of the shutdown.
-            runtime.shutdown_engines()
+            pass  # stopped while loading: nothing runs yet that needs stopping in order
+        # No engines to shut down (WEB_PROCESSES needs a relay node); one that
+        # overruns its share of the shutdown is killed by serve.
         _exit_without_waiting_for_stray_threads()
 
     def _set_reactor(self, reactor):
