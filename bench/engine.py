@@ -234,17 +234,19 @@ def peak_kernel(dtype: str, quantization: str, device: str, small_linear_rows: i
 
 # ------------------------------------------------------------ rows
 
-def run_format(setup: Setup, label: str, dtype: str, quantization: str) -> dict:
+def run_format(setup: Setup, label: str, dtype: str, quantization: str, cuda_graphs: bool = False) -> dict:
     """The engine in one format: 32 x 32 equal lengths (with its decode steps
-    against the roofline) and one chat at a time."""
-    log(f"{label}: engine ...")
-    config = dataclasses.replace(setup.config, dtype=dtype, quantization=quantization)
+    against the roofline) and one chat at a time; with `cuda_graphs`, its
+    decode steps replayed from CUDA graphs."""
+    log(f"{label}{' + CUDA graphs' if cuda_graphs else ''}: engine ...")
+    config = dataclasses.replace(setup.config, dtype=dtype, quantization=quantization, cuda_graphs=cuda_graphs)
     with Engine.from_pretrained(setup.model_dir, config) as engine:
         engine.generate([setup.equal[0][0]], exact(4))  # warm-up
         chats = [engine.apply_chat_template([{"role": "user", "content": q}])
                  for q in CHAT_QUESTIONS[:setup.sizes["chats"]]]
         # What the engine ran: "auto" may also have chosen bf16 weights (inference.formats).
-        row = {"label": label, "dtype": engine.config.dtype, "quantization": engine.config.quantization,
+        row = {"label": label, "cuda_graphs": cuda_graphs,
+               "dtype": engine.config.dtype, "quantization": engine.config.quantization,
                "bf16_prompts": bool(engine.config.bf16_prompts),
                "small_linear_rows": engine.stats()["small_linear_rows"],
                "choice": engine.format_report.summary() if engine.format_report else None,
@@ -418,6 +420,9 @@ def _parse_args(argv):
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-batched-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="on CUDA, also run each format with its decode steps replayed from CUDA graphs "
+                             "(EngineConfig.cuda_graphs), as a row of its own")
     parser.add_argument("--skip-peers", action="store_true", help="engine rows only")
     parser.add_argument("--skip-serving", action="store_true", help="skip B, C and D")
     parser.add_argument("--json", help="also write the raw results here (to re-render them with --render)")
@@ -446,6 +451,8 @@ def make_setup(args) -> Setup:
     device = args.device
     if device == "auto":  # chosen once, at start: every row runs on it
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.cuda_graphs and not device.startswith("cuda"):
+        raise SystemExit(f"--cuda-graphs needs a CUDA device, not {device}")
     model_dir = args.model or bundled_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_config = AutoConfig.from_pretrained(model_dir)
@@ -493,6 +500,10 @@ def measure(args, argv) -> dict:
             row["peers"] = {} if setup.skip_peers else equal_peers(setup, row["dtype"], row["quantization"],
                                                                    row["bf16_prompts"])
             results["rows"].append(row)
+            if args.cuda_graphs:
+                graphed = run_format(setup, label, dtype, quantization, cuda_graphs=True)
+                graphed["peers"] = row["peers"]  # the HF peers run no graphs: the same rows
+                results["rows"].append(graphed)
     auto = [row for row in results["rows"] if row["label"] == "auto"] or results["rows"][:1]
     results["mixed"] = run_mixed(setup, auto[0]["dtype"], auto[0]["quantization"], auto[0].get("bf16_prompts", False))
     if not args.skip_serving:

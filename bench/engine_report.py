@@ -15,7 +15,12 @@ def _load(result: dict) -> str:
 
 
 def _format(row: dict) -> str:
-    """The row's label and what it ran as ("auto → bfloat16", "int8 (float32 around int8)")."""
+    """The row's label and what it ran as ("auto → bfloat16", "int8 (float32 around int8)",
+    "bf16 + CUDA graphs")."""
+    return _format_plain(row) + (" + CUDA graphs" if row.get("cuda_graphs") else "")
+
+
+def _format_plain(row: dict) -> str:
     if row["label"] == "auto":
         weights = "" if row["quantization"] == "none" else f" with {row['quantization']}"
         prompts = ", prompts in bf16" if row.get("bf16_prompts") else ""

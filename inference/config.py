@@ -201,8 +201,9 @@ class EngineConfig:
     # TorchScript call: only the GIL benchmark's baseline wants that (llama.py).
     script_layers: bool = True
     # CUDA only: replay decode-only steps from captured CUDA graphs (one launch
-    # instead of hundreds; inference.cuda_graphs). Untested on the project's
-    # CPU-only machines, hence off by default.
+    # instead of hundreds; inference.cuda_graphs). Not yet run on a GPU (the
+    # project's machines have none; tests/inference/test_engine_cuda.py checks
+    # it where one is), hence off by default.
     cuda_graphs: bool = False
 
     CPU_DEFAULT_KV_CACHE_BYTES = 512 * 2**20

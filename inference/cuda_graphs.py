@@ -8,8 +8,11 @@ in blocks (rounded up the same way), lazily, on the first step that needs it.
 Padded rows read block 0 under a mask and write their K/V into a scratch block
 that the block manager never hands out (the last block of the cache).
 
-Untested on the project's CPU-only machines: the tests run without a GPU, so
-this path runs only where one exists (the config refuses it elsewhere).
+Not yet run on a GPU: the project's machines and CI have none. Its tests,
+tests/inference/test_engine_cuda.py (the graphs' tokens against the eager
+steps' and fp32's against HF generate), run where one is, as
+bench/device_check.sh does on a lent GPU machine; the config refuses it
+without CUDA.
 """
 from __future__ import annotations
 
