@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import asyncio
 import subprocess
 import sys
 import threading
@@ -97,3 +98,21 @@ def wait_healthy(proc: subprocess.Popen, port: int, log_name: str, timeout_s: fl
         time.sleep(0.5)
     proc.kill()
     raise SystemExit("the server never became healthy")
+
+
+async def http_body_parts(reader: asyncio.StreamReader, chunked: bool):
+    """An HTTP/1.1 response body as it arrives on a plain socket: its chunks,
+    or reads until the server closes. The benchmarks' streaming clients read
+    this way rather than through httpx's line iterator, whose CPU a token would
+    be taken from the cores of the server they measure."""
+    while True:
+        if not chunked:
+            data = await reader.read(65536)
+            if not data:
+                return
+            yield data
+            continue
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            return
+        yield (await reader.readexactly(size + 2))[:-2]

@@ -39,10 +39,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
-from bench import free_port, report, shared_services_env, wait_healthy
+from bench import free_port, http_body_parts, report, shared_services_env, wait_healthy
 from bench.report import ROOT, percentile
 from inference import Engine, SamplingParams
 from inference.bootstrap import resolve_model
@@ -244,23 +245,41 @@ async def web_turn(client, headers: dict, text: str, delay_s: float = 0.0) -> tu
     match = re.search(r'data-stream="([^"]+)"', response.text)
     if match is None:
         raise RuntimeError("the new chat has no live stream")
-    first = None
-    tokens = 0
-    event = None
-    async with client.stream("GET", match.group(1), headers={"Accept": "text/event-stream"}) as stream:
-        async for line in stream.aiter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                if event == "token" and first is None:
-                    first = time.perf_counter() - t0
-                elif event in ("done", "error"):
-                    data = json.loads(line[5:])
-                    tokens = (data.get("usage") or {}).get("completion_tokens", 0)
-                    if event == "error":
-                        raise RuntimeError(f"reply failed: {data.get('error')}")
-                    break
+    first, tokens = await read_reply(str(client.base_url), client.cookies["sessionid"], match.group(1), t0)
     return first, tokens, post_s
+
+
+async def read_reply(base: str, session: str, path: str, t0: float) -> tuple[float | None, int]:
+    """(seconds from t0 to the first token event, the reply's completion tokens)
+    of a reply's SSE stream, read on a plain socket. The clients share the
+    cores with the server they measure: through httpx's line iterator they
+    burned about 100 µs a token there (bench.relay's client reads the same way)."""
+    url = urlsplit(base)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAccept: text/event-stream\r\n"
+                     f"Cookie: sessionid={session}\r\nConnection: close\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            status = head.partition(b"\r\n")[0].decode()
+            raise RuntimeError(f"GET {path}: {status}")
+        first, buffer = None, b""
+        async for part in http_body_parts(reader, b"chunked" in head.lower()):
+            *events, buffer = (buffer + part).split(b"\n\n")
+            for event in events:  # "id: N\nevent: NAME\ndata: JSON"; a heartbeat is a comment line
+                at = event.find(b"event: ")
+                name = event[at + 7:event.find(b"\n", at)] if at >= 0 else b""
+                if name == b"token":
+                    if first is None:
+                        first = time.perf_counter() - t0
+                elif name in (b"done", b"error"):
+                    data = json.loads(event[event.index(b"data:") + 5:])
+                    if name == b"error":
+                        raise RuntimeError(f"reply failed: {data.get('error')}")
+                    return first, (data.get("usage") or {}).get("completion_tokens", 0)
+        raise RuntimeError(f"GET {path}: the stream ended without its done event")
+    finally:
+        writer.close()
 
 
 async def web_run(base: str, cookies: list[str], texts: list[str], stagger_s: float = 0.0) -> dict:

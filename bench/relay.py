@@ -55,7 +55,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench import free_port, report, shared_services_env, wait_healthy
+from bench import free_port, http_body_parts, report, shared_services_env, wait_healthy
 from bench.report import ROOT, percentile
 
 SECTION = "## Relay to a remote backend (bench.relay)"
@@ -92,21 +92,6 @@ def _request_bytes(target: Target, i: int, tokens: int) -> bytes:
     return head.encode() + body
 
 
-async def _body_parts(reader: asyncio.StreamReader, chunked: bool):
-    """The response body as it arrives: HTTP/1.1 chunks, or reads until close."""
-    while True:
-        if not chunked:
-            data = await reader.read(65536)
-            if not data:
-                return
-            yield data
-            continue
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            return
-        yield (await reader.readexactly(size + 2))[:-2]
-
-
 def _event(data: bytes) -> tuple[bool, int | None, bool]:
     """(has text, completion tokens from a usage chunk, is [DONE]) of one SSE event."""
     if not data.startswith(b"data:"):
@@ -134,7 +119,7 @@ async def one_stream(target: Target, i: int, tokens: int) -> tuple[float | None,
             status = head.partition(b"\r\n")[0].decode()
             raise RuntimeError(f"{target.label}: {status} {(await reader.read(500))!r}")
         first, count, buffer = None, 0, b""
-        async for part in _body_parts(reader, b"chunked" in head.lower()):
+        async for part in http_body_parts(reader, b"chunked" in head.lower()):
             buffer += part
             *events, buffer = buffer.split(b"\n\n")
             for data in events:

@@ -283,3 +283,40 @@ def test_the_int8_prompts_peer_runs_prefill_in_bf16_and_decode_on_the_int8_weigh
     with torch.no_grad():
         out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
+
+
+def test_the_chat_benchmarks_client_reads_a_reply_stream():
+    """bench.chat's plain-socket reader over the product's own SSE frames
+    (conversations.streams), sent chunked and cut mid-frame, with a heartbeat
+    between them: the first token's time and the done event's usage."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bench import chat
+    from conversations.streams import StreamEvent, terminal_event
+
+    usage = SimpleNamespace(prompt_tokens=5, completion_tokens=2, cached_tokens=0)
+    body = b"".join([StreamEvent(1, "token", {"text": "Hi"}).encode(), b": heartbeat\n\n",
+                     StreamEvent(2, "token", {"text": " there"}).encode(),
+                     terminal_event(3, "complete", "Hi there", usage=usage).encode()])
+    seen = {}
+
+    async def serve(reader, writer):
+        seen["request"] = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (body[:7], body[7:40], body[40:]):  # chunks that end inside frames
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await chat.read_reply(f"http://127.0.0.1:{port}", "abc", "/c/reply/7/stream", 0.0)
+
+    first, tokens = asyncio.run(asyncio.wait_for(run(), 30))
+    assert tokens == 2 and first is not None and first > 0
+    assert seen["request"].startswith(b"GET /c/reply/7/stream HTTP/1.1") and b"Cookie: sessionid=abc" in seen["request"]
