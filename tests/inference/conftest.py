@@ -88,6 +88,27 @@ def half_precision_batched_and_alone(make_engine, prompts: list[list[int]], stat
     return batched, [engine.generate(p, params)[0].token_ids for p in prompts]
 
 
+def stop_frees_its_slot_within_one_step(engine) -> None:
+    """On an engine of one slot: a request stopped mid-reply ends with "abort",
+    and the request waiting behind it is admitted by the step after the one
+    running when the abort arrived."""
+    steps: list[set[str]] = []
+    engine.step_observer = lambda batch, _duration: steps.append({s.request_id for s in batch.seqs})
+    first, second = make_prompts(2, seed=51, min_len=8, max_len=8)
+    hog = engine.submit(first, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True), request_id="hog")
+    waiting = engine.submit(second, SamplingParams(max_tokens=4, temperature=0.0), request_id="next")
+    stopped_at = None
+    for event in hog.iter_sync(timeout_s=60):
+        if stopped_at is None and len(event.token_ids) > 0:
+            stopped_at = len(steps)  # steps done when the abort is sent
+            engine.abort("hog")
+    assert event.finish_reason == "abort"
+    assert waiting.result(timeout_s=60).finish_reason == "length"
+    admitted = next(i for i, ids in enumerate(steps) if "next" in ids)
+    # One step may already be running when the abort arrives; the one after admits the waiting request.
+    assert admitted - stopped_at <= 1
+
+
 @pytest.fixture(scope="session")
 def prompts():
     return make_prompts()

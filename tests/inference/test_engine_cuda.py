@@ -10,14 +10,15 @@ checks the tests themselves on a machine without a GPU.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import pytest
 import torch
 
-from inference import Engine, EngineConfig, SamplingParams
+from inference import SamplingParams
 
-from .conftest import KERNEL_DIR, MAX_NEW_TOKENS, make_prompts
+from .conftest import MAX_NEW_TOKENS, stop_frees_its_slot_within_one_step
 
 DEVICE = os.environ.get("ENGINE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 pytestmark = [pytest.mark.skipif(not DEVICE, reason="no CUDA device (ENGINE_TEST_DEVICE=cpu runs it on the CPU)"),
@@ -60,20 +61,9 @@ def hf_greedy_on(model, prompt: list[int], max_new_tokens: int = MAX_NEW_TOKENS)
 
 
 @pytest.fixture
-def engine_on(reference_model):
+def engine_on(make_engine):
     """Engines on DEVICE over private copies of the reference weights."""
-    engines = []
-
-    def build(**overrides) -> Engine:
-        settings = {"device": DEVICE, "kv_cache_bytes": 4 * 2**20, "max_num_batched_tokens": 256,
-                    "kernel_dir": KERNEL_DIR, **overrides}
-        engine = Engine(copy.deepcopy(reference_model), None, EngineConfig(**settings))
-        engines.append(engine)
-        return engine
-
-    yield build
-    for engine in engines:
-        engine.shutdown()
+    return functools.partial(make_engine, device=DEVICE)
 
 
 def _tokens(completions) -> list[list[int]]:
@@ -136,19 +126,4 @@ def test_cuda_graphs_keep_fp32_on_hf_generate(engine_on, device_reference, promp
     pytest.param({"dtype": "bfloat16", "cuda_graphs": True}, id="bf16-cuda-graphs", marks=needs_cuda),
 ])
 def test_stopping_a_request_frees_its_slot_within_one_step(engine_on, overrides):
-    engine = engine_on(max_num_seqs=1, **overrides)
-    steps: list[set[str]] = []
-    engine.step_observer = lambda batch, _duration: steps.append({s.request_id for s in batch.seqs})
-    first, second = make_prompts(2, seed=51, min_len=8, max_len=8)
-    hog = engine.submit(first, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True), request_id="hog")
-    waiting = engine.submit(second, SamplingParams(max_tokens=4, temperature=0.0), request_id="next")
-    stopped_at = None
-    for event in hog.iter_sync(timeout_s=60):
-        if stopped_at is None and len(event.token_ids) > 0:
-            stopped_at = len(steps)  # steps done when the abort is sent
-            engine.abort("hog")
-    assert event.finish_reason == "abort"
-    assert waiting.result(timeout_s=60).finish_reason == "length"
-    admitted = next(i for i, ids in enumerate(steps) if "next" in ids)
-    # One step may already be running when the abort arrives; the one after admits the waiting request.
-    assert admitted - stopped_at <= 1
+    stop_frees_its_slot_within_one_step(engine_on(max_num_seqs=1, **overrides))

@@ -15,7 +15,7 @@ from inference.quantization import (dequantized_int4_linear, dequantized_linear,
                                     quantize_weight, quantize_weight_int4)
 from inference.threads import CANDIDATE_ROWS
 
-from .conftest import MAX_NEW_TOKENS, make_prompts
+from .conftest import MAX_NEW_TOKENS, stop_frees_its_slot_within_one_step
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -110,23 +110,7 @@ def test_step_threads_are_measured_for_half_precision_and_fp32_keeps_its_count(m
 
 @pytest.mark.parametrize("settings", REDUCED)
 def test_stopping_a_request_frees_its_slot_within_one_step(make_engine, settings):
-    engine = make_engine(max_num_seqs=1, **settings)
-    steps: list[set[str]] = []
-    engine.step_observer = lambda batch, _duration: steps.append({s.request_id for s in batch.seqs})
-    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-    first, second = make_prompts(2, seed=51, min_len=8, max_len=8)
-    hog = engine.submit(first, params, request_id="hog")
-    waiting = engine.submit(second, SamplingParams(max_tokens=4, temperature=0.0), request_id="next")
-    stopped_at = None
-    for event in hog.iter_sync(timeout_s=60):
-        if stopped_at is None and len(event.token_ids) > 0:
-            stopped_at = len(steps)  # steps done when the abort is sent
-            engine.abort("hog")
-    assert event.finish_reason == "abort"
-    assert waiting.result(timeout_s=60).finish_reason == "length"
-    admitted = next(i for i, ids in enumerate(steps) if "next" in ids)
-    # One step may already be running when the abort arrives; the one after admits the waiting request.
-    assert admitted - stopped_at <= 1
+    stop_frees_its_slot_within_one_step(make_engine(max_num_seqs=1, **settings))
 
 
 def test_int8_kernels_agree_with_the_float_matmul():

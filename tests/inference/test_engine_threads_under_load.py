@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 
-from inference import SamplingParams
 from inference.threads import CpuLoad, StepThreads
 
 from .conftest import make_prompts
