@@ -19,10 +19,10 @@ bench.engine_report its markdown.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
-import asyncio
 import subprocess
 import sys
 import threading

@@ -236,7 +236,7 @@ def main(argv=None) -> int:
             f"{report.provenance('bench.gateway', argv, machine)} "
             f"Embedded Postgres and Redis; the backend is a "
             f"loopback fake OpenAI-compatible server, so *overhead* is a gateway path's p50 minus the backend "
-            f"alone (a plain HTTP/SSE client). Replies echo the question (9–12 tokens), sequential requests. The "
+            f"alone (a plain HTTP/SSE client). Replies echo the question (7–12 words, a token each), sequential requests. The "
             f"semantic cache applies only to first questions at temperature 0 (or with GATEWAY_CACHE_SAMPLED=1); its "
             f"lookup embeds the question with all-MiniLM-L6-v2 on one CPU thread, which dominates that path here. "
             f"Each overhead path runs with moderation's rules alone (the gateway's own cost, which the 5 ms goal is "
