@@ -43,8 +43,10 @@ def make_prompts(count: int = 16, seed: int = 7, min_len: int = 1, max_len: int 
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
+    device = next(model.parameters()).device  # the CUDA tests' reference lives on the GPU
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        out = model.generate(torch.tensor([prompt], device=device),
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 

@@ -18,7 +18,7 @@ import torch
 
 from inference import SamplingParams
 
-from .conftest import MAX_NEW_TOKENS, stop_frees_its_slot_within_one_step
+from .conftest import MAX_NEW_TOKENS, hf_greedy, stop_frees_its_slot_within_one_step
 
 DEVICE = os.environ.get("ENGINE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 pytestmark = [pytest.mark.skipif(not DEVICE, reason="no CUDA device (ENGINE_TEST_DEVICE=cpu runs it on the CPU)"),
@@ -51,13 +51,10 @@ def device_reference(reference_model):
     return copy.deepcopy(reference_model).to(DEVICE)
 
 
-def hf_greedy_on(model, prompt: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt], device=device),
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+@pytest.fixture(scope="module")
+def device_expected(device_reference, prompts):
+    """HF generate on DEVICE, one prompt at a time: fp32's ground truth there."""
+    return [hf_greedy(device_reference, p) for p in prompts]
 
 
 @pytest.fixture
@@ -79,10 +76,9 @@ GREEDY = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
     pytest.param({"kv_cache_bytes": 12 * 12288, "max_num_batched_tokens": 512}, id="preempted"),
     pytest.param({"max_num_batched_tokens": 8}, id="chunked-prefill"),
 ])
-def test_fp32_is_hf_generate_one_at_a_time(engine_on, device_reference, prompts, overrides):
-    expected = [hf_greedy_on(device_reference, p) for p in prompts]
+def test_fp32_is_hf_generate_one_at_a_time(engine_on, device_expected, prompts, overrides):
     engine = engine_on(dtype="float32", **overrides)
-    assert _tokens(engine.generate(prompts, GREEDY)) == expected
+    assert _tokens(engine.generate(prompts, GREEDY)) == device_expected
     if "kv_cache_bytes" in overrides:
         assert engine.stats()["preemptions"] > 0
     assert engine.stats()["kv_blocks_used"] == 0
@@ -116,9 +112,8 @@ def test_cuda_graph_steps_give_the_eager_steps_tokens(engine_on, prompts, dtype)
 
 
 @needs_cuda
-def test_cuda_graphs_keep_fp32_on_hf_generate(engine_on, device_reference, prompts):
-    expected = [hf_greedy_on(device_reference, p) for p in prompts]
-    assert _tokens(engine_on(dtype="float32", cuda_graphs=True).generate(prompts, GREEDY)) == expected
+def test_cuda_graphs_keep_fp32_on_hf_generate(engine_on, device_expected, prompts):
+    assert _tokens(engine_on(dtype="float32", cuda_graphs=True).generate(prompts, GREEDY)) == device_expected
 
 
 @pytest.mark.parametrize("overrides", [
