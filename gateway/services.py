@@ -381,7 +381,7 @@ class _InputCheck:
         except Blocked as blocked:
             return blocked
         except ModerationUnavailable:
-            pass  # not a verdict on the input: the refusal in hand stands
+            return exc  # not a verdict on the input: the refusal in hand stands
         except Exception:
             log.exception("moderating the input of %s", self.task_request_id)
         return exc

@@ -8,6 +8,7 @@ moderation's models loaded before it listens, as `serve` loads its own.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 
 from django.conf import settings
@@ -33,15 +34,14 @@ class Command(BaseCommand):
         self._reactor = None
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_stop_signal)
-        try:
+        # Stopped while loading: nothing runs yet that needs stopping in order.
+        with contextlib.suppress(KeyboardInterrupt):
             if settings.LOAD_MODELS:
                 for line in gateway_services.load_stage_models():
                     self.stdout.write(line)
             runtime.freeze_long_lived()
             sock = web.reuse_port_socket(host, port, first=False)
             web.run_daphne(host, port, sock=sock, on_ready=lambda server: None, on_reactor=self._set_reactor)
-        except KeyboardInterrupt:
-            pass  # stopped while loading: nothing runs yet that needs stopping in order
         # No engines to shut down (WEB_PROCESSES needs a relay node); one that
         # overruns its share of the shutdown is killed by serve.
         _exit_without_waiting_for_stray_threads()
