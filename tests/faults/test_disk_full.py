@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from conversations.services import fallback_title
 from tests.faults.harness import Serve, User, assert_invariants, wait_for
 from tests.test_serve import processes_using
 
@@ -61,8 +62,13 @@ def test_a_full_disk_fails_writes_clearly_and_corrupts_nothing(small_disk, tmp_p
     serve = Serve(data_dir, log_dir=tmp_path, CHAT_REPLY_MAX_TOKENS="16").start()
     try:
         user = User(serve).sign_up()
-        kept_chat, kept_reply = user.new_chat("Name three kinds of bread.")
+        first = "Name three kinds of bread."
+        kept_chat, kept_reply = user.new_chat(first)
         assert user.read(kept_reply).terminal["data"]["status"] == "complete"
+        # The chat's title comes from the worker after the reply: on a busy box
+        # it landed after the snapshot, which then differed by the title alone.
+        wait_for(lambda: user.export(kept_chat)["title"] != fallback_title(first), timeout_s=180,
+                 what="the kept chat's title")
         kept = user.export(kept_chat)
 
         redis = serve.redis()
@@ -81,7 +87,7 @@ def test_a_full_disk_fails_writes_clearly_and_corrupts_nothing(small_disk, tmp_p
         assert user.export(kept_chat) == kept
 
         (small_disk / "filler").unlink()
-        assert_invariants(user, serve, kept_chat, typed="Name three kinds of bread.")
+        assert_invariants(user, serve, kept_chat, typed=first)
         kept = user.export(kept_chat)
         fill(small_disk)  # full again for the shutdown: Redis cannot save its dump
     finally:
