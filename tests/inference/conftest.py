@@ -78,16 +78,20 @@ def one_stream_on(reference: torch.nn.Module, reference_model: torch.nn.Module, 
         assert on_reference < 1e-4 < on_fp32, (on_reference, on_fp32)
 
 
+def batched_and_alone(engine, prompts: list[list[int]], params) -> tuple[list, list]:
+    """The engine's tokens for each prompt, all in one generate and one at a time."""
+    batched = [c.token_ids for c in engine.generate(prompts, params)]
+    return batched, [engine.generate([p], params)[0].token_ids for p in prompts]
+
+
 def half_precision_batched_and_alone(make_engine, prompts: list[list[int]], stat: str) -> tuple[list, list]:
     """A bf16 engine's 16 greedy tokens for each prompt, all at once and one at a
     time, with `stat` (a kernel the engine reports in stats()) on."""
     from inference import SamplingParams
 
-    params = SamplingParams(max_tokens=16, temperature=0.0)
     engine = make_engine(dtype="bfloat16", max_num_batched_tokens=128)
     assert engine.stats()[stat] is True
-    batched = [c.token_ids for c in engine.generate(prompts, params)]
-    return batched, [engine.generate(p, params)[0].token_ids for p in prompts]
+    return batched_and_alone(engine, prompts, SamplingParams(max_tokens=16, temperature=0.0))
 
 
 def stop_frees_its_slot_within_one_step(engine) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from inference import SamplingParams
 
-from .conftest import MAX_NEW_TOKENS, hf_greedy, stop_frees_its_slot_within_one_step
+from .conftest import MAX_NEW_TOKENS, batched_and_alone, hf_greedy, stop_frees_its_slot_within_one_step
 
 DEVICE = os.environ.get("ENGINE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 pytestmark = [pytest.mark.skipif(not DEVICE, reason="no CUDA device (ENGINE_TEST_DEVICE=cpu runs it on the CPU)"),
@@ -86,9 +86,7 @@ def test_fp32_is_hf_generate_one_at_a_time(engine_on, device_expected, prompts, 
 
 @pytest.mark.parametrize("settings", REDUCED)
 def test_reduced_precision_batched_equals_alone(engine_on, prompts, settings):
-    engine = engine_on(**settings)
-    batched = _tokens(engine.generate(prompts, GREEDY))
-    alone = [engine.generate([p], GREEDY)[0].token_ids for p in prompts]
+    batched, alone = batched_and_alone(engine_on(**settings), prompts, GREEDY)
     assert batched == alone
 
 

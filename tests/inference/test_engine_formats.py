@@ -15,7 +15,7 @@ from inference.quantization import (dequantized_int4_linear, dequantized_linear,
                                     quantize_weight, quantize_weight_int4)
 from inference.threads import CANDIDATE_ROWS
 
-from .conftest import MAX_NEW_TOKENS, stop_frees_its_slot_within_one_step
+from .conftest import MAX_NEW_TOKENS, batched_and_alone, stop_frees_its_slot_within_one_step
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,9 +36,7 @@ REDUCED = [
 
 @pytest.mark.parametrize("settings", REDUCED)
 def test_greedy_batched_equals_alone(make_engine, prompts, greedy, settings):
-    engine = make_engine(**settings)
-    batched = [c.token_ids for c in engine.generate(prompts, greedy)]
-    alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
+    batched, alone = batched_and_alone(make_engine(**settings), prompts, greedy)
     assert batched == alone
     assert all(len(tokens) > 0 for tokens in batched)
 
@@ -84,8 +82,7 @@ def test_small_steps_run_on_one_thread_and_batched_still_equals_alone(make_engin
     engine = make_engine(one_thread_rows=1, follow_cpu_load=False, **settings)
     seen: list[tuple[int, int]] = []
     engine.step_observer = lambda batch, _duration: seen.append((batch.num_tokens, torch.get_num_threads()))
-    batched = [c.token_ids for c in engine.generate(prompts, greedy)]
-    alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
+    batched, alone = batched_and_alone(engine, prompts, greedy)
     assert batched == alone
     assert {threads for rows, threads in seen if rows == 1} == {1}
     assert {threads for rows, threads in seen if rows > 1} == {engine.step_threads.threads} == {torch.get_num_threads()}
