@@ -192,7 +192,10 @@ class Encoder:
                         best[name][label] = min(best[name][label], (time.perf_counter() - start) * 1e3)
         self.timings_ms = {name: {k: round(v, 2) for k, v in t.items()} for name, t in best.items()}
         agreement = float(torch.nn.functional.cosine_similarity(vectors["bfloat16"], vectors["float32"]).min())
-        chosen = pick(best, agreement)
+        # The rule reads the figures that are logged and reported, so that
+        # they always explain the choice: on the unrounded ones, a tie at
+        # 1.88 ms alone (bf16 2.4x faster batched) went to fp32 by under 0.01 ms.
+        chosen = pick(self.timings_ms, agreement)
         log.info("embedding format: %s (best ms %s; bf16 vectors' least cosine with fp32's %.6f)",
                  chosen, self.timings_ms, agreement)
         self.agreement = agreement
