@@ -32,7 +32,10 @@ product's /v1 relay (issue 16, item 3).
 
 Aggregate tok/s is the completion tokens of every reply over the wall time
 from the first send to the last `[DONE]`; TTFT runs from the send (connect
-included, for both) to the first chunk with text. `server CPU` is what the
+included, for both) to the first chunk with text. "last text → [DONE]" is
+how long a reply's end waits after its last text: the relay holds `[DONE]`
+(and the finish reason) for the whole-message moderation read, and a burst's
+replies end together (the stub's own is its final chunks' write). `server CPU` is what the
 server process (Daphne, the gateway) and the embedded Redis and Postgres
 burned per reply: the least noisy figure on a shared machine. `client CPU`
 is this process's, which reads every stream on the same cores.
@@ -107,8 +110,10 @@ def _event(data: bytes) -> tuple[bool, int | None, bool]:
     return has_text, (usage or {}).get("completion_tokens"), False
 
 
-async def one_stream(target: Target, i: int, tokens: int) -> tuple[float | None, int]:
-    """(TTFT s, completion tokens) of one streamed request."""
+async def one_stream(target: Target, i: int, tokens: int) -> tuple[float | None, int, float | None]:
+    """(TTFT s, completion tokens, s from the last chunk with text to [DONE])
+    of one streamed request. The last is what the reply's end costs: the
+    relay holds [DONE] for its whole-message moderation read."""
     started = time.perf_counter()
     port = target.ports[i % len(target.ports)] if target.ports else target.port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -118,17 +123,21 @@ async def one_stream(target: Target, i: int, tokens: int) -> tuple[float | None,
         if not head.startswith(b"HTTP/1.1 200"):
             status = head.partition(b"\r\n")[0].decode()
             raise RuntimeError(f"{target.label}: {status} {(await reader.read(500))!r}")
-        first, count, buffer = None, 0, b""
+        first = last = None
+        count, buffer = 0, b""
         async for part in http_body_parts(reader, b"chunked" in head.lower()):
             buffer += part
             *events, buffer = buffer.split(b"\n\n")
+            now = time.perf_counter()
             for data in events:
                 has_text, usage_tokens, done = _event(data)
-                if has_text and first is None:
-                    first = time.perf_counter() - started
+                if has_text:
+                    last = now
+                    if first is None:
+                        first = now - started
                 count = usage_tokens if usage_tokens is not None else count
                 if done:
-                    return first, count
+                    return first, count, None if last is None else now - last
         raise RuntimeError(f"{target.label}: the stream ended without [DONE]")
     finally:
         writer.close()
@@ -154,6 +163,7 @@ async def burst(target: Target, first_index: int, n: int, tokens: int) -> dict:
     results = await asyncio.gather(*(one_stream(target, first_index + k, tokens) for k in range(n)))
     wall = time.perf_counter() - started
     return {"wall_s": wall, "tokens": sum(r[1] for r in results), "ttfts": [r[0] for r in results if r[0]],
+            "ends": [r[2] for r in results if r[2] is not None],
             "replies": n, "cpu_s": _cpu_s(target.pids) - cpu0, "client_cpu_s": time.process_time() - client0}
 
 
@@ -162,6 +172,7 @@ def merge(runs: list[dict]) -> dict:
     keys = ("wall_s", "tokens", "replies", "cpu_s", "client_cpu_s")
     merged = {k: sum(r[k] for r in runs) for k in keys}
     merged["ttfts"] = [t for r in runs for t in r["ttfts"]]
+    merged["ends"] = [t for r in runs for t in r["ends"]]
     return merged
 
 
@@ -317,7 +328,8 @@ def _row(name: str, r: dict, base: dict | None) -> tuple:
     if base is not None:
         share = f"{100 * tok_s / (base['tokens'] / base['wall_s']):.1f}%"
         added = f"{p50 - 1000 * percentile(base['ttfts'], 0.5):+.1f}"
-    return (name, r["replies"], r["tokens"], f"{tok_s:.0f}", share, f"{p50:.1f}", f"{p99:.1f}", added,
+    end = f"{1000 * percentile(r['ends'], 0.5):.1f}" if r["ends"] else "—"
+    return (name, r["replies"], r["tokens"], f"{tok_s:.0f}", share, f"{p50:.1f}", f"{p99:.1f}", added, end,
             f"{1000 * r['cpu_s'] / r['replies']:.1f}", f"{1e6 * r['cpu_s'] / max(1, r['tokens']):.0f}",
             f"{1000 * r['client_cpu_s'] / r['replies']:.1f}")
 
@@ -331,8 +343,8 @@ def render(results: dict, targets: list[Target], args) -> str:
             r = rows[target.label]
             cells.append(_row(f"{label}: {target.label}", r, None if target is targets[0] else base))
     table = report.table(["run", "replies", "tokens", "tok/s", "share of backend's tok/s", "TTFT p50 ms",
-                          "TTFT p99 ms", "TTFT added p50 ms", "server CPU ms / reply", "server CPU µs / token",
-                          "client CPU ms / reply"],
+                          "TTFT p99 ms", "TTFT added p50 ms", "last text → [DONE] p50 ms", "server CPU ms / reply",
+                          "server CPU µs / token", "client CPU ms / reply"],
                          cells)
     return table + "\n\n" + _verdicts(results, targets[-1].label, targets[0].label, args)
 

@@ -72,11 +72,11 @@ def test_the_relay_benchmarks_client_reads_the_stubs_stream():
     stub, port = relay.start_stub(token_ms=1)
     try:
         target = relay.Target("stub", port, "/v1/chat/completions")
-        ttft_s, tokens = asyncio.run(relay.one_stream(target, 0, 5))
+        ttft_s, tokens, end_s = asyncio.run(relay.one_stream(target, 0, 5))
     finally:
         stub.terminate()
         stub.wait(10)
-    assert tokens == 5 and ttft_s is not None
+    assert tokens == 5 and ttft_s is not None and end_s is not None and 0 <= end_s < 1
 
 
 def test_the_relay_benchmarks_split_streams_go_to_their_servers_by_index():
@@ -100,7 +100,7 @@ def test_the_relay_benchmarks_split_streams_go_to_their_servers_by_index():
     finally:
         stub.terminate()
         stub.wait(10)
-    assert [tokens for _, tokens in results] == [3, 3]
+    assert [tokens for _, tokens, _ in results] == [3, 3]
 
 
 def test_the_stubs_replies_differ_from_one_another():
