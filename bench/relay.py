@@ -34,11 +34,12 @@ Aggregate tok/s is the completion tokens of every reply over the wall time
 from the first send to the last `[DONE]`; TTFT runs from the send (connect
 included, for both) to the first chunk with text. "last text → [DONE]" is
 how long a reply's end waits after its last text: the relay holds `[DONE]`
-(and the finish reason) for the whole-message moderation read, and a burst's
-replies end together (the stub's own is its final chunks' write). `server CPU` is what the
-server process (Daphne, the gateway) and the embedded Redis and Postgres
-burned per reply: the least noisy figure on a shared machine. `client CPU`
-is this process's, which reads every stream on the same cores.
+(and the finish reason) for the whole-message moderation read, and a
+burst's replies end together; the stub writes its last token, finish and
+`[DONE]` without a pause. `server CPU` is what the server process (Daphne,
+the gateway) and the embedded Redis and Postgres burned per reply: the
+least noisy figure on a shared machine. `client CPU` is this process's,
+which reads every stream on the same cores.
 """
 from __future__ import annotations
 
