@@ -18,15 +18,22 @@ With --rounds N, steps 2 and 3 (and the staggered runs) go by turns, N
 rounds with the order swapped every round, and the targets take the
 medians of the rounds' ratios: this VM's speed moves between minutes by
 more than the margins the targets ask about.
-Every measured run is preceded by a warm-up with the same prompts, so all of
-them see the same prefix-cache state. Greedy decoding: same prompts, same
-outputs, same load. Prints a table; --write puts it in docs/BENCHMARKS.md
-(replacing only this script's own section).
+Every run sends prompts of its own (`prompts`' take), as a burst of new
+chats does: the server has never seen their text, nor its replies, so
+moderation reads every reply from scratch, as it must for real ones (a
+repeated text would be answered from the verdict cache and from retrieval's
+cache of vectors, which the six-layer head reads), and both engines prefill
+all but the chat template's shared start. Within a round the engine alone and
+the web path get the same prompts. Every measured run is preceded by a
+warm-up of the same shape. Greedy decoding: same prompts, same outputs, same
+load. Prints a table; --write puts it in docs/BENCHMARKS.md (replacing only
+this script's own section).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -59,8 +66,9 @@ TOPICS = ["a lighthouse keeper", "a lost robot", "a bakery on Mars", "a dragon w
           "a chess tournament", "a river that talks", "a broken clock", "a secret garden"]
 
 
-def prompts(n: int) -> list[str]:
-    return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (story {i + 1})." for i in range(n)]
+def prompts(n: int, take: int = 0) -> list[str]:
+    """n new chats' messages; another `take` gives texts no earlier take has."""
+    return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (story {i + 1}, take {take})." for i in range(n)]
 
 
 # ------------------------------------------------------------ set-up
@@ -328,35 +336,40 @@ async def hold_idle(base: str, cookie: str, reply_ids: list[str], ready: asyncio
 # ------------------------------------------------------------ main
 
 async def run(args, base, cookies, idle_cookie, idle_replies, engine) -> dict:
-    texts = prompts(args.clients)
+    takes = itertools.count()
+
+    def fresh(n: int = args.clients) -> list[str]:
+        return prompts(n, next(takes))
+
     results = {}
     # One chat at a time first: the web path's own latency, with an idle engine.
-    singles = texts[: args.singles]
-    print(f"one chat at a time ({len(singles)} chats) ...", flush=True)
-    for text in singles:  # warm-up, same prompts
+    print(f"one chat at a time ({args.singles} chats) ...", flush=True)
+    for text in fresh(args.singles):  # warm-up
         await engine_run(engine, [text], args.max_tokens)
         await web_run(base, cookies[:1], [text])
     engine_single, web_single = [], []
-    for text in singles:
+    for text in fresh(args.singles):
         engine_single.append(await engine_run(engine, [text], args.max_tokens))
         web_single.append(await web_run(base, cookies[:1], [text]))
     results["engine_1"] = _merge(engine_single)
     results["web_1"] = _merge(web_single)
     print("engine alone and web path: warm-up ...", flush=True)
+    texts = fresh()
     await engine_run(engine, texts, args.max_tokens)
     await web_run(base, cookies, texts)
     print(f"{args.clients} at once, {args.rounds} round(s) ...", flush=True)
-    results["burst_rounds"] = await _alternate(args.rounds, lambda: engine_run(engine, texts, args.max_tokens),
-                                               lambda: web_run(base, cookies, texts))
+    results["burst_rounds"] = await _alternate(args.rounds, fresh,
+                                               lambda texts: engine_run(engine, texts, args.max_tokens),
+                                               lambda texts: web_run(base, cookies, texts))
     results["engine"], results["web"] = results["burst_rounds"][0]["engine"], results["burst_rounds"][0]["web"]
     if args.stagger_ms:
-        # The same chats arriving one every stagger_ms, as people do: each POST
+        # New chats arriving one every stagger_ms, as people do: each POST
         # lands while the earlier chats stream, without 31 others queued beside it.
         stagger = args.stagger_ms / 1000
         print(f"staggered: one chat every {args.stagger_ms} ms, {args.rounds} round(s) ...", flush=True)
         results["stagger_rounds"] = await _alternate(
-            args.rounds, lambda: engine_run(engine, texts, args.max_tokens, stagger),
-            lambda: web_run(base, cookies, texts, stagger))
+            args.rounds, fresh, lambda texts: engine_run(engine, texts, args.max_tokens, stagger),
+            lambda texts: web_run(base, cookies, texts, stagger))
         results["engine_stagger"] = results["stagger_rounds"][0]["engine"]
         results["web_stagger"] = results["stagger_rounds"][0]["web"]
     if idle_replies:
@@ -364,23 +377,25 @@ async def run(args, base, cookies, idle_cookie, idle_replies, engine) -> dict:
         ready, stop = asyncio.Event(), asyncio.Event()
         holder = asyncio.create_task(hold_idle(base, idle_cookie, idle_replies, ready, stop))
         await asyncio.wait_for(ready.wait(), 120)
-        results["web_idle"] = await web_run(base, cookies, texts)
+        results["web_idle"] = await web_run(base, cookies, fresh())
         stop.set()
         await holder
     return results
 
 
-async def _alternate(rounds: int, engine_fn, web_fn) -> list[dict]:
+async def _alternate(rounds: int, texts_fn, engine_fn, web_fn) -> list[dict]:
     """The engine alone and the web path by turns, the order swapped every
     round: this VM's speed moves by more than the targets' margins between
     minutes (the engine alone's 32-at-once row ran 285-436 tok/s in four runs
-    within ten minutes), so each round's ratio compares two runs seconds apart."""
+    within ten minutes), so each round's ratio compares two runs seconds apart.
+    Each round's two runs send the same new prompts, `texts_fn()`."""
     out = []
     for r in range(rounds):
+        texts = texts_fn()
         order = ("engine", "web") if r % 2 == 0 else ("web", "engine")
         result = {"first": order[0]}
         for kind in order:
-            result[kind] = await (engine_fn() if kind == "engine" else web_fn())
+            result[kind] = await (engine_fn(texts) if kind == "engine" else web_fn(texts))
         out.append(result)
     return out
 
@@ -475,8 +490,9 @@ def write_section(body: str, command: str) -> None:
                "Every client has loaded the home page (session, CSRF token) before the clock starts, as a "
                "person has the chat open before pressing Send. "
                "The engine figures come from an identical engine in the benchmark's process given the same "
-               "prompts at once. Gateway caches off, quotas unlimited; both runs warmed up with the same "
-               "prompts first. Client and server share the machine's two cores, and the engine shares its "
+               "prompts at once. Gateway caches off, quotas unlimited, moderation as shipped; every run "
+               "sends prompts the server has not seen (so it reads every reply, as it must for real ones), "
+               "after a warm-up run of as many others. Client and server share the machine's two cores, and the engine shares its "
                "process with Daphne: every millisecond of web work (the POSTs' inserts and page renders, "
                "the per-token Redis append and SSE write) takes a core from the engine's two torch threads, "
                "which then wait for each other at every op. One chat at a time isolates the web path's own "
@@ -484,7 +500,7 @@ def write_section(body: str, command: str) -> None:
                "what the benchmark's own process (the 32 HTTP clients, parsing every SSE event) burned "
                "during the run, out of the same cores: a browser would not take it from the server. In the "
                "burst, 32 new chats' page work shares the cores with the engine's prefill, so their first "
-               "tokens wait for it. The staggered rows send the same chats one every --stagger-ms (the engine "
+               "tokens wait for it. The staggered rows send 32 more new chats one every --stagger-ms (the engine "
                "alone on the same schedule): each POST lands while the earlier chats "
                "stream, as when people chat at the same time without clicking Send in the same instant. "
                "With --rounds, the engine alone and the web path run by turns, the order swapped every round, "
@@ -530,11 +546,9 @@ def main(argv=None):
     setup_django(data_dir)
     port = free_port()
     print(f"starting the server on :{port} (data in {data_dir}) ...", flush=True)
-    # The warm-up sends the measured prompts, whose greedy replies are the same:
-    # moderation's verdict cache would then answer every prompt and reply
-    # window of the measured runs from the warm-up, where a real new chat's
-    # are all first sights (a chat's history, which it does answer, is empty here).
-    server = start_server(port, args, {"SAFETY_VERDICT_CACHE": "0"})
+    # Moderation as shipped: every run's prompts are new (`prompts`' take), so
+    # its caches answer what they would for real new chats and nothing more.
+    server = start_server(port, args)
     try:
         # After the start: the server's reaper would mark the idle placeholders interrupted.
         cookies, idle_cookie, idle_replies = make_users(args.clients, args.idle)

@@ -6,7 +6,7 @@ Starts `manage.py serve` as bench.chat does (its own embedded Postgres and
 Redis, greedy, caches off, quotas unlimited), with bench.stage_stamps
 installed in it, then sends the chat page's POSTs (htmx's `/c/new`) and reads
 each reply's SSE stream to its end: N chats one every --stagger-ms (0: all at
-once), after a warm-up of the same chats. Every stage is the p50/p90 of its
+once), after a warm-up of as many other chats. Every stage is the p50/p90 of its
 wall-clock time after the client sent the POST. What each stage is:
 
 - django: the request reaches Django's ASGI handler (Daphne has parsed it);
@@ -137,10 +137,11 @@ def main(argv=None):
         from django.db import connections  # after setup_django()
 
         connections.close_all()
-        texts, base, stagger_s = chat.prompts(args.clients), f"http://127.0.0.1:{port}", args.stagger_ms / 1000
-        asyncio.run(_run(base, cookies, texts, stagger_s))  # warm-up, same chats
+        base, stagger_s = f"http://127.0.0.1:{port}", args.stagger_ms / 1000
+        # Each run's chats are new text to the server (bench.chat's prompts, another take), as real ones are.
+        asyncio.run(_run(base, cookies, chat.prompts(args.clients, take=0), stagger_s))  # warm-up
         stamps_file.unlink(missing_ok=True)
-        turns = asyncio.run(_run(base, cookies, texts, stagger_s))
+        turns = asyncio.run(_run(base, cookies, chat.prompts(args.clients, take=1), stagger_s))
         times = stage_times(turns, stamps_file)
     finally:
         chat.stop_server(server, data_dir)

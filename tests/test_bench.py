@@ -320,3 +320,37 @@ def test_the_chat_benchmarks_client_reads_a_reply_stream():
     first, tokens = asyncio.run(asyncio.wait_for(run(), 30))
     assert tokens == 2 and first is not None and first > 0
     assert seen["request"].startswith(b"GET /c/reply/7/stream HTTP/1.1") and b"Cookie: sessionid=abc" in seen["request"]
+
+
+def test_the_chat_benchmark_sends_every_run_new_prompts(monkeypatch):
+    """bench.chat never sends the server a text it has sent before (a
+    repeated prompt's greedy reply is the same, and moderation would read it
+    from its caches, which no real reply allows), and within each round the
+    engine alone and the web path get the same prompts, in swapped order."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bench import chat
+
+    sent = []
+
+    def contender(kind, position):  # engine_run(engine, texts, ...), web_run(base, cookies, texts, ...)
+        async def run(*args):
+            texts = args[position]
+            sent.append((kind, tuple(texts)))
+            return {"tokens": len(texts), "wall_s": 1.0, "tok_s": float(len(texts)), "ttft_p50_ms": 1.0,
+                    "ttft_p99_ms": 1.0, "n": len(texts), "post_p50_ms": None}
+        return run
+
+    monkeypatch.setattr(chat, "engine_run", contender("engine", 1))
+    monkeypatch.setattr(chat, "web_run", contender("web", 2))
+    args = SimpleNamespace(clients=4, singles=2, rounds=3, max_tokens=8, stagger_ms=250)
+    asyncio.run(chat.run(args, "http://127.0.0.1:1", ["c"] * 4, "idle", [], engine=None))
+
+    # Singles' warm-up and measured chats (two each), the burst's warm-up, three rounds, three staggered rounds.
+    pairs = list(zip(sent[0::2], sent[1::2]))
+    assert len(pairs) == 4 + 1 + 3 + 3
+    assert all(a[1] == b[1] for a, b in pairs)
+    assert [a[0] for a, _ in pairs[5:8]] == ["engine", "web", "engine"]
+    web_texts = [text for kind, texts in sent if kind == "web" for text in texts]
+    assert len(web_texts) == len(set(web_texts)) == 2 + 2 + 4 + 3 * 4 + 3 * 4
