@@ -419,6 +419,7 @@ def engine_config(spec: dict):
         one_thread_rows=settings.ENGINE_ONE_THREAD_ROWS,
         follow_cpu_load=settings.ENGINE_FOLLOW_CPU_LOAD,
         arrival_hold_ms=settings.ENGINE_ARRIVAL_HOLD_MS,
+        stream_pace_ms=settings.ENGINE_STREAM_PACE_MS,
         pack_weights=settings.ENGINE_PACK_WEIGHTS,
         pack_backend=settings.ENGINE_PACK_BACKEND,
         attention_kernel=settings.ENGINE_ATTENTION_KERNEL,

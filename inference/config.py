@@ -145,6 +145,13 @@ class EngineConfig:
     # steps give way to a chat on its way"). 0: never wait. Not on CUDA,
     # whose steps barely use the CPU.
     arrival_hold_ms: float = 40.0
+    # How long new text of streams already under way may wait for their
+    # readers' wake-up, with max_num_seqs streams decoding; fewer streams
+    # wait proportionally less (one alone, less than a step). The readers
+    # then take several steps' tokens as one event, and the web work above
+    # the engine runs once for them (inference.handle.WakeList). First text,
+    # ends and aborts are never held. 0: wake the readers after every step.
+    stream_pace_ms: float = 0.0
     # fp32 on the CPU: pack the matmul weights once for MKL's or oneDNN's GEMM
     # instead of letting MKL repack them on every call (inference.packing).
     # pack_backend "auto" times both on the model's shapes at start and keeps
@@ -261,6 +268,8 @@ class EngineConfig:
             raise ValueError("one_thread_rows must be >= 0 (or None to measure it)")
         if not 0.0 <= self.arrival_hold_ms <= 10_000.0:
             raise ValueError("arrival_hold_ms must be between 0 and 10000")
+        if not 0.0 <= self.stream_pace_ms <= 1000.0:
+            raise ValueError("stream_pace_ms must be between 0 and 1000")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1 (or None for torch's default)")
 

@@ -274,6 +274,9 @@ class Engine:
             # Decode steps that waited for a request being admitted, and how long in all (inference.arrivals).
             "arrival_holds": self._engine_loop.holds,
             "arrival_held_s": round(self._engine_loop.held_s, 3),
+            # Readers' wake-ups (against "steps": paced ones carry several steps' tokens; inference.handle).
+            "stream_pace_ms": self.config.stream_pace_ms,
+            "stream_wakes": self._engine_loop.wake_list.wakes,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.config.max_num_seqs,
             "max_num_batched_tokens": self.config.max_num_batched_tokens,

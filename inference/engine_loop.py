@@ -154,7 +154,9 @@ class EngineLoop:
         self.hold_s = 0.0  # set once the runner's device is known (Engine); 0: never hold
         self.holds = 0  # decode steps that waited for an arrival
         self.held_s = 0.0
-        self.wake_list = WakeList()
+        config = engine.config
+        self.wake_list = WakeList(per_stream_s=config.stream_pace_ms / 1000 / config.max_num_seqs,
+                                  max_s=config.stream_pace_ms / 1000)
         self._thread = threading.Thread(target=self.run, name=f"engine-{engine.config.model_name or 'model'}",
                                         daemon=True)
         self._build = None
@@ -208,20 +210,25 @@ class EngineLoop:
             if self.inbox.stopping:
                 break
             if not scheduler.has_work():
+                self.wake_list.wake_all(force=True)  # nothing paced may wait out an idle engine
                 self.inbox.wait(_IDLE_WAIT_S)
                 continue
             if self._hold_for_arrivals():
                 continue  # a prompt or an abort came in meanwhile: take it first
+            if not scheduler.decode_only():
+                # A step with prompt tokens can be long: held text goes out before it.
+                self.wake_list.wake_all(force=True)
+            started = time.monotonic()
             try:
                 self.step()
             except Exception as exc:  # no sequence to blame (the scheduler, say): fail its requests
                 log.exception("engine step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
-            self.wake_list.wake_all()
+            self.wake_list.wake_all(next_step_s=time.monotonic() - started)
         self._drain_inbox()
         for seq in list(scheduler.running) + list(scheduler.waiting):
             self._finish(seq, "abort", error=None)
-        self.wake_list.wake_all()
+        self.wake_list.wake_all(force=True)
 
     def _hold_for_arrivals(self) -> bool:
         """Before a step that would only decode, wait while the server admits
@@ -231,6 +238,7 @@ class EngineLoop:
         if not self.hold_s or not self.arrivals.holding(self.hold_s) or not self.engine.scheduler.decode_only():
             return False
         started = time.monotonic()
+        self.wake_list.wake_all(force=True)
         while not self.inbox.has_items and not self.inbox.stopping and self.arrivals.holding(self.hold_s):
             self.inbox.wait(_ARRIVAL_POLL_S)
         self.holds += 1
@@ -247,7 +255,7 @@ class EngineLoop:
                 log.exception("finishing %s after the engine died", seq.request_id)
                 usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens)
                 seq.sink.deliver(FinishEvent(seq.request_id, "error", usage, seq.metrics, error=message))
-        self.wake_list.wake_all()
+        self.wake_list.wake_all(force=True)
 
     def _drain_inbox(self) -> None:
         for kind, payload in self.inbox.take():

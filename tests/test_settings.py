@@ -235,6 +235,21 @@ def test_arrival_hold_is_40_ms_unless_set_bounded_and_reaches_the_engines_config
     assert runtime.engine_config(settings.MODEL_POOLS["small"]).arrival_hold_ms == 25.0
 
 
+def test_stream_pace_is_150_ms_unless_set_bounded_and_reaches_the_engines_config(settings):
+    from chatapp import runtime
+
+    def pace(**env) -> str:
+        result = manage("shell", "-c", "from django.conf import settings; print('->', settings.ENGINE_STREAM_PACE_MS)",
+                        **env)
+        return result.stdout.split("->")[-1].strip() if result.returncode == 0 else result.stderr
+
+    assert pace() == "150.0" and pace(ENGINE_STREAM_PACE_MS="0") == "0.0"
+    assert "ENGINE_STREAM_PACE_MS=-5.0 must be >= 0.0" in pace(ENGINE_STREAM_PACE_MS="-5")
+    assert "ENGINE_STREAM_PACE_MS=1500.0 must be at most 1000" in pace(ENGINE_STREAM_PACE_MS="1500")
+    settings.ENGINE_STREAM_PACE_MS = 60.0
+    assert runtime.engine_config(settings.MODEL_POOLS["small"]).stream_pace_ms == 60.0
+
+
 def bf16_prompts_setting(**env) -> str:
     result = manage("shell", "-c", "from django.conf import settings; print('->', settings.ENGINE_BF16_PROMPTS)",
                     **env)

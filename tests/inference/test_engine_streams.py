@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from inference import DeltaEvent, EngineSaturated, FinishEvent, PromptTooLong, SamplingParams
+from inference.outputs import RequestMetrics, TokenLogprob, Usage
 from tests.waiting import eventually
 
 from .conftest import make_prompts
@@ -185,3 +186,185 @@ async def test_streams_decoding_together_wake_their_loop_once_per_step(make_engi
     steps = engine.stats()["steps"]
     assert tokens == 16 * 12
     assert 0 < len(wakes) <= steps + 1 < tokens
+
+
+# ------------------------------------------------------------ paced wake-ups
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingLoop:
+    """Stands for an event loop: records the wake-ups the engine thread sends it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def call_soon_threadsafe(self, callback, *args):
+        self.calls.append(args[0] if args else None)
+        callback(*args)
+
+
+def _handles(wake_list, loop, n):
+    from inference.handle import RequestHandle
+
+    handles = []
+    for i in range(n):
+        handle = RequestHandle(f"r{i}", [1], None, wake_list, abort=lambda _: None)
+        handle._loop, handle._wake = loop, asyncio.Event()
+        handles.append(handle)
+    return handles
+
+
+def _delta(handle, text="x"):
+    handle.deliver(DeltaEvent(request_id=handle.request_id, token_ids=(7,), text=text))
+
+
+def test_paced_wake_ups_hold_only_more_text_and_scale_with_the_streams():
+    from inference.handle import WakeList
+
+    clock = FakeClock()
+    loop = RecordingLoop()
+    # 10 ms a stream with news, at most 80 ms.
+    wake_list = WakeList(per_stream_s=0.010, max_s=0.080, clock=clock)
+    handles = _handles(wake_list, loop, 4)
+
+    for handle in handles:  # every stream's first text: woken at once
+        _delta(handle)
+    wake_list.wake_all()
+    assert len(loop.calls) == 1 and len(loop.calls[0]) == 4
+
+    for handle in handles:  # more text of 4 streams: held for 40 ms
+        _delta(handle)
+    clock.now += 0.039
+    wake_list.wake_all()
+    assert len(loop.calls) == 1 and wake_list.pending == 4
+    clock.now += 0.002
+    wake_list.wake_all()
+    assert len(loop.calls) == 2 and wake_list.pending == 0
+
+    for handle in handles:  # held unless the interval is over by the end of the next step
+        _delta(handle)
+    clock.now += 0.025
+    wake_list.wake_all(next_step_s=0.010)
+    assert len(loop.calls) == 2
+    wake_list.wake_all(next_step_s=0.016)
+    assert len(loop.calls) == 3
+    loop.calls.pop()
+
+    _delta(handles[0])  # one stream alone: held 10 ms
+    clock.now += 0.011
+    wake_list.wake_all()
+    assert len(loop.calls) == 3
+
+    _delta(handles[1])  # an end is never held, nor what was held beside it
+    handles[2].deliver(FinishEvent("r2", "stop", Usage(completion_tokens=3), RequestMetrics()))
+    wake_list.wake_all()
+    assert len(loop.calls) == 4 and len(loop.calls[-1]) == 2
+
+    more = _handles(wake_list, loop, 12)  # 12 streams: the cap, 80 ms, not 120
+    for handle in more:
+        _delta(handle, "")  # no text yet: nothing to hold back either
+    wake_list.wake_all()
+    assert len(loop.calls) == 5
+    for handle in more:
+        _delta(handle, "y")  # their first text
+    wake_list.wake_all()
+    assert len(loop.calls) == 6
+    for handle in more:
+        _delta(handle)
+    clock.now += 0.081
+    wake_list.wake_all()
+    assert len(loop.calls) == 7
+
+    _delta(handles[3])  # held, until the engine has nothing else to do
+    wake_list.wake_all()
+    assert len(loop.calls) == 7
+    wake_list.wake_all(force=True)
+    assert len(loop.calls) == 8
+
+
+def test_unpaced_wake_ups_follow_every_step():
+    from inference.handle import WakeList
+
+    loop = RecordingLoop()
+    wake_list = WakeList(clock=FakeClock())
+    (handle,) = _handles(wake_list, loop, 1)
+    for _ in range(3):
+        _delta(handle)
+        wake_list.wake_all()
+    assert len(loop.calls) == 3
+
+
+async def test_a_reader_takes_the_deltas_queued_behind_each_other_as_one():
+    from inference.handle import RequestHandle, WakeList
+
+    wake_list = WakeList()
+    handle = RequestHandle("r", [1], asyncio.get_running_loop(), wake_list, abort=lambda _: None)
+    lp = [TokenLogprob(token_id=t, logprob=-0.5, top={t: -0.5}) for t in (5, 6, 7)]
+    handle.deliver(DeltaEvent(request_id="r", token_ids=(5,), text="a", logprobs=(lp[0],)))
+    handle.deliver(DeltaEvent(request_id="r", token_ids=(6,), text="", logprobs=(lp[1],)))
+    handle.deliver(DeltaEvent(request_id="r", token_ids=(7,), text="bc", logprobs=(lp[2],)))
+    handle.deliver(FinishEvent("r", "length", Usage(prompt_tokens=1, completion_tokens=3), RequestMetrics()))
+    events = [event async for event in handle]
+    assert [type(e) for e in events] == [DeltaEvent, FinishEvent]
+    assert events[0].token_ids == (5, 6, 7) and events[0].text == "abc" and events[0].logprobs == tuple(lp)
+    assert events[1].finish_reason == "length"
+
+
+async def test_paced_streams_match_unpaced_ones_with_fewer_wake_ups(make_engine):
+    """With pacing, the readers of 16 streams are woken for their first text,
+    for their ends, and otherwise at most once a second here: the same tokens
+    and text reach them, in fewer and larger events."""
+    prompts = make_prompts(16, seed=9, max_len=20)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    async def run(**config):
+        engine = make_engine(max_num_seqs=16, **config)
+        loop = asyncio.get_running_loop()
+        wakes = []
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            if threading.current_thread().name.startswith("engine-"):
+                wakes.append(callback)
+            return real(callback, *args, **kwargs)
+
+        async def read(handle):
+            deltas, text, ids = 0, [], []
+            async for event in handle:
+                if not event.finished:
+                    deltas += 1
+                    text.append(event.text)
+                    ids.extend(event.token_ids)
+            return deltas, "".join(text), ids
+
+        loop.call_soon_threadsafe = counting
+        try:
+            handles = [engine.submit(p, params) for p in prompts]
+            results = await asyncio.gather(*(read(h) for h in handles))
+        finally:
+            del loop.call_soon_threadsafe
+        stats = engine.stats()
+        assert stats["stream_wakes"] > 0 and stats["stream_pace_ms"] == config.get("stream_pace_ms", 0.0)
+        return results, len(wakes), stats["steps"]
+
+    plain, plain_wakes, _ = await run()
+    paced, paced_wakes, steps = await run(stream_pace_ms=1000.0)
+    assert [r[1:] for r in paced] == [r[1:] for r in plain]
+    assert all(len(ids) == 24 for _, _, ids in paced)
+    assert sum(r[0] for r in paced) < sum(r[0] for r in plain)
+    assert paced_wakes < plain_wakes and paced_wakes < steps
+
+
+def test_stream_pace_is_bounded():
+    from inference import EngineConfig
+
+    assert EngineConfig(stream_pace_ms=250.0).stream_pace_ms == 250.0
+    for bad in (-1.0, 1000.5):
+        with pytest.raises(ValueError, match="stream_pace_ms"):
+            EngineConfig(stream_pace_ms=bad)
