@@ -219,35 +219,27 @@ def test_the_kernels_folder_defaults_under_the_data_dir_and_can_be_shared(settin
     assert runtime.engine_config(settings.MODEL_POOLS["small"]).kernel_dir == str(tmp_path / "shared")
 
 
-def test_arrival_hold_is_40_ms_unless_set_bounded_and_reaches_the_engines_config(settings):
+def printed_setting(name: str, **env) -> str:
+    """A setting as a fresh process under `env` prints it, or what it wrote
+    to stderr when the settings refused to load."""
+    result = manage("shell", "-c", f"from django.conf import settings; print('->', settings.{name})", **env)
+    return result.stdout.split("->")[-1].strip() if result.returncode == 0 else result.stderr
+
+
+@pytest.mark.parametrize("name, field, default, below, above", [
+    ("ENGINE_ARRIVAL_HOLD_MS", "arrival_hold_ms", "40.0", "-1", "5000"),
+    ("ENGINE_STREAM_PACE_MS", "stream_pace_ms", "150.0", "-5", "1500"),
+])
+def test_engine_millisecond_settings_default_bounded_and_reach_the_engines_config(
+        settings, name, field, default, below, above):
     from chatapp import runtime
 
-    def hold(**env) -> str:
-        result = manage("shell", "-c", "from django.conf import settings; print('->', settings.ENGINE_ARRIVAL_HOLD_MS)",
-                        **env)
-        return result.stdout.split("->")[-1].strip() if result.returncode == 0 else result.stderr
-
-    assert hold() == "40.0" and hold(ENGINE_ARRIVAL_HOLD_MS="0") == "0.0"
-    assert "ENGINE_ARRIVAL_HOLD_MS=-1.0 must be >= 0.0" in hold(ENGINE_ARRIVAL_HOLD_MS="-1")
-    assert "ENGINE_ARRIVAL_HOLD_MS=5000.0 must be at most 1000" in hold(ENGINE_ARRIVAL_HOLD_MS="5000")
-    assert "ENGINE_ARRIVAL_HOLD_MS='soon' is not a number" in hold(ENGINE_ARRIVAL_HOLD_MS="soon")
-    settings.ENGINE_ARRIVAL_HOLD_MS = 25.0
-    assert runtime.engine_config(settings.MODEL_POOLS["small"]).arrival_hold_ms == 25.0
-
-
-def test_stream_pace_is_150_ms_unless_set_bounded_and_reaches_the_engines_config(settings):
-    from chatapp import runtime
-
-    def pace(**env) -> str:
-        result = manage("shell", "-c", "from django.conf import settings; print('->', settings.ENGINE_STREAM_PACE_MS)",
-                        **env)
-        return result.stdout.split("->")[-1].strip() if result.returncode == 0 else result.stderr
-
-    assert pace() == "150.0" and pace(ENGINE_STREAM_PACE_MS="0") == "0.0"
-    assert "ENGINE_STREAM_PACE_MS=-5.0 must be >= 0.0" in pace(ENGINE_STREAM_PACE_MS="-5")
-    assert "ENGINE_STREAM_PACE_MS=1500.0 must be at most 1000" in pace(ENGINE_STREAM_PACE_MS="1500")
-    settings.ENGINE_STREAM_PACE_MS = 60.0
-    assert runtime.engine_config(settings.MODEL_POOLS["small"]).stream_pace_ms == 60.0
+    assert printed_setting(name) == default and printed_setting(name, **{name: "0"}) == "0.0"
+    assert f"{name}={float(below)} must be >= 0.0" in printed_setting(name, **{name: below})
+    assert f"{name}={float(above)} must be at most 1000" in printed_setting(name, **{name: above})
+    assert f"{name}='soon' is not a number" in printed_setting(name, **{name: "soon"})
+    setattr(settings, name, 25.0)
+    assert getattr(runtime.engine_config(settings.MODEL_POOLS["small"]), field) == 25.0
 
 
 def bf16_prompts_setting(**env) -> str:

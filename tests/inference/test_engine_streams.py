@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -159,13 +160,10 @@ def test_shutdown_ends_live_requests_with_abort(make_engine):
         engine.submit([4, 5], params)
 
 
-async def test_streams_decoding_together_wake_their_loop_once_per_step(make_engine):
-    """16 sequences in a batch cost the event loop one wake-up per engine step,
-    not one per token (each is a self-pipe write and a loop wake-up that
-    competes with the engine's threads for the CPU)."""
-    prompts = make_prompts(16, seed=7, max_len=20)
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    engine = make_engine(max_num_seqs=16)
+@contextlib.contextmanager
+def engine_wake_ups():
+    """The running loop's wake-ups sent from the engine's thread, as a list
+    that fills while the block runs."""
     loop = asyncio.get_running_loop()
     wakes = []
     real = loop.call_soon_threadsafe
@@ -177,10 +175,21 @@ async def test_streams_decoding_together_wake_their_loop_once_per_step(make_engi
 
     loop.call_soon_threadsafe = counting
     try:
-        handles = [engine.submit(p, params) for p in prompts]
-        results = await asyncio.gather(*(h.aresult() for h in handles))
+        yield wakes
     finally:
         del loop.call_soon_threadsafe
+
+
+async def test_streams_decoding_together_wake_their_loop_once_per_step(make_engine):
+    """16 sequences in a batch cost the event loop one wake-up per engine step,
+    not one per token (each is a self-pipe write and a loop wake-up that
+    competes with the engine's threads for the CPU)."""
+    prompts = make_prompts(16, seed=7, max_len=20)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine = make_engine(max_num_seqs=16)
+    with engine_wake_ups() as wakes:
+        handles = [engine.submit(p, params) for p in prompts]
+        results = await asyncio.gather(*(h.aresult() for h in handles))
     assert all(len(r.token_ids) == 12 for r in results)
     tokens = sum(len(r.token_ids) for r in results)
     steps = engine.stats()["steps"]
@@ -325,14 +334,6 @@ async def test_paced_streams_match_unpaced_ones_with_fewer_wake_ups(make_engine)
 
     async def run(**config):
         engine = make_engine(max_num_seqs=16, **config)
-        loop = asyncio.get_running_loop()
-        wakes = []
-        real = loop.call_soon_threadsafe
-
-        def counting(callback, *args, **kwargs):
-            if threading.current_thread().name.startswith("engine-"):
-                wakes.append(callback)
-            return real(callback, *args, **kwargs)
 
         async def read(handle):
             deltas, text, ids = 0, [], []
@@ -343,12 +344,9 @@ async def test_paced_streams_match_unpaced_ones_with_fewer_wake_ups(make_engine)
                     ids.extend(event.token_ids)
             return deltas, "".join(text), ids
 
-        loop.call_soon_threadsafe = counting
-        try:
+        with engine_wake_ups() as wakes:
             handles = [engine.submit(p, params) for p in prompts]
             results = await asyncio.gather(*(read(h) for h in handles))
-        finally:
-            del loop.call_soon_threadsafe
         stats = engine.stats()
         assert stats["stream_wakes"] > 0 and stats["stream_pace_ms"] == config.get("stream_pace_ms", 0.0)
         return results, len(wakes), stats["steps"]
