@@ -411,8 +411,9 @@ if ENGINE_ARRIVAL_HOLD_MS > 1000:
 # woken, with a full batch decoding (fewer streams, proportionally less): the
 # replies' readers take several steps' tokens as one event, so the work above
 # the engine runs once for them (inference.handle.WakeList). 32 chats at once
-# on the 2-core Zen 5 EPYC: the event loop's CPU 11 against 22 ms a chat, the
-# page's tok/s 734 against 678 (mean of eight rounds by turns). 0: every step.
+# on the 2-core Zen 5 EPYC: the event loop's CPU 12.5-13.1 against 23.1-25.3 ms
+# a chat, the page's tok/s 740 against 669 (means of six rounds by turns).
+# 0: every step.
 ENGINE_STREAM_PACE_MS = env_float("ENGINE_STREAM_PACE_MS", 150.0, min_value=0.0)
 if ENGINE_STREAM_PACE_MS > 1000:
     raise ImproperlyConfigured(f"ENGINE_STREAM_PACE_MS={ENGINE_STREAM_PACE_MS} must be at most 1000")

@@ -243,9 +243,7 @@ def test_engine_millisecond_settings_default_bounded_and_reach_the_engines_confi
 
 
 def bf16_prompts_setting(**env) -> str:
-    result = manage("shell", "-c", "from django.conf import settings; print('->', settings.ENGINE_BF16_PROMPTS)",
-                    **env)
-    return result.stdout.split("->")[-1].strip() if result.returncode == 0 else result.stderr
+    return printed_setting("ENGINE_BF16_PROMPTS", **env)
 
 
 def test_bf16_prompts_are_auto_unless_set_and_reach_the_engines_config(settings):
