@@ -224,12 +224,7 @@ class RecordingLoop:
 def _handles(wake_list, loop, n):
     from inference.handle import RequestHandle
 
-    handles = []
-    for i in range(n):
-        handle = RequestHandle(f"r{i}", [1], None, wake_list, abort=lambda _: None)
-        handle._loop, handle._wake = loop, asyncio.Event()
-        handles.append(handle)
-    return handles
+    return [RequestHandle(f"r{i}", [1], loop, wake_list, abort=lambda _: None) for i in range(n)]
 
 
 def _delta(handle, text="x"):
