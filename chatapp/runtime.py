@@ -438,6 +438,22 @@ def share_the_gil_with_engines() -> None:
         sys.setswitchinterval(interval_s)
 
 
+def on_engine_thread(fn: Callable[[], object]):
+    """fn(), run on a CPU engine's thread between two of its steps when one
+    takes it within EMBEDDING_ENGINE_THREAD_WAIT_MS (inference.lending), on
+    the calling thread otherwise (no CPU engine in this process, a long step
+    in flight, or the setting at 0)."""
+    wait_s = settings.EMBEDDING_ENGINE_THREAD_WAIT_MS / 1000
+    if wait_s > 0:
+        from inference.lending import LENDERS
+
+        if LENDERS:
+            ran, result = LENDERS.run(fn, wait_s=wait_s)
+            if ran:
+                return result
+    return fn()
+
+
 def start_engine(name: str, progress=print):
     # Imported here: these bring torch and transformers, which processes that
     # never build an engine (the Celery worker, manage.py commands) must not load.

@@ -632,6 +632,12 @@ EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1 if MODEL_POOLS else max(1, _U
                             min_value=1)
 # Texts of callers waiting at the same time are embedded in one batch of at most this many.
 EMBEDDING_MAX_BATCH = env_int("EMBEDDING_MAX_BATCH", 64, min_value=1)
+# A batch's forward passes (moderation reading replies and prompts,
+# retrieval's vectors) run on a CPU engine's thread and team between two of
+# its steps, when the engine takes them within this long; otherwise on the
+# embedding thread beside the steps, as with 0 (never). inference.lending
+# has the figures.
+EMBEDDING_ENGINE_THREAD_WAIT_MS = env_int("EMBEDDING_ENGINE_THREAD_WAIT_MS", 50, min_value=0, max_value=1000)
 
 # A quota reservation's lease: renewed by its process every third of it,
 # given back in full by any process once it runs out (its process died).

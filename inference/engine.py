@@ -125,6 +125,8 @@ class Engine:
                                    if self.runner.net.half_block else None)
         # Decode-only steps wait for a request the server is admitting (inference.arrivals), on the CPU only.
         self._engine_loop.hold_s = self.config.arrival_hold_ms / 1000 if self.runner.device.type == "cpu" else 0.0
+        # Other model work in the process may run on this thread between steps (inference.lending).
+        self._engine_loop.lends = self.runner.device.type == "cpu"
         self.sampler = Sampler()
         self.metrics = EngineMetrics()
         self.eos_token_ids = self._eos_ids(model, self.tokenizer)
@@ -274,6 +276,9 @@ class Engine:
             # Decode steps that waited for a request being admitted, and how long in all (inference.arrivals).
             "arrival_holds": self._engine_loop.holds,
             "arrival_held_s": round(self._engine_loop.held_s, 3),
+            # Other model work run on the engine's thread between steps, and its seconds (inference.lending).
+            "lent_jobs": self._engine_loop.lent,
+            "lent_s": round(self._engine_loop.lent_s, 3),
             # Readers' wake-ups (against "steps": paced ones carry several steps' tokens; inference.handle).
             "stream_pace_ms": self.config.stream_pace_ms,
             "stream_wakes": self._engine_loop.wake_list.wakes,

@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 
 from inference import arrivals as arrivals_module
+from inference import lending
 from inference.handle import WakeList
 from inference.outputs import DeltaEvent, EngineSaturated, FinishEvent, Usage
 from inference.scheduler import ScheduledBatch
@@ -57,12 +58,15 @@ class Inbox:
     def __init__(self, max_waiting: int):
         self.max_waiting = max_waiting
         self._lock = threading.Lock()
-        self._items: deque = deque()  # ("add", Sequence) or ("abort", request_id)
+        self._items: deque = deque()  # ("add", Sequence), ("abort", request_id) or ("job", lending.Job)
         self._wakeup = threading.Event()
         self._live: dict[str, Sequence] = {}
         self._num_unscheduled = 0
         self._stopping = False
         self.down_reason: str | None = None  # why the engine thread died, when it did
+        # Set by the engine thread while a step with prompt tokens runs: those
+        # can take hundreds of ms, so lent work is refused rather than kept waiting.
+        self.in_prompt_step = False
 
     # ------------------------------------------------------------ any thread
     def add(self, seq: Sequence, *, enforce_waiting_limit: bool = True) -> None:
@@ -90,6 +94,16 @@ class Inbox:
                 return
             self._items.append(("abort", request_id))
         self._wakeup.set()
+
+    def lend(self, job: lending.Job) -> bool:
+        """Queue other model work for the engine thread (inference.lending);
+        False once the engine is stopped or down, or while it runs a prompt's step."""
+        with self._lock:
+            if self._stopping or self.in_prompt_step:
+                return False
+            self._items.append(("job", job))
+        self._wakeup.set()
+        return True
 
     def stop(self) -> None:
         with self._lock:
@@ -123,8 +137,10 @@ class Inbox:
     def has_items(self) -> bool:
         return bool(self._items)
 
-    def take(self) -> Iterator[tuple[str, Sequence | str]]:
-        while self._items:
+    def take(self) -> Iterator[tuple[str, Sequence | str | lending.Job]]:
+        """What was queued when the call began: a borrower's next job, queued
+        once its last is done, waits for the next step (inference.lending)."""
+        for _ in range(len(self._items)):
             yield self._items.popleft()
 
     def live(self, request_id: str) -> Sequence | None:
@@ -147,10 +163,15 @@ class EngineLoop:
     runner, sampler, block manager, metrics) and is the only writer of its
     sequences' state once they are submitted."""
 
-    def __init__(self, engine, arrivals=None):
+    def __init__(self, engine, arrivals=None, lenders=None):
         self.engine = engine
         self.inbox = Inbox(engine.config.max_waiting)
         self.arrivals = arrivals or arrivals_module.ARRIVALS  # the process's marks (inference.arrivals)
+        self.lenders = lenders or lending.LENDERS  # other model work run between steps (inference.lending)
+        self.lends = False  # set once the runner's device is known (Engine): CPU engines only
+        self.lending = False
+        self.lent = 0  # jobs run between steps, and their seconds
+        self.lent_s = 0.0
         self.hold_s = 0.0  # set once the runner's device is known (Engine); 0: never hold
         self.holds = 0  # decode steps that waited for an arrival
         self.held_s = 0.0
@@ -196,11 +217,25 @@ class EngineLoop:
             self._build = None  # the model it may hold is the engine's now, or garbage
             self._built.set()
         try:
+            if self.lends:
+                self.start_lending()
             with torch.inference_mode():
                 self._serve()
         except BaseException as exc:  # the loop itself broke, outside any step: never die silently
             log.exception("engine loop died")
             self._close_down(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.stop_lending()
+
+    def start_lending(self) -> None:
+        """Offer this thread to other model work between steps (inference.lending)."""
+        self.lending = True
+        self.lenders.join(self.inbox.lend)
+
+    def stop_lending(self) -> None:
+        if self.lending:
+            self.lending = False
+            self.lenders.leave(self.inbox.lend)
 
     def _serve(self) -> None:
         scheduler = self.engine.scheduler
@@ -218,12 +253,15 @@ class EngineLoop:
             if not scheduler.decode_only():
                 # A step with prompt tokens can be long: held text goes out before it.
                 self.wake_list.wake_all(force=True)
+                self.inbox.in_prompt_step = True
             started = time.monotonic()
             try:
                 self.step()
             except Exception as exc:  # no sequence to blame (the scheduler, say): fail its requests
                 log.exception("engine step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
+            finally:
+                self.inbox.in_prompt_step = False
             self.wake_list.wake_all(next_step_s=time.monotonic() - started)
         self._drain_inbox()
         for seq in list(scheduler.running) + list(scheduler.waiting):
@@ -261,10 +299,24 @@ class EngineLoop:
         for kind, payload in self.inbox.take():
             if kind == "add":
                 self.engine.scheduler.add(payload)
+            elif kind == "job":
+                self._run_job(payload)
             else:
                 seq = self.inbox.live(payload)
                 if seq is not None and not seq.is_finished:
                     self._finish(seq, "abort")
+
+    def _run_job(self, job: lending.Job) -> None:
+        """A borrower's work, on this thread's whole team. Paced text is not
+        forced out first: a burst's replies each lend one or two moderation
+        reads, and forcing 32 streams' wake-ups each time costs more than the
+        job's wait adds to a held delta."""
+        team = self.engine.step_threads.threads - self.engine.step_threads.yielding
+        if team != torch.get_num_threads():
+            torch.set_num_threads(team)
+        if job.run():
+            self.lent += 1
+            self.lent_s += job.seconds
 
     def step(self) -> None:
         engine = self.engine

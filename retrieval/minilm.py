@@ -211,11 +211,13 @@ class Encoder:
                                max_length=self.max_length, return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"]
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str], run=None) -> np.ndarray:
         """[N, D] float32, unit length. A batch (concurrent callers' texts)
         runs as groups of similar length (`groups`), each padded only to its
         own longest: 32 short prompts and one 400-character reply window are
-        not all padded to the window's length."""
+        not all padded to the window's length. `run(forward)`, when given,
+        runs each group's forward and returns its result (on another thread,
+        say: inference.lending)."""
         if self._st is not None:
             return self._st.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
                                    show_progress_bar=False).astype(np.float32, copy=False)
@@ -229,7 +231,9 @@ class Encoder:
             for group in groups(lengths):
                 rows = torch.tensor(group)
                 width = max(lengths[i] for i in group)
-                out[rows.numpy()] = self.module(ids[rows, :width], mask[rows, :width]).numpy()
+                group_ids, group_mask = ids[rows, :width], mask[rows, :width]
+                forward = lambda: self.module(group_ids, group_mask)  # noqa: E731,B023 (called at once)
+                out[rows.numpy()] = (forward() if run is None else run(forward)).numpy()
         return out
 
     def report(self) -> dict:

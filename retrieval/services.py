@@ -24,6 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 from django.conf import settings
 
+from chatapp import runtime
+
 _model = None
 _lock = threading.Lock()
 
@@ -77,7 +79,8 @@ def model_path() -> str:
 
 
 def _encode(texts: list[str]) -> np.ndarray:
-    return _load().encode(list(texts))
+    # Each forward on a local CPU engine's thread when it is free between two steps (inference.lending).
+    return _load().encode(list(texts), run=runtime.on_engine_thread)
 
 
 def load() -> dict:

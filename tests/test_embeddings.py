@@ -88,3 +88,72 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_call_works(
             await task
     assert len(await services.aembed(["after the failure"])) == 1
     assert services.embed([]) == []
+
+
+class EngineThread:
+    """Stands for a CPU engine lending its thread between steps (inference.lending):
+    runs each job it takes on a thread named as engine threads are."""
+
+    def __init__(self):
+        self.jobs = []
+        self._queue: list = []
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._serve, name="engine-standin", daemon=True)
+        self._thread.start()
+
+    def lend(self, job) -> bool:
+        with self._ready:
+            self._queue.append(job)
+            self._ready.notify()
+        return True
+
+    def _serve(self):
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                job = self._queue.pop(0)
+            if job.run():
+                self.jobs.append(threading.current_thread().name)
+
+
+@pytest.fixture
+def engine_thread(monkeypatch):
+    from inference import lending
+
+    registry = lending.Lenders()
+    monkeypatch.setattr(lending, "LENDERS", registry)
+    standin = EngineThread()
+    registry.join(standin.lend)
+    return standin
+
+
+def _cosine(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_a_batch_runs_on_a_local_engines_thread_and_gets_the_same_vectors(engine_thread, settings):
+    texts = ["a reply window about the weather", "a prompt", "x " * 300]  # three lengths: several groups
+    settings.EMBEDDING_ENGINE_THREAD_WAIT_MS = 0
+    services.forget()
+    own = services.embed(texts)
+    assert engine_thread.jobs == []  # 0: never lent
+    settings.EMBEDDING_ENGINE_THREAD_WAIT_MS = 50
+    services.forget()
+    lent = services.embed(texts)
+    assert engine_thread.jobs and set(engine_thread.jobs) == {"engine-standin"}
+    # The engine's team may sum in another order than the embedding thread's one thread.
+    assert all(_cosine(a, b) >= minilm.AGREEMENT for a, b in zip(own, lent))
+
+
+def test_without_a_local_engine_the_embedding_thread_runs_the_batch(settings, monkeypatch):
+    from inference import lending
+
+    monkeypatch.setattr(lending, "LENDERS", lending.Lenders())
+    settings.EMBEDDING_ENGINE_THREAD_WAIT_MS = 0
+    services.forget()
+    own = services.embed(["no engine here"])
+    settings.EMBEDDING_ENGINE_THREAD_WAIT_MS = 50
+    services.forget()
+    assert services.embed(["no engine here"]) == own  # the same thread, the same bits

@@ -242,6 +242,14 @@ def test_engine_millisecond_settings_default_bounded_and_reach_the_engines_confi
     assert getattr(runtime.engine_config(settings.MODEL_POOLS["small"]), field) == 25.0
 
 
+def test_the_embedding_batches_wait_for_an_engine_thread_at_most_a_second():
+    name = "EMBEDDING_ENGINE_THREAD_WAIT_MS"
+    assert printed_setting(name) == "50" and printed_setting(name, **{name: "0"}) == "0"
+    assert f"{name}=-1 must be >= 0" in printed_setting(name, **{name: "-1"})
+    assert f"{name}=5000 must be <= 1000" in printed_setting(name, **{name: "5000"})
+    assert f"{name}='soon' is not an integer" in printed_setting(name, **{name: "soon"})
+
+
 def bf16_prompts_setting(**env) -> str:
     return printed_setting("ENGINE_BF16_PROMPTS", **env)
 
