@@ -7,6 +7,10 @@ Embeddings run on one dedicated thread with EMBEDDING_THREADS torch threads
 (OpenMP thread counts are per OS thread, so this leaves an engine in the same
 process alone). A single short text takes milliseconds on one core, while
 two threads fighting an engine for the same cores were measured at ~500 ms.
+Beside a local CPU engine, each forward is handed to the engine's thread and
+runs between two of its steps on the engine's own team (inference.lending,
+EMBEDDING_ENGINE_THREAD_WAIT_MS), which costs the replies less than taking a
+core from that team.
 
 Callers that arrive while the thread is busy are encoded together in one batch
 (`_Batcher`): a burst of 32 chats moderates 32 prompts at once, and one forward
