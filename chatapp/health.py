@@ -47,7 +47,9 @@ def check_all() -> tuple[bool, dict]:
         # Each moderation checker "ok" or why it could not be built (its
         # categories then fail as SAFETY_FAIL_CLOSED says); null until loaded.
         "moderation": {"checkers": safety_services.checkers_report()},
-        "embeddings": {"retrieval": retrieval_services.report(), "moderation_shallow": featurizer.shallow_report()},
+        "embeddings": {"retrieval": retrieval_services.report(), "moderation_shallow": featurizer.shallow_report(),
+                       # Forwards run on a local CPU engine's thread between its steps, and those it did not take.
+                       "on_engine_thread": runtime.lending_report()},
     }
 
 

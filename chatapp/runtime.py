@@ -454,6 +454,15 @@ def on_engine_thread(fn: Callable[[], object]):
     return fn()
 
 
+def lending_report() -> dict:
+    """How many forwards `on_engine_thread` ran on an engine's thread (`lent`)
+    and how many an engine did not take in time (`refused`, run on the
+    caller's thread); both 0 in a process without a CPU engine."""
+    from inference.lending import LENDERS
+
+    return {"lent": LENDERS.lent, "refused": LENDERS.refused}
+
+
 def start_engine(name: str, progress=print):
     # Imported here: these bring torch and transformers, which processes that
     # never build an engine (the Celery worker, manage.py commands) must not load.

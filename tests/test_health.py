@@ -19,9 +19,26 @@ def test_healthz_says_which_number_format_minilm_runs_in(client):
     services.embed(["load the model"])
     featurizer.vectors(["load the shallow pass"], "minilm2")
     embeddings = client.get("/healthz").json()["embeddings"]
-    for report in embeddings.values():
-        assert report["dtype"] in ("float32", "bfloat16") and report["runner"] == "traced"
-    assert embeddings == {"retrieval": services.report(), "moderation_shallow": featurizer.shallow_report()}
+    for name in ("retrieval", "moderation_shallow"):
+        assert embeddings[name]["dtype"] in ("float32", "bfloat16") and embeddings[name]["runner"] == "traced"
+    assert embeddings["retrieval"] == services.report()
+    assert embeddings["moderation_shallow"] == featurizer.shallow_report()
+
+
+def test_healthz_counts_the_forwards_run_on_the_engines_thread(client, monkeypatch):
+    from inference import lending
+
+    registry = lending.Lenders()
+    monkeypatch.setattr(lending, "LENDERS", registry)
+    def take_at_once(job) -> bool:  # an engine between steps
+        return job.run() or True
+
+    registry.join(take_at_once)
+    registry.run(lambda: 1, wait_s=1.0)
+    registry.leave(take_at_once)
+    registry.join(lambda job: False)  # one that is stopping
+    registry.run(lambda: 1, wait_s=1.0)
+    assert client.get("/healthz").json()["embeddings"]["on_engine_thread"] == {"lent": 1, "refused": 1}
 
 
 def test_healthz_says_which_moderation_checker_could_not_be_built(client, settings):
