@@ -169,7 +169,6 @@ class EngineLoop:
         self.arrivals = arrivals or arrivals_module.ARRIVALS  # the process's marks (inference.arrivals)
         self.lenders = lenders or lending.LENDERS  # other model work run between steps (inference.lending)
         self.lends = False  # set once the runner's device is known (Engine): CPU engines only
-        self.lending = False
         self.lent = 0  # jobs run between steps, and their seconds
         self.lent_s = 0.0
         self.hold_s = 0.0  # set once the runner's device is known (Engine); 0: never hold
@@ -217,25 +216,15 @@ class EngineLoop:
             self._build = None  # the model it may hold is the engine's now, or garbage
             self._built.set()
         try:
-            if self.lends:
-                self.start_lending()
+            if self.lends:  # offer this thread to other model work between steps (inference.lending)
+                self.lenders.join(self.inbox.lend)
             with torch.inference_mode():
                 self._serve()
         except BaseException as exc:  # the loop itself broke, outside any step: never die silently
             log.exception("engine loop died")
             self._close_down(f"{type(exc).__name__}: {exc}")
         finally:
-            self.stop_lending()
-
-    def start_lending(self) -> None:
-        """Offer this thread to other model work between steps (inference.lending)."""
-        self.lending = True
-        self.lenders.join(self.inbox.lend)
-
-    def stop_lending(self) -> None:
-        if self.lending:
-            self.lending = False
-            self.lenders.leave(self.inbox.lend)
+            self.lenders.leave(self.inbox.lend)  # a no-op for an engine that never joined
 
     def _serve(self) -> None:
         scheduler = self.engine.scheduler

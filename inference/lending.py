@@ -100,6 +100,7 @@ class Lenders:
             self._lenders.append(lend)
 
     def leave(self, lend: Callable[[Job], bool]) -> None:
+        """No longer offered; a no-op for one that never joined."""
         with self._lock:
             if lend in self._lenders:
                 self._lenders.remove(lend)
