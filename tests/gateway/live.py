@@ -62,6 +62,34 @@ def start_daphne(**env_overrides) -> tuple[subprocess.Popen, str]:
     raise AssertionError("daphne never answered")
 
 
+def settled(user_id: int | None = None, timeout_s: float = 15.0, quiet_s: float = 0.3) -> None:
+    """Wait until the server is done writing: the user has no generation in
+    flight and no other connection to this test database has run a statement
+    for `quiet_s`. A reply's bill and ledger row are written beside its final
+    event (gateway.services._serve), so a client can be done while the server
+    still writes; the teardown's flush (TRUNCATE) must not race that write, or
+    Postgres breaks the lock cycle by failing the flush."""
+    from gateway import concurrency
+
+    deadline = time.monotonic() + timeout_s
+    while user_id is not None and concurrency.in_flight(user_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    quiet_since = time.monotonic()
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                " AND (state <> 'idle' OR state_change > now() - make_interval(secs => %s))",
+                [quiet_s],
+            )
+            if cursor.fetchone()[0]:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return
+            time.sleep(0.05)
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.keys import api_key_create
 from tests.gateway.helpers import add_remote, give_plan
-from tests.gateway.live import start_daphne, stop
+from tests.gateway.live import settled, start_daphne, stop
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ def live_url(django_db_setup, django_db_blocker):
 def client(live_url, transactional_db, fake_openai, alice):
     add_remote(fake_openai, "remote")
     _, raw = api_key_create(user=alice, name="conformance")
-    return openai.OpenAI(base_url=f"{live_url}/v1", api_key=raw, max_retries=0, timeout=30)
+    yield openai.OpenAI(base_url=f"{live_url}/v1", api_key=raw, max_retries=0, timeout=30)
+    settled(alice.pk)
 
 
 def test_non_streamed_completion(client):
@@ -91,12 +92,22 @@ def test_quota_is_rate_limit_error_with_retry_after(client, alice, fresh_minute)
 
 
 def test_a_failure_mid_stream_raises_in_the_client(client, fake_openai):
+    import time
+
+    from gateway.models import UsageRecord
+
     add_remote(fake_openai, "flaky", remote_model="fake-break")
     stream = client.chat.completions.create(
         model="flaky", messages=[{"role": "user", "content": "hi"}], max_tokens=20, stream=True
     )
     with pytest.raises(openai.APIError):
         list(stream)
+    # The ledger row is written beside the error event, not before it.
+    request_id = stream.response.headers["x-request-id"]
+    deadline = time.monotonic() + 10
+    while not (row := UsageRecord.objects.filter(request_id=request_id).first()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert row is not None and row.status == "error" and row.error
 
 
 def test_a_client_that_disconnects_mid_stream_stops_the_generation(client, live_url, fake_openai, alice):

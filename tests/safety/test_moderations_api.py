@@ -3,7 +3,7 @@ import openai
 import pytest
 
 from gateway.keys import api_key_create
-from tests.gateway.live import start_daphne, stop
+from tests.gateway.live import settled, start_daphne, stop
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,8 @@ def live_url(django_db_setup, django_db_blocker):
 @pytest.fixture
 def client(live_url, transactional_db, alice):
     _, raw = api_key_create(user=alice, name="moderations")
-    return openai.OpenAI(base_url=f"{live_url}/v1", api_key=raw, max_retries=0, timeout=30)
+    yield openai.OpenAI(base_url=f"{live_url}/v1", api_key=raw, max_retries=0, timeout=30)
+    settled(alice.pk)
 
 
 def test_a_string_input(client):
