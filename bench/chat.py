@@ -520,8 +520,9 @@ def _parse_args(argv):
                         help="alternating rounds of the engine alone and the web path (at once, and staggered)")
     parser.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    for name in ("rounds", "singles", "clients", "max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 

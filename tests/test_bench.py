@@ -354,3 +354,16 @@ def test_the_chat_benchmark_sends_every_run_new_prompts(monkeypatch):
     assert [a[0] for a, _ in pairs[5:8]] == ["engine", "web", "engine"]
     web_texts = [text for kind, texts in sent if kind == "web" for text in texts]
     assert len(web_texts) == len(set(web_texts)) == 2 + 2 + 4 + 3 * 4 + 3 * 4
+
+
+@pytest.mark.parametrize("flag", ["--singles", "--rounds", "--clients", "--max-tokens"])
+def test_the_chat_benchmark_refuses_counts_below_one(flag, capsys):
+    """Its tables divide by the single chats' wall time and the rounds' runs:
+    zero of them is refused with the option's name, not a ZeroDivisionError
+    after the server started."""
+    from bench import chat
+
+    with pytest.raises(SystemExit) as exit_:
+        chat._parse_args([flag, "0"])
+    assert exit_.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
+    assert chat._parse_args([flag, "1"])

@@ -27,6 +27,7 @@ async def call(method: str, path: str, headers=(), scheme="http", app=applicatio
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
+    await communicator.wait(10)  # the handler's work after the last byte (closing the response) is done too
     return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, body
 
 
@@ -132,3 +133,53 @@ async def test_a_mark_ends_when_the_response_starts():
 
     await marked_on_its_way(app)({"type": "http", "method": "POST", "path": "/c/new"}, receive, send)
     assert seen["before"] is True and seen["after"] is False
+
+
+async def test_requests_borrow_a_kept_thread_for_their_sync_work(remote, alice_key, monkeypatch):
+    """Django's handler starts a thread for each request's sync work (a
+    page's middleware block, closing a /v1 response) and a second one to join
+    it; both starts hold the event loop until the new thread runs. The
+    product's handlers lend each request a kept thread instead
+    (chatapp.asgi.REQUEST_THREADS): once one is kept, pages and API calls
+    start none."""
+    import threading
+
+    from chatapp.asgi import REQUEST_THREADS
+
+    auth = [(b"authorization", f"Bearer {alice_key}".encode())]
+    assert (await get("/accounts/login/"))[0] == 200  # lazily built resources start their threads here
+    assert (await get("/v1/models", auth))[0] == 200
+    assert REQUEST_THREADS.idle() >= 1
+    started = []
+    real_start = threading.Thread.start
+
+    def counting_start(thread):
+        started.append(thread.name)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    for _ in range(3):
+        status, headers, _ = await get("/accounts/login/")
+        assert status == 200 and "content-security-policy" in headers  # the middleware block ran
+        assert (await get("/v1/models", auth))[0] == 200
+    assert started == []
+
+
+async def test_requests_in_flight_together_each_have_a_thread_of_their_own():
+    """A request keeps one thread for its whole life (its database connection
+    and thread-locals are that thread's), as under Django's own handler: two
+    at once never share one, and more than the kept number are let go."""
+    import threading
+
+    from chatapp.asgi import RequestThreads
+
+    threads = RequestThreads(limit=1)
+    first, second = threads.lend(), threads.lend()
+    assert first is not second
+    idents = {first.submit(threading.get_ident).result(), second.submit(threading.get_ident).result()}
+    assert len(idents) == 2
+    threads.give_back(first)
+    threads.give_back(second)  # over the limit: shut down
+    assert threads.idle() == 1 and threads.lend() is first
+    with pytest.raises(RuntimeError):
+        second.submit(lambda: None)
