@@ -1,6 +1,7 @@
 """Waiting in a test for something to happen, never for a fixed time."""
 import asyncio
 import inspect
+import time
 
 
 async def eventually(condition, *, timeout_s: float = 5.0, poll_s: float = 0.01):
@@ -16,3 +17,14 @@ async def eventually(condition, *, timeout_s: float = 5.0, poll_s: float = 0.01)
             return result
         assert loop.time() < deadline, f"{condition.__qualname__} still false after {timeout_s} s"
         await asyncio.sleep(poll_s)
+
+
+def eventually_sync(condition, *, timeout_s: float = 5.0, poll_s: float = 0.05):
+    """`eventually` for sync tests (a live server polled through the ORM)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{condition.__qualname__} still false after {timeout_s} s"
+        time.sleep(poll_s)

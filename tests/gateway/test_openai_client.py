@@ -9,6 +9,7 @@ import pytest
 from gateway.keys import api_key_create
 from tests.gateway.helpers import add_remote, give_plan
 from tests.gateway.live import settled, start_daphne, stop
+from tests.waiting import eventually_sync
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,13 @@ def client(live_url, transactional_db, fake_openai, alice):
     _, raw = api_key_create(user=alice, name="conformance")
     yield openai.OpenAI(base_url=f"{live_url}/v1", api_key=raw, max_retries=0, timeout=30)
     settled(alice.pk)
+
+
+def ledger_row(request_id: str):
+    """The request's usage row, once the server has written it (beside the reply's end)."""
+    from gateway.models import UsageRecord
+
+    return eventually_sync(lambda: UsageRecord.objects.filter(request_id=request_id).first(), timeout_s=10)
 
 
 def test_non_streamed_completion(client):
@@ -92,10 +100,6 @@ def test_quota_is_rate_limit_error_with_retry_after(client, alice, fresh_minute)
 
 
 def test_a_failure_mid_stream_raises_in_the_client(client, fake_openai):
-    import time
-
-    from gateway.models import UsageRecord
-
     add_remote(fake_openai, "flaky", remote_model="fake-break")
     stream = client.chat.completions.create(
         model="flaky", messages=[{"role": "user", "content": "hi"}], max_tokens=20, stream=True
@@ -103,20 +107,14 @@ def test_a_failure_mid_stream_raises_in_the_client(client, fake_openai):
     with pytest.raises(openai.APIError):
         list(stream)
     # The ledger row is written beside the error event, not before it.
-    request_id = stream.response.headers["x-request-id"]
-    deadline = time.monotonic() + 10
-    while not (row := UsageRecord.objects.filter(request_id=request_id).first()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert row is not None and row.status == "error" and row.error
+    row = ledger_row(stream.response.headers["x-request-id"])
+    assert row.status == "error" and row.error
 
 
 def test_a_client_that_disconnects_mid_stream_stops_the_generation(client, live_url, fake_openai, alice):
-    import time
-
     import httpx
 
     from gateway import quotas
-    from gateway.models import UsageRecord
 
     add_remote(fake_openai, "slow", remote_model="fake-slow")
     body = {"model": "slow", "messages": [{"role": "user", "content": "count"}], "max_tokens": 150, "stream": True}
@@ -126,12 +124,8 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation(client, live_
         for i, _ in enumerate(response.iter_lines()):
             if i >= 6:
                 break
-    deadline = time.monotonic() + 10
-    row = None
-    while time.monotonic() < deadline and row is None:
-        row = UsageRecord.objects.filter(request_id=request_id).first()
-        time.sleep(0.1)
-    assert row is not None and row.status == "abort"
+    row = ledger_row(request_id)
+    assert row.status == "abort"
     assert 1 <= row.completion_tokens < 150  # the rest was never generated nor charged
     import asyncio
 
