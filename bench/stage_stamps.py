@@ -90,14 +90,16 @@ def _patch(path: str) -> None:
     from inference.handle import RequestHandle
 
     # 1. the request reaches Django, its middleware, the rate limit (stamped per request, written with the reply id)
-    real_call = django_asgi.ASGIHandler.__call__
+    # `handle`, not `__call__`: chatapp.asgi's handlers override `__call__` (to lend the request a thread) and
+    # then call `handle`, inside the context where the request's sync work runs.
+    real_handle = django_asgi.ASGIHandler.handle
 
-    async def call(self, scope, receive, send):
+    async def handle(self, scope, receive, send):
         if scope.get("path") == "/c/new":
             _stamps.set({"django": time.time()})
-        return await real_call(self, scope, receive, send)
+        return await real_handle(self, scope, receive, send)
 
-    django_asgi.ASGIHandler.__call__ = call
+    django_asgi.ASGIHandler.handle = handle
     _patch_middleware()
     real_rate_limited = views._chat_rate_limited
 
