@@ -41,6 +41,25 @@ def install() -> None:
     django.setup = setup
 
 
+_INHERITED = object()
+_replaced: list[tuple[object, str, object]] = []  # (owner, attribute, its own value or _INHERITED), in order
+
+
+def _replace(owner, name: str, value) -> None:
+    _replaced.append((owner, name, vars(owner).get(name, _INHERITED)))
+    setattr(owner, name, value)
+
+
+def uninstall() -> None:
+    """Put back every wrapped attribute (the tests' way out; a server never leaves)."""
+    while _replaced:
+        owner, name, original = _replaced.pop()
+        if original is _INHERITED:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+
+
 def _stamp(name: str) -> None:
     stamps = _stamps.get()
     if stamps is not None:
@@ -61,7 +80,7 @@ def _patch_middleware() -> None:
         _stamp("sync block")
         return real_security(self, request)
 
-    SecurityMiddleware.process_request = security
+    _replace(SecurityMiddleware, "process_request", security)
     real_session = SessionMiddleware.process_request
 
     def session(self, request):
@@ -69,7 +88,7 @@ def _patch_middleware() -> None:
         request.session.get("_auth_user_id")  # the session's load (lazy until read)
         _stamp("session")
 
-    SessionMiddleware.process_request = session
+    _replace(SessionMiddleware, "process_request", session)
     real_loaded = LoadedUserMiddleware.__call__
 
     def loaded(self, request):
@@ -77,7 +96,7 @@ def _patch_middleware() -> None:
         _stamp("user")
         return real_loaded(self, request)
 
-    LoadedUserMiddleware.__call__ = loaded
+    _replace(LoadedUserMiddleware, "__call__", loaded)
 
 
 def _patch(path: str) -> None:
@@ -99,7 +118,7 @@ def _patch(path: str) -> None:
             _stamps.set({"django": time.time()})
         return await real_handle(self, scope, receive, send)
 
-    django_asgi.ASGIHandler.handle = handle
+    _replace(django_asgi.ASGIHandler, "handle", handle)
     _patch_middleware()
     real_rate_limited = views._chat_rate_limited
 
@@ -109,7 +128,7 @@ def _patch(path: str) -> None:
         _stamp("rate limit")
         return answer
 
-    views._chat_rate_limited = rate_limited
+    _replace(views, "_chat_rate_limited", rate_limited)
 
     # 2. the turn saved and its request built, on a database thread
     real_create = turns.create_and_prepare
@@ -121,14 +140,14 @@ def _patch(path: str) -> None:
             _rec(path, stage, reply.id, at)
         return reply, request
 
-    turns.create_and_prepare = create_and_prepare
+    _replace(turns, "create_and_prepare", create_and_prepare)
     real_build = turns.build_request
 
     def build_request(**kwargs):
         _stamp("inserted")
         return real_build(**kwargs)
 
-    turns.build_request = build_request
+    _replace(turns, "build_request", build_request)
 
     # 3. the gateway, the engine, the reply's log, the SSE stream
     real_generate = turns.generate
@@ -138,14 +157,14 @@ def _patch(path: str) -> None:
         _rec(path, "request:" + request.request_id, log_.reply_id)
         return await real_generate(log_, request, *args)
 
-    turns.generate = generate
+    _replace(turns, "generate", generate)
     real_submit = engine_module.Engine.submit
 
     def submit(self, prompt, sampling_params=None, request_id=None, **kwargs):
         _rec(path, "engine", request_id)
         return real_submit(self, prompt, sampling_params, request_id, **kwargs)
 
-    engine_module.Engine.submit = submit
+    _replace(engine_module.Engine, "submit", submit)
     real_execute = engine_loop.EngineLoop._execute
     scheduled: set = set()
 
@@ -161,7 +180,7 @@ def _patch(path: str) -> None:
             for request_id in fresh:
                 _rec(path, "prefill ends", request_id)
 
-    engine_loop.EngineLoop._execute = execute
+    _replace(engine_loop.EngineLoop, "_execute", execute)
     real_deliver = RequestHandle.deliver
 
     def deliver(self, event):
@@ -170,7 +189,7 @@ def _patch(path: str) -> None:
             _rec(path, "first token", self.request_id)
         return real_deliver(self, event)
 
-    RequestHandle.deliver = deliver
+    _replace(RequestHandle, "deliver", deliver)
     real_token = turns.ReplyLog.token
     logged: set = set()
 
@@ -181,14 +200,14 @@ def _patch(path: str) -> None:
             logged.add(self.reply_id)
             _rec(path, "in the log", self.reply_id)
 
-    turns.ReplyLog.token = token
+    _replace(turns.ReplyLog, "token", token)
     real_request = consumers.ReplyStreamConsumer.http_request
 
     async def http_request(self, message):
         _rec(path, "stream opened", self.scope["url_route"]["kwargs"]["reply_id"])
         return await real_request(self, message)
 
-    consumers.ReplyStreamConsumer.http_request = http_request
+    _replace(consumers.ReplyStreamConsumer, "http_request", http_request)
     real_send = consumers.ReplyStreamConsumer._send_events
     sent: set = set()
 
@@ -200,4 +219,4 @@ def _patch(path: str) -> None:
             _rec(path, "token written", self.reply_id)
         return result
 
-    consumers.ReplyStreamConsumer._send_events = send_events
+    _replace(consumers.ReplyStreamConsumer, "_send_events", send_events)

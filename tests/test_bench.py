@@ -367,3 +367,64 @@ def test_the_chat_benchmark_refuses_counts_below_one(flag, capsys):
         chat._parse_args([flag, "0"])
     assert exit_.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
     assert chat._parse_args([flag, "1"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_stage_stamps_follow_a_new_chat_through_the_deployed_handler(alice, chat_engine, tmp_path):
+    """bench.stages' probes see a chat sent to the product's own ASGI
+    application: every stage from Django's handler to the reply's log is
+    stamped for it. (A wrapper on a method the handler no longer calls
+    stamps nothing: 65a97d5 left seven stages empty that way.)"""
+    import asyncio
+    import json
+    from urllib.parse import urlencode
+
+    from channels.testing import ApplicationCommunicator
+    from django.test import Client
+
+    from bench import stage_stamps
+    from bench.stages import STAGES, stage_times
+    from chatapp.asgi import application
+    from conversations import turns
+    from conversations.models import Message
+
+    client = Client()
+    client.force_login(alice)
+    csrf = "a" * 32  # an unmasked CSRF secret: the cookie and the header agree
+    headers = [(b"host", b"testserver"), (b"cookie", f"sessionid={client.cookies['sessionid'].value}; "
+                                                   f"csrftoken={csrf}".encode()),
+               (b"x-csrftoken", csrf.encode()), (b"hx-request", b"true"),
+               (b"content-type", b"application/x-www-form-urlencoded")]
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/c/new",
+             "raw_path": b"/c/new", "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1234), "server": ("testserver", 80)}
+
+    async def post():
+        communicator = ApplicationCommunicator(application, scope)
+        await communicator.send_input({"type": "http.request", "body": urlencode({"text": "Stamp me"}).encode()})
+        start = await communicator.receive_output(20)
+        while (await communicator.receive_output(20)).get("more_body"):
+            pass
+        await communicator.wait(20)
+        await turns.wait_idle(20)
+        return start["status"]
+
+    stamps_file = tmp_path / "stamps.jsonl"
+    stage_stamps._patch(str(stamps_file))
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(post()) == 200
+    finally:
+        stage_stamps.uninstall()
+        pending = asyncio.all_tasks(loop)  # the reply keeper, the stream fan-out
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+    reply = Message.objects.get(conversation__user=alice, role="assistant")
+    assert reply.status == "complete"
+    times = stage_times([{"reply": str(reply.id), "sent": 0.0, "POST answered": None, "token read": None}],
+                        stamps_file)
+    server_side = STAGES[:STAGES.index("in the log") + 1]
+    assert [stage for stage in server_side if not times[stage]] == []
+    assert not stage_stamps._replaced
