@@ -228,7 +228,7 @@ def printed_setting(name: str, **env) -> str:
 
 @pytest.mark.parametrize("name, field, default, below, above", [
     ("ENGINE_ARRIVAL_HOLD_MS", "arrival_hold_ms", "40.0", "-1", "5000"),
-    ("ENGINE_STREAM_PACE_MS", "stream_pace_ms", "150.0", "-5", "1500"),
+    ("ENGINE_STREAM_PACE_MS", "stream_pace_ms", "300.0", "-5", "1500"),
 ])
 def test_engine_millisecond_settings_default_bounded_and_reach_the_engines_config(
         settings, name, field, default, below, above):
