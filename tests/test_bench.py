@@ -379,7 +379,6 @@ def test_the_stage_stamps_follow_a_new_chat_through_the_deployed_handler(alice, 
     import json
     from urllib.parse import urlencode
 
-    from channels.testing import ApplicationCommunicator
     from django.test import Client
 
     from bench import stage_stamps
@@ -387,27 +386,20 @@ def test_the_stage_stamps_follow_a_new_chat_through_the_deployed_handler(alice, 
     from chatapp.asgi import application
     from conversations import turns
     from conversations.models import Message
+    from tests.asgi_calls import call
 
     client = Client()
     client.force_login(alice)
     csrf = "a" * 32  # an unmasked CSRF secret: the cookie and the header agree
-    headers = [(b"host", b"testserver"), (b"cookie", f"sessionid={client.cookies['sessionid'].value}; "
-                                                   f"csrftoken={csrf}".encode()),
+    headers = [(b"cookie", f"sessionid={client.cookies['sessionid'].value}; csrftoken={csrf}".encode()),
                (b"x-csrftoken", csrf.encode()), (b"hx-request", b"true"),
                (b"content-type", b"application/x-www-form-urlencoded")]
-    scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/c/new",
-             "raw_path": b"/c/new", "query_string": b"", "root_path": "", "headers": headers,
-             "client": ("127.0.0.1", 1234), "server": ("testserver", 80)}
 
     async def post():
-        communicator = ApplicationCommunicator(application, scope)
-        await communicator.send_input({"type": "http.request", "body": urlencode({"text": "Stamp me"}).encode()})
-        start = await communicator.receive_output(20)
-        while (await communicator.receive_output(20)).get("more_body"):
-            pass
-        await communicator.wait(20)
+        status, _ = await call(application, "POST", "/c/new", headers=headers,
+                               body=urlencode({"text": "Stamp me"}).encode())
         await turns.wait_idle(20)
-        return start["status"]
+        return status
 
     stamps_file = tmp_path / "stamps.jsonl"
     stage_stamps._patch(str(stamps_file))

@@ -19,6 +19,7 @@ from chatapp import runtime
 from conversations import turns
 from conversations.models import Conversation, Message
 from gateway.keys import api_key_create
+from tests.asgi_calls import call
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -31,28 +32,6 @@ def restart_postgres() -> None:
     pgdata = Path(django_settings.DATABASES["default"]["EMBEDDED_PGDATA"])
     user = "pgserver" if os.geteuid() == 0 else None
     pg_ctl(["-w", "-m", "fast", "-l", str(pgdata / "restart.log"), "restart"], pgdata=pgdata, user=user, timeout=60)
-
-
-async def call(application, method, path, *, headers=(), body=b""):
-    """One HTTP request through the deployed ASGI application (Django's test
-    clients would keep the request's connection instead of giving it back)."""
-    from channels.testing import ApplicationCommunicator
-
-    comm = ApplicationCommunicator(application, {
-        "type": "http", "http_version": "1.1", "method": method, "scheme": "http", "path": path,
-        "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80)})
-    await comm.send_input({"type": "http.request", "body": body})
-    start = await comm.receive_output(20)
-    content = b""
-    while True:
-        message = await comm.receive_output(20)
-        content += message.get("body", b"")
-        if not message.get("more_body"):
-            break
-    await comm.wait(20)  # the request's end: its pooled connection goes back
-    return start["status"], content
 
 
 async def new_chat_through_the_page(session: str, text: str) -> Message:
