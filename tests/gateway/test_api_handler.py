@@ -2,10 +2,10 @@
 its own (settings.API_MIDDLEWARE): what the API keeps of the site's
 middleware, and what it leaves to the pages."""
 import pytest
-from channels.testing import ApplicationCommunicator
 
 from chatapp.asgi import ApiHandler, application
 from gateway.keys import api_key_create
+from tests.asgi_calls import exchange
 from tests.hops import thread_hops
 
 
@@ -15,19 +15,7 @@ def alice_key(alice):
 
 
 async def call(method: str, path: str, headers=(), scheme="http", app=application, request_body=b""):
-    scope = {"type": "http", "http_version": "1.1", "method": method, "scheme": scheme, "path": path,
-             "raw_path": path.encode(), "query_string": b"", "root_path": "", "server": ("testserver", 80),
-             "client": ("127.0.0.1", 50000), "headers": [(b"host", b"testserver"), *headers]}
-    communicator = ApplicationCommunicator(app, scope)
-    await communicator.send_input({"type": "http.request", "body": request_body})
-    start = await communicator.receive_output(10)
-    body = b""
-    while True:
-        message = await communicator.receive_output(10)
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
-    await communicator.wait(10)  # the handler's work after the last byte (closing the response) is done too
+    start, body = await exchange(app, method, path, headers=headers, body=request_body, scheme=scheme, timeout_s=10)
     return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, body
 
 
